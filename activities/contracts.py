@@ -1,0 +1,145 @@
+"""What crosses the boundary between ``MixerWorkflow`` and its activities.
+
+Activity names, their single input object and their output object, and the
+``ApplicationError`` types an activity may raise. The workflow imports this
+module (and nothing else from ``activities``), so it must stay free of I/O and
+of heavy SDK imports.
+
+Compatibility: runs in flight replay against these shapes. Add fields with
+defaults; never rename or remove one, and never rename an activity.
+
+Error types (``ApplicationError.type``) raised by activities::
+
+    ProviderError                  any provider failure (subtypes below)
+    ├── ProviderRetryable          408/409/429/5xx, connection, timeout, cut stream
+    ├── ProviderRejected           other 4xx: bad request, unknown model, refusal
+    ├── ProviderAuth               401/403 or a missing key: set the named variable
+    ├── CircuitOpen                the worker's breaker for provider/model is open
+    └── InvalidOutput              reply failed JSON / JSON-schema validation
+    CommandRefused                 PTY policy refused the executable or cwd
+    CommandFailed                  exit code outside ``success_codes``
+    CommandTimeout                 the command ran past ``timeout_s``
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+LLM_ACTIVITY = "llmmixer.call_llm"
+PTY_ACTIVITY = "llmmixer.run_command"
+
+Provider = Literal["anthropic", "openai", "gemini"]
+PROVIDERS: tuple[str, ...] = ("anthropic", "openai", "gemini")
+
+
+class ErrorType:
+    """``ApplicationError.type`` values; the workflow decides fallback from these."""
+
+    RETRYABLE = "ProviderRetryable"
+    REJECTED = "ProviderRejected"
+    AUTH = "ProviderAuth"
+    CIRCUIT_OPEN = "CircuitOpen"
+    INVALID_OUTPUT = "InvalidOutput"
+    COMMAND_REFUSED = "CommandRefused"
+    COMMAND_FAILED = "CommandFailed"
+    COMMAND_TIMEOUT = "CommandTimeout"
+
+
+class Usage(BaseModel):
+    input_tokens: int = 0
+    output_tokens: int = 0
+
+    def __add__(self, other: Usage) -> Usage:
+        return Usage(
+            input_tokens=self.input_tokens + other.input_tokens,
+            output_tokens=self.output_tokens + other.output_tokens,
+        )
+
+
+class ChatMessage(BaseModel):
+    role: Literal["user", "assistant"]
+    content: str
+
+
+class LlmCall(BaseModel):
+    """One provider call, fully rendered by the workflow (no templates left)."""
+
+    workflow_id: str
+    step_id: str
+    provider: str
+    model: str
+    messages: list[ChatMessage]
+    system: str | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: list[str] = Field(default_factory=list)
+    # "json": the reply must parse as JSON (and match json_schema when given).
+    response_format: Literal["text", "json"] = "text"
+    json_schema: dict[str, Any] | None = None
+    # OpenAI only: which API to use.
+    api: Literal["chat", "responses"] = "chat"
+    # A per-step endpoint override (e.g. an Ollama server); keys stay on the worker.
+    base_url: str | None = None
+    # Provider-specific passthrough (Gemini safety_settings, generation_config, ...).
+    provider_options: dict[str, Any] = Field(default_factory=dict)
+    timeout_s: float = 600.0
+    dry_run: bool = False
+
+
+class LlmReply(BaseModel):
+    text: str
+    provider: str
+    model: str
+    response_model: str | None = None
+    usage: Usage = Field(default_factory=Usage)
+    # None means the price of this model is unknown, which is not the same as free.
+    cost_usd: float | None = None
+    latency_ms: float = 0.0
+    # Temporal attempt number of the activity execution that produced this reply.
+    attempt: int = 1
+    dry_run: bool = False
+    finish_reason: str | None = None
+
+
+class RespondRule(BaseModel):
+    expect: str
+    send: str
+    times: int | None = None
+
+
+class CommandCall(BaseModel):
+    """One command to run in a pseudo-terminal (or pipes), rendered argv."""
+
+    workflow_id: str
+    step_id: str
+    argv: list[str]
+    cwd: str | None = None
+    env: dict[str, str] = Field(default_factory=dict)
+    timeout_s: float = 600.0
+    respond: list[RespondRule] = Field(default_factory=list)
+    stdin: str | None = None
+    success_codes: list[int] = Field(default_factory=lambda: [0])
+    max_output_bytes: int = 1024 * 1024
+
+
+class CommandResult(BaseModel):
+    output: str
+    exit_code: int | None
+    mode: Literal["pty", "pipe"]
+    truncated: bool = False
+    duration_ms: float = 0.0
+    attempt: int = 1
+
+
+class FailureDetails(BaseModel):
+    """Carried as the first detail of every ``ApplicationError`` an activity raises."""
+
+    attempt: int = 1
+    provider: str | None = None
+    model: str | None = None
+    status_code: int | None = None
+    # Output produced before the failure (a PTY timeout keeps what it printed).
+    partial_output: str | None = None
