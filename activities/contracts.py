@@ -23,6 +23,8 @@ Error types (``ApplicationError.type``) raised by activities::
 
 from __future__ import annotations
 
+from datetime import datetime
+from enum import StrEnum
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
@@ -87,6 +89,9 @@ class LlmCall(BaseModel):
     provider_options: dict[str, Any] = Field(default_factory=dict)
     timeout_s: float = 600.0
     dry_run: bool = False
+    # True when the workflow has another provider to fall back to: an open
+    # circuit then fails at once instead of waiting out its cool-down.
+    has_fallback: bool = False
 
 
 class LlmReply(BaseModel):
@@ -143,3 +148,37 @@ class FailureDetails(BaseModel):
     status_code: int | None = None
     # Output produced before the failure (a PTY timeout keeps what it printed).
     partial_output: str | None = None
+
+
+# ---- the run's event stream (CONTRACT 8, "Events") ----------------------
+#
+# Published by the workflow and, for streamed text (step_delta), by activities,
+# on ``temporalio.contrib.workflow_streams``: an event's offset is its position
+# in the run's log, so readers resume from any offset and see each event once.
+
+EVENTS_TOPIC = "events"
+
+
+class EventType(StrEnum):
+    WORKFLOW_STARTED = "workflow_started"
+    STEP_STARTED = "step_started"
+    STEP_DELTA = "step_delta"
+    STEP_COMPLETED = "step_completed"
+    STEP_FAILED = "step_failed"
+    STEP_WAITING = "step_waiting"
+    STEP_SKIPPED = "step_skipped"
+    STEP_OVERRIDDEN = "step_overridden"
+    INTERVENTION_ACCEPTED = "intervention_accepted"
+    INTERVENTION_REJECTED = "intervention_rejected"
+    WORKFLOW_ENDED = "workflow_ended"
+
+
+class MixerEvent(BaseModel):
+    """One event; ``offset`` is filled in by the reader from the stream position."""
+
+    type: EventType
+    step: str | None = None
+    attempt: int | None = None
+    time: datetime | None = None
+    data: dict[str, Any] = Field(default_factory=dict)
+    offset: int = -1

@@ -1,0 +1,68 @@
+"""The offline responder behind ``--dry-run``: deterministic, free, labelled.
+
+It lets a user check a DAG's wiring, templates and gates without a key or a
+token spent. The same call always gets the same reply, so a dry run is
+repeatable and its output can be asserted on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from llmmixer.activities.contracts import LlmCall, Usage
+
+DRY_RUN_LABEL = "[dry-run]"
+
+
+def dry_run_reply(call: LlmCall) -> tuple[str, Usage]:
+    """The reply text and an estimated usage for ``call``."""
+    prompt = call.messages[-1].content if call.messages else ""
+    digest = hashlib.sha256(
+        json.dumps([call.system, [m.model_dump() for m in call.messages]]).encode()
+    ).hexdigest()[:8]
+    if call.response_format == "json":
+        text = json.dumps(_sample(call.json_schema) if call.json_schema else {"dry_run": True})
+    else:
+        first_line = " ".join(prompt.split())[:160]
+        text = (
+            f"{DRY_RUN_LABEL} {call.provider}/{call.model} answered step {call.step_id} "
+            f"(#{digest}); prompt was: {first_line}"
+        )
+    usage = Usage(
+        input_tokens=_estimate_tokens(
+            (call.system or "") + "".join(m.content for m in call.messages)
+        ),
+        output_tokens=_estimate_tokens(text),
+    )
+    return text, usage
+
+
+def _estimate_tokens(text: str) -> int:
+    # About four characters a token for English text: good enough for a rehearsal.
+    return max(1, len(text) // 4)
+
+
+def _sample(schema: dict[str, Any]) -> Any:
+    """A minimal value that satisfies a simple JSON schema."""
+    if "const" in schema:
+        return schema["const"]
+    if schema.get("enum"):
+        return schema["enum"][0]
+    kind = schema.get("type")
+    if isinstance(kind, list):
+        kind = next((k for k in kind if k != "null"), "null")
+    if kind == "object":
+        properties = schema.get("properties", {})
+        return {name: _sample(sub) for name, sub in properties.items()}
+    if kind == "array":
+        items = schema.get("items", {})
+        return [_sample(items)] * max(1, int(schema.get("minItems", 1)))
+    if kind in ("integer", "number"):
+        return schema.get("minimum", 0)
+    if kind == "boolean":
+        return True
+    if kind == "null":
+        return None
+    return "dry-run"

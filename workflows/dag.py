@@ -1,0 +1,175 @@
+"""The run's state machine: which steps may start, what a person may do, totals.
+
+Pure Python with no Temporal imports, so every rule here is unit-tested
+without a server and replays deterministically inside the workflow.
+
+Step states (CONTRACT 4 and 8)::
+
+    pending ──start──▶ running ──ok──▶ completed
+       │                  │
+       │                  ├─fail, on_failure=skip──▶ skipped
+       │                  ├─fail, on_failure=fail──▶ failed  (the run fails)
+       │                  └─fail, on_failure=pause─▶ waiting ──retry──▶ running
+       │                                               ├─skip──▶ skipped
+       │                                               └─override──▶ completed
+       └─skip / override (before it starts)──▶ skipped / completed
+
+An approval step goes straight from running to ``waiting`` for a decision.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from llmmixer.activities.contracts import Usage
+from llmmixer.workflows.records import (
+    DONE_STATES,
+    InterventionType,
+    RunProgress,
+    RunStatus,
+    StepRecord,
+    StepStatus,
+    TotalUsage,
+)
+
+# Which states each intervention may act on (CONTRACT 8).
+_ALLOWED: dict[str, frozenset[StepStatus]] = {
+    "retry": frozenset({StepStatus.WAITING, StepStatus.FAILED}),
+    "skip": frozenset({StepStatus.PENDING, StepStatus.WAITING, StepStatus.FAILED}),
+    "override": frozenset({StepStatus.PENDING, StepStatus.WAITING, StepStatus.FAILED}),
+    "approve": frozenset({StepStatus.WAITING}),
+    "reject": frozenset({StepStatus.WAITING}),
+}
+# Kinds that occupy a worker slot while running (an approval only waits).
+_WORKING_KINDS = frozenset({"llm", "pty", "decompose", "agent"})
+
+
+@dataclass(frozen=True)
+class StepNode:
+    id: str
+    kind: str
+    needs: tuple[str, ...]
+
+
+class RunState:
+    """Records of every step plus the DAG edges; mutated only by ``MixerWorkflow``."""
+
+    def __init__(self, name: str, nodes: Sequence[StepNode], dry_run: bool) -> None:
+        self.name = name
+        self.dry_run = dry_run
+        self.nodes: dict[str, StepNode] = {node.id: node for node in nodes}
+        self.records: dict[str, StepRecord] = {
+            node.id: StepRecord(kind=node.kind, dry_run=dry_run and node.kind != "pty")
+            for node in nodes
+        }
+        self.output: str | None = None
+        self.status = RunStatus.RUNNING
+        self.error: str | None = None
+
+    # ---- scheduling -------------------------------------------------------
+
+    def ready(self, running_tasks: Iterable[str], max_parallel: int | None) -> list[str]:
+        """Pending steps whose needs are all done, in spec order, within the limit."""
+        busy = sum(1 for step_id in running_tasks if self.nodes[step_id].kind in _WORKING_KINDS)
+        ready: list[str] = []
+        for step_id, node in self.nodes.items():
+            if self.records[step_id].status != StepStatus.PENDING:
+                continue
+            if not all(self.records[need].status in DONE_STATES for need in node.needs):
+                continue
+            if node.kind in _WORKING_KINDS:
+                if max_parallel is not None and busy >= max_parallel:
+                    continue
+                busy += 1
+            ready.append(step_id)
+        return ready
+
+    def all_done(self) -> bool:
+        return all(record.status in DONE_STATES for record in self.records.values())
+
+    def outputs(self) -> dict[str, str]:
+        """What ``{{steps.ID.output}}`` reads: a skipped step reads as ""."""
+        return {
+            step_id: (record.output or "") if record.status == StepStatus.COMPLETED else ""
+            for step_id, record in self.records.items()
+            if record.status in DONE_STATES
+        }
+
+    def last_output(self) -> str | None:
+        for step_id in reversed(list(self.nodes)):
+            record = self.records[step_id]
+            if record.status == StepStatus.COMPLETED:
+                return record.output
+        return None
+
+    # ---- interventions ----------------------------------------------------
+
+    def refusal(self, action: InterventionType, step_id: str) -> str | None:
+        """Why ``action`` cannot apply to ``step_id`` now, or None if it can."""
+        if step_id not in self.records:
+            known = ", ".join(self.records) or "(none)"
+            return f"there is no step {step_id!r} in this run: use one of {known}"
+        if self.status in (RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELLED):
+            return f"the run has ended ({self.status.value}); start a new run instead"
+        record = self.records[step_id]
+        if action in ("approve", "reject") and record.kind != "approval":
+            return (
+                f"step {step_id!r} is a {record.kind} step, not an approval: "
+                "use retry, skip or override"
+            )
+        allowed = _ALLOWED[action]
+        if record.status not in allowed:
+            states = " or ".join(sorted(state.value for state in allowed))
+            return (
+                f"cannot {action} step {step_id!r}: it is {record.status.value}, "
+                f"and {action} applies to a step that is {states}"
+            )
+        return None
+
+    # ---- reporting --------------------------------------------------------
+
+    def progress(self) -> RunProgress:
+        usage = Usage()
+        cost = 0.0
+        complete = True
+        for record in self.records.values():
+            usage = usage + record.usage
+            if record.cost_usd is None:
+                complete = False
+            else:
+                cost += record.cost_usd
+        waiting = [i for i, r in self.records.items() if r.status == StepStatus.WAITING]
+        running = [i for i, r in self.records.items() if r.status == StepStatus.RUNNING]
+        status = self.status
+        if status in (RunStatus.RUNNING, RunStatus.WAITING):
+            status = RunStatus.WAITING if waiting else RunStatus.RUNNING
+        return RunProgress(
+            name=self.name,
+            status=status,
+            output=self.output,
+            steps={i: r.model_copy(deep=True) for i, r in self.records.items()},
+            usage=TotalUsage(
+                input_tokens=usage.input_tokens,
+                output_tokens=usage.output_tokens,
+                cost_usd=round(cost, 6),
+                cost_complete=complete,
+            ),
+            dry_run=self.dry_run,
+            error=self.error,
+            waiting=waiting,
+            running=running,
+        )
+
+    def summary(self) -> str:
+        """One line for the Temporal Web UI's current details."""
+        done = sum(1 for r in self.records.values() if r.status in DONE_STATES)
+        parts = [f"{done}/{len(self.records)} steps done"]
+        running = [i for i, r in self.records.items() if r.status == StepStatus.RUNNING]
+        if running:
+            parts.append("running: " + ", ".join(running))
+        for step_id, record in self.records.items():
+            if record.status == StepStatus.WAITING:
+                reason = (record.waiting_reason or "waits for a person").splitlines()[0][:160]
+                parts.append(f"WAITING {step_id}: {reason}")
+        return " · ".join(parts)

@@ -1,0 +1,137 @@
+"""What a run reports: the ``progress`` query answer and the result (CONTRACT 4).
+
+Plain JSON through the pydantic converter, so ``temporal workflow query`` and
+``temporal workflow result`` read them without a codec. Fields are only ever
+added (with defaults), so clients and runs in flight stay compatible.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from llmmixer.activities.contracts import Usage
+
+
+class StepStatus(StrEnum):
+    PENDING = "pending"
+    RUNNING = "running"
+    WAITING = "waiting"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+
+
+DONE_STATES = frozenset({StepStatus.COMPLETED, StepStatus.SKIPPED})
+
+
+class RunStatus(StrEnum):
+    RUNNING = "running"
+    WAITING = "waiting"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+InterventionType = Literal["retry", "skip", "override", "approve", "reject"]
+
+
+class Intervention(BaseModel):
+    """A person's action on a step, as recorded in the step's record."""
+
+    type: InterventionType
+    argument: dict[str, Any] = Field(default_factory=dict)
+    time: datetime | None = None
+    accepted: bool = True
+    reason: str | None = None
+
+
+class FallbackNote(BaseModel):
+    """Why a step moved from one provider/model to the next in its chain."""
+
+    provider: str
+    model: str
+    error: str
+    error_type: str | None = None
+
+
+class StepRecord(BaseModel):
+    kind: str = "llm"
+    status: StepStatus = StepStatus.PENDING
+    attempts: int = 0
+    output: str | None = None
+    error: str | None = None
+    overridden: bool = False
+    skipped_reason: str | None = None
+    provider: str | None = None
+    model: str | None = None
+    usage: Usage = Field(default_factory=Usage)
+    # None: the price of the model that answered is unknown (not free).
+    cost_usd: float | None = 0.0
+    latency_ms: float | None = None
+    started_at: datetime | None = None
+    ended_at: datetime | None = None
+    dry_run: bool = False
+    fallbacks: list[FallbackNote] = Field(default_factory=list)
+    interventions: list[Intervention] = Field(default_factory=list)
+    waiting_reason: str | None = None
+    # PTY steps: which mode ran (pty or pipe) and the exit code.
+    mode: str | None = None
+    exit_code: int | None = None
+    # The prompt as rendered and sent (LLM, approval and decompose steps).
+    prompt: str | None = None
+
+
+class TotalUsage(BaseModel):
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost_usd: float = 0.0
+    # False when some step's model has no known price: the total is a lower bound.
+    cost_complete: bool = True
+
+
+class RunProgress(BaseModel):
+    """The ``progress`` query answer, and the workflow's result."""
+
+    name: str = ""
+    status: RunStatus = RunStatus.RUNNING
+    output: str | None = None
+    steps: dict[str, StepRecord] = Field(default_factory=dict)
+    usage: TotalUsage = Field(default_factory=TotalUsage)
+    dry_run: bool = False
+    error: str | None = None
+    # Steps that wait for a person, and those running now: what `run` and
+    # `status` need to say "nothing moves until you act".
+    waiting: list[str] = Field(default_factory=list)
+    running: list[str] = Field(default_factory=list)
+
+    @property
+    def needs_person(self) -> bool:
+        return self.status == RunStatus.WAITING and not self.running
+
+
+class InterventionRequest(BaseModel):
+    """The JSON argument of every signal and update (CONTRACT 6).
+
+    Unknown fields are ignored rather than refused: a signal whose argument
+    cannot be decoded would be dropped by the SDK without a trace, and a
+    person's intent must at least be recorded.
+    """
+
+    step: str = ""
+    prompt: str | None = None
+    reason: str | None = None
+    output: str | None = None
+    comment: str | None = None
+
+
+class InterventionOutcome(BaseModel):
+    """What an update reports back: the step's state after the intervention."""
+
+    step: str
+    action: InterventionType
+    status: StepStatus
+    message: str

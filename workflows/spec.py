@@ -1,0 +1,179 @@
+"""The workflow spec (CONTRACT section 5) as pydantic models.
+
+These models are read by the client (to validate before starting) and by
+``MixerWorkflow`` (to run), so this module imports nothing that does I/O.
+Validation across fields and steps (the DAG, templates, secrets) lives in
+``validation.py``; these models only describe the shape of one document.
+
+Compatibility: specs of runs in flight are re-read on replay. New fields get
+defaults; an existing field never changes meaning.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
+
+from llmmixer.activities.contracts import RespondRule
+
+STEP_ID_PATTERN = r"^[a-z0-9_-]+$"
+KINDS: tuple[str, ...] = ("llm", "pty", "approval", "decompose", "agent")
+
+OnFailure = Literal["pause", "fail", "skip"]
+
+
+class _Strict(BaseModel):
+    # Unknown fields are refused so a typo ("promt") is an error, not a silent no-op.
+    model_config = ConfigDict(extra="forbid")
+
+
+class RetrySpec(_Strict):
+    """How often Temporal retries one provider or command before the step fails."""
+
+    max_attempts: int = Field(default=3, ge=1, le=100)
+    initial_interval_s: float = Field(default=1.0, gt=0)
+    backoff: float = Field(default=2.0, ge=1.0)
+    max_interval_s: float = Field(default=60.0, gt=0)
+
+
+class FallbackTarget(_Strict):
+    provider: str
+    model: str
+    base_url: str | None = None
+
+
+class Defaults(_Strict):
+    provider: str | None = None
+    model: str | None = None
+    on_failure: OnFailure = "pause"
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    retry: RetrySpec = Field(default_factory=RetrySpec)
+    timeout_s: float = Field(default=600.0, gt=0)
+    # How soon a silent activity counts as lost; CONTRACT 8 promises a dead
+    # worker's step runs again within 60 s, so this stays well under that.
+    heartbeat_timeout_s: float = Field(default=20.0, gt=0, le=60)
+    pause_timeout_s: float | None = Field(default=None, gt=0)
+
+
+class _StepBase(_Strict):
+    id: str = Field(pattern=STEP_ID_PATTERN, max_length=64)
+    needs: list[str] = Field(default_factory=list)
+    description: str | None = None
+    on_failure: OnFailure | None = None
+    retry: RetrySpec | None = None
+    timeout_s: float | None = Field(default=None, gt=0)
+    pause_timeout_s: float | None = Field(default=None, gt=0)
+
+
+class LlmStep(_StepBase):
+    kind: Literal["llm"] = "llm"
+    provider: str | None = None
+    model: str | None = None
+    system: str | None = None
+    prompt: str | None = None
+    messages: list[dict[str, str]] | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    stop: list[str] = Field(default_factory=list)
+    response_format: Literal["text", "json"] = "text"
+    json_schema: dict[str, Any] | None = None
+    api: Literal["chat", "responses"] = "chat"
+    base_url: str | None = None
+    provider_options: dict[str, Any] = Field(default_factory=dict)
+    fallback: list[FallbackTarget] = Field(default_factory=list)
+
+
+class PtyStep(_StepBase):
+    kind: Literal["pty"] = "pty"
+    command: list[str] = Field(min_length=1)
+    cwd: str | None = None
+    env: dict[str, str] = Field(default_factory=dict)
+    respond: list[RespondRule] = Field(default_factory=list)
+    stdin: str | None = None
+    success_codes: list[int] = Field(default_factory=lambda: [0])
+    max_output_bytes: int = Field(default=1024 * 1024, ge=1024)
+
+
+class ApprovalStep(_StepBase):
+    kind: Literal["approval"] = "approval"
+    prompt: str | None = None
+    # After timeout_s with no decision, `default` applies (or the step fails).
+    default: Literal["approve", "reject"] | None = None
+
+
+class DecomposeStep(_StepBase):
+    kind: Literal["decompose"] = "decompose"
+    provider: str | None = None
+    model: str | None = None
+    system: str | None = None
+    prompt: str
+    max_steps: int = Field(default=8, ge=1, le=100)
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+
+
+class AgentStep(_StepBase):
+    kind: Literal["agent"] = "agent"
+    agent: Literal["claude-code", "codex", "gemini-cli"]
+    prompt: str
+    args: list[str] = Field(default_factory=list)
+    cwd: str | None = None
+    env: dict[str, str] = Field(default_factory=dict)
+    worktree: bool = False
+
+
+def _kind_of(value: Any) -> str | None:
+    # `kind` may be omitted in a spec and then means "llm".
+    if isinstance(value, dict):
+        return str(value.get("kind", "llm"))
+    return getattr(value, "kind", None)
+
+
+Step = Annotated[
+    Annotated[LlmStep, Tag("llm")]
+    | Annotated[PtyStep, Tag("pty")]
+    | Annotated[ApprovalStep, Tag("approval")]
+    | Annotated[DecomposeStep, Tag("decompose")]
+    | Annotated[AgentStep, Tag("agent")],
+    Discriminator(_kind_of),
+]
+STEP_MODELS: dict[str, type[_StepBase]] = {
+    "llm": LlmStep,
+    "pty": PtyStep,
+    "approval": ApprovalStep,
+    "decompose": DecomposeStep,
+    "agent": AgentStep,
+}
+
+
+class Spec(_Strict):
+    name: str = Field(default="workflow", min_length=1, max_length=200)
+    description: str | None = None
+    inputs: dict[str, str | int | float | bool] = Field(default_factory=dict)
+    defaults: Defaults = Field(default_factory=Defaults)
+    steps: list[Step] = Field(min_length=1)
+    output: str | None = None
+    max_parallel: int | None = Field(default=None, ge=1)
+    # Set by `llmmixer run --dry-run`: every provider call is answered offline.
+    dry_run: bool = False
+
+    def step(self, step_id: str) -> LlmStep | PtyStep | ApprovalStep | DecomposeStep | AgentStep:
+        for step in self.steps:
+            if step.id == step_id:
+                return step
+        raise KeyError(step_id)
+
+    def on_failure(self, step: _StepBase) -> OnFailure:
+        return step.on_failure or self.defaults.on_failure
+
+    def retry(self, step: _StepBase) -> RetrySpec:
+        return step.retry or self.defaults.retry
+
+    def timeout_s(self, step: _StepBase) -> float:
+        return step.timeout_s or self.defaults.timeout_s
+
+    def pause_timeout_s(self, step: _StepBase) -> float | None:
+        return step.pause_timeout_s or self.defaults.pause_timeout_s

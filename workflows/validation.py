@@ -1,0 +1,396 @@
+"""Static validation of a spec: every problem at once, each naming step and field.
+
+``validate_spec`` is the single gate used by ``llmmixer validate``, by
+``llmmixer run`` before it starts anything, by the HTTP API, and by
+``MixerWorkflow`` itself for specs that arrive through the plain Temporal CLI.
+It is pure and deterministic, so the workflow can call it on replay.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel, Field, ValidationError
+
+from llmmixer.activities.contracts import PROVIDERS
+from llmmixer.workflows.spec import (
+    KINDS,
+    STEP_ID_PATTERN,
+    STEP_MODELS,
+    AgentStep,
+    ApprovalStep,
+    DecomposeStep,
+    Defaults,
+    LlmStep,
+    PtyStep,
+    Spec,
+)
+from llmmixer.workflows.templates import references
+
+SPEC_LOCATION = "spec"
+
+# Field names and values that look like credentials. A spec is stored in
+# workflow history in clear, so it must never carry one (CONTRACT 3).
+_SECRET_KEY = re.compile(
+    r"(api[_-]?key|secret|password|passwd|token(?!s)|authorization|credential|private[_-]?key)",
+    re.IGNORECASE,
+)
+_SECRET_VALUE = re.compile(
+    r"(sk-ant-[A-Za-z0-9_-]{16,}|sk-[A-Za-z0-9_-]{20,}|AIza[0-9A-Za-z_-]{30,}"
+    r"|Bearer\s+[A-Za-z0-9._-]{16,}|gh[pousr]_[A-Za-z0-9]{20,})"
+)
+# Keys under which free text is expected and secret-looking *names* are harmless.
+_TEXT_FIELDS = {"prompt", "system", "content", "description", "output", "stdin", "send"}
+
+
+@dataclass(frozen=True)
+class SpecIssue:
+    """One problem: where (``step`` id or "spec"), which ``field``, and what to do."""
+
+    step: str
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        if self.step == SPEC_LOCATION:
+            return f"spec: {self.field}: {self.message}"
+        return f"step {self.step}: {self.field}: {self.message}"
+
+
+class SpecError(ValueError):
+    """A spec that cannot run; ``issues`` lists every problem found."""
+
+    def __init__(self, issues: list[SpecIssue]) -> None:
+        self.issues = issues
+        super().__init__("\n".join(str(issue) for issue in issues))
+
+
+def validate_spec(raw: object) -> Spec:
+    """Return the parsed spec, or raise ``SpecError`` with every issue found."""
+    issues = list(find_issues(raw))
+    if issues:
+        raise SpecError(issues)
+    return Spec.model_validate(raw)
+
+
+def find_issues(raw: object) -> Iterator[SpecIssue]:
+    if not isinstance(raw, Mapping):
+        yield SpecIssue(
+            SPEC_LOCATION, "(document)", "the spec must be a mapping with `name` and `steps`"
+        )
+        return
+    yield from _secret_issues(raw, SPEC_LOCATION, "")
+    steps_raw = raw.get("steps")
+    if not isinstance(steps_raw, list) or not steps_raw:
+        yield SpecIssue(
+            SPEC_LOCATION, "steps", "a spec needs a non-empty list of steps under `steps`"
+        )
+        steps_raw = []
+    top = {key: value for key, value in raw.items() if key != "steps"}
+    yield from _model_issues(_SpecWithoutSteps, top, SPEC_LOCATION, "")
+    defaults = raw.get("defaults") if isinstance(raw.get("defaults"), Mapping) else {}
+    assert isinstance(defaults, Mapping)
+    parsed: dict[str, BaseModel] = {}
+    ids: list[str] = []
+    for index, step_raw in enumerate(steps_raw):
+        step_id, step_issues, model = _check_step(index, step_raw, defaults)
+        yield from step_issues
+        if step_id is None:
+            continue
+        if step_id in ids:
+            yield SpecIssue(
+                step_id, "id", f"`{step_id}` is used by more than one step: give each a unique id"
+            )
+            continue
+        ids.append(step_id)
+        if model is not None:
+            parsed[step_id] = model
+    inputs = raw.get("inputs") if isinstance(raw.get("inputs"), Mapping) else {}
+    assert isinstance(inputs, Mapping)
+    yield from _graph_issues(parsed, ids, inputs, raw.get("output"))
+
+
+class _SpecWithoutSteps(BaseModel):
+    """The top-level fields, validated apart so step problems are reported per step."""
+
+    model_config = Spec.model_config
+
+    name: str = Field(default="workflow", min_length=1, max_length=200)
+    description: str | None = None
+    inputs: dict[str, str | int | float | bool] = {}
+    defaults: Defaults | None = None
+    output: str | None = None
+    max_parallel: int | None = Field(default=None, ge=1)
+    dry_run: bool = False
+
+
+def _check_step(
+    index: int, step_raw: object, defaults: Mapping[str, Any]
+) -> tuple[str | None, list[SpecIssue], BaseModel | None]:
+    where = f"#{index + 1}"
+    if not isinstance(step_raw, Mapping):
+        return None, [SpecIssue(where, "(step)", "each step must be a mapping with `id`")], None
+    step_id = step_raw.get("id")
+    issues: list[SpecIssue] = []
+    if not isinstance(step_id, str) or not re.match(STEP_ID_PATTERN, step_id):
+        issues.append(
+            SpecIssue(
+                where,
+                "id",
+                f"{step_id!r} is not a valid id: use lowercase letters, digits, `_` and `-`",
+            )
+        )
+        return None, issues, None
+    kind = step_raw.get("kind", "llm")
+    if kind not in KINDS:
+        issues.append(
+            SpecIssue(step_id, "kind", f"unknown kind {kind!r}: use one of {', '.join(KINDS)}")
+        )
+        return step_id, issues, None
+    model_type = STEP_MODELS[kind]
+    body = {**step_raw, "kind": kind}
+    issues.extend(_model_issues(model_type, body, step_id, ""))
+    if issues:
+        return step_id, issues, None
+    model = model_type.model_validate(body)
+    issues.extend(_provider_issues(step_id, model, defaults))
+    return step_id, issues, model
+
+
+def _model_issues(
+    model_type: type[BaseModel], body: Mapping[str, Any], where: str, prefix: str
+) -> Iterator[SpecIssue]:
+    try:
+        model_type.model_validate(body)
+    except ValidationError as error:
+        for detail in error.errors():
+            location = ".".join(str(part) for part in detail["loc"]) or "(document)"
+            yield SpecIssue(where, prefix + location, _explain(detail))
+
+
+def _explain(detail: Mapping[str, Any]) -> str:
+    kind = detail["type"]
+    if kind == "missing":
+        return "is required: add it"
+    if kind == "extra_forbidden":
+        return "is not a known field: remove it or check its spelling"
+    if kind == "string_pattern_mismatch":
+        return "use lowercase letters, digits, `_` and `-` only"
+    message = str(detail["msg"])
+    if kind == "literal_error":
+        return message.replace("Input should be", "use")
+    if kind == "value_error":
+        return message.removeprefix("Value error, ")
+    return message[:1].lower() + message[1:]
+
+
+def _provider_issues(
+    step_id: str, step: BaseModel, defaults: Mapping[str, Any]
+) -> Iterator[SpecIssue]:
+    if not isinstance(step, LlmStep | DecomposeStep):
+        return
+    provider = step.provider or defaults.get("provider")
+    model = step.model or defaults.get("model")
+    if provider is None:
+        yield SpecIssue(
+            step_id, "provider", "no provider: set `provider` on the step or in `defaults`"
+        )
+    elif provider not in PROVIDERS:
+        yield SpecIssue(
+            step_id, "provider", f"unknown provider {provider!r}: use one of {', '.join(PROVIDERS)}"
+        )
+    if model is None:
+        yield SpecIssue(step_id, "model", "no model: set `model` on the step or in `defaults`")
+    if isinstance(step, LlmStep):
+        if step.prompt is None and not step.messages:
+            yield SpecIssue(step_id, "prompt", "an llm step needs `prompt` or `messages`")
+        for number, message in enumerate(step.messages or []):
+            if message.get("role") not in ("user", "assistant") or "content" not in message:
+                yield SpecIssue(
+                    step_id,
+                    f"messages.{number}",
+                    "each message needs `role` (user or assistant) and `content`",
+                )
+        for number, target in enumerate(step.fallback):
+            if target.provider not in PROVIDERS:
+                yield SpecIssue(
+                    step_id,
+                    f"fallback.{number}.provider",
+                    f"unknown provider {target.provider!r}: use one of {', '.join(PROVIDERS)}",
+                )
+        if step.json_schema is not None and step.response_format != "json":
+            yield SpecIssue(
+                step_id, "json_schema", "set `response_format: json` to use a JSON schema"
+            )
+
+
+def _templated_fields(step: BaseModel) -> Iterator[tuple[str, str]]:
+    """Every (field, text) of a step that templates are rendered into."""
+    if isinstance(step, LlmStep):
+        for name in ("system", "prompt"):
+            value = getattr(step, name)
+            if value:
+                yield name, value
+        for number, message in enumerate(step.messages or []):
+            yield f"messages.{number}.content", message.get("content", "")
+    elif isinstance(step, PtyStep):
+        for number, part in enumerate(step.command):
+            yield f"command.{number}", part
+        if step.cwd:
+            yield "cwd", step.cwd
+        if step.stdin:
+            yield "stdin", step.stdin
+        for key, value in step.env.items():
+            yield f"env.{key}", value
+    elif isinstance(step, ApprovalStep | DecomposeStep | AgentStep):
+        if step.prompt:
+            yield "prompt", step.prompt
+        if isinstance(step, DecomposeStep) and step.system:
+            yield "system", step.system
+
+
+def _graph_issues(
+    steps: Mapping[str, BaseModel],
+    ids: list[str],
+    inputs: Mapping[str, Any],
+    output: object,
+) -> Iterator[SpecIssue]:
+    known = set(ids)
+    needs: dict[str, list[str]] = {}
+    for step_id, step in steps.items():
+        declared = list(getattr(step, "needs", []))
+        for number, need in enumerate(declared):
+            if need == step_id:
+                yield SpecIssue(step_id, f"needs.{number}", "a step cannot need itself")
+            elif need not in known:
+                yield SpecIssue(
+                    step_id,
+                    f"needs.{number}",
+                    f"unknown step {need!r}: use one of {', '.join(sorted(known)) or '(none)'}",
+                )
+        needs[step_id] = [need for need in declared if need in known and need != step_id]
+    cycle = find_cycle(needs)
+    if cycle:
+        yield SpecIssue(
+            cycle[0],
+            "needs",
+            f"cycle {' -> '.join([*cycle, cycle[0]])}: remove one of these `needs`",
+        )
+        return
+    ancestors = {step_id: ancestors_of(step_id, needs) for step_id in needs}
+    for step_id, step in steps.items():
+        for field, text in _templated_fields(step):
+            yield from _reference_issues(step_id, field, text, ancestors[step_id], known, inputs)
+    if isinstance(output, str):
+        yield from _reference_issues(SPEC_LOCATION, "output", output, known, known, inputs)
+
+
+def _reference_issues(
+    where: str,
+    field: str,
+    text: str,
+    reachable: set[str],
+    known: set[str],
+    inputs: Mapping[str, Any],
+) -> Iterator[SpecIssue]:
+    for ref in references(text):
+        if ref.kind == "invalid":
+            yield SpecIssue(
+                where,
+                field,
+                f"unknown template {ref.raw}: use {{{{inputs.NAME}}}} or {{{{steps.ID.output}}}}",
+            )
+        elif ref.kind == "input" and ref.name not in inputs:
+            yield SpecIssue(
+                where,
+                field,
+                f"{ref.raw} reads input {ref.name!r}, which `inputs` does not define: "
+                f"add it to `inputs` or pass --input {ref.name}=...",
+            )
+        elif ref.kind == "step" and ref.name not in known:
+            yield SpecIssue(where, field, f"{ref.raw} reads unknown step {ref.name!r}")
+        elif ref.kind == "step" and ref.name not in reachable:
+            yield SpecIssue(
+                where,
+                field,
+                f"{ref.raw} reads step {ref.name!r}, which is not among this step's `needs` "
+                f"(directly or transitively): add {ref.name!r} to `needs`",
+            )
+
+
+def find_cycle(needs: Mapping[str, Iterable[str]]) -> list[str] | None:
+    """A list of step ids forming a cycle, in dependency order, or None."""
+    state: dict[str, int] = {}  # 1 = on the current path, 2 = done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in needs.get(node, ()):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt) :]
+            if nxt not in state and (found := visit(nxt)):
+                return found
+        path.pop()
+        state[node] = 2
+        return None
+
+    for node in needs:
+        if node not in state and (found := visit(node)):
+            return list(reversed(found))
+    return None
+
+
+def ancestors_of(step_id: str, needs: Mapping[str, Iterable[str]]) -> set[str]:
+    seen: set[str] = set()
+    stack = list(needs.get(step_id, ()))
+    while stack:
+        node = stack.pop()
+        if node not in seen:
+            seen.add(node)
+            stack.extend(needs.get(node, ()))
+    return seen
+
+
+def _secret_issues(node: object, where: str, path: str) -> Iterator[SpecIssue]:
+    if isinstance(node, Mapping):
+        if path == "" and isinstance(node.get("steps"), list):
+            for key, value in node.items():
+                if key != "steps":
+                    yield from _secret_field(key, value, where, key)
+            for index, step in enumerate(node["steps"]):
+                step_where = (
+                    step.get("id")
+                    if isinstance(step, Mapping) and isinstance(step.get("id"), str)
+                    else f"#{index + 1}"
+                )
+                yield from _secret_issues(step, step_where, "")
+            return
+        for key, value in node.items():
+            yield from _secret_field(str(key), value, where, f"{path}.{key}" if path else key)
+    elif isinstance(node, list):
+        for index, item in enumerate(node):
+            yield from _secret_issues(item, where, f"{path}.{index}")
+    elif isinstance(node, str) and _SECRET_VALUE.search(node):
+        yield SpecIssue(
+            where,
+            path or "(value)",
+            "looks like a credential: specs are stored in workflow history in clear; "
+            "set provider keys on the worker (e.g. OPENAI_API_KEY) instead",
+        )
+
+
+def _secret_field(key: str, value: object, where: str, path: str) -> Iterator[SpecIssue]:
+    last = key.rsplit(".", 1)[-1]
+    if _SECRET_KEY.search(last) and last not in _TEXT_FIELDS:
+        yield SpecIssue(
+            where,
+            path,
+            "secret-looking field: a spec never carries secrets (it is stored in history); "
+            "set keys on the worker: ANTHROPIC_API_KEY, OPENAI_API_KEY, GEMINI_API_KEY",
+        )
+        return
+    yield from _secret_issues(value, where, path)
