@@ -1,0 +1,222 @@
+"""The ``PTY_ACTIVITY``: one command per activity execution, policed and heartbeating.
+
+The worker builds one ``CommandActivities`` from its ``CommandPolicy`` (read
+from ``LLMMIXER_PTY_*``) and registers ``run_command``. What the workflow
+sees when a command does not succeed (``ApplicationError.type``)::
+
+    CommandRefused   the policy refused argv[0] or cwd, the program is missing,
+                     or a respond rule is invalid; non-retryable (nothing ran)
+    CommandTimeout   ran past ``timeout_s``; the group was killed; non-retryable
+                     (CONTRACT section 8), partial output in the details
+    CommandFailed    exit code outside ``success_codes``; retryable, so the
+                     step's retry policy decides; output tail in the message
+
+Every error carries ``FailureDetails`` (attempt, partial output) as its first
+detail. Cancellation (workflow cancelled, heartbeat timeout, worker shutdown)
+arrives through heartbeats as ``CancelledError``; the runner then kills the
+whole process group before the cancellation propagates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
+
+from llmmixer.activities.command_policy import CommandPolicy
+from llmmixer.activities.contracts import (
+    PTY_ACTIVITY,
+    CommandCall,
+    CommandResult,
+    ErrorType,
+    FailureDetails,
+)
+from llmmixer.activities.terminal import (
+    CommandRefusedError,
+    RunOutcome,
+    bound_text,
+    run_command,
+)
+from llmmixer.activities.terminal_mode import TerminalCapability
+
+__all__ = ["CommandActivities", "OutputDelta", "OutputSink"]
+
+# Heartbeat at most this often; the SDK also throttles, but building the
+# details for every chunk of a chatty command would be wasted work.
+HEARTBEAT_INTERVAL_S = 2.0
+# How much of the output's end rides on each heartbeat and in error messages.
+HEARTBEAT_TAIL_CHARS = 2048
+MESSAGE_TAIL_CHARS = 1500
+# Failure details are recorded in history; keep them well below its limits.
+PARTIAL_OUTPUT_BYTES = 256 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class OutputDelta:
+    """A piece of cleaned output, for whoever the worker forwards it to."""
+
+    workflow_id: str
+    step_id: str
+    attempt: int
+    text: str
+
+
+OutputSink = Callable[[OutputDelta], None]
+
+
+class _Tail:
+    """The last ``size`` characters of the output, kept cheaply."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._text = ""
+
+    def add(self, text: str) -> None:
+        self._text = (self._text + text)[-self._size :]
+
+    @property
+    def text(self) -> str:
+        return self._text
+
+
+class CommandActivities:
+    """Holds the worker's policy and terminal capability; registers ``run_command``.
+
+    ``on_output`` may be set by the worker to forward output deltas (e.g. to
+    live watchers); it is called on the event loop and must not block.
+    """
+
+    def __init__(
+        self,
+        policy: CommandPolicy,
+        capability: TerminalCapability | None = None,
+        *,
+        on_output: OutputSink | None = None,
+        heartbeat_interval_s: float = HEARTBEAT_INTERVAL_S,
+    ) -> None:
+        self.policy = policy
+        self.capability = capability or policy.terminal_capability()
+        self.on_output = on_output
+        self.heartbeat_interval_s = heartbeat_interval_s
+        # Decide now: a worker told LLMMIXER_PTY_MODE=pty on a host without
+        # ptys should fail at start-up, not on its first step.
+        _ = self.capability.mode
+
+    @activity.defn(name=PTY_ACTIVITY)
+    async def run_command(self, call: CommandCall) -> CommandResult:
+        info = activity.info()
+        attempt = info.attempt
+        mode = self.capability.mode
+        try:
+            prepared = self.policy.prepare(call)
+        except CommandRefusedError as exc:
+            raise _refused(exc, attempt) from None
+
+        tail = _Tail(HEARTBEAT_TAIL_CHARS)
+        interval = self.heartbeat_interval_s
+        if info.heartbeat_timeout:
+            # Three beats per timeout window survive one slow or lost beat.
+            interval = min(interval, info.heartbeat_timeout.total_seconds() / 3)
+        last_beat = 0.0
+
+        def beat() -> None:
+            nonlocal last_beat
+            last_beat = time.monotonic()
+            activity.heartbeat(tail.text)
+
+        sink = self.on_output
+
+        def on_output(text: str) -> None:
+            tail.add(text)
+            if sink is not None:
+                sink(OutputDelta(call.workflow_id, call.step_id, attempt, text))
+            if time.monotonic() - last_beat >= interval:
+                beat()
+
+        async def beat_while_quiet() -> None:
+            # A silent command (a long test run) must still heartbeat, both to
+            # stay alive and to receive cancellation.
+            while True:
+                await asyncio.sleep(max(interval - (time.monotonic() - last_beat), 0.05))
+                if time.monotonic() - last_beat >= interval:
+                    beat()
+
+        beat()
+        beater = asyncio.create_task(beat_while_quiet(), name=f"heartbeat-{call.step_id}")
+        try:
+            outcome = await run_command(
+                call,
+                mode=mode,
+                on_output=on_output,
+                env=prepared.env,
+                cwd=prepared.cwd,
+                executable=prepared.executable,
+                kill_grace_s=self.policy.kill_grace_s,
+            )
+        except CommandRefusedError as exc:
+            raise _refused(exc, attempt) from None
+        finally:
+            beater.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await beater
+
+        if outcome.timed_out:
+            raise _timeout_error(call, outcome, attempt)
+        if outcome.exit_code not in call.success_codes:
+            raise _failed_error(call, outcome, attempt)
+        return CommandResult(
+            output=outcome.output,
+            exit_code=outcome.exit_code,
+            mode=outcome.mode,
+            truncated=outcome.truncated,
+            duration_ms=outcome.duration_ms,
+            attempt=attempt,
+        )
+
+
+def _details(attempt: int, output: str | None) -> dict[str, object]:
+    partial = None if output is None else bound_text(output, PARTIAL_OUTPUT_BYTES)
+    return FailureDetails(attempt=attempt, partial_output=partial).model_dump()
+
+
+def _last_lines(output: str) -> str:
+    text = output[-MESSAGE_TAIL_CHARS:].rstrip()
+    return text if text else "(no output)"
+
+
+def _refused(exc: CommandRefusedError, attempt: int) -> ApplicationError:
+    return ApplicationError(
+        str(exc),
+        _details(attempt, None),
+        type=ErrorType.COMMAND_REFUSED,
+        non_retryable=True,
+    )
+
+
+def _timeout_error(call: CommandCall, outcome: RunOutcome, attempt: int) -> ApplicationError:
+    return ApplicationError(
+        f"`{call.argv[0]}` ran past timeout_s={call.timeout_s:g} and its process group "
+        "was killed; raise the step's timeout_s or make the command finish sooner "
+        f"(answer its prompts with respond rules). Last output:\n{_last_lines(outcome.output)}",
+        _details(attempt, outcome.output),
+        type=ErrorType.COMMAND_TIMEOUT,
+        non_retryable=True,
+    )
+
+
+def _failed_error(call: CommandCall, outcome: RunOutcome, attempt: int) -> ApplicationError:
+    codes = ", ".join(str(code) for code in call.success_codes)
+    return ApplicationError(
+        f"`{call.argv[0]}` exited with code {outcome.exit_code} (success_codes: {codes}); "
+        "fix the cause shown below, or add the code to the step's success_codes if it "
+        f"means success. Last output:\n{_last_lines(outcome.output)}",
+        _details(attempt, outcome.output),
+        type=ErrorType.COMMAND_FAILED,
+        # The step's retry policy decides: flaky tests deserve another try.
+        non_retryable=False,
+    )

@@ -1,0 +1,691 @@
+"""Run one command in a pseudo-terminal (or plain pipes) without blocking the loop.
+
+This module knows nothing about Temporal: ``commands.py`` wraps it as the
+``PTY_ACTIVITY`` and ``command_policy.py`` decides what may run. Keeping the
+runner free of the SDK lets its behaviour (prompts answered, timeouts, group
+kill, truncation) be tested in plain asyncio.
+
+Guarantees:
+
+- argv is executed directly (``execve``), never through a shell.
+- The child is a session leader, so its pid is also its process-group id and
+  every descendant that did not call ``setsid`` itself can be found and killed.
+- On timeout, cancellation or any error the whole group gets SIGTERM, then
+  SIGKILL after ``kill_grace_s``; the direct child is reaped and every file
+  descriptor opened here is closed before ``run_command`` returns or raises.
+- Output is decoded as UTF-8, stripped of ANSI escape sequences, has ``\\r\\n``
+  and lone ``\\r`` turned into ``\\n``, and is bounded to ``max_output_bytes``
+  as head + marker + tail.
+
+Errors::
+
+    CommandRefusedError     the command cannot be started as given (executable
+                            missing or not executable, cwd missing, bad respond
+                            regex, empty argv); nothing ran, retrying won't help
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import contextlib
+import errno
+import logging
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from llmmixer.activities.contracts import CommandCall, RespondRule
+
+__all__ = [
+    "DEFAULT_KILL_GRACE_S",
+    "CommandRefusedError",
+    "RunOutcome",
+    "TerminalMode",
+    "bound_text",
+    "clean_terminal_text",
+    "run_command",
+]
+
+log = logging.getLogger(__name__)
+
+TerminalMode = Literal["pty", "pipe"]
+
+DEFAULT_KILL_GRACE_S = 3.0
+# Wide enough that tools do not wrap long lines into the captured output.
+PTY_DIMENSIONS = (50, 200)
+# After the direct child exits, how long to wait for the rest of its output
+# (a grandchild may still hold the terminal) before the group is terminated.
+_DRAIN_AFTER_EXIT_S = 1.0
+# How long to keep reading once the group is dead: only buffered bytes remain.
+_DRAIN_AFTER_KILL_S = 1.0
+# A respond rule only looks at this much recent text: prompts are short, and
+# an unbounded window would make a chatty command quadratic.
+_RESPOND_WINDOW_CHARS = 64 * 1024
+_READ_SIZE = 64 * 1024
+_EOF = b"\x04"  # VEOF in a cooked terminal: what Ctrl-D sends
+
+
+class CommandRefusedError(Exception):
+    """The command cannot be started as given; the message says what to change."""
+
+
+@dataclass(frozen=True, slots=True)
+class RunOutcome:
+    """What happened to one command. ``output`` is already cleaned and bounded."""
+
+    output: str
+    # Exit status as ``subprocess`` reports it: negative means killed by that
+    # signal. None only if the child could not be reaped (should not happen).
+    exit_code: int | None
+    mode: TerminalMode
+    pid: int
+    timed_out: bool = False
+    truncated: bool = False
+    truncated_bytes: int = 0
+    duration_ms: float = 0.0
+
+
+# --- output cleaning --------------------------------------------------------
+
+# ECMA-48 sequences terminals understand: OSC (titles, hyperlinks) ended by BEL
+# or ST; DCS/SOS/PM/APC strings ended by ST; CSI (colours, cursor moves);
+# nF escapes (charset selection like ESC ( B); two-byte Fe/Fp/Fs escapes; and
+# the 8-bit CSI that some programs emit.
+_ANSI_RE = re.compile(
+    r"""
+    \x1b\][^\x07\x1b]*(?:\x07|\x1b\\)        # OSC ... BEL | ST
+  | \x1b[PX^_][^\x1b]*\x1b\\                 # DCS / SOS / PM / APC ... ST
+  | \x1b\[[0-?]*[ -/]*[@-~]                  # CSI
+  | \x9b[0-?]*[ -/]*[@-~]                    # 8-bit CSI
+  | \x1b[ -/]+[0-~]                          # nF: ESC ( B and friends
+  | \x1b[0-~]                                # two-byte escapes
+    """,
+    re.VERBOSE,
+)
+# What a terminal would not show as text. Tab and newline stay; \r is handled
+# before this runs.
+_CONTROL_RE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+# A sequence may be cut by a read boundary; hold back an unfinished one up to
+# this length (long OSC hyperlinks) before giving up and emitting it stripped.
+_MAX_PENDING_ESCAPE = 4096
+
+
+def clean_terminal_text(text: str) -> str:
+    """Strip ANSI sequences and control characters, normalise line endings."""
+    text = _ANSI_RE.sub("", text)
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    return _CONTROL_RE.sub("", text)
+
+
+class _TextCleaner:
+    """Incremental ``clean_terminal_text`` over raw bytes read in chunks.
+
+    Bytes arrive split at arbitrary points: in the middle of a UTF-8 character,
+    of an escape sequence, or between ``\\r`` and ``\\n``. Each of those is held
+    back until the next chunk decides it.
+    """
+
+    def __init__(self) -> None:
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._pending = ""
+
+    def feed(self, data: bytes) -> str:
+        text = self._pending + self._decoder.decode(data)
+        self._pending = ""
+        cut = len(text)
+        esc = max(text.rfind("\x1b"), text.rfind("\x9b"))
+        if esc >= 0 and _ANSI_RE.match(text, esc) is None and len(text) - esc < _MAX_PENDING_ESCAPE:
+            cut = esc
+        if cut > 0 and text[cut - 1] == "\r":
+            cut -= 1  # "\r" then "\n" in the next chunk is one line ending
+        self._pending = text[cut:]
+        return clean_terminal_text(text[:cut])
+
+    def flush(self) -> str:
+        text = self._pending + self._decoder.decode(b"", final=True)
+        self._pending = ""
+        return clean_terminal_text(text)
+
+
+class _BoundedOutput:
+    """Keeps the first and last ``limit / 2`` bytes of the text, counts the rest."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = max(limit, 0)
+        self._head_budget = self._limit // 2
+        self._tail_budget = self._limit - self._head_budget
+        self._head = bytearray()
+        self._tail = bytearray()
+        self._dropped = 0
+
+    def append(self, text: str) -> None:
+        data = text.encode("utf-8")
+        room = self._head_budget - len(self._head)
+        if room > 0:
+            self._head += data[:room]
+            data = data[room:]
+        if not data:
+            return
+        self._tail += data
+        # Trim in batches so a flood of small chunks stays linear.
+        if len(self._tail) > 2 * self._tail_budget + _READ_SIZE:
+            self._trim()
+
+    def _trim(self) -> None:
+        excess = len(self._tail) - self._tail_budget
+        if excess > 0:
+            del self._tail[:excess]
+            self._dropped += excess
+
+    @property
+    def dropped(self) -> int:
+        self._trim()
+        return self._dropped
+
+    def text(self) -> str:
+        self._trim()
+        # A cut may split a UTF-8 character; "ignore" drops only that fragment.
+        head = self._head.decode("utf-8", errors="ignore")
+        tail = self._tail.decode("utf-8", errors="ignore")
+        if not self._dropped:
+            return head + tail
+        return f"{head}\n[... {self._dropped} bytes truncated ...]\n{tail}"
+
+
+def bound_text(text: str, limit_bytes: int) -> str:
+    """``text`` cut to about ``limit_bytes`` of UTF-8 as head + marker + tail."""
+    bounded = _BoundedOutput(limit_bytes)
+    bounded.append(text)
+    return bounded.text()
+
+
+# --- respond rules ----------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Rule:
+    pattern: re.Pattern[str]
+    send: bytes
+    remaining: int | None
+    since: int = 0  # absolute offset in the cleaned output after the last match
+
+
+def _compile_rules(rules: Sequence[RespondRule]) -> list[_Rule]:
+    compiled = []
+    for index, rule in enumerate(rules):
+        try:
+            pattern = re.compile(rule.expect)
+        except re.error as exc:
+            raise CommandRefusedError(
+                f"respond[{index}].expect {rule.expect!r} is not a valid regular "
+                f"expression ({exc}); fix the step's respond rule"
+            ) from exc
+        compiled.append(_Rule(pattern, rule.send.encode("utf-8"), rule.times))
+    return compiled
+
+
+class _Responder:
+    """Matches rules against the output seen since each rule last fired."""
+
+    def __init__(self, rules: list[_Rule]) -> None:
+        self._rules = rules
+        self._recent = ""
+        self._recent_start = 0  # absolute offset of self._recent[0]
+
+    def feed(self, text: str) -> list[bytes]:
+        """Add cleaned output; return what to send, in the order rules matched."""
+        if not self._rules:
+            return []
+        self._recent += text
+        if len(self._recent) > 2 * _RESPOND_WINDOW_CHARS:
+            drop = len(self._recent) - _RESPOND_WINDOW_CHARS
+            self._recent = self._recent[drop:]
+            self._recent_start += drop
+        replies: list[bytes] = []
+        for rule in self._rules:
+            while rule.remaining is None or rule.remaining > 0:
+                start = max(rule.since - self._recent_start, 0)
+                match = rule.pattern.search(self._recent, start)
+                # An empty match would fire forever without consuming output.
+                if match is None or match.end() == match.start():
+                    break
+                rule.since = self._recent_start + match.end()
+                if rule.remaining is not None:
+                    rule.remaining -= 1
+                replies.append(rule.send)
+        return replies
+
+
+# --- the child process ------------------------------------------------------
+
+
+class _Child:
+    """A started child: pid (= process group id), output fd and input fd."""
+
+    def __init__(
+        self,
+        *,
+        pid: int,
+        read_fd: int,
+        write_fd: int,
+        mode: TerminalMode,
+        closer: Callable[[], None],
+        poller: Callable[[], int | None],
+    ) -> None:
+        self.pid = pid
+        self.read_fd = read_fd
+        self.write_fd = write_fd
+        self.mode = mode
+        self._closer = closer
+        self._poller = poller
+        self.returncode: int | None = None
+        self.input_closed = False
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            self.returncode = self._poller()
+        return self.returncode
+
+    async def read(self) -> bytes:
+        """The next chunk of output; ``b""`` once nobody holds the other end."""
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                return os.read(self.read_fd, _READ_SIZE)
+            except BlockingIOError:
+                await _wait_fd(loop, self.read_fd, writable=False)
+            except OSError as exc:
+                # Linux reports a pty whose every slave fd is closed as EIO.
+                if exc.errno == errno.EIO:
+                    return b""
+                raise
+
+    async def write(self, data: bytes) -> None:
+        loop = asyncio.get_running_loop()
+        view = memoryview(data)
+        while view and not self.input_closed:
+            try:
+                written = os.write(self.write_fd, view)
+            except BlockingIOError:
+                await _wait_fd(loop, self.write_fd, writable=True)
+                continue
+            except (BrokenPipeError, OSError) as exc:
+                # The child stopped reading (closed stdin or exited): what it
+                # no longer wants cannot matter, and the exit code tells the rest.
+                log.debug("command %s stopped accepting input: %s", self.pid, exc)
+                return
+            view = view[written:]
+
+    async def end_input(self, text_sent: str | None) -> None:
+        """Tell the child no more input will come (EOF)."""
+        if self.input_closed:
+            return
+        if self.mode == "pipe":
+            os.close(self.write_fd)
+            self.input_closed = True
+            return
+        # A cooked terminal needs an empty line for EOF: a pending partial line
+        # takes one Ctrl-D to flush and a second one to signal end of input.
+        await self.write(_EOF if not text_sent or text_sent.endswith("\n") else _EOF * 2)
+
+    def close(self) -> None:
+        self._closer()
+
+
+async def _wait_fd(loop: asyncio.AbstractEventLoop, fd: int, *, writable: bool) -> None:
+    ready: asyncio.Future[None] = loop.create_future()
+
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    if writable:
+        loop.add_writer(fd, wake)
+    else:
+        loop.add_reader(fd, wake)
+    try:
+        await ready
+    finally:
+        if writable:
+            loop.remove_writer(fd)
+        else:
+            loop.remove_reader(fd)
+
+
+def _spawn_pty(executable: str, argv: list[str], cwd: str | None, env: dict[str, str]) -> _Child:
+    from ptyprocess import PtyProcess  # imported late: pipe-only workers may lack it
+
+    try:
+        # echo=False: answers sent by respond rules would otherwise be echoed
+        # into the output and could match the rules again.
+        proc = PtyProcess.spawn(
+            [executable, *argv[1:]],
+            cwd=cwd,
+            env=env,
+            echo=False,
+            dimensions=PTY_DIMENSIONS,
+        )
+    except OSError as exc:
+        raise CommandRefusedError(
+            f"could not start {argv[0]!r}: {exc}; check that it is an executable "
+            "program for this worker's platform"
+        ) from exc
+    pid: int = proc.pid
+    fd: int = proc.fd
+    os.set_blocking(fd, False)
+    os.set_inheritable(fd, False)
+
+    def close() -> None:
+        # Close through ptyprocess so its __del__ finds nothing left to do (its
+        # own close() sleeps and signals only the child, not the group).
+        proc.fileobj.close()
+        proc.closed = True
+        proc.terminated = True
+
+    def poll() -> int | None:
+        try:
+            done, status = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            return -signal.SIGKILL  # reaped elsewhere; only a kill gets us here
+        return os.waitstatus_to_exitcode(status) if done else None
+
+    return _Child(pid=pid, read_fd=fd, write_fd=fd, mode="pty", closer=close, poller=poll)
+
+
+def _spawn_pipe(executable: str, argv: list[str], cwd: str | None, env: dict[str, str]) -> _Child:
+    # Raw pipes we own instead of asyncio's subprocess transports: both modes
+    # then share one reader, one writer and one close path, and the fds are
+    # ours to close even when a daemonised grandchild keeps the other end open.
+    in_read, in_write = os.pipe()
+    out_read, out_write = os.pipe()
+    try:
+        proc = subprocess.Popen(
+            argv,
+            executable=executable,
+            stdin=in_read,
+            stdout=out_write,
+            stderr=out_write,
+            cwd=cwd,
+            env=env,
+            start_new_session=True,
+        )
+    except OSError as exc:
+        for fd in (in_read, in_write, out_read, out_write):
+            os.close(fd)
+        raise CommandRefusedError(
+            f"could not start {argv[0]!r}: {exc}; check that it is an executable "
+            "program for this worker's platform"
+        ) from exc
+    os.close(in_read)
+    os.close(out_write)
+    os.set_blocking(out_read, False)
+    os.set_blocking(in_write, False)
+    child: _Child
+
+    def close() -> None:
+        os.close(out_read)
+        if not child.input_closed:
+            child.input_closed = True
+            os.close(in_write)
+
+    child = _Child(
+        pid=proc.pid,
+        read_fd=out_read,
+        write_fd=in_write,
+        mode="pipe",
+        closer=close,
+        poller=proc.poll,
+    )
+    return child
+
+
+# --- process-group termination ----------------------------------------------
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether any non-zombie process is still in the group.
+
+    ``killpg(pgid, 0)`` also succeeds for zombies, and orphaned zombies linger
+    wherever PID 1 does not reap (many containers), so /proc is asked first.
+    """
+    proc = Path("/proc")
+    if proc.is_dir():
+        for entry in proc.iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue  # exited while we looked
+            # "pid (comm) state ppid pgrp ..."; comm may contain spaces and ")"
+            fields = stat[stat.rfind(")") + 2 :].split()
+            if len(fields) >= 3 and int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+                return True
+        return False
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+async def _terminate_group(child: _Child, grace_s: float) -> None:
+    """SIGTERM the group, SIGKILL whatever is left after ``grace_s``.
+
+    If this coroutine is itself cancelled mid-grace, the ``finally`` still
+    sends SIGKILL: a second cancellation must never leave processes behind.
+    """
+    pgid = child.pid
+    killed = False
+    try:
+        child.poll()
+        if not _group_alive(pgid):
+            killed = True
+            return
+        _signal_group(pgid, signal.SIGTERM)
+        # A stopped process only acts on SIGTERM once continued.
+        _signal_group(pgid, signal.SIGCONT)
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline:
+            child.poll()  # reap the direct child so it does not count as alive
+            if not _group_alive(pgid):
+                killed = True
+                return
+            await asyncio.sleep(0.05)
+    finally:
+        if not killed:
+            _signal_group(pgid, signal.SIGKILL)
+
+
+def _release(child: _Child) -> None:
+    """Reap the (already SIGKILLed) child if still needed and close our fds."""
+    for _ in range(100):
+        if child.poll() is not None:
+            break
+        # Only reached when cancelled twice or the child is stuck in the
+        # kernel: a short blocking wait beats leaving a zombie behind.
+        time.sleep(0.01)
+    loop = asyncio.get_running_loop()
+    # Unregister before closing: the fd number may be reused at once.
+    loop.remove_reader(child.read_fd)
+    if not child.input_closed:
+        loop.remove_writer(child.write_fd)
+    child.close()
+
+
+async def _reap(child: _Child, *, timeout_s: float) -> int | None:
+    """Wait for the direct child to exit, polling (it is not asyncio's child)."""
+    deadline = time.monotonic() + timeout_s
+    delay = 0.005
+    while child.poll() is None:
+        if time.monotonic() >= deadline:
+            return None
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 0.05)
+    return child.returncode
+
+
+# --- the runner -------------------------------------------------------------
+
+
+def resolve_executable(name: str, *, path: str | None, cwd: str | None) -> str:
+    """The absolute program path for argv[0], or CommandRefusedError saying why not."""
+    if not name:
+        raise CommandRefusedError("argv[0] is empty; give the program to run as argv[0]")
+    if os.sep in name:
+        candidate = os.path.join(cwd or os.getcwd(), name)
+        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return os.path.abspath(candidate)
+        raise CommandRefusedError(
+            f"{name!r} is not an executable file (looked at {candidate}); fix argv[0] "
+            "or the step's cwd"
+        )
+    found = shutil.which(name, path=path)
+    if found is None:
+        raise CommandRefusedError(
+            f"{name!r} was not found on the worker's PATH; install it on the worker "
+            "or give an absolute path in argv[0]"
+        )
+    return os.path.abspath(found)
+
+
+def _check_start(
+    argv: Sequence[str], env: Mapping[str, str], cwd: str | None, executable: str | None
+) -> str:
+    """Refuse what cannot start before forking; return the program path."""
+    if not argv:
+        raise CommandRefusedError("argv is empty; give the program and its arguments")
+    if cwd is not None and not os.path.isdir(cwd):
+        raise CommandRefusedError(
+            f"cwd {cwd!r} is not a directory on this worker; fix the step's cwd"
+        )
+    return executable or resolve_executable(argv[0], path=env.get("PATH"), cwd=cwd)
+
+
+async def run_command(
+    call: CommandCall,
+    *,
+    mode: TerminalMode,
+    on_output: Callable[[str], None] | None = None,
+    env: Mapping[str, str] | None = None,
+    cwd: str | None = None,
+    executable: str | None = None,
+    kill_grace_s: float = DEFAULT_KILL_GRACE_S,
+) -> RunOutcome:
+    """Run ``call.argv`` to completion, timeout or cancellation.
+
+    ``env`` is the child's complete environment (default: this process's
+    environment plus ``call.env``); ``cwd`` overrides ``call.cwd`` (the policy
+    passes the resolved directory); ``executable`` is the already resolved
+    program path (default: argv[0] looked up on the env's PATH).
+
+    ``on_output`` receives each cleaned output delta as it arrives; it must be
+    quick and must not raise (an exception is logged and the sink dropped).
+
+    Input: ``call.stdin`` is written first. When there are no respond rules,
+    end-of-input follows at once (so a program that reads its input to the end
+    finishes instead of waiting for a timeout); with rules, input stays open
+    for the answers.
+    """
+    rules = _compile_rules(call.respond)
+    child_env = dict(env) if env is not None else {**os.environ, **call.env}
+    workdir = cwd if cwd is not None else call.cwd
+    program = _check_start(call.argv, child_env, workdir, executable)
+
+    started = time.monotonic()
+    spawn = _spawn_pty if mode == "pty" else _spawn_pipe
+    child = spawn(program, list(call.argv), workdir, child_env)
+
+    cleaner = _TextCleaner()
+    output = _BoundedOutput(call.max_output_bytes)
+    responder = _Responder(rules)
+    sink = on_output
+
+    def emit(text: str) -> None:
+        nonlocal sink
+        if not text:
+            return
+        output.append(text)
+        if sink is not None:
+            try:
+                sink(text)
+            except Exception:
+                log.exception("output sink failed; output of %s no longer forwarded", child.pid)
+                sink = None
+
+    async def pump_output() -> None:
+        while chunk := await child.read():
+            text = cleaner.feed(chunk)
+            emit(text)
+            replies = responder.feed(text)
+            for reply in replies:
+                await child.write(reply)
+        emit(cleaner.flush())
+
+    async def feed_input() -> None:
+        # A task of its own: a child that never reads its stdin must not keep
+        # us from enforcing the timeout.
+        if call.stdin:
+            await child.write(call.stdin.encode("utf-8"))
+        if not rules:
+            await child.end_input(call.stdin)
+
+    reader = asyncio.create_task(pump_output(), name=f"command-output-{child.pid}")
+    writer = asyncio.create_task(feed_input(), name=f"command-input-{child.pid}")
+    timed_out = False
+    try:
+        try:
+            async with asyncio.timeout(call.timeout_s):
+                await _reap(child, timeout_s=float("inf"))
+        except TimeoutError:
+            timed_out = True
+            await _terminate_group(child, kill_grace_s)
+        else:
+            # The child is gone; let its output drain, then make sure nothing
+            # it left behind in its group outlives the step.
+            done, _ = await asyncio.wait({reader}, timeout=_DRAIN_AFTER_EXIT_S)
+            if not done:
+                await _terminate_group(child, kill_grace_s)
+        await asyncio.wait({reader}, timeout=_DRAIN_AFTER_KILL_S)
+    finally:
+        # Runs on success, error and cancellation alike: kill, reap, close.
+        try:
+            await _terminate_group(child, kill_grace_s)
+            await _reap(child, timeout_s=kill_grace_s)
+        finally:
+            for task in (reader, writer):
+                task.cancel()
+            try:
+                # asyncio.wait never raises the tasks' errors, only our own
+                # cancellation, which must propagate.
+                await asyncio.wait({reader, writer})
+            finally:
+                _release(child)
+    if not reader.cancelled() and (error := reader.exception()) is not None:
+        raise error
+
+    return RunOutcome(
+        output=output.text(),
+        exit_code=child.returncode,
+        mode=mode,
+        pid=child.pid,
+        timed_out=timed_out,
+        truncated=output.dropped > 0,
+        truncated_bytes=output.dropped,
+        duration_ms=(time.monotonic() - started) * 1000.0,
+    )
