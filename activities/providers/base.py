@@ -1,0 +1,120 @@
+"""The narrow seam between the LLM activity and the provider SDKs.
+
+One adapter per provider implements :class:`ProviderAdapter`: a single
+``complete`` method that streams one :class:`~llmmixer.activities.contracts.LlmCall`
+and returns a :class:`ProviderResult`, or raises :class:`ProviderError`. Nothing
+here imports Temporal: the activity turns a ``ProviderError`` into an
+``ApplicationError`` whose ``type`` is ``error_type``.
+
+Error model (every failure an adapter raises is a ``ProviderError``)::
+
+    ProviderError.error_type
+    ├── ErrorType.RETRYABLE       408/409/429/5xx, connection, timeout, cut stream
+    ├── ErrorType.REJECTED        other 4xx: bad request, unknown model, refusal
+    ├── ErrorType.AUTH            401/403 or no key: set the named variable on the worker
+    ├── ErrorType.CIRCUIT_OPEN    this worker's breaker for provider/model is open
+    └── ErrorType.INVALID_OUTPUT  the reply failed JSON / JSON-schema validation
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+from llmmixer.activities.contracts import ErrorType, LlmCall, Usage
+
+__all__ = [
+    "RETRYABLE_ERROR_TYPES",
+    "ProviderAdapter",
+    "ProviderConfig",
+    "ProviderError",
+    "ProviderResult",
+    "TextCallback",
+]
+
+TextCallback = Callable[[str], None]
+
+# Failures that another attempt may fix. CIRCUIT_OPEN is included because the
+# breaker closes again after its cool-down (``retry_after_s`` says when), and
+# INVALID_OUTPUT because a model often gets the format right the next time.
+RETRYABLE_ERROR_TYPES: frozenset[str] = frozenset(
+    {ErrorType.RETRYABLE, ErrorType.CIRCUIT_OPEN, ErrorType.INVALID_OUTPUT}
+)
+
+
+@dataclass(frozen=True)
+class ProviderConfig:
+    """Everything that decides which SDK client a call needs.
+
+    A worker keeps one client per distinct config (see ``ProviderPool``), so two
+    endpoints or two keys never share a connection pool. The key is excluded
+    from ``repr`` so a config can be logged safely; it still takes part in
+    equality and hashing, which is what keeps clients with different keys apart.
+    """
+
+    provider: str
+    api_key: str | None = field(default=None, repr=False)
+    base_url: str | None = None
+    timeout_s: float = 600.0
+
+
+@dataclass
+class ProviderResult:
+    """A complete, terminated reply (never a truncated stream)."""
+
+    text: str
+    response_model: str | None
+    usage: Usage
+    finish_reason: str | None
+
+
+class ProviderError(Exception):
+    """A provider failure, already classified and scrubbed of secrets.
+
+    ``message`` is safe to record anywhere (history, logs, the event stream): the
+    mapping functions in ``errors.py`` redact keys before building it, and every
+    message says what the operator can do about it.
+    """
+
+    def __init__(
+        self,
+        error_type: str,
+        message: str,
+        *,
+        status_code: int | None = None,
+        retry_after_s: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.error_type = error_type
+        self.message = message
+        self.status_code = status_code
+        self.retry_after_s = retry_after_s
+
+    @property
+    def retryable(self) -> bool:
+        """Whether a later attempt of the same call may succeed."""
+        return self.error_type in RETRYABLE_ERROR_TYPES
+
+    def __repr__(self) -> str:
+        return (
+            f"ProviderError({self.error_type!r}, {self.message!r}, "
+            f"status_code={self.status_code!r}, retry_after_s={self.retry_after_s!r})"
+        )
+
+
+@runtime_checkable
+class ProviderAdapter(Protocol):
+    """One provider behind one method.
+
+    ``complete`` streams the call; ``on_text`` receives every text delta in
+    order as it arrives (the activity heartbeats and forwards deltas through
+    it, so it must be cheap and must not block). The returned text is the
+    concatenation of the deltas. ``aclose`` releases the SDK client.
+    """
+
+    provider: str
+
+    async def complete(self, call: LlmCall, on_text: TextCallback) -> ProviderResult: ...
+
+    async def aclose(self) -> None: ...

@@ -1,0 +1,343 @@
+"""One place that turns each provider SDK's exceptions into a ``ProviderError``.
+
+The retry decision follows the contract (section 8): 408, 409, 429, 5xx,
+connection errors, timeouts and cut streams are retryable; 401/403 are auth
+failures that name the worker's key variable; every other 4xx is rejected
+and says which kind (bad request, model not found, content refused). A
+``retry-after-ms`` or ``retry-after`` header becomes ``retry_after_s`` so the
+activity can set Temporal's next retry delay.
+
+Every message built here goes through :func:`redact` first: providers
+sometimes echo the request (or the key) back in an error body, and an error
+message ends up in workflow history, logs and the event stream. Request
+headers are never read into a message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import re
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import anthropic
+import httpx
+import httpx2
+import openai
+from google.genai import errors as genai_errors
+
+from llmmixer.activities.contracts import ErrorType
+from llmmixer.activities.providers.base import ProviderError
+
+__all__ = [
+    "KEY_VARIABLES",
+    "cut_stream_error",
+    "map_anthropic_error",
+    "map_gemini_error",
+    "map_openai_error",
+    "missing_key_error",
+    "parse_retry_after",
+    "redact",
+    "refusal_error",
+    "status_error",
+    "stream_reported_error",
+]
+
+# The worker-side variable that holds each provider's key (contract section 3).
+KEY_VARIABLES: Mapping[str, str] = {
+    "anthropic": "ANTHROPIC_API_KEY",
+    "openai": "OPENAI_API_KEY",
+    "gemini": "GEMINI_API_KEY",
+}
+
+REDACTED = "[REDACTED]"
+# Long enough to keep a provider's explanation, short enough for history.
+_MAX_DETAIL = 600
+# Shapes of keys that must never be recorded even when they are not the
+# configured one (a provider echoing some other key, a key pasted in a prompt).
+_GENERIC_SECRETS = re.compile(
+    r"sk-[A-Za-z0-9][A-Za-z0-9_\-]{7,}"  # OpenAI, Anthropic (sk-ant-...)
+    r"|AIza[0-9A-Za-z_\-]{20,}"  # Google API keys
+)
+_BEARER = re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._~+/\-]{8,}=*")
+_KEY_PARAM = re.compile(r"(?i)([?&](?:key|api_key|api-key)=)[^&\s\"']+")
+
+_TRANSPORT_TIMEOUTS: tuple[type[BaseException], ...] = (
+    httpx.TimeoutException,
+    httpx2.TimeoutException,
+    asyncio.TimeoutError,
+    TimeoutError,
+)
+_TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (
+    httpx.TransportError,
+    httpx2.TransportError,
+    ConnectionError,
+)
+_REFUSAL_WORDS = ("content_policy", "content policy", "content_filter", "safety", "refus")
+
+
+def redact(text: str, secrets: Iterable[str | None] = ()) -> str:
+    """Remove the given secrets and anything shaped like a provider key from ``text``.
+
+    Longer secrets are replaced first so that a key containing another never
+    leaves a fragment behind. Values shorter than 4 characters are ignored:
+    replacing them would shred ordinary text and they are not real keys.
+    """
+    for secret in sorted({s for s in secrets if s and len(s) >= 4}, key=len, reverse=True):
+        text = text.replace(secret, REDACTED)
+    text = _GENERIC_SECRETS.sub(REDACTED, text)
+    text = _BEARER.sub(lambda m: m.group(1) + REDACTED, text)
+    return _KEY_PARAM.sub(lambda m: m.group(1) + REDACTED, text)
+
+
+def parse_retry_after(
+    headers: Mapping[str, str] | None, *, now: float | None = None
+) -> float | None:
+    """Seconds to wait from ``retry-after-ms`` (preferred) or ``retry-after``.
+
+    ``retry-after`` may be delta-seconds or an HTTP date (RFC 9110). Returns
+    None when neither header is present or parseable; never a negative delay.
+    """
+    if not headers:
+        return None
+    lowered = {str(k).lower(): str(v) for k, v in headers.items()}
+    raw_ms = lowered.get("retry-after-ms")
+    if raw_ms is not None:
+        try:
+            return max(0.0, float(raw_ms) / 1000.0)
+        except ValueError:
+            pass
+    raw = lowered.get("retry-after")
+    if raw is None:
+        return None
+    raw = raw.strip()
+    try:
+        return max(0.0, float(raw))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(raw)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when is None:
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def missing_key_error(provider: str) -> ProviderError:
+    """The call cannot be made: the worker has no key for ``provider``."""
+    var = KEY_VARIABLES.get(provider, f"{provider.upper()}_API_KEY")
+    return ProviderError(
+        ErrorType.AUTH,
+        f"no API key for {provider}: set {var} on the worker (the spec never carries keys)",
+    )
+
+
+def cut_stream_error(provider: str, model: str, missing: str) -> ProviderError:
+    """A stream that ended (cleanly or not) before its terminal event."""
+    return ProviderError(
+        ErrorType.RETRYABLE,
+        f"{provider} stream for {model} ended before {missing}: the reply was incomplete "
+        "and was discarded; the call will be retried",
+    )
+
+
+def refusal_error(provider: str, model: str, reason: str) -> ProviderError:
+    """The model answered but declined (safety stop, content filter, refusal)."""
+    return ProviderError(
+        ErrorType.REJECTED,
+        f"{provider}/{model} refused the request (content refused, finish reason {reason}): "
+        "change the prompt or choose another model; retrying the same prompt will not help",
+    )
+
+
+def status_error(
+    provider: str,
+    status: int,
+    detail: str,
+    headers: Mapping[str, str] | None,
+    secrets: Iterable[str | None] = (),
+) -> ProviderError:
+    """Classify an HTTP error status from ``provider`` (shared by every adapter)."""
+    detail = _clip(redact(detail, secrets)) or "no details given"
+    retry_after = parse_retry_after(headers)
+    if status in (401, 403):
+        var = KEY_VARIABLES.get(provider, f"{provider.upper()}_API_KEY")
+        what = "rejected the API key" if status == 401 else "denied permission for this key"
+        return ProviderError(
+            ErrorType.AUTH,
+            f"{provider} {what} (HTTP {status}): {detail}. Set a valid {var} on the worker "
+            "and restart it (the spec never carries keys)",
+            status_code=status,
+        )
+    if status in (408, 409, 429) or status >= 500:
+        reason = {408: "request timeout", 409: "conflict", 429: "rate limit"}.get(
+            status, "server error"
+        )
+        when = f" after {retry_after:g} s (retry-after)" if retry_after is not None else ""
+        return ProviderError(
+            ErrorType.RETRYABLE,
+            f"{provider} {reason} (HTTP {status}): {detail}; the call will be retried{when}",
+            status_code=status,
+            retry_after_s=retry_after,
+        )
+    kind, advice = _rejection(status, detail)
+    return ProviderError(
+        ErrorType.REJECTED,
+        f"{provider} rejected the request: {kind} (HTTP {status}): {detail}. {advice}",
+        status_code=status,
+    )
+
+
+def map_openai_error(
+    exc: BaseException, secrets: Iterable[str | None] = (), *, timeout_s: float | None = None
+) -> ProviderError:
+    """Map an ``openai`` SDK (or transport) exception."""
+    if isinstance(exc, ProviderError):
+        return exc
+    if isinstance(exc, openai.APIStatusError):
+        return status_error(
+            "openai",
+            exc.status_code,
+            _body_message(exc.body, exc.message),
+            exc.response.headers,
+            secrets,
+        )
+    if isinstance(exc, openai.APITimeoutError):
+        return _timeout("openai", timeout_s)
+    if isinstance(exc, openai.APIConnectionError):
+        return _connection("openai", exc, secrets)
+    if isinstance(exc, openai.APIError):
+        # An error event inside a stream that had already started with 200.
+        return stream_reported_error("openai", _body_message(exc.body, exc.message), secrets)
+    return _transport_or_reraise("openai", exc, secrets, timeout_s)
+
+
+def map_anthropic_error(
+    exc: BaseException, secrets: Iterable[str | None] = (), *, timeout_s: float | None = None
+) -> ProviderError:
+    """Map an ``anthropic`` SDK (or transport) exception."""
+    if isinstance(exc, ProviderError):
+        return exc
+    if isinstance(exc, anthropic.APIStatusError):
+        return status_error(
+            "anthropic",
+            exc.status_code,
+            _body_message(exc.body, exc.message),
+            exc.response.headers,
+            secrets,
+        )
+    if isinstance(exc, anthropic.APITimeoutError):
+        return _timeout("anthropic", timeout_s)
+    if isinstance(exc, anthropic.APIConnectionError):
+        return _connection("anthropic", exc, secrets)
+    if isinstance(exc, anthropic.APIError):
+        return stream_reported_error("anthropic", _body_message(exc.body, exc.message), secrets)
+    return _transport_or_reraise("anthropic", exc, secrets, timeout_s)
+
+
+def map_gemini_error(
+    exc: BaseException, secrets: Iterable[str | None] = (), *, timeout_s: float | None = None
+) -> ProviderError:
+    """Map a ``google-genai`` SDK (or transport) exception."""
+    if isinstance(exc, ProviderError):
+        return exc
+    if isinstance(exc, genai_errors.APIError):
+        headers = getattr(exc.response, "headers", None)
+        detail = " ".join(str(p) for p in (exc.status, exc.message) if p)
+        return status_error("gemini", int(exc.code or 500), detail, headers, secrets)
+    return _transport_or_reraise("gemini", exc, secrets, timeout_s)
+
+
+# --- helpers -------------------------------------------------------------------------
+
+
+def _clip(text: str) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= _MAX_DETAIL else text[: _MAX_DETAIL - 1] + "…"
+
+
+def _body_message(body: object, fallback: str) -> str:
+    """The provider's own explanation from an error body, not the SDK's wrapper text."""
+    if isinstance(body, Mapping):
+        err: Any = body.get("error", body)
+        if isinstance(err, Mapping):
+            message = err.get("message")
+            kind = err.get("type") or err.get("code")
+            if isinstance(message, str) and message:
+                return f"{kind}: {message}" if isinstance(kind, str) and kind else message
+        elif isinstance(err, str) and err:
+            return err
+    return fallback
+
+
+def _rejection(status: int, detail: str) -> tuple[str, str]:
+    lowered = detail.lower()
+    if any(word in lowered for word in _REFUSAL_WORDS):
+        return (
+            "content refused",
+            "Change the prompt or choose another model; retrying the same prompt will not help.",
+        )
+    if status == 404:
+        return (
+            "model not found",
+            "Check the step's model name (and base_url) for this provider.",
+        )
+    if status == 413:
+        return ("request too large", "Shorten the prompt or lower max_tokens.")
+    if status == 402:
+        return ("payment required", "Check the provider account's billing and quota.")
+    if status == 422:
+        return ("unprocessable request", "Fix the step's parameters.")
+    return (
+        "bad request",
+        "Fix the step's parameters (model, max_tokens, temperature, stop, json_schema).",
+    )
+
+
+def _timeout(provider: str, timeout_s: float | None) -> ProviderError:
+    within = f" within {timeout_s:g} s" if timeout_s is not None else ""
+    return ProviderError(
+        ErrorType.RETRYABLE,
+        f"{provider} did not answer{within} (timeout); the call will be retried "
+        "(raise the step's timeout_s if the model is slow)",
+    )
+
+
+def _connection(provider: str, exc: BaseException, secrets: Iterable[str | None]) -> ProviderError:
+    cause = exc.__cause__ or exc.__context__ or exc
+    what = type(cause).__name__
+    text = _clip(redact(str(cause), secrets))
+    return ProviderError(
+        ErrorType.RETRYABLE,
+        f"connection to {provider} failed or dropped ({what}: {text or 'no details'}); "
+        "the call will be retried (check the worker's network and the provider's base URL)",
+    )
+
+
+def stream_reported_error(
+    provider: str, detail: str, secrets: Iterable[str | None] = ()
+) -> ProviderError:
+    """An error event inside a stream that had started with HTTP 200 (overload, server fault)."""
+    return ProviderError(
+        ErrorType.RETRYABLE,
+        f"{provider} reported an error inside the stream: {_clip(redact(detail, secrets))}; "
+        "the call will be retried",
+    )
+
+
+def _transport_or_reraise(
+    provider: str,
+    exc: BaseException,
+    secrets: Iterable[str | None],
+    timeout_s: float | None,
+) -> ProviderError:
+    if isinstance(exc, _TRANSPORT_TIMEOUTS):
+        return _timeout(provider, timeout_s)
+    if isinstance(exc, _TRANSPORT_ERRORS):
+        return _connection(provider, exc, secrets)
+    # Anything else is a bug in our code or the SDK's, not a provider outcome:
+    # the caller re-raises the original so its traceback is kept.
+    raise exc

@@ -1,0 +1,175 @@
+"""Google Gemini through ``google-genai``'s async streaming call.
+
+The SDK retries by itself (tenacity, and a hidden extra try on connection
+errors) unless ``HttpOptions.retry_options`` is given: ``attempts=1`` makes it
+send each request once, so every attempt is a Temporal attempt.
+
+``provider_options`` may carry ``safety_settings`` (a list of
+``{"category": ..., "threshold": ...}``) and ``generation_config`` (any other
+``GenerateContentConfig`` field, e.g. ``top_k`` or ``thinking_config``). A
+stream counts as complete only once a candidate carried a ``finish_reason``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import pydantic
+from google import genai
+from google.genai import types
+
+from llmmixer.activities.contracts import ErrorType, LlmCall, Usage
+from llmmixer.activities.providers.base import (
+    ProviderConfig,
+    ProviderError,
+    ProviderResult,
+    TextCallback,
+)
+from llmmixer.activities.providers.errors import (
+    cut_stream_error,
+    map_gemini_error,
+    missing_key_error,
+    redact,
+    refusal_error,
+)
+from llmmixer.activities.providers.settings import DEFAULT_BASE_URLS
+from llmmixer.activities.providers.structured import enforce_response_format
+
+__all__ = ["GeminiAdapter"]
+
+# Finish reasons meaning the model (or its filters) declined: a retry of the
+# same prompt will not help, so they are rejections, not truncated successes.
+_REFUSALS = frozenset(
+    {"SAFETY", "RECITATION", "BLOCKLIST", "PROHIBITED_CONTENT", "SPII", "IMAGE_SAFETY"}
+)
+_KNOWN_OPTIONS = frozenset({"safety_settings", "generation_config"})
+
+
+def _enum_text(value: Any) -> str | None:
+    if value is None:
+        return None
+    return str(getattr(value, "value", value))
+
+
+class GeminiAdapter:
+    """Streams calls to the Gemini API (``generateContent`` with ``alt=sse``)."""
+
+    provider = "gemini"
+
+    def __init__(self, config: ProviderConfig, *, secrets: Iterable[str] = ()) -> None:
+        if not config.api_key:
+            raise missing_key_error("gemini")
+        self._config = config
+        self._secrets: tuple[str, ...] = tuple(s for s in (config.api_key, *secrets) if s)
+        self._client = genai.Client(
+            api_key=config.api_key,
+            vertexai=False,
+            http_options=types.HttpOptions(
+                base_url=config.base_url or DEFAULT_BASE_URLS["gemini"],
+                timeout=max(1, int(config.timeout_s * 1000)),  # milliseconds
+                retry_options=types.HttpRetryOptions(attempts=1),
+            ),
+        )
+
+    async def aclose(self) -> None:
+        await self._client.aio.aclose()
+
+    async def complete(self, call: LlmCall, on_text: TextCallback) -> ProviderResult:
+        config = self._generation_config(call)
+        try:
+            result = await self._stream(call, config, on_text)
+        except ProviderError:
+            raise
+        except Exception as exc:
+            raise map_gemini_error(exc, self._secrets, timeout_s=self._config.timeout_s) from exc
+        return enforce_response_format(call, result)
+
+    def _generation_config(self, call: LlmCall) -> types.GenerateContentConfig:
+        unknown = sorted(set(call.provider_options) - _KNOWN_OPTIONS)
+        if unknown:
+            raise ProviderError(
+                ErrorType.REJECTED,
+                f"unknown gemini provider_options {unknown}: use safety_settings or "
+                "generation_config",
+            )
+        fields: dict[str, Any] = dict(call.provider_options.get("generation_config") or {})
+        if call.system:
+            fields["system_instruction"] = call.system
+        if call.max_tokens is not None:
+            fields["max_output_tokens"] = call.max_tokens
+        if call.temperature is not None:
+            fields["temperature"] = call.temperature
+        if call.top_p is not None:
+            fields["top_p"] = call.top_p
+        if call.stop:
+            fields["stop_sequences"] = list(call.stop)
+        if call.response_format == "json":
+            fields["response_mime_type"] = "application/json"
+            if call.json_schema is not None:
+                # Plain JSON Schema, as the step gives it (``response_schema``
+                # wants Google's OpenAPI subset instead).
+                fields["response_json_schema"] = call.json_schema
+        if call.provider_options.get("safety_settings") is not None:
+            fields["safety_settings"] = call.provider_options["safety_settings"]
+        try:
+            return types.GenerateContentConfig(**fields)
+        except pydantic.ValidationError as exc:
+            detail = redact(str(exc), self._secrets)
+            raise ProviderError(
+                ErrorType.REJECTED,
+                f"invalid gemini generation settings from the step or provider_options: {detail}",
+            ) from None
+
+    async def _stream(
+        self, call: LlmCall, config: types.GenerateContentConfig, on_text: TextCallback
+    ) -> ProviderResult:
+        contents = [
+            types.Content(
+                role="model" if m.role == "assistant" else "user",
+                parts=[types.Part(text=m.content)],
+            )
+            for m in call.messages
+        ]
+        parts: list[str] = []
+        finish_reason: str | None = None
+        response_model: str | None = None
+        usage = Usage()
+        stream = await self._client.aio.models.generate_content_stream(
+            model=call.model, contents=contents, config=config
+        )
+        async for chunk in stream:
+            response_model = chunk.model_version or response_model
+            feedback = chunk.prompt_feedback
+            if feedback is not None and feedback.block_reason is not None:
+                raise refusal_error(
+                    "gemini", call.model, _enum_text(feedback.block_reason) or "blocked"
+                )
+            if chunk.usage_metadata is not None:
+                meta = chunk.usage_metadata
+                usage = Usage(
+                    input_tokens=meta.prompt_token_count or 0,
+                    # Thinking tokens are billed as output tokens.
+                    output_tokens=(meta.candidates_token_count or 0)
+                    + (meta.thoughts_token_count or 0),
+                )
+            candidate = chunk.candidates[0] if chunk.candidates else None
+            if candidate is None:
+                continue
+            if candidate.content is not None:
+                for part in candidate.content.parts or []:
+                    if part.text and not part.thought:
+                        parts.append(part.text)
+                        on_text(part.text)
+            if candidate.finish_reason is not None:
+                finish_reason = _enum_text(candidate.finish_reason)
+        if finish_reason is None:
+            raise cut_stream_error("gemini", call.model, "a finish_reason")
+        if finish_reason in _REFUSALS:
+            raise refusal_error("gemini", call.model, finish_reason)
+        return ProviderResult(
+            text="".join(parts),
+            response_model=response_model,
+            usage=usage,
+            finish_reason=finish_reason,
+        )

@@ -1,0 +1,227 @@
+"""OpenAI (and any OpenAI-compatible server) through the ``openai`` SDK.
+
+Both the Chat Completions API (default) and the Responses API
+(``call.api == "responses"``) are streamed. The SDK's own retries are off
+(``max_retries=0``): every attempt is a Temporal attempt, visible in history.
+
+A stream counts as complete only when its terminal event arrived: a
+``finish_reason`` on Chat Completions, ``response.completed`` or
+``response.incomplete`` on Responses. Anything else is a cut stream and is
+retryable, never a truncated success.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from openai import AsyncOpenAI, omit
+from openai.types.chat import ChatCompletionMessageParam
+from openai.types.responses import ResponseInputParam
+
+from llmmixer.activities.contracts import ErrorType, LlmCall, Usage
+from llmmixer.activities.providers.base import (
+    ProviderConfig,
+    ProviderError,
+    ProviderResult,
+    TextCallback,
+)
+from llmmixer.activities.providers.errors import (
+    cut_stream_error,
+    map_openai_error,
+    missing_key_error,
+    refusal_error,
+    stream_reported_error,
+)
+from llmmixer.activities.providers.settings import DEFAULT_BASE_URLS
+from llmmixer.activities.providers.structured import enforce_response_format
+
+__all__ = ["OpenAIAdapter"]
+
+# Local OpenAI-compatible servers (Ollama, vLLM) ignore the key but the SDK
+# insists on one; this placeholder is only used when a base_url is set.
+NO_KEY_PLACEHOLDER = "not-needed"
+
+
+class OpenAIAdapter:
+    """Streams calls to OpenAI's Chat Completions or Responses API."""
+
+    provider = "openai"
+
+    def __init__(self, config: ProviderConfig, *, secrets: Iterable[str] = ()) -> None:
+        key = config.api_key
+        if not key:
+            if not config.base_url:
+                raise missing_key_error("openai")
+            key = NO_KEY_PLACEHOLDER
+        self._config = config
+        self._secrets: tuple[str, ...] = tuple(s for s in (config.api_key, *secrets) if s)
+        # The official endpoint knows ``max_completion_tokens`` (and o-series
+        # models refuse ``max_tokens``); compatible servers mostly know only
+        # ``max_tokens``.
+        self._official = not config.base_url or config.base_url.rstrip("/") == DEFAULT_BASE_URLS[
+            "openai"
+        ].rstrip("/")
+        self._client = AsyncOpenAI(
+            api_key=key,
+            base_url=config.base_url or DEFAULT_BASE_URLS["openai"],
+            timeout=config.timeout_s,
+            max_retries=0,
+        )
+
+    async def aclose(self) -> None:
+        await self._client.close()
+
+    async def complete(self, call: LlmCall, on_text: TextCallback) -> ProviderResult:
+        try:
+            if call.api == "responses":
+                result = await self._responses(call, on_text)
+            else:
+                result = await self._chat(call, on_text)
+        except ProviderError:
+            raise
+        except Exception as exc:
+            raise map_openai_error(exc, self._secrets, timeout_s=self._config.timeout_s) from exc
+        return enforce_response_format(call, result)
+
+    # --- Chat Completions --------------------------------------------------------------
+
+    async def _chat(self, call: LlmCall, on_text: TextCallback) -> ProviderResult:
+        messages: list[ChatCompletionMessageParam] = []
+        if call.system:
+            messages.append({"role": "system", "content": call.system})
+        for m in call.messages:
+            if m.role == "assistant":
+                messages.append({"role": "assistant", "content": m.content})
+            else:
+                messages.append({"role": "user", "content": m.content})
+        response_format: Any = omit
+        if call.response_format == "json":
+            if call.json_schema is not None:
+                response_format = {
+                    "type": "json_schema",
+                    "json_schema": {"name": "output", "schema": call.json_schema},
+                }
+            else:
+                response_format = {"type": "json_object"}
+        limit = call.max_tokens if call.max_tokens is not None else omit
+        stream = await self._client.chat.completions.create(
+            model=call.model,
+            messages=messages,
+            stream=True,
+            stream_options={"include_usage": True},
+            max_completion_tokens=limit if self._official else omit,
+            max_tokens=omit if self._official else limit,
+            temperature=call.temperature if call.temperature is not None else omit,
+            top_p=call.top_p if call.top_p is not None else omit,
+            stop=list(call.stop) if call.stop else omit,
+            response_format=response_format,
+            extra_body=call.provider_options or None,
+        )
+        parts: list[str] = []
+        finish_reason: str | None = None
+        usage = Usage()
+        response_model: str | None = None
+        async with stream:
+            async for chunk in stream:
+                response_model = chunk.model or response_model
+                if chunk.usage is not None:
+                    usage = Usage(
+                        input_tokens=chunk.usage.prompt_tokens or 0,
+                        output_tokens=chunk.usage.completion_tokens or 0,
+                    )
+                for choice in chunk.choices:
+                    if choice.index != 0:
+                        continue
+                    delta = choice.delta.content if choice.delta is not None else None
+                    if delta:
+                        parts.append(delta)
+                        on_text(delta)
+                    if choice.finish_reason:
+                        finish_reason = choice.finish_reason
+        if finish_reason is None:
+            raise cut_stream_error("openai", call.model, "a finish_reason")
+        if finish_reason == "content_filter":
+            raise refusal_error("openai", call.model, finish_reason)
+        return ProviderResult(
+            text="".join(parts),
+            response_model=response_model,
+            usage=usage,
+            finish_reason=finish_reason,
+        )
+
+    # --- Responses ---------------------------------------------------------------------
+
+    async def _responses(self, call: LlmCall, on_text: TextCallback) -> ProviderResult:
+        if call.stop:
+            raise ProviderError(
+                ErrorType.REJECTED,
+                "the OpenAI Responses API has no stop sequences: remove `stop` from the step "
+                "or use `api: chat`",
+            )
+        items: ResponseInputParam = [
+            {"role": "assistant" if m.role == "assistant" else "user", "content": m.content}
+            for m in call.messages
+        ]
+        text_config: Any = omit
+        if call.response_format == "json":
+            if call.json_schema is not None:
+                text_config = {
+                    "format": {"type": "json_schema", "name": "output", "schema": call.json_schema}
+                }
+            else:
+                text_config = {"format": {"type": "json_object"}}
+        stream = await self._client.responses.create(
+            model=call.model,
+            input=items,
+            instructions=call.system if call.system else omit,
+            stream=True,
+            # Nothing is kept server-side: the workflow's history is the record.
+            store=False,
+            max_output_tokens=call.max_tokens if call.max_tokens is not None else omit,
+            temperature=call.temperature if call.temperature is not None else omit,
+            top_p=call.top_p if call.top_p is not None else omit,
+            text=text_config,
+            extra_body=call.provider_options or None,
+        )
+        parts: list[str] = []
+        finish_reason: str | None = None
+        usage = Usage()
+        response_model: str | None = None
+        async with stream:
+            async for event in stream:
+                if event.type == "response.output_text.delta":
+                    if event.delta:
+                        parts.append(event.delta)
+                        on_text(event.delta)
+                elif event.type in ("response.completed", "response.incomplete"):
+                    response = event.response
+                    response_model = response.model or response_model
+                    if response.usage is not None:
+                        usage = Usage(
+                            input_tokens=response.usage.input_tokens or 0,
+                            output_tokens=response.usage.output_tokens or 0,
+                        )
+                    if event.type == "response.completed":
+                        finish_reason = "stop"
+                    else:
+                        details = response.incomplete_details
+                        finish_reason = (details.reason if details else None) or "incomplete"
+                elif event.type == "response.failed":
+                    err = event.response.error
+                    detail = f"{err.code}: {err.message}" if err else "no details given"
+                    raise stream_reported_error("openai", detail, self._secrets)
+                elif event.type == "error":
+                    raise stream_reported_error(
+                        "openai", f"{event.code}: {event.message}", self._secrets
+                    )
+        if finish_reason is None:
+            raise cut_stream_error("openai", call.model, "response.completed")
+        if finish_reason == "content_filter":
+            raise refusal_error("openai", call.model, finish_reason)
+        return ProviderResult(
+            text="".join(parts),
+            response_model=response_model,
+            usage=usage,
+            finish_reason=finish_reason,
+        )
