@@ -112,6 +112,20 @@ _ANSI_RE = re.compile(
 )
 # What a terminal would not show as text. Tab and newline stay; \r is handled
 # before this runs.
+# The start of a sequence cut off by the end of a read.
+_ANSI_UNFINISHED_RE = re.compile(
+    r"""
+    \x1b(?:
+        \][^\x07\x1b]*\x1b?                   # OSC, maybe the ESC of its ST
+      | [PX^_][^\x1b]*\x1b?                   # DCS / SOS / PM / APC
+      | \[[0-?]*[ -/]*                        # CSI
+      | [ -/]*                                # nF, or a lone ESC
+    )
+  | \x9b[0-?]*[ -/]*
+    """,
+    re.VERBOSE,
+)
+_CR_RUN_LF_RE = re.compile(r"\r+\n")
 _CONTROL_RE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 # A sequence may be cut by a read boundary; hold back an unfinished one up to
 # this length (long OSC hyperlinks) before giving up and emitting it stripped.
@@ -121,7 +135,9 @@ _MAX_PENDING_ESCAPE = 4096
 def clean_terminal_text(text: str) -> str:
     """Strip ANSI sequences and control characters, normalise line endings."""
     text = _ANSI_RE.sub("", text)
-    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    # A pty turns "\n" into "\r\n", so a program's own "\r\n" arrives as
+    # "\r\r\n": any run of "\r" before "\n" is one line ending.
+    text = _CR_RUN_LF_RE.sub("\n", text).replace("\r", "\n")
     return _CONTROL_RE.sub("", text)
 
 
@@ -142,9 +158,13 @@ class _TextCleaner:
         self._pending = ""
         cut = len(text)
         esc = max(text.rfind("\x1b"), text.rfind("\x9b"))
-        if esc >= 0 and _ANSI_RE.match(text, esc) is None and len(text) - esc < _MAX_PENDING_ESCAPE:
+        if (
+            esc >= 0
+            and len(text) - esc < _MAX_PENDING_ESCAPE
+            and _ANSI_UNFINISHED_RE.fullmatch(text, esc) is not None
+        ):
             cut = esc
-        if cut > 0 and text[cut - 1] == "\r":
+        while cut > 0 and text[cut - 1] == "\r":
             cut -= 1  # "\r" then "\n" in the next chunk is one line ending
         self._pending = text[cut:]
         return clean_terminal_text(text[:cut])

@@ -1,0 +1,254 @@
+"""The command runner without Temporal, in both terminal modes.
+
+Test programs are small Python scripts run with ``sys.executable`` so nothing
+depends on what else the machine has installed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import sys
+from pathlib import Path
+
+import pytest
+from fakes.processes import SPAWN_TREE, open_fds, pid_alive, pids_in, wait_gone
+
+from llmmixer.activities.contracts import CommandCall, RespondRule
+from llmmixer.activities.terminal import (
+    CommandRefusedError,
+    TerminalMode,
+    _TextCleaner,
+    bound_text,
+    clean_terminal_text,
+    run_command,
+)
+
+pytestmark = pytest.mark.timeout(60)
+
+MODES: list[TerminalMode] = ["pty", "pipe"]
+
+
+def py(script: str, *args: str, **fields: object) -> CommandCall:
+    return CommandCall(
+        workflow_id="wf",
+        step_id="step",
+        argv=[sys.executable, "-c", script, *args],
+        **fields,  # type: ignore[arg-type]
+    )
+
+
+PROCEED = r"""
+import sys
+sys.stdout.write("Proceed? [y/N] ")
+sys.stdout.flush()
+answer = sys.stdin.readline().strip()
+print("answered", repr(answer))
+sys.exit(0 if answer == "y" else 1)
+"""
+
+
+@pytest.fixture(params=MODES)
+def mode(request: pytest.FixtureRequest) -> TerminalMode:
+    return request.param  # type: ignore[no-any-return]
+
+
+async def test_prompt_is_answered(mode: TerminalMode) -> None:
+    call = py(PROCEED, respond=[RespondRule(expect=r"Proceed\? \[y/N\]", send="y\n")])
+    outcome = await run_command(call, mode=mode)
+    assert outcome.exit_code == 0, outcome.output
+    assert "answered 'y'" in outcome.output
+    assert outcome.mode == mode
+    assert not outcome.timed_out
+
+
+async def test_colour_codes_stripped_and_line_endings_normalised(mode: TerminalMode) -> None:
+    script = (
+        "import sys\n"
+        r"sys.stdout.write('\x1b[1;31mred\x1b[0m \x1b]0;title\x07plain\r\n')" + "\n"
+        r"sys.stdout.write('\x1b[2K\x1b[1Gprogress\rdone\n')"
+    )
+    outcome = await run_command(py(script), mode=mode)
+    assert outcome.output == "red plain\nprogress\ndone\n"
+    assert "\x1b" not in outcome.output and "\r" not in outcome.output
+
+
+async def test_times_limits_how_often_a_rule_fires(mode: TerminalMode) -> None:
+    # Asks three times; an unanswered question gives up after 1 s.
+    script = r"""
+import select, sys
+for i in range(3):
+    sys.stdout.write(f"Again {i}? ")
+    sys.stdout.flush()
+    ready, _, _ = select.select([sys.stdin], [], [], 1.0)
+    print("yes" if ready and sys.stdin.readline().strip() == "y" else "unanswered")
+"""
+    call = py(script, respond=[RespondRule(expect=r"Again \d\?", send="y\n", times=2)])
+    outcome = await run_command(call, mode=mode)
+    assert outcome.exit_code == 0
+    assert outcome.output.count("yes") == 2, outcome.output
+    assert outcome.output.count("unanswered") == 1
+
+
+async def test_rule_matches_only_output_after_its_last_match(mode: TerminalMode) -> None:
+    # Both prompts arrive in one chunk: the rule fires once per prompt, not
+    # once per chunk, and never twice on the same text.
+    script = r"""
+import sys
+sys.stdout.write("Q? Q? ")
+sys.stdout.flush()
+print(repr(sys.stdin.readline()), repr(sys.stdin.readline()))
+"""
+    call = py(script, respond=[RespondRule(expect=r"Q\?", send="a\n")], timeout_s=10)
+    outcome = await run_command(call, mode=mode)
+    assert "'a\\n' 'a\\n'" in outcome.output
+
+
+@pytest.mark.parametrize("stubborn", [False, True], ids=["polite", "ignores-sigterm"])
+async def test_timeout_kills_child_and_grandchild(mode: TerminalMode, stubborn: bool) -> None:
+    args = ["stubborn"] if stubborn else []
+    call = py(SPAWN_TREE, *args, timeout_s=2.0)
+    outcome = await run_command(call, mode=mode, kill_grace_s=0.5)
+    assert outcome.timed_out
+    child, grandchild = pids_in(outcome.output)
+    assert child == outcome.pid
+    assert await wait_gone([child, grandchild], timeout_s=3) == []
+    assert outcome.exit_code is not None and outcome.exit_code < 0  # killed by a signal
+
+
+async def test_cancellation_kills_the_group_and_reraises(mode: TerminalMode) -> None:
+    seen: list[str] = []
+    task = asyncio.create_task(
+        run_command(py(SPAWN_TREE, timeout_s=60), mode=mode, on_output=seen.append)
+    )
+    for _ in range(200):
+        if "PIDS" in "".join(seen):
+            break
+        await asyncio.sleep(0.05)
+    child, grandchild = pids_in("".join(seen))
+    assert pid_alive(child) and pid_alive(grandchild)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert await wait_gone([child, grandchild], timeout_s=3) == []
+
+
+async def test_background_process_left_behind_is_killed(mode: TerminalMode) -> None:
+    # The command "succeeds" but leaves a sleeper in its group holding the
+    # output open: it must not outlive the step.
+    script = r"""
+import os, subprocess, sys
+p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+print("PIDS", p.pid, flush=True)
+os._exit(0)
+"""
+    outcome = await run_command(py(script, timeout_s=30), mode=mode, kill_grace_s=0.5)
+    assert outcome.exit_code == 0
+    assert not outcome.timed_out
+    assert await wait_gone(pids_in(outcome.output), timeout_s=3) == []
+
+
+async def test_output_flood_is_truncated_head_marker_tail(mode: TerminalMode) -> None:
+    script = r"""
+import sys
+sys.stdout.write("HEAD\n")
+for i in range(20000):
+    sys.stdout.write(f"line {i:06d} " + "x" * 40 + "\n")
+sys.stdout.write("TAIL\n")
+"""
+    outcome = await run_command(py(script, max_output_bytes=10_000), mode=mode)
+    assert outcome.exit_code == 0
+    assert outcome.truncated and outcome.truncated_bytes > 900_000
+    assert outcome.output.startswith("HEAD\nline 000000 ")
+    assert outcome.output.endswith("TAIL\n")
+    marker = re.search(r"\n\[\.\.\. (\d+) bytes truncated \.\.\.\]\n", outcome.output)
+    assert marker and int(marker.group(1)) == outcome.truncated_bytes
+    assert len(outcome.output.encode()) < 10_000 + 100
+
+
+async def test_argv_is_never_run_through_a_shell(mode: TerminalMode, tmp_path: Path) -> None:
+    victim = tmp_path / "x"
+    victim.mkdir()
+    hostile = f"; rm -rf {victim}"
+    outcome = await run_command(
+        py("import sys; print('ARG', repr(sys.argv[1]), len(sys.argv))", hostile), mode=mode
+    )
+    assert f"ARG {hostile!r} 2" in outcome.output
+    assert victim.is_dir()
+
+
+async def test_stdin_text_is_written_then_input_ends(mode: TerminalMode) -> None:
+    script = "import sys; data = sys.stdin.read(); print('GOT', repr(data))"
+    outcome = await run_command(py(script, stdin="hello\nworld\n", timeout_s=10), mode=mode)
+    assert outcome.exit_code == 0
+    assert "GOT 'hello\\nworld\\n'" in outcome.output
+
+
+async def test_exit_codes_are_reported(mode: TerminalMode) -> None:
+    outcome = await run_command(py("import sys; print('bye'); sys.exit(3)"), mode=mode)
+    assert outcome.exit_code == 3
+    assert outcome.output == "bye\n"
+
+
+async def test_env_and_cwd_reach_the_child(mode: TerminalMode, tmp_path: Path) -> None:
+    script = "import os; print(os.getcwd(), os.environ['STEP_VAR'])"
+    call = py(script, env={"STEP_VAR": "from-step"}, cwd=str(tmp_path))
+    outcome = await run_command(call, mode=mode)
+    assert outcome.output.strip() == f"{tmp_path.resolve()} from-step"
+
+
+async def test_no_file_descriptor_leaks(mode: TerminalMode) -> None:
+    def ours(fds: set[str]) -> set[str]:
+        return {fd for fd in fds if "pipe:" in fd or "ptmx" in fd or "/dev/pts" in fd}
+
+    before = ours(open_fds())
+    await run_command(py("print('hi')"), mode=mode)
+    await run_command(py(PROCEED, respond=[RespondRule(expect="Proceed", send="y\n")]), mode=mode)
+    await run_command(py(SPAWN_TREE, timeout_s=1.0), mode=mode, kill_grace_s=0.2)
+    task = asyncio.create_task(run_command(py(SPAWN_TREE, timeout_s=60), mode=mode))
+    await asyncio.sleep(0.5)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    with pytest.raises(CommandRefusedError):
+        await run_command(py("", respond=[RespondRule(expect="(", send="")]), mode=mode)
+    assert ours(open_fds()) - before == set()
+
+
+async def test_missing_program_is_refused(mode: TerminalMode) -> None:
+    call = CommandCall(workflow_id="wf", step_id="s", argv=["no-such-program-llmmixer"])
+    with pytest.raises(CommandRefusedError, match="not found on the worker's PATH"):
+        await run_command(call, mode=mode)
+
+
+async def test_on_output_sees_cleaned_deltas(mode: TerminalMode) -> None:
+    seen: list[str] = []
+    script = r"import sys; print('\x1b[32mone\x1b[0m'); sys.stdout.flush(); print('two')"
+    outcome = await run_command(py(script), mode=mode, on_output=seen.append)
+    assert "".join(seen) == outcome.output == "one\ntwo\n"
+
+
+async def test_a_failing_output_sink_does_not_break_the_command(mode: TerminalMode) -> None:
+    def broken(_: str) -> None:
+        raise RuntimeError("sink down")
+
+    outcome = await run_command(py("print('fine')"), mode=mode, on_output=broken)
+    assert outcome.exit_code == 0 and outcome.output == "fine\n"
+
+
+def test_cleaner_handles_sequences_split_across_reads() -> None:
+    cleaner = _TextCleaner()
+    parts = [b"a\x1b[3", b"1mb\r", b"\nc\xe2\x82", b"\xac\x1b]8;;http://x", b"\x07d\r"]
+    text = "".join(cleaner.feed(part) for part in parts) + cleaner.flush()
+    assert text == "ab\nc€d\n"
+
+
+def test_clean_terminal_text_drops_control_characters() -> None:
+    assert clean_terminal_text("a\x07b\x1b(Bc\tz\x00") == "abc\tz"
+
+
+def test_bound_text_keeps_short_text_whole() -> None:
+    assert bound_text("short", 100) == "short"
+    cut = bound_text("a" * 50 + "b" * 50, 20)
+    assert cut.startswith("a" * 10) and cut.endswith("b" * 10)
+    assert "[... 80 bytes truncated ...]" in cut
