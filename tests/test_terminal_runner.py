@@ -190,11 +190,16 @@ async def test_exit_codes_are_reported(mode: TerminalMode) -> None:
     assert outcome.output == "bye\n"
 
 
-async def test_env_and_cwd_reach_the_child(mode: TerminalMode, tmp_path: Path) -> None:
+@pytest.fixture
+def real_tmp(tmp_path: Path) -> Path:
+    return tmp_path.resolve()
+
+
+async def test_env_and_cwd_reach_the_child(mode: TerminalMode, real_tmp: Path) -> None:
     script = "import os; print(os.getcwd(), os.environ['STEP_VAR'])"
-    call = py(script, env={"STEP_VAR": "from-step"}, cwd=str(tmp_path))
+    call = py(script, env={"STEP_VAR": "from-step"}, cwd=str(real_tmp))
     outcome = await run_command(call, mode=mode)
-    assert outcome.output.strip() == f"{tmp_path.resolve()} from-step"
+    assert outcome.output.strip() == f"{real_tmp} from-step"
 
 
 async def test_no_file_descriptor_leaks(mode: TerminalMode) -> None:
