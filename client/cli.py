@@ -1,0 +1,392 @@
+"""The ``llmmixer`` command line (CONTRACT 7).
+
+Exit status: 0 completed, 1 failed or cancelled (or an operation that could
+not be done), 2 invalid spec or usage, 3 waiting for a person.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from temporalio.client import WorkflowExecutionStatus
+from temporalio.service import RPCError
+
+from llmmixer.client.display import ProgressView, progress_table, unblock_hints
+from llmmixer.client.local import TemporalUnreachable, temporal_for_run
+from llmmixer.client.mixer import InterventionRefused, MixerClient, MixerHandle, RunFailed
+from llmmixer.client.specfile import parse_inputs, prepare_spec, read_spec
+from llmmixer.workers.connection import Connection
+from llmmixer.workers.devserver import EmbeddedServerError
+from llmmixer.workflows.records import RunProgress, RunStatus
+from llmmixer.workflows.validation import SpecError, validate_spec
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_WAITING = 0, 1, 2, 3
+_POLL_S = 0.5
+_CLOSED = {
+    WorkflowExecutionStatus.COMPLETED,
+    WorkflowExecutionStatus.FAILED,
+    WorkflowExecutionStatus.CANCELED,
+    WorkflowExecutionStatus.TERMINATED,
+    WorkflowExecutionStatus.TIMED_OUT,
+}
+
+
+def _err(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# ---- validate -------------------------------------------------------------------
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    try:
+        body = read_spec(args.spec)
+        if args.input:
+            body.setdefault("inputs", {}).update(parse_inputs(args.input))
+        spec = validate_spec(body)
+    except SpecError as error:
+        for issue in error.issues:
+            _err(str(issue))
+        return EXIT_USAGE
+    print(f"{args.spec}: valid ({len(spec.steps)} steps)")
+    return EXIT_OK
+
+
+# ---- run / watch ----------------------------------------------------------------
+
+
+async def cmd_run(args: argparse.Namespace) -> int:
+    try:
+        body, spec = prepare_spec(args.spec, inputs=parse_inputs(args.input), dry_run=args.dry_run)
+    except SpecError as error:
+        for issue in error.issues:
+            _err(str(issue))
+        return EXIT_USAGE
+    connection = Connection.from_env()
+    async with temporal_for_run(
+        connection, allow_embedded=not args.detach, want_worker=not args.detach
+    ) as stack:
+        mixer = MixerClient(stack.client, connection.task_queue)
+        handle = await mixer.start(body, workflow_id=args.id)
+        _err(f"started {handle.id} ({spec.name}, {len(spec.steps)} steps)")
+        if args.detach:
+            print(handle.id)
+            return EXIT_OK
+        code = await _follow(handle, stop_when_waiting=True)
+        if code == EXIT_WAITING and stack.embedded is not None:
+            _err(
+                "The run is saved; it continues once a person acts and a worker runs: "
+                "start `llmmixer dev` (same LLMMIXER_HOME), then use the commands above."
+            )
+        return code
+
+
+async def cmd_watch(args: argparse.Namespace) -> int:
+    mixer = await MixerClient.connect()
+    return await _follow(mixer.get_handle(args.id), stop_when_waiting=False)
+
+
+async def _follow(handle: MixerHandle, *, stop_when_waiting: bool) -> int:
+    """Show progress until the run ends (or, for `run`, waits for a person)."""
+    progress: RunProgress | None = None
+    hinted = False
+    with ProgressView(handle.id) as view:
+        while True:
+            description = await handle.temporal.describe()
+            closed = description.status in _CLOSED
+            try:
+                progress = await handle.progress()
+            except RPCError:
+                if not closed:
+                    raise
+                progress = None
+            if progress is not None:
+                view.update(progress)
+            if closed:
+                break
+            if progress is not None and progress.needs_person:
+                if stop_when_waiting:
+                    break
+                if not hinted:
+                    for line in unblock_hints(handle.id, progress):
+                        _err(line)
+                    hinted = True
+            else:
+                hinted = False
+            await asyncio.sleep(_POLL_S)
+    return await _report_end(handle, progress)
+
+
+async def _report_end(handle: MixerHandle, progress: RunProgress | None) -> int:
+    description = await handle.temporal.describe()
+    if description.status == WorkflowExecutionStatus.COMPLETED:
+        result = await handle.result()
+        print(result.output or "")
+        return EXIT_OK
+    if description.status in _CLOSED:
+        try:
+            await handle.result()
+        except RunFailed as error:
+            _err(f"run {handle.id} {description.status.name.lower()}: {error}")
+        return EXIT_FAILED
+    assert progress is not None
+    _err(f"run {handle.id} is waiting for a person:")
+    for line in unblock_hints(handle.id, progress):
+        _err(line)
+    return EXIT_WAITING
+
+
+# ---- status / list / cancel -------------------------------------------------------
+
+
+async def cmd_status(args: argparse.Namespace) -> int:
+    mixer = await MixerClient.connect()
+    handle = mixer.get_handle(args.id)
+    progress = await handle.progress()
+    if args.json:
+        print(progress.model_dump_json(indent=2))
+    else:
+        from rich.console import Console
+
+        Console().print(progress_table(handle.id, progress))
+        for line in unblock_hints(handle.id, progress):
+            print(line)
+        if progress.error:
+            print(f"error: {progress.error}")
+    return {
+        RunStatus.COMPLETED: EXIT_OK,
+        RunStatus.WAITING: EXIT_WAITING,
+        RunStatus.RUNNING: EXIT_OK,
+    }.get(progress.status, EXIT_FAILED)
+
+
+async def cmd_list(args: argparse.Namespace) -> int:
+    mixer = await MixerClient.connect()
+    query = 'WorkflowType="MixerWorkflow"'
+    count = 0
+    async for execution in mixer.temporal.list_workflows(query, limit=args.limit):
+        status = execution.status.name.lower() if execution.status else "unknown"
+        started = execution.start_time.strftime("%Y-%m-%d %H:%M:%S")
+        print(f"{execution.id}\t{status}\t{started}")
+        count += 1
+    if count == 0:
+        _err("no runs yet: start one with `llmmixer run SPEC`")
+    return EXIT_OK
+
+
+async def cmd_cancel(args: argparse.Namespace) -> int:
+    mixer = await MixerClient.connect()
+    handle = mixer.get_handle(args.id)
+    await handle.cancel()
+    print(f"cancellation requested for {args.id}: running steps are being stopped")
+    return EXIT_OK
+
+
+# ---- interventions ----------------------------------------------------------------
+
+
+async def cmd_intervene(args: argparse.Namespace) -> int:
+    mixer = await MixerClient.connect()
+    handle = mixer.get_handle(args.id)
+    action: Callable[..., Awaitable[Any]]
+    kwargs: dict[str, Any] = {}
+    if args.command == "retry":
+        action, kwargs = handle.retry, {"prompt": args.prompt}
+    elif args.command == "skip":
+        action, kwargs = handle.skip, {"reason": args.reason}
+    elif args.command == "override":
+        action, kwargs = handle.override, {"output": args.output}
+    elif args.command == "approve":
+        action, kwargs = handle.approve, {"comment": args.comment}
+    else:
+        action, kwargs = handle.reject, {"reason": args.reason}
+    try:
+        outcome = await action(args.step, **kwargs)
+    except InterventionRefused as error:
+        _err(f"refused: {error}")
+        return EXIT_FAILED
+    print(f"{args.command} {args.step}: {outcome.message} (now {outcome.status.value})")
+    return EXIT_OK
+
+
+# ---- dev / worker -----------------------------------------------------------------
+
+
+async def cmd_dev(args: argparse.Namespace) -> int:
+    from llmmixer.workers.address import parse_address
+    from llmmixer.workers.devserver import EmbeddedServer
+    from llmmixer.workers.home import llmmixer_home
+    from llmmixer.workers.worker import mixer_worker, run_until_signalled
+
+    connection = Connection.from_env()
+    host, port = parse_address(connection.address)
+    server = EmbeddedServer(host=host, port=port, ui_port=args.ui_port, home=llmmixer_home())
+    async with server:
+        _err(f"Temporal dev server on {server.address} · Web UI {server.ui_url}")
+        _err(f"data: {server.db_path} · Ctrl-C stops server and worker")
+        client = await connection.connect()
+        async with mixer_worker(client) as worker:
+            await run_until_signalled(worker)
+    return EXIT_OK
+
+
+async def cmd_worker(args: argparse.Namespace) -> int:
+    from llmmixer.workers.health import HealthServer, ReadinessState, health_port_from_env
+    from llmmixer.workers.worker import mixer_worker, run_until_signalled
+
+    connection = Connection.from_env()
+    health_port = args.health_port if args.health_port is not None else health_port_from_env()
+    readiness = ReadinessState(f"connecting to Temporal at {connection.address}")
+    async with contextlib_health(health_port, readiness, HealthServer):
+        try:
+            client = await connection.connect()
+        except RuntimeError as error:
+            _err(f"cannot reach Temporal at {connection.address}: {error}")
+            return EXIT_FAILED
+        async with mixer_worker(client) as worker:
+            readiness.set_ready()
+            _err(f"worker polling {connection.task_queue!r} on {connection.address}")
+            await run_until_signalled(worker)
+            readiness.set_not_ready("shutting down")
+    return EXIT_OK
+
+
+class contextlib_health:
+    """The health server when a port is configured, otherwise nothing."""
+
+    def __init__(self, port: int | None, readiness: Any, server_type: Any) -> None:
+        self._server = server_type(host="0.0.0.0", port=port, readiness=readiness) if port else None
+
+    async def __aenter__(self) -> None:
+        if self._server is not None:
+            await self._server.start()
+            _err(f"health: http://0.0.0.0:{self._server.port}/healthz and /readyz")
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._server is not None:
+            await self._server.stop()
+
+
+# ---- doctor -----------------------------------------------------------------------
+
+
+async def cmd_doctor(args: argparse.Namespace) -> int:
+    from llmmixer.client.doctor import run_doctor
+
+    return await run_doctor(json_output=args.json)
+
+
+# ---- parser -----------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="llmmixer", description="Durable multi-LLM workflows on Temporal."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    dev = sub.add_parser("dev", help="embedded Temporal dev server (SQLite, Web UI) + worker")
+    dev.add_argument("--ui-port", type=int, default=None, help="Web UI port (default: port+1000)")
+    worker = sub.add_parser("worker", help="a worker against TEMPORAL_ADDRESS")
+    worker.add_argument("--health-port", type=int, default=None, help="serve /healthz, /readyz")
+
+    validate = sub.add_parser("validate", help="check a spec; one error per line, exit 2")
+    validate.add_argument("spec")
+    validate.add_argument("--input", action="append", default=[], metavar="KEY=VALUE")
+
+    run = sub.add_parser("run", help="run a spec and show its progress")
+    run.add_argument("spec")
+    run.add_argument(
+        "--input",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="set an input (value @file reads a file)",
+    )
+    run.add_argument("--id", default=None, help="workflow id (default: NAME-random)")
+    run.add_argument("--detach", action="store_true", help="start and return (needs a server)")
+    run.add_argument(
+        "--dry-run", action="store_true", help="answer every provider call offline; no key needed"
+    )
+
+    for name, help_text in (
+        ("status", "a run's steps and how to unblock them"),
+        ("watch", "follow a run live"),
+        ("cancel", "cancel a run"),
+    ):
+        command = sub.add_parser(name, help=help_text)
+        command.add_argument("id")
+        if name == "status":
+            command.add_argument("--json", action="store_true", help="print the progress JSON")
+    listing = sub.add_parser("list", help="recent runs")
+    listing.add_argument("--limit", type=int, default=50)
+
+    for name, extra in (
+        ("retry", "--prompt"),
+        ("skip", "--reason"),
+        ("override", "--output"),
+        ("approve", "--comment"),
+        ("reject", "--reason"),
+    ):
+        command = sub.add_parser(name, help=f"{name} a step of a run")
+        command.add_argument("id")
+        command.add_argument("step")
+        command.add_argument(extra, required=(name == "override"), default=None)
+
+    doctor = sub.add_parser("doctor", help="what is installed, reachable and configured")
+    doctor.add_argument("--json", action="store_true")
+    return parser
+
+
+_ASYNC: dict[str, Callable[[argparse.Namespace], Awaitable[int]]] = {
+    "run": cmd_run,
+    "watch": cmd_watch,
+    "status": cmd_status,
+    "list": cmd_list,
+    "cancel": cmd_cancel,
+    "retry": cmd_intervene,
+    "skip": cmd_intervene,
+    "override": cmd_intervene,
+    "approve": cmd_intervene,
+    "reject": cmd_intervene,
+    "dev": cmd_dev,
+    "worker": cmd_worker,
+    "doctor": cmd_doctor,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    if args.command == "validate":
+        return cmd_validate(args)
+    try:
+        return asyncio.run(_ASYNC[args.command](args))
+    except KeyboardInterrupt:
+        _err("interrupted")
+        return 130
+    except (TemporalUnreachable, EmbeddedServerError) as error:
+        _err(str(error))
+        return EXIT_FAILED
+    except RPCError as error:
+        _err(f"Temporal refused the request: {error.message} ({error.status.name})")
+        return EXIT_FAILED
+    except RuntimeError as error:
+        if "connect" in str(error).lower():
+            _err(f"cannot reach Temporal: {error}. Start `llmmixer dev`, or set TEMPORAL_ADDRESS")
+            return EXIT_FAILED
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""``llmmixer doctor``: what is installed, reachable and configured; never a secret."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from typing import Any
+
+from llmmixer.activities.providers.settings import ProviderSettings
+from llmmixer.workers.address import is_listening, is_loopback, parse_address
+from llmmixer.workers.connection import Connection
+from llmmixer.workers.devserver import EmbeddedServerError, find_temporal_binary
+from llmmixer.workers.home import llmmixer_home
+
+AGENT_EXECUTABLES = {
+    "claude": "npm install -g @anthropic-ai/claude-code",
+    "codex": "npm install -g @openai/codex",
+    "gemini": "npm install -g @google/gemini-cli",
+    "git": "apt-get install git (or your OS's package manager)",
+}
+
+
+async def run_doctor(*, json_output: bool) -> int:
+    connection = Connection.from_env()
+    host, port = parse_address(connection.address)
+    listening = await is_listening(host, port)
+    checks = await asyncio.to_thread(_collect, connection, listening)
+    if json_output:
+        print(json.dumps(checks, indent=2))
+    else:
+        for item in checks:
+            mark = "ok  " if item["ok"] else "--  "
+            print(f"{mark}{item['check']:<22} {item['detail']}")
+    essential = {"python", "temporal CLI", "temporal server"}
+    return 0 if all(item["ok"] for item in checks if item["check"] in essential) else 1
+
+
+def _collect(connection: Connection, listening: bool) -> list[dict[str, Any]]:
+    checks: list[dict[str, Any]] = []
+    host, _ = parse_address(connection.address)
+
+    def check(name: str, ok: bool, detail: str) -> None:
+        checks.append({"check": name, "ok": ok, "detail": detail})
+
+    check("python", sys.version_info >= (3, 11), f"{platform.python_version()} at {sys.executable}")
+    try:
+        binary = find_temporal_binary()
+        version = subprocess.run(
+            [str(binary), "--version"], capture_output=True, text=True, timeout=20, check=False
+        ).stdout.strip()
+        check("temporal CLI", True, f"{binary} ({version})")
+    except (EmbeddedServerError, OSError, subprocess.TimeoutExpired) as error:
+        check("temporal CLI", False, str(error))
+
+    if listening:
+        detail = f"{connection.address} answers (namespace {connection.namespace})"
+    elif is_loopback(host):
+        detail = (
+            f"nothing at {connection.address}: `llmmixer run` will start the embedded server, "
+            "or run `llmmixer dev`"
+        )
+    else:
+        detail = f"nothing answers at {connection.address}: check TEMPORAL_ADDRESS and network"
+    check("temporal server", listening or is_loopback(host), detail)
+    check("task queue", True, connection.task_queue)
+    check("LLMMIXER_HOME", True, str(llmmixer_home()))
+
+    for provider, info in ProviderSettings.from_env(os.environ).describe().items():
+        key_state = "set" if info.get("key_set") else "NOT set"
+        check(
+            f"provider {provider}",
+            bool(info.get("key_set")),
+            f"{info.get('key_variable')} {key_state}; endpoint {info.get('base_url')}",
+        )
+
+    pty_ok = os.path.exists("/dev/ptmx")
+    try:
+        import ptyprocess  # noqa: F401
+    except ImportError:
+        pty_ok = False
+    check("pseudo-terminal", pty_ok, "ptyprocess + /dev/ptmx" if pty_ok else "pipe fallback")
+    for executable, install in AGENT_EXECUTABLES.items():
+        found = shutil.which(executable)
+        check(f"executable {executable}", bool(found), found or f"not found: {install}")
+
+    return checks

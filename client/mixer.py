@@ -1,0 +1,153 @@
+"""``MixerClient``: start, watch and steer llmmixer runs from Python (CONTRACT 9).
+
+    from llmmixer.client import MixerClient
+    mixer = await MixerClient.connect()
+    handle = await mixer.start(spec, inputs={"diff": diff}, workflow_id="review-1")
+    async for event in handle.events():
+        print(event.offset, event.type, event.step)
+    result = await handle.result()
+
+Every intervention goes through the validated update, so a refused one raises
+``InterventionRefused`` with the workflow's reason and changes nothing.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from temporalio.client import (
+    Client,
+    WorkflowFailureError,
+    WorkflowHandle,
+    WorkflowUpdateFailedError,
+)
+from temporalio.contrib.workflow_streams import WorkflowStreamClient
+
+from llmmixer.activities.contracts import EVENTS_TOPIC, MixerEvent
+from llmmixer.client.specfile import prepare_spec
+from llmmixer.workers.connection import Connection
+from llmmixer.workflows.mixer import WORKFLOW_NAME
+from llmmixer.workflows.records import (
+    InterventionOutcome,
+    InterventionRequest,
+    InterventionType,
+    RunProgress,
+)
+
+
+class InterventionRefused(Exception):
+    """The workflow refused an intervention (unknown step, wrong state); nothing changed."""
+
+
+class RunFailed(Exception):
+    """The run ended failed or cancelled; ``message`` says why."""
+
+
+class MixerClient:
+    def __init__(self, client: Client, task_queue: str) -> None:
+        self.temporal = client
+        self.task_queue = task_queue
+
+    @classmethod
+    async def connect(cls, connection: Connection | None = None) -> MixerClient:
+        """Connect with the contract's settings (TEMPORAL_ADDRESS, ..., LLMMIXER_TASK_QUEUE)."""
+        connection = connection or Connection.from_env()
+        return cls(await connection.connect(), connection.task_queue)
+
+    async def start(
+        self,
+        spec: Mapping[str, Any] | str | Path,
+        *,
+        inputs: Mapping[str, Any] | None = None,
+        workflow_id: str | None = None,
+        dry_run: bool = False,
+    ) -> MixerHandle:
+        """Validate ``spec`` (a mapping, YAML/JSON text or a file) and start a run.
+
+        Raises ``llmmixer.workflows.validation.SpecError`` listing every problem
+        before anything is started.
+        """
+        body, parsed = prepare_spec(spec, inputs=inputs, dry_run=dry_run)
+        workflow_id = workflow_id or f"{parsed.name}-{uuid.uuid4().hex[:8]}"
+        handle = await self.temporal.start_workflow(
+            WORKFLOW_NAME,
+            body,
+            id=workflow_id,
+            task_queue=self.task_queue,
+            static_summary=f"llmmixer: {parsed.name} ({len(parsed.steps)} steps)",
+        )
+        return MixerHandle(self, handle.id, handle.result_run_id)
+
+    def get_handle(self, workflow_id: str) -> MixerHandle:
+        return MixerHandle(self, workflow_id)
+
+
+class MixerHandle:
+    def __init__(self, mixer: MixerClient, workflow_id: str, run_id: str | None = None) -> None:
+        self.mixer = mixer
+        self.id = workflow_id
+        self._handle: WorkflowHandle[Any, RunProgress] = mixer.temporal.get_workflow_handle(
+            workflow_id, run_id=run_id, result_type=RunProgress
+        )
+
+    @property
+    def temporal(self) -> WorkflowHandle[Any, RunProgress]:
+        return self._handle
+
+    async def progress(self) -> RunProgress:
+        return await self._handle.query("progress", result_type=RunProgress)
+
+    async def result(self) -> RunProgress:
+        """The final record; raises ``RunFailed`` when the run failed or was cancelled."""
+        try:
+            return await self._handle.result()
+        except WorkflowFailureError as error:
+            cause = error.cause
+            message = getattr(cause, "message", None) or str(cause or error)
+            raise RunFailed(message) from error
+
+    async def cancel(self) -> None:
+        await self._handle.cancel()
+
+    async def retry(self, step: str, prompt: str | None = None) -> InterventionOutcome:
+        return await self._intervene("retry", InterventionRequest(step=step, prompt=prompt))
+
+    async def skip(self, step: str, reason: str | None = None) -> InterventionOutcome:
+        return await self._intervene("skip", InterventionRequest(step=step, reason=reason))
+
+    async def override(self, step: str, output: str) -> InterventionOutcome:
+        return await self._intervene("override", InterventionRequest(step=step, output=output))
+
+    async def approve(self, step: str, comment: str | None = None) -> InterventionOutcome:
+        return await self._intervene("approve", InterventionRequest(step=step, comment=comment))
+
+    async def reject(self, step: str, reason: str | None = None) -> InterventionOutcome:
+        return await self._intervene("reject", InterventionRequest(step=step, reason=reason))
+
+    async def _intervene(
+        self, action: InterventionType, request: InterventionRequest
+    ) -> InterventionOutcome:
+        try:
+            return await self._handle.execute_update(
+                f"{action}_step", request, result_type=InterventionOutcome
+            )
+        except WorkflowUpdateFailedError as error:
+            cause = error.cause
+            raise InterventionRefused(getattr(cause, "message", None) or str(cause)) from error
+
+    async def events(self, from_offset: int = 0) -> AsyncIterator[MixerEvent]:
+        """Every event from ``from_offset`` (inclusive), each exactly once, live.
+
+        Ends once the run has closed and every event was read; resume after a
+        disconnect by passing the last offset seen plus one.
+        """
+        stream = WorkflowStreamClient.create(self.mixer.temporal, self.id)
+        async for item in stream.subscribe(
+            [EVENTS_TOPIC], from_offset=from_offset, result_type=MixerEvent
+        ):
+            event = item.data
+            event.offset = item.offset
+            yield event

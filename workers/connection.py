@@ -1,0 +1,64 @@
+"""How every part of llmmixer reaches Temporal (CONTRACT 3).
+
+Temporal's own conventions through ``temporalio.envconfig``: ``TEMPORAL_ADDRESS``,
+``TEMPORAL_NAMESPACE``, ``TEMPORAL_API_KEY``, TLS settings and profiles. One
+data converter for client and worker, so both read each other's payloads.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from temporalio.client import Client
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.converter import DataConverter
+from temporalio.envconfig import ClientConfig
+
+DEFAULT_ADDRESS = "localhost:7233"
+DEFAULT_NAMESPACE = "default"
+DEFAULT_TASK_QUEUE = "llmmixer"
+
+
+@dataclass(frozen=True)
+class Connection:
+    """Resolved connection settings; ``api_key`` is never printed."""
+
+    address: str
+    namespace: str
+    task_queue: str
+    # May hold TEMPORAL_API_KEY: kept out of repr so it is never logged.
+    connect_kwargs: Mapping[str, Any] = field(repr=False)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Connection:
+        env = dict(os.environ if environ is None else environ)
+        kwargs: dict[str, Any] = dict(
+            ClientConfig.load_client_connect_config(override_env_vars=env)
+        )
+        kwargs.setdefault("target_host", DEFAULT_ADDRESS)
+        kwargs.setdefault("namespace", DEFAULT_NAMESPACE)
+        return cls(
+            address=str(kwargs["target_host"]),
+            namespace=str(kwargs["namespace"]),
+            task_queue=env.get("LLMMIXER_TASK_QUEUE") or DEFAULT_TASK_QUEUE,
+            connect_kwargs=kwargs,
+        )
+
+    def with_address(self, address: str) -> Connection:
+        return Connection(
+            address=address,
+            namespace=self.namespace,
+            task_queue=self.task_queue,
+            connect_kwargs={**self.connect_kwargs, "target_host": address},
+        )
+
+    async def connect(self) -> Client:
+        return await Client.connect(**{**self.connect_kwargs, "data_converter": data_converter()})
+
+
+def data_converter() -> DataConverter:
+    """The converter shared by clients and workers: pydantic models as plain JSON."""
+    return pydantic_data_converter
