@@ -309,7 +309,7 @@ class EmbeddedServer:
         binary = find_temporal_binary(self._binary)  # the most likely failure, so first
         await asyncio.to_thread(self._resolve_paths)  # may create LLMMIXER_HOME
         argv = self.command(binary)
-        await self._reclaim_database()
+        await asyncio.to_thread(self._reclaim_database)
         await self._check_port(self.port, "gRPC")
         if self.ui_port is not None:
             await self._check_port(self.ui_port, "Web UI")
@@ -378,7 +378,7 @@ class EmbeddedServer:
         if await is_listening(self.host, port, 0.5):
             raise _port_in_use(self.host, port, what)
 
-    async def _reclaim_database(self) -> None:
+    def _reclaim_database(self) -> None:
         """Refuse to share the SQLite file with a live server; stop one we orphaned.
 
         Two servers on one file would each claim the same history shard and
@@ -405,7 +405,7 @@ class EmbeddedServer:
                 f"(if pid {pid} is not a Temporal server, delete {self.pid_path})",
                 pid=pid,
             )
-        await asyncio.to_thread(_terminate_sync, pid, self.stop_timeout)
+        _terminate_sync(pid, self.stop_timeout)
         _remove_pid_file(self.pid_path, pid)
 
     async def _wait_ready(self) -> None:
@@ -415,7 +415,8 @@ class EmbeddedServer:
         last_error = "no answer yet"
         while True:
             if process.returncode is not None:
-                raise self._exited_error(process.returncode)
+                last = await asyncio.to_thread(_last_log_line, self.log_path)
+                raise self._exited_error(process.returncode, last)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise StartupTimeoutError(
@@ -445,8 +446,7 @@ class EmbeddedServer:
             DescribeNamespaceRequest(namespace=self.namespace), timeout=timedelta(seconds=5)
         )
 
-    def _exited_error(self, returncode: int) -> EmbeddedServerError:
-        last = _last_log_line(self.log_path)
+    def _exited_error(self, returncode: int, last: str) -> EmbeddedServerError:
         # The CLI checks its ports itself and says e.g. "Error: can't set UI
         # port 8233: listen tcp ...: bind: address already in use"; a program
         # that grabbed the port after our own check lands here.
