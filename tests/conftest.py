@@ -26,7 +26,9 @@ if str(TESTS_DIR) not in sys.path:
     sys.path.insert(0, str(TESTS_DIR))
 
 # Fixture modules owned by each feature's tests; one line per module.
-pytest_plugins: list[str] = []
+pytest_plugins: list[str] = [
+    "fakes.provider_fixtures",
+]
 
 
 def temporal_binary() -> str:
