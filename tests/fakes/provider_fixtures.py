@@ -1,0 +1,106 @@
+"""Fixtures for provider tests: the fake server, its environment, a loopback-only guard.
+
+``provider_server``  a started :class:`FakeProviderServer` for one test
+                     (``.url``, ``.openai_base_url``, ``.script(...)``, ``.calls``).
+``provider_env``     sets ``OPENAI_BASE_URL``/``ANTHROPIC_BASE_URL``/
+                     ``GOOGLE_GEMINI_BASE_URL`` to the fake server and the three
+                     keys to fake values; returns the mapping it set.
+``_loopback_only``   autouse: any socket connection (or name lookup) to a host
+                     that is not loopback fails the test loudly, so a test
+                     that forgot to point an SDK at the fake server can never
+                     reach (or bill) a real provider.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from fakes.provider_server import FAKE_KEYS, FakeProviderServer, RecordedCall, Reply
+
+__all__ = [
+    "FAKE_KEYS",
+    "FakeProviderServer",
+    "NonLoopbackTraffic",
+    "RecordedCall",
+    "Reply",
+    "provider_env",
+    "provider_server",
+]
+
+
+class NonLoopbackTraffic(RuntimeError):
+    """A test tried to reach a host outside this machine."""
+
+
+def _allowed_host(host: Any) -> bool:
+    if host is None:
+        return True
+    if isinstance(host, bytes):
+        host = host.decode("idna")
+    host = str(host).strip("[]").split("%", 1)[0]
+    if host in ("localhost", "localhost.localdomain", ""):
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False  # a real name: DNS itself would be outside traffic
+    return address.is_loopback or address.is_unspecified
+
+
+def _refuse(host: Any) -> NonLoopbackTraffic:
+    return NonLoopbackTraffic(
+        f"test tried to reach non-loopback host {host!r}: point the SDK at the fake server "
+        "(the provider_server / provider_env fixtures) instead of a real provider"
+    )
+
+
+@pytest.fixture(autouse=True)
+def _loopback_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    real_getaddrinfo = socket.getaddrinfo
+    real_connect = socket.socket.connect
+    real_connect_ex = socket.socket.connect_ex
+
+    def getaddrinfo(host: Any, *args: Any, **kwargs: Any) -> Any:
+        if not _allowed_host(host):
+            raise _refuse(host)
+        return real_getaddrinfo(host, *args, **kwargs)
+
+    def check(sock: socket.socket, address: Any) -> None:
+        if sock.family in (socket.AF_INET, socket.AF_INET6) and isinstance(address, tuple):
+            if not _allowed_host(address[0]):
+                raise _refuse(address[0])
+
+    def connect(self: socket.socket, address: Any) -> None:
+        check(self, address)
+        real_connect(self, address)
+
+    def connect_ex(self: socket.socket, address: Any) -> int:
+        check(self, address)
+        return real_connect_ex(self, address)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    monkeypatch.setattr(socket.socket, "connect_ex", connect_ex)
+
+
+@pytest.fixture
+def provider_server() -> Iterator[FakeProviderServer]:
+    server = FakeProviderServer().start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def provider_env(
+    provider_server: FakeProviderServer, monkeypatch: pytest.MonkeyPatch
+) -> dict[str, str]:
+    env = provider_server.env()
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return env

@@ -1,0 +1,851 @@
+"""One local HTTP server that speaks the OpenAI, Anthropic and Gemini wire protocols.
+
+The real SDKs are pointed at it through their base URL (never patched), so
+tests exercise the SDKs' own request building, SSE parsing and error classes.
+It is written on the standard library only (asyncio streams, HTTP/1.1, one
+request per connection) and runs its own event loop in a daemon thread, so it
+works from sync and async tests alike and a hung reply never blocks a test's
+loop.
+
+Routes (``/v1`` is part of the OpenAI base URL, as with the real service)::
+
+    POST /v1/chat/completions                     OpenAI Chat Completions (SSE + [DONE])
+    POST /v1/responses                            OpenAI Responses (typed SSE events)
+    POST /v1/messages                             Anthropic Messages (message_start..message_stop)
+    POST /{version}/models/{model}:streamGenerateContent?alt=sse   Gemini
+    POST /{version}/models/{model}:generateContent                 Gemini, not streamed
+
+Streams use chunked transfer encoding, so a clean end (``0\\r\\n\\r\\n``) and a
+connection cut mid-way are different things to the client, as in real life.
+
+Scripting: queue :class:`Reply` objects per provider (and optionally model);
+an unscripted call gets a deterministic reply derived from its prompt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import http
+import json
+import re
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+__all__ = ["FAKE_KEYS", "FakeProviderServer", "RecordedCall", "Reply"]
+
+# Keys the fixtures put in the environment; shaped like real ones so the
+# generic redaction patterns are exercised too.
+FAKE_KEYS: Mapping[str, str] = {
+    "OPENAI_API_KEY": "sk-fake-openai-0123456789abcdef",
+    "ANTHROPIC_API_KEY": "sk-ant-fake-0123456789abcdef",
+    "GEMINI_API_KEY": "AIzaFAKE-gemini-0123456789abcdefghij",
+}
+
+_GEMINI_PATH = re.compile(r"^/(?P<version>[^/]+)/models/(?P<model>[^/:]+):(?P<method>\w+)$")
+_WORDS = re.compile(r"\s*\S+")
+_GEMINI_STATUS = {
+    400: "INVALID_ARGUMENT",
+    401: "UNAUTHENTICATED",
+    403: "PERMISSION_DENIED",
+    404: "NOT_FOUND",
+    408: "DEADLINE_EXCEEDED",
+    409: "ABORTED",
+    429: "RESOURCE_EXHAUSTED",
+    500: "INTERNAL",
+    503: "UNAVAILABLE",
+}
+_ANTHROPIC_ERROR = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    529: "overloaded_error",
+}
+
+
+@dataclass
+class Reply:
+    """One scripted answer (or fault) for one request.
+
+    Success: ``text`` (or explicit ``chunks``), ``usage=(input, output)``,
+    ``chunk_delay_s``, ``model`` (the model name the response reports),
+    ``finish_reason`` (provider-native, e.g. ``"content_filter"``, ``"refusal"``,
+    ``"SAFETY"``). Faults: ``status`` (with ``headers``, ``message`` or a whole
+    ``body``; ``echo_credential`` puts the received key into the error message,
+    as some servers do), ``hang`` (accept and never answer), ``cut_after``
+    (send that many text chunks, then drop the connection), ``truncate_after``
+    (send that many chunks, then end the body cleanly without the terminal event).
+    """
+
+    text: str | None = None
+    chunks: list[str] | None = None
+    usage: tuple[int, int] | None = None
+    chunk_delay_s: float | None = None
+    model: str | None = None
+    finish_reason: str | None = None
+    status: int = 200
+    headers: dict[str, str] = field(default_factory=dict)
+    message: str | None = None
+    body: Any = None
+    echo_credential: bool = False
+    hang: bool = False
+    cut_after: int | None = None
+    truncate_after: int | None = None
+
+
+@dataclass(frozen=True)
+class RecordedCall:
+    """What the server received (the credential only as a fingerprint)."""
+
+    provider: str
+    api: str  # "chat" | "responses" | "messages" | "generate"
+    model: str
+    path: str
+    body: dict[str, Any]
+    stream: bool
+    authorization_present: bool
+    api_key_header_present: bool
+    credential_fingerprint: str | None
+
+    def sent_key(self, key: str) -> bool:
+        """Whether this request carried exactly ``key``."""
+        return self.credential_fingerprint == _fingerprint(key)
+
+
+def _fingerprint(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()[:16]
+
+
+@dataclass
+class _Request:
+    method: str
+    path: str
+    query: dict[str, list[str]]
+    headers: dict[str, str]
+    body: bytes
+
+
+class FakeProviderServer:
+    """Start with :meth:`start` (or the ``provider_server`` fixture), stop with :meth:`stop`."""
+
+    def __init__(self, *, host: str = "127.0.0.1") -> None:
+        self.host = host
+        self.port = 0
+        self.chunk_delay_s = 0.0
+        """Delay before each streamed text chunk when a reply does not set its own."""
+        self._lock = threading.Lock()
+        self._queues: dict[str, list[tuple[str | None, Reply]]] = {}
+        self._calls: list[RecordedCall] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # --- addresses ---------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def openai_base_url(self) -> str:
+        return f"{self.url}/v1"
+
+    @property
+    def anthropic_base_url(self) -> str:
+        return self.url
+
+    @property
+    def gemini_base_url(self) -> str:
+        return self.url
+
+    def base_url(self, provider: str) -> str:
+        return {
+            "openai": self.openai_base_url,
+            "anthropic": self.anthropic_base_url,
+            "gemini": self.gemini_base_url,
+        }[provider]
+
+    def env(self, *, keys: bool = True) -> dict[str, str]:
+        """The contract's variables pointing every SDK here (with fake keys)."""
+        env = {
+            "OPENAI_BASE_URL": self.openai_base_url,
+            "ANTHROPIC_BASE_URL": self.anthropic_base_url,
+            "GOOGLE_GEMINI_BASE_URL": self.gemini_base_url,
+        }
+        if keys:
+            env.update(FAKE_KEYS)
+        return env
+
+    # --- scripting ---------------------------------------------------------------------
+
+    def script(self, provider: str, *replies: Reply, model: str | None = None) -> None:
+        """Queue replies for ``provider`` (only for ``model`` when given), used in order."""
+        with self._lock:
+            queue = self._queues.setdefault(provider, [])
+            queue.extend((model, r) for r in replies)
+
+    def reply(self, provider: str, text: str, *, model: str | None = None, **kw: Any) -> None:
+        self.script(provider, Reply(text=text, **kw), model=model)
+
+    def fail(
+        self,
+        provider: str,
+        status: int,
+        *,
+        headers: Mapping[str, str] | None = None,
+        message: str | None = None,
+        model: str | None = None,
+        times: int = 1,
+        **kw: Any,
+    ) -> None:
+        reply = Reply(status=status, headers=dict(headers or {}), message=message, **kw)
+        self.script(provider, *([reply] * times), model=model)
+
+    def hang(self, provider: str, *, model: str | None = None) -> None:
+        self.script(provider, Reply(hang=True), model=model)
+
+    def cut(
+        self,
+        provider: str,
+        *,
+        after_chunks: int = 1,
+        text: str | None = None,
+        model: str | None = None,
+    ) -> None:
+        self.script(provider, Reply(text=text, cut_after=after_chunks), model=model)
+
+    def truncate(
+        self,
+        provider: str,
+        *,
+        after_chunks: int = 1,
+        text: str | None = None,
+        model: str | None = None,
+    ) -> None:
+        self.script(provider, Reply(text=text, truncate_after=after_chunks), model=model)
+
+    def pending(self, provider: str | None = None) -> int:
+        """Scripted replies not used yet."""
+        with self._lock:
+            if provider is not None:
+                return len(self._queues.get(provider, []))
+            return sum(len(q) for q in self._queues.values())
+
+    def reset(self) -> None:
+        with self._lock:
+            self._queues.clear()
+            self._calls.clear()
+        self.chunk_delay_s = 0.0
+
+    # --- inspection --------------------------------------------------------------------
+
+    @property
+    def calls(self) -> list[RecordedCall]:
+        with self._lock:
+            return list(self._calls)
+
+    def count(self, provider: str | None = None, model: str | None = None) -> int:
+        return sum(
+            1
+            for c in self.calls
+            if (provider is None or c.provider == provider) and (model is None or c.model == model)
+        )
+
+    # --- lifecycle ---------------------------------------------------------------------
+
+    def start(self) -> FakeProviderServer:
+        ready = threading.Event()
+        errors: list[BaseException] = []
+
+        def run() -> None:
+            loop = asyncio.new_event_loop()
+            self._loop = loop
+            try:
+                self._server = loop.run_until_complete(
+                    asyncio.start_server(self._connection, self.host, 0)
+                )
+                self.port = self._server.sockets[0].getsockname()[1]
+            except BaseException as exc:  # reported to the starting thread
+                errors.append(exc)
+                ready.set()
+                loop.close()
+                return
+            ready.set()
+            loop.run_forever()
+            loop.close()
+
+        self._thread = threading.Thread(target=run, name="fake-provider-server", daemon=True)
+        self._thread.start()
+        if not ready.wait(10):
+            raise RuntimeError("fake provider server did not start within 10 s")
+        if errors:
+            raise errors[0]
+        return self
+
+    def stop(self) -> None:
+        loop, thread = self._loop, self._thread
+        if loop is None or thread is None:
+            return
+
+        async def shutdown() -> None:
+            if self._server is not None:
+                self._server.close()
+            for task in list(self._tasks):
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            if self._server is not None:
+                await self._server.wait_closed()
+
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(shutdown(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        self._loop = self._thread = self._server = None
+
+    def __enter__(self) -> FakeProviderServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # --- HTTP --------------------------------------------------------------------------
+
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)  # type: ignore[arg-type]
+        try:
+            request = await _read_request(reader)
+            if request is not None:
+                await self._dispatch(request, reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass  # the client went away; nothing to answer
+        except asyncio.CancelledError:
+            pass  # server shutting down
+        finally:
+            self._tasks.discard(task)  # type: ignore[arg-type]
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    async def _dispatch(
+        self, req: _Request, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        try:
+            body = json.loads(req.body or b"{}")
+        except json.JSONDecodeError:
+            await _send_json(writer, 400, {"error": {"message": "body is not JSON"}})
+            return
+        route = self._route(req, body)
+        if route is None:
+            await _send_json(writer, 404, {"error": {"message": f"no route for {req.path}"}})
+            return
+        provider, api, model, stream = route
+        credential = _credential(req)
+        call = RecordedCall(
+            provider=provider,
+            api=api,
+            model=model,
+            path=req.path,
+            body=body,
+            stream=stream,
+            authorization_present="authorization" in req.headers,
+            api_key_header_present="x-api-key" in req.headers or "x-goog-api-key" in req.headers,
+            credential_fingerprint=_fingerprint(credential) if credential else None,
+        )
+        reply = self._take(provider, model, call)
+        if reply.hang:
+            # Never answer; return once the client gives up (or the server stops).
+            with contextlib.suppress(Exception):
+                while await reader.read(1024):
+                    pass
+            return
+        if reply.status != 200:
+            await self._send_error(writer, provider, reply, credential)
+            return
+        text = reply.text if reply.text is not None else _default_text(provider, api, model, body)
+        chunks = reply.chunks if reply.chunks is not None else _WORDS.findall(text)
+        text = "".join(chunks)
+        usage = reply.usage or (_count_words(body), max(1, len(chunks)))
+        response_model = reply.model or model
+        builder = _Builder(provider, api, response_model, text, chunks, usage, reply, body)
+        if not stream:
+            await _send_json(writer, 200, builder.whole(), reply.headers)
+            return
+        head, content, tail = builder.events()
+        delay = reply.chunk_delay_s if reply.chunk_delay_s is not None else self.chunk_delay_s
+        await _start_stream(writer, reply.headers)
+        for event in head:
+            await _write_chunk(writer, event)
+        for index, event in enumerate(content):
+            if reply.cut_after is not None and index >= reply.cut_after:
+                writer.transport.abort()  # drop the connection: no terminal chunk
+                return
+            if reply.truncate_after is not None and index >= reply.truncate_after:
+                break
+            if delay:
+                await asyncio.sleep(delay)
+            await _write_chunk(writer, event)
+        else:
+            if reply.cut_after is not None:
+                writer.transport.abort()
+                return
+            if reply.truncate_after is None:
+                for event in tail:
+                    await _write_chunk(writer, event)
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+
+    def _route(self, req: _Request, body: dict[str, Any]) -> tuple[str, str, str, bool] | None:
+        if req.method != "POST":
+            return None
+        if req.path.endswith("/chat/completions"):
+            return ("openai", "chat", str(body.get("model", "")), bool(body.get("stream")))
+        if req.path.endswith("/responses"):
+            return ("openai", "responses", str(body.get("model", "")), bool(body.get("stream")))
+        if req.path.endswith("/v1/messages"):
+            return ("anthropic", "messages", str(body.get("model", "")), bool(body.get("stream")))
+        match = _GEMINI_PATH.match(req.path)
+        if match and match["method"] in ("streamGenerateContent", "generateContent"):
+            return (
+                "gemini",
+                "generate",
+                match["model"],
+                match["method"] == "streamGenerateContent",
+            )
+        return None
+
+    def _take(self, provider: str, model: str, call: RecordedCall) -> Reply:
+        with self._lock:
+            self._calls.append(call)
+            queue = self._queues.get(provider, [])
+            for i, (wanted, reply) in enumerate(queue):
+                if wanted is None or wanted == model:
+                    del queue[i]
+                    return reply
+        return Reply()
+
+    async def _send_error(
+        self, writer: asyncio.StreamWriter, provider: str, reply: Reply, credential: str | None
+    ) -> None:
+        message = reply.message or f"fake {provider} error {reply.status}"
+        if reply.echo_credential:
+            message = f"{message} (Incorrect API key provided: {credential})"
+        body = reply.body
+        if body is None:
+            if provider == "anthropic":
+                kind = _ANTHROPIC_ERROR.get(reply.status, "api_error")
+                body = {"type": "error", "error": {"type": kind, "message": message}}
+            elif provider == "gemini":
+                status = _GEMINI_STATUS.get(reply.status, "UNKNOWN")
+                body = {"error": {"code": reply.status, "message": message, "status": status}}
+            else:
+                body = {"error": {"message": message, "type": "fake_error", "code": None}}
+        await _send_json(writer, reply.status, body, reply.headers)
+
+
+# --- wire formats ----------------------------------------------------------------------
+
+
+class _Builder:
+    """Builds one provider's success payloads, split into head / content / tail events."""
+
+    def __init__(
+        self,
+        provider: str,
+        api: str,
+        model: str,
+        text: str,
+        chunks: list[str],
+        usage: tuple[int, int],
+        reply: Reply,
+        body: dict[str, Any],
+    ) -> None:
+        self.provider, self.api, self.model = provider, api, model
+        self.text, self.chunks, self.usage = text, chunks, usage
+        self.reply, self.body = reply, body
+        self.created = int(time.time())
+
+    def events(self) -> tuple[list[bytes], list[bytes], list[bytes]]:
+        if self.api == "chat":
+            return self._chat_events()
+        if self.api == "responses":
+            return self._responses_events()
+        if self.api == "messages":
+            return self._anthropic_events()
+        return self._gemini_events()
+
+    def whole(self) -> dict[str, Any]:
+        inp, out = self.usage
+        if self.api == "chat":
+            return {
+                "id": "chatcmpl-fake",
+                "object": "chat.completion",
+                "created": self.created,
+                "model": self.model,
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": self.text},
+                        "finish_reason": self.reply.finish_reason or "stop",
+                    }
+                ],
+                "usage": {
+                    "prompt_tokens": inp,
+                    "completion_tokens": out,
+                    "total_tokens": inp + out,
+                },
+            }
+        if self.api == "responses":
+            return self._response_object("completed")
+        if self.api == "messages":
+            return {
+                "id": "msg_fake",
+                "type": "message",
+                "role": "assistant",
+                "model": self.model,
+                "content": [{"type": "text", "text": self.text}],
+                "stop_reason": self.reply.finish_reason or "end_turn",
+                "stop_sequence": None,
+                "usage": {"input_tokens": inp, "output_tokens": out},
+            }
+        return self._gemini_chunk(self.text, finish=True)
+
+    # OpenAI Chat Completions: data-only SSE, finish chunk, usage chunk, [DONE].
+    def _chat_events(self) -> tuple[list[bytes], list[bytes], list[bytes]]:
+        def chunk(choices: list[dict[str, Any]], usage: Any = None) -> bytes:
+            payload: dict[str, Any] = {
+                "id": "chatcmpl-fake",
+                "object": "chat.completion.chunk",
+                "created": self.created,
+                "model": self.model,
+                "choices": choices,
+            }
+            if usage is not None:
+                payload["usage"] = usage
+            return _sse(payload)
+
+        head = [chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}}])]
+        content = [
+            chunk([{"index": 0, "delta": {"content": c}, "finish_reason": None}])
+            for c in self.chunks
+        ]
+        finish = self.reply.finish_reason or "stop"
+        tail = [chunk([{"index": 0, "delta": {}, "finish_reason": finish}])]
+        options = self.body.get("stream_options") or {}
+        if options.get("include_usage"):
+            inp, out = self.usage
+            usage = {"prompt_tokens": inp, "completion_tokens": out, "total_tokens": inp + out}
+            tail.append(chunk([], usage))
+        tail.append(b"data: [DONE]\n\n")
+        return head, content, tail
+
+    def _response_object(self, status: str) -> dict[str, Any]:
+        inp, out = self.usage
+        obj: dict[str, Any] = {
+            "id": "resp_fake",
+            "object": "response",
+            "created_at": self.created,
+            "status": status,
+            "model": self.model,
+            "output": [],
+            "parallel_tool_calls": False,
+            "tool_choice": "auto",
+            "tools": [],
+        }
+        if status != "in_progress":
+            obj["output"] = [
+                {
+                    "type": "message",
+                    "id": "msg_fake",
+                    "status": "completed",
+                    "role": "assistant",
+                    "content": [{"type": "output_text", "text": self.text, "annotations": []}],
+                }
+            ]
+            obj["usage"] = {
+                "input_tokens": inp,
+                "output_tokens": out,
+                "total_tokens": inp + out,
+                "input_tokens_details": {"cached_tokens": 0},
+                "output_tokens_details": {"reasoning_tokens": 0},
+            }
+        if status == "incomplete":
+            obj["incomplete_details"] = {"reason": self.reply.finish_reason}
+        return obj
+
+    # OpenAI Responses: typed events with a sequence number.
+    def _responses_events(self) -> tuple[list[bytes], list[bytes], list[bytes]]:
+        seq = iter(range(1_000_000))
+
+        def ev(kind: str, **data: Any) -> bytes:
+            return _sse({"type": kind, "sequence_number": next(seq), **data}, event=kind)
+
+        head = [
+            ev("response.created", response=self._response_object("in_progress")),
+            ev("response.in_progress", response=self._response_object("in_progress")),
+            ev(
+                "response.output_item.added",
+                output_index=0,
+                item={
+                    "type": "message",
+                    "id": "msg_fake",
+                    "status": "in_progress",
+                    "role": "assistant",
+                    "content": [],
+                },
+            ),
+            ev(
+                "response.content_part.added",
+                item_id="msg_fake",
+                output_index=0,
+                content_index=0,
+                part={"type": "output_text", "text": "", "annotations": []},
+            ),
+        ]
+        content = [
+            ev(
+                "response.output_text.delta",
+                item_id="msg_fake",
+                output_index=0,
+                content_index=0,
+                delta=c,
+                logprobs=[],
+            )
+            for c in self.chunks
+        ]
+        finish = self.reply.finish_reason
+        terminal = "response.incomplete" if finish else "response.completed"
+        tail = [
+            ev(
+                "response.output_text.done",
+                item_id="msg_fake",
+                output_index=0,
+                content_index=0,
+                text=self.text,
+                logprobs=[],
+            ),
+            ev(terminal, response=self._response_object("incomplete" if finish else "completed")),
+        ]
+        return head, content, tail
+
+    # Anthropic Messages: named events from message_start to message_stop.
+    def _anthropic_events(self) -> tuple[list[bytes], list[bytes], list[bytes]]:
+        inp, out = self.usage
+
+        def ev(kind: str, **data: Any) -> bytes:
+            return _sse({"type": kind, **data}, event=kind)
+
+        head = [
+            ev(
+                "message_start",
+                message={
+                    "id": "msg_fake",
+                    "type": "message",
+                    "role": "assistant",
+                    "model": self.model,
+                    "content": [],
+                    "stop_reason": None,
+                    "stop_sequence": None,
+                    "usage": {"input_tokens": inp, "output_tokens": 1},
+                },
+            ),
+            ev("content_block_start", index=0, content_block={"type": "text", "text": ""}),
+            ev("ping"),
+        ]
+        content = [
+            ev("content_block_delta", index=0, delta={"type": "text_delta", "text": c})
+            for c in self.chunks
+        ]
+        tail = [
+            ev("content_block_stop", index=0),
+            ev(
+                "message_delta",
+                delta={
+                    "stop_reason": self.reply.finish_reason or "end_turn",
+                    "stop_sequence": None,
+                },
+                usage={"output_tokens": out},
+            ),
+            ev("message_stop"),
+        ]
+        return head, content, tail
+
+    def _gemini_chunk(self, text: str, *, finish: bool) -> dict[str, Any]:
+        inp, out = self.usage
+        candidate: dict[str, Any] = {
+            "content": {"parts": [{"text": text}], "role": "model"},
+            "index": 0,
+        }
+        usage: dict[str, Any] = {"promptTokenCount": inp}
+        if finish:
+            candidate["finishReason"] = self.reply.finish_reason or "STOP"
+            usage.update({"candidatesTokenCount": out, "totalTokenCount": inp + out})
+        return {
+            "candidates": [candidate],
+            "usageMetadata": usage,
+            "modelVersion": self.model,
+            "responseId": "fake-response",
+        }
+
+    # Gemini: data-only SSE; the last chunk carries finishReason and the full usage.
+    def _gemini_events(self) -> tuple[list[bytes], list[bytes], list[bytes]]:
+        content = [_sse(self._gemini_chunk(c, finish=False), crlf=True) for c in self.chunks]
+        tail = [_sse(self._gemini_chunk("", finish=True), crlf=True)]
+        return [], content, tail
+
+
+def _sse(data: Any, *, event: str | None = None, crlf: bool = False) -> bytes:
+    nl = "\r\n" if crlf else "\n"
+    head = f"event: {event}{nl}" if event else ""
+    return f"{head}data: {json.dumps(data)}{nl}{nl}".encode()
+
+
+def _prompt_text(api: str, body: dict[str, Any]) -> str:
+    """The last user message's text, in any of the four request shapes."""
+
+    def flatten(content: Any) -> str:
+        if isinstance(content, str):
+            return content
+        if isinstance(content, list):
+            return "".join(
+                str(p.get("text", "")) if isinstance(p, dict) else str(p) for p in content
+            )
+        return ""
+
+    if api in ("chat", "messages"):
+        for message in reversed(body.get("messages") or []):
+            if message.get("role") == "user":
+                return flatten(message.get("content"))
+        return ""
+    if api == "responses":
+        items = body.get("input")
+        if isinstance(items, str):
+            return items
+        for item in reversed(items or []):
+            if isinstance(item, dict) and item.get("role") == "user":
+                return flatten(item.get("content"))
+        return ""
+    for content in reversed(body.get("contents") or []):
+        if content.get("role", "user") == "user":
+            return flatten(content.get("parts"))
+    return ""
+
+
+def _wants_json(api: str, body: dict[str, Any]) -> bool:
+    if api == "chat":
+        return (body.get("response_format") or {}).get("type") in ("json_object", "json_schema")
+    if api == "responses":
+        fmt = ((body.get("text") or {}).get("format") or {}).get("type")
+        return fmt in ("json_object", "json_schema")
+    if api == "messages":
+        system = body.get("system") or ""
+        return isinstance(system, str) and "JSON" in system
+    config = body.get("generationConfig") or {}
+    return config.get("responseMimeType") == "application/json"
+
+
+def _default_text(provider: str, api: str, model: str, body: dict[str, Any]) -> str:
+    """Deterministic: the same request always gets the same reply."""
+    prompt = _prompt_text(api, body)
+    if _wants_json(api, body):
+        return json.dumps({"provider": provider, "model": model, "echo": prompt})
+    return f"[{provider}/{model}] you said: {prompt}"
+
+
+def _count_words(body: dict[str, Any]) -> int:
+    """A stable stand-in for prompt token counting."""
+    return max(1, len(re.findall(r"\w+", json.dumps(body))) // 4)
+
+
+def _credential(req: _Request) -> str | None:
+    auth = req.headers.get("authorization", "")
+    if auth.lower().startswith("bearer "):
+        return auth[7:].strip() or None
+    for name in ("x-api-key", "x-goog-api-key"):
+        if req.headers.get(name):
+            return req.headers[name]
+    keys = req.query.get("key")
+    return keys[0] if keys else None
+
+
+async def _read_request(reader: asyncio.StreamReader) -> _Request | None:
+    try:
+        head = await reader.readuntil(b"\r\n\r\n")
+    except asyncio.IncompleteReadError:
+        return None
+    lines = head.decode("latin-1").split("\r\n")
+    method, target, _version = lines[0].split(" ", 2)
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        if ":" in line:
+            name, value = line.split(":", 1)
+            headers[name.strip().lower()] = value.strip()
+    if headers.get("transfer-encoding", "").lower() == "chunked":
+        body = b""
+        while True:
+            size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
+            if size == 0:
+                await reader.readuntil(b"\r\n")
+                break
+            body += await reader.readexactly(size)
+            await reader.readexactly(2)
+    else:
+        body = await reader.readexactly(int(headers.get("content-length", "0")))
+    parts = urlsplit(target)
+    return _Request(method, parts.path, parse_qs(parts.query), headers, body)
+
+
+def _status_line(status: int) -> bytes:
+    try:
+        phrase = http.HTTPStatus(status).phrase
+    except ValueError:
+        phrase = "Error"
+    return f"HTTP/1.1 {status} {phrase}\r\n".encode()
+
+
+def _header_lines(headers: Iterator[tuple[str, str]]) -> bytes:
+    return b"".join(f"{k}: {v}\r\n".encode() for k, v in headers)
+
+
+async def _send_json(
+    writer: asyncio.StreamWriter,
+    status: int,
+    payload: Any,
+    extra: Mapping[str, str] | None = None,
+) -> None:
+    data = json.dumps(payload).encode()
+    headers = {
+        "content-type": "application/json",
+        "content-length": str(len(data)),
+        "connection": "close",
+        **(extra or {}),
+    }
+    writer.write(_status_line(status) + _header_lines(iter(headers.items())) + b"\r\n" + data)
+    await writer.drain()
+
+
+async def _start_stream(writer: asyncio.StreamWriter, extra: Mapping[str, str]) -> None:
+    headers = {
+        "content-type": "text/event-stream",
+        "transfer-encoding": "chunked",
+        "cache-control": "no-cache",
+        "connection": "close",
+        **extra,
+    }
+    writer.write(_status_line(200) + _header_lines(iter(headers.items())) + b"\r\n")
+    await writer.drain()
+
+
+async def _write_chunk(writer: asyncio.StreamWriter, data: bytes) -> None:
+    writer.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+    await writer.drain()
