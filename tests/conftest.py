@@ -20,6 +20,9 @@ from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
+from llmmixer.client.mixer import MixerClient
+from llmmixer.workers.worker import WorkerSettings, mixer_worker
+
 TESTS_DIR = Path(__file__).parent
 if str(TESTS_DIR) not in sys.path:
     # lets test modules import the shared fakes as `fakes.<module>`
@@ -73,3 +76,21 @@ def _no_real_provider_keys(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in list(os.environ):
         if name.endswith("_API_KEY") or name.endswith("_BASE_URL"):
             monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
+def worker_env() -> dict[str, str]:
+    """The environment the test worker reads (provider keys and endpoints)."""
+    return {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/tmp")}
+
+
+@pytest.fixture
+async def mixer(
+    client: Client, task_queue: str, worker_env: dict[str, str]
+) -> AsyncIterator[MixerClient]:
+    """A MixerClient whose runs execute on a fresh worker in this test's task queue."""
+    settings = WorkerSettings(task_queue=task_queue, shutdown_grace_s=2.0)
+    async with mixer_worker(
+        client, settings, environ=worker_env, max_cached_workflows=0
+    ) as worker, worker:
+        yield MixerClient(client, task_queue)

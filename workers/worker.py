@@ -96,6 +96,7 @@ async def mixer_worker(
     *,
     environ: Mapping[str, str] | None = None,
     command_policy: CommandPolicy | None = None,
+    max_cached_workflows: int = 1000,
 ) -> AsyncIterator[Worker]:
     """A configured worker, not yet running; closes SDK clients on exit."""
     env = dict(os.environ if environ is None else environ)
@@ -116,6 +117,9 @@ async def mixer_worker(
         max_concurrent_activities=settings.max_concurrent_activities,
         max_concurrent_workflow_tasks=settings.max_concurrent_workflow_tasks,
         graceful_shutdown_timeout=timedelta(seconds=settings.shutdown_grace_s),
+        # Tests pass 0 so every workflow task replays from history, which
+        # turns any non-determinism into a test failure.
+        max_cached_workflows=max_cached_workflows,
     )
     try:
         yield worker
