@@ -5,6 +5,9 @@
 ``provider_env``     sets ``OPENAI_BASE_URL``/``ANTHROPIC_BASE_URL``/
                      ``GOOGLE_GEMINI_BASE_URL`` to the fake server and the three
                      keys to fake values; returns the mapping it set.
+``provider_settings`` ``ProviderSettings.from_env`` of that environment.
+``provider_pool``    a ``ProviderPool`` (closed after the test); get adapters with
+                     ``provider_pool.get(provider_settings.config_for("openai"))``.
 ``_loopback_only``   autouse: any socket connection (or name lookup) to a host
                      that is not loopback fails the test loudly, so a test
                      that forgot to point an SDK at the fake server can never
@@ -14,12 +17,17 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 import socket
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
 from fakes.provider_server import FAKE_KEYS, FakeProviderServer, RecordedCall, Reply
+
+from llmmixer.activities.contracts import ChatMessage, LlmCall
+from llmmixer.activities.providers.pool import ProviderPool
+from llmmixer.activities.providers.settings import ProviderSettings
 
 __all__ = [
     "FAKE_KEYS",
@@ -27,8 +35,11 @@ __all__ = [
     "NonLoopbackTraffic",
     "RecordedCall",
     "Reply",
+    "llm_call",
     "provider_env",
+    "provider_pool",
     "provider_server",
+    "provider_settings",
 ]
 
 
@@ -104,3 +115,29 @@ def provider_env(
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     return env
+
+
+@pytest.fixture
+def provider_settings(provider_env: dict[str, str]) -> ProviderSettings:
+    return ProviderSettings.from_env(os.environ)
+
+
+@pytest.fixture
+async def provider_pool(provider_settings: ProviderSettings) -> AsyncIterator[ProviderPool]:
+    pool = ProviderPool(secrets=provider_settings.secrets())
+    try:
+        yield pool
+    finally:
+        await pool.aclose()
+
+
+def llm_call(provider: str, model: str, prompt: str = "hello there", **fields: Any) -> LlmCall:
+    """A rendered call as the workflow would send it (ids are fixed for tests)."""
+    return LlmCall(
+        workflow_id="wf-test",
+        step_id="step",
+        provider=provider,
+        model=model,
+        messages=[ChatMessage(role="user", content=prompt)],
+        **fields,
+    )
