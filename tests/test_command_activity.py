@@ -76,7 +76,7 @@ class Harness:
 
 
 def make_call(*argv: str, **fields: object) -> CommandCall:
-    return CommandCall(workflow_id="wf", step_id="step", argv=list(argv), **fields)  # type: ignore[arg-type]
+    return CommandCall(workflow_id="wf", step_id="step", argv=list(argv), **fields)
 
 
 def py(script: str, **fields: object) -> CommandCall:

@@ -20,7 +20,7 @@ from llmmixer.activities.terminal_mode import TerminalCapability, probe_pty
 
 
 def call(argv: list[str], **fields: object) -> CommandCall:
-    return CommandCall(workflow_id="wf", step_id="s", argv=argv, **fields)  # type: ignore[arg-type]
+    return CommandCall(workflow_id="wf", step_id="s", argv=argv, **fields)
 
 
 def worker_env(**extra: str) -> dict[str, str]:

@@ -34,7 +34,7 @@ def py(script: str, *args: str, **fields: object) -> CommandCall:
         workflow_id="wf",
         step_id="step",
         argv=[sys.executable, "-c", script, *args],
-        **fields,  # type: ignore[arg-type]
+        **fields,
     )
 
 
@@ -50,7 +50,7 @@ sys.exit(0 if answer == "y" else 1)
 
 @pytest.fixture(params=MODES)
 def mode(request: pytest.FixtureRequest) -> TerminalMode:
-    return request.param  # type: ignore[no-any-return]
+    return request.param
 
 
 async def test_prompt_is_answered(mode: TerminalMode) -> None:
