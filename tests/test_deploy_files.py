@@ -222,6 +222,13 @@ def test_compose_has_the_stack(compose: dict[str, Any]) -> None:
     temporal_env = service_environment(compose["services"]["temporal"])
     assert temporal_env["DB"] == "postgres12"
     assert temporal_env["POSTGRES_SEEDS"] == "postgresql"
+    # temporalio/server ships no dynamic config file but refuses to start
+    # without the one its built-in config names
+    assert "DYNAMIC_CONFIG_FILE_PATH" not in temporal_env
+    (mounted,) = compose["services"]["temporal"]["configs"]
+    assert mounted["target"] == "/etc/temporal/config/dynamicconfig/docker.yaml"
+    dynamic = yaml.safe_load(compose["configs"][mounted["source"]]["content"])
+    assert dynamic["frontend.enableUpdateWorkflowExecution"] == [{"value": True, "constraints": {}}]
 
 
 def test_compose_images_are_pinned(compose_resolved: dict[str, Any]) -> None:
