@@ -105,19 +105,27 @@ class RunState:
 
     # ---- interventions ----------------------------------------------------
 
-    def refusal(self, action: InterventionType, step_id: str) -> str | None:
-        """Why ``action`` cannot apply to ``step_id`` now, or None if it can."""
+    def refusal(
+        self, action: InterventionType, step_id: str, *, check_state: bool = True
+    ) -> str | None:
+        """Why ``action`` cannot apply to ``step_id`` now, or None if it can.
+
+        With ``check_state=False`` only what cannot change during the run is
+        checked: the step exists and the action suits its kind.
+        """
         if step_id not in self.records:
             known = ", ".join(self.records) or "(none)"
             return f"there is no step {step_id!r} in this run: use one of {known}"
-        if self.status in (RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELLED):
-            return f"the run has ended ({self.status.value}); start a new run instead"
         record = self.records[step_id]
         if action in ("approve", "reject") and record.kind != "approval":
             return (
                 f"step {step_id!r} is a {record.kind} step, not an approval: "
                 "use retry, skip or override"
             )
+        if not check_state:
+            return None
+        if self.status in (RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELLED):
+            return f"the run has ended ({self.status.value}); start a new run instead"
         allowed = _ALLOWED[action]
         if record.status not in allowed:
             states = " or ".join(sorted(state.value for state in allowed))

@@ -160,6 +160,9 @@ class MixerWorkflow:
     async def _drive(self, spec: Spec) -> None:
         while True:
             for step_id in self._state.ready(self._running_ids(), spec.max_parallel):
+                # Marked before the task first runs, so a wake-up in between can
+                # never launch the same step twice.
+                self._state.records[step_id].status = StepStatus.RUNNING
                 self._tasks[step_id] = asyncio.create_task(self._run_step(spec, step_id))
             if self._fatal is not None:
                 raise ApplicationError(self._fatal, type="StepFailed", non_retryable=True)
@@ -454,44 +457,44 @@ class MixerWorkflow:
     # ---- interventions (CONTRACT 6) ----------------------------------------
 
     @workflow.signal(name="retry")
-    def retry(self, request: InterventionRequest) -> None:
-        self._intervene_from_signal("retry", request)
+    async def retry(self, request: InterventionRequest) -> None:
+        await self._intervene_from_signal("retry", request)
 
     @workflow.signal(name="skip")
-    def skip(self, request: InterventionRequest) -> None:
-        self._intervene_from_signal("skip", request)
+    async def skip(self, request: InterventionRequest) -> None:
+        await self._intervene_from_signal("skip", request)
 
     @workflow.signal(name="override")
-    def override(self, request: InterventionRequest) -> None:
-        self._intervene_from_signal("override", request)
+    async def override(self, request: InterventionRequest) -> None:
+        await self._intervene_from_signal("override", request)
 
     @workflow.signal(name="approve")
-    def approve(self, request: InterventionRequest) -> None:
-        self._intervene_from_signal("approve", request)
+    async def approve(self, request: InterventionRequest) -> None:
+        await self._intervene_from_signal("approve", request)
 
     @workflow.signal(name="reject")
-    def reject(self, request: InterventionRequest) -> None:
-        self._intervene_from_signal("reject", request)
+    async def reject(self, request: InterventionRequest) -> None:
+        await self._intervene_from_signal("reject", request)
 
     @workflow.update(name="retry_step")
-    def retry_step(self, request: InterventionRequest) -> InterventionOutcome:
-        return self._intervene("retry", request)
+    async def retry_step(self, request: InterventionRequest) -> InterventionOutcome:
+        return await self._intervene_when_settled("retry", request)
 
     @workflow.update(name="skip_step")
-    def skip_step(self, request: InterventionRequest) -> InterventionOutcome:
-        return self._intervene("skip", request)
+    async def skip_step(self, request: InterventionRequest) -> InterventionOutcome:
+        return await self._intervene_when_settled("skip", request)
 
     @workflow.update(name="override_step")
-    def override_step(self, request: InterventionRequest) -> InterventionOutcome:
-        return self._intervene("override", request)
+    async def override_step(self, request: InterventionRequest) -> InterventionOutcome:
+        return await self._intervene_when_settled("override", request)
 
     @workflow.update(name="approve_step")
-    def approve_step(self, request: InterventionRequest) -> InterventionOutcome:
-        return self._intervene("approve", request)
+    async def approve_step(self, request: InterventionRequest) -> InterventionOutcome:
+        return await self._intervene_when_settled("approve", request)
 
     @workflow.update(name="reject_step")
-    def reject_step(self, request: InterventionRequest) -> InterventionOutcome:
-        return self._intervene("reject", request)
+    async def reject_step(self, request: InterventionRequest) -> InterventionOutcome:
+        return await self._intervene_when_settled("reject", request)
 
     @retry_step.validator
     def _validate_retry(self, request: InterventionRequest) -> None:
@@ -517,23 +520,43 @@ class MixerWorkflow:
     def progress(self) -> RunProgress:
         return self._state.progress()
 
-    def _refusal(self, action: InterventionType, request: InterventionRequest) -> str | None:
+    def _static_refusal(self, action: InterventionType, request: InterventionRequest) -> str | None:
+        """What makes an intervention wrong whatever the steps' states are."""
         if self._spec is None:
             return "this run has an invalid spec and never started"
         if action == "override" and request.output is None:
             return 'override needs the output to use: {"step": "...", "output": "..."}'
-        return self._state.refusal(action, request.step)
+        return self._state.refusal(action, request.step, check_state=False)
 
     def _validate(self, action: InterventionType, request: InterventionRequest) -> None:
         # Raising in a validator refuses the update before it reaches history.
-        refusal = self._refusal(action, request)
+        # Only state-independent checks belong here: a validator runs before the
+        # activity results that arrived in the same workflow task are applied,
+        # so the steps' states it sees can be one task behind.
+        refusal = self._static_refusal(action, request)
         if refusal is not None:
             raise ApplicationError(refusal, type="InterventionRefused", non_retryable=True)
 
-    def _intervene_from_signal(
+    async def _settled_refusal(
+        self, action: InterventionType, request: InterventionRequest
+    ) -> str | None:
+        # Let the step coroutines apply this workflow task's activity results
+        # first, so the decision is taken on the states a person just saw.
+        await workflow.wait_condition(lambda: True)
+        return self._static_refusal(action, request) or self._state.refusal(action, request.step)
+
+    async def _intervene_when_settled(
+        self, action: InterventionType, request: InterventionRequest
+    ) -> InterventionOutcome:
+        refusal = await self._settled_refusal(action, request)
+        if refusal is not None:
+            raise ApplicationError(refusal, type="InterventionRefused", non_retryable=True)
+        return self._intervene(action, request)
+
+    async def _intervene_from_signal(
         self, action: InterventionType, request: InterventionRequest
     ) -> None:
-        refusal = self._refusal(action, request)
+        refusal = await self._settled_refusal(action, request)
         if refusal is None:
             self._intervene(action, request)
             return
