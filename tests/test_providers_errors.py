@@ -233,3 +233,28 @@ def test_status_error_messages_say_what_to_do() -> None:
     assert "retried after 4 s" in limited.message
     missing = status_error("anthropic", 404, "no such model", None)
     assert "Check the step's model name" in missing.message
+
+
+# --- the loopback guard ----------------------------------------------------------------
+
+
+async def test_guard_stops_a_test_that_forgot_the_fake_server() -> None:
+    from fakes.provider_fixtures import NonLoopbackTraffic
+
+    pool = ProviderPool()
+    try:
+        adapter = pool.get(ProviderConfig("openai", "sk-test-000000000", None, 5.0))
+        # not mapped to a provider outcome: it surfaces as itself, loudly
+        with pytest.raises(NonLoopbackTraffic, match=r"non-loopback host 'api\.openai\.com'"):
+            await adapter.complete(llm_call("openai", "gpt-4.1"), lambda _: None)
+    finally:
+        await pool.aclose()
+
+
+def test_guard_refuses_raw_addresses() -> None:
+    import socket
+
+    from fakes.provider_fixtures import NonLoopbackTraffic
+
+    with socket.socket() as sock, pytest.raises(NonLoopbackTraffic):
+        sock.connect(("192.0.2.1", 443))  # TEST-NET-1: never routed anyway

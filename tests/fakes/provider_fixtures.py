@@ -51,7 +51,7 @@ def _allowed_host(host: Any) -> bool:
     if host is None:
         return True
     if isinstance(host, bytes):
-        host = host.decode("idna")
+        host = host.decode("ascii", "replace")
     host = str(host).strip("[]").split("%", 1)[0]
     if host in ("localhost", "localhost.localdomain", ""):
         return True
@@ -63,6 +63,8 @@ def _allowed_host(host: Any) -> bool:
 
 
 def _refuse(host: Any) -> NonLoopbackTraffic:
+    if isinstance(host, bytes):
+        host = host.decode("ascii", "replace")
     return NonLoopbackTraffic(
         f"test tried to reach non-loopback host {host!r}: point the SDK at the fake server "
         "(the provider_server / provider_env fixtures) instead of a real provider"
