@@ -24,9 +24,10 @@ class Clock:
         return self.now
 
 
-def board(
-    clock: Clock, changes: list[tuple[str, str, BreakerState, BreakerState]] | None = None
-) -> BreakerBoard:
+Change = tuple[str, str, BreakerState, BreakerState]
+
+
+def board(clock: Clock, changes: list[Change] | None = None) -> BreakerBoard:
     policy = BreakerPolicy(failure_threshold=0.5, min_calls=4, window_s=60, cooldown_s=30)
     hook = (
         (lambda p, m, old, new: changes.append((p, m, old, new))) if changes is not None else None
@@ -41,7 +42,8 @@ def fail(b: BreakerBoard, n: int, error: BaseException = DOWN) -> None:
 
 
 def test_opens_after_threshold_share_over_min_calls_and_fails_fast() -> None:
-    clock, changes = Clock(), []
+    clock = Clock()
+    changes: list[Change] = []
     b = board(clock, changes)
     fail(b, 3)
     assert b.state(P, M) is BreakerState.CLOSED  # 3 < min_calls
@@ -89,7 +91,8 @@ def test_non_retryable_failures_do_not_count() -> None:
 
 
 def test_half_open_lets_one_probe_and_success_closes() -> None:
-    clock, changes = Clock(), []
+    clock = Clock()
+    changes: list[Change] = []
     b = board(clock, changes)
     fail(b, 4)
     clock.now += 30

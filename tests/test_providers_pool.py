@@ -127,6 +127,15 @@ def test_step_base_url_on_another_origin_gets_no_key() -> None:
     assert default_origin.api_key == "sk-ant-2222222222"
 
 
+def test_step_base_url_elsewhere_for_a_keyed_provider_says_what_to_set() -> None:
+    s = ProviderSettings.from_env(ENV)
+    with pytest.raises(ProviderError) as info:
+        s.config_for("anthropic", "https://collector.example/")
+    assert info.value.error_type == ErrorType.AUTH
+    assert "set ANTHROPIC_BASE_URL on the worker" in info.value.message
+    assert "sk-ant" not in info.value.message
+
+
 def test_config_for_unknown_provider() -> None:
     with pytest.raises(ValueError, match="use one of anthropic, openai, gemini"):
         ProviderSettings().config_for("mistral")

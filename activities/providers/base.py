@@ -51,6 +51,10 @@ class ProviderConfig:
     endpoints or two keys never share a connection pool. The key is excluded
     from ``repr`` so a config can be logged safely; it still takes part in
     equality and hashing, which is what keeps clients with different keys apart.
+
+    ``timeout_s`` is the SDK's network timeout: connect, and each read, so on
+    a stream it bounds the silence between two chunks, not the whole reply
+    (the activity's start-to-close timeout bounds that).
     """
 
     provider: str

@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from llmmixer.activities.providers.base import ProviderConfig
+from llmmixer.activities.contracts import ErrorType
+from llmmixer.activities.providers.base import ProviderConfig, ProviderError
 
 __all__ = ["DEFAULT_BASE_URLS", "ProviderSettings"]
 
@@ -102,12 +103,27 @@ class ProviderSettings:
 
         ``base_url_override`` is the step's own endpoint; when its origin
         differs from the worker's endpoint for ``provider`` the config carries
-        no key (see the module docstring).
+        no key (see the module docstring). For Anthropic and Gemini, which
+        need a key, that raises ``ProviderError(AUTH)`` saying which variable
+        to set on the worker instead.
         """
         key, base_url = self._pair(provider)
         if base_url_override:
             worker_url = base_url or DEFAULT_BASE_URLS[provider]
             if _origin(base_url_override) != _origin(worker_url):
+                if key is not None and provider != "openai":
+                    # Only OpenAI-compatible servers commonly run without a key.
+                    var = (
+                        "ANTHROPIC_BASE_URL"
+                        if provider == "anthropic"
+                        else ("GOOGLE_GEMINI_BASE_URL")
+                    )
+                    raise ProviderError(
+                        ErrorType.AUTH,
+                        f"the step's base_url {_display_url(base_url_override)} is not the "
+                        f"worker's {provider} endpoint, so the worker's key is not sent there: "
+                        f"set {var} on the worker to use that endpoint",
+                    )
                 key = None
             base_url = base_url_override
         return ProviderConfig(

@@ -322,7 +322,7 @@ class FakeProviderServer:
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
-        self._tasks.add(task)  # type: ignore[arg-type]
+        self._tasks.add(task)
         try:
             request = await _read_request(reader)
             if request is not None:
@@ -332,7 +332,7 @@ class FakeProviderServer:
         except asyncio.CancelledError:
             pass  # server shutting down
         finally:
-            self._tasks.discard(task)  # type: ignore[arg-type]
+            self._tasks.discard(task)
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
