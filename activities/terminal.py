@@ -624,6 +624,10 @@ async def run_command(
     """
     rules = _compile_rules(call.respond)
     child_env = dict(env) if env is not None else {**os.environ, **call.env}
+    if mode == "pty":
+        # Workers started by systemd or docker often have no TERM, and many
+        # tools refuse to run or print warnings in a terminal without one.
+        child_env.setdefault("TERM", "xterm-256color")
     workdir = cwd if cwd is not None else call.cwd
     program = _check_start(call.argv, child_env, workdir, executable)
 

@@ -202,6 +202,14 @@ async def test_env_and_cwd_reach_the_child(mode: TerminalMode, real_tmp: Path) -
     assert outcome.output.strip() == f"{real_tmp} from-step"
 
 
+async def test_a_pty_child_gets_a_term_even_if_the_worker_has_none(mode: TerminalMode) -> None:
+    env = {"PATH": "/usr/bin:/bin"}
+    script = "import os, sys; print(sys.stdout.isatty(), os.environ.get('TERM'))"
+    outcome = await run_command(py(script), mode=mode, env=env)
+    expected = "True xterm-256color" if mode == "pty" else "False None"
+    assert outcome.output.strip() == expected
+
+
 async def test_no_file_descriptor_leaks(mode: TerminalMode) -> None:
     def ours(fds: set[str]) -> set[str]:
         return {fd for fd in fds if "pipe:" in fd or "ptmx" in fd or "/dev/pts" in fd}
