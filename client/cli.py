@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -388,5 +389,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise
 
 
+def run_cli() -> None:
+    """Console-script entry: ``main`` then an immediate exit.
+
+    The Temporal client's native runtime can still be calling back into Python
+    while the interpreter finalises, which aborts the process after the work is
+    done; leaving with ``os._exit`` once output is flushed avoids that.
+    """
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli()

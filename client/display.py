@@ -88,7 +88,8 @@ class ProgressView:
 
     def __init__(self, workflow_id: str, stream: TextIO | None = None) -> None:
         self.workflow_id = workflow_id
-        self.stream = stream or sys.stdout
+        # Progress goes to stderr so stdout carries only the run's output.
+        self.stream = stream or sys.stderr
         self.console = Console(file=self.stream)
         self.live: Live | None = None
         self._seen: dict[str, tuple[StepStatus, int]] = {}

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 
 from llmmixer.activities.contracts import Usage
 from llmmixer.workflows.records import (
@@ -102,6 +103,15 @@ class RunState:
             if record.status == StepStatus.COMPLETED:
                 return record.output
         return None
+
+    def cancel_unfinished(self, now: datetime) -> None:
+        """The run was cancelled: steps still running or waiting end as failed."""
+        for record in self.records.values():
+            if record.status in (StepStatus.RUNNING, StepStatus.WAITING):
+                record.status = StepStatus.FAILED
+                record.error = "cancelled with the run"
+                record.waiting_reason = None
+                record.ended_at = now
 
     # ---- interventions ----------------------------------------------------
 

@@ -139,6 +139,7 @@ class MixerWorkflow:
             await self._drive(self._spec)
         except (asyncio.CancelledError, CancelledError):
             await self._cancel_running()
+            self._state.cancel_unfinished(workflow.now())
             self._state.status = RunStatus.CANCELLED
             self._finish()
             raise
