@@ -1,8 +1,10 @@
 """Google Gemini through ``google-genai``'s async streaming call.
 
-The SDK retries by itself (tenacity, and a hidden extra try on connection
-errors) unless ``HttpOptions.retry_options`` is given: ``attempts=1`` makes it
-send each request once, so every attempt is a Temporal attempt.
+Retries: without ``HttpOptions.retry_options`` the SDK still makes a hidden
+second try after a connection error on its aiohttp transport (used whenever
+aiohttp is installed), and with default options it retries five times. An
+explicit ``HttpRetryOptions(attempts=1)`` turns both off, so each request is
+sent once and every attempt is a Temporal attempt.
 
 ``provider_options`` may carry ``safety_settings`` (a list of
 ``{"category": ..., "threshold": ...}``) and ``generation_config`` (any other
