@@ -11,7 +11,7 @@ import asyncio
 import logging
 import os
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any
 
 from temporalio.client import WorkflowExecutionStatus
@@ -345,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_ASYNC: dict[str, Callable[[argparse.Namespace], Awaitable[int]]] = {
+_ASYNC: dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, int]]] = {
     "run": cmd_run,
     "watch": cmd_watch,
     "status": cmd_status,

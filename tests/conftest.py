@@ -101,7 +101,10 @@ async def mixer(
 ) -> AsyncIterator[MixerClient]:
     """A MixerClient whose runs execute on a fresh worker in this test's task queue."""
     settings = WorkerSettings(task_queue=task_queue, shutdown_grace_s=2.0)
-    async with mixer_worker(
-        client, settings, environ=worker_env, max_cached_workflows=workflow_cache
-    ) as worker, worker:
+    async with (
+        mixer_worker(
+            client, settings, environ=worker_env, max_cached_workflows=workflow_cache
+        ) as worker,
+        worker,
+    ):
         yield MixerClient(client, task_queue)

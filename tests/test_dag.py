@@ -61,7 +61,8 @@ def test_intervention_refusals_name_the_state_and_what_applies() -> None:
     assert state.refusal("skip", "a") is None  # pending may be skipped
     message = state.refusal("retry", "a")
     assert message == (
-        "cannot retry step 'a': it is pending, and retry applies to a step that is failed or waiting"
+        "cannot retry step 'a': it is pending, "
+        "and retry applies to a step that is failed or waiting"
     )
     assert "not an approval" in str(state.refusal("approve", "b"))
     state.records["gate"].status = StepStatus.WAITING

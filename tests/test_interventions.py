@@ -13,10 +13,8 @@ from llmmixer.client.mixer import InterventionRefused, MixerClient, MixerHandle
 from llmmixer.workflows.records import InterventionRequest, RunProgress, RunStatus, StepStatus
 
 
-async def wait_for(
-    handle: MixerHandle, predicate: Any, timeout: float = 30.0
-) -> RunProgress:
-    deadline = asyncio.get_running_loop().time() + timeout
+async def wait_for(handle: MixerHandle, predicate: Any, within_s: float = 30.0) -> RunProgress:
+    deadline = asyncio.get_running_loop().time() + within_s
     while True:
         progress = await handle.progress()
         if predicate(progress):
@@ -39,9 +37,17 @@ def flaky_then_dependant(marker: str) -> dict[str, Any]:
         "steps": [
             {"id": "flaky", "kind": "pty", "command": [sys.executable, "-c", script]},
             {"id": "free", "kind": "pty", "command": [sys.executable, "-c", "print('free')"]},
-            {"id": "after", "kind": "pty", "needs": ["flaky"],
-             "command": [sys.executable, "-c", "import sys; print('got', sys.argv[1])",
-                         "{{steps.flaky.output}}"]},
+            {
+                "id": "after",
+                "kind": "pty",
+                "needs": ["flaky"],
+                "command": [
+                    sys.executable,
+                    "-c",
+                    "import sys; print('got', sys.argv[1])",
+                    "{{steps.flaky.output}}",
+                ],
+            },
         ],
     }
 
@@ -58,8 +64,9 @@ def waiting(step: str) -> Any:
 async def test_pause_then_retry_from_the_failed_step(mixer: MixerClient, tmp_path: Any) -> None:
     marker = tmp_path / "ready"
     handle = await mixer.start(flaky_then_dependant(str(marker)))
-    progress = await wait_for(handle, lambda p: waiting("flaky")(p) and
-                              p.steps["free"].status == StepStatus.COMPLETED)
+    progress = await wait_for(
+        handle, lambda p: waiting("flaky")(p) and p.steps["free"].status == StepStatus.COMPLETED
+    )
     # independent steps kept running; the dependant waits; the run says waiting
     assert progress.status == RunStatus.WAITING and progress.needs_person
     assert progress.steps["after"].status == StepStatus.PENDING
@@ -79,8 +86,7 @@ async def test_pause_then_retry_from_the_failed_step(mixer: MixerClient, tmp_pat
 async def test_retry_with_a_new_prompt_is_recorded(mixer: MixerClient) -> None:
     spec = {
         "name": "newprompt",
-        "defaults": {"provider": "openai", "model": "gpt-4.1-mini",
-                     "retry": {"max_attempts": 1}},
+        "defaults": {"provider": "openai", "model": "gpt-4.1-mini", "retry": {"max_attempts": 1}},
         # no OPENAI_API_KEY on the test worker: the call fails at once (non-retryable)
         "steps": [{"id": "ask", "prompt": "first prompt"}],
     }
@@ -91,8 +97,10 @@ async def test_retry_with_a_new_prompt_is_recorded(mixer: MixerClient) -> None:
     await handle.retry("ask", prompt="second prompt")
     progress = await wait_for(handle, lambda p: p.steps["ask"].attempts == 2 and waiting("ask")(p))
     assert progress.steps["ask"].prompt == "second prompt"
-    assert progress.steps["ask"].interventions[0].argument == {"step": "ask",
-                                                               "prompt": "second prompt"}
+    assert progress.steps["ask"].interventions[0].argument == {
+        "step": "ask",
+        "prompt": "second prompt",
+    }
     await handle.override("ask", "typed by a person")
     result = await handle.result()
     assert result.steps["ask"].overridden is True
@@ -126,8 +134,9 @@ async def test_updates_refuse_unknown_steps_and_wrong_states(
     mixer: MixerClient, tmp_path: Any
 ) -> None:
     handle = await mixer.start(flaky_then_dependant(str(tmp_path / "never")))
-    await wait_for(handle, lambda p: waiting("flaky")(p) and
-                   p.steps["free"].status == StepStatus.COMPLETED)
+    await wait_for(
+        handle, lambda p: waiting("flaky")(p) and p.steps["free"].status == StepStatus.COMPLETED
+    )
     with pytest.raises(InterventionRefused, match="no step 'nope'"):
         await handle.retry("nope")
     with pytest.raises(InterventionRefused, match="it is completed"):
@@ -148,8 +157,9 @@ async def test_signals_that_cannot_apply_are_recorded_as_rejected(
     mixer: MixerClient, tmp_path: Any
 ) -> None:
     handle = await mixer.start(flaky_then_dependant(str(tmp_path / "never")))
-    await wait_for(handle, lambda p: waiting("flaky")(p) and
-                   p.steps["free"].status == StepStatus.COMPLETED)
+    await wait_for(
+        handle, lambda p: waiting("flaky")(p) and p.steps["free"].status == StepStatus.COMPLETED
+    )
     raw: WorkflowHandle[Any, Any] = handle.temporal
     await raw.signal("skip", InterventionRequest(step="free", reason="too late"))
     await raw.signal("retry", InterventionRequest(step="ghost"))
@@ -172,17 +182,26 @@ async def test_approval_gate_approve_and_reject(mixer: MixerClient) -> None:
         "name": "gate",
         "steps": [
             {"id": "gate", "kind": "approval", "prompt": "Ship it?"},
-            {"id": "ship", "kind": "pty", "needs": ["gate"],
-             "command": [sys.executable, "-c", "import sys; print(sys.argv[1])",
-                         "{{steps.gate.output}}"]},
+            {
+                "id": "ship",
+                "kind": "pty",
+                "needs": ["gate"],
+                "command": [
+                    sys.executable,
+                    "-c",
+                    "import sys; print(sys.argv[1])",
+                    "{{steps.gate.output}}",
+                ],
+            },
         ],
     }
     handle = await mixer.start(spec)
     progress = await wait_for(handle, waiting("gate"))
     assert progress.steps["gate"].waiting_reason == "approval: Ship it?"
     await handle.reject("gate", reason="tests are red")
-    progress = await wait_for(handle, lambda p: "rejected: tests are red" in (
-        p.steps["gate"].error or ""))
+    progress = await wait_for(
+        handle, lambda p: "rejected: tests are red" in (p.steps["gate"].error or "")
+    )
     assert progress.steps["gate"].status == StepStatus.WAITING  # on_failure pause
     await handle.approve("gate", comment="fixed, go")
     result = await handle.result()
@@ -195,8 +214,13 @@ async def test_approval_timeout_applies_the_default(mixer: MixerClient) -> None:
         "name": "gate-timeout",
         "steps": [
             {"id": "yes", "kind": "approval", "timeout_s": 1, "default": "approve"},
-            {"id": "no", "kind": "approval", "timeout_s": 1, "default": "reject",
-             "on_failure": "skip"},
+            {
+                "id": "no",
+                "kind": "approval",
+                "timeout_s": 1,
+                "default": "reject",
+                "on_failure": "skip",
+            },
         ],
     }
     result = await (await mixer.start(spec)).result()
@@ -210,8 +234,9 @@ async def test_pause_timeout_turns_a_forgotten_pause_into_a_failure(mixer: Mixer
     spec = {
         "name": "forgotten",
         "defaults": {"pause_timeout_s": 1, "retry": {"max_attempts": 1}},
-        "steps": [{"id": "bad", "kind": "pty",
-                   "command": [sys.executable, "-c", "raise SystemExit(1)"]}],
+        "steps": [
+            {"id": "bad", "kind": "pty", "command": [sys.executable, "-c", "raise SystemExit(1)"]}
+        ],
     }
     handle = await mixer.start(spec)
     from llmmixer.client.mixer import RunFailed

@@ -103,8 +103,14 @@ def test_unknown_kind_and_provider() -> None:
     spec["steps"][0]["kind"] = "shell"
     spec["steps"][3]["provider"] = "mistral"
     lines = issues_of(spec)
-    assert "step plan: kind: unknown kind 'shell': use one of llm, pty, approval, decompose, agent" in lines
-    assert "step summary: provider: unknown provider 'mistral': use one of anthropic, openai, gemini" in lines
+    assert (
+        "step plan: kind: unknown kind 'shell': use one of llm, pty, approval, decompose, agent"
+        in lines
+    )
+    assert (
+        "step summary: provider: unknown provider 'mistral': use one of anthropic, openai, gemini"
+        in lines
+    )
 
 
 def test_missing_required_fields() -> None:
@@ -156,9 +162,7 @@ def test_all_errors_are_reported_at_once() -> None:
 
 
 def test_top_level_shape_errors() -> None:
-    assert issues_of([]) == [
-        "spec: (document): the spec must be a mapping with `name` and `steps`"
-    ]
+    assert issues_of([]) == ["spec: (document): the spec must be a mapping with `name` and `steps`"]
     assert "spec: steps: a spec needs a non-empty list of steps under `steps`" in issues_of(
         {"name": "x", "steps": []}
     )

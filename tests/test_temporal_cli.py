@@ -12,9 +12,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from temporalio.testing import WorkflowEnvironment
-
 from conftest import temporal_binary
+from temporalio.testing import WorkflowEnvironment
 
 SPEC = {
     "name": "cli",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import sys
 import uuid
 from typing import Any
@@ -22,9 +23,18 @@ def dry_spec(**extra: Any) -> dict[str, Any]:
         "steps": [
             {"id": "a", "prompt": "start {{inputs.topic}}"},
             {"id": "b", "needs": ["a"], "prompt": "B sees {{steps.a.output}}"},
-            {"id": "c", "needs": ["a"], "provider": "anthropic", "model": "claude-haiku-4-5",
-             "prompt": "C"},
-            {"id": "d", "needs": ["b", "c"], "prompt": "join {{steps.b.output}} | {{steps.c.output}}"},
+            {
+                "id": "c",
+                "needs": ["a"],
+                "provider": "anthropic",
+                "model": "claude-haiku-4-5",
+                "prompt": "C",
+            },
+            {
+                "id": "d",
+                "needs": ["b", "c"],
+                "prompt": "join {{steps.b.output}} | {{steps.c.output}}",
+            },
         ],
         "output": "final: {{steps.d.output}}",
     }
@@ -53,8 +63,17 @@ async def test_dry_run_dag_completes_with_the_contract_result(mixer: MixerClient
     # the shape of CONTRACT section 4, as plain JSON
     body = result.model_dump(mode="json")
     assert {"status", "output", "steps", "usage"} <= set(body)
-    assert {"status", "attempts", "output", "error", "overridden", "provider", "model",
-            "usage", "cost_usd"} <= set(body["steps"]["a"])
+    assert {
+        "status",
+        "attempts",
+        "output",
+        "error",
+        "overridden",
+        "provider",
+        "model",
+        "usage",
+        "cost_usd",
+    } <= set(body["steps"]["a"])
     assert set(body["usage"]) >= {"input_tokens", "output_tokens", "cost_usd"}
 
 
@@ -81,7 +100,11 @@ def _slow_step(step_id: str, seconds: float, needs: list[str] | None = None) -> 
         "id": step_id,
         "kind": "pty",
         "needs": needs or [],
-        "command": [sys.executable, "-c", f"import time; time.sleep({seconds}); print('{step_id}')"],
+        "command": [
+            sys.executable,
+            "-c",
+            f"import time; time.sleep({seconds}); print('{step_id}')",
+        ],
     }
 
 
@@ -116,20 +139,32 @@ async def test_max_parallel_one_serialises_the_middle(mixer: MixerClient) -> Non
     spans = sorted(
         (r.started_at, r.ended_at) for r in result.steps.values() if r.started_at and r.ended_at
     )
-    for (_, end), (start, _) in zip(spans, spans[1:], strict=False):
+    for (_, end), (start, _) in itertools.pairwise(spans):
         assert start >= end
 
 
 async def test_on_failure_skip_goes_on_and_fail_fails_the_run(mixer: MixerClient) -> None:
-    failing = {"id": "bad", "kind": "pty", "command": [sys.executable, "-c", "raise SystemExit(3)"],
-               "retry": {"max_attempts": 1}}
+    failing = {
+        "id": "bad",
+        "kind": "pty",
+        "command": [sys.executable, "-c", "raise SystemExit(3)"],
+        "retry": {"max_attempts": 1},
+    }
     skip_spec = {
         "name": "skipper",
         "steps": [
             {**failing, "on_failure": "skip"},
-            {"id": "after", "kind": "pty", "needs": ["bad"],
-             "command": [sys.executable, "-c", "import sys; print(repr(sys.argv[1]))",
-                         "{{steps.bad.output}}"]},
+            {
+                "id": "after",
+                "kind": "pty",
+                "needs": ["bad"],
+                "command": [
+                    sys.executable,
+                    "-c",
+                    "import sys; print(repr(sys.argv[1]))",
+                    "{{steps.bad.output}}",
+                ],
+            },
         ],
     }
     result = await (await mixer.start(skip_spec)).result()
@@ -138,8 +173,13 @@ async def test_on_failure_skip_goes_on_and_fail_fails_the_run(mixer: MixerClient
     assert result.steps["after"].output is not None
     assert result.steps["after"].output.strip() == "''"
 
-    fail_spec = {"name": "failer", "steps": [{**failing, "on_failure": "fail"},
-                                             {**_slow_step("other", 0.1), "needs": ["bad"]}]}
+    fail_spec = {
+        "name": "failer",
+        "steps": [
+            {**failing, "on_failure": "fail"},
+            {**_slow_step("other", 0.1), "needs": ["bad"]},
+        ],
+    }
     handle = await mixer.start(fail_spec)
     with pytest.raises(RunFailed) as caught:
         await handle.result()
@@ -153,8 +193,18 @@ async def test_on_failure_skip_goes_on_and_fail_fails_the_run(mixer: MixerClient
 async def test_invalid_spec_fails_the_run_at_once_with_the_validation_message(
     mixer: MixerClient, client: Client
 ) -> None:
-    bad = {"name": "bad", "steps": [{"id": "a", "kind": "llm", "provider": "mistral",
-                                     "model": "m", "prompt": "{{steps.zz.output}}"}]}
+    bad = {
+        "name": "bad",
+        "steps": [
+            {
+                "id": "a",
+                "kind": "llm",
+                "provider": "mistral",
+                "model": "m",
+                "prompt": "{{steps.zz.output}}",
+            }
+        ],
+    }
     handle = await client.start_workflow(
         "MixerWorkflow", bad, id=f"bad-{uuid.uuid4().hex[:6]}", task_queue=mixer.task_queue
     )
@@ -164,5 +214,7 @@ async def test_invalid_spec_fails_the_run_at_once_with_the_validation_message(
     assert "invalid spec" in message
     assert "step a: provider: unknown provider 'mistral'" in message
     history = await handle.fetch_history()
-    task_failures = [e for e in history.events if e.HasField("workflow_task_failed_event_attributes")]
+    task_failures = [
+        e for e in history.events if e.HasField("workflow_task_failed_event_attributes")
+    ]
     assert task_failures == [], "a bad spec must fail the run, not retry the workflow task"

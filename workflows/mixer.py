@@ -311,7 +311,9 @@ class MixerWorkflow:
     async def _call_llm(self, spec: Spec, step: LlmStep, record: StepRecord) -> str:
         prompt = self._prompt_overrides.get(step.id, step.prompt)
         messages = [
-            ChatMessage(role=message["role"], content=self._render(spec, message["content"]))  # type: ignore[arg-type]
+            ChatMessage.model_validate(
+                {"role": message["role"], "content": self._render(spec, message["content"])}
+            )
             for message in step.messages or []
         ]
         if prompt is not None:

@@ -362,11 +362,8 @@ def _secret_issues(node: object, where: str, path: str) -> Iterator[SpecIssue]:
                 if key != "steps":
                     yield from _secret_field(key, value, where, key)
             for index, step in enumerate(node["steps"]):
-                step_where = (
-                    step.get("id")
-                    if isinstance(step, Mapping) and isinstance(step.get("id"), str)
-                    else f"#{index + 1}"
-                )
+                step_id = step.get("id") if isinstance(step, Mapping) else None
+                step_where = step_id if isinstance(step_id, str) else f"#{index + 1}"
                 yield from _secret_issues(step, step_where, "")
             return
         for key, value in node.items():

@@ -1,0 +1,121 @@
+"""Record workflow histories for the replay test (``tests/test_replay.py``).
+
+Run by hand when a release changes behaviour on purpose, and commit the files:
+
+    python tests/histories/record.py
+
+Each scenario runs on a real dev server; its history is saved as JSON named
+``<release>-<scenario>.json``. Old files are never rewritten: they are what
+runs in flight look like, and the current code must keep replaying them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import sys
+import tempfile
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from temporalio.testing import WorkflowEnvironment
+
+from llmmixer import __version__
+from llmmixer.client.mixer import MixerClient, MixerHandle
+from llmmixer.workers.connection import data_converter
+from llmmixer.workers.worker import WorkerSettings, mixer_worker
+
+HERE = Path(__file__).parent
+PY = sys.executable
+
+
+async def until(handle: MixerHandle, step: str, status: str) -> None:
+    for _ in range(300):
+        progress = await handle.progress()
+        if progress.steps[step].status.value == status:
+            return
+        await asyncio.sleep(0.1)
+    raise TimeoutError(f"{step} never became {status}")
+
+
+async def fan(mixer: MixerClient) -> MixerHandle:
+    handle = await mixer.start(Path(HERE.parent.parent / "examples" / "hello.yaml"), dry_run=True)
+    await handle.result()
+    return handle
+
+
+async def interventions(mixer: MixerClient) -> MixerHandle:
+    marker = Path(tempfile.mkdtemp()) / "go"
+    script = f"import os,sys\nif not os.path.exists({str(marker)!r}): sys.exit(1)\nprint('ok')"
+    spec = {
+        "name": "interventions",
+        "defaults": {"retry": {"max_attempts": 1}},
+        "steps": [
+            {"id": "flaky", "kind": "pty", "command": [PY, "-c", script]},
+            {"id": "gate", "kind": "approval", "needs": ["flaky"]},
+            {"id": "skipme", "kind": "pty", "command": [PY, "-c", "raise SystemExit(2)"]},
+            {"id": "last", "kind": "pty", "needs": ["gate", "skipme"],
+             "command": [PY, "-c", "import sys; print(sys.argv[1:])", "{{steps.gate.output}}"]},
+        ],
+    }
+    handle = await mixer.start(spec)
+    await until(handle, "flaky", "waiting")
+    await until(handle, "skipme", "waiting")
+    await handle.temporal.signal("retry", {"step": "nope"})
+    marker.write_text("go")
+    await handle.retry("flaky")
+    await until(handle, "gate", "waiting")
+    await handle.reject("gate", reason="not yet")
+    await handle.approve("gate", comment="now")
+    await handle.skip("skipme", reason="flaky test")
+    await handle.result()
+    return handle
+
+
+async def cancelled(mixer: MixerClient) -> MixerHandle:
+    spec = {"name": "cancel", "steps": [
+        {"id": "slow", "kind": "pty", "command": [PY, "-c", "import time; time.sleep(60)"]}]}
+    handle = await mixer.start(spec)
+    await until(handle, "slow", "running")
+    await asyncio.sleep(1)
+    await handle.cancel()
+    try:
+        await handle.result()
+    except Exception:
+        pass
+    return handle
+
+
+SCENARIOS: dict[str, Callable[[MixerClient], Awaitable[MixerHandle]]] = {
+    "fan": fan,
+    "interventions": interventions,
+    "cancelled": cancelled,
+}
+
+
+async def main() -> None:
+    binary = Path(sys.executable).parent / "temporal"
+    env = await WorkflowEnvironment.start_local(
+        dev_server_existing_path=str(binary if binary.exists() else shutil.which("temporal")),
+        data_converter=data_converter(),
+    )
+    try:
+        async with mixer_worker(
+            env.client, WorkerSettings(task_queue="record", shutdown_grace_s=2)
+        ) as worker, worker:
+            mixer = MixerClient(env.client, "record")
+            for name, scenario in SCENARIOS.items():
+                target = HERE / f"{__version__}-{name}.json"
+                if target.exists():
+                    print(f"keep {target.name}")
+                    continue
+                handle = await scenario(mixer)
+                history = await handle.temporal.fetch_history()
+                target.write_text(history.to_json())
+                print(f"wrote {target.name} ({len(history.events)} events)")
+    finally:
+        await env.shutdown()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
