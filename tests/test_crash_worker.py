@@ -18,14 +18,22 @@ import signal
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, TypeVar
 
 import pytest
 from fakes.processes import pid_alive, wait_gone
 from fakes.provider_server import FakeProviderServer, Reply
-from fakes.workers import WorkerProcess, WorkerProcesses, worker_environment
+from fakes.workers import (
+    SLOW_CHUNK_DELAY_S,
+    SLOW_TEXT,
+    WorkerProcess,
+    WorkerProcesses,
+    crash_defaults,
+    eventually,
+    llm_step,
+    worker_environment,
+)
 from temporalio.api.enums.v1 import EventType, PendingActivityState
 from temporalio.client import WorkflowExecutionStatus
 from temporalio.testing import WorkflowEnvironment
@@ -33,51 +41,10 @@ from temporalio.testing import WorkflowEnvironment
 from llmmixer.client.mixer import MixerClient, MixerHandle, RunFailed
 from llmmixer.workflows.records import RunProgress, RunStatus, StepStatus
 
-T = TypeVar("T")
-
 # CONTRACT 8: a step of a dead worker runs again elsewhere within 60 s. The
 # tests hold recovery to a tighter bound, so a regression towards the limit
 # (say, a lost heartbeat timeout) is noticed long before it breaks the promise.
 RECOVERY_BOUND_S = 30.0
-
-# A slow stream: 60 words at 0.25 s each is 15 s, long enough to kill a worker
-# in the middle of it, short enough that a test that waits it out still fits.
-SLOW_TEXT = " ".join(f"w{i}" for i in range(60))
-SLOW_CHUNK_DELAY_S = 0.25
-
-
-def _defaults(**extra: Any) -> dict[str, Any]:
-    return {
-        "provider": "openai",
-        "heartbeat_timeout_s": 2,
-        # Retries start quickly so recovery time is the heartbeat timeout, not backoff.
-        "retry": {"max_attempts": 5, "initial_interval_s": 0.5, "max_interval_s": 2},
-        **extra,
-    }
-
-
-def _llm(step_id: str, prompt: str, needs: list[str] | None = None) -> dict[str, Any]:
-    # One model per step, so the provider's per-model call count is a per-step count.
-    return {"id": step_id, "model": f"m-{step_id}", "prompt": prompt, "needs": needs or []}
-
-
-async def eventually(
-    probe: Callable[[], Awaitable[T]],
-    done: Callable[[T], bool],
-    what: str,
-    within_s: float = 30.0,
-    every_s: float = 0.1,
-) -> T:
-    """Poll ``probe`` until ``done`` holds; fail naming ``what`` and the last value."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within_s
-    while True:
-        value = await probe()
-        if done(value):
-            return value
-        if loop.time() >= deadline:
-            raise AssertionError(f"{what} within {within_s:g}s; last: {value!r}")
-        await asyncio.sleep(every_s)
 
 
 async def _count(server: FakeProviderServer, model: str) -> int:
@@ -137,13 +104,13 @@ async def test_sigkill_mid_stream_reruns_only_the_step_in_flight(
     )
     spec = {
         "name": "crash-sigkill",
-        "defaults": _defaults(),
+        "defaults": crash_defaults(),
         "steps": [
-            _llm("first", "one"),
-            _llm("side", "in parallel with first"),
-            _llm("second", "two {{steps.first.output}}", ["first"]),
-            _llm("slow", "long answer after {{steps.second.output}}", ["second", "side"]),
-            _llm("last", "sum up {{steps.slow.output}}", ["slow"]),
+            llm_step("first", "one"),
+            llm_step("side", "in parallel with first"),
+            llm_step("second", "two {{steps.first.output}}", ["first"]),
+            llm_step("slow", "long answer after {{steps.second.output}}", ["second", "side"]),
+            llm_step("last", "sum up {{steps.slow.output}}", ["slow"]),
         ],
     }
     first_worker = await workers.start()
@@ -202,8 +169,11 @@ async def test_the_surviving_worker_takes_over_a_killed_workers_activity(
     )
     spec = {
         "name": "crash-two-workers",
-        "defaults": _defaults(),
-        "steps": [_llm("first", "one"), _llm("slow", "then {{steps.first.output}}", ["first"])],
+        "defaults": crash_defaults(),
+        "steps": [
+            llm_step("first", "one"),
+            llm_step("slow", "then {{steps.first.output}}", ["first"]),
+        ],
     }
     pair = [await workers.start(), await workers.start()]
     handle = await mixer_client.start(spec, workflow_id=f"crash-pair-{uuid.uuid4().hex[:8]}")
@@ -248,12 +218,12 @@ async def test_a_paused_run_survives_a_worker_restart_and_takes_every_interventi
     provider_server.reply("openai", "fixed on retry", model="m-again")
     spec = {
         "name": "crash-paused",
-        "defaults": _defaults(on_failure="pause"),
+        "defaults": crash_defaults(on_failure="pause"),
         "steps": [
-            _llm("again", "a"),
-            _llm("dropped", "b"),
-            _llm("manual", "c"),
-            _llm(
+            llm_step("again", "a"),
+            llm_step("dropped", "b"),
+            llm_step("manual", "c"),
+            llm_step(
                 "final",
                 "[{{steps.again.output}}|{{steps.dropped.output}}|{{steps.manual.output}}]",
                 ["again", "dropped", "manual"],
@@ -333,7 +303,7 @@ async def test_cancel_kills_the_whole_process_tree_of_a_pty_step(
     pid_file = tmp_path / "pids"
     spec = {
         "name": "crash-cancel",
-        "defaults": _defaults(),
+        "defaults": crash_defaults(),
         "steps": [
             {
                 "id": "tree",

@@ -28,20 +28,80 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import Any, Self, TypeVar
 
 from temporalio.api.enums.v1 import TaskQueueKind, TaskQueueType
 from temporalio.api.taskqueue.v1 import TaskQueue
 from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
 from temporalio.client import Client
 
-__all__ = ["WorkerProcess", "WorkerProcesses", "worker_environment"]
+__all__ = [
+    "SLOW_CHUNK_DELAY_S",
+    "SLOW_TEXT",
+    "WorkerProcess",
+    "WorkerProcesses",
+    "crash_defaults",
+    "eventually",
+    "llm_step",
+    "worker_environment",
+]
+
+T = TypeVar("T")
 
 # A worker needs these to start at all; everything else comes from the test.
 _INHERITED = ("PATH", "LANG", "LC_ALL", "TMPDIR", "SYSTEMROOT")
+
+
+# ---- specs and polling shared by the crash tests ------------------------------------
+
+# A slow stream: 60 words at 0.25 s each is 15 s, long enough to kill a worker
+# or the server in the middle of it, short enough that a test that waits it
+# out still fits in its time budget.
+SLOW_TEXT = " ".join(f"w{i}" for i in range(60))
+SLOW_CHUNK_DELAY_S = 0.25
+
+
+def crash_defaults(**extra: Any) -> dict[str, Any]:
+    """Spec ``defaults`` under which a lost activity is noticed in seconds."""
+    return {
+        "provider": "openai",
+        # Temporal declares a silent activity lost after this: 2 s, not 20.
+        "heartbeat_timeout_s": 2,
+        # Retries start quickly so recovery time is the heartbeat timeout, not backoff.
+        "retry": {"max_attempts": 5, "initial_interval_s": 0.5, "max_interval_s": 2},
+        **extra,
+    }
+
+
+def llm_step(step_id: str, prompt: str, needs: list[str] | None = None) -> dict[str, Any]:
+    """An OpenAI step whose model is ``m-<id>``: one model per step, so the fake
+    provider's per-model call count is a per-step count."""
+    return {"id": step_id, "model": f"m-{step_id}", "prompt": prompt, "needs": needs or []}
+
+
+async def eventually(
+    probe: Callable[[], Awaitable[T]],
+    done: Callable[[T], bool],
+    what: str,
+    within_s: float = 30.0,
+    every_s: float = 0.1,
+) -> T:
+    """Poll ``probe`` until ``done`` holds; fail naming ``what`` and the last value."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within_s
+    while True:
+        value = await probe()
+        if done(value):
+            return value
+        if loop.time() >= deadline:
+            raise AssertionError(f"{what} within {within_s:g}s; last: {value!r}")
+        await asyncio.sleep(every_s)
+
+
+# ---- worker processes ----------------------------------------------------------------
 
 
 def worker_environment(
