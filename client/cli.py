@@ -282,6 +282,13 @@ async def cmd_doctor(args: argparse.Namespace) -> int:
     return await run_doctor(json_output=args.json)
 
 
+async def cmd_serve(args: argparse.Namespace) -> int:
+    # Imported here so the other commands never pay for loading the web stack.
+    from llmmixer.client.server import serve
+
+    return await serve(args.host, args.port)
+
+
 # ---- parser -----------------------------------------------------------------------
 
 
@@ -342,6 +349,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     doctor = sub.add_parser("doctor", help="what is installed, reachable and configured")
     doctor.add_argument("--json", action="store_true")
+
+    serve = sub.add_parser("serve", help="HTTP API, SSE event stream and web page")
+    serve.add_argument(
+        "--host", default="127.0.0.1", help="beyond loopback needs LLMMIXER_API_TOKEN"
+    )
+    serve.add_argument("--port", type=int, default=8765)
     return parser
 
 
@@ -359,6 +372,7 @@ _ASYNC: dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, int]]] = {
     "dev": cmd_dev,
     "worker": cmd_worker,
     "doctor": cmd_doctor,
+    "serve": cmd_serve,
 }
 
 

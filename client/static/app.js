@@ -1,0 +1,397 @@
+// The llmmixer web page: runs, one run's steps live, and the interventions.
+//
+// Plain JS, no build step. Every value from the server is put in the page with
+// textContent, never innerHTML, so step outputs cannot inject markup.
+//
+// The event stream is read with fetch, not EventSource: EventSource cannot send
+// the Authorization header, and the server takes the token only there (a token
+// in a URL would end up in logs). So this file parses text/event-stream itself
+// and reconnects with Last-Event-ID, as EventSource would.
+"use strict";
+
+const TOKEN_KEY = "llmmixer-token";
+const RECONNECT_MS = 2000;
+const MAX_EVENT_LINES = 300;
+
+const $ = (selector) => document.querySelector(selector);
+
+function el(tag, props = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [key, value] of Object.entries(props)) {
+    if (key === "dataset") Object.assign(node.dataset, value);
+    else if (key in node) node[key] = value;
+    else node.setAttribute(key, value);
+  }
+  for (const child of children) node.append(child);
+  return node;
+}
+
+// ---- talking to the API -------------------------------------------------------------
+
+function authHeaders() {
+  const token = sessionStorage.getItem(TOKEN_KEY);
+  return token ? { Authorization: `Bearer ${token}` } : {};
+}
+
+class ApiError extends Error {
+  constructor(status, messages) {
+    super(messages.join("\n"));
+    this.status = status;
+    this.messages = messages;
+  }
+}
+
+async function api(path, { method = "GET", body } = {}) {
+  const headers = authHeaders();
+  if (body !== undefined) headers["Content-Type"] = "application/json";
+  const response = await fetch(path, {
+    method,
+    headers,
+    body: body === undefined ? undefined : JSON.stringify(body),
+  });
+  if (response.status === 401) askForToken();
+  const text = await response.text();
+  let data = null;
+  try { data = text ? JSON.parse(text) : null; } catch (_) { data = null; }
+  if (!response.ok) {
+    const messages = (data && data.errors) || [`${response.status} ${response.statusText}`];
+    throw new ApiError(response.status, messages);
+  }
+  return data;
+}
+
+function notify(message, isError = false) {
+  const notice = $("#notice");
+  notice.textContent = message;
+  notice.className = isError ? "error" : "";
+  notice.hidden = !message;
+}
+
+function askForToken() {
+  $("#token-form").hidden = false;
+  notify("The server wants an API token: paste the value of LLMMIXER_API_TOKEN above.", true);
+  $("#token-input").focus();
+}
+
+// ---- the list of runs ---------------------------------------------------------------
+
+let currentRun = null;
+
+async function loadRuns() {
+  let data;
+  try {
+    data = await api("/workflows?limit=100");
+  } catch (error) {
+    if (error.status !== 401) notify(`Could not list runs: ${error.message}`, true);
+    return;
+  }
+  const list = $("#runs");
+  list.replaceChildren();
+  for (const run of data.runs) {
+    const link = el(
+      "a",
+      { href: `#/runs/${encodeURIComponent(run.workflow_id)}`, dataset: { run: run.workflow_id } },
+      el("span", { textContent: run.workflow_id }),
+      el("span", { className: `state ${run.status}`, textContent: run.status }),
+    );
+    if (run.workflow_id === currentRun) link.classList.add("current");
+    list.append(el("li", {}, link));
+  }
+  if (!data.runs.length) list.append(el("li", { className: "muted", textContent: "no runs yet" }));
+}
+
+// ---- one run ------------------------------------------------------------------------
+
+let streamAbort = null;
+let refreshTimer = null;
+let needs = {};             // step id -> ids it needs, from the spec
+let liveText = {};          // step id -> text streamed since the step started
+let lastProgress = null;
+
+function dagOrder(stepIds) {
+  // Topological order (a step after everything it needs), ties kept in spec
+  // order; steps the spec does not list (from a decompose step) keep their place.
+  const order = [];
+  const seen = new Set();
+  const visit = (id, path) => {
+    if (seen.has(id) || path.has(id)) return;
+    path.add(id);
+    for (const need of needs[id] || []) if (stepIds.includes(need)) visit(need, path);
+    seen.add(id);
+    order.push(id);
+  };
+  for (const id of stepIds) visit(id, new Set());
+  return order;
+}
+
+function money(value) {
+  return value === null || value === undefined ? "unknown" : `$${value.toFixed(4)}`;
+}
+
+function preview(text, limit = 400) {
+  if (!text) return "";
+  return text.length > limit ? `${text.slice(0, limit)}…` : text;
+}
+
+function actionsFor(record) {
+  const actions = [];
+  if (record.status === "waiting" && record.kind === "approval") {
+    actions.push("approve", "reject");
+  }
+  if (record.status === "waiting" || record.status === "failed") actions.push("retry");
+  if (["pending", "waiting", "failed"].includes(record.status)) actions.push("skip", "override");
+  return actions;
+}
+
+const ACTION_LABELS = {
+  retry: "Retry", skip: "Skip", override: "Override…", approve: "Approve", reject: "Reject…",
+};
+
+function renderProgress(id, progress) {
+  lastProgress = progress;
+  const closed = ["completed", "failed", "cancelled"].includes(progress.status);
+  $("#run-id").textContent = id;
+  const status = $("#run-status");
+  status.textContent = progress.status;
+  status.className = `state ${progress.status}`;
+  const usage = progress.usage || {};
+  $("#run-summary").textContent =
+    `${progress.name || ""} · tokens ${usage.input_tokens || 0} in / ${usage.output_tokens || 0} out` +
+    ` · cost ${money(usage.cost_usd)}${usage.cost_complete === false ? " (some prices unknown)" : ""}` +
+    (progress.dry_run ? " · dry run" : "");
+  $("#run-error").hidden = !progress.error;
+  $("#run-error").textContent = progress.error || "";
+  $("#run-cancel").hidden = closed;
+  $("#run-output").textContent = progress.output || "";
+
+  const body = $("#steps tbody");
+  body.replaceChildren();
+  for (const stepId of dagOrder(Object.keys(progress.steps))) {
+    const record = progress.steps[stepId];
+    const model = record.provider ? `${record.provider} / ${record.model || ""}` : "";
+    const live = record.status === "running" ? liveText[stepId] : "";
+    const text = record.output || live || record.error || record.waiting_reason || "";
+    const buttons = closed ? [] : actionsFor(record).map((action) =>
+      el("button", {
+        type: "button",
+        textContent: ACTION_LABELS[action],
+        dataset: { action, step: stepId },
+        onclick: () => intervene(id, stepId, action),
+      }));
+    const needsText = (needs[stepId] || []).length ? `needs ${needs[stepId].join(", ")}` : "";
+    body.append(el("tr", { dataset: { step: stepId } },
+      el("td", {}, el("strong", { textContent: stepId }), el("br"),
+        el("span", { className: "muted", textContent: needsText })),
+      el("td", { className: `state ${record.status}`, textContent: record.status }),
+      el("td", { textContent: record.kind || "" }),
+      el("td", { textContent: model }),
+      el("td", { className: "attempts", textContent: String(record.attempts) }),
+      el("td", { textContent: `${record.usage.input_tokens} / ${record.usage.output_tokens}` }),
+      el("td", { textContent: money(record.cost_usd) }),
+      el("td", { className: record.error && !record.output ? "output error" : "output",
+        textContent: preview(text) }),
+      el("td", { className: "actions" }, ...buttons),
+    ));
+  }
+}
+
+async function refreshProgress(id) {
+  try {
+    const progress = await api(`/workflows/${encodeURIComponent(id)}`);
+    if (id === currentRun) renderProgress(id, progress);
+  } catch (error) {
+    if (error.status !== 401) notify(`Could not read run ${id}: ${error.message}`, true);
+  }
+}
+
+function scheduleRefresh(id) {
+  // Events can come in bursts; one progress read per burst is enough.
+  if (refreshTimer) return;
+  refreshTimer = setTimeout(() => { refreshTimer = null; refreshProgress(id); }, 150);
+}
+
+async function intervene(id, step, action) {
+  const body = {};
+  if (action === "override") {
+    const output = prompt(`New output for step ${step}:`);
+    if (output === null) return;
+    body.output = output;
+  } else if (action === "reject") {
+    const reason = prompt(`Why reject step ${step}?`, "");
+    if (reason === null) return;
+    body.reason = reason;
+  }
+  try {
+    const outcome = await api(
+      `/workflows/${encodeURIComponent(id)}/steps/${encodeURIComponent(step)}/${action}`,
+      { method: "POST", body },
+    );
+    notify(`${action} ${step}: ${outcome.message} (now ${outcome.status})`);
+  } catch (error) {
+    notify(`${action} ${step} refused: ${error.message}`, true);
+  }
+  scheduleRefresh(id);
+}
+
+function logEvent(event) {
+  const list = $("#events");
+  const summary = event.type === "step_delta"
+    ? `${event.step}: +${(event.data.text || "").length} chars`
+    : `${event.step || ""} ${JSON.stringify(event.data)}`;
+  list.append(el("li", { value: event.offset, textContent: `${event.type} ${summary}` }));
+  while (list.children.length > MAX_EVENT_LINES) list.firstElementChild.remove();
+  $("#events-count").textContent = String(event.offset + 1);
+}
+
+function handleEvent(id, event) {
+  if (event.type === "step_started") liveText[event.step] = "";
+  if (event.type === "step_delta") {
+    liveText[event.step] = (liveText[event.step] || "") + (event.data.text || "");
+    if (lastProgress && lastProgress.steps[event.step]) {
+      const row = document.querySelector(`tr[data-step="${CSS.escape(event.step)}"] td.output`);
+      if (row) row.textContent = preview(liveText[event.step]);
+    }
+  } else {
+    scheduleRefresh(id);
+  }
+  logEvent(event);
+}
+
+function parseEventBlock(block) {
+  // One SSE event: lines of `field: value`; comments (":") and `retry:` ignored.
+  const event = { id: null, type: "message", data: [] };
+  for (const line of block.split("\n")) {
+    if (!line || line.startsWith(":")) continue;
+    const colon = line.indexOf(":");
+    const field = colon < 0 ? line : line.slice(0, colon);
+    let value = colon < 0 ? "" : line.slice(colon + 1);
+    if (value.startsWith(" ")) value = value.slice(1);
+    if (field === "id") event.id = value;
+    else if (field === "event") event.type = value;
+    else if (field === "data") event.data.push(value);
+  }
+  return event.data.length ? event : null;
+}
+
+async function followEvents(id, signal) {
+  let lastEventId = null;
+  for (;;) {
+    try {
+      const headers = authHeaders();
+      if (lastEventId !== null) headers["Last-Event-ID"] = lastEventId;
+      const response = await fetch(`/workflows/${encodeURIComponent(id)}/events`, { headers, signal });
+      if (response.status === 401) { askForToken(); return; }
+      if (!response.ok) throw new Error(`${response.status} ${response.statusText}`);
+      $("#connection").textContent = "live";
+      const reader = response.body.getReader();
+      const decoder = new TextDecoder();
+      let buffer = "";
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        buffer += decoder.decode(value, { stream: true }).replace(/\r\n?/g, "\n");
+        let end;
+        while ((end = buffer.indexOf("\n\n")) >= 0) {
+          const parsed = parseEventBlock(buffer.slice(0, end));
+          buffer = buffer.slice(end + 2);
+          if (!parsed) continue;
+          if (parsed.id !== null) lastEventId = parsed.id;
+          handleEvent(id, JSON.parse(parsed.data.join("\n")));
+        }
+      }
+      // A clean end: the run has closed and every event was sent.
+      $("#connection").textContent = "run closed";
+      scheduleRefresh(id);
+      loadRuns();
+      return;
+    } catch (error) {
+      if (signal.aborted) return;
+      $("#connection").textContent = `reconnecting (${error.message})`;
+      await new Promise((resolve) => setTimeout(resolve, RECONNECT_MS));
+      if (signal.aborted) return;
+    }
+  }
+}
+
+async function openRun(id) {
+  if (streamAbort) streamAbort.abort();
+  currentRun = id;
+  needs = {};
+  liveText = {};
+  lastProgress = null;
+  $("#events").replaceChildren();
+  $("#events-count").textContent = "0";
+  $("#steps tbody").replaceChildren();
+  $("#run").hidden = false;
+  $("#empty").hidden = true;
+  for (const link of document.querySelectorAll("#runs a")) {
+    link.classList.toggle("current", link.dataset.run === id);
+  }
+  try {
+    const { spec } = await api(`/workflows/${encodeURIComponent(id)}/spec`);
+    for (const step of spec.steps || []) needs[step.id] = step.needs || [];
+  } catch (_) {
+    needs = {};   // without the spec the steps keep the run's own order
+  }
+  await refreshProgress(id);
+  streamAbort = new AbortController();
+  followEvents(id, streamAbort.signal);
+}
+
+function route() {
+  const match = location.hash.match(/^#\/runs\/(.+)$/);
+  if (match) {
+    openRun(decodeURIComponent(match[1]));
+  } else {
+    if (streamAbort) streamAbort.abort();
+    currentRun = null;
+    $("#run").hidden = true;
+    $("#empty").hidden = false;
+  }
+}
+
+// ---- wiring -------------------------------------------------------------------------
+
+function setup() {
+  $("#token-button").onclick = () => { $("#token-form").hidden = !$("#token-form").hidden; };
+  $("#token-form").onsubmit = (event) => {
+    event.preventDefault();
+    sessionStorage.setItem(TOKEN_KEY, $("#token-input").value.trim());
+    $("#token-input").value = "";
+    $("#token-form").hidden = true;
+    notify("");
+    loadRuns();
+    route();
+  };
+  $("#token-clear").onclick = () => { sessionStorage.removeItem(TOKEN_KEY); notify("Token forgotten."); };
+  $("#runs-refresh").onclick = loadRuns;
+  $("#run-cancel").onclick = async () => {
+    if (!currentRun || !confirm(`Cancel run ${currentRun}?`)) return;
+    try {
+      const answer = await api(`/workflows/${encodeURIComponent(currentRun)}/cancel`, { method: "POST" });
+      notify(answer.message);
+    } catch (error) {
+      notify(`cancel refused: ${error.message}`, true);
+    }
+  };
+  $("#start-form").onsubmit = async (event) => {
+    event.preventDefault();
+    const body = { spec: $("#start-spec").value, dry_run: $("#start-dry-run").checked };
+    const wanted = $("#start-id").value.trim();
+    if (wanted) body.workflow_id = wanted;
+    try {
+      const started = await api("/workflows", { method: "POST", body });
+      notify(`started ${started.workflow_id}`);
+      await loadRuns();
+      location.hash = `#/runs/${encodeURIComponent(started.workflow_id)}`;
+    } catch (error) {
+      notify(`The run was not started:\n${error.message}`, true);
+    }
+  };
+  window.addEventListener("hashchange", route);
+  loadRuns();
+  setInterval(loadRuns, 10000);
+  route();
+}
+
+document.addEventListener("DOMContentLoaded", setup);
