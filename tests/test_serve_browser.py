@@ -1,0 +1,173 @@
+"""The web page of ``llmmixer serve`` in a real headless Chromium.
+
+A run waits for a person; the page shows it live, a click on Retry unblocks
+it, and the page follows the run to its end through the event stream alone
+(it never polls progress on a timer).
+
+Chromium is Debian's (``apt-get install chromium``), driven by Playwright's
+Python package: Playwright's own browser download is never used. The test is
+skipped only when ``/usr/bin/chromium`` is missing; it installs nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from playwright.async_api import ConsoleMessage, async_playwright, expect
+from temporalio.testing import WorkflowEnvironment
+
+from llmmixer.client.mixer import MixerClient
+from llmmixer.workers.address import free_port
+
+CHROMIUM = Path("/usr/bin/chromium")
+# As this machine's probe runs it: no sandbox (root), and none of Chromium's
+# background connections, which a closed network would refuse many at a time.
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+TOKEN = f"browser-test-{uuid.uuid4().hex}"
+
+pytestmark = pytest.mark.skipif(
+    not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium"
+)
+
+
+@pytest.fixture
+def workflow_cache() -> int:
+    return 100  # updates need a cache: see conftest.workflow_cache
+
+
+@pytest.fixture
+def serve_url(env: WorkflowEnvironment, task_queue: str) -> Iterator[str]:
+    """The real ``llmmixer serve`` command, against the test's Temporal and worker."""
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "llmmixer.client.cli", "serve", "--port", str(port)],
+        env={
+            **os.environ,
+            "TEMPORAL_ADDRESS": env.client.service_client.config.target_host,
+            "TEMPORAL_NAMESPACE": env.client.namespace,
+            "LLMMIXER_TASK_QUEUE": task_queue,
+            "LLMMIXER_API_TOKEN": TOKEN,
+        },
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                stderr = process.stderr.read() if process.stderr else ""
+                raise AssertionError(f"llmmixer serve did not start: {stderr}")
+            time.sleep(0.1)
+        yield url
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.communicate(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.communicate()
+
+
+def waits_until_marker(marker: Path) -> dict[str, object]:
+    script = (
+        "import os, sys\n"
+        f"if not os.path.exists({str(marker)!r}): print('no marker yet'); sys.exit(1)\n"
+        "print('marker found')\n"
+    )
+    return {
+        "name": "browser",
+        "defaults": {"retry": {"max_attempts": 1}, "on_failure": "pause"},
+        "steps": [
+            {"id": "check", "kind": "pty", "command": [sys.executable, "-c", script]},
+            {
+                "id": "report",
+                "kind": "pty",
+                "needs": ["check"],
+                "command": [sys.executable, "-c", "print('report done')"],
+            },
+        ],
+    }
+
+
+async def test_page_retries_a_waiting_step_and_follows_the_run(
+    serve_url: str, mixer: MixerClient, tmp_path: Path
+) -> None:
+    marker = tmp_path / "ready"
+    handle = await mixer.start(waits_until_marker(marker))
+    errors: list[str] = []
+
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(
+            executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True
+        )
+        try:
+            page = await browser.new_page()
+            page.on("pageerror", lambda error: errors.append(str(error)))
+
+            def console(message: ConsoleMessage) -> None:
+                # 401 before the token is pasted is expected; nothing else is.
+                if message.type == "error" and "401" not in message.text:
+                    errors.append(message.text)
+
+            page.on("console", console)
+            await page.goto(f"{serve_url}/#/runs/{handle.id}")
+
+            # Without a token the page asks for one; it is pasted once per tab.
+            await expect(page.locator("#token-form")).to_be_visible()
+            await page.fill("#token-input", TOKEN)
+            await page.click("#token-form button[type=submit]")
+
+            check = page.locator('tr[data-step="check"]')
+            await expect(check.locator("td.state")).to_have_text("waiting", timeout=60_000)
+            await expect(page.locator("#run-status")).to_have_text("waiting")
+            await expect(check.locator("td.output")).to_contain_text("exited")
+            await expect(page.locator('tr[data-step="report"] td.state')).to_have_text("pending")
+            # DAG order: a step comes after what it needs.
+            await expect(page.locator("#steps tbody tr")).to_have_count(2)
+            assert await page.locator("#steps tbody tr").first.get_attribute("data-step") == "check"
+            await expect(page.locator(f'#runs a[data-run="{handle.id}"]')).to_be_visible()
+
+            marker.write_text("go")
+            await check.locator('button[data-action="retry"]').click()
+
+            await expect(page.locator("#run-status")).to_have_text("completed", timeout=60_000)
+            await expect(check.locator("td.state")).to_have_text("completed")
+            await expect(check.locator("td.attempts")).to_have_text("2")
+            await expect(check.locator("td.output")).to_contain_text("marker found")
+            report = page.locator('tr[data-step="report"]')
+            await expect(report.locator("td.state")).to_have_text("completed")
+            await expect(report.locator("td.output")).to_contain_text("report done")
+            await expect(page.locator("#connection")).to_have_text("run closed")
+            await expect(page.locator("#events")).to_contain_text("workflow_ended")
+            # No action buttons remain once the run has ended.
+            await expect(page.locator("td.actions button")).to_have_count(0)
+            await page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
+        finally:
+            await browser.close()
+
+    result = await handle.result()
+    assert result.status == "completed"
+    assert errors == []
