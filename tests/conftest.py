@@ -8,6 +8,7 @@ mocked: the dev server is the real ``temporal`` binary installed by
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import sys
@@ -100,7 +101,9 @@ async def mixer(
     client: Client, task_queue: str, worker_env: dict[str, str], workflow_cache: int
 ) -> AsyncIterator[MixerClient]:
     """A MixerClient whose runs execute on a fresh worker in this test's task queue."""
-    settings = WorkerSettings(task_queue=task_queue, shutdown_grace_s=2.0)
+    settings = dataclasses.replace(
+        WorkerSettings.from_env(worker_env), task_queue=task_queue, shutdown_grace_s=2.0
+    )
     async with (
         mixer_worker(
             client, settings, environ=worker_env, max_cached_workflows=workflow_cache

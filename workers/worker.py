@@ -23,6 +23,7 @@ from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxR
 from llmmixer.activities.command_policy import CommandPolicy
 from llmmixer.activities.commands import CommandActivities
 from llmmixer.activities.llm import LlmActivities, LlmSettings
+from llmmixer.activities.providers.breaker import BreakerBoard, BreakerPolicy
 from llmmixer.activities.providers.settings import ProviderSettings
 from llmmixer.workflows.mixer import MixerWorkflow
 
@@ -44,6 +45,8 @@ class WorkerSettings:
     shutdown_grace_s: float = 30.0
     #: Forward streamed LLM text to watchers as step_delta events.
     stream_deltas: bool = True
+    #: Circuit breaker per (provider, model) on this worker.
+    breaker: BreakerPolicy = field(default_factory=BreakerPolicy)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> WorkerSettings:
@@ -68,6 +71,14 @@ class WorkerSettings:
             provider_concurrency=concurrency,
             shutdown_grace_s=float(env.get("LLMMIXER_SHUTDOWN_GRACE_S", "30")),
             stream_deltas=env.get("LLMMIXER_STREAM_DELTAS", "1") not in ("0", "false", "no"),
+            breaker=BreakerPolicy(
+                failure_threshold=float(env.get("LLMMIXER_BREAKER_FAILURE_RATIO", "0.5")),
+                min_calls=_positive_int(
+                    "LLMMIXER_BREAKER_MIN_CALLS", env.get("LLMMIXER_BREAKER_MIN_CALLS", "5")
+                ),
+                window_s=float(env.get("LLMMIXER_BREAKER_WINDOW_S", "60")),
+                cooldown_s=float(env.get("LLMMIXER_BREAKER_COOLDOWN_S", "30")),
+            ),
         )
 
 
@@ -103,6 +114,7 @@ async def mixer_worker(
     settings = settings or WorkerSettings.from_env(env)
     llm = LlmActivities(
         ProviderSettings.from_env(env),
+        breakers=BreakerBoard(settings.breaker),
         settings=LlmSettings(
             max_concurrent=settings.provider_concurrency, stream_deltas=settings.stream_deltas
         ),

@@ -170,7 +170,7 @@ class RunState:
             usage=TotalUsage(
                 input_tokens=usage.input_tokens,
                 output_tokens=usage.output_tokens,
-                cost_usd=round(cost, 6),
+                cost_usd=round(cost, 8),
                 cost_complete=complete,
             ),
             dry_run=self.dry_run,

@@ -114,6 +114,8 @@ class RecordedCall:
     authorization_present: bool
     api_key_header_present: bool
     credential_fingerprint: str | None
+    # time.monotonic() when the request arrived, to measure retry spacing.
+    received_at: float = 0.0
 
     def sent_key(self, key: str) -> bool:
         """Whether this request carried exactly ``key``."""
@@ -361,6 +363,7 @@ class FakeProviderServer:
             authorization_present="authorization" in req.headers,
             api_key_header_present="x-api-key" in req.headers or "x-goog-api-key" in req.headers,
             credential_fingerprint=_fingerprint(credential) if credential else None,
+            received_at=time.monotonic(),
         )
         reply = self._take(provider, model, call)
         if reply.hang:
