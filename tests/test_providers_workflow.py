@@ -106,10 +106,10 @@ async def test_three_providers_side_by_side_with_usage_and_cost(
     assert result.usage.cost_usd == pytest.approx(
         sum(r.cost_usd or 0 for r in result.steps.values())
     )
-    merge_call = [c for c in provider_server.calls if c.model == "gpt-4.1"][0]
+    merge_call = next(c for c in provider_server.calls if c.model == "gpt-4.1")
     assert merge_call.api == "responses"
     assert "from claude|from gpt|from gemini" in json.dumps(merge_call.body)
-    claude_call = [c for c in provider_server.calls if c.provider == "anthropic"][0]
+    claude_call = next(c for c in provider_server.calls if c.provider == "anthropic")
     assert claude_call.body.get("system") and claude_call.stream
 
 

@@ -24,9 +24,12 @@ def test_there_are_histories_to_replay() -> None:
     assert len(HISTORIES) >= 3
 
 
-@pytest.mark.parametrize("path", HISTORIES, ids=[p.stem for p in HISTORIES])
-async def test_history_replays(path: Path) -> None:
-    history = WorkflowHistory.from_json(path.stem, path.read_text())
+TEXTS = {path.stem: path.read_text() for path in HISTORIES}
+
+
+@pytest.mark.parametrize("name", sorted(TEXTS))
+async def test_history_replays(name: str) -> None:
+    history = WorkflowHistory.from_json(name, TEXTS[name])
     replayer = Replayer(
         workflows=[MixerWorkflow],
         data_converter=data_converter(),
