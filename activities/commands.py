@@ -36,6 +36,7 @@ from llmmixer.activities.contracts import (
     ErrorType,
     FailureDetails,
 )
+from llmmixer.activities.telemetry import observe_command
 from llmmixer.activities.terminal import (
     CommandRefusedError,
     RunOutcome,
@@ -149,14 +150,18 @@ class CommandActivities:
         beat()
         beater = asyncio.create_task(beat_while_quiet(), name=f"heartbeat-{call.step_id}")
         try:
-            outcome = await run_command(
+            outcome = await observe_command(
                 call,
-                mode=mode,
-                on_output=on_output,
-                env=prepared.env,
-                cwd=prepared.cwd,
-                executable=prepared.executable,
-                kill_grace_s=self.policy.kill_grace_s,
+                prepared.executable,
+                lambda: run_command(
+                    call,
+                    mode=mode,
+                    on_output=on_output,
+                    env=prepared.env,
+                    cwd=prepared.cwd,
+                    executable=prepared.executable,
+                    kill_grace_s=self.policy.kill_grace_s,
+                ),
             )
         except CommandRefusedError as exc:
             raise _refused(exc, attempt) from None

@@ -35,6 +35,7 @@ from llmmixer.activities.providers.breaker import BreakerBoard
 from llmmixer.activities.providers.errors import redact
 from llmmixer.activities.providers.pool import ProviderPool
 from llmmixer.activities.providers.settings import ProviderSettings
+from llmmixer.activities.telemetry import observe_llm_call
 
 _HEARTBEAT_EVERY_S = 1.0
 _TAIL_CHARS = 400
@@ -96,7 +97,13 @@ class LlmActivities:
                     finish_reason="stop",
                 )
             try:
-                result = await self._call_provider(call, forward)
+                result = await observe_llm_call(
+                    call,
+                    lambda: self._call_provider(call, forward),
+                    cost=lambda usage: self._prices.cost(call.provider, call.model, usage),
+                    secrets=self._providers.secrets(),
+                    attempt=attempt,
+                )
             except ProviderError as error:
                 raise self._application_error(call, error, attempt) from None
         usage = result.usage
