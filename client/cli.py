@@ -17,12 +17,14 @@ from typing import Any
 from temporalio.client import WorkflowExecutionStatus
 from temporalio.service import RPCError
 
+from llmmixer.client.audit import add_audit_parser, cmd_audit
 from llmmixer.client.display import ProgressView, progress_table, unblock_hints
 from llmmixer.client.local import TemporalUnreachable, temporal_for_run
 from llmmixer.client.mixer import InterventionRefused, MixerClient, MixerHandle, RunFailed
 from llmmixer.client.specfile import parse_inputs, prepare_spec, read_spec
 from llmmixer.workers.connection import Connection
 from llmmixer.workers.devserver import EmbeddedServerError
+from llmmixer.workers.telemetry import flush_telemetry
 from llmmixer.workflows.records import RunProgress, RunStatus
 from llmmixer.workflows.validation import SpecError, validate_spec
 
@@ -334,6 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
             command.add_argument("--json", action="store_true", help="print the progress JSON")
     listing = sub.add_parser("list", help="recent runs")
     listing.add_argument("--limit", type=int, default=50)
+    add_audit_parser(sub)
 
     for name, extra in (
         ("retry", "--prompt"),
@@ -364,6 +367,7 @@ _ASYNC: dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, int]]] = {
     "status": cmd_status,
     "list": cmd_list,
     "cancel": cmd_cancel,
+    "audit": cmd_audit,
     "retry": cmd_intervene,
     "skip": cmd_intervene,
     "override": cmd_intervene,
@@ -411,6 +415,8 @@ def run_cli() -> None:
     done; leaving with ``os._exit`` once output is flushed avoids that.
     """
     code = main()
+    # os._exit skips atexit, where OpenTelemetry would export its last spans.
+    flush_telemetry()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

@@ -13,9 +13,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from temporalio.client import Client
-from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.converter import DataConverter
 from temporalio.envconfig import ClientConfig
+
+from llmmixer.workers.storage import build_data_converter
+from llmmixer.workers.telemetry import client_interceptors, setup_telemetry
 
 DEFAULT_ADDRESS = "localhost:7233"
 DEFAULT_NAMESPACE = "default"
@@ -56,9 +58,20 @@ class Connection:
         )
 
     async def connect(self) -> Client:
-        return await Client.connect(**{**self.connect_kwargs, "data_converter": data_converter()})
+        # Tracing (when OTEL_* configure it) starts at the client, so a run's
+        # trace begins with the call that started it.
+        setup_telemetry()
+        return await Client.connect(
+            **{
+                **self.connect_kwargs,
+                "data_converter": data_converter(),
+                "interceptors": client_interceptors(),
+            }
+        )
 
 
-def data_converter() -> DataConverter:
-    """The converter shared by clients and workers: pydantic models as plain JSON."""
-    return pydantic_data_converter
+def data_converter(environ: Mapping[str, str] | None = None) -> DataConverter:
+    """The converter shared by clients and workers: pydantic models as plain JSON,
+    with large payloads kept outside history and codecs as ``LLMMIXER_PAYLOAD_*``
+    configure them (``workers/storage.py``)."""
+    return build_data_converter(environ)
