@@ -764,12 +764,18 @@ async def serve(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> int:
     app = create_app(mixer, ServeSettings(token=token))
     shown = f"[{host}]" if ":" in host else host
     _err(
-        f"serving on http://{shown}:{port}/ (API under /workflows, OpenAPI at /openapi.json) "
+        f"starting on http://{shown}:{port}/ (API under /workflows, OpenAPI at /openapi.json) "
         f"for Temporal {connection.address}, task queue {connection.task_queue!r}"
     )
     # The access log shows method, path and status; the token travels only in a
     # header, which uvicorn never logs.
     config = uvicorn.Config(app, host=host, port=port, log_level="info", lifespan="off")
     server = uvicorn.Server(config)
-    await server.serve()
+    try:
+        await server.serve()
+    except SystemExit:
+        # uvicorn exits the process when it cannot bind (it has logged why);
+        # returning instead lets the CLI leave through its usual, safe exit.
+        _err(f"cannot listen on {shown}:{port}: choose another --port, or stop what uses it")
+        return 1
     return 0 if server.started else 1
