@@ -57,6 +57,7 @@ __all__ = [
     "TelemetrySettings",
     "client_interceptors",
     "flush_telemetry",
+    "prometheus_address",
     "prometheus_runtime",
     "scrubbing_span_exporter",
     "secret_values",
@@ -120,7 +121,7 @@ class TelemetrySettings:
             traces=traces and not disabled,
             metrics=metric and not disabled,
             protocol=protocol,
-            prometheus_address=_prometheus_address(env),
+            prometheus_address=prometheus_address(env),
         )
 
     @property
@@ -128,7 +129,9 @@ class TelemetrySettings:
         return self.traces or self.metrics
 
 
-def _prometheus_address(env: Mapping[str, str]) -> str | None:
+def prometheus_address(environ: Mapping[str, str] | None = None) -> str | None:
+    """``host:port`` for Temporal's Prometheus endpoint, or None when it is off."""
+    env = os.environ if environ is None else environ
     raw = env.get("LLMMIXER_PROMETHEUS_PORT", "").strip()
     if not raw:
         return None
@@ -154,8 +157,9 @@ _shutdown_hooks: list[Any] = []
 def setup_telemetry(environ: Mapping[str, str] | None = None) -> TelemetrySettings:
     """Install OTLP tracing/metrics from the environment, at most once per process.
 
-    Returns what is in force. With no endpoint set this installs nothing: the
-    OpenTelemetry API stays a no-op and llmmixer adds no interceptor.
+    Returns what is in force: the first call's settings, since OpenTelemetry's
+    providers cannot be replaced. With no endpoint set this installs nothing:
+    the OpenTelemetry API stays a no-op and llmmixer adds no interceptor.
     """
     global _installed
     with _install_lock:

@@ -25,6 +25,13 @@ from llmmixer.activities.commands import CommandActivities
 from llmmixer.activities.llm import LlmActivities, LlmSettings
 from llmmixer.activities.providers.breaker import BreakerBoard, BreakerPolicy
 from llmmixer.activities.providers.settings import ProviderSettings
+from llmmixer.activities.telemetry import breaker_state_changed
+from llmmixer.workers.telemetry import (
+    prometheus_address,
+    setup_telemetry,
+    with_prometheus,
+    worker_interceptors,
+)
 from llmmixer.workflows.mixer import MixerWorkflow
 
 log = logging.getLogger("llmmixer.worker")
@@ -112,9 +119,14 @@ async def mixer_worker(
     """A configured worker, not yet running; closes SDK clients on exit."""
     env = dict(os.environ if environ is None else environ)
     settings = settings or WorkerSettings.from_env(env)
+    setup_telemetry(env)
+    metrics_address = prometheus_address(env)
+    if metrics_address:
+        client = await with_prometheus(client, metrics_address)
     llm = LlmActivities(
         ProviderSettings.from_env(env),
-        breakers=BreakerBoard(settings.breaker),
+        # A no-op unless a meter provider is installed (workers/telemetry.py).
+        breakers=BreakerBoard(settings.breaker, on_change=breaker_state_changed),
         settings=LlmSettings(
             max_concurrent=settings.provider_concurrency, stream_deltas=settings.stream_deltas
         ),
@@ -132,6 +144,9 @@ async def mixer_worker(
         # Tests pass 0 so every workflow task replays from history, which
         # turns any non-determinism into a test failure.
         max_cached_workflows=max_cached_workflows,
+        # Joins workflow and activity spans to the client's trace when tracing
+        # is on and the client does not already carry the interceptor.
+        interceptors=worker_interceptors(client),
     )
     try:
         yield worker
