@@ -1,0 +1,132 @@
+"""Planted credentials never reach history, logs, traces, errors or the audit (CONTRACT 3, 8).
+
+The worker holds marker values for the provider key, the Temporal API key and
+the HTTP API token. The fake provider echoes the key it received back in its
+error bodies, as some real servers do, and a command step prints its
+environment. Every place a secret could end up is then searched for the
+markers; the test also checks that the echo really happened, so it cannot
+pass by never exercising the leak.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+from fakes.otel_capture import OtelCapture, install_otel_capture
+from fakes.provider_server import FakeProviderServer, Reply
+from temporalio.client import Client
+from temporalio.contrib.pydantic import pydantic_data_converter
+
+from llmmixer.client.audit import audit_from_client, render_markdown
+from llmmixer.client.mixer import MixerClient
+from llmmixer.workers.telemetry import client_interceptors
+from llmmixer.workers.worker import WorkerSettings, mixer_worker
+from llmmixer.workflows.records import RunStatus, StepStatus
+
+MARK = uuid.uuid4().hex[:12]
+MARKERS = {
+    "OPENAI_API_KEY": f"sk-marker-{MARK}-openai",
+    "TEMPORAL_API_KEY": f"temporal-marker-{MARK}",
+    "LLMMIXER_API_TOKEN": f"api-token-marker-{MARK}",
+}
+
+
+@pytest.fixture
+def otel(monkeypatch: pytest.MonkeyPatch) -> Iterator[OtelCapture]:
+    yield from install_otel_capture(monkeypatch)
+
+
+@pytest.fixture
+def worker_env(
+    provider_server: FakeProviderServer, monkeypatch: pytest.MonkeyPatch
+) -> dict[str, str]:
+    # In the worker's environment and the process's, wherever code might look.
+    for name, value in MARKERS.items():
+        monkeypatch.setenv(name, value)
+    return {
+        "PATH": os.environ.get("PATH", ""),
+        "HOME": os.environ.get("HOME", "/tmp"),
+        **provider_server.env(),
+        **MARKERS,
+    }
+
+
+@pytest.fixture
+async def traced_mixer(
+    otel: OtelCapture, client: Client, task_queue: str, worker_env: dict[str, str]
+) -> AsyncIterator[MixerClient]:
+    traced = Client(
+        client.service_client,
+        namespace=client.namespace,
+        data_converter=pydantic_data_converter,
+        interceptors=client_interceptors(),
+    )
+    settings = WorkerSettings(task_queue=task_queue, shutdown_grace_s=2.0)
+    async with mixer_worker(traced, settings, environ=worker_env) as worker, worker:
+        yield MixerClient(traced, task_queue)
+
+
+def _leaks(text: str) -> list[str]:
+    return [name for name, value in MARKERS.items() if value in text]
+
+
+async def test_planted_credentials_appear_nowhere(
+    traced_mixer: MixerClient,
+    otel: OtelCapture,
+    provider_server: FakeProviderServer,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    # auth: an echoed key in a 401 (not retried, the step waits for a person);
+    # flaky: an echoed key in a 500 that is retried and then answered.
+    provider_server.fail("openai", 401, model="gpt-4.1", echo_credential=True)
+    provider_server.fail("openai", 500, model="gpt-4.1-mini", echo_credential=True)
+    provider_server.script("openai", Reply(text="fine", usage=(2, 1)), model="gpt-4.1-mini")
+    spec = {
+        "name": "secrets",
+        "defaults": {"retry": {"max_attempts": 2, "initial_interval_s": 0.1}},
+        "steps": [
+            {"id": "auth", "provider": "openai", "model": "gpt-4.1", "prompt": "a"},
+            {"id": "flaky", "provider": "openai", "model": "gpt-4.1-mini", "prompt": "b"},
+            {"id": "env", "kind": "pty", "command": ["env"]},
+        ],
+    }
+    handle = await traced_mixer.start(spec)
+    for _ in range(300):
+        progress = await handle.progress()
+        if progress.steps["auth"].status == StepStatus.WAITING and all(
+            progress.steps[s].status == StepStatus.COMPLETED for s in ("flaky", "env")
+        ):
+            break
+        await asyncio.sleep(0.1)
+    else:
+        raise AssertionError(progress.model_dump_json(indent=1))
+    # The credential was really sent and echoed, and the echo was redacted.
+    assert all(call.sent_key(MARKERS["OPENAI_API_KEY"]) for call in provider_server.calls)
+    assert "[REDACTED]" in (progress.steps["auth"].error or "")
+    assert _leaks(progress.model_dump_json()) == []
+    await handle.skip("auth", reason="no key")
+    result = await handle.result()
+    assert result.status == RunStatus.COMPLETED
+    assert "PATH=" in (result.steps["env"].output or "")  # the command did print its env
+
+    history = await handle.temporal.fetch_history()
+    assert _leaks(history.to_json()) == [], "history"
+    assert _leaks(result.model_dump_json()) == [], "result"
+    audit = await audit_from_client(traced_mixer.temporal, handle.id)
+    flaky_errors = [a["error"] for a in audit["steps"]["flaky"]["attempts"] if a["error"]]
+    assert flaky_errors and all("[REDACTED]" in e for e in flaky_errors)
+    assert _leaks(str(audit)) == [] and _leaks(render_markdown(audit)) == [], "audit"
+    # The failures did reach spans and logs (redacted), so these checks bite.
+    [auth_span] = otel.named("chat gpt-4.1")
+    assert "[REDACTED]" in (auth_span.status.description or "")
+    assert _leaks(otel.text()) == [], "traces"
+    assert "[REDACTED]" in caplog.text
+    assert _leaks(caplog.text) == [], "logs"
+    events = [event async for event in handle.events()]
+    assert _leaks("".join(event.model_dump_json() for event in events)) == [], "events"
