@@ -71,6 +71,33 @@ async def started_identities(handle: MixerHandle) -> list[str]:
     return identities
 
 
+async def timeline(handle: MixerHandle) -> str:
+    """The run's history as one line per event (seconds since start, type, identity).
+
+    Recovery bounds depend on timing; when one is missed, this says where the
+    time went (heartbeat timeout, retry, sticky-queue timeout, a slow poll).
+    """
+    lines, start = [], None
+    async for event in handle.temporal.fetch_history_events():
+        when = event.event_time.ToDatetime()
+        start = start or when
+        kind = EventType.Name(event.event_type).removeprefix("EVENT_TYPE_")
+        attributes = event.WhichOneof("attributes")
+        detail = getattr(getattr(event, attributes), "identity", "") if attributes else ""
+        lines.append(f"  +{(when - start).total_seconds():6.2f}s {kind} {detail}".rstrip())
+    return "\n".join(lines)
+
+
+async def result_within(handle: MixerHandle, bound_s: float) -> RunProgress:
+    """The run's result, or a failure that shows the history so far."""
+    try:
+        return await asyncio.wait_for(handle.result(), bound_s)
+    except TimeoutError:
+        raise AssertionError(
+            f"run not ended within {bound_s:g}s:\n{await timeline(handle)}"
+        ) from None
+
+
 @pytest.fixture
 def address(env: WorkflowEnvironment) -> str:
     return env.client.service_client.config.target_host
@@ -143,7 +170,7 @@ async def test_sigkill_mid_stream_reruns_only_the_step_in_flight(
         within_s=RECOVERY_BOUND_S,
     )
     rerun_after_s = time.monotonic() - killed_at
-    result = await asyncio.wait_for(handle.result(), RECOVERY_BOUND_S)
+    result = await result_within(handle, RECOVERY_BOUND_S)
     recovered_in_s = time.monotonic() - killed_at
 
     assert result.status == RunStatus.COMPLETED
@@ -194,20 +221,22 @@ async def test_the_surviving_worker_takes_over_a_killed_workers_activity(
 
     killed_at = time.monotonic()
     await holder.kill(signal.SIGKILL)
-    result = await asyncio.wait_for(handle.result(), RECOVERY_BOUND_S)
+    result = await result_within(handle, RECOVERY_BOUND_S)
     took_s = time.monotonic() - killed_at
 
     assert result.status == RunStatus.COMPLETED
     assert survivor.running, "the surviving worker must not have been disturbed"
     assert provider_server.count("openai", "m-first") == 1
-    assert provider_server.count("openai", "m-slow") == 2
+    assert provider_server.count("openai", "m-slow") == 2, await timeline(handle)
     assert result.steps["slow"].attempts == 2
     # History names who ran each attempt: the last one is the survivor's.
     identities = await started_identities(handle)
-    assert identities[-1] == survivor.identity, identities
+    assert identities[-1] == survivor.identity, await timeline(handle)
     # Seconds, not minutes: heartbeat timeout (2 s) + retry (0.5 s) + the
-    # re-run itself + at most one sticky-queue timeout for the workflow task.
-    assert took_s < 20, f"the survivor needed {took_s:.1f}s"
+    # re-run itself + the SDK's sticky-queue timeout (10 s), because the next
+    # workflow task first goes to the dead worker's sticky queue. About 13 s
+    # measured; the margin is for a loaded 2-core CI machine.
+    assert took_s < 25, f"the survivor needed {took_s:.1f}s:\n{await timeline(handle)}"
     print(f"survivor {survivor.identity} finished the run {took_s:.1f}s after the kill")
 
 
@@ -256,7 +285,7 @@ async def test_a_paused_run_survives_a_worker_restart_and_takes_every_interventi
     overridden = await handle.override("manual", output="typed by a person")
     assert (retried.action, skipped.action, overridden.action) == ("retry", "skip", "override")
 
-    result = await asyncio.wait_for(handle.result(), RECOVERY_BOUND_S)
+    result = await result_within(handle, RECOVERY_BOUND_S)
     assert result.status == RunStatus.COMPLETED
     assert result.steps["again"].status == StepStatus.COMPLETED
     assert result.steps["again"].output == "fixed on retry"
