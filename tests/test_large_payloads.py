@@ -12,6 +12,7 @@ import asyncio
 import base64
 import json
 import os
+import subprocess
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -353,3 +354,49 @@ async def test_codec_server_decodes_for_the_web_ui(
     [decoded] = answer.json()["payloads"]
     assert base64.b64decode(decoded["data"]) == b'{"a": 1}'
     assert json.loads(base64.b64decode(decoded["data"])) == {"a": 1}
+
+
+async def test_temporal_cli_reads_an_encrypted_result_through_the_codec_server(
+    client: Client,
+    task_queue: str,
+    worker_env: dict[str, str],
+    provider_server: FakeProviderServer,
+    tmp_path: Path,
+) -> None:
+    from conftest import temporal_binary
+
+    raw_key = os.urandom(32)
+    key = base64.b64encode(raw_key).decode()
+    converter = _converter(tmp_path / "payloads", LLMMIXER_PAYLOAD_KEY=key)
+    provider_server.script("openai", Reply(text="secret draft", usage=(3, 2)))
+    provider_server.script("openai", Reply(text="secret summary", usage=(4, 2)))
+    _, workflow_id, result = await _run_with(
+        client, converter, task_queue, worker_env, _two_step_spec()
+    )
+    assert result.output == "secret summary"
+    address = client.service_client.config.target_host
+    command = [temporal_binary(), "workflow", "result", "--workflow-id", workflow_id]
+    command += ["--address", address, "-o", "json"]
+
+    def run(extra: list[str]) -> str:
+        done = subprocess.run(
+            command + extra, capture_output=True, text=True, timeout=60, check=False
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    sealed = await asyncio.to_thread(run, [])
+    assert "secret summary" not in sealed  # encrypted at rest in Temporal
+
+    bound: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    server = asyncio.create_task(
+        serve_codec(AesGcmCodec([raw_key]), port=0, token="t0ken-abc", ready=bound.set_result)
+    )
+    try:
+        port = await asyncio.wait_for(bound, 5)
+        codec = ["--codec-endpoint", f"http://127.0.0.1:{port}", "--codec-auth", "Bearer t0ken-abc"]
+        opened = await asyncio.to_thread(run, codec)
+    finally:
+        server.cancel()
+        await asyncio.gather(server, return_exceptions=True)
+    assert "secret summary" in opened
