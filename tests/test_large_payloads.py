@@ -83,6 +83,8 @@ async def _run_with(
         mixer = MixerClient(big_client, task_queue)
         handle = await mixer.start(spec)
         result = await asyncio.wait_for(handle.result(), 120)
+        # What `llmmixer run`/`status` poll must answer too, however big the run.
+        assert (await handle.progress()).status == result.status
         return mixer, handle.id, result
 
 
