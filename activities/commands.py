@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,9 +29,17 @@ from dataclasses import dataclass
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from llmmixer.activities.agents import (
+    WorktreeError,
+    agent_command,
+    finish_worktree,
+    prepare_worktree,
+)
 from llmmixer.activities.command_policy import CommandPolicy
 from llmmixer.activities.contracts import (
+    AGENT_ACTIVITY,
     PTY_ACTIVITY,
+    AgentCall,
     CommandCall,
     CommandResult,
     ErrorType,
@@ -181,6 +190,57 @@ class CommandActivities:
             truncated=outcome.truncated,
             duration_ms=outcome.duration_ms,
             attempt=attempt,
+        )
+
+    @activity.defn(name=AGENT_ACTIVITY)
+    async def run_agent(self, call: AgentCall) -> CommandResult:
+        """A CLI coding agent as a preset over ``run_command``, optionally in a worktree.
+
+        The worktree keeps parallel agents out of each other's checkout; it is
+        removed whatever happens, and the changes come back as a diff.
+        """
+        attempt = activity.info().attempt
+        try:
+            # Looked up on the PATH the worker gives commands, not the process's own.
+            base = self.policy.base_environ
+            path = (os.environ if base is None else base).get("PATH")
+            argv, rules = agent_command(call.agent, call.prompt, call.args, path=path)
+        except CommandRefusedError as exc:
+            raise _refused(exc, attempt) from None
+        worktree = None
+        cwd = call.cwd
+        if call.worktree:
+            try:
+                worktree = await prepare_worktree(
+                    cwd or self.policy.root_dir or ".", call.step_id, parent=self.policy.root_dir
+                )
+            except WorktreeError as exc:
+                raise ApplicationError(
+                    f"{exc}; or set `worktree: false` on the step",
+                    _details(attempt, None),
+                    type=ErrorType.COMMAND_REFUSED,
+                    non_retryable=True,
+                ) from None
+            cwd = str(worktree)
+        command = CommandCall(
+            workflow_id=call.workflow_id,
+            step_id=call.step_id,
+            argv=argv,
+            cwd=cwd,
+            env=call.env,
+            timeout_s=call.timeout_s,
+            respond=rules,
+            max_output_bytes=call.max_output_bytes,
+        )
+        try:
+            result = await self.run_command(command)
+        finally:
+            diff = await finish_worktree(worktree) if worktree is not None else None
+        if diff is None:
+            return result
+        shown = diff if diff.strip() else "(no changes)\n"
+        return result.model_copy(
+            update={"diff": diff, "output": f"{result.output.rstrip()}\n\n--- changes ---\n{shown}"}
         )
 
 

@@ -31,6 +31,7 @@ from pydantic import BaseModel, Field
 
 LLM_ACTIVITY = "llmmixer.call_llm"
 PTY_ACTIVITY = "llmmixer.run_command"
+AGENT_ACTIVITY = "llmmixer.run_agent"
 
 Provider = Literal["anthropic", "openai", "gemini"]
 PROVIDERS: tuple[str, ...] = ("anthropic", "openai", "gemini")
@@ -130,6 +131,25 @@ class CommandCall(BaseModel):
     max_output_bytes: int = 1024 * 1024
 
 
+class AgentCall(BaseModel):
+    """One CLI coding agent run (Claude Code, Codex, Gemini CLI) over the PTY runner.
+
+    The worker turns it into argv and respond rules, so the install check and
+    the git worktree happen where the agent runs.
+    """
+
+    workflow_id: str
+    step_id: str
+    agent: Literal["claude-code", "codex", "gemini-cli"]
+    prompt: str
+    args: list[str] = Field(default_factory=list)
+    cwd: str | None = None
+    env: dict[str, str] = Field(default_factory=dict)
+    worktree: bool = False
+    timeout_s: float = 1800.0
+    max_output_bytes: int = 1024 * 1024
+
+
 class CommandResult(BaseModel):
     output: str
     exit_code: int | None
@@ -137,6 +157,8 @@ class CommandResult(BaseModel):
     truncated: bool = False
     duration_ms: float = 0.0
     attempt: int = 1
+    # Agent steps in a worktree: the changes they made, as a git diff.
+    diff: str | None = None
 
 
 class FailureDetails(BaseModel):

@@ -136,7 +136,7 @@ async def mixer_worker(
         client,
         task_queue=settings.task_queue,
         workflows=[MixerWorkflow],
-        activities=[llm.call_llm, commands.run_command],
+        activities=[llm.call_llm, commands.run_command, commands.run_agent],
         workflow_runner=sandbox_runner(),
         max_concurrent_activities=settings.max_concurrent_activities,
         max_concurrent_workflow_tasks=settings.max_concurrent_workflow_tasks,

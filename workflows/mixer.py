@@ -32,9 +32,11 @@ with workflow.unsafe.imports_passed_through():
     from temporalio.contrib.workflow_streams import WorkflowStream, WorkflowStreamState
 
     from llmmixer.activities.contracts import (
+        AGENT_ACTIVITY,
         EVENTS_TOPIC,
         LLM_ACTIVITY,
         PTY_ACTIVITY,
+        AgentCall,
         ChatMessage,
         CommandCall,
         CommandResult,
@@ -58,6 +60,7 @@ with workflow.unsafe.imports_passed_through():
         StepStatus,
     )
     from llmmixer.workflows.spec import (
+        AgentStep,
         ApprovalStep,
         FallbackTarget,
         LlmStep,
@@ -298,6 +301,8 @@ class MixerWorkflow:
             return await self._run_command(spec, step, record)
         if isinstance(step, ApprovalStep):
             return await self._await_approval(spec, step, record)
+        if isinstance(step, AgentStep):
+            return await self._run_agent(spec, step, record)
         raise StepFailed(
             f"kind {step.kind!r} is not supported by this worker's version of llmmixer: "
             "upgrade the workers, then retry this step"
@@ -405,9 +410,39 @@ class MixerWorkflow:
             max_output_bytes=step.max_output_bytes,
         )
         record.prompt = " ".join(call.argv)
+        return await self._command_activity(
+            spec, step, record, PTY_ACTIVITY, call, f"{step.id}: {' '.join(call.argv)}"
+        )
+
+    async def _run_agent(self, spec: Spec, step: AgentStep, record: StepRecord) -> str:
+        call = AgentCall(
+            workflow_id=workflow.info().workflow_id,
+            step_id=step.id,
+            agent=step.agent,
+            prompt=self._render(spec, self._prompt_overrides.get(step.id, step.prompt)),
+            args=[self._render(spec, part) for part in step.args],
+            cwd=self._render(spec, step.cwd) if step.cwd else None,
+            env={key: self._render(spec, value) for key, value in step.env.items()},
+            worktree=step.worktree,
+            timeout_s=spec.timeout_s(step),
+        )
+        record.prompt = call.prompt
+        return await self._command_activity(
+            spec, step, record, AGENT_ACTIVITY, call, f"{step.id}: {step.agent}"
+        )
+
+    async def _command_activity(
+        self,
+        spec: Spec,
+        step: PtyStep | AgentStep,
+        record: StepRecord,
+        activity_name: str,
+        call: CommandCall | AgentCall,
+        summary: str,
+    ) -> str:
         try:
             result = await workflow.execute_activity(
-                PTY_ACTIVITY,
+                activity_name,
                 call,
                 result_type=CommandResult,
                 # The command's own timeout_s is enforced by the activity (so it
@@ -416,7 +451,7 @@ class MixerWorkflow:
                 heartbeat_timeout=timedelta(seconds=spec.defaults.heartbeat_timeout_s),
                 retry_policy=_retry_policy(spec.retry(step)),
                 cancellation_type=workflow.ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
-                summary=f"{step.id}: {' '.join(call.argv)[:120]}",
+                summary=summary[:200],
             )
         except ActivityError as error:
             attempts, message, _ = _describe_failure(error, spec.retry(step))

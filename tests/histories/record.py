@@ -54,8 +54,12 @@ async def interventions(mixer: MixerClient) -> MixerHandle:
             {"id": "flaky", "kind": "pty", "command": [PY, "-c", script]},
             {"id": "gate", "kind": "approval", "needs": ["flaky"]},
             {"id": "skipme", "kind": "pty", "command": [PY, "-c", "raise SystemExit(2)"]},
-            {"id": "last", "kind": "pty", "needs": ["gate", "skipme"],
-             "command": [PY, "-c", "import sys; print(sys.argv[1:])", "{{steps.gate.output}}"]},
+            {
+                "id": "last",
+                "kind": "pty",
+                "needs": ["gate", "skipme"],
+                "command": [PY, "-c", "import sys; print(sys.argv[1:])", "{{steps.gate.output}}"],
+            },
         ],
     }
     handle = await mixer.start(spec)
@@ -73,8 +77,12 @@ async def interventions(mixer: MixerClient) -> MixerHandle:
 
 
 async def cancelled(mixer: MixerClient) -> MixerHandle:
-    spec = {"name": "cancel", "steps": [
-        {"id": "slow", "kind": "pty", "command": [PY, "-c", "import time; time.sleep(60)"]}]}
+    spec = {
+        "name": "cancel",
+        "steps": [
+            {"id": "slow", "kind": "pty", "command": [PY, "-c", "import time; time.sleep(60)"]}
+        ],
+    }
     handle = await mixer.start(spec)
     await until(handle, "slow", "running")
     await asyncio.sleep(1)
@@ -100,9 +108,12 @@ async def main() -> None:
         data_converter=data_converter(),
     )
     try:
-        async with mixer_worker(
-            env.client, WorkerSettings(task_queue="record", shutdown_grace_s=2)
-        ) as worker, worker:
+        async with (
+            mixer_worker(
+                env.client, WorkerSettings(task_queue="record", shutdown_grace_s=2)
+            ) as worker,
+            worker,
+        ):
             mixer = MixerClient(env.client, "record")
             for name, scenario in SCENARIOS.items():
                 target = HERE / f"{__version__}-{name}.json"
