@@ -60,6 +60,13 @@ def repo(tmp_path: Path) -> Path:
     return path
 
 
+def _worktrees(repo: Path) -> list[str]:
+    listing = subprocess.run(
+        ["git", "worktree", "list"], cwd=repo, capture_output=True, text=True, check=True
+    )
+    return listing.stdout.strip().splitlines()
+
+
 async def test_agent_step_answers_the_trust_prompt_and_returns_its_diff(
     mixer: MixerClient, repo: Path
 ) -> None:
@@ -86,14 +93,7 @@ async def test_agent_step_answers_the_trust_prompt_and_returns_its_diff(
     assert "+prompt: add a file" in output
     # the agent worked in its own worktree: the checkout itself is untouched
     assert not (repo / "agent-was-here.txt").exists()
-    worktrees = (
-        subprocess.run(
-            ["git", "worktree", "list"], cwd=repo, capture_output=True, text=True, check=True
-        )
-        .stdout.strip()
-        .splitlines()
-    )
-    assert len(worktrees) == 1, "the worktree was not cleaned up"
+    assert len(_worktrees(repo)) == 1, "the worktree was not cleaned up"
 
 
 async def test_a_missing_agent_says_how_to_install_it(mixer: MixerClient, repo: Path) -> None:
