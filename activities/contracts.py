@@ -66,6 +66,30 @@ class ChatMessage(BaseModel):
     content: str
 
 
+class PlanTarget(BaseModel):
+    provider: str
+    model: str
+
+
+class PlanRequest(BaseModel):
+    """What a decompose step's planner may create; set on its ``LlmCall``.
+
+    The real provider only sees it as prose in the prompt; the dry-run
+    responder reads it to return a plan that passes validation.
+    """
+
+    max_steps: int = 8
+    kinds: list[str] = Field(default_factory=lambda: ["llm"])
+    # Providers and models the plan may name directly (empty: use `roles`).
+    targets: list[PlanTarget] = Field(default_factory=list)
+    # Roles under the spec's `routes`: a plan step names one instead of a model.
+    roles: list[str] = Field(default_factory=list)
+    # Ids already used in the run; the plan's ids must differ.
+    taken_ids: list[str] = Field(default_factory=list)
+    # Suggested id prefix, so `{{join(steps.PREFIX*, ...)}}` can find the sub-steps.
+    id_prefix: str = ""
+
+
 class LlmCall(BaseModel):
     """One provider call, fully rendered by the workflow (no templates left)."""
 
@@ -93,6 +117,9 @@ class LlmCall(BaseModel):
     # True when the workflow has another provider to fall back to: an open
     # circuit then fails at once instead of waiting out its cool-down.
     has_fallback: bool = False
+    # Set on a decompose step's planner call. Defaults to None so calls
+    # recorded in the history of runs in flight still decode.
+    plan: PlanRequest | None = None
 
 
 class LlmReply(BaseModel):
@@ -108,6 +135,9 @@ class LlmReply(BaseModel):
     attempt: int = 1
     dry_run: bool = False
     finish_reason: str | None = None
+    # Streamed text that watchers have not been sent yet; the workflow
+    # publishes it as the step's last step_delta.
+    unsent_text: str = ""
 
 
 class RespondRule(BaseModel):

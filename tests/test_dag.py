@@ -89,3 +89,21 @@ def test_summary_line_names_waiting_steps_and_why() -> None:
     state.records["b"].status = StepStatus.WAITING
     state.records["b"].waiting_reason = "failed: 429 rate limited\nmore"
     assert state.summary() == "1/5 steps done · WAITING b: failed: 429 rate limited"
+
+
+def test_long_outputs_are_cut_in_the_answer_but_kept_whole_for_templates() -> None:
+    state = RunState("big", [StepNode("a", "llm", ()), StepNode("b", "llm", ("a",))], False, "wf-1")
+    whole = "HEAD" + "x" * 500_000 + "TAIL"
+    state.records["a"].status = StepStatus.COMPLETED
+    state.records["a"].output = whole
+    answer = state.progress().steps["a"]
+    assert answer.output_chars == len(whole)
+    assert answer.output is not None and len(answer.output) < 100_000
+    assert answer.output.startswith("HEAD") and answer.output.endswith("TAIL")
+    assert "characters cut here; the whole text: llmmixer audit wf-1" in answer.output
+    assert state.outputs()["a"] == whole
+    assert len(state.progress().model_dump_json()) < 256 * 1024
+    short = RunState("s", [StepNode("a", "llm", ())], False)
+    short.records["a"].output = "small"
+    assert short.progress().steps["a"].output == "small"
+    assert short.progress().steps["a"].output_chars is None

@@ -162,11 +162,6 @@ async def test_five_megabyte_output_round_trips_through_the_payload_store(
     assert oct(payload_dir.stat().st_mode & 0o777) == "0o700"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs the workflow to cut outputs in its result/progress (see the report "
-    "of issue 7: CONTRACT 8's cut with a marker is a workflows/ change)",
-)
 async def test_result_of_a_large_run_stays_plain_json_for_the_temporal_cli(
     client: Client,
     task_queue: str,
@@ -187,6 +182,10 @@ async def test_result_of_a_large_run_stays_plain_json_for_the_temporal_cli(
     assert payload.metadata["encoding"] == b"json/plain"
     [plain] = await pydantic_data_converter.decode([payload], [dict])
     assert plain["status"] == "completed"
+    big_record = plain["steps"]["big"]
+    assert big_record["output_chars"] == len(big)
+    assert f"the whole text: llmmixer audit {workflow_id}" in big_record["output"]
+    assert big_record["output"].startswith(big[:1000]) and big_record["output"].endswith(big[-500:])
 
 
 async def test_compressed_and_encrypted_payloads_round_trip_and_need_the_key(

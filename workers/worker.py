@@ -12,9 +12,10 @@ import contextlib
 import logging
 import os
 import signal
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import Any
 
 from temporalio.client import Client
 from temporalio.worker import Worker
@@ -26,6 +27,7 @@ from llmmixer.activities.llm import LlmActivities, LlmSettings
 from llmmixer.activities.providers.breaker import BreakerBoard, BreakerPolicy
 from llmmixer.activities.providers.settings import ProviderSettings
 from llmmixer.activities.telemetry import breaker_state_changed
+from llmmixer.workers.connection import PTY_TASK_QUEUE_ENV
 from llmmixer.workers.telemetry import (
     prometheus_address,
     setup_telemetry,
@@ -35,6 +37,10 @@ from llmmixer.workers.telemetry import (
 from llmmixer.workflows.mixer import MixerWorkflow
 
 log = logging.getLogger("llmmixer.worker")
+
+ROLES_ENV = "LLMMIXER_WORKER_ROLES"
+ROLE_WORKFLOWS, ROLE_LLM, ROLE_PTY = "workflows", "llm", "pty"
+ALL_ROLES: frozenset[str] = frozenset((ROLE_WORKFLOWS, ROLE_LLM, ROLE_PTY))
 
 
 @dataclass
@@ -54,6 +60,14 @@ class WorkerSettings:
     stream_deltas: bool = True
     #: Circuit breaker per (provider, model) on this worker.
     breaker: BreakerPolicy = field(default_factory=BreakerPolicy)
+    #: What this worker runs: ``workflows``, ``llm`` activities, ``pty`` activities
+    #: (commands and CLI agents). PTY-heavy hosts are isolated by giving them
+    #: ``pty`` alone and the others ``workflows,llm``.
+    roles: frozenset[str] = ALL_ROLES
+    #: The task queue PTY activities are scheduled on; None means ``task_queue``.
+    #: Runs learn it from their spec's ``pty_task_queue`` (MixerClient fills it
+    #: from the same variable), so set it alike on clients and workers.
+    pty_task_queue: str | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> WorkerSettings:
@@ -86,7 +100,28 @@ class WorkerSettings:
                 window_s=float(env.get("LLMMIXER_BREAKER_WINDOW_S", "60")),
                 cooldown_s=float(env.get("LLMMIXER_BREAKER_COOLDOWN_S", "30")),
             ),
+            roles=parse_roles(env.get(ROLES_ENV, "")),
+            pty_task_queue=env.get(PTY_TASK_QUEUE_ENV) or None,
         )
+
+    @property
+    def pty_queue(self) -> str:
+        """Where PTY activities run: the PTY queue when configured, else the main one."""
+        return self.pty_task_queue or self.task_queue
+
+
+def parse_roles(value: str) -> frozenset[str]:
+    """``LLMMIXER_WORKER_ROLES``: a comma list of roles; empty means all of them."""
+    names = {part.strip().lower() for part in value.split(",") if part.strip()}
+    if not names:
+        return ALL_ROLES
+    unknown = sorted(names - ALL_ROLES)
+    if unknown:
+        raise ValueError(
+            f"{ROLES_ENV}={value!r}: unknown role {', '.join(unknown)}; "
+            f"use a comma list of {', '.join(sorted(ALL_ROLES))} (unset means all)"
+        )
+    return frozenset(names)
 
 
 def _positive_int(name: str, value: str) -> int:
@@ -115,8 +150,14 @@ async def mixer_worker(
     environ: Mapping[str, str] | None = None,
     command_policy: CommandPolicy | None = None,
     max_cached_workflows: int = 1000,
-) -> AsyncIterator[Worker]:
-    """A configured worker, not yet running; closes SDK clients on exit."""
+) -> AsyncIterator[MixerWorker]:
+    """A configured worker, not yet running; closes SDK clients on exit.
+
+    One Temporal ``Worker`` per task queue this process polls: the main queue
+    for workflows and LLM activities, and the PTY queue for commands and agents
+    when ``settings.pty_task_queue`` names another queue (``settings.roles``
+    decides which of them this process takes).
+    """
     env = dict(os.environ if environ is None else environ)
     settings = settings or WorkerSettings.from_env(env)
     setup_telemetry(env)
@@ -132,11 +173,14 @@ async def mixer_worker(
         ),
     )
     commands = CommandActivities(command_policy or CommandPolicy.from_env(env))
+    (queue, (workflows, activities)), *other_queues = _registrations(
+        settings, llm, commands
+    ).items()
     worker = Worker(
         client,
-        task_queue=settings.task_queue,
-        workflows=[MixerWorkflow],
-        activities=[llm.call_llm, commands.run_command, commands.run_agent],
+        task_queue=queue,
+        workflows=workflows,
+        activities=activities,
         workflow_runner=sandbox_runner(),
         max_concurrent_activities=settings.max_concurrent_activities,
         max_concurrent_workflow_tasks=settings.max_concurrent_workflow_tasks,
@@ -144,24 +188,131 @@ async def mixer_worker(
         # Tests pass 0 so every workflow task replays from history, which
         # turns any non-determinism into a test failure.
         max_cached_workflows=max_cached_workflows,
+        # After a worker dies, its next workflow task first waits on that
+        # worker's sticky queue; 10 s (the default) of the ~13 s recovery was
+        # that wait (tests/test_crash_worker.py). A busy worker that misses
+        # 5 s only costs a replay.
+        sticky_queue_schedule_to_start_timeout=timedelta(seconds=5),
         # Joins workflow and activity spans to the client's trace when tracing
         # is on and the client does not already carry the interceptor.
         interceptors=worker_interceptors(client),
     )
+    workers = [worker]
+    for queue, (workflows, activities) in other_queues:
+        # The same options (grace, limits, interceptors) on the other queue.
+        config = worker.config()
+        config["task_queue"] = queue
+        config["workflows"] = workflows
+        config["activities"] = activities
+        workers.append(Worker(**config))
     try:
-        yield worker
+        yield MixerWorker(workers)
     finally:
         await llm.aclose()
 
 
-async def run_until_signalled(worker: Worker) -> None:
-    """Run ``worker`` until SIGINT/SIGTERM, then shut down gracefully."""
+def _registrations(
+    settings: WorkerSettings, llm: LlmActivities, commands: CommandActivities
+) -> dict[str, tuple[list[type], list[Callable[..., Any]]]]:
+    """What to register on which task queue, for this worker's roles.
+
+    Temporal expects every worker polling a queue to register the same
+    activities (a task for an unregistered one fails its attempt), so PTY
+    activities stay off the main queue once they have a queue of their own,
+    and a worker without the ``pty`` role never runs a command.
+    """
+    found: dict[str, tuple[list[type], list[Callable[..., Any]]]] = {}
+
+    def add(queue: str, workflow: type | None = None, *fns: Callable[..., Any]) -> None:
+        workflows, activities = found.setdefault(queue, ([], []))
+        if workflow is not None:
+            workflows.append(workflow)
+        activities.extend(fns)
+
+    if ROLE_WORKFLOWS in settings.roles:
+        add(settings.task_queue, MixerWorkflow)
+    if ROLE_LLM in settings.roles:
+        add(settings.task_queue, None, llm.call_llm)
+    if ROLE_PTY in settings.roles:
+        add(settings.pty_queue, None, commands.run_command, commands.run_agent)
+    elif settings.pty_queue == settings.task_queue and ROLE_LLM in settings.roles:
+        log.warning(
+            "roles %s without pty and no %s: PTY and agent steps scheduled on %r fail "
+            "their attempts on this worker; give commands a queue of their own",
+            ",".join(sorted(settings.roles)),
+            PTY_TASK_QUEUE_ENV,
+            settings.task_queue,
+        )
+    return found
+
+
+class MixerWorker:
+    """The Temporal workers of one llmmixer worker process, started and stopped together.
+
+    ``async with`` runs them all; leaving it shuts them down at once (each
+    stops polling, gives running activities the grace period, then cancels
+    them), so two queues never add their grace periods up.
+    """
+
+    def __init__(self, workers: Sequence[Worker]) -> None:
+        if not workers:
+            raise ValueError("MixerWorker needs at least one Temporal worker")
+        self.workers = list(workers)
+        self._stack: contextlib.AsyncExitStack | None = None
+
+    @property
+    def task_queue(self) -> str:
+        """The first queue polled: the main one unless this is a PTY-only worker."""
+        return self.workers[0].task_queue
+
+    @property
+    def task_queues(self) -> list[str]:
+        return [worker.task_queue for worker in self.workers]
+
+    async def __aenter__(self) -> MixerWorker:
+        async with contextlib.AsyncExitStack() as stack:
+            for worker in self.workers:
+                await stack.enter_async_context(worker)
+            self._stack = stack.pop_all()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        stack, self._stack = self._stack, None
+        if stack is None:
+            return
+        # Begin every shutdown before waiting on any (the SDK's shutdown is
+        # safe to repeat; the stack's exits then only collect the results).
+        await asyncio.gather(*(worker.shutdown() for worker in self.workers))
+        await stack.aclose()
+
+    async def shutdown(self) -> None:
+        await asyncio.gather(*(worker.shutdown() for worker in self.workers))
+
+
+async def run_until_signalled(
+    worker: MixerWorker, on_signal: Callable[[], None] | None = None
+) -> None:
+    """Run ``worker`` until SIGINT/SIGTERM, then shut down gracefully.
+
+    ``on_signal`` runs inside the signal handler, before anything else: the
+    CLI flips ``/readyz`` to 503 there, so a supervisor stops counting this
+    worker as available the moment it starts draining, not once it is gone.
+    Shutdown then stops polling, gives running activities the grace period
+    (``LLMMIXER_SHUTDOWN_GRACE_S``) to finish and cancels the rest; a
+    cancelled activity is retried on another worker (CONTRACT 8).
+    """
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def signalled() -> None:
+        if not stop.is_set() and on_signal is not None:
+            on_signal()
+        stop.set()
+
     for signum in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(signum, stop.set)
+            loop.add_signal_handler(signum, signalled)
     async with worker:
-        log.info("worker polling task queue %s", worker.task_queue)
+        log.info("worker polling task queue(s) %s", ", ".join(worker.task_queues))
         await stop.wait()
         log.info("stopping: finishing running activities (grace period applies)")

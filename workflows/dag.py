@@ -44,6 +44,23 @@ _ALLOWED: dict[str, frozenset[StepStatus]] = {
 }
 # Kinds that occupy a worker slot while running (an approval only waits).
 _WORKING_KINDS = frozenset({"llm", "pty", "decompose", "agent"})
+# The result and the progress answer stay below the size at which payloads
+# leave history for external storage (256 KiB), so `temporal workflow
+# result/query` can read them without a codec (CONTRACT 8). Whole outputs stay
+# in the activities' results in history and in the run's memory for templates.
+_ANSWER_BUDGET_CHARS = 160 * 1024
+_MIN_OUTPUT_CHARS = 2 * 1024
+
+
+def cut_text(text: str, limit: int, where: str) -> str:
+    """``text`` itself, or its head and tail around a marker saying how to get it whole."""
+    if len(text) <= limit:
+        return text
+    keep = max(limit - 200, 200)
+    head, tail = keep * 3 // 4, keep // 4
+    cut = len(text) - head - tail
+    marker = f"\n[... llmmixer: {cut} characters cut here; the whole text: {where} ...]\n"
+    return text[:head] + marker + text[-tail:]
 
 
 @dataclass(frozen=True)
@@ -56,8 +73,11 @@ class StepNode:
 class RunState:
     """Records of every step plus the DAG edges; mutated only by ``MixerWorkflow``."""
 
-    def __init__(self, name: str, nodes: Sequence[StepNode], dry_run: bool) -> None:
+    def __init__(
+        self, name: str, nodes: Sequence[StepNode], dry_run: bool, workflow_id: str = ""
+    ) -> None:
         self.name = name
+        self.workflow_id = workflow_id
         self.dry_run = dry_run
         self.nodes: dict[str, StepNode] = {node.id: node for node in nodes}
         self.records: dict[str, StepRecord] = {
@@ -162,11 +182,23 @@ class RunState:
         status = self.status
         if status in (RunStatus.RUNNING, RunStatus.WAITING):
             status = RunStatus.WAITING if waiting else RunStatus.RUNNING
+        limit = max(_MIN_OUTPUT_CHARS, _ANSWER_BUDGET_CHARS // (len(self.records) + 1))
+        where = f"llmmixer audit {self.workflow_id}"
+        steps: dict[str, StepRecord] = {}
+        for step_id, record in self.records.items():
+            copy = record.model_copy(deep=True)
+            if copy.output is not None and len(copy.output) > limit:
+                copy.output_chars = len(copy.output)
+                copy.output = cut_text(copy.output, limit, where)
+            # A prompt that quotes a long output is as long as that output.
+            if copy.prompt is not None:
+                copy.prompt = cut_text(copy.prompt, limit, where)
+            steps[step_id] = copy
         return RunProgress(
             name=self.name,
             status=status,
-            output=self.output,
-            steps={i: r.model_copy(deep=True) for i, r in self.records.items()},
+            output=None if self.output is None else cut_text(self.output, limit, where),
+            steps=steps,
             usage=TotalUsage(
                 input_tokens=usage.input_tokens,
                 output_tokens=usage.output_tokens,

@@ -114,6 +114,7 @@ class MixerWorkflow:
                 for step in (spec_model.steps if spec_model else [])
             ],
             dry_run=spec_model.dry_run if spec_model else False,
+            workflow_id=workflow.info().workflow_id,
         )
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._decisions: dict[str, Intervention] = {}
@@ -391,6 +392,10 @@ class MixerWorkflow:
             )
             record.latency_ms = reply.latency_ms
             record.dry_run = reply.dry_run
+            if reply.unsent_text:
+                self._publish(
+                    EventType.STEP_DELTA, step.id, reply.attempt, {"text": reply.unsent_text}
+                )
             return reply.text
         raise StepFailed("no provider in the chain answered")  # unreachable: chain is non-empty
 
@@ -445,6 +450,9 @@ class MixerWorkflow:
                 activity_name,
                 call,
                 result_type=CommandResult,
+                # None: this run's queue. No schedule-to-start timeout, so with
+                # no PTY worker polling yet the step waits rather than fails.
+                task_queue=spec.pty_task_queue,
                 # The command's own timeout_s is enforced by the activity (so it
                 # can report the output so far); this is only the backstop.
                 start_to_close_timeout=timedelta(seconds=spec.timeout_s(step) + 60),

@@ -83,6 +83,9 @@ class StepRecord(BaseModel):
     exit_code: int | None = None
     # The prompt as rendered and sent (LLM, approval and decompose steps).
     prompt: str | None = None
+    # Set when `output` above was cut to keep the answer small: the whole
+    # output's length (the whole text is in the run's history).
+    output_chars: int | None = None
 
 
 class TotalUsage(BaseModel):
