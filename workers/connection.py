@@ -22,6 +22,9 @@ from llmmixer.workers.telemetry import client_interceptors, setup_telemetry
 DEFAULT_ADDRESS = "localhost:7233"
 DEFAULT_NAMESPACE = "default"
 DEFAULT_TASK_QUEUE = "llmmixer"
+# Read by workers (the queue a `pty` worker polls) and by MixerClient (which
+# writes it into a run's spec), so both sides agree on where commands run.
+PTY_TASK_QUEUE_ENV = "LLMMIXER_PTY_TASK_QUEUE"
 
 
 @dataclass(frozen=True)
