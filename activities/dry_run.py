@@ -11,7 +11,7 @@ import hashlib
 import json
 from typing import Any
 
-from llmmixer.activities.contracts import LlmCall, Usage
+from llmmixer.activities.contracts import LlmCall, PlanRequest, Usage
 
 DRY_RUN_LABEL = "[dry-run]"
 
@@ -22,7 +22,9 @@ def dry_run_reply(call: LlmCall) -> tuple[str, Usage]:
     digest = hashlib.sha256(
         json.dumps([call.system, [m.model_dump() for m in call.messages]]).encode()
     ).hexdigest()[:8]
-    if call.response_format == "json":
+    if call.plan is not None:
+        text = json.dumps(_sample_plan(call.plan, prompt), indent=2)
+    elif call.response_format == "json":
         text = json.dumps(_sample(call.json_schema) if call.json_schema else {"dry_run": True})
     else:
         first_line = " ".join(prompt.split())[:160]
@@ -37,6 +39,39 @@ def dry_run_reply(call: LlmCall) -> tuple[str, Usage]:
         output_tokens=_estimate_tokens(text),
     )
     return text, usage
+
+
+def _sample_plan(request: PlanRequest, prompt: str) -> dict[str, Any]:
+    """A plan that passes validation: up to three parallel llm steps.
+
+    They take the spec's roles in turn when it has routes, else the providers
+    the spec allows, so a dry run shows the fan-out across several providers.
+    """
+    # The task is the prompt's first line, without template braces: a brace
+    # pair copied into a sub-step's prompt would be read as a template.
+    task = " ".join(prompt.split("\n---\n", 1)[0].split())[:120]
+    task = task.replace("{{", "{ {").replace("}}", "} }")
+    count = min(3, request.max_steps)
+    taken = set(request.taken_ids)
+    steps: list[dict[str, Any]] = []
+    number = 0
+    while len(steps) < count:
+        number += 1
+        step_id = f"{request.id_prefix}{number}"
+        if step_id in taken:
+            continue
+        step: dict[str, Any] = {
+            "id": step_id,
+            "kind": "llm",
+            "prompt": f"Part {len(steps) + 1} of {count}: {task}",
+        }
+        if request.roles:
+            step["role"] = request.roles[len(steps) % len(request.roles)]
+        elif request.targets:
+            target = request.targets[len(steps) % len(request.targets)]
+            step["provider"], step["model"] = target.provider, target.model
+        steps.append(step)
+    return {"steps": steps}
 
 
 def _estimate_tokens(text: str) -> int:

@@ -13,6 +13,7 @@ Every intervention goes through the validated update, so a refused one raises
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
@@ -28,7 +29,7 @@ from temporalio.contrib.workflow_streams import WorkflowStreamClient
 
 from llmmixer.activities.contracts import EVENTS_TOPIC, MixerEvent
 from llmmixer.client.specfile import prepare_spec
-from llmmixer.workers.connection import Connection
+from llmmixer.workers.connection import PTY_TASK_QUEUE_ENV, Connection
 from llmmixer.workflows.mixer import WORKFLOW_NAME
 from llmmixer.workflows.records import (
     InterventionOutcome,
@@ -47,9 +48,13 @@ class RunFailed(Exception):
 
 
 class MixerClient:
-    def __init__(self, client: Client, task_queue: str) -> None:
+    def __init__(self, client: Client, task_queue: str, pty_task_queue: str | None = None) -> None:
         self.temporal = client
         self.task_queue = task_queue
+        # Where runs started here send PTY and agent steps (the spec's
+        # `pty_task_queue` when it has none); read from the caller's
+        # environment, as the task queue is, unless given.
+        self.pty_task_queue = pty_task_queue or os.environ.get(PTY_TASK_QUEUE_ENV) or None
 
     @classmethod
     async def connect(cls, connection: Connection | None = None) -> MixerClient:
@@ -71,6 +76,9 @@ class MixerClient:
         before anything is started.
         """
         body, parsed = prepare_spec(spec, inputs=inputs, dry_run=dry_run)
+        if self.pty_task_queue and not parsed.pty_task_queue:
+            # Into the spec, so the workflow reads it deterministically.
+            body["pty_task_queue"] = self.pty_task_queue
         workflow_id = workflow_id or f"{parsed.name}-{uuid.uuid4().hex[:8]}"
         handle = await self.temporal.start_workflow(
             WORKFLOW_NAME,
@@ -79,7 +87,9 @@ class MixerClient:
             task_queue=self.task_queue,
             static_summary=f"llmmixer: {parsed.name} ({len(parsed.steps)} steps)",
         )
-        return MixerHandle(self, handle.id, handle.result_run_id)
+        # No run id: a long run continues as new under the same workflow id,
+        # and queries, updates and results must reach whichever run is current.
+        return MixerHandle(self, handle.id)
 
     def get_handle(self, workflow_id: str) -> MixerHandle:
         return MixerHandle(self, workflow_id)

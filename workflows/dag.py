@@ -20,12 +20,16 @@ An approval step goes straight from running to ``waiting`` for a decision.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, Field
 
 from llmmixer.activities.contracts import Usage
 from llmmixer.workflows.records import (
     DONE_STATES,
+    BudgetLimits,
     InterventionType,
     RunProgress,
     RunStatus,
@@ -68,6 +72,23 @@ class StepNode:
     id: str
     kind: str
     needs: tuple[str, ...]
+    # Steps created by a decompose step's plan: that step, and the plan's JSON
+    # of this step (steps from the spec are defined by the spec). Kept in the
+    # node so a continue-as-new that carries ``nodes`` carries them too.
+    parent: str | None = None
+    definition: dict[str, Any] | None = None
+
+
+class RunSnapshot(BaseModel):
+    """Everything a run's state holds that is not in its spec, as plain JSON.
+
+    For continue-as-new: ``RunState.restore(snapshot)`` rebuilds the state,
+    steps added by plans and raised budgets included.
+    """
+
+    nodes: list[StepNode] = Field(default_factory=list)
+    records: dict[str, StepRecord] = Field(default_factory=dict)
+    budgets: dict[str, BudgetLimits] = Field(default_factory=dict)
 
 
 class RunState:
@@ -80,13 +101,123 @@ class RunState:
         self.workflow_id = workflow_id
         self.dry_run = dry_run
         self.nodes: dict[str, StepNode] = {node.id: node for node in nodes}
-        self.records: dict[str, StepRecord] = {
-            node.id: StepRecord(kind=node.kind, dry_run=dry_run and node.kind != "pty")
-            for node in nodes
-        }
+        self.records: dict[str, StepRecord] = {node.id: self._new_record(node) for node in nodes}
+        # Budgets in force: "" is the spec's, other keys are decompose steps'.
+        self.budgets: dict[str, BudgetLimits] = {}
         self.output: str | None = None
         self.status = RunStatus.RUNNING
         self.error: str | None = None
+
+    def _new_record(self, node: StepNode) -> StepRecord:
+        return StepRecord(
+            kind=node.kind, dry_run=self.dry_run and node.kind != "pty", parent=node.parent
+        )
+
+    def snapshot(self) -> RunSnapshot:
+        return RunSnapshot(
+            nodes=list(self.nodes.values()),
+            records={i: r.model_copy(deep=True) for i, r in self.records.items()},
+            budgets={k: v.model_copy() for k, v in self.budgets.items()},
+        )
+
+    def restore(self, snapshot: RunSnapshot) -> None:
+        self.nodes = {node.id: node for node in snapshot.nodes}
+        self.records = {
+            i: snapshot.records.get(i) or self._new_record(n) for i, n in self.nodes.items()
+        }
+        self.budgets = dict(snapshot.budgets)
+
+    # ---- plans (decompose steps) -------------------------------------------
+
+    def add_steps(self, parent: str, nodes: Sequence[StepNode]) -> None:
+        """A decompose step's accepted plan joins the DAG.
+
+        The new nodes follow ``parent`` in DAG order (in plan order), and every
+        step that needed ``parent`` now needs them too, so it runs after all
+        of them. Called while ``parent`` is still running, so none of those
+        dependants can have started. Pure: replays give the same DAG.
+        """
+        added = [node.id for node in nodes]
+        clash = [i for i in added if i in self.nodes]
+        if clash:
+            raise ValueError(f"step ids already in the run: {', '.join(clash)}")
+        for step_id, node in list(self.nodes.items()):
+            if parent in node.needs:
+                self.nodes[step_id] = replace(node, needs=(*node.needs, *added))
+        nodes_after: dict[str, StepNode] = {}
+        records_after: dict[str, StepRecord] = {}
+        for step_id, node in self.nodes.items():
+            nodes_after[step_id] = node
+            records_after[step_id] = self.records[step_id]
+            if step_id == parent:
+                for new in nodes:
+                    nodes_after[new.id] = new
+                    records_after[new.id] = self._new_record(new)
+        self.nodes, self.records = nodes_after, records_after
+
+    def ancestors(self, step_id: str) -> set[str]:
+        """Every step ``step_id`` waits for, directly or transitively, at run time."""
+        seen: set[str] = set()
+        stack = list(self.nodes[step_id].needs) if step_id in self.nodes else []
+        while stack:
+            node = stack.pop()
+            if node not in seen and node in self.nodes:
+                seen.add(node)
+                stack.extend(self.nodes[node].needs)
+        return seen
+
+    def children(self) -> dict[str, list[str]]:
+        """Decompose step id -> its plan's step ids, in DAG order."""
+        found: dict[str, list[str]] = {}
+        for step_id, node in self.nodes.items():
+            if node.parent is not None:
+                found.setdefault(node.parent, []).append(step_id)
+        return found
+
+    def lineage(self, step_id: str) -> list[str]:
+        """The decompose steps above ``step_id``, nearest first."""
+        chain: list[str] = []
+        parent = self.nodes[step_id].parent if step_id in self.nodes else None
+        while parent is not None and parent not in chain:
+            chain.append(parent)
+            parent = self.nodes[parent].parent
+        return chain
+
+    # ---- budgets -----------------------------------------------------------
+
+    def spent(self, scope: str = "") -> tuple[int, float]:
+        """(tokens, cost in USD) of the run ("") or of a decompose step's sub-steps.
+
+        Unknown prices count as 0, so a cost budget is a lower bound for them.
+        """
+        tokens, cost = 0, 0.0
+        for step_id, record in self.records.items():
+            if scope and scope not in self.lineage(step_id):
+                continue
+            # A best_of step's usage already includes its candidates and judge.
+            tokens += record.usage.input_tokens + record.usage.output_tokens
+            cost += record.cost_usd or 0.0
+        return tokens, round(cost, 8)
+
+    def over_budget(self, step_id: str) -> str | None:
+        """Why ``step_id`` may not start (a budget it falls under is used up), or None."""
+        for scope in ["", *self.lineage(step_id)]:
+            limits = self.budgets.get(scope)
+            if limits is None:
+                continue
+            tokens, cost = self.spent(scope)
+            where = "the spec's budget" if not scope else f"the budget of {scope}"
+            if limits.max_tokens is not None and tokens >= limits.max_tokens:
+                return (
+                    f"budget: {tokens} tokens spent of max_tokens {limits.max_tokens} "
+                    f"({where}); raise it with the raise_budget update, or skip this step"
+                )
+            if limits.max_cost_usd is not None and cost >= limits.max_cost_usd:
+                return (
+                    f"budget: ${cost:g} spent of max_cost_usd {limits.max_cost_usd:g} "
+                    f"({where}); raise it with the raise_budget update, or skip this step"
+                )
+        return None
 
     # ---- scheduling -------------------------------------------------------
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import json
 from datetime import timedelta
 from typing import Any
 
@@ -46,9 +47,22 @@ with workflow.unsafe.imports_passed_through():
         LlmCall,
         LlmReply,
         MixerEvent,
+        PlanRequest,
     )
+    from llmmixer.workflows.carry import DEFAULT_HISTORY_EVENTS, Carried
     from llmmixer.workflows.dag import RunState, StepNode
+    from llmmixer.workflows.decompose import (
+        PlanContext,
+        PlanLimits,
+        check_plan,
+        limits_for,
+        plan_request,
+        planner_prompt,
+    )
     from llmmixer.workflows.records import (
+        BudgetLimits,
+        BudgetRaise,
+        Candidate,
         FallbackNote,
         Intervention,
         InterventionOutcome,
@@ -60,8 +74,11 @@ with workflow.unsafe.imports_passed_through():
         StepStatus,
     )
     from llmmixer.workflows.spec import (
+        STEP_MODELS,
         AgentStep,
         ApprovalStep,
+        Budget,
+        DecomposeStep,
         FallbackTarget,
         LlmStep,
         PtyStep,
@@ -94,7 +111,10 @@ class _InvalidSpec(Exception):
 class MixerWorkflow:
     @workflow.init
     def __init__(
-        self, spec: dict[str, Any], stream_state: WorkflowStreamState | None = None
+        self,
+        spec: dict[str, Any],
+        stream_state: WorkflowStreamState | None = None,
+        carried: Carried | None = None,
     ) -> None:
         # The stream must be created here (its handlers register at init) so a
         # reader that subscribes the moment the run starts misses nothing.
@@ -116,9 +136,26 @@ class MixerWorkflow:
             dry_run=spec_model.dry_run if spec_model else False,
             workflow_id=workflow.info().workflow_id,
         )
+        if spec_model is not None:
+            self._set_budget("", spec_model.budget)
+            for step in spec_model.steps:
+                if isinstance(step, DecomposeStep):
+                    self._set_budget(step.id, step.budget)
+        # Steps created by plans, parsed once from their nodes' definitions.
+        self._planned: dict[str, Any] = {}
+        self._spec_body = spec
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._decisions: dict[str, Intervention] = {}
         self._prompt_overrides: dict[str, str] = {}
+        self._continuations = 0
+        # Approval steps of a continuation that were already waiting: their
+        # attempt was counted by the run before.
+        self._resumed_approvals: set[str] = set()
+        if carried is not None and self._spec is not None:
+            self._state.restore(carried.state)
+            self._prompt_overrides = dict(carried.prompt_overrides)
+            self._decisions = dict(carried.decisions)
+            self._continuations = carried.continuations
         self._fatal: str | None = None
         self._cancelling = False
         self._changed = False
@@ -127,7 +164,10 @@ class MixerWorkflow:
 
     @workflow.run
     async def run(
-        self, spec: dict[str, Any], stream_state: WorkflowStreamState | None = None
+        self,
+        spec: dict[str, Any],
+        stream_state: WorkflowStreamState | None = None,
+        carried: Carried | None = None,
     ) -> RunProgress:
         if self._spec is None:
             # Raising ApplicationError fails the run itself: a bad spec must not
@@ -138,7 +178,10 @@ class MixerWorkflow:
                 type="InvalidSpec",
                 non_retryable=True,
             )
-        self._publish(EventType.WORKFLOW_STARTED, data={"name": self._spec.name})
+        if self._continuations == 0:
+            self._publish(EventType.WORKFLOW_STARTED, data={"name": self._spec.name})
+        else:
+            self._resume_waiting(self._spec)
         try:
             await self._drive(self._spec)
         except (asyncio.CancelledError, CancelledError):
@@ -154,7 +197,9 @@ class MixerWorkflow:
             raise
         self._state.status = RunStatus.COMPLETED
         self._state.output = (
-            render(self._spec.output, self._spec.inputs, self._state.outputs())
+            render(
+                self._spec.output, self._spec.inputs, self._state.outputs(), self._state.children()
+            )
             if self._spec.output is not None
             else self._state.last_output()
         )
@@ -164,11 +209,13 @@ class MixerWorkflow:
 
     async def _drive(self, spec: Spec) -> None:
         while True:
-            for step_id in self._state.ready(self._running_ids(), spec.max_parallel):
-                # Marked before the task first runs, so a wake-up in between can
-                # never launch the same step twice.
-                self._state.records[step_id].status = StepStatus.RUNNING
-                self._tasks[step_id] = asyncio.create_task(self._run_step(spec, step_id))
+            if self._history_is_long(spec):
+                # No new step starts; once only steps that wait for a person
+                # are left, the run continues as new with its state.
+                if not self._busy_ids():
+                    await self._hand_over()
+            else:
+                self._launch_ready(spec)
             if self._fatal is not None:
                 raise ApplicationError(self._fatal, type="StepFailed", non_retryable=True)
             if self._state.all_done() and not self._running_ids():
@@ -176,6 +223,52 @@ class MixerWorkflow:
             workflow.set_current_details(self._state.summary())
             self._changed = False
             await workflow.wait_condition(lambda: self._changed)
+
+    def _launch_ready(self, spec: Spec) -> None:
+        for step_id in self._state.ready(self._running_ids(), spec.max_parallel):
+            # Marked before the task first runs, so a wake-up in between can
+            # never launch the same step twice.
+            self._state.records[step_id].status = StepStatus.RUNNING
+            self._tasks[step_id] = asyncio.create_task(self._run_step(spec, step_id))
+
+    # ---- long histories: continue as new ------------------------------------
+
+    def _history_is_long(self, spec: Spec) -> bool:
+        info = workflow.info()
+        limit = spec.continue_as_new_after_events or DEFAULT_HISTORY_EVENTS
+        return info.is_continue_as_new_suggested() or info.get_current_history_length() >= limit
+
+    def _busy_ids(self) -> list[str]:
+        """Steps whose activity is in flight (those waiting for a person can be carried)."""
+        return [
+            step_id
+            for step_id in self._running_ids()
+            if self._state.records[step_id].status != StepStatus.WAITING
+        ]
+
+    async def _hand_over(self) -> None:
+        waiting = [task for task in self._tasks.values() if not task.done()]
+        for task in waiting:
+            task.cancel()  # they only wait for a decision; the next run waits again
+        await asyncio.gather(*waiting, return_exceptions=True)
+        carried = Carried(
+            state=self._state.snapshot(),
+            prompt_overrides=self._prompt_overrides,
+            decisions=self._decisions,
+            continuations=self._continuations + 1,
+        )
+        workflow.logger.info("history is long: continuing as new (run %d)", carried.continuations)
+        await self._stream.continue_as_new(
+            lambda stream_state: [self._spec_body, stream_state, carried]
+        )
+
+    def _resume_waiting(self, spec: Spec) -> None:
+        """In a continuation: steps that waited for a person wait again."""
+        for step_id, record in self._state.records.items():
+            if record.status == StepStatus.WAITING:
+                self._tasks[step_id] = asyncio.create_task(
+                    self._run_step(spec, step_id, resume=True)
+                )
 
     def _running_ids(self) -> list[str]:
         return [step_id for step_id, task in self._tasks.items() if not task.done()]
@@ -200,16 +293,21 @@ class MixerWorkflow:
 
     # ---- one step ---------------------------------------------------------
 
-    async def _run_step(self, spec: Spec, step_id: str) -> None:
-        step = spec.step(step_id)
+    async def _run_step(self, spec: Spec, step_id: str, resume: bool = False) -> None:
+        step = self._step(spec, step_id)
         record = self._state.records[step_id]
         try:
+            if resume and record.kind == "approval" and not record.error:
+                self._resumed_approvals.add(step_id)
+            elif resume and not await self._pause(spec, step, record, record.error or "", False):
+                return  # decided while it waited again; nothing more to run
             while True:
                 record.status = StepStatus.RUNNING
                 record.started_at = record.started_at or workflow.now()
                 record.error = None
                 record.waiting_reason = None
-                self._publish(EventType.STEP_STARTED, step_id, record.attempts + 1)
+                if step_id not in self._resumed_approvals:
+                    self._publish(EventType.STEP_STARTED, step_id, record.attempts + 1)
                 self._touch()
                 try:
                     output = await self._execute(spec, step, record)
@@ -256,11 +354,18 @@ class MixerWorkflow:
             self._publish(EventType.STEP_FAILED, step.id, record.attempts, {"error": error})
             self._fatal = f"step {step.id} failed: {error}"
             return False
-        record.status = StepStatus.WAITING
-        record.waiting_reason = f"failed: {error}"
-        self._publish(EventType.STEP_WAITING, step.id, record.attempts, {"error": error})
-        self._touch()
-        workflow.set_current_details(self._state.summary())
+        return await self._pause(spec, step, record, error, True)
+
+    async def _pause(
+        self, spec: Spec, step: Any, record: StepRecord, error: str, announce: bool
+    ) -> bool:
+        """Wait for a person after a failure; True when they asked for a retry."""
+        if announce:
+            record.status = StepStatus.WAITING
+            record.waiting_reason = f"failed: {error}"
+            self._publish(EventType.STEP_WAITING, step.id, record.attempts, {"error": error})
+            self._touch()
+            workflow.set_current_details(self._state.summary())
         timeout = spec.pause_timeout_s(step)
         decision = await self._await_decision(step.id, timeout)
         while decision is not None and decision.type == "reject":
@@ -304,6 +409,8 @@ class MixerWorkflow:
             return await self._await_approval(spec, step, record)
         if isinstance(step, AgentStep):
             return await self._run_agent(spec, step, record)
+        if isinstance(step, DecomposeStep):
+            return await self._decompose(spec, step, record)
         raise StepFailed(
             f"kind {step.kind!r} is not supported by this worker's version of llmmixer: "
             "upgrade the workers, then retry this step"
@@ -311,26 +418,76 @@ class MixerWorkflow:
 
     # ---- kinds ------------------------------------------------------------
 
-    def _render(self, spec: Spec, text: str) -> str:
-        return render(text, spec.inputs, self._state.outputs())
+    def _render(self, spec: Spec, text: str, step_id: str | None = None) -> str:
+        outputs = self._state.outputs()
+        if step_id is not None:
+            # Only what the step waited for: a `join` must not depend on which
+            # unrelated steps happened to finish first.
+            scope = self._state.ancestors(step_id)
+            outputs = {i: text for i, text in outputs.items() if i in scope}
+        return render(text, spec.inputs, outputs, self._state.children())
+
+    def _step(self, spec: Spec, step_id: str) -> Any:
+        """The step's model: from the spec, or from the plan that created it."""
+        node = self._state.nodes.get(step_id)
+        if node is None or node.definition is None:
+            return spec.step(step_id)
+        if step_id not in self._planned:
+            self._planned[step_id] = STEP_MODELS[node.kind].model_validate(node.definition)
+        return self._planned[step_id]
+
+    def _chain(self, spec: Spec, step: LlmStep | DecomposeStep) -> list[FallbackTarget]:
+        """Primary target, then fallbacks: the step's own, or its role's route."""
+        fallback = step.fallback if isinstance(step, LlmStep) else []
+        if step.role is not None:
+            route = [FallbackTarget.model_validate(t.model_dump()) for t in spec.routes[step.role]]
+            return [*route, *fallback]
+        primary = FallbackTarget(
+            provider=step.provider or spec.defaults.provider or "",
+            model=step.model or spec.defaults.model or "",
+            base_url=step.base_url if isinstance(step, LlmStep) else None,
+        )
+        return [primary, *fallback]
 
     async def _call_llm(self, spec: Spec, step: LlmStep, record: StepRecord) -> str:
+        await self._budget_gate(step, record)
         prompt = self._prompt_overrides.get(step.id, step.prompt)
         messages = [
             ChatMessage.model_validate(
-                {"role": message["role"], "content": self._render(spec, message["content"])}
+                {
+                    "role": message["role"],
+                    "content": self._render(spec, message["content"], step.id),
+                }
             )
             for message in step.messages or []
         ]
         if prompt is not None:
-            messages.append(ChatMessage(role="user", content=self._render(spec, prompt)))
+            messages.append(ChatMessage(role="user", content=self._render(spec, prompt, step.id)))
         record.prompt = messages[-1].content if messages else None
-        primary = FallbackTarget(
-            provider=step.provider or spec.defaults.provider or "",
-            model=step.model or spec.defaults.model or "",
-            base_url=step.base_url,
-        )
-        chain = [primary, *step.fallback]
+        system = self._render(spec, step.system, step.id) if step.system else None
+        if step.best_of is not None:
+            return await self._best_of(spec, step, record, messages, system)
+        reply = await self._ask(spec, step, record, self._chain(spec, step), messages, system)
+        return reply.text
+
+    async def _ask(
+        self,
+        spec: Spec,
+        step: LlmStep | DecomposeStep,
+        record: StepRecord,
+        chain: list[FallbackTarget],
+        messages: list[ChatMessage],
+        system: str | None,
+        *,
+        plan: PlanRequest | None = None,
+        label: str = "",
+        track: bool = True,
+    ) -> LlmReply:
+        """One answer through ``chain`` (primary, then fallbacks), accounted on ``record``.
+
+        With ``track=False`` (best_of candidates, which run side by side) the
+        record's provider/model/latency are left for the caller to set.
+        """
         for index, target in enumerate(chain):
             has_next = index < len(chain) - 1
             call = LlmCall(
@@ -339,23 +496,27 @@ class MixerWorkflow:
                 provider=target.provider,
                 model=target.model,
                 messages=messages,
-                system=self._render(spec, step.system) if step.system else None,
+                system=system,
                 max_tokens=step.max_tokens or spec.defaults.max_tokens,
                 temperature=step.temperature
                 if step.temperature is not None
                 else spec.defaults.temperature,
-                top_p=step.top_p,
-                stop=step.stop,
-                response_format=step.response_format,
-                json_schema=step.json_schema,
-                api=step.api,
+                top_p=step.top_p if isinstance(step, LlmStep) else None,
+                stop=step.stop if isinstance(step, LlmStep) else [],
+                response_format=(
+                    step.response_format if isinstance(step, LlmStep) and plan is None else "json"
+                ),
+                json_schema=step.json_schema if isinstance(step, LlmStep) else None,
+                api=step.api if isinstance(step, LlmStep) else "chat",
                 base_url=target.base_url,
-                provider_options=step.provider_options,
+                provider_options=step.provider_options if isinstance(step, LlmStep) else {},
                 timeout_s=spec.timeout_s(step),
                 dry_run=spec.dry_run,
                 has_fallback=has_next,
+                plan=plan,
             )
-            record.provider, record.model = target.provider, target.model
+            if track:
+                record.provider, record.model = target.provider, target.model
             try:
                 reply = await workflow.execute_activity(
                     LLM_ACTIVITY,
@@ -365,7 +526,7 @@ class MixerWorkflow:
                     heartbeat_timeout=timedelta(seconds=spec.defaults.heartbeat_timeout_s),
                     retry_policy=_retry_policy(spec.retry(step)),
                     cancellation_type=workflow.ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
-                    summary=f"{step.id}: {target.provider}/{target.model}",
+                    summary=f"{step.id}{label}: {target.provider}/{target.model}",
                 )
             except ActivityError as error:
                 attempts, message, error_type = _describe_failure(error, spec.retry(step))
@@ -383,21 +544,189 @@ class MixerWorkflow:
                 self._touch()
                 continue
             record.attempts += reply.attempt
-            record.provider, record.model = reply.provider, reply.model
             record.usage = record.usage + reply.usage
             record.cost_usd = (
                 None
                 if reply.cost_usd is None or record.cost_usd is None
                 else round(record.cost_usd + reply.cost_usd, 8)
             )
-            record.latency_ms = reply.latency_ms
             record.dry_run = reply.dry_run
+            if track:
+                record.provider, record.model = reply.provider, reply.model
+                record.latency_ms = reply.latency_ms
             if reply.unsent_text:
                 self._publish(
                     EventType.STEP_DELTA, step.id, reply.attempt, {"text": reply.unsent_text}
                 )
-            return reply.text
+            return reply
         raise StepFailed("no provider in the chain answered")  # unreachable: chain is non-empty
+
+    # ---- best_of ------------------------------------------------------------
+
+    async def _best_of(
+        self,
+        spec: Spec,
+        step: LlmStep,
+        record: StepRecord,
+        messages: list[ChatMessage],
+        system: str | None,
+    ) -> str:
+        """N candidates side by side (one activity each), then a judge picks or merges."""
+        assert step.best_of is not None
+        best = step.best_of
+        own = self._chain(spec, step)
+        targets = [
+            FallbackTarget.model_validate(best.targets[i % len(best.targets)].model_dump())
+            if best.targets
+            else own[0]
+            for i in range(best.n)
+        ]
+
+        async def candidate(number: int, target: FallbackTarget) -> Candidate:
+            try:
+                reply = await self._ask(
+                    spec, step, record, [target], messages, system, label=f" #{number}", track=False
+                )
+            except StepFailed as failure:
+                return Candidate(provider=target.provider, model=target.model, error=str(failure))
+            return Candidate(
+                provider=reply.provider,
+                model=reply.model,
+                output=reply.text,
+                usage=reply.usage,
+                cost_usd=reply.cost_usd,
+            )
+
+        # gather keeps the candidates in their numbered order whatever order
+        # they finish in, so the judge's prompt is the same on every replay.
+        record.candidates = list(
+            await asyncio.gather(*(candidate(i + 1, t) for i, t in enumerate(targets)))
+        )
+        self._touch()
+        answered = [(i + 1, c) for i, c in enumerate(record.candidates) if c.output is not None]
+        if not answered:
+            errors = "; ".join(f"#{i + 1}: {c.error}" for i, c in enumerate(record.candidates))
+            raise StepFailed(f"every best_of candidate failed: {errors}")
+        judge = best.judge
+        instruction = (
+            self._render(spec, judge.prompt, step.id)
+            if judge is not None and judge.prompt
+            else "Several answers to the same task follow. Pick the best one, or merge the best "
+            "parts of them into one answer. Reply with the final answer only."
+        )
+        task = messages[-1].content if messages else ""
+        numbered = "\n\n".join(
+            f"### Candidate {number} ({c.provider}/{c.model})\n{c.output}" for number, c in answered
+        )
+        judge_messages = [
+            ChatMessage(role="user", content=f"{instruction}\n\n## Task\n{task}\n\n{numbered}")
+        ]
+        judge_chain = (
+            [FallbackTarget(provider=judge.provider, model=judge.model)] if judge else own[:1]
+        )
+        reply = await self._ask(
+            spec, step, record, judge_chain, judge_messages, None, label=" judge"
+        )
+        return reply.text
+
+    # ---- decompose ----------------------------------------------------------
+
+    async def _decompose(self, spec: Spec, step: DecomposeStep, record: StepRecord) -> str:
+        """Ask for a plan until one validates, then add its steps to the DAG."""
+        await self._budget_gate(step, record)
+        task = self._render(spec, self._prompt_overrides.get(step.id, step.prompt), step.id)
+        system = self._render(spec, step.system, step.id) if step.system else None
+        context = PlanContext(
+            step_id=step.id,
+            limits=self._plan_limits(spec, step),
+            spec=spec,
+            taken_ids=frozenset(self._state.nodes),
+            context_ids=tuple(i for i in self._state.nodes if i in self._state.ancestors(step.id)),
+        )
+        feedback: str | None = None
+        tries = spec.retry(step).max_attempts
+        for _ in range(tries):
+            prompt = planner_prompt(task, context, feedback)
+            record.prompt = prompt
+            reply = await self._ask(
+                spec,
+                step,
+                record,
+                self._chain(spec, step),
+                [ChatMessage(role="user", content=prompt)],
+                system,
+                plan=plan_request(context),
+            )
+            steps, issues = check_plan(reply.text, context)
+            if not issues:
+                break
+            # Retried like any retryable step error, with the validator's
+            # message given to the planner.
+            feedback = "\n".join(str(issue) for issue in issues)
+            record.error = f"plan refused: {feedback}"
+            self._touch()
+        else:
+            raise StepFailed(
+                f"no valid plan in {tries} tries; the last one was refused:\n{feedback}"
+            )
+        record.error = None
+        nodes = [
+            StepNode(
+                id=planned["id"],
+                kind=planned["kind"],
+                needs=(*[n for n in planned.get("needs", []) if n != step.id], step.id),
+                parent=step.id,
+                definition=planned,
+            )
+            for planned in steps
+        ]
+        self._state.add_steps(step.id, nodes)
+        for planned in steps:
+            if planned["kind"] == "decompose":
+                self._set_budget(planned["id"], DecomposeStep.model_validate(planned).budget)
+        return json.dumps({"steps": steps}, indent=2)
+
+    def _plan_limits(self, spec: Spec, step: DecomposeStep) -> PlanLimits:
+        """``step``'s limits under those of every plan above it."""
+        parent: PlanLimits | None = None
+        for above in reversed(self._state.lineage(step.id)):
+            model = self._step(spec, above)
+            parent = limits_for(model, parent)
+        return limits_for(step, parent)
+
+    # ---- budgets ------------------------------------------------------------
+
+    def _set_budget(self, scope: str, budget: Budget | None) -> None:
+        if budget is not None:
+            self._state.budgets[scope] = BudgetLimits(
+                max_tokens=budget.max_tokens, max_cost_usd=budget.max_cost_usd
+            )
+
+    async def _budget_gate(self, step: LlmStep | DecomposeStep, record: StepRecord) -> None:
+        """Hold a step whose budget is spent until a person raises it (or settles the step)."""
+        reason = self._state.over_budget(step.id)
+        if reason is None:
+            return
+        record.status = StepStatus.WAITING
+        record.waiting_reason = reason
+        self._publish(EventType.STEP_WAITING, step.id, record.attempts, {"budget": reason})
+        self._touch()
+        workflow.set_current_details(self._state.summary())
+        while True:
+            await workflow.wait_condition(
+                lambda: step.id in self._decisions or self._state.over_budget(step.id) is None
+            )
+            decision = self._decisions.pop(step.id, None)
+            if decision is not None and decision.type in ("skip", "override"):
+                raise _Settled()  # the handler has set the record
+            if self._state.over_budget(step.id) is None:
+                break
+            # A retry while the budget is still spent changes nothing: keep waiting.
+            record.waiting_reason = self._state.over_budget(step.id)
+        record.status = StepStatus.RUNNING
+        record.waiting_reason = None
+        self._publish(EventType.STEP_STARTED, step.id, record.attempts + 1)
+        self._touch()
 
     async def _run_command(self, spec: Spec, step: PtyStep, record: StepRecord) -> str:
         call = CommandCall(
@@ -472,12 +801,15 @@ class MixerWorkflow:
         return result.output
 
     async def _await_approval(self, spec: Spec, step: ApprovalStep, record: StepRecord) -> str:
-        record.attempts += 1
         question = self._render(spec, step.prompt) if step.prompt else f"Approve {step.id}?"
         record.prompt = question
         record.status = StepStatus.WAITING
         record.waiting_reason = f"approval: {question}"
-        self._publish(EventType.STEP_WAITING, step.id, record.attempts, {"approval": question})
+        if step.id in self._resumed_approvals:
+            self._resumed_approvals.discard(step.id)
+        else:
+            record.attempts += 1
+            self._publish(EventType.STEP_WAITING, step.id, record.attempts, {"approval": question})
         self._touch()
         workflow.set_current_details(self._state.summary())
         decision = await self._await_decision(step.id, step.timeout_s)
@@ -565,6 +897,33 @@ class MixerWorkflow:
     @workflow.query(name="progress")
     def progress(self) -> RunProgress:
         return self._state.progress()
+
+    @workflow.update(name="raise_budget")
+    def raise_budget(self, request: BudgetRaise) -> BudgetLimits:
+        """Raise the spec's budget (or a decompose step's); held steps then start."""
+        limits = self._state.budgets[request.step]
+        raised = BudgetLimits(
+            max_tokens=request.max_tokens or limits.max_tokens,
+            max_cost_usd=request.max_cost_usd
+            if request.max_cost_usd is not None
+            else limits.max_cost_usd,
+        )
+        self._state.budgets[request.step] = raised
+        self._publish(
+            EventType.INTERVENTION_ACCEPTED,
+            request.step or None,
+            data={"action": "raise_budget", "argument": request.model_dump(exclude_none=True)},
+        )
+        self._touch()
+        return raised
+
+    @raise_budget.validator
+    def _validate_raise_budget(self, request: BudgetRaise) -> None:
+        # Budgets change only through this update, so reading them here is
+        # not subject to the one-task lag that step states have.
+        refusal = _budget_refusal(self._state.budgets, request, self._spec is not None)
+        if refusal is not None:
+            raise ApplicationError(refusal, type="InterventionRefused", non_retryable=True)
 
     def _static_refusal(self, action: InterventionType, request: InterventionRequest) -> str | None:
         """What makes an intervention wrong whatever the steps' states are."""
@@ -692,6 +1051,40 @@ class MixerWorkflow:
 
 class _Settled(StepFailed):
     """The step was skipped or overridden by a person while it waited."""
+
+
+def _budget_refusal(
+    budgets: dict[str, BudgetLimits], request: BudgetRaise, valid_spec: bool
+) -> str | None:
+    """Why ``raise_budget`` cannot apply, or None."""
+    if not valid_spec:
+        return "this run has an invalid spec and never started"
+    where = f"decompose step {request.step!r}" if request.step else "the spec"
+    current = budgets.get(request.step)
+    if current is None:
+        scopes = ", ".join(repr(s) if s else '"" (the spec)' for s in budgets) or "none"
+        return f"{where} has no budget to raise (budgets in this run: {scopes})"
+    if request.max_tokens is None and request.max_cost_usd is None:
+        return 'give max_tokens and/or max_cost_usd: {"max_tokens": 200000}'
+    if request.max_tokens is not None and (
+        request.max_tokens < 1
+        or (current.max_tokens is not None and request.max_tokens <= current.max_tokens)
+        or current.max_tokens is None
+    ):
+        return (
+            f"max_tokens must be above the current limit of {where} ({current.max_tokens}); "
+            "raise_budget only raises"
+        )
+    if request.max_cost_usd is not None and (
+        request.max_cost_usd <= 0
+        or current.max_cost_usd is None
+        or request.max_cost_usd <= current.max_cost_usd
+    ):
+        return (
+            f"max_cost_usd must be above the current limit of {where} ({current.max_cost_usd}); "
+            "raise_budget only raises"
+        )
+    return None
 
 
 def _retry_policy(retry: RetrySpec) -> RetryPolicy:

@@ -58,6 +58,36 @@ class FallbackNote(BaseModel):
     error_type: str | None = None
 
 
+class Candidate(BaseModel):
+    """One ``best_of`` candidate: who answered what, or why it did not."""
+
+    provider: str
+    model: str
+    output: str | None = None
+    error: str | None = None
+    usage: Usage = Field(default_factory=Usage)
+    cost_usd: float | None = 0.0
+
+
+class BudgetLimits(BaseModel):
+    """A budget as it stands in a run (raised by the ``raise_budget`` update)."""
+
+    max_tokens: int | None = None
+    max_cost_usd: float | None = None
+
+
+class BudgetRaise(BaseModel):
+    """The argument of ``raise_budget``: new, higher limits.
+
+    ``step`` names the decompose step whose budget to raise; empty means the
+    spec's own ``budget``.
+    """
+
+    step: str = ""
+    max_tokens: int | None = None
+    max_cost_usd: float | None = None
+
+
 class StepRecord(BaseModel):
     kind: str = "llm"
     status: StepStatus = StepStatus.PENDING
@@ -83,6 +113,10 @@ class StepRecord(BaseModel):
     exit_code: int | None = None
     # The prompt as rendered and sent (LLM, approval and decompose steps).
     prompt: str | None = None
+    # The decompose step whose plan created this step (None: from the spec).
+    parent: str | None = None
+    # `best_of` steps: every candidate; the output is the judge's answer.
+    candidates: list[Candidate] = Field(default_factory=list)
     # Set when `output` above was cut to keep the answer small: the whole
     # output's length (the whole text is in the run's history).
     output_chars: int | None = None

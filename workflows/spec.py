@@ -43,6 +43,45 @@ class FallbackTarget(_Strict):
     base_url: str | None = None
 
 
+class Target(_Strict):
+    """One provider and model: an entry of a route, a best_of candidate or a judge."""
+
+    provider: str
+    model: str
+    base_url: str | None = None
+
+
+class AllowRule(_Strict):
+    """A provider (and optionally one model of it) that a decompose plan may name."""
+
+    provider: str
+    model: str | None = None
+
+
+class Budget(_Strict):
+    """Spending limits; a step that would start beyond them waits for a person."""
+
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_cost_usd: float | None = Field(default=None, ge=0)
+
+
+class Judge(_Strict):
+    provider: str
+    model: str
+    # Replaces the default instruction; the numbered candidates are appended.
+    prompt: str | None = None
+
+
+class BestOf(_Strict):
+    """Run ``n`` candidates in parallel, then one judge call picks or merges."""
+
+    n: int = Field(default=3, ge=2, le=10)
+    # Candidate i uses targets[i % len(targets)]; empty: the step's own provider/model.
+    targets: list[Target] = Field(default_factory=list)
+    # None: the step's own provider/model judges.
+    judge: Judge | None = None
+
+
 class Defaults(_Strict):
     provider: str | None = None
     model: str | None = None
@@ -84,6 +123,10 @@ class LlmStep(_StepBase):
     base_url: str | None = None
     provider_options: dict[str, Any] = Field(default_factory=dict)
     fallback: list[FallbackTarget] = Field(default_factory=list)
+    # A name under the spec's `routes`: its first target answers, the rest are
+    # its fallback chain. Excludes `provider`/`model` on the same step.
+    role: str | None = None
+    best_of: BestOf | None = None
 
 
 class PtyStep(_StepBase):
@@ -113,6 +156,16 @@ class DecomposeStep(_StepBase):
     max_steps: int = Field(default=8, ge=1, le=100)
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0, le=2)
+    role: str | None = None
+    # Levels of planning allowed from here: 1 means the plan may not contain
+    # decompose steps; a nested decompose step never gets more than its parent.
+    max_depth: int = Field(default=1, ge=1, le=5)
+    # Kinds a plan may create besides `llm`; pty and agent only when listed.
+    allow_kinds: list[Literal["llm", "approval", "decompose", "pty", "agent"]] = Field(
+        default_factory=list
+    )
+    # Limits what this step's sub-steps (at any depth) may spend together.
+    budget: Budget | None = None
 
 
 class AgentStep(_StepBase):
@@ -159,6 +212,20 @@ class Spec(_Strict):
     max_parallel: int | None = Field(default=None, ge=1)
     # Set by `llmmixer run --dry-run`: every provider call is answered offline.
     dry_run: bool = False
+    # Continue as new once the run's history has this many events (default
+    # 10,000, or sooner when Temporal suggests it); mostly for tests.
+    continue_as_new_after_events: int | None = Field(default=None, ge=20)
+    # The task queue PTY and agent steps run on, so command-heavy hosts can be
+    # isolated (workers with LLMMIXER_WORKER_ROLES=pty polling it). None: the
+    # run's own queue. MixerClient fills it from LLMMIXER_PTY_TASK_QUEUE. It
+    # travels in the spec, not in a worker's environment, so replay always
+    # schedules on the same queue.
+    pty_task_queue: str | None = Field(default=None, min_length=1, max_length=200)
+    # role -> [primary, fallback, ...]: plans name roles, the spec's owner picks models.
+    routes: dict[str, list[Target]] = Field(default_factory=dict)
+    # What a plan may name directly as provider/model; None: anything.
+    allow: list[AllowRule] | None = None
+    budget: Budget | None = None
 
     def step(self, step_id: str) -> LlmStep | PtyStep | ApprovalStep | DecomposeStep | AgentStep:
         for step in self.steps:

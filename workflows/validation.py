@@ -13,7 +13,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, ValidationError, create_model
 
 from llmmixer.activities.contracts import PROVIDERS
 from llmmixer.workflows.spec import (
@@ -23,7 +23,6 @@ from llmmixer.workflows.spec import (
     AgentStep,
     ApprovalStep,
     DecomposeStep,
-    Defaults,
     LlmStep,
     PtyStep,
     Spec,
@@ -93,10 +92,13 @@ def find_issues(raw: object) -> Iterator[SpecIssue]:
     yield from _model_issues(_SpecWithoutSteps, top, SPEC_LOCATION, "")
     defaults = raw.get("defaults") if isinstance(raw.get("defaults"), Mapping) else {}
     assert isinstance(defaults, Mapping)
+    routes = raw.get("routes") if isinstance(raw.get("routes"), Mapping) else {}
+    assert isinstance(routes, Mapping)
+    yield from _route_issues(raw)
     parsed: dict[str, BaseModel] = {}
     ids: list[str] = []
     for index, step_raw in enumerate(steps_raw):
-        step_id, step_issues, model = _check_step(index, step_raw, defaults)
+        step_id, step_issues, model = _check_step(index, step_raw, defaults, routes)
         yield from step_issues
         if step_id is None:
             continue
@@ -113,22 +115,49 @@ def find_issues(raw: object) -> Iterator[SpecIssue]:
     yield from _graph_issues(parsed, ids, inputs, raw.get("output"))
 
 
-class _SpecWithoutSteps(BaseModel):
-    """The top-level fields, validated apart so step problems are reported per step."""
+# The top-level fields, validated apart so step problems are reported per
+# step. Derived from Spec so a new top-level field can never be refused here.
+_SpecWithoutSteps = create_model(
+    "_SpecWithoutSteps",
+    __config__=Spec.model_config,
+    **{  # type: ignore[call-overload]
+        name: (field.annotation, field)
+        for name, field in Spec.model_fields.items()
+        if name != "steps"
+    },
+)
 
-    model_config = Spec.model_config
 
-    name: str = Field(default="workflow", min_length=1, max_length=200)
-    description: str | None = None
-    inputs: dict[str, str | int | float | bool] = {}
-    defaults: Defaults | None = None
-    output: str | None = None
-    max_parallel: int | None = Field(default=None, ge=1)
-    dry_run: bool = False
+def _route_issues(raw: Mapping[str, Any]) -> Iterator[SpecIssue]:
+    """Providers under `routes` and `allow` must exist; a route needs a target."""
+    routes = raw.get("routes")
+    if isinstance(routes, Mapping):
+        for role, targets in routes.items():
+            if isinstance(targets, list) and not targets:
+                yield SpecIssue(
+                    SPEC_LOCATION, f"routes.{role}", "a route needs at least one provider/model"
+                )
+            for number, target in enumerate(targets if isinstance(targets, list) else []):
+                provider = target.get("provider") if isinstance(target, Mapping) else None
+                if isinstance(provider, str) and provider not in PROVIDERS:
+                    yield SpecIssue(
+                        SPEC_LOCATION,
+                        f"routes.{role}.{number}.provider",
+                        f"unknown provider {provider!r}: use one of {', '.join(PROVIDERS)}",
+                    )
+    allow = raw.get("allow")
+    for number, rule in enumerate(allow if isinstance(allow, list) else []):
+        provider = rule.get("provider") if isinstance(rule, Mapping) else None
+        if isinstance(provider, str) and provider not in PROVIDERS:
+            yield SpecIssue(
+                SPEC_LOCATION,
+                f"allow.{number}.provider",
+                f"unknown provider {provider!r}: use one of {', '.join(PROVIDERS)}",
+            )
 
 
 def _check_step(
-    index: int, step_raw: object, defaults: Mapping[str, Any]
+    index: int, step_raw: object, defaults: Mapping[str, Any], routes: Mapping[str, Any]
 ) -> tuple[str | None, list[SpecIssue], BaseModel | None]:
     where = f"#{index + 1}"
     if not isinstance(step_raw, Mapping):
@@ -156,7 +185,7 @@ def _check_step(
     if issues:
         return step_id, issues, None
     model = model_type.model_validate(body)
-    issues.extend(_provider_issues(step_id, model, defaults))
+    issues.extend(_provider_issues(step_id, model, defaults, routes))
     return step_id, issues, model
 
 
@@ -188,13 +217,25 @@ def _explain(detail: Mapping[str, Any]) -> str:
 
 
 def _provider_issues(
-    step_id: str, step: BaseModel, defaults: Mapping[str, Any]
+    step_id: str, step: BaseModel, defaults: Mapping[str, Any], routes: Mapping[str, Any]
 ) -> Iterator[SpecIssue]:
     if not isinstance(step, LlmStep | DecomposeStep):
         return
     provider = step.provider or defaults.get("provider")
     model = step.model or defaults.get("model")
-    if provider is None:
+    if step.role is not None:
+        # The route decides provider and model; naming them too is ambiguous.
+        for name in ("provider", "model"):
+            if getattr(step, name) is not None:
+                yield SpecIssue(
+                    step_id,
+                    name,
+                    f"a step with `role` gets its {name} from `routes`: remove `{name}` or `role`",
+                )
+        if step.role not in routes:
+            known = ", ".join(sorted(routes)) or "(none: add `routes` to the spec)"
+            yield SpecIssue(step_id, "role", f"unknown role {step.role!r}: use one of {known}")
+    elif provider is None:
         yield SpecIssue(
             step_id, "provider", "no provider: set `provider` on the step or in `defaults`"
         )
@@ -202,8 +243,20 @@ def _provider_issues(
         yield SpecIssue(
             step_id, "provider", f"unknown provider {provider!r}: use one of {', '.join(PROVIDERS)}"
         )
-    if model is None:
+    if model is None and step.role is None:
         yield SpecIssue(step_id, "model", "no model: set `model` on the step or in `defaults`")
+    if isinstance(step, LlmStep) and step.best_of is not None:
+        named = [("best_of.targets", t.provider) for t in step.best_of.targets]
+        if step.best_of.judge is not None:
+            named.append(("best_of.judge", step.best_of.judge.provider))
+        for number, (where, name) in enumerate(named):
+            if name not in PROVIDERS:
+                field = f"{where}.{number}" if where == "best_of.targets" else where
+                yield SpecIssue(
+                    step_id,
+                    f"{field}.provider",
+                    f"unknown provider {name!r}: use one of {', '.join(PROVIDERS)}",
+                )
     if isinstance(step, LlmStep):
         if step.prompt is None and not step.messages:
             yield SpecIssue(step_id, "prompt", "an llm step needs `prompt` or `messages`")
@@ -236,6 +289,8 @@ def _templated_fields(step: BaseModel) -> Iterator[tuple[str, str]]:
                 yield name, value
         for number, message in enumerate(step.messages or []):
             yield f"messages.{number}.content", message.get("content", "")
+        if step.best_of is not None and step.best_of.judge and step.best_of.judge.prompt:
+            yield "best_of.judge.prompt", step.best_of.judge.prompt
     elif isinstance(step, PtyStep):
         for number, part in enumerate(step.command):
             yield f"command.{number}", part
@@ -281,28 +336,62 @@ def _graph_issues(
         )
         return
     ancestors = {step_id: ancestors_of(step_id, needs) for step_id in needs}
+    planners = {i for i, step in steps.items() if isinstance(step, DecomposeStep)}
     for step_id, step in steps.items():
+        # A step after a decompose step may read ids that only its plan will
+        # create, so an unknown id there is accepted (`open`), never elsewhere.
+        scope = _Scope(ancestors[step_id], known, planners, bool(ancestors[step_id] & planners))
         for field, text in _templated_fields(step):
-            yield from _reference_issues(step_id, field, text, ancestors[step_id], known, inputs)
+            yield from _reference_issues(step_id, field, text, scope, inputs)
     if isinstance(output, str):
-        yield from _reference_issues(SPEC_LOCATION, "output", output, known, known, inputs)
+        scope = _Scope(known, known, planners, bool(planners))
+        yield from _reference_issues(SPEC_LOCATION, "output", output, scope, inputs)
+
+
+@dataclass(frozen=True)
+class _Scope:
+    """What one template may read: its ancestors, all ids, decompose steps."""
+
+    reachable: set[str]
+    known: set[str]
+    planners: set[str]
+    open: bool
 
 
 def _reference_issues(
     where: str,
     field: str,
     text: str,
-    reachable: set[str],
-    known: set[str],
+    scope: _Scope,
     inputs: Mapping[str, Any],
 ) -> Iterator[SpecIssue]:
+    reachable, known = scope.reachable, scope.known
     for ref in references(text):
         if ref.kind == "invalid":
             yield SpecIssue(
                 where,
                 field,
-                f"unknown template {ref.raw}: use {{{{inputs.NAME}}}} or {{{{steps.ID.output}}}}",
+                f"unknown template {ref.raw}: use {{{{inputs.NAME}}}}, {{{{steps.ID.output}}}}, "
+                f'{{{{steps.ID.children}}}} or {{{{join(steps.PREFIX*, "SEP")}}}}',
             )
+        elif ref.kind == "children" and ref.name not in known and scope.open:
+            continue  # a decompose step of a plan
+        elif ref.kind == "children" and ref.name not in scope.planners:
+            yield SpecIssue(
+                where,
+                field,
+                f"{ref.raw} reads the sub-steps of {ref.name!r}, which is not a decompose step",
+            )
+        elif ref.kind == "join":
+            if not scope.open and not any(i.startswith(ref.name) for i in reachable):
+                yield SpecIssue(
+                    where,
+                    field,
+                    f"{ref.raw} matches none of this step's `needs` (directly or "
+                    f"transitively): add a step whose id starts with {ref.name!r} to `needs`",
+                )
+        elif ref.kind == "step" and ref.name not in known and scope.open:
+            continue  # may be created by a plan this step waits for
         elif ref.kind == "input" and ref.name not in inputs:
             yield SpecIssue(
                 where,
@@ -310,9 +399,9 @@ def _reference_issues(
                 f"{ref.raw} reads input {ref.name!r}, which `inputs` does not define: "
                 f"add it to `inputs` or pass --input {ref.name}=...",
             )
-        elif ref.kind == "step" and ref.name not in known:
+        elif ref.kind in ("step", "children") and ref.name not in known:
             yield SpecIssue(where, field, f"{ref.raw} reads unknown step {ref.name!r}")
-        elif ref.kind == "step" and ref.name not in reachable:
+        elif ref.kind in ("step", "children") and ref.name not in reachable:
             yield SpecIssue(
                 where,
                 field,

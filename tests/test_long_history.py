@@ -1,0 +1,96 @@
+"""A long run continues as new with its state, transparently to people and readers."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import sys
+from typing import Any
+
+import pytest
+
+from llmmixer.client.mixer import MixerClient, MixerHandle
+from llmmixer.workflows.records import RunProgress, StepStatus
+
+
+@pytest.fixture
+def workflow_cache() -> int:
+    return 100  # updates on a cache miss: see conftest.workflow_cache
+
+
+async def until(handle: MixerHandle, predicate: Any) -> RunProgress:
+    for _ in range(400):
+        progress = await handle.progress()
+        if predicate(progress):
+            return progress
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"never reached; last: {progress}")
+
+
+async def runs_of(mixer: MixerClient, workflow_id: str) -> int:
+    query = f'WorkflowId="{workflow_id}"'
+    return len([e async for e in mixer.temporal.list_workflows(query)])
+
+
+async def test_long_history_continues_as_new_and_keeps_everything(
+    mixer: MixerClient, tmp_path: Any
+) -> None:
+    marker = tmp_path / "go"
+    chain = [
+        {
+            "id": f"c{i}",
+            "needs": [f"c{i - 1}"] if i else [],
+            "prompt": f"step {i} " + ("{{steps.c%d.output}}" % (i - 1) if i else ""),
+        }
+        for i in range(8)
+    ]
+    spec = {
+        "name": "long",
+        "dry_run": True,
+        "continue_as_new_after_events": 40,
+        "defaults": {"provider": "openai", "model": "gpt-4.1-mini", "retry": {"max_attempts": 1}},
+        "steps": [
+            *chain,
+            {"id": "gate", "kind": "approval", "needs": ["c7"]},
+            {
+                "id": "flaky",
+                "kind": "pty",
+                "needs": ["c7"],
+                "command": [
+                    sys.executable,
+                    "-c",
+                    f"import os,sys; sys.exit(0 if os.path.exists({str(marker)!r}) else 1)",
+                ],
+            },
+            {"id": "end", "needs": ["gate", "flaky"], "prompt": "{{steps.gate.output}}"},
+        ],
+    }
+    handle = await mixer.start(spec)
+    await until(
+        handle,
+        lambda p: (
+            p.steps["gate"].status == StepStatus.WAITING
+            and p.steps["flaky"].status == StepStatus.WAITING
+        ),
+    )
+    assert await runs_of(mixer, handle.id) >= 2, "the run did not continue as new"
+    marker.write_text("go")
+    await handle.retry("flaky")
+    await until(handle, lambda p: p.steps["flaky"].status == StepStatus.COMPLETED)
+    await handle.approve("gate", comment="carried over")
+    result = await handle.result()
+    assert result.steps["end"].prompt == "carried over"
+    assert all(r.status == StepStatus.COMPLETED for r in result.steps.values())
+    assert result.steps["c7"].prompt is not None and "step 7" in result.steps["c7"].prompt
+    assert result.steps["gate"].attempts == 1 and result.steps["flaky"].attempts == 2
+    assert [i.type for i in result.steps["flaky"].interventions] == ["retry"]
+    # one stream across every run: each step started once, offsets without gaps
+    events = [e async for e in handle.events()]
+    offsets = [e.offset for e in events]
+    assert offsets == list(range(len(events)))
+    started = [e.step for e in events if e.type.value == "step_started"]
+    expected = {step: 1 for step in result.steps} | {"flaky": 2}
+    assert {step: started.count(step) for step in result.steps} == expected
+    assert [e.type.value for e in events].count("workflow_started") == 1
+    assert [e.type.value for e in events][-1] == "workflow_ended"
+    assert all(b > a for a, b in itertools.pairwise(offsets))

@@ -1,0 +1,27 @@
+"""What a long run hands to its continuation (continue-as-new).
+
+A run's history grows with every step, retry and intervention; past a
+threshold ``MixerWorkflow`` continues as a new run of the same workflow id,
+carrying this. Queries, updates, signals and the event stream follow the
+workflow id, so readers and people see one run. Fields are only ever added,
+with defaults, so a continuation started by an older worker still loads.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+from llmmixer.workflows.dag import RunSnapshot
+from llmmixer.workflows.records import Intervention
+
+# Temporal suggests continuing as new well before its hard limits; this
+# bound also keeps replay of one run quick after a worker restart.
+DEFAULT_HISTORY_EVENTS = 10_000
+
+
+class Carried(BaseModel):
+    state: RunSnapshot = Field(default_factory=RunSnapshot)
+    prompt_overrides: dict[str, str] = Field(default_factory=dict)
+    # Decisions that arrived but were not yet acted on when the run handed over.
+    decisions: dict[str, Intervention] = Field(default_factory=dict)
+    continuations: int = 0
