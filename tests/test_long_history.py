@@ -40,7 +40,7 @@ async def test_long_history_continues_as_new_and_keeps_everything(
         {
             "id": f"c{i}",
             "needs": [f"c{i - 1}"] if i else [],
-            "prompt": f"step {i} " + ("{{steps.c%d.output}}" % (i - 1) if i else ""),
+            "prompt": f"step {i} " + ("{{steps.c" + str(i - 1) + ".output}}" if i else ""),
         }
         for i in range(8)
     ]
