@@ -32,6 +32,8 @@ from llmmixer.client.specfile import prepare_spec
 from llmmixer.workers.connection import PTY_TASK_QUEUE_ENV, Connection
 from llmmixer.workflows.mixer import WORKFLOW_NAME
 from llmmixer.workflows.records import (
+    BudgetLimits,
+    BudgetRaise,
     InterventionOutcome,
     InterventionRequest,
     InterventionType,
@@ -136,6 +138,23 @@ class MixerHandle:
 
     async def reject(self, step: str, reason: str | None = None) -> InterventionOutcome:
         return await self._intervene("reject", InterventionRequest(step=step, reason=reason))
+
+    async def raise_budget(
+        self,
+        *,
+        step: str = "",
+        max_tokens: int | None = None,
+        max_cost_usd: float | None = None,
+    ) -> BudgetLimits:
+        """Raise the spec's budget (or decompose ``step``'s); steps it held then start."""
+        request = BudgetRaise(step=step, max_tokens=max_tokens, max_cost_usd=max_cost_usd)
+        try:
+            return await self._handle.execute_update(
+                "raise_budget", request, result_type=BudgetLimits
+            )
+        except WorkflowUpdateFailedError as error:
+            cause = error.cause
+            raise InterventionRefused(getattr(cause, "message", None) or str(cause)) from error
 
     async def _intervene(
         self, action: InterventionType, request: InterventionRequest
