@@ -260,3 +260,31 @@ async def test_streamed_text_reaches_watchers_as_batched_deltas(
     assert 1 < len(deltas) < len(words), "deltas must be batched, not one per token"
     offsets = [e.offset for e in deltas]
     assert all(b > a for a, b in itertools.pairwise(offsets))
+
+
+@pytest.mark.worker_env(LLMMIXER_OPENAI_CONCURRENCY="1")
+async def test_calls_beyond_a_providers_cap_wait_rather_than_fail(
+    mixer: MixerClient, provider_server: FakeProviderServer
+) -> None:
+    for _ in range(3):
+        provider_server.script("openai", Reply(chunks=["a ", "b ", "c"], chunk_delay_s=0.3))
+    provider_server.script("anthropic", Reply(chunks=["x ", "y"], chunk_delay_s=0.3))
+    steps = [
+        {"id": f"o{i}", "provider": "openai", "model": "gpt-4.1-mini", "prompt": str(i)}
+        for i in range(3)
+    ]
+    steps.append(
+        {
+            "id": "claude",
+            "provider": "anthropic",
+            "model": "claude-haiku-4-5",
+            "prompt": "other provider",
+        }
+    )
+    result = await (await mixer.start(spec(*steps))).result()
+    assert all(r.status == StepStatus.COMPLETED and r.attempts == 1 for r in result.steps.values())
+    starts = sorted(c.received_at for c in provider_server.calls if c.provider == "openai")
+    # one openai call at a time: each starts after the previous one's ~0.9 s stream
+    assert all(b - a >= 0.8 for a, b in itertools.pairwise(starts)), starts
+    claude_start = next(c.received_at for c in provider_server.calls if c.provider == "anthropic")
+    assert claude_start < starts[-1], "another provider's calls must not wait for openai's cap"
