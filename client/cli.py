@@ -12,16 +12,18 @@ import logging
 import os
 import sys
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from typing import Any
+from typing import Any, TextIO
 
 from temporalio.client import WorkflowExecutionStatus
 from temporalio.service import RPCError
 
+from llmmixer.activities.contracts import EventType
 from llmmixer.client.audit import add_audit_parser, cmd_audit
 from llmmixer.client.display import ProgressView, progress_table, unblock_hints
 from llmmixer.client.local import TemporalUnreachable, temporal_for_run
 from llmmixer.client.mixer import InterventionRefused, MixerClient, MixerHandle, RunFailed
 from llmmixer.client.specfile import parse_inputs, prepare_spec, read_spec
+from llmmixer.client.watch import EventPump, retrying
 from llmmixer.workers.connection import Connection
 from llmmixer.workers.devserver import EmbeddedServerError
 from llmmixer.workers.telemetry import flush_telemetry
@@ -29,7 +31,9 @@ from llmmixer.workflows.records import RunProgress, RunStatus
 from llmmixer.workflows.validation import SpecError, validate_spec
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_WAITING = 0, 1, 2, 3
-_POLL_S = 0.5
+# Progress is asked for on step-level events; this only bounds a quiet spell.
+_IDLE_REFRESH_S = 5.0
+_CLOSED_QUERY_S = 10.0
 _CLOSED = {
     WorkflowExecutionStatus.COMPLETED,
     WorkflowExecutionStatus.FAILED,
@@ -94,35 +98,69 @@ async def cmd_watch(args: argparse.Namespace) -> int:
     return await _follow(mixer.get_handle(args.id), stop_when_waiting=False)
 
 
-async def _follow(handle: MixerHandle, *, stop_when_waiting: bool) -> int:
-    """Show progress until the run ends (or, for `run`, waits for a person)."""
-    progress: RunProgress | None = None
-    hinted = False
-    with ProgressView(handle.id) as view:
-        while True:
-            description = await handle.temporal.describe()
-            closed = description.status in _CLOSED
-            try:
-                progress = await handle.progress()
-            except RPCError:
-                if not closed:
-                    raise
-                progress = None
-            if progress is not None:
-                view.update(progress)
-            if closed:
-                break
-            if progress is not None and progress.needs_person:
-                if stop_when_waiting:
+async def _follow(
+    handle: MixerHandle,
+    *,
+    stop_when_waiting: bool,
+    stream: TextIO | None = None,
+    from_offset: int = 0,
+) -> int:
+    """Show the run live until it ends (or, for `run`, until it waits for a person).
+
+    Driven by the run's event stream: streamed text is shown as it arrives,
+    and progress is asked for again when a step-level event arrives (or after
+    a quiet spell), never in a tight loop. A dropped connection is picked up
+    again from the offset after the last event seen, so nothing shows twice
+    and nothing is lost.
+    """
+
+    def reconnecting(error: BaseException, delay_s: float, attempt: int) -> None:
+        if attempt == 1:  # once per outage, not once per try
+            reason = error.message if isinstance(error, RPCError) else str(error)
+            view.note(f"lost Temporal ({reason or type(error).__name__}); reconnecting")
+
+    with ProgressView(handle.id, stream) as view:
+        description = await retrying(handle.temporal.describe, on_retry=reconnecting)
+        if description.status in _CLOSED:
+            ended = await _progress_if_answered(handle)
+            if ended is not None:
+                view.summary(ended)
+            return await _report_end(handle, ended)
+        progress = await retrying(handle.progress, on_retry=reconnecting)
+        view.update(progress)
+        hinted = False
+        async with EventPump(handle, from_offset, on_retry=reconnecting) as pump:
+            while True:
+                if progress.needs_person:
+                    if stop_when_waiting:
+                        break
+                    if not hinted:
+                        for line in unblock_hints(handle.id, progress):
+                            view.note(line)
+                        hinted = True
+                else:
+                    hinted = False
+                events = await pump.batch(_IDLE_REFRESH_S)
+                ended_now = pump.ended or any(e.type == EventType.WORKFLOW_ENDED for e in events)
+                if ended_now:
+                    progress = await _progress_if_answered(handle) or progress
+                    view.update(progress)
+                elif not events or any(e.type != EventType.STEP_DELTA for e in events):
+                    progress = await retrying(handle.progress, on_retry=reconnecting)
+                    view.update(progress)
+                for event in events:
+                    view.event(event)
+                if ended_now:
                     break
-                if not hinted:
-                    for line in unblock_hints(handle.id, progress):
-                        _err(line)
-                    hinted = True
-            else:
-                hinted = False
-            await asyncio.sleep(_POLL_S)
     return await _report_end(handle, progress)
+
+
+async def _progress_if_answered(handle: MixerHandle) -> RunProgress | None:
+    """The progress of a run that has (nearly) closed; None when no worker answers."""
+    try:
+        return await asyncio.wait_for(handle.progress(), _CLOSED_QUERY_S)
+    except (RPCError, TimeoutError):
+        return None
 
 
 async def _report_end(handle: MixerHandle, progress: RunProgress | None) -> int:

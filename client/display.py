@@ -1,16 +1,27 @@
-"""Showing a run on a terminal: a live table on a TTY, plain lines otherwise."""
+"""Showing a run on a terminal: a live view on a TTY, plain lines otherwise.
+
+``ProgressView`` is fed two things: the run's events (``event``), in offset
+order, and fresh ``progress`` answers (``update``), which the caller fetches
+when a step-level event arrives. On a TTY it keeps a rich ``Live`` view on
+stderr: the steps' table and, under it, the last few lines of text each
+running step is streaming. Elsewhere (a pipe, a CI log) it prints one line
+per state change and the streamed text as ``  <step>| text`` lines.
+"""
 
 from __future__ import annotations
 
 import sys
+import threading
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TextIO
 
-from rich.console import Console
+from rich.console import Console, ConsoleOptions, Group, RenderableType, RenderResult
 from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from llmmixer.activities.contracts import EventType, MixerEvent
 from llmmixer.workflows.records import RunProgress, StepRecord, StepStatus
 
 _STYLE = {
@@ -83,20 +94,68 @@ def progress_table(workflow_id: str, progress: RunProgress) -> Table:
     return table
 
 
-class ProgressView:
-    """Live view of one run; ``update`` with each new progress answer."""
+_TAIL_CHARS = 4000
+#: Plain mode: a streamed line longer than this is broken (at a space when possible).
+_PLAIN_WIDTH = 100
+#: Events that end a step's current stretch of streamed text.
+_STEP_ENDS = {
+    EventType.STEP_COMPLETED,
+    EventType.STEP_FAILED,
+    EventType.STEP_WAITING,
+    EventType.STEP_SKIPPED,
+    EventType.STEP_OVERRIDDEN,
+}
 
-    def __init__(self, workflow_id: str, stream: TextIO | None = None) -> None:
+
+@dataclass
+class _StepText:
+    """What one step has streamed in its current attempt."""
+
+    attempt: int | None = None
+    tail: str = ""  # the last _TAIL_CHARS characters, for the live view
+    partial: str = ""  # plain mode: the line not yet printed
+
+
+def _first_line(text: object, limit: int = 200) -> str:
+    lines = str(text or "").strip().splitlines()
+    return lines[0][:limit] if lines else ""
+
+
+class ProgressView:
+    """Live view of one run: ``event`` with each event, ``update`` with each progress answer."""
+
+    def __init__(
+        self,
+        workflow_id: str,
+        stream: TextIO | None = None,
+        *,
+        tail_lines: int = 4,
+        force_terminal: bool | None = None,
+    ) -> None:
         self.workflow_id = workflow_id
         # Progress goes to stderr so stdout carries only the run's output.
         self.stream = stream or sys.stderr
-        self.console = Console(file=self.stream)
+        self.console = Console(file=self.stream, force_terminal=force_terminal)
+        self.tail_lines = tail_lines
         self.live: Live | None = None
-        self._seen: dict[str, tuple[StepStatus, int]] = {}
+        self.progress: RunProgress | None = None
+        self._texts: dict[str, _StepText] = {}
+        # The live view renders from rich's refresh thread; the event loop writes.
+        self._lock = threading.Lock()
+
+    @property
+    def is_live(self) -> bool:
+        return self.live is not None
 
     def __enter__(self) -> ProgressView:
         if self.console.is_terminal:
-            self.live = Live(console=self.console, refresh_per_second=8, transient=False)
+            self.live = Live(
+                self,
+                console=self.console,
+                refresh_per_second=4,
+                transient=False,
+                redirect_stdout=False,  # stdout is the run's output, never the view
+            )
             self.live.__enter__()
         return self
 
@@ -105,23 +164,154 @@ class ProgressView:
             self.live.__exit__(None, None, None)
             self.live = None
 
+    # ---- input --------------------------------------------------------------
+
     def update(self, progress: RunProgress) -> None:
+        with self._lock:
+            self.progress = progress
         if self.live is not None:
-            self.live.update(progress_table(self.workflow_id, progress))
+            self.live.refresh()
+
+    def event(self, event: MixerEvent) -> None:
+        """Take one event, in offset order: streamed text, or a step's change of state."""
+        step = event.step
+        if event.type == EventType.STEP_DELTA and step:
+            self._delta(step, event.attempt, str(event.data.get("text") or ""))
+        elif event.type == EventType.STEP_STARTED and step:
+            self._end_text(step)
+            with self._lock:
+                self._texts.pop(step, None)
+        elif event.type in _STEP_ENDS and step:
+            self._end_text(step)
+        if self.live is not None:
+            self.live.refresh()
+            return
+        line = self._state_line(event)
+        if line:
+            self._print(line)
+
+    def note(self, message: str) -> None:
+        """A line for the person watching (above the live view on a TTY)."""
+        if self.live is not None:
+            self.live.console.print(Text(message))
+        else:
+            self._print(message)
+
+    def summary(self, progress: RunProgress) -> None:
+        """Show a run that had already ended: its table, or one line per step."""
+        self.update(progress)
+        if self.live is not None:
             return
         for step_id, record in progress.steps.items():
-            state = (record.status, record.attempts)
-            if self._seen.get(step_id) == state:
-                continue
-            self._seen[step_id] = state
-            if record.status == StepStatus.PENDING:
-                continue
-            detail = ""
-            if record.provider:
-                detail = f" {record.provider}/{record.model}"
-            if record.status == StepStatus.COMPLETED:
-                tokens = record.usage.input_tokens + record.usage.output_tokens
-                detail += f" tokens={tokens} cost={_cost(record) or '$0'}"
-            if record.error and record.status != StepStatus.COMPLETED:
-                detail += f" error: {record.error.splitlines()[0][:200]}"
-            print(f"[{record.status.value}] {step_id}{detail}", file=self.stream, flush=True)
+            if record.status != StepStatus.PENDING:
+                self._print(f"[{record.status.value}] {step_id}{self._detail(step_id)}")
+
+    # ---- streamed text ------------------------------------------------------
+
+    def _delta(self, step: str, attempt: int | None, text: str) -> None:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+        with self._lock:
+            buffer = self._texts.setdefault(step, _StepText())
+            starts_over = (
+                buffer.attempt is not None and attempt is not None and attempt != buffer.attempt
+            )
+        if starts_over:
+            # A retried call streams its answer again from the start.
+            self._end_text(step)
+            if self.live is None:
+                self._print(f"  {step}| (attempt {attempt} starts over)")
+            with self._lock:
+                buffer = self._texts[step] = _StepText()
+        with self._lock:
+            buffer.attempt = attempt
+            buffer.tail = (buffer.tail + text)[-_TAIL_CHARS:]
+        if self.live is not None:
+            return
+        buffer.partial += text
+        *lines, buffer.partial = buffer.partial.split("\n")
+        while len(buffer.partial) > _PLAIN_WIDTH:
+            cut = buffer.partial.rfind(" ", 0, _PLAIN_WIDTH + 1)
+            cut = cut + 1 if cut > 0 else _PLAIN_WIDTH
+            lines.append(buffer.partial[:cut].rstrip(" "))
+            buffer.partial = buffer.partial[cut:]
+        for line in lines:
+            self._print(f"  {step}| {line}")
+
+    def _end_text(self, step: str) -> None:
+        """Print what is left of a step's streamed text (plain mode)."""
+        buffer = self._texts.get(step)
+        if buffer is None or self.live is not None:
+            return
+        if buffer.partial:
+            self._print(f"  {step}| {buffer.partial}")
+            buffer.partial = ""
+
+    # ---- plain lines --------------------------------------------------------
+
+    def _record(self, step: str) -> StepRecord | None:
+        return self.progress.steps.get(step) if self.progress is not None else None
+
+    def _detail(self, step: str) -> str:
+        record = self._record(step)
+        if record is None:
+            return ""
+        detail = f" {record.provider}/{record.model}" if record.provider else ""
+        if record.status == StepStatus.COMPLETED:
+            tokens = record.usage.input_tokens + record.usage.output_tokens
+            detail += f" tokens={tokens} cost={_cost(record) or '$0'}"
+        elif record.error:
+            detail += f" error: {_first_line(record.error)}"
+        return detail
+
+    def _state_line(self, event: MixerEvent) -> str | None:
+        step, data = event.step or "", event.data
+        if event.type == EventType.STEP_STARTED:
+            again = f" (attempt {event.attempt})" if (event.attempt or 1) > 1 else ""
+            return f"[running] {step}{again}"
+        if event.type == EventType.STEP_COMPLETED:
+            detail = self._detail(step)
+            if not detail and data.get("provider"):
+                detail = f" {data['provider']}/{data.get('model')}"
+            return f"[completed] {step}{detail}"
+        if event.type == EventType.STEP_FAILED:
+            return f"[failed] {step} error: {_first_line(data.get('error'))}"
+        if event.type == EventType.STEP_WAITING:
+            reason = data.get("approval") or data.get("error") or "waits for a person"
+            label = "approval" if "approval" in data else "failed"
+            return f"[waiting] {step} {label}: {_first_line(reason)}"
+        if event.type == EventType.STEP_SKIPPED:
+            reason = data.get("reason") or data.get("error")
+            return f"[skipped] {step}" + (f": {_first_line(reason)}" if reason else "")
+        if event.type == EventType.STEP_OVERRIDDEN:
+            return f"[completed] {step} (output given by a person)"
+        if event.type == EventType.INTERVENTION_ACCEPTED:
+            return f"[{data.get('action', 'intervention')}] {step}: accepted"
+        if event.type == EventType.INTERVENTION_REJECTED:
+            action = data.get("action", "intervention")
+            return f"[{action}] {step}: refused: {_first_line(data.get('reason'))}"
+        return None
+
+    def _print(self, line: str) -> None:
+        print(line, file=self.stream, flush=True)
+
+    # ---- live view ----------------------------------------------------------
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        with self._lock:
+            progress = self.progress
+            texts = {step: buffer.tail for step, buffer in self._texts.items() if buffer.tail}
+        if progress is None:
+            yield Text(f"{self.workflow_id}: waiting for the first progress answer", style="dim")
+            return
+        parts: list[RenderableType] = [progress_table(self.workflow_id, progress)]
+        width = max(20, options.max_width - 4)
+        for step, tail in texts.items():
+            record = progress.steps.get(step)
+            if record is not None and record.status != StepStatus.RUNNING:
+                continue  # finished: its output is in the result, not on screen
+            model = f" · {record.provider}/{record.model}" if record and record.provider else ""
+            parts.append(Text(f"── {step}{model} ", style="cyan"))
+            lines = Text(tail.rstrip("\n")).wrap(console, width)
+            for line in list(lines)[-self.tail_lines :]:
+                parts.append(Text("  ") + line)
+        yield Group(*parts)
