@@ -10,6 +10,10 @@ Guarantees:
 - argv is executed directly (``execve``), never through a shell.
 - The child is a session leader, so its pid is also its process-group id and
   every descendant that did not call ``setsid`` itself can be found and killed.
+- The group dies with the worker, even when the worker is SIGKILLed: in PTY
+  mode the kernel hangs up the terminal when the master side closes; in pipe
+  mode the command is started by a small supervisor (``reaper.py``) that
+  kills the group when its socket to the worker reaches end-of-file.
 - On timeout, cancellation or any error the whole group gets SIGTERM, then
   SIGKILL after ``kill_grace_s``; the direct child is reaped and every file
   descriptor opened here is closed before ``run_command`` returns or raises.
@@ -30,19 +34,24 @@ import asyncio
 import codecs
 import contextlib
 import errno
+import json
 import logging
 import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
+import sys
+import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from llmmixer.activities.contracts import CommandCall, RespondRule
+from llmmixer.activities.reaper import group_alive
 
 __all__ = [
     "DEFAULT_KILL_GRACE_S",
@@ -299,6 +308,7 @@ class _Child:
         mode: TerminalMode,
         closer: Callable[[], None],
         poller: Callable[[], int | None],
+        releaser: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.pid = pid
         self.read_fd = read_fd
@@ -306,6 +316,7 @@ class _Child:
         self.mode = mode
         self._closer = closer
         self._poller = poller
+        self._releaser = releaser
         self.returncode: int | None = None
         self.input_closed = False
 
@@ -355,6 +366,11 @@ class _Child:
         # A cooked terminal needs an empty line for EOF: a pending partial line
         # takes one Ctrl-D to flush and a second one to signal end of input.
         await self.write(_EOF if not text_sent or text_sent.endswith("\n") else _EOF * 2)
+
+    async def release(self) -> None:
+        """Once the group is dead and the child reaped: let go of any helper."""
+        if self._releaser is not None:
+            await self._releaser()
 
     def close(self) -> None:
         self._closer()
@@ -420,32 +436,163 @@ def _spawn_pty(executable: str, argv: list[str], cwd: str | None, env: dict[str,
     return _Child(pid=pid, read_fd=fd, write_fd=fd, mode="pty", closer=close, poller=poll)
 
 
-def _spawn_pipe(executable: str, argv: list[str], cwd: str | None, env: dict[str, str]) -> _Child:
+_REAPER_SCRIPT = str(Path(__file__).with_name("reaper.py"))
+# How long the supervisor may take to start the command and say so.
+_SUPERVISOR_START_S = 30.0
+# How long to wait for a released supervisor to exit before reaping it later.
+_SUPERVISOR_EXIT_S = 1.0
+
+
+class _Supervisor:
+    """The worker's end of a pipe-mode command's supervisor (see ``reaper.py``).
+
+    The socket is the tie: only this process holds its end (it is not
+    inherited across exec), so when the worker dies, however it dies, the
+    supervisor reads end-of-file and kills the command's group.
+    """
+
+    def __init__(self, proc: subprocess.Popen[bytes], sock: socket.socket) -> None:
+        self.proc = proc
+        self.sock = sock
+        self._buffer = b""
+        self._eof = False
+        self._lines: list[str] = []
+
+    def _receive(self) -> None:
+        while not self._eof:
+            try:
+                data = self.sock.recv(4096)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self._eof = True
+                return
+            self._buffer += data
+            *lines, self._buffer = self._buffer.split(b"\n")
+            self._lines += [line.decode("utf-8", "replace") for line in lines]
+
+    async def first_message(self) -> str:
+        """``started PID`` or ``error ...``; RuntimeError if the supervisor died."""
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout(_SUPERVISOR_START_S):
+            while True:
+                self._receive()
+                if self._lines:
+                    return self._lines.pop(0)
+                if self._eof:
+                    raise RuntimeError(
+                        f"the command supervisor (pid {self.proc.pid}) exited without "
+                        "starting the command; see the worker's stderr"
+                    )
+                await _wait_fd(loop, self.sock.fileno(), writable=False)
+
+    def exit_code(self, pgid: int) -> int | None:
+        """The command's exit status once the supervisor has reported it."""
+        if self.sock.fileno() < 0:
+            return None
+        self._receive()
+        for line in self._lines:
+            kind, _, value = line.partition(" ")
+            if kind == "exit":
+                return int(value)
+        if self._eof:
+            # Nobody watches the command any more and nobody will report its
+            # status: make sure it is gone and report it as killed.
+            log.warning("supervisor of command %s vanished; killing its group", pgid)
+            _signal_group(pgid, signal.SIGKILL)
+            return -signal.SIGKILL
+        return None
+
+    def release(self) -> None:
+        """Tell the supervisor the group is dealt with; it exits without a signal."""
+        if self.sock.fileno() < 0:
+            return
+        with contextlib.suppress(OSError):
+            self.sock.send(b"r")
+        self.sock.close()
+
+    async def wait_released(self) -> None:
+        self.release()
+        deadline = time.monotonic() + _SUPERVISOR_EXIT_S
+        while self.proc.poll() is None:
+            if time.monotonic() >= deadline:
+                return  # close() reaps it later
+            await asyncio.sleep(0.005)
+
+    def close(self) -> None:
+        """Release the supervisor (if not yet) and make sure it gets reaped."""
+        self.release()
+        if self.proc.poll() is None:
+            # Still killing (we were cancelled before releasing it, so it saw
+            # end-of-file): reap it when it is done, without blocking the loop.
+            threading.Thread(
+                target=self.proc.wait, name=f"reap-supervisor-{self.proc.pid}", daemon=True
+            ).start()
+
+
+def _start_supervisor() -> tuple[_Supervisor, int, int]:
+    """Start ``reaper.py``; return it, the command's stdin write end and output read end."""
     # Raw pipes we own instead of asyncio's subprocess transports: both modes
     # then share one reader, one writer and one close path, and the fds are
     # ours to close even when a daemonised grandchild keeps the other end open.
     in_read, in_write = os.pipe()
     out_read, out_write = os.pipe()
+    ours, theirs = socket.socketpair()
+    fds = {"stdin_fd": in_read, "output_fd": out_write, "control_fd": theirs.fileno()}
     try:
         proc = subprocess.Popen(
-            argv,
-            executable=executable,
-            stdin=in_read,
-            stdout=out_write,
-            stderr=out_write,
-            cwd=cwd,
-            env=env,
+            # The worker's own environment, and -I -S: nothing the step sets
+            # (PYTHON* or LD_* variables, its cwd) changes what the supervisor
+            # runs. The command's spec, env included, follows over the socket
+            # rather than in argv, which every user of the host can read.
+            [sys.executable, "-I", "-S", _REAPER_SCRIPT, json.dumps(fds)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            pass_fds=tuple(fds.values()),
+            # Its own session: a Ctrl-C meant for the worker must not kill the
+            # supervisor and leave the command unwatched.
             start_new_session=True,
         )
-    except OSError as exc:
-        for fd in (in_read, in_write, out_read, out_write):
+    except BaseException:
+        for fd in (in_write, out_read):
             os.close(fd)
-        raise CommandRefusedError(
-            f"could not start {argv[0]!r}: {exc}; check that it is an executable "
-            "program for this worker's platform"
-        ) from exc
-    os.close(in_read)
-    os.close(out_write)
+        ours.close()
+        raise
+    finally:
+        os.close(in_read)
+        os.close(out_write)
+        theirs.close()
+    ours.setblocking(False)
+    return _Supervisor(proc, ours), in_write, out_read
+
+
+async def _spawn_pipe(
+    executable: str, argv: list[str], cwd: str | None, env: dict[str, str], grace_s: float
+) -> _Child:
+    # The command is started by a supervisor (reaper.py) that kills its group
+    # if this worker dies: a pipe, unlike a PTY, hangs nobody up.
+    supervisor, in_write, out_read = _start_supervisor()
+    spec = {"argv": argv, "executable": executable, "cwd": cwd, "env": env, "grace_s": grace_s}
+    try:
+        loop = asyncio.get_running_loop()
+        await loop.sock_sendall(supervisor.sock, json.dumps(spec).encode() + b"\n")
+        message = await supervisor.first_message()
+        kind, _, detail = message.partition(" ")
+        if kind != "started":
+            raise CommandRefusedError(
+                f"could not start {argv[0]!r}: {detail}; check that it is an executable "
+                "program for this worker's platform"
+            )
+    except BaseException:
+        # Refused, cancelled or the supervisor failed: closing our end makes a
+        # supervisor that did start the command kill it.
+        os.close(in_write)
+        os.close(out_read)
+        supervisor.close()
+        raise
+    pid = int(detail)
     os.set_blocking(out_read, False)
     os.set_blocking(in_write, False)
     child: _Child
@@ -455,48 +602,21 @@ def _spawn_pipe(executable: str, argv: list[str], cwd: str | None, env: dict[str
         if not child.input_closed:
             child.input_closed = True
             os.close(in_write)
+        supervisor.close()
 
     child = _Child(
-        pid=proc.pid,
+        pid=pid,
         read_fd=out_read,
         write_fd=in_write,
         mode="pipe",
         closer=close,
-        poller=proc.poll,
+        poller=lambda: supervisor.exit_code(pid),
+        releaser=supervisor.wait_released,
     )
     return child
 
 
 # --- process-group termination ----------------------------------------------
-
-
-def _group_alive(pgid: int) -> bool:
-    """Whether any non-zombie process is still in the group.
-
-    ``killpg(pgid, 0)`` also succeeds for zombies, and orphaned zombies linger
-    wherever PID 1 does not reap (many containers), so /proc is asked first.
-    """
-    proc = Path("/proc")
-    if proc.is_dir():
-        for entry in proc.iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue  # exited while we looked
-            # "pid (comm) state ppid pgrp ..."; comm may contain spaces and ")"
-            fields = stat[stat.rfind(")") + 2 :].split()
-            if len(fields) >= 3 and int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
-                return True
-        return False
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _signal_group(pgid: int, sig: int) -> None:
@@ -514,7 +634,7 @@ async def _terminate_group(child: _Child, grace_s: float) -> None:
     killed = False
     try:
         child.poll()
-        if not _group_alive(pgid):
+        if not group_alive(pgid):
             killed = True
             return
         _signal_group(pgid, signal.SIGTERM)
@@ -523,7 +643,7 @@ async def _terminate_group(child: _Child, grace_s: float) -> None:
         deadline = time.monotonic() + grace_s
         while time.monotonic() < deadline:
             child.poll()  # reap the direct child so it does not count as alive
-            if not _group_alive(pgid):
+            if not group_alive(pgid):
                 killed = True
                 return
             await asyncio.sleep(0.05)
@@ -632,8 +752,10 @@ async def run_command(
     program = _check_start(call.argv, child_env, workdir, executable)
 
     started = time.monotonic()
-    spawn = _spawn_pty if mode == "pty" else _spawn_pipe
-    child = spawn(program, list(call.argv), workdir, child_env)
+    if mode == "pty":
+        child = _spawn_pty(program, list(call.argv), workdir, child_env)
+    else:
+        child = await _spawn_pipe(program, list(call.argv), workdir, child_env, kill_grace_s)
 
     cleaner = _TextCleaner()
     output = _BoundedOutput(call.max_output_bytes)
@@ -691,6 +813,7 @@ async def run_command(
         try:
             await _terminate_group(child, kill_grace_s)
             await _reap(child, timeout_s=kill_grace_s)
+            await child.release()
         finally:
             for task in (reader, writer):
                 task.cancel()

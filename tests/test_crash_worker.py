@@ -371,27 +371,16 @@ async def test_cancel_kills_the_whole_process_tree_of_a_pty_step(
     print(f"cancelled with all {len(pids)} processes gone in {took_s:.1f}s")
 
 
-# Pipe mode (LLMMIXER_PTY_MODE=pipe, or auto where no PTY can be had) has no
-# terminal whose hang-up reaches the command, and nothing else ties the
-# command's session to the worker's life. Found by this test; see the reason.
-_PIPE_ORPHANS = pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason=(
-        "product bug: in pipe mode a command started by a worker that is SIGKILLed keeps "
-        "running (its own session, pipes nobody reads), while Temporal runs the step again "
-        "elsewhere, so two copies of the command run at once; activities/terminal.py "
-        "_spawn_pipe ties nothing to the worker's death"
-    ),
-)
-
-
-@pytest.mark.parametrize("mode", ["pty", pytest.param("pipe", marks=_PIPE_ORPHANS)])
+@pytest.mark.parametrize("mode", ["pty", "pipe"])
 async def test_a_command_of_a_sigkilled_worker_dies_with_it_and_runs_again(
     mode: str, workers: WorkerProcesses, mixer_client: MixerClient, tmp_path: Path
 ) -> None:
     """CONTRACT 8 for PTY steps: the step runs again on another worker, and the
-    dead worker's copy of the command must not go on running beside it."""
+    dead worker's copy of the command must not go on running beside it.
+
+    With a PTY the terminal's hang-up ends the command; with pipes the
+    supervisor that started it (activities/reaper.py) sees its socket to the
+    dead worker close and kills the command's group."""
     script = tmp_path / "tree.py"
     script.write_text(PROCESS_TREE)
     pid_file = tmp_path / "pids"
@@ -419,7 +408,8 @@ async def test_a_command_of_a_sigkilled_worker_dies_with_it_and_runs_again(
         first_pids = await eventually(read_pids, lambda p: len(p) == 3, "three processes")
         await first_worker.kill(signal.SIGKILL)
         # With a PTY, the kernel hangs up the terminal when the worker (the
-        # only holder of its master side) dies, and SIGHUP ends the group.
+        # only holder of its master side) dies, and SIGHUP ends the group; with
+        # pipes, the command's supervisor kills the group on end-of-file.
         left = await wait_gone(first_pids, 10.0)
         assert left == [], f"{mode}: the dead worker's command still runs: pids {left}"
 

@@ -7,7 +7,9 @@ depends on what else the machine has installed.
 from __future__ import annotations
 
 import asyncio
+import os
 import re
+import signal
 import sys
 from pathlib import Path
 
@@ -131,6 +133,37 @@ async def test_cancellation_kills_the_group_and_reraises(mode: TerminalMode) -> 
     with pytest.raises(asyncio.CancelledError):
         await task
     assert await wait_gone([child, grandchild], timeout_s=3) == []
+
+
+# Runs one SPAWN_TREE command and forwards its output, until it is killed.
+RUNNER = r"""
+import asyncio, sys
+from llmmixer.activities.contracts import CommandCall
+from llmmixer.activities.terminal import run_command
+call = CommandCall(workflow_id="wf", step_id="s", argv=[sys.executable, "-c", sys.argv[2]])
+out = lambda text: (sys.stdout.write(text), sys.stdout.flush())
+asyncio.run(run_command(call, mode=sys.argv[1], on_output=out, kill_grace_s=0.5))
+"""
+
+
+async def test_the_group_dies_with_a_sigkilled_runner(mode: TerminalMode) -> None:
+    # CONTRACT 8: the step runs again elsewhere, so the dead worker's copy
+    # must stop. A PTY hangs up; in pipe mode the supervisor kills the group.
+    runner = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", RUNNER, mode, SPAWN_TREE, stdout=asyncio.subprocess.PIPE
+    )
+    assert runner.stdout is not None
+    try:
+        line = await asyncio.wait_for(runner.stdout.readline(), 20)
+        pids = pids_in(line.decode())
+        assert all(pid_alive(pid) for pid in pids)
+    finally:
+        runner.kill()
+        await runner.wait()
+    left = await wait_gone(pids, timeout_s=5)
+    for pid in left:  # a failure must not leave sleepers behind
+        os.kill(pid, signal.SIGKILL)
+    assert left == [], f"{mode}: command outlived its runner"
 
 
 async def test_background_process_left_behind_is_killed(mode: TerminalMode) -> None:
