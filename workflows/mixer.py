@@ -299,6 +299,8 @@ class MixerWorkflow:
         try:
             if resume and record.kind == "approval" and not record.error:
                 self._resumed_approvals.add(step_id)
+            elif resume and (record.waiting_reason or "").startswith("budget:"):
+                pass  # held by a budget: its gate holds it again, and raise_budget frees it
             elif resume and not await self._pause(spec, step, record, record.error or "", False):
                 return  # decided while it waited again; nothing more to run
             while True:
