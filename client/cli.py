@@ -291,9 +291,13 @@ async def cmd_worker(args: argparse.Namespace) -> int:
             return EXIT_FAILED
         async with mixer_worker(client) as worker:
             readiness.set_ready()
-            _err(f"worker polling {connection.task_queue!r} on {connection.address}")
-            await run_until_signalled(worker)
-            readiness.set_not_ready("shutting down")
+            queues = ", ".join(repr(queue) for queue in worker.task_queues)
+            _err(f"worker polling {queues} on {connection.address}")
+            # Not ready from the signal on: the drain takes up to the grace
+            # period, and the worker takes no new work meanwhile.
+            await run_until_signalled(
+                worker, on_signal=lambda: readiness.set_not_ready("shutting down")
+            )
     return EXIT_OK
 
 

@@ -131,10 +131,18 @@ def worker_environment(
 class WorkerProcess:
     """One ``llmmixer worker`` child; see :class:`WorkerProcesses` for the lifecycle."""
 
-    def __init__(self, process: asyncio.subprocess.Process, log_path: Path, task_queue: str):
+    def __init__(
+        self,
+        process: asyncio.subprocess.Process,
+        log_path: Path,
+        task_queue: str,
+        activity_only: bool = False,
+    ):
         self.process = process
         self.log_path = log_path
         self.task_queue = task_queue
+        # A PTY-only worker (LLMMIXER_WORKER_ROLES=pty) polls no workflow tasks.
+        self.activity_only = activity_only
         self.identity = f"{process.pid}@{socket.gethostname()}"
 
     @property
@@ -209,8 +217,13 @@ class WorkerProcesses:
         *,
         env: Mapping[str, str] | None = None,
         ready_timeout_s: float = 30.0,
+        activity_only: bool = False,
     ) -> WorkerProcess:
-        """Start a worker and return once Temporal has seen it poll both task types."""
+        """Start a worker and return once Temporal has seen it poll both task types.
+
+        ``activity_only``: wait for the activity poller alone, on ``task_queue``
+        (a PTY-only worker polling its own queue).
+        """
         environ = {**self.base_env, **(env or {})}
         if task_queue is not None:
             environ["LLMMIXER_TASK_QUEUE"] = task_queue
@@ -230,7 +243,7 @@ class WorkerProcesses:
                 # process it started, and never the test runner.
                 start_new_session=True,
             )
-        worker = WorkerProcess(process, log_path, queue)
+        worker = WorkerProcess(process, log_path, queue, activity_only)
         self.started.append(worker)
         await self.wait_polling(worker, ready_timeout_s)
         return worker
@@ -260,10 +273,10 @@ class WorkerProcesses:
             await asyncio.sleep(0.2)
 
     async def _is_polling(self, worker: WorkerProcess) -> bool:
-        for kind in (
-            TaskQueueType.TASK_QUEUE_TYPE_WORKFLOW,
-            TaskQueueType.TASK_QUEUE_TYPE_ACTIVITY,
-        ):
+        kinds = [TaskQueueType.TASK_QUEUE_TYPE_ACTIVITY]
+        if not worker.activity_only:
+            kinds.insert(0, TaskQueueType.TASK_QUEUE_TYPE_WORKFLOW)
+        for kind in kinds:
             try:
                 answer = await self.client.workflow_service.describe_task_queue(
                     DescribeTaskQueueRequest(
