@@ -94,10 +94,51 @@ async def cancelled(mixer: MixerClient) -> MixerHandle:
     return handle
 
 
+async def pattern(mixer: MixerClient) -> MixerHandle:
+    """Decompose, route, aggregate: a plan held by a budget, raised, then best_of."""
+    spec = {
+        "name": "pattern",
+        "dry_run": True,
+        "defaults": {"provider": "openai", "model": "gpt-4.1-mini"},
+        "routes": {
+            "a": [{"provider": "anthropic", "model": "claude-haiku-4-5"}],
+            "b": [{"provider": "gemini", "model": "gemini-2.5-flash"}],
+        },
+        "budget": {"max_tokens": 100},  # the planner's call spends more
+        "steps": [
+            {"id": "split", "kind": "decompose", "prompt": "Split the work"},
+            {
+                "id": "pick",
+                "needs": ["split"],
+                "prompt": "{{steps.split.children}}",
+                "best_of": {
+                    "n": 2,
+                    "targets": [
+                        {"provider": "anthropic", "model": "claude-haiku-4-5"},
+                        {"provider": "openai", "model": "gpt-4.1"},
+                    ],
+                    "judge": {"provider": "gemini", "model": "gemini-2.5-pro"},
+                },
+            },
+        ],
+        "output": '{{join(steps.split-*, "\\n")}}\n{{steps.pick.output}}',
+    }
+    handle = await mixer.start(spec)
+    for _ in range(300):
+        steps = (await handle.progress()).steps
+        if "split-1" in steps and steps["split-1"].status.value == "waiting":
+            break
+        await asyncio.sleep(0.1)
+    await handle.raise_budget(max_tokens=1_000_000)
+    await handle.result()
+    return handle
+
+
 SCENARIOS: dict[str, Callable[[MixerClient], Awaitable[MixerHandle]]] = {
     "fan": fan,
     "interventions": interventions,
     "cancelled": cancelled,
+    "pattern": pattern,
 }
 
 
