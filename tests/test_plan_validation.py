@@ -17,7 +17,7 @@ from llmmixer.workflows.decompose import (
     plan_request,
     planner_prompt,
 )
-from llmmixer.workflows.records import BudgetLimits, StepStatus
+from llmmixer.workflows.records import BudgetLimits, Candidate, StepStatus
 from llmmixer.workflows.spec import DecomposeStep, Spec
 from llmmixer.workflows.validation import find_issues, validate_spec
 
@@ -358,3 +358,17 @@ def test_budgets_count_the_run_or_a_decompose_steps_sub_steps() -> None:
         "budget: 100 tokens spent of max_tokens 100 (the budget of split)"
     )
     assert state.over_budget("solo") is None
+
+
+def test_best_of_candidates_are_cut_in_the_answer_too() -> None:
+    state = RunState("r", [StepNode("pick", "llm", ())], dry_run=False, workflow_id="wf-9")
+    record = state.records["pick"]
+    record.candidates = [
+        Candidate(provider="openai", model="m", output="c" * 400_000) for _ in range(3)
+    ]
+    answer = state.progress()
+    assert len(answer.model_dump_json()) < 256 * 1024
+    assert "the whole text: llmmixer audit wf-9" in (
+        answer.steps["pick"].candidates[0].output or ""
+    )
+    assert state.records["pick"].candidates[0].output == "c" * 400_000

@@ -324,6 +324,11 @@ class RunState:
             # A prompt that quotes a long output is as long as that output.
             if copy.prompt is not None:
                 copy.prompt = cut_text(copy.prompt, limit, where)
+            # best_of candidates share their step's part of the answer.
+            share = max(_MIN_OUTPUT_CHARS, limit // (len(copy.candidates) + 1))
+            for candidate in copy.candidates:
+                if candidate.output is not None:
+                    candidate.output = cut_text(candidate.output, share, where)
             steps[step_id] = copy
         return RunProgress(
             name=self.name,
