@@ -17,6 +17,10 @@ from llmmixer.workflows.records import Intervention
 # Temporal suggests continuing as new well before its hard limits; this
 # bound also keeps replay of one run quick after a worker restart.
 DEFAULT_HISTORY_EVENTS = 10_000
+DEFAULT_HISTORY_BYTES = 32 * 1024 * 1024
+# How much of the event stream's newest events a continuation carries; the
+# whole input must stay well below Temporal's 2 MB payload limit.
+CARRIED_EVENT_BYTES = 1024 * 1024
 
 
 class Carried(BaseModel):

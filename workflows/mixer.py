@@ -49,7 +49,12 @@ with workflow.unsafe.imports_passed_through():
         MixerEvent,
         PlanRequest,
     )
-    from llmmixer.workflows.carry import DEFAULT_HISTORY_EVENTS, Carried
+    from llmmixer.workflows.carry import (
+        CARRIED_EVENT_BYTES,
+        DEFAULT_HISTORY_BYTES,
+        DEFAULT_HISTORY_EVENTS,
+        Carried,
+    )
     from llmmixer.workflows.dag import RunState, StepNode
     from llmmixer.workflows.decompose import (
         PlanContext,
@@ -234,9 +239,15 @@ class MixerWorkflow:
     # ---- long histories: continue as new ------------------------------------
 
     def _history_is_long(self, spec: Spec) -> bool:
+        # Our own bounds rather than the server's suggestion, which comes at a
+        # few MB: every continuation cuts the event stream it carries, so it
+        # should happen no sooner than needed (the hard limit is 50 MB).
         info = workflow.info()
         limit = spec.continue_as_new_after_events or DEFAULT_HISTORY_EVENTS
-        return info.is_continue_as_new_suggested() or info.get_current_history_length() >= limit
+        return (
+            info.get_current_history_length() >= limit
+            or info.get_current_history_size() >= DEFAULT_HISTORY_BYTES
+        )
 
     def _busy_ids(self) -> list[str]:
         """Steps whose activity is in flight (those waiting for a person can be carried)."""
@@ -258,9 +269,27 @@ class MixerWorkflow:
             continuations=self._continuations + 1,
         )
         workflow.logger.info("history is long: continuing as new (run %d)", carried.continuations)
+        self._stream.truncate(self._events_to_keep_from())
         await self._stream.continue_as_new(
             lambda stream_state: [self._spec_body, stream_state, carried]
         )
+
+    def _events_to_keep_from(self) -> int:
+        """The oldest offset the next run keeps: the newest events within a byte budget.
+
+        The stream's log rides in the continue-as-new input, which must stay
+        far below Temporal's payload limit; a reader further behind than this
+        starts again from the oldest event kept.
+        """
+        state = self._stream.get_state()
+        keep_from = state.base_offset + len(state.log)
+        size = 0
+        for index in range(len(state.log) - 1, -1, -1):
+            size += len(state.log[index].data)
+            if size > CARRIED_EVENT_BYTES:
+                break
+            keep_from = state.base_offset + index
+        return keep_from
 
     def _resume_waiting(self, spec: Spec) -> None:
         """In a continuation: steps that waited for a person wait again."""
