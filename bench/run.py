@@ -4,11 +4,14 @@
                                      # bench/README.md and the README's Benchmarks section
     python bench/run.py --quick      # smoke run (under a minute); prints, writes nothing
     python bench/run.py --explore    # also time server and worker settings (see README)
+    python bench/run.py --no-scale   # per-step overhead only (skip scale.py's workloads)
 
 Everything runs on this machine: the embedded Temporal dev server (a temp
 ``LLMMIXER_HOME``, no UI), the workers in this process, and the fake provider
 server of ``tests/fakes`` answering every call after a fixed delay. Overhead
 per step is (wall time - provider latency on the critical path) / stages.
+Then ``scale.py``: one worker's throughput, the memory of waiting runs, and
+the time from a worker's SIGKILL to its step resuming on another worker.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from report import (  # noqa: E402
     machine,
     write_between_markers,
 )
+from scale import ScaleFigures, run_scale, scale_table  # noqa: E402
 from systems import (  # noqa: E402
     AsyncioSystem,
     Shape,
@@ -184,6 +188,27 @@ async def run_main(
         return await measure(systems, fake, reps=args.reps, latency_s=latency_s)
 
 
+async def run_scale_main(
+    fake: FakeProviderServer, home: Path, args: argparse.Namespace
+) -> ScaleFigures:
+    """The scale workloads, on a server of their own (a fresh SQLite file)."""
+    async with contextlib.AsyncExitStack() as stack:
+        address = await stack.enter_async_context(embedded_server(home / "scale", None))
+        client = await Client.connect(address, data_converter=data_converter())
+        openai_client = _openai(fake)
+        stack.push_async_callback(openai_client.close)
+        return await run_scale(
+            address,
+            client,
+            fake,
+            home,
+            openai_client,
+            runs=args.runs,
+            kill_reps=args.kill_reps,
+            langgraph=args.langgraph,
+        )
+
+
 async def run_explore(
     fake: FakeProviderServer, home: Path, args: argparse.Namespace, latency_s: float
 ) -> list[tuple[str, list[Result]]]:
@@ -260,7 +285,10 @@ def explore_table(found: Sequence[tuple[str, Sequence[Result]]]) -> str:
 
 
 def _dump(
-    path: Path, results: Sequence[Result], found: Sequence[tuple[str, Sequence[Result]]]
+    path: Path,
+    results: Sequence[Result],
+    found: Sequence[tuple[str, Sequence[Result]]],
+    scale: ScaleFigures | None = None,
 ) -> None:
     def rows(items: Sequence[Result]) -> list[dict[str, Any]]:
         return [
@@ -279,6 +307,7 @@ def _dump(
         "machine": machine(),
         "results": rows(results),
         "explore": {server: rows(items) for server, items in found},
+        "scale": scale.as_json() if scale else None,
     }
     path.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
 
@@ -290,12 +319,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--latency-ms", type=float, default=None, help="per call (default 100)")
     parser.add_argument("--explore", action="store_true", help="also time settings variants")
     parser.add_argument("--no-langgraph", dest="langgraph", action="store_false")
+    parser.add_argument("--no-scale", dest="scale", action="store_false", help="skip scale.py")
+    parser.add_argument("--runs", type=int, default=None, help="scale runs (default 1000)")
+    parser.add_argument("--kill-reps", type=int, default=None, help="SIGKILLs (default 5)")
     parser.add_argument(
         "--no-write", dest="write", action="store_false", help="print only (implied by --quick)"
     )
     parser.add_argument("--json", type=Path, default=None, help="also save raw timings here")
     args = parser.parse_args(argv)
     args.reps = args.reps or (2 if args.quick else 10)
+    args.runs = args.runs or (30 if args.quick else 1000)
+    args.kill_reps = args.kill_reps or (1 if args.quick else 5)
     args.latency_ms = (
         args.latency_ms if args.latency_ms is not None else (20 if args.quick else 100)
     )
@@ -312,6 +346,7 @@ async def amain(args: argparse.Namespace) -> None:
             home = Path(tmp)
             results = await run_main(fake, home, args, latency_s)
             found = await run_explore(fake, home, args, latency_s) if args.explore else []
+            scale = await run_scale_main(fake, home, args) if args.scale else None
     finally:
         fake.stop()
     print()
@@ -319,17 +354,21 @@ async def amain(args: argparse.Namespace) -> None:
     if found:
         print()
         print(explore_table(found))
+    if scale:
+        print()
+        print(scale_table(scale))
     if args.json:
-        _dump(args.json, results, found)
+        _dump(args.json, results, found, scale)
     if args.write:
         write_between_markers(
             BENCH / "README.md",
             block(results, reps=args.reps, latency_ms=args.latency_ms, short=False),
         )
-        write_between_markers(
-            REPO / "README.md",
-            block(results, reps=args.reps, latency_ms=args.latency_ms, short=True),
-        )
+        short = block(results, reps=args.reps, latency_ms=args.latency_ms, short=True)
+        if scale:
+            short += "\n\n" + scale_table(scale)
+            write_between_markers(BENCH / "README.md", scale_about(scale), "bench-scale")
+        write_between_markers(REPO / "README.md", short)
         if found:
             line = about(
                 reps=args.reps, latency_ms=args.latency_ms, command="python bench/run.py --explore"
@@ -338,6 +377,14 @@ async def amain(args: argparse.Namespace) -> None:
                 BENCH / "README.md", f"{line}\n\n{explore_table(found)}", "bench-explore"
             )
         print("\nfigures written to bench/README.md and README.md", file=sys.stderr)
+
+
+def scale_about(scale: ScaleFigures) -> str:
+    line = about(reps=scale.kill_reps, latency_ms=0).split(": fixed provider latency")[0]
+    return (
+        f"{line}, on {machine()}: {scale.runs} runs per workload, the fake provider "
+        f"answering at once.\n\n{scale_table(scale)}"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -32,4 +32,8 @@ def test_quick_benchmark_prints_the_table(tmp_path: Path) -> None:
                 line.startswith(f"| {workload}") and f"| {row} |" in line
                 for line in done.stdout.splitlines()
             ), done.stdout
+    # scale.py's workloads, side by side (their figures are not checked either).
+    assert "| scale workload | llmmixer | asyncio (floor) |" in done.stdout
+    for label in ("| throughput: ", "| memory: RSS ", "| SIGKILL → step resumed "):
+        assert label in done.stdout, done.stdout
     assert raw.exists()
