@@ -32,9 +32,9 @@ from llmmixer.activities.dry_run import dry_run_reply
 from llmmixer.activities.pricing import PriceTable
 from llmmixer.activities.providers.base import ProviderError, ProviderResult
 from llmmixer.activities.providers.breaker import BreakerBoard
-from llmmixer.activities.providers.errors import redact
 from llmmixer.activities.providers.pool import ProviderPool
 from llmmixer.activities.providers.settings import ProviderSettings
+from llmmixer.activities.redaction import redact
 from llmmixer.activities.telemetry import observe_llm_call
 
 _HEARTBEAT_EVERY_S = 1.0

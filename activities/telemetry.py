@@ -48,7 +48,7 @@ from opentelemetry.util.types import AttributeValue
 from llmmixer.activities.contracts import CommandCall, LlmCall, Usage
 from llmmixer.activities.providers.base import ProviderError, ProviderResult
 from llmmixer.activities.providers.breaker import BreakerState
-from llmmixer.activities.providers.errors import redact
+from llmmixer.activities.redaction import redact
 
 __all__ = [
     "CAPTURE_CONTENT_VARIABLES",

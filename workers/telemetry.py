@@ -51,7 +51,7 @@ from temporalio.runtime import PrometheusConfig, Runtime, TelemetryConfig
 from temporalio.service import ServiceClient
 from temporalio.worker import Interceptor as WorkerInterceptor
 
-from llmmixer.activities.providers.errors import redact
+from llmmixer.activities.redaction import redact
 
 __all__ = [
     "TelemetrySettings",

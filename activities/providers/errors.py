@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
-import re
 import time
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -30,6 +29,7 @@ from google.genai import errors as genai_errors
 
 from llmmixer.activities.contracts import ErrorType
 from llmmixer.activities.providers.base import ProviderError
+from llmmixer.activities.redaction import redact
 
 __all__ = [
     "KEY_VARIABLES",
@@ -52,17 +52,8 @@ KEY_VARIABLES: Mapping[str, str] = {
     "gemini": "GEMINI_API_KEY",
 }
 
-REDACTED = "[REDACTED]"
 # Long enough to keep a provider's explanation, short enough for history.
 _MAX_DETAIL = 600
-# Shapes of keys that must never be recorded even when they are not the
-# configured one (a provider echoing some other key, a key pasted in a prompt).
-_GENERIC_SECRETS = re.compile(
-    r"sk-[A-Za-z0-9][A-Za-z0-9_\-]{7,}"  # OpenAI, Anthropic (sk-ant-...)
-    r"|AIza[0-9A-Za-z_\-]{20,}"  # Google API keys
-)
-_BEARER = re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._~+/\-]{8,}=*")
-_KEY_PARAM = re.compile(r"(?i)([?&](?:key|api_key|api-key)=)[^&\s\"']+")
 
 _TRANSPORT_TIMEOUTS: tuple[type[BaseException], ...] = (
     httpx.TimeoutException,
@@ -76,20 +67,6 @@ _TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (
     ConnectionError,
 )
 _REFUSAL_WORDS = ("content_policy", "content policy", "content_filter", "safety", "refus")
-
-
-def redact(text: str, secrets: Iterable[str | None] = ()) -> str:
-    """Remove the given secrets and anything shaped like a provider key from ``text``.
-
-    Longer secrets are replaced first so that a key containing another never
-    leaves a fragment behind. Values shorter than 4 characters are ignored:
-    replacing them would shred ordinary text and they are not real keys.
-    """
-    for secret in sorted({s for s in secrets if s and len(s) >= 4}, key=len, reverse=True):
-        text = text.replace(secret, REDACTED)
-    text = _GENERIC_SECRETS.sub(REDACTED, text)
-    text = _BEARER.sub(lambda m: m.group(1) + REDACTED, text)
-    return _KEY_PARAM.sub(lambda m: m.group(1) + REDACTED, text)
 
 
 def parse_retry_after(
