@@ -135,6 +135,9 @@ class LlmActivities:
 
         async def attempt() -> ProviderResult:
             adapter = self._pool.get(config)
+            # Building a client (first use on this worker) can take a while;
+            # from here on only streamed tokens prove the call is alive.
+            activity.heartbeat({"chars": 0})
             limit = self._limits.get(call.provider)
             if limit is None:
                 return await adapter.complete(call, on_text)

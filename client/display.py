@@ -10,6 +10,7 @@ per state change and the streamed text as ``  <step>| text`` lines.
 
 from __future__ import annotations
 
+import re
 import sys
 import threading
 from dataclasses import dataclass
@@ -41,7 +42,17 @@ def unblock_hints(workflow_id: str, progress: RunProgress) -> list[str]:
         record = progress.steps[step_id]
         reason = (record.waiting_reason or "waits for a person").splitlines()[0]
         lines.append(f"step {step_id} waits: {reason}")
-        if record.kind == "approval" and not (record.error or "").startswith("rejected"):
+        if reason.startswith("budget"):
+            # The held budget is the spec's ("") or a decompose step's.
+            scope = re.search(r"\(the budget of ([a-z0-9_-]+)\)", reason)
+            field = "max_tokens" if "max_tokens" in reason else "max_cost_usd"
+            argument = f'{{"step": "{scope.group(1) if scope else ""}", "{field}": NEW_LIMIT}}'
+            lines.append(
+                f"  temporal workflow update execute --workflow-id {workflow_id} "
+                f"--name raise_budget --input '{argument}'"
+            )
+            lines.append(f"  llmmixer skip {workflow_id} {step_id}")
+        elif record.kind == "approval" and not (record.error or "").startswith("rejected"):
             lines.append(f"  llmmixer approve {workflow_id} {step_id}")
             lines.append(f"  llmmixer reject {workflow_id} {step_id}")
         else:

@@ -765,12 +765,12 @@ class MixerWorkflow:
             step_id=step.id,
             # Each argv element is rendered on its own: a template value can
             # never split into several arguments or reach a shell.
-            argv=[self._render(spec, part) for part in step.command],
-            cwd=self._render(spec, step.cwd) if step.cwd else None,
-            env={key: self._render(spec, value) for key, value in step.env.items()},
+            argv=[self._render(spec, part, step.id) for part in step.command],
+            cwd=self._render(spec, step.cwd, step.id) if step.cwd else None,
+            env={key: self._render(spec, value, step.id) for key, value in step.env.items()},
             timeout_s=spec.timeout_s(step),
             respond=step.respond,
-            stdin=self._render(spec, step.stdin) if step.stdin else None,
+            stdin=self._render(spec, step.stdin, step.id) if step.stdin else None,
             success_codes=step.success_codes,
             max_output_bytes=step.max_output_bytes,
         )
@@ -784,10 +784,10 @@ class MixerWorkflow:
             workflow_id=workflow.info().workflow_id,
             step_id=step.id,
             agent=step.agent,
-            prompt=self._render(spec, self._prompt_overrides.get(step.id, step.prompt)),
-            args=[self._render(spec, part) for part in step.args],
-            cwd=self._render(spec, step.cwd) if step.cwd else None,
-            env={key: self._render(spec, value) for key, value in step.env.items()},
+            prompt=self._render(spec, self._prompt_overrides.get(step.id, step.prompt), step.id),
+            args=[self._render(spec, part, step.id) for part in step.args],
+            cwd=self._render(spec, step.cwd, step.id) if step.cwd else None,
+            env={key: self._render(spec, value, step.id) for key, value in step.env.items()},
             worktree=step.worktree,
             timeout_s=spec.timeout_s(step),
         )
@@ -832,7 +832,9 @@ class MixerWorkflow:
         return result.output
 
     async def _await_approval(self, spec: Spec, step: ApprovalStep, record: StepRecord) -> str:
-        question = self._render(spec, step.prompt) if step.prompt else f"Approve {step.id}?"
+        question = (
+            self._render(spec, step.prompt, step.id) if step.prompt else f"Approve {step.id}?"
+        )
         record.prompt = question
         record.status = StepStatus.WAITING
         record.waiting_reason = f"approval: {question}"
