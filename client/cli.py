@@ -231,6 +231,27 @@ async def cmd_cancel(args: argparse.Namespace) -> int:
 # ---- interventions ----------------------------------------------------------------
 
 
+async def cmd_raise_budget(args: argparse.Namespace) -> int:
+    if args.max_tokens is None and args.max_cost_usd is None:
+        _err("raise-budget needs --max-tokens N and/or --max-cost-usd X (the new, higher limits)")
+        return EXIT_USAGE
+    mixer = await MixerClient.connect()
+    handle = mixer.get_handle(args.id)
+    try:
+        limits = await handle.raise_budget(
+            step=args.step or "", max_tokens=args.max_tokens, max_cost_usd=args.max_cost_usd
+        )
+    except InterventionRefused as error:
+        _err(f"refused: {error}")
+        return EXIT_FAILED
+    scope = f"the budget of {args.step}" if args.step else "the spec's budget"
+    print(
+        f"raised {scope}: max_tokens {limits.max_tokens}, max_cost_usd {limits.max_cost_usd}; "
+        "steps it held start now"
+    )
+    return EXIT_OK
+
+
 async def cmd_intervene(args: argparse.Namespace) -> int:
     mixer = await MixerClient.connect()
     handle = mixer.get_handle(args.id)
@@ -392,6 +413,12 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("step")
         command.add_argument(extra, required=(name == "override"), default=None)
 
+    budget = sub.add_parser("raise-budget", help="raise a run's token or cost budget")
+    budget.add_argument("id")
+    budget.add_argument("--step", default=None, help="a decompose step's budget (default: spec's)")
+    budget.add_argument("--max-tokens", type=int, default=None)
+    budget.add_argument("--max-cost-usd", type=float, default=None)
+
     doctor = sub.add_parser("doctor", help="what is installed, reachable and configured")
     doctor.add_argument("--json", action="store_true")
 
@@ -415,6 +442,7 @@ _ASYNC: dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, int]]] = {
     "override": cmd_intervene,
     "approve": cmd_intervene,
     "reject": cmd_intervene,
+    "raise-budget": cmd_raise_budget,
     "dev": cmd_dev,
     "worker": cmd_worker,
     "doctor": cmd_doctor,

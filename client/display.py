@@ -46,11 +46,9 @@ def unblock_hints(workflow_id: str, progress: RunProgress) -> list[str]:
             # The held budget is the spec's ("") or a decompose step's.
             scope = re.search(r"\(the budget of ([a-z0-9_-]+)\)", reason)
             field = "max_tokens" if "max_tokens" in reason else "max_cost_usd"
-            argument = f'{{"step": "{scope.group(1) if scope else ""}", "{field}": NEW_LIMIT}}'
-            lines.append(
-                f"  temporal workflow update execute --workflow-id {workflow_id} "
-                f"--name raise_budget --input '{argument}'"
-            )
+            option = "--max-tokens" if field == "max_tokens" else "--max-cost-usd"
+            where = f" --step {scope.group(1)}" if scope else ""
+            lines.append(f"  llmmixer raise-budget {workflow_id}{where} {option} NEW_LIMIT")
             lines.append(f"  llmmixer skip {workflow_id} {step_id}")
         elif record.kind == "approval" and not (record.error or "").startswith("rejected"):
             lines.append(f"  llmmixer approve {workflow_id} {step_id}")

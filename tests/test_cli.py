@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import socket
@@ -137,3 +138,33 @@ def test_detach_status_list_and_cancel_against_a_server(server_env: dict[str, st
     assert listing.returncode == 0 and "slow-1\trunning" in listing.stdout
     cancelled = llmmixer("cancel", "slow-1", env=server_env)
     assert cancelled.returncode == 0, cancelled.stderr
+
+
+async def test_raise_budget_from_the_command_line(server_env: dict[str, str], mixer: Any) -> None:
+    spec = {
+        "name": "budgeted",
+        "dry_run": True,
+        "budget": {"max_tokens": 1},
+        "defaults": {"provider": "openai", "model": "gpt-4.1-mini"},
+        "steps": [
+            {"id": "first", "prompt": "spend some tokens"},
+            {"id": "second", "needs": ["first"], "prompt": "then more"},
+        ],
+    }
+    handle = await mixer.start(spec, workflow_id="budgeted-1")
+    for _ in range(100):
+        progress = await handle.progress()
+        if progress.steps["second"].status.value == "waiting":
+            break
+        await asyncio.sleep(0.1)
+    status = await asyncio.to_thread(llmmixer, "status", "budgeted-1", env=server_env)
+    assert "llmmixer raise-budget budgeted-1 --max-tokens NEW_LIMIT" in status.stdout
+    usage = await asyncio.to_thread(llmmixer, "raise-budget", "budgeted-1", env=server_env)
+    assert usage.returncode == 2 and "--max-tokens" in usage.stderr
+    raised = await asyncio.to_thread(
+        llmmixer, "raise-budget", "budgeted-1", "--max-tokens", "100000", env=server_env
+    )
+    assert raised.returncode == 0, raised.stderr
+    assert "raised the spec's budget: max_tokens 100000" in raised.stdout
+    result = await handle.result()
+    assert result.steps["second"].status.value == "completed"

@@ -32,13 +32,11 @@ def test_a_budget_hold_names_the_budget_to_raise() -> None:
     reason = "budget: 900 tokens spent of max_tokens 800 (the budget of plan); raise it"
     record = StepRecord(status=StepStatus.WAITING, waiting_reason=reason)
     hints = unblock_hints("wf", waiting(record))
-    assert hints[1] == (
-        "  temporal workflow update execute --workflow-id wf --name raise_budget "
-        """--input '{"step": "plan", "max_tokens": NEW_LIMIT}'"""
-    )
+    assert hints[1] == "  llmmixer raise-budget wf --step plan --max-tokens NEW_LIMIT"
     assert hints[2] == "  llmmixer skip wf s"
     spec_level = StepRecord(
         status=StepStatus.WAITING,
         waiting_reason="budget: $2 spent of max_cost_usd 2 (the spec's budget); raise it",
     )
-    assert '{"step": "", "max_cost_usd": NEW_LIMIT}' in unblock_hints("wf", waiting(spec_level))[1]
+    hint = unblock_hints("wf", waiting(spec_level))[1]
+    assert hint == "  llmmixer raise-budget wf --max-cost-usd NEW_LIMIT"
