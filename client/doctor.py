@@ -9,6 +9,7 @@ import platform
 import shutil
 import subprocess
 import sys
+from collections.abc import Mapping
 from typing import Any
 
 from llmmixer.activities.providers.settings import ProviderSettings
@@ -16,6 +17,7 @@ from llmmixer.workers.address import is_listening, is_loopback, parse_address
 from llmmixer.workers.connection import Connection
 from llmmixer.workers.devserver import EmbeddedServerError, find_temporal_binary
 from llmmixer.workers.home import llmmixer_home
+from llmmixer.workers.storage import PayloadSettings
 
 AGENT_EXECUTABLES = {
     "claude": "npm install -g @anthropic-ai/claude-code",
@@ -38,6 +40,16 @@ async def run_doctor(*, json_output: bool) -> int:
             print(f"{mark}{item['check']:<22} {item['detail']}")
     essential = {"python", "temporal CLI", "temporal server"}
     return 0 if all(item["ok"] for item in checks if item["check"] in essential) else 1
+
+
+def _telemetry_summary(environ: Mapping[str, str]) -> str:
+    endpoint = environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or environ.get(
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"
+    )
+    parts = [f"OTLP to {endpoint}" if endpoint else "off (set OTEL_EXPORTER_OTLP_ENDPOINT)"]
+    if environ.get("LLMMIXER_PROMETHEUS_PORT"):
+        parts.append(f"Prometheus on port {environ['LLMMIXER_PROMETHEUS_PORT']}")
+    return "; ".join(parts)
 
 
 def _collect(connection: Connection, listening: bool) -> list[dict[str, Any]]:
@@ -69,6 +81,24 @@ def _collect(connection: Connection, listening: bool) -> list[dict[str, Any]]:
     check("temporal server", listening or is_loopback(host), detail)
     check("task queue", True, connection.task_queue)
     check("LLMMIXER_HOME", True, str(llmmixer_home()))
+    check("telemetry", True, _telemetry_summary(os.environ))
+    try:
+        payloads = PayloadSettings.from_env(os.environ)
+    except ValueError as error:
+        check("payloads", False, str(error))
+    else:
+        where = payloads.s3_bucket if payloads.store == "s3" else payloads.directory
+        extras = [
+            name
+            for name, on in (("compressed", payloads.compress), ("encrypted", bool(payloads.keys)))
+            if on
+        ]
+        check(
+            "payloads",
+            True,
+            f"over {payloads.threshold} bytes go to {payloads.store} ({where})"
+            + (f", {' and '.join(extras)}" if extras else ""),
+        )
 
     for provider, info in ProviderSettings.from_env(os.environ).describe().items():
         key_state = "set" if info.get("key_set") else "NOT set"

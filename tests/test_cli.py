@@ -168,3 +168,23 @@ async def test_raise_budget_from_the_command_line(server_env: dict[str, str], mi
     assert "raised the spec's budget: max_tokens 100000" in raised.stdout
     result = await handle.result()
     assert result.steps["second"].status.value == "completed"
+
+
+def test_doctor_reports_configuration_without_printing_secrets(tmp_path: Path) -> None:
+    env = base_env(tmp_path, f"127.0.0.1:{free_port()}")
+    env.update(
+        OPENAI_API_KEY="sk-doctor-marker-0123456789",
+        TEMPORAL_API_KEY="temporal-doctor-marker-0123",
+        LLMMIXER_PAYLOAD_KEY="",
+    )
+    done = llmmixer("doctor", "--json", env=env)
+    assert done.returncode == 0, done.stderr
+    checks = {item["check"]: item for item in json.loads(done.stdout)}
+    assert checks["temporal CLI"]["ok"] is True
+    assert checks["provider openai"]["ok"] is True
+    assert "OPENAI_API_KEY set" in checks["provider openai"]["detail"]
+    assert checks["provider anthropic"]["ok"] is False
+    assert "ANTHROPIC_API_KEY NOT set" in checks["provider anthropic"]["detail"]
+    assert "embedded server" in checks["temporal server"]["detail"]
+    assert "off" in checks["telemetry"]["detail"]
+    assert "marker" not in done.stdout + done.stderr
