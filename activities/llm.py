@@ -38,6 +38,7 @@ from llmmixer.activities.redaction import redact
 from llmmixer.activities.telemetry import observe_llm_call
 
 _HEARTBEAT_EVERY_S = 1.0
+_SLOW_SETUP_S = 0.5
 _TAIL_CHARS = 400
 
 
@@ -78,7 +79,9 @@ class LlmActivities:
     @activity.defn(name=LLM_ACTIVITY)
     async def call_llm(self, call: LlmCall) -> LlmReply:
         attempt = activity.info().attempt
-        activity.heartbeat({"chars": 0})
+        # No heartbeat up front: every heartbeat is a server write, and a quick
+        # call needs none. Streamed tokens heartbeat (see _Progress), and a
+        # slow client build heartbeats once it is done.
         started = time.monotonic()
         forwarder = _DeltaForwarder.open(call, attempt, self._settings)
         async with forwarder as forward:
@@ -134,10 +137,12 @@ class LlmActivities:
                 activity.heartbeat({"chars": progress.chars, "tail": progress.tail()})
 
         async def attempt() -> ProviderResult:
+            built_from = time.monotonic()
             adapter = self._pool.get(config)
-            # Building a client (first use on this worker) can take a while;
-            # from here on only streamed tokens prove the call is alive.
-            activity.heartbeat({"chars": 0})
+            if time.monotonic() - built_from > _SLOW_SETUP_S:
+                # Building a client (first use on this worker) took a while;
+                # from here on only streamed tokens prove the call is alive.
+                activity.heartbeat({"chars": 0})
             limit = self._limits.get(call.provider)
             if limit is None:
                 return await adapter.complete(call, on_text)
@@ -178,7 +183,8 @@ class _Progress:
     def __init__(self) -> None:
         self.chars = 0
         self._tail = ""
-        self._last = 0.0
+        # The first heartbeat is due a second into the stream, not at once.
+        self._last = time.monotonic()
 
     def add(self, delta: str) -> None:
         self.chars += len(delta)
