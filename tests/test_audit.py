@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 from conftest import temporal_binary
+from fakes.progress import until
 from fakes.provider_server import FakeProviderServer, Reply
 from temporalio.client import Client
 
@@ -73,15 +74,6 @@ SPEC: dict[str, Any] = {
 }
 
 
-async def _until(handle: MixerHandle, done: Any) -> RunProgress:
-    for _ in range(300):
-        progress = await handle.progress()
-        if done(progress):
-            return progress
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"never reached: {progress.model_dump_json(indent=1)}")
-
-
 @pytest.fixture
 async def audited_run(
     mixer: MixerClient, provider_server: FakeProviderServer
@@ -91,7 +83,7 @@ async def audited_run(
     provider_server.fail("anthropic", 400, message="bad request: prompt rejected")
     provider_server.script("gemini", Reply(text="looks good", usage=(5, 3)))
     handle = await mixer.start(SPEC, workflow_id=f"audited-{os.urandom(4).hex()}")
-    await _until(
+    await until(
         handle,
         lambda p: (
             p.steps["check"].status == StepStatus.WAITING

@@ -2,32 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
-from typing import Any
-
 import pytest
+from fakes.progress import runs_of, until
 
-from llmmixer.client.mixer import MixerClient, MixerHandle
+from llmmixer.client.mixer import MixerClient
 from llmmixer.workflows.records import RunProgress, RunStatus, StepStatus
 
 
 @pytest.fixture
 def workflow_cache() -> int:
     return 100  # updates on a cache miss: see conftest.workflow_cache
-
-
-async def until(handle: MixerHandle, predicate: Any, what: str) -> RunProgress:
-    for _ in range(300):
-        progress = await handle.progress()
-        if predicate(progress):
-            return progress
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"never reached: {what}")
-
-
-async def runs_of(mixer: MixerClient, workflow_id: str) -> int:
-    query = f'WorkflowId="{workflow_id}"'
-    return len([e async for e in mixer.temporal.list_workflows(query)])
 
 
 async def test_planned_steps_held_by_a_budget_are_carried_to_the_next_run(

@@ -2,26 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
 import sys
 from typing import Any
 
 import pytest
+from fakes.progress import until, waiting
 from temporalio.client import WorkflowHandle
 
-from llmmixer.client.mixer import InterventionRefused, MixerClient, MixerHandle
-from llmmixer.workflows.records import InterventionRequest, RunProgress, RunStatus, StepStatus
-
-
-async def wait_for(handle: MixerHandle, predicate: Any, within_s: float = 30.0) -> RunProgress:
-    deadline = asyncio.get_running_loop().time() + within_s
-    while True:
-        progress = await handle.progress()
-        if predicate(progress):
-            return progress
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"condition not reached; last progress: {progress}")
-        await asyncio.sleep(0.1)
+from llmmixer.client.mixer import InterventionRefused, MixerClient
+from llmmixer.workflows.records import InterventionRequest, RunStatus, StepStatus
 
 
 def flaky_then_dependant(marker: str) -> dict[str, Any]:
@@ -57,14 +46,10 @@ def workflow_cache() -> int:
     return 100  # see conftest.workflow_cache
 
 
-def waiting(step: str) -> Any:
-    return lambda p: p.steps[step].status == StepStatus.WAITING
-
-
 async def test_pause_then_retry_from_the_failed_step(mixer: MixerClient, tmp_path: Any) -> None:
     marker = tmp_path / "ready"
     handle = await mixer.start(flaky_then_dependant(str(marker)))
-    progress = await wait_for(
+    progress = await until(
         handle, lambda p: waiting("flaky")(p) and p.steps["free"].status == StepStatus.COMPLETED
     )
     # independent steps kept running; the dependant waits; the run says waiting
@@ -91,11 +76,11 @@ async def test_retry_with_a_new_prompt_is_recorded(mixer: MixerClient) -> None:
         "steps": [{"id": "ask", "prompt": "first prompt"}],
     }
     handle = await mixer.start(spec)
-    progress = await wait_for(handle, waiting("ask"))
+    progress = await until(handle, waiting("ask"))
     assert "OPENAI_API_KEY" in (progress.steps["ask"].error or "")
     assert progress.steps["ask"].attempts == 1
     await handle.retry("ask", prompt="second prompt")
-    progress = await wait_for(handle, lambda p: p.steps["ask"].attempts == 2 and waiting("ask")(p))
+    progress = await until(handle, lambda p: p.steps["ask"].attempts == 2 and waiting("ask")(p))
     assert progress.steps["ask"].prompt == "second prompt"
     assert progress.steps["ask"].interventions[0].argument == {
         "step": "ask",
@@ -111,7 +96,7 @@ async def test_skip_lets_dependants_run_with_an_empty_output(
     mixer: MixerClient, tmp_path: Any
 ) -> None:
     handle = await mixer.start(flaky_then_dependant(str(tmp_path / "never")))
-    await wait_for(handle, waiting("flaky"))
+    await until(handle, waiting("flaky"))
     outcome = await handle.skip("flaky", reason="not needed today")
     assert outcome.status == StepStatus.SKIPPED
     result = await handle.result()
@@ -122,7 +107,7 @@ async def test_skip_lets_dependants_run_with_an_empty_output(
 
 async def test_override_a_pending_step_before_it_runs(mixer: MixerClient, tmp_path: Any) -> None:
     handle = await mixer.start(flaky_then_dependant(str(tmp_path / "never")))
-    await wait_for(handle, waiting("flaky"))
+    await until(handle, waiting("flaky"))
     await handle.override("after", "set by hand")
     await handle.override("flaky", "also by hand")
     result = await handle.result()
@@ -134,7 +119,7 @@ async def test_updates_refuse_unknown_steps_and_wrong_states(
     mixer: MixerClient, tmp_path: Any
 ) -> None:
     handle = await mixer.start(flaky_then_dependant(str(tmp_path / "never")))
-    await wait_for(
+    await until(
         handle, lambda p: waiting("flaky")(p) and p.steps["free"].status == StepStatus.COMPLETED
     )
     with pytest.raises(InterventionRefused, match="no step 'nope'"):
@@ -157,7 +142,7 @@ async def test_signals_that_cannot_apply_are_recorded_as_rejected(
     mixer: MixerClient, tmp_path: Any
 ) -> None:
     handle = await mixer.start(flaky_then_dependant(str(tmp_path / "never")))
-    await wait_for(
+    await until(
         handle, lambda p: waiting("flaky")(p) and p.steps["free"].status == StepStatus.COMPLETED
     )
     raw: WorkflowHandle[Any, Any] = handle.temporal
@@ -196,10 +181,10 @@ async def test_approval_gate_approve_and_reject(mixer: MixerClient) -> None:
         ],
     }
     handle = await mixer.start(spec)
-    progress = await wait_for(handle, waiting("gate"))
+    progress = await until(handle, waiting("gate"))
     assert progress.steps["gate"].waiting_reason == "approval: Ship it?"
     await handle.reject("gate", reason="tests are red")
-    progress = await wait_for(
+    progress = await until(
         handle, lambda p: "rejected: tests are red" in (p.steps["gate"].error or "")
     )
     assert progress.steps["gate"].status == StepStatus.WAITING  # on_failure pause

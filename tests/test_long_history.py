@@ -2,34 +2,20 @@
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import sys
 from typing import Any
 
 import pytest
+from fakes.progress import runs_of, until
 
-from llmmixer.client.mixer import MixerClient, MixerHandle
-from llmmixer.workflows.records import RunProgress, StepStatus
+from llmmixer.client.mixer import MixerClient
+from llmmixer.workflows.records import StepStatus
 
 
 @pytest.fixture
 def workflow_cache() -> int:
     return 100  # updates on a cache miss: see conftest.workflow_cache
-
-
-async def until(handle: MixerHandle, predicate: Any) -> RunProgress:
-    for _ in range(400):
-        progress = await handle.progress()
-        if predicate(progress):
-            return progress
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"never reached; last: {progress}")
-
-
-async def runs_of(mixer: MixerClient, workflow_id: str) -> int:
-    query = f'WorkflowId="{workflow_id}"'
-    return len([e async for e in mixer.temporal.list_workflows(query)])
 
 
 async def test_long_history_continues_as_new_and_keeps_everything(

@@ -6,18 +6,18 @@ stream is retried, a dead provider is left for the next one in the chain.
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import json
 from typing import Any
 
 import pytest
+from fakes.progress import until, waiting
 from fakes.provider_server import FakeProviderServer, Reply
 
 from llmmixer.activities.contracts import Usage
 from llmmixer.activities.pricing import PriceTable
-from llmmixer.client.mixer import MixerClient, MixerHandle
-from llmmixer.workflows.records import RunProgress, RunStatus, StepStatus
+from llmmixer.client.mixer import MixerClient
+from llmmixer.workflows.records import RunStatus, StepStatus
 
 
 @pytest.fixture
@@ -43,15 +43,6 @@ def spec(*steps: dict[str, Any], **extra: Any) -> dict[str, Any]:
         "steps": list(steps),
         **extra,
     }
-
-
-async def until_waiting(handle: MixerHandle, step: str) -> RunProgress:
-    for _ in range(300):
-        progress = await handle.progress()
-        if progress.steps[step].status == StepStatus.WAITING:
-            return progress
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"{step} never waited")
 
 
 async def test_three_providers_side_by_side_with_usage_and_cost(
@@ -146,7 +137,7 @@ async def test_bad_request_is_not_retried(
     provider_server.fail("gemini", 400, message="invalid argument: temperature")
     step = {"id": "a", "provider": "gemini", "model": "gemini-2.5-flash", "prompt": "x"}
     handle = await mixer.start(spec(step))
-    progress = await until_waiting(handle, "a")
+    progress = await until(handle, waiting("a"), "a waits")
     assert provider_server.count("gemini") == 1
     assert progress.steps["a"].attempts == 1
     assert (
@@ -220,7 +211,7 @@ async def test_missing_key_fails_at_once_naming_the_variable(
 ) -> None:
     step = {"id": "a", "provider": "gemini", "model": "gemini-2.5-flash", "prompt": "x"}
     handle = await mixer.start(spec(step))
-    progress = await until_waiting(handle, "a")
+    progress = await until(handle, waiting("a"), "a waits")
     assert "GEMINI_API_KEY" in (progress.steps["a"].error or "")
     assert progress.steps["a"].attempts == 1
     assert provider_server.count() == 0

@@ -7,10 +7,11 @@ import json
 from typing import Any
 
 import pytest
+from fakes.progress import until
 from fakes.provider_server import FakeProviderServer, Reply
 
-from llmmixer.client.mixer import InterventionRefused, MixerClient, MixerHandle
-from llmmixer.workflows.records import RunProgress, RunStatus, StepStatus
+from llmmixer.client.mixer import InterventionRefused, MixerClient
+from llmmixer.workflows.records import RunStatus, StepStatus
 
 
 @pytest.fixture
@@ -33,15 +34,6 @@ def spec(*steps: dict[str, Any], **extra: Any) -> dict[str, Any]:
         "steps": list(steps),
         **extra,
     }
-
-
-async def until(handle: MixerHandle, check: Any, what: str) -> RunProgress:
-    for _ in range(300):
-        progress = await handle.progress()
-        if check(progress):
-            return progress
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"never reached: {what}")
 
 
 async def test_roles_map_to_the_routes_primary_then_its_fallbacks(
