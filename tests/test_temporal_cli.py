@@ -10,6 +10,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import temporal_binary
@@ -74,12 +75,13 @@ def temporal(env: WorkflowEnvironment, *args: str) -> subprocess.CompletedProces
     )
 
 
-def test_start_with_the_temporal_cli_and_query_progress(
-    env: WorkflowEnvironment, llmmixer_worker: str, tmp_path: Path
-) -> None:
-    spec_file = tmp_path / "spec.json"
-    spec_file.write_text(json.dumps(SPEC))
-    workflow_id = f"cli-{uuid.uuid4().hex[:8]}"
+def start_with_temporal_cli(
+    env: WorkflowEnvironment, task_queue: str, tmp_path: Path, spec: dict[str, Any], prefix: str
+) -> str:
+    """`temporal workflow start --type MixerWorkflow --input-file ...`; the workflow id."""
+    spec_file = tmp_path / f"{prefix}.json"
+    spec_file.write_text(json.dumps(spec))
+    workflow_id = f"{prefix}-{uuid.uuid4().hex[:8]}"
     started = temporal(
         env,
         "workflow",
@@ -87,13 +89,20 @@ def test_start_with_the_temporal_cli_and_query_progress(
         "--type",
         "MixerWorkflow",
         "--task-queue",
-        llmmixer_worker,
+        task_queue,
         "--workflow-id",
         workflow_id,
         "--input-file",
         str(spec_file),
     )
     assert started.returncode == 0, started.stderr
+    return workflow_id
+
+
+def test_start_with_the_temporal_cli_and_query_progress(
+    env: WorkflowEnvironment, llmmixer_worker: str, tmp_path: Path
+) -> None:
+    workflow_id = start_with_temporal_cli(env, llmmixer_worker, tmp_path, SPEC, "cli")
     result = temporal(env, "workflow", "result", "--workflow-id", workflow_id, "-o", "json")
     assert result.returncode == 0, result.stderr
     progress = temporal(
@@ -123,23 +132,7 @@ def test_an_invalid_spec_from_the_temporal_cli_fails_with_the_message(
             {"id": "b", "needs": ["zz"], "kind": "pty", "command": ["ls"]},
         ],
     }
-    spec_file = tmp_path / "bad.json"
-    spec_file.write_text(json.dumps(bad))
-    workflow_id = f"bad-{uuid.uuid4().hex[:8]}"
-    started = temporal(
-        env,
-        "workflow",
-        "start",
-        "--type",
-        "MixerWorkflow",
-        "--task-queue",
-        llmmixer_worker,
-        "--workflow-id",
-        workflow_id,
-        "--input-file",
-        str(spec_file),
-    )
-    assert started.returncode == 0, started.stderr
+    workflow_id = start_with_temporal_cli(env, llmmixer_worker, tmp_path, bad, "bad")
     result = temporal(env, "workflow", "result", "--workflow-id", workflow_id)
     assert result.returncode != 0
     text = result.stdout + result.stderr
