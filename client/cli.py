@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import sys
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from typing import Any, TextIO
 
 from temporalio.client import WorkflowExecutionStatus
@@ -26,6 +27,7 @@ from llmmixer.client.specfile import parse_inputs, prepare_spec, read_spec
 from llmmixer.client.watch import EventPump, retrying
 from llmmixer.workers.connection import Connection
 from llmmixer.workers.devserver import EmbeddedServerError
+from llmmixer.workers.health import HealthServer, ReadinessState
 from llmmixer.workers.telemetry import flush_telemetry
 from llmmixer.workflows.records import RunProgress, RunStatus
 from llmmixer.workflows.validation import SpecError, validate_spec
@@ -298,13 +300,13 @@ async def cmd_dev(args: argparse.Namespace) -> int:
 
 
 async def cmd_worker(args: argparse.Namespace) -> int:
-    from llmmixer.workers.health import HealthServer, ReadinessState, health_port_from_env
+    from llmmixer.workers.health import health_port_from_env
     from llmmixer.workers.worker import mixer_worker, run_until_signalled
 
     connection = Connection.from_env()
     health_port = args.health_port if args.health_port is not None else health_port_from_env()
     readiness = ReadinessState(f"connecting to Temporal at {connection.address}")
-    async with contextlib_health(health_port, readiness, HealthServer):
+    async with _health_server(health_port, readiness):
         try:
             client = await connection.connect()
         except RuntimeError as error:
@@ -322,20 +324,15 @@ async def cmd_worker(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-class contextlib_health:
-    """The health server when a port is configured, otherwise nothing."""
-
-    def __init__(self, port: int | None, readiness: Any, server_type: Any) -> None:
-        self._server = server_type(host="0.0.0.0", port=port, readiness=readiness) if port else None
-
-    async def __aenter__(self) -> None:
-        if self._server is not None:
-            await self._server.start()
-            _err(f"health: http://0.0.0.0:{self._server.port}/healthz and /readyz")
-
-    async def __aexit__(self, *exc: object) -> None:
-        if self._server is not None:
-            await self._server.stop()
+@contextlib.asynccontextmanager
+async def _health_server(port: int | None, readiness: ReadinessState) -> AsyncIterator[None]:
+    """The worker's /healthz and /readyz while it runs, when a port is configured."""
+    if not port:
+        yield
+        return
+    async with HealthServer(host="0.0.0.0", port=port, readiness=readiness) as server:
+        _err(f"health: http://0.0.0.0:{server.port}/healthz and /readyz")
+        yield
 
 
 # ---- doctor -----------------------------------------------------------------------

@@ -52,14 +52,6 @@ class Connection:
             connect_kwargs=kwargs,
         )
 
-    def with_address(self, address: str) -> Connection:
-        return Connection(
-            address=address,
-            namespace=self.namespace,
-            task_queue=self.task_queue,
-            connect_kwargs={**self.connect_kwargs, "target_host": address},
-        )
-
     async def connect(self) -> Client:
         # Tracing (when OTEL_* configure it) starts at the client, so a run's
         # trace begins with the call that started it.

@@ -108,10 +108,6 @@ class StepFailed(Exception):
     """A step ended without an output; ``on_failure`` decides what happens next."""
 
 
-class _InvalidSpec(Exception):
-    pass
-
-
 @workflow.defn(name=WORKFLOW_NAME)
 class MixerWorkflow:
     @workflow.init
