@@ -19,6 +19,7 @@ import asyncio
 import email.utils
 import time
 from collections.abc import Iterable, Mapping
+from types import ModuleType
 from typing import Any
 
 import anthropic
@@ -168,51 +169,46 @@ def status_error(
     )
 
 
-def map_openai_error(
-    exc: BaseException, secrets: Iterable[str | None] = (), *, timeout_s: float | None = None
+def _map_stainless_error(
+    provider: str,
+    sdk: ModuleType,
+    exc: BaseException,
+    secrets: Iterable[str | None],
+    timeout_s: float | None,
 ) -> ProviderError:
-    """Map an ``openai`` SDK (or transport) exception."""
+    """The ``openai`` and ``anthropic`` SDKs share one generated error hierarchy."""
     if isinstance(exc, ProviderError):
         return exc
-    if isinstance(exc, openai.APIStatusError):
+    if isinstance(exc, sdk.APIStatusError):
         return status_error(
-            "openai",
+            provider,
             exc.status_code,
             _body_message(exc.body, exc.message),
             exc.response.headers,
             secrets,
         )
-    if isinstance(exc, openai.APITimeoutError):
-        return _timeout("openai", timeout_s)
-    if isinstance(exc, openai.APIConnectionError):
-        return _connection("openai", exc, secrets)
-    if isinstance(exc, openai.APIError):
+    if isinstance(exc, sdk.APITimeoutError):
+        return _timeout(provider, timeout_s)
+    if isinstance(exc, sdk.APIConnectionError):
+        return _connection(provider, exc, secrets)
+    if isinstance(exc, sdk.APIError):
         # An error event inside a stream that had already started with 200.
-        return stream_reported_error("openai", _body_message(exc.body, exc.message), secrets)
-    return _transport_or_reraise("openai", exc, secrets, timeout_s)
+        return stream_reported_error(provider, _body_message(exc.body, exc.message), secrets)
+    return _transport_or_reraise(provider, exc, secrets, timeout_s)
+
+
+def map_openai_error(
+    exc: BaseException, secrets: Iterable[str | None] = (), *, timeout_s: float | None = None
+) -> ProviderError:
+    """Map an ``openai`` SDK (or transport) exception."""
+    return _map_stainless_error("openai", openai, exc, secrets, timeout_s)
 
 
 def map_anthropic_error(
     exc: BaseException, secrets: Iterable[str | None] = (), *, timeout_s: float | None = None
 ) -> ProviderError:
     """Map an ``anthropic`` SDK (or transport) exception."""
-    if isinstance(exc, ProviderError):
-        return exc
-    if isinstance(exc, anthropic.APIStatusError):
-        return status_error(
-            "anthropic",
-            exc.status_code,
-            _body_message(exc.body, exc.message),
-            exc.response.headers,
-            secrets,
-        )
-    if isinstance(exc, anthropic.APITimeoutError):
-        return _timeout("anthropic", timeout_s)
-    if isinstance(exc, anthropic.APIConnectionError):
-        return _connection("anthropic", exc, secrets)
-    if isinstance(exc, anthropic.APIError):
-        return stream_reported_error("anthropic", _body_message(exc.body, exc.message), secrets)
-    return _transport_or_reraise("anthropic", exc, secrets, timeout_s)
+    return _map_stainless_error("anthropic", anthropic, exc, secrets, timeout_s)
 
 
 def map_gemini_error(
