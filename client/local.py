@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from temporalio.client import Client
 
+from llmmixer.client.pollers import poller_identities
 from llmmixer.workers.address import free_port, is_listening, is_loopback, parse_address
 from llmmixer.workers.connection import Connection
 from llmmixer.workers.devserver import EmbeddedServer
@@ -70,7 +71,7 @@ async def temporal_for_run(
             _note(f"Temporal Web UI: {embedded.ui_url} (while this command runs)")
         client = await connection.connect()
         run_worker = want_worker and (
-            embedded is not None or not await _has_pollers(client, connection.task_queue)
+            embedded is not None or not await poller_identities(client, connection.task_queue)
         )
         if run_worker:
             if embedded is None:
@@ -81,18 +82,3 @@ async def temporal_for_run(
             worker = await stack.enter_async_context(mixer_worker(client))
             await stack.enter_async_context(worker)
         yield LocalStack(client, connection, embedded, run_worker)
-
-
-async def _has_pollers(client: Client, task_queue: str) -> bool:
-    from temporalio.api.enums.v1 import TaskQueueType
-    from temporalio.api.taskqueue.v1 import TaskQueue
-    from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
-
-    response = await client.workflow_service.describe_task_queue(
-        DescribeTaskQueueRequest(
-            namespace=client.namespace,
-            task_queue=TaskQueue(name=task_queue),
-            task_queue_type=TaskQueueType.TASK_QUEUE_TYPE_WORKFLOW,
-        )
-    )
-    return len(response.pollers) > 0

@@ -33,10 +33,10 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
-from temporalio.api.enums.v1 import TaskQueueKind, TaskQueueType
-from temporalio.api.taskqueue.v1 import TaskQueue
-from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
+from temporalio.api.enums.v1 import TaskQueueType
 from temporalio.client import Client
+
+from llmmixer.client.pollers import poller_identities
 
 __all__ = [
     "SLOW_CHUNK_DELAY_S",
@@ -278,18 +278,10 @@ class WorkerProcesses:
             kinds.insert(0, TaskQueueType.TASK_QUEUE_TYPE_WORKFLOW)
         for kind in kinds:
             try:
-                answer = await self.client.workflow_service.describe_task_queue(
-                    DescribeTaskQueueRequest(
-                        namespace=self.client.namespace,
-                        task_queue=TaskQueue(
-                            name=worker.task_queue, kind=TaskQueueKind.TASK_QUEUE_KIND_NORMAL
-                        ),
-                        task_queue_type=kind,
-                    )
-                )
+                identities = await poller_identities(self.client, worker.task_queue, kind)
             except Exception:  # the server may itself be restarting in some tests
                 return False
-            if worker.identity not in {poller.identity for poller in answer.pollers}:
+            if worker.identity not in identities:
                 return False
         return True
 
