@@ -38,7 +38,6 @@ from llmmixer.activities.redaction import redact
 from llmmixer.activities.telemetry import observe_llm_call
 
 _HEARTBEAT_EVERY_S = 1.0
-_SLOW_SETUP_S = 0.5
 _TAIL_CHARS = 400
 
 
@@ -80,8 +79,8 @@ class LlmActivities:
     async def call_llm(self, call: LlmCall) -> LlmReply:
         attempt = activity.info().attempt
         # No heartbeat up front: every heartbeat is a server write, and a quick
-        # call needs none. Streamed tokens heartbeat (see _Progress), and a
-        # slow client build heartbeats once it is done.
+        # call needs none. Until the first token a keep-alive heartbeats (see
+        # _call_provider); from then on only streamed tokens do (see _Progress).
         started = time.monotonic()
         forwarder = _DeltaForwarder.open(call, attempt, self._settings)
         async with forwarder as forward:
@@ -137,12 +136,7 @@ class LlmActivities:
                 activity.heartbeat({"chars": progress.chars, "tail": progress.tail()})
 
         async def attempt() -> ProviderResult:
-            built_from = time.monotonic()
             adapter = self._pool.get(config)
-            if time.monotonic() - built_from > _SLOW_SETUP_S:
-                # Building a client (first use on this worker) took a while;
-                # from here on only streamed tokens prove the call is alive.
-                activity.heartbeat({"chars": 0})
             limit = self._limits.get(call.provider)
             if limit is None:
                 return await adapter.complete(call, on_text)
@@ -150,7 +144,12 @@ class LlmActivities:
             async with limit:
                 return await adapter.complete(call, on_text)
 
-        return await self._breakers.call(call.provider, call.model, attempt)
+        keep_alive = asyncio.create_task(_keep_alive_until_first_token(progress))
+        try:
+            return await self._breakers.call(call.provider, call.model, attempt)
+        finally:
+            keep_alive.cancel()
+            await asyncio.gather(keep_alive, return_exceptions=True)
 
     def _application_error(
         self, call: LlmCall, error: ProviderError, attempt: int
@@ -177,6 +176,30 @@ class LlmActivities:
                 timedelta(seconds=error.retry_after_s) if error.retry_after_s else None
             ),
         )
+
+
+async def _keep_alive_until_first_token(progress: _Progress) -> None:
+    """Heartbeat while a call has not streamed anything yet.
+
+    Silence before the first token is normal: a reasoning model thinks for a
+    minute, a client is built on first use, a call waits for a concurrency
+    slot. Without this, any of them longer than the heartbeat timeout would
+    have Temporal declare a healthy call lost and run it again. Once text
+    flows, only text heartbeats, so a stream that stalls mid-way is noticed by
+    the heartbeat timeout; a stall before the first token ends at the call's
+    ``timeout_s``, which the SDK enforces.
+    """
+    timeout = activity.info().heartbeat_timeout
+    if not timeout:
+        return
+    # A quarter of the timeout: a call answered sooner costs no heartbeat at
+    # all, and a beat delayed by a busy event loop still lands in time.
+    every_s = timeout.total_seconds() / 4
+    while True:
+        await asyncio.sleep(every_s)
+        if progress.chars:
+            return
+        activity.heartbeat({"chars": 0, "waiting_for": "first token"})
 
 
 class _Progress:
@@ -208,6 +231,12 @@ class _DeltaForwarder:
     still pending when the call ends goes back in the reply instead of in one
     more signal: a signal there would put an extra workflow task on the
     critical path of every step (measured in bench/: ~5 ms per chained step).
+
+    The stream client is driven by our own pump through ``flush()``; its
+    context manager is not entered. Its background flusher waits with
+    ``asyncio.wait_for``, and on Python 3.11 cancelling that flusher just as a
+    flush is requested loses the cancellation, so the activity would hang on
+    exit until Temporal's heartbeat timeout ended the attempt.
     """
 
     def __init__(self, call: LlmCall, attempt: int, interval_s: float) -> None:
@@ -222,9 +251,7 @@ class _DeltaForwarder:
     def open(cls, call: LlmCall, attempt: int, settings: LlmSettings) -> _DeltaForwarder:
         forwarder = cls(call, attempt, settings.delta_interval_s)
         if settings.stream_deltas and activity.info().workflow_id:
-            forwarder._client = WorkflowStreamClient.from_within_activity(
-                batch_interval=timedelta(seconds=settings.delta_interval_s)
-            )
+            forwarder._client = WorkflowStreamClient.from_within_activity()
         return forwarder
 
     def __call__(self, delta: str) -> None:
@@ -239,7 +266,6 @@ class _DeltaForwarder:
 
     async def __aenter__(self) -> Callable[[str], None]:
         if self._client is not None:
-            await self._client.__aenter__()
             self._task = asyncio.create_task(self._pump())
         return self
 
@@ -249,18 +275,26 @@ class _DeltaForwarder:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        self._flush_pending()
+        # After a failure the text so far still reaches watchers; a batch
+        # whose signal the cancelled pump left unconfirmed is resent with
+        # its sequence number, so the workflow keeps it once.
+        self._publish_pending()
         try:
-            await self._client.__aexit__(*exc)
+            await self._client.flush()
         except Exception:  # watchers are best effort; the step's result is not
             activity.logger.warning("could not deliver the last streamed text to watchers")
 
     async def _pump(self) -> None:
+        assert self._client is not None
         while True:
             await asyncio.sleep(self._interval_s)
-            self._flush_pending()
+            self._publish_pending()
+            try:
+                await self._client.flush()
+            except Exception:  # kept by the client and sent again on the next flush
+                activity.logger.warning("streamed text not yet delivered to watchers; will resend")
 
-    def _flush_pending(self) -> None:
+    def _publish_pending(self) -> None:
         if not self._pending or self._client is None:
             return
         text = "".join(self._pending)
@@ -273,8 +307,5 @@ class _DeltaForwarder:
                 # Deltas come from the activity, so this is the worker's clock.
                 time=datetime.now(UTC),
                 data={"text": text},
-            ),
-            # Sent now, so nothing is left in the client's buffer to flush
-            # (as one more signal) when the call ends.
-            force_flush=True,
+            )
         )

@@ -6,6 +6,7 @@ stream is retried, a dead provider is left for the next one in the chain.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 from typing import Any
@@ -125,10 +126,46 @@ async def test_server_error_then_success_and_a_cut_stream_are_retried(
     provider_server.cut("anthropic", after_chunks=2, text="a b c d e f")
     provider_server.reply("anthropic", "whole answer")
     step = {"id": "a", "provider": "anthropic", "model": "claude-haiku-4-5", "prompt": "x"}
-    result = await (await mixer.start(spec(step))).result()
+    run = spec(step)
+    run["defaults"]["heartbeat_timeout_s"] = 60
+    result = await (await mixer.start(run)).result()
     assert result.steps["a"].output == "whole answer"  # never the truncated text
     assert result.steps["a"].attempts == 3
     assert provider_server.count("anthropic") == 3
+    # The cut attempt fails as soon as the connection drops: the retry does
+    # not wait for Temporal to give up on a silent attempt (60 s here).
+    _, cut, retried = provider_server.calls
+    assert retried.received_at - cut.received_at < 30
+
+
+async def test_a_model_silent_longer_than_the_heartbeat_timeout_is_not_declared_lost(
+    mixer: MixerClient, provider_server: FakeProviderServer
+) -> None:
+    # A reasoning model opens the stream and thinks before its first token.
+    provider_server.script("openai", Reply(text="considered answer", think_s=3.0))
+    step = {"id": "a", "provider": "openai", "model": "o4-mini", "prompt": "think"}
+    run = spec(step)
+    run["defaults"]["heartbeat_timeout_s"] = 1
+    result = await (await mixer.start(run)).result()
+    assert result.steps["a"].output == "considered answer"
+    assert result.steps["a"].attempts == 1
+    assert provider_server.count("openai") == 1
+
+
+async def test_a_stream_that_stalls_mid_way_is_retried_after_the_heartbeat_timeout(
+    mixer: MixerClient, provider_server: FakeProviderServer
+) -> None:
+    provider_server.script("openai", Reply(text="a b c d", stall_after=1))
+    provider_server.reply("openai", "whole answer")
+    step = {"id": "a", "provider": "openai", "model": "gpt-4.1-mini", "prompt": "x"}
+    run = spec(step)
+    # The call's own timeout_s stays at its default (600 s): only the
+    # heartbeat timeout can end the stalled attempt this soon.
+    run["defaults"]["heartbeat_timeout_s"] = 1
+    result = await asyncio.wait_for((await mixer.start(run)).result(), 30)
+    assert result.steps["a"].output == "whole answer"  # never the stalled half
+    assert result.steps["a"].attempts == 2
+    assert provider_server.count("openai") == 2
 
 
 async def test_bad_request_is_not_retried(

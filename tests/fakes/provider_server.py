@@ -76,19 +76,24 @@ class Reply:
     """One scripted answer (or fault) for one request.
 
     Success: ``text`` (or explicit ``chunks``), ``usage=(input, output)``,
-    ``chunk_delay_s``, ``model`` (the model name the response reports),
+    ``chunk_delay_s``, ``think_s`` (silence after the stream opens and
+    before its first text, as a reasoning model keeps), ``model`` (the model
+    name the response reports),
     ``finish_reason`` (provider-native, e.g. ``"content_filter"``, ``"refusal"``,
     ``"SAFETY"``). Faults: ``status`` (with ``headers``, ``message`` or a whole
     ``body``; ``echo_credential`` puts the received key into the error message,
     as some servers do), ``hang`` (accept and never answer), ``cut_after``
     (send that many text chunks, then drop the connection), ``truncate_after``
-    (send that many chunks, then end the body cleanly without the terminal event).
+    (send that many chunks, then end the body cleanly without the terminal event),
+    ``stall_after`` (send that many text chunks, then go silent with the
+    connection open until the client gives up).
     """
 
     text: str | None = None
     chunks: list[str] | None = None
     usage: tuple[int, int] | None = None
     chunk_delay_s: float | None = None
+    think_s: float = 0.0
     model: str | None = None
     finish_reason: str | None = None
     status: int = 200
@@ -99,6 +104,7 @@ class Reply:
     hang: bool = False
     cut_after: int | None = None
     truncate_after: int | None = None
+    stall_after: int | None = None
 
 
 @dataclass(frozen=True)
@@ -367,10 +373,7 @@ class FakeProviderServer:
         )
         reply = self._take(provider, model, call)
         if reply.hang:
-            # Never answer; return once the client gives up (or the server stops).
-            with contextlib.suppress(Exception):
-                while await reader.read(1024):
-                    pass
+            await _wait_for_hang_up(reader)
             return
         if reply.status != 200:
             await self._send_error(writer, provider, reply, credential)
@@ -389,12 +392,17 @@ class FakeProviderServer:
         await _start_stream(writer, reply.headers)
         for event in head:
             await _write_chunk(writer, event)
+        if reply.think_s:
+            await asyncio.sleep(reply.think_s)
         for index, event in enumerate(content):
             if reply.cut_after is not None and index >= reply.cut_after:
                 writer.transport.abort()  # drop the connection: no terminal chunk
                 return
             if reply.truncate_after is not None and index >= reply.truncate_after:
                 break
+            if reply.stall_after is not None and index >= reply.stall_after:
+                await _wait_for_hang_up(reader)
+                return
             if delay:
                 await asyncio.sleep(delay)
             await _write_chunk(writer, event)
@@ -705,6 +713,13 @@ class _Builder:
         content = [_sse(self._gemini_chunk(c, finish=False), crlf=True) for c in self.chunks]
         tail = [_sse(self._gemini_chunk("", finish=True), crlf=True)]
         return [], content, tail
+
+
+async def _wait_for_hang_up(reader: asyncio.StreamReader) -> None:
+    """Never answer; return once the client gives up (or the server stops)."""
+    with contextlib.suppress(Exception):
+        while await reader.read(1024):
+            pass
 
 
 def _sse(data: Any, *, event: str | None = None, crlf: bool = False) -> bytes:
