@@ -64,13 +64,29 @@ class LlmActivities:
         settings: LlmSettings | None = None,
     ) -> None:
         self._providers = providers
-        self._pool = pool or ProviderPool(secrets=providers.secrets())
-        self._breakers = breakers or BreakerBoard()
-        self._prices = prices or PriceTable.load()
-        self._settings = settings or LlmSettings()
+        # `is None`, not `or`: an empty pool is falsy (it has a length).
+        self._pool = ProviderPool(secrets=providers.secrets()) if pool is None else pool
+        self._breakers = BreakerBoard() if breakers is None else breakers
+        self._prices = PriceTable.load() if prices is None else prices
+        self._settings = LlmSettings() if settings is None else settings
         self._limits: dict[str, asyncio.Semaphore] = {
             name: asyncio.Semaphore(limit) for name, limit in self._settings.max_concurrent.items()
         }
+
+    def warm_up(self) -> None:
+        """Build each provider's default client now, before the worker polls.
+
+        The first use of a provider imports its SDK and builds a TLS context:
+        a second or more of work that holds the event loop, so every call on
+        the worker then misses its heartbeats together and a short heartbeat
+        timeout declares them all lost. A provider without a key is skipped;
+        its calls say which variable to set.
+        """
+        for provider in self._pool.providers():
+            try:
+                self._pool.get(self._providers.config_for(provider))
+            except ProviderError:
+                continue
 
     async def aclose(self) -> None:
         await self._pool.aclose()

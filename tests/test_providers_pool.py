@@ -6,6 +6,7 @@ import pytest
 from fakes.provider_fixtures import FAKE_KEYS, FakeProviderServer, llm_call
 
 from llmmixer.activities.contracts import ErrorType
+from llmmixer.activities.llm import LlmActivities
 from llmmixer.activities.providers.base import ProviderConfig, ProviderError
 from llmmixer.activities.providers.pool import ProviderPool
 from llmmixer.activities.providers.settings import ProviderSettings
@@ -48,6 +49,30 @@ async def test_separate_configs_get_separate_clients(provider_server: FakeProvid
         assert provider_server.calls[0].sent_key("sk-two-000000000")
     finally:
         await pool.aclose()
+
+
+async def test_warm_up_builds_the_clients_a_call_will_use_before_any_call(
+    provider_server: FakeProviderServer,
+) -> None:
+    # Keys for OpenAI and Anthropic only: Gemini is skipped, not an error.
+    env = {
+        "OPENAI_API_KEY": FAKE_KEYS["OPENAI_API_KEY"],
+        "OPENAI_BASE_URL": provider_server.openai_base_url,
+        "ANTHROPIC_API_KEY": FAKE_KEYS["ANTHROPIC_API_KEY"],
+        "ANTHROPIC_BASE_URL": provider_server.anthropic_base_url,
+    }
+    settings = ProviderSettings.from_env(env)
+    pool = ProviderPool(secrets=settings.secrets())
+    llm = LlmActivities(settings, pool=pool)
+    try:
+        llm.warm_up()
+        assert len(pool) == 2
+        warmed = pool.get(settings.config_for("openai", None, 600.0))
+        assert len(pool) == 2  # a step with the default timeout reuses the warm client
+        await warmed.complete(llm_call("openai", "gpt-4.1"), lambda _: None)
+        assert provider_server.count("openai") == 1
+    finally:
+        await llm.aclose()
 
 
 def test_pool_does_not_cache_a_failed_build() -> None:

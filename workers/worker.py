@@ -172,6 +172,8 @@ async def mixer_worker(
             max_concurrent=settings.provider_concurrency, stream_deltas=settings.stream_deltas
         ),
     )
+    if ROLE_LLM in settings.roles:
+        llm.warm_up()
     commands = CommandActivities(command_policy or CommandPolicy.from_env(env))
     (queue, (workflows, activities)), *other_queues = _registrations(
         settings, llm, commands

@@ -81,6 +81,10 @@ class ProviderPool:
         log.info("built %s client for %r", config.provider, config)
         return adapter
 
+    def providers(self) -> list[str]:
+        """The provider names this pool can build adapters for."""
+        return sorted(self._factories)
+
     def __len__(self) -> int:
         return len(self._adapters)
 
