@@ -68,8 +68,10 @@ def crash_defaults(**extra: Any) -> dict[str, Any]:
     """Spec ``defaults`` under which a lost activity is noticed in seconds."""
     return {
         "provider": "openai",
-        # Temporal declares a silent activity lost after this: 2 s, not 20.
-        "heartbeat_timeout_s": 2,
+        # Temporal declares a silent activity lost after this: 3 s, not 20.
+        # Not less: the SDK sends heartbeats at most every 0.8 x this, so the
+        # margin a busy test machine has for a late one is 0.2 x this.
+        "heartbeat_timeout_s": 3,
         # Retries start quickly so recovery time is the heartbeat timeout, not backoff.
         "retry": {"max_attempts": 5, "initial_interval_s": 0.5, "max_interval_s": 2},
         **extra,
