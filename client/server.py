@@ -72,6 +72,8 @@ from llmmixer.activities.contracts import MixerEvent
 from llmmixer.client.mixer import InterventionRefused, MixerClient, MixerHandle, RunFailed
 from llmmixer.workers.address import is_loopback
 from llmmixer.workflows.records import (
+    BudgetLimits,
+    BudgetRaise,
     InterventionOutcome,
     InterventionType,
     RunProgress,
@@ -406,13 +408,42 @@ async def intervene(
     except InterventionRefused as refusal:
         raise HTTPException(status_code=409, detail=str(refusal)) from None
     except RPCError as error:
-        status = await _describe_or_404(handle)
-        if status in _CLOSED:
-            raise HTTPException(
-                status_code=409,
-                detail=(f"the run has ended ({_CLOSED[status].value}); start a new run instead"),
-            ) from None
-        raise error
+        raise await _update_error(handle, error) from None
+
+
+async def _update_error(handle: MixerHandle, error: RPCError) -> Exception:
+    """What to answer when an update did not reach the run: 404, 409 if it ended, else the error."""
+    status = await _describe_or_404(handle)
+    if status in _CLOSED:
+        return HTTPException(
+            status_code=409,
+            detail=f"the run has ended ({_CLOSED[status].value}); start a new run instead",
+        )
+    return error
+
+
+@api.post(
+    "/workflows/{workflow_id}/budget",
+    response_model=BudgetLimits,
+    responses={409: {"model": Errors, "description": "refused: the workflow's reason"}},
+)
+async def raise_budget(
+    workflow_id: WorkflowId, body: BudgetRaise, request: Request
+) -> BudgetLimits:
+    """Raise the spec's budget, or a decompose step's (``step``); the steps it held then start.
+
+    Limits only go up. A refusal (no such budget, a limit not above the
+    current one) changes nothing and answers 409 with the workflow's reason.
+    """
+    handle = _mixer(request).get_handle(workflow_id)
+    try:
+        return await handle.raise_budget(
+            step=body.step, max_tokens=body.max_tokens, max_cost_usd=body.max_cost_usd
+        )
+    except InterventionRefused as refusal:
+        raise HTTPException(status_code=409, detail=str(refusal)) from None
+    except RPCError as error:
+        raise await _update_error(handle, error) from None
 
 
 @api.post("/workflows/{workflow_id}/cancel", status_code=202, response_model=Cancelling)

@@ -478,6 +478,40 @@ async def test_override_approve_and_cancel(served: Served, tmp_path: Path) -> No
     assert progress["steps"]["flaky"]["overridden"] is True
 
 
+async def test_a_budget_raised_over_http_lets_the_held_steps_run(served: Served) -> None:
+    spec = dry_chain("b", 2)
+    spec["budget"] = {"max_tokens": 1}
+    workflow_id = await start(served, spec, dry_run=True)
+    held = await progress_when(
+        served, workflow_id, lambda p: p["steps"]["b2"]["status"] == "waiting"
+    )
+    assert held["steps"]["b2"]["waiting_reason"].startswith("budget: ")
+    budget = f"/workflows/{workflow_id}/budget"
+
+    lower = await served.http.post(budget, json={"max_tokens": 1}, headers=AUTH)
+    assert lower.status_code == 409 and "raise_budget only raises" in lower.json()["errors"][0]
+    elsewhere = await served.http.post(budget, json={"step": "b1", "max_tokens": 9}, headers=AUTH)
+    assert elsewhere.status_code == 409 and "has no budget" in elsewhere.json()["errors"][0]
+    nothing = await served.http.post(budget, json={}, headers=AUTH)
+    assert nothing.status_code == 409 and "max_tokens" in nothing.json()["errors"][0]
+    typo = await served.http.post(budget, json={"max_tokens": "lots"}, headers=AUTH)
+    assert typo.status_code == 422
+
+    raised = await served.http.post(budget, json={"max_tokens": 100000}, headers=AUTH)
+    assert raised.status_code == 200, raised.text
+    assert raised.json() == {"max_tokens": 100000, "max_cost_usd": None}
+    progress = await progress_when(served, workflow_id, lambda p: p["status"] in CLOSED)
+    assert progress["status"] == "completed"
+    assert progress["steps"]["b2"]["status"] == "completed"
+
+    ended = await served.http.post(budget, json={"max_tokens": 200000}, headers=AUTH)
+    assert ended.status_code == 409 and "the run has ended" in ended.json()["errors"][0]
+    ghost = await served.http.post(
+        "/workflows/no-such-run/budget", json={"max_tokens": 5}, headers=AUTH
+    )
+    assert ghost.status_code == 404
+
+
 # ---- the event stream ---------------------------------------------------------------------------
 
 
