@@ -1,8 +1,9 @@
 """The web page of ``llmmixer serve`` in a real headless Chromium.
 
-A run waits for a person; the page shows it live, a click on Retry unblocks
-it, and the page follows the run to its end through the event stream alone
-(it never polls progress on a timer).
+A run waits for a person; the page shows it live, a click on Retry (or, for
+a step held by its budget, on Raise budget) unblocks it, and the page follows
+the run to its end through the event stream alone (it never polls progress on
+a timer).
 
 Chromium is Debian's (``apt-get install chromium``), driven by Playwright's
 Python package: Playwright's own browser download is never used. The test is
@@ -11,18 +12,19 @@ skipped only when ``/usr/bin/chromium`` is missing; it installs nothing.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-from playwright.async_api import ConsoleMessage, async_playwright, expect
+from playwright.async_api import ConsoleMessage, Dialog, Page, async_playwright, expect
 from temporalio.testing import WorkflowEnvironment
 
 from llmmixer.client.mixer import MixerClient
@@ -112,13 +114,9 @@ def waits_until_marker(marker: Path) -> dict[str, object]:
     }
 
 
-async def test_page_retries_a_waiting_step_and_follows_the_run(
-    serve_url: str, mixer: MixerClient, tmp_path: Path
-) -> None:
-    marker = tmp_path / "ready"
-    handle = await mixer.start(waits_until_marker(marker))
-    errors: list[str] = []
-
+@contextlib.asynccontextmanager
+async def opened_page(url: str, errors: list[str]) -> AsyncIterator[Page]:
+    """A headless Chromium tab on ``url``, token pasted; page errors go to ``errors``."""
     async with async_playwright() as playwright:
         browser = await playwright.chromium.launch(
             executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True
@@ -133,41 +131,88 @@ async def test_page_retries_a_waiting_step_and_follows_the_run(
                     errors.append(message.text)
 
             page.on("console", console)
-            await page.goto(f"{serve_url}/#/runs/{handle.id}")
+            await page.goto(url)
 
             # Without a token the page asks for one; it is pasted once per tab.
             await expect(page.locator("#token-form")).to_be_visible()
             await page.fill("#token-input", TOKEN)
             await page.click("#token-form button[type=submit]")
-
-            check = page.locator('tr[data-step="check"]')
-            await expect(check.locator("td.state")).to_have_text("waiting", timeout=60_000)
-            await expect(page.locator("#run-status")).to_have_text("waiting")
-            await expect(check.locator("td.output")).to_contain_text("exited")
-            await expect(page.locator('tr[data-step="report"] td.state')).to_have_text("pending")
-            # DAG order: a step comes after what it needs.
-            await expect(page.locator("#steps tbody tr")).to_have_count(2)
-            assert await page.locator("#steps tbody tr").first.get_attribute("data-step") == "check"
-            await expect(page.locator(f'#runs a[data-run="{handle.id}"]')).to_be_visible()
-
-            marker.write_text("go")
-            await check.locator('button[data-action="retry"]').click()
-
-            await expect(page.locator("#run-status")).to_have_text("completed", timeout=60_000)
-            await expect(check.locator("td.state")).to_have_text("completed")
-            await expect(check.locator("td.attempts")).to_have_text("2")
-            await expect(check.locator("td.output")).to_contain_text("marker found")
-            report = page.locator('tr[data-step="report"]')
-            await expect(report.locator("td.state")).to_have_text("completed")
-            await expect(report.locator("td.output")).to_contain_text("report done")
-            await expect(page.locator("#connection")).to_have_text("run closed")
-            await expect(page.locator("#events")).to_contain_text("workflow_ended")
-            # No action buttons remain once the run has ended.
-            await expect(page.locator("td.actions button")).to_have_count(0)
-            await page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
+            yield page
         finally:
             await browser.close()
 
+
+async def test_page_retries_a_waiting_step_and_follows_the_run(
+    serve_url: str, mixer: MixerClient, tmp_path: Path
+) -> None:
+    marker = tmp_path / "ready"
+    handle = await mixer.start(waits_until_marker(marker))
+    errors: list[str] = []
+
+    async with opened_page(f"{serve_url}/#/runs/{handle.id}", errors) as page:
+        check = page.locator('tr[data-step="check"]')
+        await expect(check.locator("td.state")).to_have_text("waiting", timeout=60_000)
+        await expect(page.locator("#run-status")).to_have_text("waiting")
+        await expect(check.locator("td.output")).to_contain_text("exited")
+        await expect(page.locator('tr[data-step="report"] td.state')).to_have_text("pending")
+        # DAG order: a step comes after what it needs.
+        await expect(page.locator("#steps tbody tr")).to_have_count(2)
+        assert await page.locator("#steps tbody tr").first.get_attribute("data-step") == "check"
+        await expect(page.locator(f'#runs a[data-run="{handle.id}"]')).to_be_visible()
+
+        marker.write_text("go")
+        await check.locator('button[data-action="retry"]').click()
+
+        await expect(page.locator("#run-status")).to_have_text("completed", timeout=60_000)
+        await expect(check.locator("td.state")).to_have_text("completed")
+        await expect(check.locator("td.attempts")).to_have_text("2")
+        await expect(check.locator("td.output")).to_contain_text("marker found")
+        report = page.locator('tr[data-step="report"]')
+        await expect(report.locator("td.state")).to_have_text("completed")
+        await expect(report.locator("td.output")).to_contain_text("report done")
+        await expect(page.locator("#connection")).to_have_text("run closed")
+        await expect(page.locator("#events")).to_contain_text("workflow_ended")
+        # No action buttons remain once the run has ended.
+        await expect(page.locator("td.actions button")).to_have_count(0)
+        await page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
+
+    result = await handle.result()
+    assert result.status == "completed"
+    assert errors == []
+
+
+async def test_page_raises_the_budget_that_holds_a_step(serve_url: str, mixer: MixerClient) -> None:
+    spec = {
+        "name": "budgeted",
+        "defaults": {"provider": "openai", "model": "gpt-4.1-mini"},
+        "budget": {"max_tokens": 1},
+        "steps": [
+            {"id": "first", "prompt": "say one"},
+            {"id": "second", "needs": ["first"], "prompt": "say two"},
+        ],
+    }
+    handle = await mixer.start(spec, dry_run=True)
+    errors: list[str] = []
+    asked: list[str] = []
+
+    async def answer(dialog: Dialog) -> None:
+        asked.append(dialog.message)
+        await dialog.accept("100000")
+
+    async with opened_page(f"{serve_url}/#/runs/{handle.id}", errors) as page:
+        second = page.locator('tr[data-step="second"]')
+        await expect(second.locator("td.state")).to_have_text("waiting", timeout=60_000)
+        await expect(second.locator("td.output")).to_contain_text("budget:")
+        # Retrying would only be held again, so the page offers the raise instead.
+        await expect(second.locator('button[data-action="retry"]')).to_have_count(0)
+        page.on("dialog", answer)
+        await second.locator('button[data-action="budget"]').click()
+
+        await expect(page.locator("#run-status")).to_have_text("completed", timeout=60_000)
+        await expect(second.locator("td.state")).to_have_text("completed")
+        await expect(page.locator("#notice")).to_contain_text("the spec's budget raised")
+
+    assert asked == ["New max_tokens for the spec's budget (now 1):"]
     result = await handle.result()
     assert result.status == "completed"
     assert errors == []

@@ -133,19 +133,54 @@ function preview(text, limit = 400) {
   return text.length > limit ? `${text.slice(0, limit)}…` : text;
 }
 
+// A step held by a budget waits with "budget: ... spent of max_tokens N (the
+// spec's budget)" or "(the budget of STEP)": that names what to raise.
+function heldBudget(record) {
+  const reason = record.status === "waiting" ? record.waiting_reason || "" : "";
+  const held = reason.match(/^budget: .* spent of (max_tokens|max_cost_usd) ([0-9.eE+-]+) \((?:the spec's budget|the budget of (.+))\)/);
+  return held ? { limit: held[1], current: Number(held[2]), step: held[3] || "" } : null;
+}
+
 function actionsFor(record) {
   const actions = [];
   if (record.status === "waiting" && record.kind === "approval") {
     actions.push("approve", "reject");
   }
-  if (record.status === "waiting" || record.status === "failed") actions.push("retry");
+  if (heldBudget(record)) {
+    actions.push("budget");  // retrying would only be held again
+  } else if (record.status === "waiting" || record.status === "failed") {
+    actions.push("retry");
+  }
   if (["pending", "waiting", "failed"].includes(record.status)) actions.push("skip", "override");
   return actions;
 }
 
 const ACTION_LABELS = {
   retry: "Retry", skip: "Skip", override: "Override…", approve: "Approve", reject: "Reject…",
+  budget: "Raise budget…",
 };
+
+async function raiseBudget(id, step, held) {
+  const scope = held.step ? `the budget of ${held.step}` : "the spec's budget";
+  const answer = prompt(`New ${held.limit} for ${scope} (now ${held.current}):`, "");
+  if (answer === null) return;
+  const value = Number(answer);
+  if (!answer.trim() || !Number.isFinite(value)) {
+    notify(`${held.limit} must be a number above ${held.current}`, true);
+    return;
+  }
+  try {
+    const limits = await api(`/workflows/${encodeURIComponent(id)}/budget`, {
+      method: "POST",
+      body: { step: held.step, [held.limit]: value },
+    });
+    notify(`${scope} raised: max_tokens ${limits.max_tokens ?? "none"}, ` +
+      `max_cost_usd ${limits.max_cost_usd ?? "none"}; ${step} can start`);
+  } catch (error) {
+    notify(`raising ${scope} refused: ${error.message}`, true);
+  }
+  scheduleRefresh(id);
+}
 
 function renderProgress(id, progress) {
   lastProgress = progress;
@@ -211,6 +246,11 @@ function scheduleRefresh(id) {
 }
 
 async function intervene(id, step, action) {
+  if (action === "budget") {
+    const held = heldBudget(lastProgress.steps[step]);
+    if (held) await raiseBudget(id, step, held);
+    return;
+  }
   const body = {};
   if (action === "override") {
     const output = prompt(`New output for step ${step}:`);
