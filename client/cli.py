@@ -23,7 +23,7 @@ from llmmixer.client.audit import add_audit_parser, cmd_audit
 from llmmixer.client.display import ProgressView, progress_table, unblock_hints
 from llmmixer.client.local import TemporalUnreachable, temporal_for_run
 from llmmixer.client.mixer import InterventionRefused, MixerClient, MixerHandle, RunFailed
-from llmmixer.client.specfile import parse_inputs, prepare_spec, read_spec
+from llmmixer.client.specfile import parse_inputs, prepare_spec, read_spec, spec_warnings
 from llmmixer.client.watch import EventPump, retrying
 from llmmixer.workers.connection import Connection
 from llmmixer.workers.devserver import EmbeddedServerError
@@ -62,6 +62,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
         for issue in error.issues:
             _err(str(issue))
         return EXIT_USAGE
+    for warning in spec_warnings(spec):
+        _err(f"warning: {warning}")
     print(f"{args.spec}: valid ({len(spec.steps)} steps)")
     return EXIT_OK
 
@@ -76,6 +78,8 @@ async def cmd_run(args: argparse.Namespace) -> int:
         for issue in error.issues:
             _err(str(issue))
         return EXIT_USAGE
+    for warning in spec_warnings(spec):
+        _err(f"warning: {warning}")
     connection = Connection.from_env()
     async with temporal_for_run(
         connection, allow_embedded=not args.detach, want_worker=not args.detach

@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from llmmixer.activities.pricing import PriceTable
 from llmmixer.workflows.spec import Spec
 from llmmixer.workflows.validation import SPEC_LOCATION, SpecError, SpecIssue, validate_spec
 
@@ -81,3 +82,21 @@ def prepare_spec(
     if dry_run:
         body["dry_run"] = True
     return body, validate_spec(body)
+
+
+def spec_warnings(spec: Spec, prices: PriceTable | None = None) -> list[str]:
+    """What may surprise the spec's owner at run time, though the spec is valid.
+
+    A model missing from the price table costs "unknown", which a
+    ``max_cost_usd`` budget cannot count: the run would spend on it unchecked.
+    """
+    if spec.dry_run or not spec.has_cost_limit():
+        return []
+    table = prices or PriceTable.load()
+    return [
+        f"{provider}/{model} has no price in llmmixer's price table "
+        "(llmmixer/activities/prices.toml), so max_cost_usd does not limit what it spends: "
+        "add its price there, or set a max_tokens budget as well"
+        for provider, model in sorted(spec.models())
+        if table.price(provider, model) is None
+    ]

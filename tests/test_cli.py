@@ -65,6 +65,31 @@ def test_validate_prints_one_error_per_line_and_exits_2(tmp_path: Path) -> None:
     assert good.returncode == 0 and "valid (4 steps)" in good.stdout
 
 
+def test_validate_warns_when_a_cost_budget_cannot_count_a_model(tmp_path: Path) -> None:
+    spec = tmp_path / "budgeted.yaml"
+    spec.write_text(
+        "name: budgeted\n"
+        "budget: {max_cost_usd: 1.0}\n"
+        "defaults: {provider: openai, model: gpt-4.1-mini}\n"
+        "steps:\n"
+        "  - {id: a, prompt: hi}\n"
+        "  - {id: b, prompt: hi, fallback: [{provider: anthropic, model: claude-unreleased-9}]}\n"
+    )
+    done = llmmixer("validate", str(spec), env=base_env(tmp_path, "127.0.0.1:1"))
+    # Still valid: the run can go ahead, and the owner knows what is not counted.
+    assert done.returncode == 0 and "valid (2 steps)" in done.stdout
+    assert done.stderr.strip().splitlines() == [
+        "warning: anthropic/claude-unreleased-9 has no price in llmmixer's price table "
+        "(llmmixer/activities/prices.toml), so max_cost_usd does not limit what it spends: "
+        "add its price there, or set a max_tokens budget as well"
+    ]
+    spec.write_text(
+        spec.read_text().replace("budget: {max_cost_usd: 1.0}", "budget: {max_tokens: 9}")
+    )
+    quiet = llmmixer("validate", str(spec), env=base_env(tmp_path, "127.0.0.1:1"))
+    assert quiet.returncode == 0 and quiet.stderr == ""
+
+
 def test_run_starts_the_embedded_server_and_leaves_nothing_behind(tmp_path: Path) -> None:
     port = free_port()
     env = base_env(tmp_path, f"127.0.0.1:{port}")

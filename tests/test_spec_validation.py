@@ -184,3 +184,38 @@ def test_yaml_syntax_error_names_the_line() -> None:
     with pytest.raises(SpecError) as caught:
         read_spec("name: x\nsteps:\n  - id: [unclosed\n")
     assert "not valid YAML or JSON at line" in str(caught.value)
+
+
+def test_spec_lists_every_model_it_names_for_price_checks() -> None:
+    spec = validate_spec(
+        {
+            "defaults": {"provider": "openai", "model": "gpt-4.1"},
+            "routes": {"code": [{"provider": "anthropic", "model": "claude-opus-4-1"}]},
+            "allow": [{"provider": "gemini", "model": "gemini-2.5-pro"}, {"provider": "openai"}],
+            "steps": [
+                {"id": "a", "prompt": "x", "fallback": [{"provider": "gemini", "model": "g-f"}]},
+                {"id": "b", "role": "code", "prompt": "x"},
+                {
+                    "id": "c",
+                    "prompt": "x",
+                    "model": "gpt-4.1-mini",
+                    "best_of": {
+                        "n": 2,
+                        "targets": [{"provider": "anthropic", "model": "claude-haiku-4-5"}],
+                        "judge": {"provider": "openai", "model": "o3"},
+                    },
+                },
+                {"id": "d", "kind": "decompose", "prompt": "x", "budget": {"max_cost_usd": 2}},
+            ],
+        }
+    )
+    assert spec.has_cost_limit()
+    assert spec.models() == {
+        ("openai", "gpt-4.1"),  # a and d, from the defaults
+        ("gemini", "g-f"),
+        ("anthropic", "claude-opus-4-1"),  # b, through its route
+        ("gemini", "gemini-2.5-pro"),
+        ("openai", "gpt-4.1-mini"),
+        ("anthropic", "claude-haiku-4-5"),
+        ("openai", "o3"),
+    }

@@ -233,6 +233,32 @@ class Spec(_Strict):
                 return step
         raise KeyError(step_id)
 
+    def has_cost_limit(self) -> bool:
+        """Whether any budget here (the spec's or a decompose step's) limits dollars."""
+        budgets = [self.budget] + [s.budget for s in self.steps if isinstance(s, DecomposeStep)]
+        return any(b is not None and b.max_cost_usd is not None for b in budgets)
+
+    def models(self) -> set[tuple[str, str]]:
+        """Every (provider, model) this spec names; a plan may add others at run time."""
+        named: set[tuple[str | None, str | None]] = {
+            (target.provider, target.model)
+            for targets in self.routes.values()
+            for target in targets
+        }
+        named |= {(rule.provider, rule.model) for rule in self.allow or []}
+        for step in self.steps:
+            if isinstance(step, (LlmStep, DecomposeStep)) and step.role is None:
+                named.add(
+                    (step.provider or self.defaults.provider, step.model or self.defaults.model)
+                )
+            if isinstance(step, LlmStep):
+                named |= {(f.provider, f.model) for f in step.fallback}
+                if step.best_of is not None:
+                    named |= {(t.provider, t.model) for t in step.best_of.targets}
+                    if step.best_of.judge is not None:
+                        named.add((step.best_of.judge.provider, step.best_of.judge.model))
+        return {(p, m) for p, m in named if p and m}
+
     def on_failure(self, step: _StepBase) -> OnFailure:
         return step.on_failure or self.defaults.on_failure
 
