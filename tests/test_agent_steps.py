@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from fakes.progress import until, waiting
 
 from llmmixer.client.mixer import MixerClient
 from llmmixer.workflows.records import StepStatus
@@ -111,3 +112,34 @@ async def test_a_missing_agent_says_how_to_install_it(mixer: MixerClient, repo: 
         await handle.result()
     progress = await handle.progress()
     assert progress.steps["code"].attempts == 1  # not retried: retrying cannot install it
+
+
+async def test_a_spent_budget_holds_an_agent_step_until_it_is_raised(
+    mixer: MixerClient, repo: Path
+) -> None:
+    spec = {
+        "name": "agent-budget",
+        "budget": {"max_tokens": 1},
+        "defaults": {"provider": "openai", "model": "gpt-4.1-mini"},
+        "steps": [
+            {"id": "plan", "prompt": "plan the change"},
+            {
+                "id": "code",
+                "kind": "agent",
+                "agent": "claude-code",
+                "needs": ["plan"],
+                "prompt": "do it",
+                "cwd": str(repo),
+            },
+        ],
+    }
+    handle = await mixer.start(spec, dry_run=True)  # the LLM step offline, the agent for real
+    held = await until(handle, waiting("code"), "the agent step held by the budget")
+    assert (held.steps["code"].waiting_reason or "").startswith("budget: ")
+    assert not (repo / "agent-was-here.txt").exists(), "the agent ran despite the spent budget"
+
+    await handle.raise_budget(max_tokens=100_000)
+    result = await handle.result()
+    assert result.steps["code"].status == StepStatus.COMPLETED
+    assert "DONE: do it" in (result.steps["code"].output or "")
+    assert (repo / "agent-was-here.txt").exists()

@@ -95,6 +95,10 @@ with workflow.unsafe.imports_passed_through():
 
 WORKFLOW_NAME = "MixerWorkflow"
 
+# workflow.patched() ids: each marks a change in which commands a run issues,
+# so histories recorded before it still replay. Never rename or reuse one.
+AGENT_BUDGET_GATE_PATCH = "agent-steps-budget-gated"
+
 # Errors no Temporal retry can fix; the step fails at once and on_failure applies.
 _NON_RETRYABLE = [
     ErrorType.REJECTED,
@@ -729,7 +733,9 @@ class MixerWorkflow:
                 max_tokens=budget.max_tokens, max_cost_usd=budget.max_cost_usd
             )
 
-    async def _budget_gate(self, step: LlmStep | DecomposeStep, record: StepRecord) -> None:
+    async def _budget_gate(
+        self, step: LlmStep | DecomposeStep | AgentStep, record: StepRecord
+    ) -> None:
         """Hold a step whose budget is spent until a person raises it (or settles the step)."""
         reason = self._state.over_budget(step.id)
         if reason is None:
@@ -776,6 +782,11 @@ class MixerWorkflow:
         )
 
     async def _run_agent(self, spec: Spec, step: AgentStep, record: StepRecord) -> str:
+        # An agent spends on its own provider account, so a spent budget holds
+        # it too. Runs recorded before this gate existed started agent steps
+        # regardless; the patch marker keeps their replays on that path.
+        if workflow.patched(AGENT_BUDGET_GATE_PATCH):
+            await self._budget_gate(step, record)
         call = AgentCall(
             workflow_id=workflow.info().workflow_id,
             step_id=step.id,

@@ -12,6 +12,7 @@ runs in flight look like, and the current code must keep replaying them.
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import sys
 import tempfile
@@ -134,12 +135,50 @@ async def pattern(mixer: MixerClient) -> MixerHandle:
     return handle
 
 
+async def agent_over_budget(mixer: MixerClient) -> MixerHandle:
+    """An agent step after the budget is spent (released before agent steps were gated)."""
+    repo = Path(tempfile.mkdtemp())
+    spec = {
+        "name": "agent-over-budget",
+        "dry_run": True,
+        "defaults": {"provider": "openai", "model": "gpt-4.1-mini"},
+        "budget": {"max_tokens": 1},
+        "steps": [
+            {"id": "plan", "prompt": "plan the change"},
+            {
+                "id": "code",
+                "kind": "agent",
+                "agent": "claude-code",
+                "needs": ["plan"],
+                "prompt": "do it",
+                "cwd": str(repo),
+            },
+        ],
+    }
+    handle = await mixer.start(spec)
+    await handle.result()
+    return handle
+
+
 SCENARIOS: dict[str, Callable[[MixerClient], Awaitable[MixerHandle]]] = {
     "fan": fan,
     "interventions": interventions,
     "cancelled": cancelled,
     "pattern": pattern,
+    "agent-over-budget": agent_over_budget,
 }
+
+# Stands in for Claude Code on the recording worker's PATH: the agent scenario
+# needs a `claude` that answers, not a real one.
+FAKE_CLAUDE = f"#!{PY}\nimport sys\nprint('DONE:', sys.argv[-1])\n"
+
+
+def _worker_environ() -> dict[str, str]:
+    bin_dir = Path(tempfile.mkdtemp())
+    claude = bin_dir / "claude"
+    claude.write_text(FAKE_CLAUDE)
+    claude.chmod(0o755)
+    return {**os.environ, "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}"}
 
 
 async def main() -> None:
@@ -151,7 +190,9 @@ async def main() -> None:
     try:
         async with (
             mixer_worker(
-                env.client, WorkerSettings(task_queue="record", shutdown_grace_s=2)
+                env.client,
+                WorkerSettings(task_queue="record", shutdown_grace_s=2),
+                environ=_worker_environ(),
             ) as worker,
             worker,
         ):
