@@ -173,7 +173,9 @@ async def mixer_worker(
         ),
     )
     if ROLE_LLM in settings.roles:
-        llm.warm_up()
+        # Off the event loop: SDK imports take seconds, and a client in this
+        # process (`llmmixer run`) may be keeping a server connection alive.
+        await asyncio.to_thread(llm.warm_up)
     commands = CommandActivities(command_policy or CommandPolicy.from_env(env))
     (queue, (workflows, activities)), *other_queues = _registrations(
         settings, llm, commands
