@@ -10,7 +10,6 @@ per state change and the streamed text as ``  <step>| text`` lines.
 
 from __future__ import annotations
 
-import re
 import sys
 import threading
 from dataclasses import dataclass
@@ -42,12 +41,9 @@ def unblock_hints(workflow_id: str, progress: RunProgress) -> list[str]:
         record = progress.steps[step_id]
         reason = (record.waiting_reason or "waits for a person").splitlines()[0]
         lines.append(f"step {step_id} waits: {reason}")
-        if reason.startswith("budget"):
-            # The held budget is the spec's ("") or a decompose step's.
-            scope = re.search(r"\(the budget of ([a-z0-9_-]+)\)", reason)
-            field = "max_tokens" if "max_tokens" in reason else "max_cost_usd"
-            option = "--max-tokens" if field == "max_tokens" else "--max-cost-usd"
-            where = f" --step {scope.group(1)}" if scope else ""
+        if (hold := record.budget_hold) is not None:
+            option = "--max-tokens" if hold.limit == "max_tokens" else "--max-cost-usd"
+            where = f" --step {hold.step}" if hold.step else ""
             lines.append(f"  llmmixer raise-budget {workflow_id}{where} {option} NEW_LIMIT")
             lines.append(f"  llmmixer skip {workflow_id} {step_id}")
         elif record.kind == "approval" and not (record.error or "").startswith("rejected"):

@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 from llmmixer.client.display import unblock_hints
-from llmmixer.workflows.records import RunProgress, RunStatus, StepRecord, StepStatus
+from llmmixer.workflows.records import (
+    BudgetHold,
+    RunProgress,
+    RunStatus,
+    StepRecord,
+    StepStatus,
+)
 
 
 def waiting(record: StepRecord) -> RunProgress:
@@ -29,14 +35,14 @@ def test_an_approval_gets_approve_reject() -> None:
 
 
 def test_a_budget_hold_names_the_budget_to_raise() -> None:
-    reason = "budget: 900 tokens spent of max_tokens 800 (the budget of plan); raise it"
-    record = StepRecord(status=StepStatus.WAITING, waiting_reason=reason)
+    hold = BudgetHold(step="plan", limit="max_tokens", spent=900, current=800)
+    record = StepRecord(status=StepStatus.WAITING, waiting_reason=hold.reason(), budget_hold=hold)
     hints = unblock_hints("wf", waiting(record))
     assert hints[1] == "  llmmixer raise-budget wf --step plan --max-tokens NEW_LIMIT"
     assert hints[2] == "  llmmixer skip wf s"
+    spec_hold = BudgetHold(limit="max_cost_usd", spent=2, current=2)
     spec_level = StepRecord(
-        status=StepStatus.WAITING,
-        waiting_reason="budget: $2 spent of max_cost_usd 2 (the spec's budget); raise it",
+        status=StepStatus.WAITING, waiting_reason=spec_hold.reason(), budget_hold=spec_hold
     )
     hint = unblock_hints("wf", waiting(spec_level))[1]
     assert hint == "  llmmixer raise-budget wf --max-cost-usd NEW_LIMIT"

@@ -29,6 +29,7 @@ from pydantic import BaseModel, Field
 from llmmixer.activities.contracts import Usage
 from llmmixer.workflows.records import (
     DONE_STATES,
+    BudgetHold,
     BudgetLimits,
     InterventionType,
     RunProgress,
@@ -199,23 +200,20 @@ class RunState:
             cost += record.cost_usd or 0.0
         return tokens, round(cost, 8)
 
-    def over_budget(self, step_id: str) -> str | None:
-        """Why ``step_id`` may not start (a budget it falls under is used up), or None."""
+    def over_budget(self, step_id: str) -> BudgetHold | None:
+        """The used-up budget that ``step_id`` falls under, or None if it may start."""
         for scope in ["", *self.lineage(step_id)]:
             limits = self.budgets.get(scope)
             if limits is None:
                 continue
             tokens, cost = self.spent(scope)
-            where = "the spec's budget" if not scope else f"the budget of {scope}"
             if limits.max_tokens is not None and tokens >= limits.max_tokens:
-                return (
-                    f"budget: {tokens} tokens spent of max_tokens {limits.max_tokens} "
-                    f"({where}); raise it with the raise_budget update, or skip this step"
+                return BudgetHold(
+                    step=scope, limit="max_tokens", spent=tokens, current=limits.max_tokens
                 )
             if limits.max_cost_usd is not None and cost >= limits.max_cost_usd:
-                return (
-                    f"budget: ${cost:g} spent of max_cost_usd {limits.max_cost_usd:g} "
-                    f"({where}); raise it with the raise_budget update, or skip this step"
+                return BudgetHold(
+                    step=scope, limit="max_cost_usd", spent=cost, current=limits.max_cost_usd
                 )
         return None
 
@@ -262,6 +260,7 @@ class RunState:
                 record.status = StepStatus.FAILED
                 record.error = "cancelled with the run"
                 record.waiting_reason = None
+                record.budget_hold = None
                 record.ended_at = now
 
     # ---- interventions ----------------------------------------------------

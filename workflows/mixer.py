@@ -328,7 +328,12 @@ class MixerWorkflow:
         try:
             if resume and record.kind == "approval" and not record.error:
                 self._resumed_approvals.add(step_id)
-            elif resume and (record.waiting_reason or "").startswith("budget:"):
+            elif resume and (
+                record.budget_hold is not None
+                # Records carried over by a continue-as-new from before
+                # budget_hold existed say it only in words.
+                or (record.waiting_reason or "").startswith("budget:")
+            ):
                 pass  # held by a budget: its gate holds it again, and raise_budget frees it
             elif resume and not await self._pause(spec, step, record, record.error or "", False):
                 return  # decided while it waited again; nothing more to run
@@ -337,6 +342,7 @@ class MixerWorkflow:
                 record.started_at = record.started_at or workflow.now()
                 record.error = None
                 record.waiting_reason = None
+                record.budget_hold = None
                 if step_id not in self._resumed_approvals:
                     self._publish(EventType.STEP_STARTED, step_id, record.attempts + 1)
                 self._touch()
@@ -737,12 +743,13 @@ class MixerWorkflow:
         self, step: LlmStep | DecomposeStep | AgentStep, record: StepRecord
     ) -> None:
         """Hold a step whose budget is spent until a person raises it (or settles the step)."""
-        reason = self._state.over_budget(step.id)
-        if reason is None:
+        hold = self._state.over_budget(step.id)
+        if hold is None:
             return
         record.status = StepStatus.WAITING
-        record.waiting_reason = reason
-        self._publish(EventType.STEP_WAITING, step.id, record.attempts, {"budget": reason})
+        record.budget_hold = hold
+        record.waiting_reason = hold.reason()
+        self._publish(EventType.STEP_WAITING, step.id, record.attempts, {"budget": hold.reason()})
         self._touch()
         workflow.set_current_details(self._state.summary())
         while True:
@@ -755,9 +762,11 @@ class MixerWorkflow:
             if self._state.over_budget(step.id) is None:
                 break
             # A retry while the budget is still spent changes nothing: keep waiting.
-            record.waiting_reason = self._state.over_budget(step.id)
+            record.budget_hold = self._state.over_budget(step.id)
+            record.waiting_reason = record.budget_hold.reason() if record.budget_hold else None
         record.status = StepStatus.RUNNING
         record.waiting_reason = None
+        record.budget_hold = None
         self._publish(EventType.STEP_STARTED, step.id, record.attempts + 1)
         self._touch()
 
@@ -1042,6 +1051,7 @@ class MixerWorkflow:
                 record.status = StepStatus.PENDING
             message = "will run again"
         elif action == "skip":
+            record.budget_hold = None
             record.status = StepStatus.SKIPPED
             record.skipped_reason = request.reason or "skipped by a person"
             record.ended_at = workflow.now()
@@ -1050,6 +1060,7 @@ class MixerWorkflow:
             )
             message = "skipped; its dependants go on with an empty output"
         elif action == "override":
+            record.budget_hold = None
             record.status = StepStatus.COMPLETED
             record.output = request.output or ""
             record.overridden = True

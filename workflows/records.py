@@ -88,6 +88,29 @@ class BudgetRaise(BaseModel):
     max_cost_usd: float | None = None
 
 
+class BudgetHold(BaseModel):
+    """The spent budget that holds a waiting step: what ``raise_budget`` needs.
+
+    ``step`` is the budget's scope as ``BudgetRaise`` takes it: empty for the
+    spec's budget, else the decompose step whose budget it is.
+    """
+
+    step: str = ""
+    limit: Literal["max_tokens", "max_cost_usd"]
+    spent: float
+    current: float
+
+    def reason(self) -> str:
+        where = f"the budget of {self.step}" if self.step else "the spec's budget"
+        if self.limit == "max_tokens":
+            spent = f"{int(self.spent)} tokens spent of max_tokens {int(self.current)}"
+        else:
+            spent = f"${self.spent:g} spent of max_cost_usd {self.current:g}"
+        return (
+            f"budget: {spent} ({where}); raise it with the raise_budget update, or skip this step"
+        )
+
+
 class StepRecord(BaseModel):
     kind: str = "llm"
     status: StepStatus = StepStatus.PENDING
@@ -108,6 +131,8 @@ class StepRecord(BaseModel):
     fallbacks: list[FallbackNote] = Field(default_factory=list)
     interventions: list[Intervention] = Field(default_factory=list)
     waiting_reason: str | None = None
+    # Set while a spent budget holds the step (waiting_reason says the same in words).
+    budget_hold: BudgetHold | None = None
     # PTY steps: which mode ran (pty or pipe) and the exit code.
     mode: str | None = None
     exit_code: int | None = None

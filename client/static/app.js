@@ -133,12 +133,10 @@ function preview(text, limit = 400) {
   return text.length > limit ? `${text.slice(0, limit)}…` : text;
 }
 
-// A step held by a budget waits with "budget: ... spent of max_tokens N (the
-// spec's budget)" or "(the budget of STEP)": that names what to raise.
+// The budget that holds a waiting step (the workflow's budget_hold): which
+// scope ("" is the spec's) and which limit to raise.
 function heldBudget(record) {
-  const reason = record.status === "waiting" ? record.waiting_reason || "" : "";
-  const held = reason.match(/^budget: .* spent of (max_tokens|max_cost_usd) ([0-9.eE+-]+) \((?:the spec's budget|the budget of (.+))\)/);
-  return held ? { limit: held[1], current: Number(held[2]), step: held[3] || "" } : null;
+  return record.status === "waiting" ? record.budget_hold || null : null;
 }
 
 function actionsFor(record) {
