@@ -350,11 +350,12 @@ def test_budgets_count_the_run_or_a_decompose_steps_sub_steps() -> None:
     state.budgets["split"] = BudgetLimits(max_tokens=100)
     assert state.over_budget("a") is None and state.over_budget("solo") is None
     state.budgets[""] = BudgetLimits(max_cost_usd=0.5)
-    reason = state.over_budget("solo")
-    assert reason is not None and reason.startswith("budget: $0.5 spent of max_cost_usd 0.5")
+    hold = state.over_budget("solo")
+    assert hold is not None and hold.reason().startswith("budget: $0.5 spent of max_cost_usd 0.5")
     state.budgets[""] = BudgetLimits(max_cost_usd=1)
     state.records["a"].usage.output_tokens = 100
-    assert (state.over_budget("a") or "").startswith(
+    held_by_split = state.over_budget("a")
+    assert held_by_split is not None and held_by_split.reason().startswith(
         "budget: 100 tokens spent of max_tokens 100 (the budget of split)"
     )
     assert state.over_budget("solo") is None
