@@ -30,7 +30,7 @@ from temporalio.contrib.workflow_streams import WorkflowStreamClient
 from llmmixer.activities.contracts import EVENTS_TOPIC, MixerEvent
 from llmmixer.client.specfile import prepare_spec
 from llmmixer.workers.connection import PTY_TASK_QUEUE_ENV, Connection
-from llmmixer.workflows.mixer import WORKFLOW_NAME
+from llmmixer.workflows.mixer import WORKFLOW_NAME, MixerWorkflow
 from llmmixer.workflows.records import (
     BudgetLimits,
     BudgetRaise,
@@ -39,6 +39,16 @@ from llmmixer.workflows.records import (
     InterventionType,
     RunProgress,
 )
+
+# Each intervention's validated update, by the workflow's own handler
+# reference: a renamed handler breaks here at import, not at a user's call.
+_UPDATES = {
+    "retry": MixerWorkflow.retry_step,
+    "skip": MixerWorkflow.skip_step,
+    "override": MixerWorkflow.override_step,
+    "approve": MixerWorkflow.approve_step,
+    "reject": MixerWorkflow.reject_step,
+}
 
 
 class InterventionRefused(Exception):
@@ -110,7 +120,7 @@ class MixerHandle:
         return self._handle
 
     async def progress(self) -> RunProgress:
-        return await self._handle.query("progress", result_type=RunProgress)
+        return await self._handle.query(MixerWorkflow.progress)
 
     async def result(self) -> RunProgress:
         """The final record; raises ``RunFailed`` when the run failed or was cancelled."""
@@ -149,9 +159,7 @@ class MixerHandle:
         """Raise the spec's budget (or decompose ``step``'s); steps it held then start."""
         request = BudgetRaise(step=step, max_tokens=max_tokens, max_cost_usd=max_cost_usd)
         try:
-            return await self._handle.execute_update(
-                "raise_budget", request, result_type=BudgetLimits
-            )
+            return await self._handle.execute_update(MixerWorkflow.raise_budget, request)
         except WorkflowUpdateFailedError as error:
             cause = error.cause
             raise InterventionRefused(getattr(cause, "message", None) or str(cause)) from error
@@ -160,9 +168,7 @@ class MixerHandle:
         self, action: InterventionType, request: InterventionRequest
     ) -> InterventionOutcome:
         try:
-            return await self._handle.execute_update(
-                f"{action}_step", request, result_type=InterventionOutcome
-            )
+            return await self._handle.execute_update(_UPDATES[action], request)
         except WorkflowUpdateFailedError as error:
             cause = error.cause
             raise InterventionRefused(getattr(cause, "message", None) or str(cause)) from error
