@@ -41,6 +41,8 @@ import yaml
 from temporalio.envconfig import ClientConfigProfile
 
 from llmmixer.workers.health import HealthServer, ReadinessState
+from llmmixer.workers.telemetry import prometheus_address
+from llmmixer.workers.worker import WorkerSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.temporal.yml"
@@ -60,6 +62,43 @@ PROVIDER_VARIABLES = (
     "GOOGLE_GEMINI_BASE_URL",
 )
 SECRET_NAME = re.compile(r"(KEY|TOKEN|SECRET|PASSWORD|PWD)$")
+PROVIDER_KEYS = ("ANTHROPIC_API_KEY", "OPENAI_API_KEY", "GEMINI_API_KEY", "GOOGLE_API_KEY")
+PROVIDER_SECRET = "llmmixer-provider-keys"
+# Programs that run whatever code they are handed: one of them in
+# LLMMIXER_PTY_ALLOW allows every command.
+INTERPRETERS = frozenset(
+    {
+        "*",
+        "sh",
+        "bash",
+        "dash",
+        "zsh",
+        "ksh",
+        "fish",
+        "env",
+        "python",
+        "python3",
+        "node",
+        "deno",
+        "bun",
+        "perl",
+        "ruby",
+        "php",
+        "lua",
+        "tclsh",
+        "awk",
+        "busybox",
+        "npx",
+        "uv",
+    }
+)
+
+
+def allow_list(value: str) -> set[str]:
+    """The executable names of an LLMMIXER_PTY_ALLOW value (paths by their last part)."""
+    names = {part.strip() for part in value.split(",") if part.strip()}
+    return {name.rsplit("/", 1)[-1] for name in names}
+
 
 # The variables temporalio.envconfig reads (sdk-core crates/common/src/envconfig.rs);
 # a TEMPORAL_* name outside this list in a manifest is a typo the SDK ignores.
@@ -332,6 +371,60 @@ def test_compose_worker_health_and_shutdown(compose_resolved: dict[str, Any]) ->
     assert env["TEMPORAL_ADDRESS"] == "temporal:7233"
 
 
+def llmmixer_services(compose: Mapping[str, Any]) -> dict[str, dict[str, str]]:
+    """Each service running the llmmixer image, with its literal environment."""
+    return {
+        name: {k: v for k, v in service_environment(service).items() if v is not None}
+        for name, service in compose["services"].items()
+        if str(service.get("image", "")).startswith("llmmixer:")
+    }
+
+
+def test_compose_never_runs_commands_beside_the_keys(compose_resolved: dict[str, Any]) -> None:
+    raw = {name: service_environment(s) for name, s in compose_resolved["services"].items()}
+    services = llmmixer_services(compose_resolved)
+    settings = {name: WorkerSettings.from_env(env) for name, env in services.items()}
+    runners = [name for name, s in settings.items() if "pty" in s.roles]
+    holders = [name for name in services if set(PROVIDER_KEYS) & set(raw[name])]
+    assert runners and holders, "one worker for commands, one for LLM calls"
+    assert not set(runners) & set(holders), f"{runners} run commands and hold provider keys"
+    for name in holders:
+        assert "LLMMIXER_PTY_ALLOW" not in raw[name], f"{name} holds keys: no commands there"
+    for name in runners:
+        allowed = allow_list(services[name]["LLMMIXER_PTY_ALLOW"])
+        assert allowed and not allowed & INTERPRETERS, f"{name}: {sorted(allowed)}"
+        assert services[name]["LLMMIXER_PTY_ROOT"] == "/workspace"
+        # the commands' queue is not the one LLM calls and workflows use
+        assert settings[name].pty_queue != settings[name].task_queue
+        assert {settings[h].pty_queue for h in holders} == {settings[name].pty_queue}
+    # a volume both mount would let commands leave files for the key holder
+    mounts = {
+        name: {v.split(":")[0] for v in compose_resolved["services"][name].get("volumes", [])}
+        for name in services
+    }
+    for runner in runners:
+        for holder in holders:
+            assert not mounts[runner] & mounts[holder], (runner, holder)
+
+
+def test_compose_workers_publish_no_metrics(compose_resolved: dict[str, Any]) -> None:
+    for name, env in llmmixer_services(compose_resolved).items():
+        assert "ports" not in compose_resolved["services"][name], name
+        # switched on without a host, Prometheus stays inside the container
+        address = prometheus_address({**env, "LLMMIXER_PROMETHEUS_PORT": "9464"})
+        assert address == "127.0.0.1:9464", f"{name}: {address}"
+
+
+def test_compose_workers_are_locked_down(compose_resolved: dict[str, Any]) -> None:
+    for name in llmmixer_services(compose_resolved):
+        service = compose_resolved["services"][name]
+        assert service.get("read_only") is True, name
+        assert service.get("cap_drop") == ["ALL"], name
+        assert "no-new-privileges:true" in service.get("security_opt", []), name
+        assert service.get("init") is True, name
+        assert not service.get("privileged"), name
+
+
 # ---------------------------------------------------------------------------
 # Kubernetes
 # ---------------------------------------------------------------------------
@@ -550,6 +643,47 @@ def test_worker_runs_locked_down(rendered: list[dict[str, Any]]) -> None:
         assert {"cpu", "memory"} <= set(container["resources"][kind]), kind
 
 
+def all_renderings() -> dict[str, list[dict[str, Any]]]:
+    return {name: render(path) for name, path in {**OVERLAYS, "pty": K8S / "pty-workers"}.items()}
+
+
+def test_secret_files_are_owner_read_only() -> None:
+    for name, objects in all_renderings().items():
+        for deployment in (o for o in objects if is_workload(o)):
+            for volume in pod_spec(deployment).get("volumes", []):
+                for source in ("secret", "projected"):
+                    if source in volume:
+                        where = f"{name}: {deployment['metadata']['name']}/{volume['name']}"
+                        assert volume[source].get("defaultMode") == 0o400, where
+
+
+def test_pods_holding_provider_keys_run_no_commands() -> None:
+    for name, objects in all_renderings().items():
+        for deployment in (o for o in objects if is_workload(o)):
+            [container] = pod_spec(deployment)["containers"]
+            secrets = {
+                s["secretRef"]["name"] for s in container.get("envFrom", []) if "secretRef" in s
+            }
+            if PROVIDER_SECRET not in secrets:
+                continue
+            env: dict[str, str] = {}
+            for source in container.get("envFrom", []):
+                if "configMapRef" in source:
+                    env.update(find(objects, "ConfigMap", source["configMapRef"]["name"])["data"])
+            env.update({i["name"]: i["value"] for i in container.get("env", []) if "value" in i})
+            # unset: `llmmixer worker` refuses every command step
+            where = f"{name}: {deployment['metadata']['name']}"
+            assert "LLMMIXER_PTY_ALLOW" not in env, where
+
+
+def test_metrics_stay_on_loopback_unless_a_manifest_says_so() -> None:
+    for name, objects in all_renderings().items():
+        env = container_env(objects)
+        address = prometheus_address({**env, "LLMMIXER_PROMETHEUS_PORT": "9464"})
+        if "LLMMIXER_PROMETHEUS_HOST" not in env:
+            assert address == "127.0.0.1:9464", name
+
+
 def test_every_writable_path_is_a_volume(rendered: list[dict[str, Any]]) -> None:
     # with a read-only root filesystem, these are the only places to write
     env = container_env(rendered)
@@ -637,8 +771,9 @@ def test_temporal_cloud_mtls_variant() -> None:
     assert len(mounts) == 1 and mounts[0]["readOnly"] is True
     secret_volume = volumes[mounts[0]["name"]]["secret"]
     assert secret_volume["secretName"] == "llmmixer-temporal-tls"
-    # no wider than owner and group: the key is private
-    assert secret_volume["defaultMode"] & 0o007 == 0
+    # owner-read only: the key is private (kubelet still adds group read
+    # for fsGroup 10001, the worker's own group)
+    assert secret_volume["defaultMode"] == 0o400
     mount = Path(mounts[0]["mountPath"])
     assert profile.tls.client_cert == mount / "tls.crt"
     assert profile.tls.client_private_key == mount / "tls.key"
