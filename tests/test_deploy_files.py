@@ -452,7 +452,9 @@ def render(directory: Path) -> list[dict[str, Any]]:
     """A small kustomize: resources, map-only strategic-merge patches, images.
 
     It refuses any kustomization field it does not implement, so it can never
-    silently render something different from `kubectl kustomize`.
+    silently render something different from `kubectl kustomize`, and what
+    kustomize itself refuses: a base directory that contains the overlay
+    using it (a cycle), and a file outside the kustomization's directory.
     """
     kustomization = load_documents(directory / "kustomization.yaml")[0]
     assert set(kustomization) <= KUSTOMIZATION_KEYS, set(kustomization) - KUSTOMIZATION_KEYS
@@ -461,7 +463,16 @@ def render(directory: Path) -> list[dict[str, Any]]:
     objects: list[dict[str, Any]] = []
     for entry in kustomization.get("resources", []):
         path = (directory / entry).resolve()
-        objects.extend(render(path) if path.is_dir() else load_documents(path))
+        if path.is_dir():
+            assert not directory.resolve().is_relative_to(path), (
+                f"{directory}: base {entry} contains this overlay; kustomize refuses the cycle"
+            )
+            objects.extend(render(path))
+        else:
+            assert path.is_relative_to(directory.resolve()), (
+                f"{directory}: {entry} is outside the kustomization root; kustomize refuses it"
+            )
+            objects.extend(load_documents(path))
     for patch_entry in kustomization.get("patches", []):
         assert set(patch_entry) == {"path"}, patch_entry
         for patch in load_documents(directory / patch_entry["path"]):
@@ -519,6 +530,7 @@ def container_env(objects: list[dict[str, Any]]) -> dict[str, str]:
     return env
 
 
+BASE_KUSTOMIZATION = K8S / "base" / "kustomization.yaml"
 OVERLAYS = {
     "base": K8S,
     "cloud-api-key": K8S / "temporal-cloud" / "api-key",
@@ -565,12 +577,28 @@ def test_kubernetes_schema_check_is_not_vacuous(base: list[dict[str, Any]]) -> N
         kubernetes_validate.validate(broken, K8S_VERSIONS[-1], strict=True)
 
 
+def test_render_refuses_what_kustomize_refuses(tmp_path: Path) -> None:
+    # the layout these files once had: overlays inside the base's directory
+    header = "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
+    (tmp_path / "overlay").mkdir()
+    (tmp_path / "kustomization.yaml").write_text(header + "resources: [cm.yaml]\n")
+    (tmp_path / "cm.yaml").write_text("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\n")
+    (tmp_path / "overlay" / "kustomization.yaml").write_text(header + "resources: [..]\n")
+    with pytest.raises(AssertionError, match="cycle"):
+        render(tmp_path / "overlay")
+    (tmp_path / "overlay" / "kustomization.yaml").write_text(header + "resources: [../cm.yaml]\n")
+    with pytest.raises(AssertionError, match="outside"):
+        render(tmp_path / "overlay")
+
+
 def test_every_manifest_is_rendered_or_an_example(base: list[dict[str, Any]]) -> None:
     # a file nobody includes is a file nobody applies
     listed = {"kustomization.yaml", "secret.example.yaml"}
-    listed |= set(load_documents(K8S / "kustomization.yaml")[0]["resources"])
     top_level = {p.name for p in K8S.glob("*.yaml")}
     assert top_level == listed
+    assert load_documents(K8S / "kustomization.yaml")[0]["resources"] == ["base"]
+    in_base = {p.name for p in (K8S / "base").glob("*.yaml")}
+    assert in_base == {"kustomization.yaml", *load_documents(BASE_KUSTOMIZATION)[0]["resources"]}
     for path in k8s_manifest_files():
         assert load_documents(path), f"{path} is empty"
 
@@ -719,7 +747,7 @@ def test_selectors_match_the_pods(base: list[dict[str, Any]]) -> None:
 
 
 def test_image_comes_from_the_kustomization(base: list[dict[str, Any]]) -> None:
-    image = load_documents(K8S / "kustomization.yaml")[0]["images"][0]
+    image = load_documents(BASE_KUSTOMIZATION)[0]["images"][0]
     assert worker_container(base)["image"] == f"{image['newName']}:{image['newTag']}"
     assert worker_container(base)["args"] == ["worker"]
 
