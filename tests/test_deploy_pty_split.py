@@ -258,6 +258,7 @@ DNS = Peer("10.8.0.10", "kube-system", {"k8s-app": "kube-dns"})
         (Peer("140.82.112.3"), 80, "TCP", False),
         (Peer("1.1.1.1"), 53, "UDP", False),
     ],
+    ids=lambda value: value.ip if isinstance(value, Peer) else None,
 )
 def test_pty_pods_reach_only_temporal_dns_and_public_https(
     objects: list[dict[str, Any]], to: Peer, port: int, proto: str, allowed: bool
