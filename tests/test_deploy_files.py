@@ -41,6 +41,8 @@ import yaml
 from temporalio.envconfig import ClientConfigProfile
 
 from llmmixer.workers.health import HealthServer, ReadinessState
+from llmmixer.workers.telemetry import prometheus_address
+from llmmixer.workers.worker import WorkerSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.temporal.yml"
@@ -60,6 +62,43 @@ PROVIDER_VARIABLES = (
     "GOOGLE_GEMINI_BASE_URL",
 )
 SECRET_NAME = re.compile(r"(KEY|TOKEN|SECRET|PASSWORD|PWD)$")
+PROVIDER_KEYS = ("ANTHROPIC_API_KEY", "OPENAI_API_KEY", "GEMINI_API_KEY", "GOOGLE_API_KEY")
+PROVIDER_SECRET = "llmmixer-provider-keys"
+# Programs that run whatever code they are handed: one of them in
+# LLMMIXER_PTY_ALLOW allows every command.
+INTERPRETERS = frozenset(
+    {
+        "*",
+        "sh",
+        "bash",
+        "dash",
+        "zsh",
+        "ksh",
+        "fish",
+        "env",
+        "python",
+        "python3",
+        "node",
+        "deno",
+        "bun",
+        "perl",
+        "ruby",
+        "php",
+        "lua",
+        "tclsh",
+        "awk",
+        "busybox",
+        "npx",
+        "uv",
+    }
+)
+
+
+def allow_list(value: str) -> set[str]:
+    """The executable names of an LLMMIXER_PTY_ALLOW value (paths by their last part)."""
+    names = {part.strip() for part in value.split(",") if part.strip()}
+    return {name.rsplit("/", 1)[-1] for name in names}
+
 
 # The variables temporalio.envconfig reads (sdk-core crates/common/src/envconfig.rs);
 # a TEMPORAL_* name outside this list in a manifest is a typo the SDK ignores.
@@ -332,6 +371,60 @@ def test_compose_worker_health_and_shutdown(compose_resolved: dict[str, Any]) ->
     assert env["TEMPORAL_ADDRESS"] == "temporal:7233"
 
 
+def llmmixer_services(compose: Mapping[str, Any]) -> dict[str, dict[str, str]]:
+    """Each service running the llmmixer image, with its literal environment."""
+    return {
+        name: {k: v for k, v in service_environment(service).items() if v is not None}
+        for name, service in compose["services"].items()
+        if str(service.get("image", "")).startswith("llmmixer:")
+    }
+
+
+def test_compose_never_runs_commands_beside_the_keys(compose_resolved: dict[str, Any]) -> None:
+    raw = {name: service_environment(s) for name, s in compose_resolved["services"].items()}
+    services = llmmixer_services(compose_resolved)
+    settings = {name: WorkerSettings.from_env(env) for name, env in services.items()}
+    runners = [name for name, s in settings.items() if "pty" in s.roles]
+    holders = [name for name in services if set(PROVIDER_KEYS) & set(raw[name])]
+    assert runners and holders, "one worker for commands, one for LLM calls"
+    assert not set(runners) & set(holders), f"{runners} run commands and hold provider keys"
+    for name in holders:
+        assert "LLMMIXER_PTY_ALLOW" not in raw[name], f"{name} holds keys: no commands there"
+    for name in runners:
+        allowed = allow_list(services[name]["LLMMIXER_PTY_ALLOW"])
+        assert allowed and not allowed & INTERPRETERS, f"{name}: {sorted(allowed)}"
+        assert services[name]["LLMMIXER_PTY_ROOT"] == "/workspace"
+        # the commands' queue is not the one LLM calls and workflows use
+        assert settings[name].pty_queue != settings[name].task_queue
+        assert {settings[h].pty_queue for h in holders} == {settings[name].pty_queue}
+    # a volume both mount would let commands leave files for the key holder
+    mounts = {
+        name: {v.split(":")[0] for v in compose_resolved["services"][name].get("volumes", [])}
+        for name in services
+    }
+    for runner in runners:
+        for holder in holders:
+            assert not mounts[runner] & mounts[holder], (runner, holder)
+
+
+def test_compose_workers_publish_no_metrics(compose_resolved: dict[str, Any]) -> None:
+    for name, env in llmmixer_services(compose_resolved).items():
+        assert "ports" not in compose_resolved["services"][name], name
+        # switched on without a host, Prometheus stays inside the container
+        address = prometheus_address({**env, "LLMMIXER_PROMETHEUS_PORT": "9464"})
+        assert address == "127.0.0.1:9464", f"{name}: {address}"
+
+
+def test_compose_workers_are_locked_down(compose_resolved: dict[str, Any]) -> None:
+    for name in llmmixer_services(compose_resolved):
+        service = compose_resolved["services"][name]
+        assert service.get("read_only") is True, name
+        assert service.get("cap_drop") == ["ALL"], name
+        assert "no-new-privileges:true" in service.get("security_opt", []), name
+        assert service.get("init") is True, name
+        assert not service.get("privileged"), name
+
+
 # ---------------------------------------------------------------------------
 # Kubernetes
 # ---------------------------------------------------------------------------
@@ -359,7 +452,9 @@ def render(directory: Path) -> list[dict[str, Any]]:
     """A small kustomize: resources, map-only strategic-merge patches, images.
 
     It refuses any kustomization field it does not implement, so it can never
-    silently render something different from `kubectl kustomize`.
+    silently render something different from `kubectl kustomize`, and what
+    kustomize itself refuses: a base directory that contains the overlay
+    using it (a cycle), and a file outside the kustomization's directory.
     """
     kustomization = load_documents(directory / "kustomization.yaml")[0]
     assert set(kustomization) <= KUSTOMIZATION_KEYS, set(kustomization) - KUSTOMIZATION_KEYS
@@ -368,7 +463,16 @@ def render(directory: Path) -> list[dict[str, Any]]:
     objects: list[dict[str, Any]] = []
     for entry in kustomization.get("resources", []):
         path = (directory / entry).resolve()
-        objects.extend(render(path) if path.is_dir() else load_documents(path))
+        if path.is_dir():
+            assert not directory.resolve().is_relative_to(path), (
+                f"{directory}: base {entry} contains this overlay; kustomize refuses the cycle"
+            )
+            objects.extend(render(path))
+        else:
+            assert path.is_relative_to(directory.resolve()), (
+                f"{directory}: {entry} is outside the kustomization root; kustomize refuses it"
+            )
+            objects.extend(load_documents(path))
     for patch_entry in kustomization.get("patches", []):
         assert set(patch_entry) == {"path"}, patch_entry
         for patch in load_documents(directory / patch_entry["path"]):
@@ -426,6 +530,7 @@ def container_env(objects: list[dict[str, Any]]) -> dict[str, str]:
     return env
 
 
+BASE_KUSTOMIZATION = K8S / "base" / "kustomization.yaml"
 OVERLAYS = {
     "base": K8S,
     "cloud-api-key": K8S / "temporal-cloud" / "api-key",
@@ -472,12 +577,28 @@ def test_kubernetes_schema_check_is_not_vacuous(base: list[dict[str, Any]]) -> N
         kubernetes_validate.validate(broken, K8S_VERSIONS[-1], strict=True)
 
 
+def test_render_refuses_what_kustomize_refuses(tmp_path: Path) -> None:
+    # the layout these files once had: overlays inside the base's directory
+    header = "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
+    (tmp_path / "overlay").mkdir()
+    (tmp_path / "kustomization.yaml").write_text(header + "resources: [cm.yaml]\n")
+    (tmp_path / "cm.yaml").write_text("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\n")
+    (tmp_path / "overlay" / "kustomization.yaml").write_text(header + "resources: [..]\n")
+    with pytest.raises(AssertionError, match="cycle"):
+        render(tmp_path / "overlay")
+    (tmp_path / "overlay" / "kustomization.yaml").write_text(header + "resources: [../cm.yaml]\n")
+    with pytest.raises(AssertionError, match="outside"):
+        render(tmp_path / "overlay")
+
+
 def test_every_manifest_is_rendered_or_an_example(base: list[dict[str, Any]]) -> None:
     # a file nobody includes is a file nobody applies
     listed = {"kustomization.yaml", "secret.example.yaml"}
-    listed |= set(load_documents(K8S / "kustomization.yaml")[0]["resources"])
     top_level = {p.name for p in K8S.glob("*.yaml")}
     assert top_level == listed
+    assert load_documents(K8S / "kustomization.yaml")[0]["resources"] == ["base"]
+    in_base = {p.name for p in (K8S / "base").glob("*.yaml")}
+    assert in_base == {"kustomization.yaml", *load_documents(BASE_KUSTOMIZATION)[0]["resources"]}
     for path in k8s_manifest_files():
         assert load_documents(path), f"{path} is empty"
 
@@ -550,6 +671,47 @@ def test_worker_runs_locked_down(rendered: list[dict[str, Any]]) -> None:
         assert {"cpu", "memory"} <= set(container["resources"][kind]), kind
 
 
+def all_renderings() -> dict[str, list[dict[str, Any]]]:
+    return {name: render(path) for name, path in {**OVERLAYS, "pty": K8S / "pty-workers"}.items()}
+
+
+def test_secret_files_are_owner_read_only() -> None:
+    for name, objects in all_renderings().items():
+        for deployment in (o for o in objects if is_workload(o)):
+            for volume in pod_spec(deployment).get("volumes", []):
+                for source in ("secret", "projected"):
+                    if source in volume:
+                        where = f"{name}: {deployment['metadata']['name']}/{volume['name']}"
+                        assert volume[source].get("defaultMode") == 0o400, where
+
+
+def test_pods_holding_provider_keys_run_no_commands() -> None:
+    for name, objects in all_renderings().items():
+        for deployment in (o for o in objects if is_workload(o)):
+            [container] = pod_spec(deployment)["containers"]
+            secrets = {
+                s["secretRef"]["name"] for s in container.get("envFrom", []) if "secretRef" in s
+            }
+            if PROVIDER_SECRET not in secrets:
+                continue
+            env: dict[str, str] = {}
+            for source in container.get("envFrom", []):
+                if "configMapRef" in source:
+                    env.update(find(objects, "ConfigMap", source["configMapRef"]["name"])["data"])
+            env.update({i["name"]: i["value"] for i in container.get("env", []) if "value" in i})
+            # unset: `llmmixer worker` refuses every command step
+            where = f"{name}: {deployment['metadata']['name']}"
+            assert "LLMMIXER_PTY_ALLOW" not in env, where
+
+
+def test_metrics_stay_on_loopback_unless_a_manifest_says_so() -> None:
+    for name, objects in all_renderings().items():
+        env = container_env(objects)
+        address = prometheus_address({**env, "LLMMIXER_PROMETHEUS_PORT": "9464"})
+        if "LLMMIXER_PROMETHEUS_HOST" not in env:
+            assert address == "127.0.0.1:9464", name
+
+
 def test_every_writable_path_is_a_volume(rendered: list[dict[str, Any]]) -> None:
     # with a read-only root filesystem, these are the only places to write
     env = container_env(rendered)
@@ -585,7 +747,7 @@ def test_selectors_match_the_pods(base: list[dict[str, Any]]) -> None:
 
 
 def test_image_comes_from_the_kustomization(base: list[dict[str, Any]]) -> None:
-    image = load_documents(K8S / "kustomization.yaml")[0]["images"][0]
+    image = load_documents(BASE_KUSTOMIZATION)[0]["images"][0]
     assert worker_container(base)["image"] == f"{image['newName']}:{image['newTag']}"
     assert worker_container(base)["args"] == ["worker"]
 
@@ -637,8 +799,9 @@ def test_temporal_cloud_mtls_variant() -> None:
     assert len(mounts) == 1 and mounts[0]["readOnly"] is True
     secret_volume = volumes[mounts[0]["name"]]["secret"]
     assert secret_volume["secretName"] == "llmmixer-temporal-tls"
-    # no wider than owner and group: the key is private
-    assert secret_volume["defaultMode"] & 0o007 == 0
+    # owner-read only: the key is private (kubelet still adds group read
+    # for fsGroup 10001, the worker's own group)
+    assert secret_volume["defaultMode"] == 0o400
     mount = Path(mounts[0]["mountPath"])
     assert profile.tls.client_cert == mount / "tls.crt"
     assert profile.tls.client_private_key == mount / "tls.key"

@@ -286,10 +286,6 @@ def test_nothing_is_on_without_configuration() -> None:
     assert TelemetrySettings.from_env({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318"}).enabled
     disabled = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318", "OTEL_SDK_DISABLED": "true"}
     assert not TelemetrySettings.from_env(disabled).enabled
-    assert (
-        TelemetrySettings.from_env({"LLMMIXER_PROMETHEUS_PORT": "9464"}).prometheus_address
-        == "0.0.0.0:9464"
-    )
     with pytest.raises(ValueError, match="LLMMIXER_PROMETHEUS_PORT"):
         TelemetrySettings.from_env({"LLMMIXER_PROMETHEUS_PORT": "metrics"})
     with pytest.raises(ValueError, match="http/protobuf"):
@@ -414,6 +410,34 @@ def test_otlp_export_when_the_endpoint_is_set(collector: str, tmp_path: Path) ->
     assert b"api-token-marker-123456" not in b"".join(bodies)
 
 
+def test_prometheus_binds_loopback_unless_told_otherwise() -> None:
+    # The endpoint has no authentication: publishing it is the operator's choice.
+    def address(**env: str) -> str | None:
+        return TelemetrySettings.from_env(env).prometheus_address
+
+    assert address(LLMMIXER_PROMETHEUS_PORT="9464") == "127.0.0.1:9464"
+    assert address(LLMMIXER_PROMETHEUS_PORT="9464", LLMMIXER_PROMETHEUS_HOST=" ") == (
+        "127.0.0.1:9464"
+    )
+    scraped = {"LLMMIXER_PROMETHEUS_PORT": "9464", "LLMMIXER_PROMETHEUS_HOST": "0.0.0.0"}
+    assert address(**scraped) == "0.0.0.0:9464"
+    assert address(LLMMIXER_PROMETHEUS_PORT="9464", LLMMIXER_PROMETHEUS_HOST="::1") == (
+        "[::1]:9464"
+    )
+    assert address(LLMMIXER_PROMETHEUS_PORT="9464", LLMMIXER_PROMETHEUS_HOST="[::]") == "[::]:9464"
+
+
+def _listening_addresses(port: int) -> set[str]:
+    """IPv4 addresses with a socket listening on ``port``, read from /proc/net/tcp."""
+    found: set[str] = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        host_hex, port_hex = local.split(":")
+        if int(port_hex, 16) == port and state == "0A":  # 0A: LISTEN
+            found.add(socket.inet_ntoa(bytes.fromhex(host_hex)[::-1]))
+    return found
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -424,8 +448,9 @@ async def test_prometheus_endpoint_serves_temporal_worker_metrics(
     client: Client, task_queue: str, worker_env: dict[str, str]
 ) -> None:
     port = _free_port()
+    # No LLMMIXER_PROMETHEUS_HOST: the default must be loopback, not 0.0.0.0.
     env = {**worker_env, "LLMMIXER_PROMETHEUS_PORT": str(port)}
-    env["LLMMIXER_PROMETHEUS_HOST"] = "127.0.0.1"
+    env.pop("LLMMIXER_PROMETHEUS_HOST", None)
     settings = WorkerSettings(task_queue=task_queue, shutdown_grace_s=2.0)
     spec = {
         "name": "metrics",
@@ -442,5 +467,7 @@ async def test_prometheus_endpoint_serves_temporal_worker_metrics(
                 if "temporal_" in text and task_queue in text:
                     break
                 await asyncio.sleep(0.1)
+        if sys.platform == "linux":
+            assert _listening_addresses(port) == {"127.0.0.1"}
     assert "temporal_" in text
     assert task_queue in text

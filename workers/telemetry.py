@@ -13,8 +13,12 @@ Tracing and GenAI metrics (OpenTelemetry, exported over OTLP)::
 
 Temporal's own worker metrics (task latencies, slots, polls)::
 
-    LLMMIXER_PROMETHEUS_PORT        serve them at http://0.0.0.0:PORT/metrics
-                                    (LLMMIXER_PROMETHEUS_HOST changes the address)
+    LLMMIXER_PROMETHEUS_PORT        serve them at http://127.0.0.1:PORT/metrics
+    LLMMIXER_PROMETHEUS_HOST        the address to bind; 127.0.0.1 by default, so
+                                    the metrics (task queue names, workflow types,
+                                    activity counts) stay on this machine until an
+                                    operator sets 0.0.0.0 for a scraper, as a
+                                    container that is scraped must
 
 One trace: the client call, the workflow and its activities are joined by
 ``temporalio.contrib.opentelemetry.TracingInterceptor``, which carries the
@@ -130,7 +134,12 @@ class TelemetrySettings:
 
 
 def prometheus_address(environ: Mapping[str, str] | None = None) -> str | None:
-    """``host:port`` for Temporal's Prometheus endpoint, or None when it is off."""
+    """``host:port`` for Temporal's Prometheus endpoint, or None when it is off.
+
+    The host is loopback unless ``LLMMIXER_PROMETHEUS_HOST`` says otherwise: the
+    endpoint has no authentication, and a worker on a shared host or a pod
+    network should not publish it to everyone who can reach the port.
+    """
     env = os.environ if environ is None else environ
     raw = env.get("LLMMIXER_PROMETHEUS_PORT", "").strip()
     if not raw:
@@ -143,8 +152,9 @@ def prometheus_address(environ: Mapping[str, str] | None = None) -> str | None:
         raise ValueError(
             f"LLMMIXER_PROMETHEUS_PORT={raw!r} is not a port number: set it to e.g. 9464"
         )
-    host = env.get("LLMMIXER_PROMETHEUS_HOST", "").strip() or "0.0.0.0"
-    return f"{host}:{port}"
+    host = env.get("LLMMIXER_PROMETHEUS_HOST", "").strip().strip("[]") or "127.0.0.1"
+    # An IPv6 literal needs brackets before the port (``[::1]:9464``).
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 # ---- installing OpenTelemetry ------------------------------------------------------
