@@ -25,6 +25,7 @@ from typing import Protocol, runtime_checkable
 from llmmixer.activities.contracts import ErrorType, LlmCall, Usage
 
 __all__ = [
+    "NO_KEY_PLACEHOLDER",
     "RETRYABLE_ERROR_TYPES",
     "ProviderAdapter",
     "ProviderConfig",
@@ -34,6 +35,10 @@ __all__ = [
 ]
 
 TextCallback = Callable[[str], None]
+
+# What a keyless endpoint is sent where an SDK insists on some key: explicit,
+# so the SDK never reads the worker's own key from the environment instead.
+NO_KEY_PLACEHOLDER = "not-needed"
 
 # Failures that another attempt may fix. CIRCUIT_OPEN is included because the
 # breaker closes again after its cool-down (``retry_after_s`` says when), and
@@ -55,12 +60,18 @@ class ProviderConfig:
     ``timeout_s`` is the SDK's network timeout: connect, and each read, so on
     a stream it bounds the silence between two chunks, not the whole reply
     (the activity's start-to-close timeout bounds that).
+
+    ``keyless`` marks a step's own endpoint that the operator allowed
+    (``LLMMIXER_ALLOWED_BASE_URLS``): the adapter sends no key there, only
+    a placeholder where the SDK insists on one, and never lets the SDK look
+    for a key in the process environment.
     """
 
     provider: str
     api_key: str | None = field(default=None, repr=False)
     base_url: str | None = None
     timeout_s: float = 600.0
+    keyless: bool = False
 
 
 @dataclass
