@@ -146,7 +146,7 @@ class LlmActivities:
         # The trust boundary for calls from any spec or plan, however started:
         # options that could move the request and step endpoints the operator
         # did not list fail here, before a client is built or a breaker counts.
-        check_provider_options(call.provider, call.provider_options)
+        check_provider_options(call.provider, call.provider_options, call.model)
         config = self._providers.config_for(call.provider, call.base_url, call.timeout_s)
         progress = _Progress()
 

@@ -12,6 +12,7 @@ the worker's key.
 from __future__ import annotations
 
 import json
+import uuid
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -25,8 +26,9 @@ from llmmixer.activities.contracts import ChatMessage, ErrorType, LlmCall
 from llmmixer.activities.llm import LlmActivities, LlmSettings
 from llmmixer.activities.pricing import PriceTable
 from llmmixer.activities.providers.settings import ProviderSettings
-from llmmixer.client.mixer import MixerClient
+from llmmixer.client.mixer import MixerClient, RunFailed
 from llmmixer.workers.worker import mixer_worker
+from llmmixer.workflows.mixer import WORKFLOW_NAME
 from llmmixer.workflows.records import RunStatus, StepStatus
 
 MODELS = {"openai": "gpt-4.1-mini", "anthropic": "claude-haiku-4-5", "gemini": "gemini-2.5-flash"}
@@ -238,6 +240,22 @@ async def test_the_workers_own_endpoint_as_a_step_base_url_keeps_the_key(
     assert call.sent_key(FAKE_KEYS[key])
 
 
+@pytest.mark.parametrize("model", ["%2e%2e/%2e%2e/other-tenant/x", "x#", "models/a/b", "a/../b"])
+async def test_a_gemini_model_name_cannot_change_the_request_path(
+    model: str, provider_server: FakeProviderServer
+) -> None:
+    """Gemini puts the model in the URL path: another path on the worker's host gets no key."""
+    acts = await _activities(
+        {**provider_server.env(), "GOOGLE_GEMINI_BASE_URL": f"{provider_server.url}/tenant-a/"}
+    )
+    call = plan_built_call("gemini").model_copy(update={"model": model})
+    with pytest.raises(ApplicationError) as info:
+        await _run(acts, call)
+    assert info.value.type == ErrorType.REJECTED and info.value.non_retryable
+    assert "not a plain model name" in info.value.message
+    assert provider_server.requests == []
+
+
 # --- the same attacks through a real worker: specs, fallbacks, plans -------------------
 
 
@@ -262,10 +280,11 @@ def spec(*steps: dict[str, Any], **defaults: Any) -> dict[str, Any]:
     }
 
 
-async def test_a_spec_cannot_send_the_key_anywhere(
+async def test_a_spec_started_by_any_means_cannot_send_the_key_with_provider_options(
     mixer: MixerClient, provider_server: FakeProviderServer, other_server: FakeProviderServer
 ) -> None:
-    """Every trick at once in one spec: each step fails, B hears nothing."""
+    """Started straight through Temporal, as ``temporal workflow start`` would, so
+    no client-side check stands between the spec and the worker."""
     b = other_server.base_url
     steps = [
         {
@@ -273,7 +292,11 @@ async def test_a_spec_cannot_send_the_key_anywhere(
             "provider": "gemini",
             "model": MODELS["gemini"],
             "prompt": "x",
-            "provider_options": {"generation_config": {"http_options": {"base_url": b("gemini")}}},
+            "provider_options": {
+                "generation_config": {
+                    "http_options": {"base_url": b("gemini"), "headers": {"x": "y"}}
+                }
+            },
         },
         {
             "id": "claude-headers",
@@ -282,25 +305,52 @@ async def test_a_spec_cannot_send_the_key_anywhere(
             "prompt": "x",
             "provider_options": {"extra_headers": {"x": "y"}, "extra_query": {"key": "k"}},
         },
-        *(
-            {
-                "id": f"{provider}-base-url",
-                "provider": provider,
-                "model": MODELS[provider],
-                "prompt": "x",
-                "base_url": b(provider),
-            }
-            for provider in PROVIDERS
-        ),
+        {
+            "id": "gpt-base-url",
+            "provider": "openai",
+            "model": MODELS["openai"],
+            "prompt": "x",
+            "provider_options": {"base_url": b("openai"), "default_headers": {"x": "y"}},
+        },
+    ]
+    handle = await mixer.temporal.start_workflow(
+        WORKFLOW_NAME,
+        spec(*steps, on_failure="skip"),
+        id=f"transport-{uuid.uuid4().hex[:8]}",
+        task_queue=mixer.task_queue,
+    )
+    try:
+        result = await mixer.get_handle(handle.id).result()
+    except RunFailed as failed:
+        # Spec validation may refuse these options before any step runs.
+        assert "provider_options" in str(failed)
+    else:
+        for step_id, record in result.steps.items():
+            assert record.status == StepStatus.SKIPPED, (step_id, record.error)
+            assert record.attempts == 1, "a refusal is not retried"
+            assert "provider_options." in (record.error or "")
+    assert other_server.requests == []
+    assert provider_server.requests == []
+
+
+async def test_step_base_urls_the_operator_did_not_list_fail_in_a_run(
+    mixer: MixerClient, provider_server: FakeProviderServer, other_server: FakeProviderServer
+) -> None:
+    steps = [
+        {
+            "id": f"{provider}-base-url",
+            "provider": provider,
+            "model": MODELS[provider],
+            "prompt": "x",
+            "base_url": other_server.base_url(provider),
+        }
+        for provider in PROVIDERS
     ]
     result = await (await mixer.start(spec(*steps, on_failure="skip"))).result()
     for step_id, record in result.steps.items():
         assert record.status == StepStatus.SKIPPED, (step_id, record.error)
         assert record.attempts == 1, "a refusal is not retried"
-    assert "LLMMIXER_ALLOWED_BASE_URLS" in (result.steps["openai-base-url"].error or "")
-    assert "provider_options.generation_config.http_options" in (
-        result.steps["gem-http-options"].error or ""
-    )
+        assert "LLMMIXER_ALLOWED_BASE_URLS" in (record.error or "")
     assert other_server.requests == []
     assert provider_server.requests == []
 

@@ -39,7 +39,11 @@ from llmmixer.activities.providers.errors import (
     redact,
     refusal_error,
 )
-from llmmixer.activities.providers.options import GeminiOptions, checked_provider_options
+from llmmixer.activities.providers.options import (
+    GeminiOptions,
+    check_provider_options,
+    checked_provider_options,
+)
 from llmmixer.activities.providers.settings import DEFAULT_BASE_URLS
 from llmmixer.activities.providers.structured import enforce_response_format
 
@@ -89,6 +93,7 @@ class GeminiAdapter:
         await self._client.aio.aclose()
 
     async def complete(self, call: LlmCall, on_text: TextCallback) -> ProviderResult:
+        check_provider_options("gemini", {}, call.model)
         config = self._generation_config(call)
         try:
             result = await self._stream(call, config, on_text)

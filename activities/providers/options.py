@@ -21,6 +21,7 @@ Pure (pydantic only, no SDK): spec and plan validation call
 
 from __future__ import annotations
 
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -39,6 +40,7 @@ __all__ = [
     "OpenAIOptions",
     "check_provider_options",
     "checked_provider_options",
+    "model_name_issue",
     "provider_option_issues",
 ]
 
@@ -186,6 +188,22 @@ OPTION_MODELS: Mapping[str, type[_Settings]] = {
 
 _S = TypeVar("_S", bound=_Settings)
 
+# Gemini puts the model name in the request path (``models/{model}:streamGenerateContent``).
+# A name with '/', '%', '#' or dot segments would reach another path on the
+# worker's endpoint with the worker's key (``%2e%2e/`` gets past the SDK's own
+# check), so only plain names are sent. OpenAI and Anthropic send it in the body.
+_GEMINI_MODEL = re.compile(r"(?:models/|tunedModels/)?[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def model_name_issue(provider: str, model: str) -> str | None:
+    """Why ``model`` cannot be sent to ``provider``, or None when it can."""
+    if provider == "gemini" and (not _GEMINI_MODEL.fullmatch(model) or ".." in model):
+        return (
+            f"gemini model name {model!r} is not a plain model name: use letters, digits, "
+            "'.', '-' and '_' (optionally after models/ or tunedModels/), e.g. gemini-2.5-flash"
+        )
+    return None
+
 
 def provider_option_issues(provider: str, options: Mapping[str, Any]) -> list[tuple[str, str]]:
     """Every problem with ``options`` for ``provider``, as ``(field path, message)``.
@@ -215,8 +233,16 @@ def provider_option_issues(provider: str, options: Mapping[str, Any]) -> list[tu
     return []
 
 
-def check_provider_options(provider: str, options: Mapping[str, Any]) -> None:
-    """Raise a non-retryable ``ProviderError(REJECTED)`` listing every issue, if any."""
+def check_provider_options(
+    provider: str, options: Mapping[str, Any], model: str | None = None
+) -> None:
+    """Raise a non-retryable ``ProviderError(REJECTED)`` listing every issue, if any.
+
+    With ``model``, a model name that would change the request's path is one too.
+    """
+    problem = model_name_issue(provider, model) if model is not None else None
+    if problem is not None:
+        raise ProviderError(ErrorType.REJECTED, problem)
     issues = provider_option_issues(provider, options)
     if issues:
         raise ProviderError(
