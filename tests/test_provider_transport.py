@@ -25,6 +25,8 @@ from temporalio.testing import ActivityEnvironment
 from llmmixer.activities.contracts import ChatMessage, ErrorType, LlmCall
 from llmmixer.activities.llm import LlmActivities, LlmSettings
 from llmmixer.activities.pricing import PriceTable
+from llmmixer.activities.providers.base import ProviderError
+from llmmixer.activities.providers.pool import ProviderPool
 from llmmixer.activities.providers.settings import ProviderSettings
 from llmmixer.client.mixer import MixerClient, RunFailed
 from llmmixer.workers.worker import mixer_worker
@@ -159,6 +161,34 @@ async def test_provider_options_that_could_move_a_request_are_refused_before_any
     assert not any(key in info.value.message for key in KEYS)
     assert other_server.requests == []
     assert provider_server.requests == [], "a refused call must not reach the worker's endpoint"
+
+
+@pytest.mark.parametrize(
+    ("provider", "options", "field"),
+    OPTION_ATTACKS,
+    ids=[f"{p}-{f.rsplit('.', 1)[-1]}-{i}" for i, (p, _, f) in enumerate(OPTION_ATTACKS)],
+)
+async def test_each_adapter_refuses_them_too(
+    provider: str,
+    options: dict[str, Any],
+    field: str,
+    provider_server: FakeProviderServer,
+    other_server: FakeProviderServer,
+) -> None:
+    """Defence in depth: an adapter used without the activity builds requests only
+    from the checked settings."""
+    settings = ProviderSettings.from_env(provider_server.env())
+    pool = ProviderPool(secrets=settings.secrets())
+    call = plan_built_call(
+        provider, provider_options=_fill(options, other_server.base_url(provider))
+    )
+    try:
+        with pytest.raises(ProviderError) as info:
+            await pool.get(settings.config_for(provider)).complete(call, lambda _: None)
+    finally:
+        await pool.aclose()
+    assert info.value.error_type == ErrorType.REJECTED and field in info.value.message
+    assert other_server.requests == [] and provider_server.requests == []
 
 
 async def test_known_generation_settings_still_reach_the_workers_endpoint(

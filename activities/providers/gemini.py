@@ -41,8 +41,8 @@ from llmmixer.activities.providers.errors import (
 )
 from llmmixer.activities.providers.options import (
     GeminiOptions,
-    check_provider_options,
     checked_provider_options,
+    model_name_issue,
 )
 from llmmixer.activities.providers.settings import DEFAULT_BASE_URLS
 from llmmixer.activities.providers.structured import enforce_response_format
@@ -93,7 +93,10 @@ class GeminiAdapter:
         await self._client.aio.aclose()
 
     async def complete(self, call: LlmCall, on_text: TextCallback) -> ProviderResult:
-        check_provider_options("gemini", {}, call.model)
+        problem = model_name_issue("gemini", call.model)
+        if problem is not None:
+            # The model name is part of the URL; the key must not follow another path.
+            raise ProviderError(ErrorType.REJECTED, problem)
         config = self._generation_config(call)
         try:
             result = await self._stream(call, config, on_text)
