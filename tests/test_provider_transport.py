@@ -243,6 +243,26 @@ async def test_a_listed_step_base_url_is_called_without_the_workers_key(
     assert provider_server.requests == []
 
 
+@pytest.mark.parametrize("provider", ["openai", "anthropic"])
+async def test_a_listed_step_base_url_gets_no_gateway_credential_from_the_sdks_env_headers(
+    provider: str,
+    provider_server: FakeProviderServer,
+    other_server: FakeProviderServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The SDKs add ``*_CUSTOM_HEADERS`` from the process environment to every request."""
+    gateway = "gw-token-0123456789abcdef"
+    variable = f"{provider.upper()}_CUSTOM_HEADERS"
+    monkeypatch.setenv(variable, f"Authorization: Bearer {gateway}\nX-Gateway-Key: {gateway}")
+    acts = await _activities(
+        {**provider_server.env(), "LLMMIXER_ALLOWED_BASE_URLS": other_server.url}
+    )
+    await _run(acts, plan_built_call(provider, base_url=other_server.base_url(provider)))
+    assert other_server.count(provider) == 1
+    assert not any(r.carries(gateway) for r in other_server.requests)
+    assert_never_got_a_key(other_server)
+
+
 @pytest.mark.parametrize("provider", PROVIDERS)
 async def test_a_step_base_url_on_the_workers_host_but_another_path_gets_no_key(
     provider: str, provider_server: FakeProviderServer

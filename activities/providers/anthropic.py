@@ -27,6 +27,7 @@ from llmmixer.activities.providers.base import (
     ProviderError,
     ProviderResult,
     TextCallback,
+    keyless_headers,
 )
 from llmmixer.activities.providers.errors import (
     cut_stream_error,
@@ -65,6 +66,9 @@ class AnthropicAdapter:
             base_url=config.base_url or DEFAULT_BASE_URLS["anthropic"],
             timeout=config.timeout_s,
             max_retries=0,
+            default_headers=keyless_headers("ANTHROPIC_CUSTOM_HEADERS", omit)
+            if config.keyless
+            else None,
         )
 
     async def aclose(self) -> None:

@@ -18,9 +18,10 @@ Error model (every failure an adapter raises is a ``ProviderError``)::
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from llmmixer.activities.contracts import ErrorType, LlmCall, Usage
 
@@ -32,6 +33,7 @@ __all__ = [
     "ProviderError",
     "ProviderResult",
     "TextCallback",
+    "keyless_headers",
 ]
 
 TextCallback = Callable[[str], None]
@@ -46,6 +48,26 @@ NO_KEY_PLACEHOLDER = "not-needed"
 RETRYABLE_ERROR_TYPES: frozenset[str] = frozenset(
     {ErrorType.RETRYABLE, ErrorType.CIRCUIT_OPEN, ErrorType.INVALID_OUTPUT}
 )
+
+
+def keyless_headers(variable: str, omit: object) -> dict[str, Any]:
+    """``default_headers`` for a keyless client that cancel what the SDK adds on its own.
+
+    The openai and anthropic SDKs add every ``Name: value`` line of
+    ``OPENAI_CUSTOM_HEADERS`` / ``ANTHROPIC_CUSTOM_HEADERS`` from the process
+    environment to each request, ahead of their own key header; an operator's
+    gateway credential there must not reach a step's own endpoint either.
+    Each such header is dropped (``omit``, the SDK's own marker), and an
+    ``Authorization`` one carries the placeholder instead.
+    """
+    headers: dict[str, Any] = {}
+    for line in os.environ.get(variable, "").split("\n"):
+        name = line.split(":", 1)[0].strip() if ":" in line else ""
+        if name:
+            headers[name] = (
+                f"Bearer {NO_KEY_PLACEHOLDER}" if name.lower() == "authorization" else omit
+            )
+    return headers
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from llmmixer.activities.providers.base import (
     ProviderError,
     ProviderResult,
     TextCallback,
+    keyless_headers,
 )
 from llmmixer.activities.providers.errors import (
     cut_stream_error,
@@ -68,6 +69,9 @@ class OpenAIAdapter:
             base_url=config.base_url or DEFAULT_BASE_URLS["openai"],
             timeout=config.timeout_s,
             max_retries=0,
+            default_headers=keyless_headers("OPENAI_CUSTOM_HEADERS", omit)
+            if config.keyless
+            else None,
         )
 
     async def aclose(self) -> None:
