@@ -32,6 +32,7 @@ from llmmixer.activities.dry_run import dry_run_reply
 from llmmixer.activities.pricing import PriceTable
 from llmmixer.activities.providers.base import ProviderError, ProviderResult
 from llmmixer.activities.providers.breaker import BreakerBoard
+from llmmixer.activities.providers.options import check_provider_options
 from llmmixer.activities.providers.pool import ProviderPool
 from llmmixer.activities.providers.settings import ProviderSettings
 from llmmixer.activities.redaction import redact
@@ -142,6 +143,10 @@ class LlmActivities:
         )
 
     async def _call_provider(self, call: LlmCall, forward: Callable[[str], None]) -> ProviderResult:
+        # The trust boundary for calls from any spec or plan, however started:
+        # options that could move the request and step endpoints the operator
+        # did not list fail here, before a client is built or a breaker counts.
+        check_provider_options(call.provider, call.provider_options, call.model)
         config = self._providers.config_for(call.provider, call.base_url, call.timeout_s)
         progress = _Progress()
 

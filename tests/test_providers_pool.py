@@ -142,23 +142,80 @@ def test_config_for_uses_worker_endpoint_and_key() -> None:
     assert config == ProviderConfig("openai", "sk-o-1111111111", "https://proxy.example/v1", 12)
 
 
-def test_step_base_url_on_another_origin_gets_no_key() -> None:
+def test_step_base_url_is_the_workers_endpoint_only_when_it_is_the_same_url() -> None:
     s = ProviderSettings.from_env(ENV)
-    local = s.config_for("openai", "http://127.0.0.1:11434/v1")
-    assert local.base_url == "http://127.0.0.1:11434/v1" and local.api_key is None
-    same_origin = s.config_for("openai", "https://proxy.example/v2")
-    assert same_origin.api_key == "sk-o-1111111111"
-    default_origin = s.config_for("anthropic", "https://api.anthropic.com/")
-    assert default_origin.api_key == "sk-ant-2222222222"
+    same = s.config_for("openai", "HTTPS://Proxy.Example:443/v1/")
+    assert same == s.config_for("openai"), "the same endpoint spelled differently keeps the key"
+    default = s.config_for("anthropic", "https://api.anthropic.com/")
+    assert default.api_key == "sk-ant-2222222222" and not default.keyless
+    for elsewhere in (
+        "https://proxy.example/v2",  # the worker's host, another path: a shared gateway
+        "https://proxy.example/v1/../v2",
+        "http://proxy.example/v1",  # another scheme
+        "https://proxy.example:8443/v1",
+        "https://proxy.example.evil.example/v1",
+        "https://proxy.example@evil.example/v1",
+        "https://evil.example\\@proxy.example/v1",
+    ):
+        with pytest.raises(ProviderError) as info:
+            s.config_for("openai", elsewhere)
+        assert info.value.error_type == ErrorType.REJECTED, elsewhere
+        assert not info.value.retryable
 
 
-def test_step_base_url_elsewhere_for_a_keyed_provider_says_what_to_set() -> None:
+def test_step_base_url_elsewhere_names_the_operators_variable() -> None:
     s = ProviderSettings.from_env(ENV)
     with pytest.raises(ProviderError) as info:
         s.config_for("anthropic", "https://collector.example/")
-    assert info.value.error_type == ErrorType.AUTH
-    assert "set ANTHROPIC_BASE_URL on the worker" in info.value.message
-    assert "sk-ant" not in info.value.message
+    assert info.value.error_type == ErrorType.REJECTED
+    message = info.value.message
+    assert "LLMMIXER_ALLOWED_BASE_URLS=https://collector.example" in message
+    assert "ANTHROPIC_BASE_URL" in message and "sk-ant" not in message
+
+
+def test_a_listed_step_base_url_gets_no_key() -> None:
+    s = ProviderSettings.from_env(
+        {
+            **ENV,
+            "LLMMIXER_ALLOWED_BASE_URLS": " http://127.0.0.1:11434 ,https://llm.internal/v1/,",
+        }
+    )
+    assert s.allowed_base_urls == ("http://127.0.0.1:11434", "https://llm.internal/v1")
+    for provider in ("openai", "anthropic", "gemini"):
+        local = s.config_for(provider, "http://127.0.0.1:11434/v1")
+        assert local.keyless and local.api_key is None
+        assert local.base_url == "http://127.0.0.1:11434/v1"
+    assert s.config_for("openai", "https://llm.internal/v1/team-a").keyless
+    for outside in ("https://llm.internal/v10", "https://llm.internal/", "http://127.0.0.1:1"):
+        with pytest.raises(ProviderError, match="LLMMIXER_ALLOWED_BASE_URLS"):
+            s.config_for("openai", outside)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "localhost:11434",
+        "ftp://files.example",
+        "http://",
+        "https://user:pw@llm.example",
+        "http://llm.example/#frag",
+        "http://llm.example/a/../b",
+        "http://llm.example:port",
+        "http://llm .example",
+    ],
+)
+def test_a_bad_allowed_list_is_refused_naming_the_variable(value: str) -> None:
+    with pytest.raises(ValueError) as info:
+        ProviderSettings.from_env({"LLMMIXER_ALLOWED_BASE_URLS": f"http://ok.example,{value}"})
+    message = str(info.value)
+    assert message.startswith("LLMMIXER_ALLOWED_BASE_URLS: ")
+    assert "for example LLMMIXER_ALLOWED_BASE_URLS=http://127.0.0.1:11434" in message
+    assert "pw" not in message, "a password in the variable is not repeated"
+
+
+def test_unset_or_blank_allowed_list_allows_nothing() -> None:
+    assert ProviderSettings.from_env(ENV).allowed_base_urls == ()
+    assert ProviderSettings.from_env({"LLMMIXER_ALLOWED_BASE_URLS": " "}).allowed_base_urls == ()
 
 
 def test_config_for_unknown_provider() -> None:

@@ -9,7 +9,8 @@ arrived; otherwise it is a cut stream, retryable.
 The Messages API has no generic JSON mode that works on every model, so for
 ``response_format: json`` the format (and schema) is stated in the system
 prompt and the reply is validated afterwards. A step that wants Anthropic's
-structured outputs can pass ``output_config`` through ``provider_options``.
+structured outputs can pass ``output_config`` through ``provider_options``
+(``options.AnthropicOptions`` lists what they may set).
 """
 
 from __future__ import annotations
@@ -21,10 +22,12 @@ from anthropic.types import MessageParam
 
 from llmmixer.activities.contracts import LlmCall, Usage
 from llmmixer.activities.providers.base import (
+    NO_KEY_PLACEHOLDER,
     ProviderConfig,
     ProviderError,
     ProviderResult,
     TextCallback,
+    keyless_headers,
 )
 from llmmixer.activities.providers.errors import (
     cut_stream_error,
@@ -32,6 +35,7 @@ from llmmixer.activities.providers.errors import (
     missing_key_error,
     refusal_error,
 )
+from llmmixer.activities.providers.options import AnthropicOptions, checked_provider_options
 from llmmixer.activities.providers.settings import DEFAULT_BASE_URLS
 from llmmixer.activities.providers.structured import enforce_response_format, json_instruction
 
@@ -46,30 +50,43 @@ class AnthropicAdapter:
     provider = "anthropic"
 
     def __init__(self, config: ProviderConfig, *, secrets: Iterable[str] = ()) -> None:
-        if not config.api_key:
+        if config.keyless:
+            # A step's own endpoint: never the worker's key. The explicit
+            # placeholder also stops the SDK from finding one in the
+            # environment or a credentials profile on its own.
+            api_key = NO_KEY_PLACEHOLDER
+        elif config.api_key:
+            api_key = config.api_key
+        else:
             raise missing_key_error("anthropic")
         self._config = config
         self._secrets: tuple[str, ...] = tuple(s for s in (config.api_key, *secrets) if s)
         self._client = AsyncAnthropic(
-            api_key=config.api_key,
+            api_key=api_key,
             base_url=config.base_url or DEFAULT_BASE_URLS["anthropic"],
             timeout=config.timeout_s,
             max_retries=0,
+            default_headers=keyless_headers("ANTHROPIC_CUSTOM_HEADERS", omit)
+            if config.keyless
+            else None,
         )
 
     async def aclose(self) -> None:
         await self._client.close()
 
     async def complete(self, call: LlmCall, on_text: TextCallback) -> ProviderResult:
+        options = checked_provider_options("anthropic", AnthropicOptions, call.provider_options)
         try:
-            result = await self._stream(call, on_text)
+            result = await self._stream(call, options, on_text)
         except ProviderError:
             raise
         except Exception as exc:
             raise map_anthropic_error(exc, self._secrets, timeout_s=self._config.timeout_s) from exc
         return enforce_response_format(call, result)
 
-    async def _stream(self, call: LlmCall, on_text: TextCallback) -> ProviderResult:
+    async def _stream(
+        self, call: LlmCall, options: AnthropicOptions, on_text: TextCallback
+    ) -> ProviderResult:
         messages: list[MessageParam] = []
         for m in call.messages:
             if m.role == "assistant":
@@ -84,7 +101,7 @@ class AnthropicAdapter:
             extra["temperature"] = call.temperature
         if call.top_p is not None:
             extra["top_p"] = call.top_p
-        extra.update(call.provider_options)
+        extra.update(options.body())
         system = call.system or ""
         if call.response_format == "json":
             system = f"{system}\n\n{json_instruction(call.json_schema)}".strip()

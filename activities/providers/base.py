@@ -18,22 +18,29 @@ Error model (every failure an adapter raises is a ``ProviderError``)::
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from llmmixer.activities.contracts import ErrorType, LlmCall, Usage
 
 __all__ = [
+    "NO_KEY_PLACEHOLDER",
     "RETRYABLE_ERROR_TYPES",
     "ProviderAdapter",
     "ProviderConfig",
     "ProviderError",
     "ProviderResult",
     "TextCallback",
+    "keyless_headers",
 ]
 
 TextCallback = Callable[[str], None]
+
+# What a keyless endpoint is sent where an SDK insists on some key: explicit,
+# so the SDK never reads the worker's own key from the environment instead.
+NO_KEY_PLACEHOLDER = "not-needed"
 
 # Failures that another attempt may fix. CIRCUIT_OPEN is included because the
 # breaker closes again after its cool-down (``retry_after_s`` says when), and
@@ -41,6 +48,26 @@ TextCallback = Callable[[str], None]
 RETRYABLE_ERROR_TYPES: frozenset[str] = frozenset(
     {ErrorType.RETRYABLE, ErrorType.CIRCUIT_OPEN, ErrorType.INVALID_OUTPUT}
 )
+
+
+def keyless_headers(variable: str, omit: object) -> dict[str, Any]:
+    """``default_headers`` for a keyless client that cancel what the SDK adds on its own.
+
+    The openai and anthropic SDKs add every ``Name: value`` line of
+    ``OPENAI_CUSTOM_HEADERS`` / ``ANTHROPIC_CUSTOM_HEADERS`` from the process
+    environment to each request, ahead of their own key header; an operator's
+    gateway credential there must not reach a step's own endpoint either.
+    Each such header is dropped (``omit``, the SDK's own marker), and an
+    ``Authorization`` one carries the placeholder instead.
+    """
+    headers: dict[str, Any] = {}
+    for line in os.environ.get(variable, "").split("\n"):
+        name = line.split(":", 1)[0].strip() if ":" in line else ""
+        if name:
+            headers[name] = (
+                f"Bearer {NO_KEY_PLACEHOLDER}" if name.lower() == "authorization" else omit
+            )
+    return headers
 
 
 @dataclass(frozen=True)
@@ -55,12 +82,18 @@ class ProviderConfig:
     ``timeout_s`` is the SDK's network timeout: connect, and each read, so on
     a stream it bounds the silence between two chunks, not the whole reply
     (the activity's start-to-close timeout bounds that).
+
+    ``keyless`` marks a step's own endpoint that the operator allowed
+    (``LLMMIXER_ALLOWED_BASE_URLS``): the adapter sends no key there, only
+    a placeholder where the SDK insists on one, and never lets the SDK look
+    for a key in the process environment.
     """
 
     provider: str
     api_key: str | None = field(default=None, repr=False)
     base_url: str | None = None
     timeout_s: float = 600.0
+    keyless: bool = False
 
 
 @dataclass

@@ -7,9 +7,12 @@ explicit ``HttpRetryOptions(attempts=1)`` turns both off, so each request is
 sent once and every attempt is a Temporal attempt.
 
 ``provider_options`` may carry ``safety_settings`` (a list of
-``{"category": ..., "threshold": ...}``) and ``generation_config`` (any other
-``GenerateContentConfig`` field, e.g. ``top_k`` or ``thinking_config``). A
-stream counts as complete only once a candidate carried a ``finish_reason``.
+``{"category": ..., "threshold": ...}``) and ``generation_config`` (the
+``GenerateContentConfig`` fields that shape generation, e.g. ``top_k`` or
+``thinking_config``; ``options.GeminiGenerationConfig`` lists them). Never
+``http_options``: on a request it replaces the base URL and headers while the
+client still adds the worker's key. A stream counts as complete only once a
+candidate carried a ``finish_reason``.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from google.genai import types
 
 from llmmixer.activities.contracts import ErrorType, LlmCall, Usage
 from llmmixer.activities.providers.base import (
+    NO_KEY_PLACEHOLDER,
     ProviderConfig,
     ProviderError,
     ProviderResult,
@@ -35,6 +39,11 @@ from llmmixer.activities.providers.errors import (
     redact,
     refusal_error,
 )
+from llmmixer.activities.providers.options import (
+    GeminiOptions,
+    checked_provider_options,
+    model_name_issue,
+)
 from llmmixer.activities.providers.settings import DEFAULT_BASE_URLS
 from llmmixer.activities.providers.structured import enforce_response_format
 
@@ -45,7 +54,6 @@ __all__ = ["GeminiAdapter"]
 _REFUSALS = frozenset(
     {"SAFETY", "RECITATION", "BLOCKLIST", "PROHIBITED_CONTENT", "SPII", "IMAGE_SAFETY"}
 )
-_KNOWN_OPTIONS = frozenset({"safety_settings", "generation_config"})
 
 
 def _enum_text(value: Any) -> str | None:
@@ -60,12 +68,19 @@ class GeminiAdapter:
     provider = "gemini"
 
     def __init__(self, config: ProviderConfig, *, secrets: Iterable[str] = ()) -> None:
-        if not config.api_key:
+        if config.keyless:
+            # A step's own endpoint: never the worker's key. The explicit
+            # placeholder also stops the SDK from reading GEMINI_API_KEY or
+            # GOOGLE_API_KEY from the environment on its own.
+            api_key = NO_KEY_PLACEHOLDER
+        elif config.api_key:
+            api_key = config.api_key
+        else:
             raise missing_key_error("gemini")
         self._config = config
         self._secrets: tuple[str, ...] = tuple(s for s in (config.api_key, *secrets) if s)
         self._client = genai.Client(
-            api_key=config.api_key,
+            api_key=api_key,
             vertexai=False,
             http_options=types.HttpOptions(
                 base_url=config.base_url or DEFAULT_BASE_URLS["gemini"],
@@ -78,6 +93,10 @@ class GeminiAdapter:
         await self._client.aio.aclose()
 
     async def complete(self, call: LlmCall, on_text: TextCallback) -> ProviderResult:
+        problem = model_name_issue("gemini", call.model)
+        if problem is not None:
+            # The model name is part of the URL; the key must not follow another path.
+            raise ProviderError(ErrorType.REJECTED, problem)
         config = self._generation_config(call)
         try:
             result = await self._stream(call, config, on_text)
@@ -88,14 +107,11 @@ class GeminiAdapter:
         return enforce_response_format(call, result)
 
     def _generation_config(self, call: LlmCall) -> types.GenerateContentConfig:
-        unknown = sorted(set(call.provider_options) - _KNOWN_OPTIONS)
-        if unknown:
-            raise ProviderError(
-                ErrorType.REJECTED,
-                f"unknown gemini provider_options {unknown}: use safety_settings or "
-                "generation_config",
-            )
-        fields: dict[str, Any] = dict(call.provider_options.get("generation_config") or {})
+        options = checked_provider_options("gemini", GeminiOptions, call.provider_options)
+        # Built from the checked model only: no key of the raw mapping reaches the SDK.
+        fields: dict[str, Any] = (
+            options.generation_config.body() if options.generation_config is not None else {}
+        )
         if call.system:
             fields["system_instruction"] = call.system
         if call.max_tokens is not None:
@@ -112,8 +128,8 @@ class GeminiAdapter:
                 # Plain JSON Schema, as the step gives it (``response_schema``
                 # wants Google's OpenAPI subset instead).
                 fields["response_json_schema"] = call.json_schema
-        if call.provider_options.get("safety_settings") is not None:
-            fields["safety_settings"] = call.provider_options["safety_settings"]
+        if options.safety_settings is not None:
+            fields["safety_settings"] = [setting.body() for setting in options.safety_settings]
         try:
             return types.GenerateContentConfig(**fields)
         except pydantic.ValidationError as exc:

@@ -21,10 +21,12 @@ from openai.types.responses import ResponseInputParam
 
 from llmmixer.activities.contracts import ErrorType, LlmCall, Usage
 from llmmixer.activities.providers.base import (
+    NO_KEY_PLACEHOLDER,
     ProviderConfig,
     ProviderError,
     ProviderResult,
     TextCallback,
+    keyless_headers,
 )
 from llmmixer.activities.providers.errors import (
     cut_stream_error,
@@ -33,14 +35,11 @@ from llmmixer.activities.providers.errors import (
     refusal_error,
     stream_reported_error,
 )
+from llmmixer.activities.providers.options import OpenAIOptions, checked_provider_options
 from llmmixer.activities.providers.settings import DEFAULT_BASE_URLS
 from llmmixer.activities.providers.structured import enforce_response_format
 
 __all__ = ["OpenAIAdapter"]
-
-# Local OpenAI-compatible servers (Ollama, vLLM) ignore the key but the SDK
-# insists on one; this placeholder is only used when a base_url is set.
-NO_KEY_PLACEHOLDER = "not-needed"
 
 
 class OpenAIAdapter:
@@ -49,7 +48,10 @@ class OpenAIAdapter:
     provider = "openai"
 
     def __init__(self, config: ProviderConfig, *, secrets: Iterable[str] = ()) -> None:
-        key = config.api_key
+        # Local OpenAI-compatible servers (Ollama, vLLM) ignore the key but the
+        # SDK insists on one: a step's own endpoint, or a worker endpoint
+        # configured without a key, gets the placeholder.
+        key = None if config.keyless else config.api_key
         if not key:
             if not config.base_url:
                 raise missing_key_error("openai")
@@ -67,17 +69,21 @@ class OpenAIAdapter:
             base_url=config.base_url or DEFAULT_BASE_URLS["openai"],
             timeout=config.timeout_s,
             max_retries=0,
+            default_headers=keyless_headers("OPENAI_CUSTOM_HEADERS", omit)
+            if config.keyless
+            else None,
         )
 
     async def aclose(self) -> None:
         await self._client.close()
 
     async def complete(self, call: LlmCall, on_text: TextCallback) -> ProviderResult:
+        options = checked_provider_options("openai", OpenAIOptions, call.provider_options)
         try:
             if call.api == "responses":
-                result = await self._responses(call, on_text)
+                result = await self._responses(call, options, on_text)
             else:
-                result = await self._chat(call, on_text)
+                result = await self._chat(call, options, on_text)
         except ProviderError:
             raise
         except Exception as exc:
@@ -86,7 +92,9 @@ class OpenAIAdapter:
 
     # --- Chat Completions --------------------------------------------------------------
 
-    async def _chat(self, call: LlmCall, on_text: TextCallback) -> ProviderResult:
+    async def _chat(
+        self, call: LlmCall, options: OpenAIOptions, on_text: TextCallback
+    ) -> ProviderResult:
         messages: list[ChatCompletionMessageParam] = []
         if call.system:
             messages.append({"role": "system", "content": call.system})
@@ -116,7 +124,7 @@ class OpenAIAdapter:
             top_p=call.top_p if call.top_p is not None else omit,
             stop=list(call.stop) if call.stop else omit,
             response_format=response_format,
-            extra_body=call.provider_options or None,
+            extra_body=options.body() or None,
         )
         parts: list[str] = []
         finish_reason: str | None = None
@@ -152,7 +160,9 @@ class OpenAIAdapter:
 
     # --- Responses ---------------------------------------------------------------------
 
-    async def _responses(self, call: LlmCall, on_text: TextCallback) -> ProviderResult:
+    async def _responses(
+        self, call: LlmCall, options: OpenAIOptions, on_text: TextCallback
+    ) -> ProviderResult:
         if call.stop:
             raise ProviderError(
                 ErrorType.REJECTED,
@@ -182,7 +192,7 @@ class OpenAIAdapter:
             temperature=call.temperature if call.temperature is not None else omit,
             top_p=call.top_p if call.top_p is not None else omit,
             text=text_config,
-            extra_body=call.provider_options or None,
+            extra_body=options.body() or None,
         )
         parts: list[str] = []
         finish_reason: str | None = None

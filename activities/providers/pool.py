@@ -2,9 +2,9 @@
 
 SDK clients own connection pools, so they are built once and reused across
 activity executions. Each distinct :class:`ProviderConfig` (provider, key,
-base URL, timeout) gets its own adapter: two endpoints or two keys never share
-a client. All state lives on the pool instance, which the worker creates and
-passes into its class-based activities.
+base URL, timeout, keyless) gets its own adapter: two endpoints or two keys
+never share a client. All state lives on the pool instance, which the worker
+creates and passes into its class-based activities.
 """
 
 from __future__ import annotations

@@ -1,20 +1,25 @@
 """Provider keys and endpoints, read once on the worker from the contract's variables.
 
-Only these variables are read (contract section 3): ``ANTHROPIC_API_KEY``,
-``ANTHROPIC_BASE_URL``, ``OPENAI_API_KEY``, ``OPENAI_BASE_URL``,
-``GEMINI_API_KEY`` (or ``GOOGLE_API_KEY`` when it is unset),
-``GOOGLE_GEMINI_BASE_URL``. The mapping is passed in rather than read from
+Only these variables are read: ``ANTHROPIC_API_KEY``, ``ANTHROPIC_BASE_URL``,
+``OPENAI_API_KEY``, ``OPENAI_BASE_URL``, ``GEMINI_API_KEY`` (or
+``GOOGLE_API_KEY`` when it is unset), ``GOOGLE_GEMINI_BASE_URL``, and
+``LLMMIXER_ALLOWED_BASE_URLS``. The mapping is passed in rather than read from
 ``os.environ`` here so tests and ``llmmixer doctor`` can inspect any
 environment without touching the process's own.
 
-A per-step ``base_url`` (from the spec) only receives the worker's key when it
-points at the same origin as the worker's configured endpoint. Otherwise a spec
-could send the key to any server it names; a local OpenAI-compatible server
-(Ollama, vLLM) needs no key anyway.
+Where a key may go: only to the endpoint the worker's environment configures
+for its provider (or the SDK's default). A spec or a plan is not trusted with
+more. A step's own ``base_url`` that is that same endpoint keeps the key; any
+other is called only when the operator lists it in
+``LLMMIXER_ALLOWED_BASE_URLS``, and then without any key (a local
+OpenAI-compatible server needs none). "The same endpoint" means the same
+scheme, host, port and path: another path on the worker's host is another
+server as far as keys go (a shared gateway routes paths to different owners).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,7 +28,12 @@ from urllib.parse import urlsplit, urlunsplit
 from llmmixer.activities.contracts import ErrorType
 from llmmixer.activities.providers.base import ProviderConfig, ProviderError
 
-__all__ = ["DEFAULT_BASE_URLS", "ProviderSettings"]
+__all__ = [
+    "ALLOWED_BASE_URLS_VARIABLE",
+    "DEFAULT_BASE_URLS",
+    "ProviderSettings",
+    "parse_allowed_base_urls",
+]
 
 # The SDKs' own defaults, written out so a client never falls back to reading
 # the process environment behind our back.
@@ -32,6 +42,92 @@ DEFAULT_BASE_URLS: Mapping[str, str] = {
     "openai": "https://api.openai.com/v1",
     "gemini": "https://generativelanguage.googleapis.com/",
 }
+
+ALLOWED_BASE_URLS_VARIABLE = "LLMMIXER_ALLOWED_BASE_URLS"
+_ALLOWED_EXAMPLE = (
+    f"{ALLOWED_BASE_URLS_VARIABLE}=http://127.0.0.1:11434,https://llm.internal.example/v1"
+)
+_BASE_URL_VARIABLES: Mapping[str, str] = {
+    "anthropic": "ANTHROPIC_BASE_URL",
+    "openai": "OPENAI_BASE_URL",
+    "gemini": "GOOGLE_GEMINI_BASE_URL",
+}
+# Characters a plain URL needs. Anything else (backslashes, spaces, controls,
+# non-ASCII, '#') is where URL parsers disagree about the host, so a URL with
+# one is refused rather than interpreted.
+_URL_CHARS = re.compile(r"[A-Za-z0-9\-._~:/?\[\]@!$&'()*+,;=%]+")
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+@dataclass(frozen=True)
+class _Endpoint:
+    """A base URL reduced to what decides which server gets the request."""
+
+    scheme: str
+    host: str
+    port: int
+    path: str  # no trailing slash; "" for the root
+
+    def covers(self, other: _Endpoint) -> bool:
+        """Whether ``other`` is this endpoint or lies under its path."""
+        if (self.scheme, self.host, self.port) != (other.scheme, other.host, other.port):
+            return False
+        return not self.path or other.path == self.path or other.path.startswith(self.path + "/")
+
+    def text(self) -> str:
+        default = _DEFAULT_PORTS[self.scheme] == self.port
+        netloc = self.host if default else f"{self.host}:{self.port}"
+        return f"{self.scheme}://{netloc}{self.path}"
+
+
+def _endpoint(url: str) -> _Endpoint:
+    """Parse a base URL strictly; ``ValueError`` says what is wrong with it."""
+    if not _URL_CHARS.fullmatch(url):
+        raise ValueError("it has characters a plain http(s) URL does not (spaces, '\\', '#', ...)")
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme not in _DEFAULT_PORTS:
+        raise ValueError("it must start with http:// or https://")
+    if "@" in parts.netloc:
+        raise ValueError("it must not carry a user name or password")
+    host = (parts.hostname or "").lower()
+    if not host:
+        raise ValueError("it has no host")
+    try:
+        port = parts.port or _DEFAULT_PORTS[scheme]
+    except ValueError:
+        raise ValueError("its port is not a number") from None
+    segments = parts.path.split("/")
+    if "%" in parts.path or "." in segments or ".." in segments:
+        raise ValueError("its path must not have '.', '..' or %-escapes")
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return _Endpoint(scheme, host, port, parts.path.rstrip("/"))
+
+
+def parse_allowed_base_urls(raw: str) -> tuple[str, ...]:
+    """``LLMMIXER_ALLOWED_BASE_URLS`` as normalised URL prefixes.
+
+    A comma list of origins (``http://127.0.0.1:11434``) or URL prefixes
+    (``https://llm.internal.example/v1``). A bad entry raises ``ValueError``
+    naming the variable, with an example.
+    """
+    entries: list[str] = []
+    for item in raw.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        try:
+            endpoint = _endpoint(item)
+        except ValueError as error:
+            raise ValueError(
+                f"{ALLOWED_BASE_URLS_VARIABLE}: {_display_url(item)!r} is not an origin or "
+                f"URL prefix ({error}); list http(s) origins or URL prefixes separated by commas, "
+                f"for example {_ALLOWED_EXAMPLE}"
+            ) from None
+        if endpoint.text() not in entries:
+            entries.append(endpoint.text())
+    return tuple(entries)
 
 
 def _value(environ: Mapping[str, str], name: str) -> str | None:
@@ -42,16 +138,14 @@ def _value(environ: Mapping[str, str], name: str) -> str | None:
     return raw or None
 
 
-def _origin(url: str) -> tuple[str, str]:
-    parts = urlsplit(url)
-    return (parts.scheme.lower(), parts.netloc.lower())
-
-
 def _display_url(url: str) -> str:
     """A base URL without userinfo or query string, which could carry a token."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    netloc = f"{host}:{parts.port}" if parts.port else host
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        netloc = f"{host}:{parts.port}" if parts.port else host
+    except ValueError:
+        return "(unparseable URL)"
     return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
@@ -67,10 +161,23 @@ class ProviderSettings:
     gemini_base_url: str | None = None
     # Which variable the Gemini key came from, for ``describe``.
     gemini_key_variable: str = "GEMINI_API_KEY"
+    #: Other servers a step's ``base_url`` may name (``LLMMIXER_ALLOWED_BASE_URLS``),
+    #: normalised; they are called without any key. ``llmmixer doctor`` shows them.
+    allowed_base_urls: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        # Constructed directly (tests, embedders) the list is held to the same rules.
+        object.__setattr__(
+            self, "allowed_base_urls", parse_allowed_base_urls(",".join(self.allowed_base_urls))
+        )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> ProviderSettings:
-        """Read the contract's variables from ``environ`` (blank values count as unset)."""
+        """Read the contract's variables from ``environ`` (blank values count as unset).
+
+        A bad ``LLMMIXER_ALLOWED_BASE_URLS`` raises ``ValueError`` naming it, so
+        a worker refuses to start rather than guess what the operator meant.
+        """
         gemini_key = _value(environ, "GEMINI_API_KEY")
         gemini_var = "GEMINI_API_KEY"
         if gemini_key is None:
@@ -85,6 +192,9 @@ class ProviderSettings:
             gemini_api_key=gemini_key,
             gemini_base_url=_value(environ, "GOOGLE_GEMINI_BASE_URL"),
             gemini_key_variable=gemini_var,
+            allowed_base_urls=parse_allowed_base_urls(
+                _value(environ, ALLOWED_BASE_URLS_VARIABLE) or ""
+            ),
         )
 
     def _pair(self, provider: str) -> tuple[str | None, str | None]:
@@ -101,33 +211,53 @@ class ProviderSettings:
     ) -> ProviderConfig:
         """The client configuration for one call.
 
-        ``base_url_override`` is the step's own endpoint; when its origin
-        differs from the worker's endpoint for ``provider`` the config carries
-        no key (see the module docstring). For Anthropic and Gemini, which
-        need a key, that raises ``ProviderError(AUTH)`` saying which variable
-        to set on the worker instead.
+        ``base_url_override`` is the step's own endpoint (``base_url`` of the
+        step or of a fallback target). When it is the worker's endpoint for
+        ``provider`` the call is as if it were unset (with the worker's key).
+        When the operator lists it in ``LLMMIXER_ALLOWED_BASE_URLS`` the config
+        is ``keyless``: no key at all goes there. Otherwise it raises a
+        non-retryable ``ProviderError(REJECTED)`` naming that variable.
         """
         key, base_url = self._pair(provider)
-        if base_url_override:
-            worker_url = base_url or DEFAULT_BASE_URLS[provider]
-            if _origin(base_url_override) != _origin(worker_url):
-                if key is not None and provider != "openai":
-                    # Only OpenAI-compatible servers commonly run without a key.
-                    var = (
-                        "ANTHROPIC_BASE_URL"
-                        if provider == "anthropic"
-                        else ("GOOGLE_GEMINI_BASE_URL")
-                    )
-                    raise ProviderError(
-                        ErrorType.AUTH,
-                        f"the step's base_url {_display_url(base_url_override)} is not the "
-                        f"worker's {provider} endpoint, so the worker's key is not sent there: "
-                        f"set {var} on the worker to use that endpoint",
-                    )
-                key = None
-            base_url = base_url_override
+        if base_url_override and not self._is_worker_endpoint(provider, base_url_override):
+            self._require_allowed(provider, base_url_override)
+            return ProviderConfig(
+                provider=provider, base_url=base_url_override, timeout_s=timeout_s, keyless=True
+            )
         return ProviderConfig(
             provider=provider, api_key=key, base_url=base_url, timeout_s=timeout_s
+        )
+
+    def _is_worker_endpoint(self, provider: str, url: str) -> bool:
+        worker_url = self._pair(provider)[1] or DEFAULT_BASE_URLS[provider]
+        try:
+            return _endpoint(url) == _endpoint(worker_url)
+        except ValueError:
+            # A worker endpoint outside the strict form is the operator's own
+            # choice; a step matches it only by spelling it the same.
+            return url.rstrip("/") == worker_url.rstrip("/")
+
+    def _require_allowed(self, provider: str, url: str) -> None:
+        try:
+            wanted = _endpoint(url)
+        except ValueError as error:
+            raise ProviderError(
+                ErrorType.REJECTED,
+                f"the step's base_url {_display_url(url)} is not a plain http(s) URL ({error}); "
+                "fix the step's base_url",
+            ) from None
+        if any(_endpoint(entry).covers(wanted) for entry in self.allowed_base_urls):
+            return
+        worker_url = self._pair(provider)[1] or DEFAULT_BASE_URLS[provider]
+        origin = _Endpoint(wanted.scheme, wanted.host, wanted.port, "").text()
+        raise ProviderError(
+            ErrorType.REJECTED,
+            f"the step's base_url {wanted.text()} is not this worker's {provider} endpoint "
+            f"({_display_url(worker_url)}) and is not listed in {ALLOWED_BASE_URLS_VARIABLE}. "
+            f"To call that server without the worker's key, the worker's operator adds it to "
+            f"{ALLOWED_BASE_URLS_VARIABLE} (e.g. {ALLOWED_BASE_URLS_VARIABLE}={origin}); to "
+            f"send the worker's key there, the operator sets {_BASE_URL_VARIABLES[provider]} "
+            "instead. A spec or plan cannot choose where a key goes",
         )
 
     def secrets(self) -> tuple[str, ...]:

@@ -2,6 +2,8 @@
 
 ``provider_server``  a started :class:`FakeProviderServer` for one test
                      (``.url``, ``.openai_base_url``, ``.script(...)``, ``.calls``).
+``other_server``     a second fake server for one test: the one a spec or plan
+                     would like the worker's key to reach (it must never get it).
 ``provider_env``     sets ``OPENAI_BASE_URL``/``ANTHROPIC_BASE_URL``/
                      ``GOOGLE_GEMINI_BASE_URL`` to the fake server and the three
                      keys to fake values; returns the mapping it set.
@@ -36,6 +38,7 @@ __all__ = [
     "RecordedCall",
     "Reply",
     "llm_call",
+    "other_server",
     "provider_env",
     "provider_pool",
     "provider_server",
@@ -102,6 +105,15 @@ def _loopback_only(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture
 def provider_server() -> Iterator[FakeProviderServer]:
+    server = FakeProviderServer().start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def other_server() -> Iterator[FakeProviderServer]:
     server = FakeProviderServer().start()
     try:
         yield server

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-__all__ = ["FAKE_KEYS", "FakeProviderServer", "RecordedCall", "Reply"]
+__all__ = ["FAKE_KEYS", "FakeProviderServer", "RawRequest", "RecordedCall", "Reply"]
 
 # Keys the fixtures put in the environment; shaped like real ones so the
 # generic redaction patterns are exercised too.
@@ -128,6 +128,30 @@ class RecordedCall:
         return self.credential_fingerprint == _fingerprint(key)
 
 
+@dataclass(frozen=True)
+class RawRequest:
+    """Every request the server read, routed or not, as it arrived (headers lower-cased).
+
+    Security tests read these to prove a server never saw a key: a request
+    that matched no route (a 404) is still a request that may have carried one.
+    """
+
+    method: str
+    target: str  # path and query string, as sent
+    headers: Mapping[str, str]
+    body: bytes
+
+    def carries(self, secret: str) -> bool:
+        """Whether ``secret`` appears anywhere in this request: target, any header, body."""
+        if not secret:
+            return False
+        return (
+            secret in self.target
+            or any(secret in v for v in self.headers.values())
+            or secret.encode() in self.body
+        )
+
+
 def _fingerprint(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()[:16]
 
@@ -139,6 +163,7 @@ class _Request:
     query: dict[str, list[str]]
     headers: dict[str, str]
     body: bytes
+    target: str = ""
 
 
 class FakeProviderServer:
@@ -152,6 +177,7 @@ class FakeProviderServer:
         self._lock = threading.Lock()
         self._queues: dict[str, list[tuple[str | None, Reply]]] = {}
         self._calls: list[RecordedCall] = []
+        self._requests: list[RawRequest] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._server: asyncio.Server | None = None
@@ -252,6 +278,7 @@ class FakeProviderServer:
         with self._lock:
             self._queues.clear()
             self._calls.clear()
+            self._requests.clear()
         self.chunk_delay_s = 0.0
 
     # --- inspection --------------------------------------------------------------------
@@ -260,6 +287,12 @@ class FakeProviderServer:
     def calls(self) -> list[RecordedCall]:
         with self._lock:
             return list(self._calls)
+
+    @property
+    def requests(self) -> list[RawRequest]:
+        """Every request read so far, including ones no route answered."""
+        with self._lock:
+            return list(self._requests)
 
     def count(self, provider: str | None = None, model: str | None = None) -> int:
         return sum(
@@ -334,6 +367,10 @@ class FakeProviderServer:
         try:
             request = await _read_request(reader)
             if request is not None:
+                with self._lock:
+                    self._requests.append(
+                        RawRequest(request.method, request.target, request.headers, request.body)
+                    )
                 await self._dispatch(request, reader, writer)
         except (ConnectionError, asyncio.IncompleteReadError):
             pass  # the client went away; nothing to answer
@@ -820,7 +857,7 @@ async def _read_request(reader: asyncio.StreamReader) -> _Request | None:
     else:
         body = await reader.readexactly(int(headers.get("content-length", "0")))
     parts = urlsplit(target)
-    return _Request(method, parts.path, parse_qs(parts.query), headers, body)
+    return _Request(method, parts.path, parse_qs(parts.query), headers, body, target)
 
 
 def _status_line(status: int) -> bytes:
