@@ -20,7 +20,7 @@ from temporalio.service import RPCError
 
 from llmmixer.activities.contracts import EventType
 from llmmixer.client.audit import add_audit_parser, cmd_audit
-from llmmixer.client.display import ProgressView, progress_table, unblock_hints
+from llmmixer.client.display import ProgressView, progress_table, terminal_safe, unblock_hints
 from llmmixer.client.local import TemporalUnreachable, temporal_for_run
 from llmmixer.client.mixer import InterventionRefused, MixerClient, MixerHandle, RunFailed
 from llmmixer.client.specfile import parse_inputs, prepare_spec, read_spec, spec_warnings
@@ -173,13 +173,16 @@ async def _report_end(handle: MixerHandle, progress: RunProgress | None) -> int:
     description = await handle.temporal.describe()
     if description.status == WorkflowExecutionStatus.COMPLETED:
         result = await handle.result()
-        print(result.output or "")
+        output = result.output or ""
+        # On a terminal the output could drive it (clipboard, links, cursor);
+        # into a file or a pipe it goes unchanged.
+        print(terminal_safe(output) if sys.stdout.isatty() else output)
         return EXIT_OK
     if description.status in _CLOSED:
         try:
             await handle.result()
         except RunFailed as error:
-            _err(f"run {handle.id} {description.status.name.lower()}: {error}")
+            _err(terminal_safe(f"run {handle.id} {description.status.name.lower()}: {error}"))
         return EXIT_FAILED
     assert progress is not None
     _err(f"run {handle.id} is waiting for a person:")
@@ -204,7 +207,7 @@ async def cmd_status(args: argparse.Namespace) -> int:
         for line in unblock_hints(handle.id, progress):
             print(line)
         if progress.error:
-            print(f"error: {progress.error}")
+            print(terminal_safe(f"error: {progress.error}"))
     return {
         RunStatus.COMPLETED: EXIT_OK,
         RunStatus.WAITING: EXIT_WAITING,
