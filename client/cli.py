@@ -28,6 +28,7 @@ from llmmixer.client.watch import EventPump, retrying
 from llmmixer.workers.connection import Connection
 from llmmixer.workers.devserver import EmbeddedServerError
 from llmmixer.workers.health import HealthServer, ReadinessState
+from llmmixer.workers.storage import add_codec_server_arguments
 from llmmixer.workers.telemetry import flush_telemetry
 from llmmixer.workflows.records import RunProgress, RunStatus
 from llmmixer.workflows.validation import SpecError, validate_spec
@@ -358,6 +359,12 @@ async def cmd_serve(args: argparse.Namespace) -> int:
     return await serve(args.host, args.port)
 
 
+async def cmd_codec_server(args: argparse.Namespace) -> int:
+    from llmmixer.workers.storage import codec_server_command
+
+    return await codec_server_command(args.host, args.port, args.allow_origin)
+
+
 # ---- parser -----------------------------------------------------------------------
 
 
@@ -431,6 +438,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--host", default="127.0.0.1", help="beyond loopback needs LLMMIXER_API_TOKEN"
     )
     serve.add_argument("--port", type=int, default=8765)
+
+    codec = sub.add_parser(
+        "codec-server",
+        help="decrypt payloads for the Temporal CLI and Web UI (as LLMMIXER_PAYLOAD_KEY allows)",
+    )
+    add_codec_server_arguments(codec)
     return parser
 
 
@@ -451,6 +464,7 @@ _ASYNC: dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, int]]] = {
     "worker": cmd_worker,
     "doctor": cmd_doctor,
     "serve": cmd_serve,
+    "codec-server": cmd_codec_server,
 }
 
 
