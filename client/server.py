@@ -894,7 +894,6 @@ def create_app(mixer: MixerClient, settings: ServeSettings | None = None) -> Fas
         policy=GuardPolicy(
             token_variable=TOKEN_ENV,
             token_set=settings.token is not None,
-            hint="`llmmixer serve` prints its address when it starts",
         ),
         respond=_refused,
     )

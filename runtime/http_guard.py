@@ -167,16 +167,22 @@ def _origin_host(origin: str) -> str | None:
     return parts.netloc.lower()
 
 
-def check_request(method: str, headers: Mapping[str, str], policy: GuardPolicy) -> Refusal | None:
-    """Why a request must be refused, or ``None``. ``headers`` has lower-case names."""
+def check_request(
+    method: str, headers: Mapping[str, str], policy: GuardPolicy, *, port: int | None = None
+) -> Refusal | None:
+    """Why a request must be refused, or ``None``.
+
+    ``headers`` has lower-case names; ``port`` is the server's, for the advice.
+    """
     host = headers.get("host")
     if not policy.token_set and not host_is_loopback(host):
+        address = f"http://127.0.0.1:{port or 'PORT'}/"
         return Refusal(
             403,
             f"refused: the Host {host!r} is not a loopback name. Without "
             f"{policy.token_variable} this server answers only requests addressed to "
             "localhost, 127.0.0.1 or [::1], so a web page whose name points at this machine "
-            f"(DNS rebinding) cannot use it. Open it as http://127.0.0.1:PORT/, or set "
+            f"(DNS rebinding) cannot use it. Use {address}, or set "
             f"{policy.token_variable} on the server and send it as a Bearer token"
             + (f"; {policy.hint}" if policy.hint else ""),
         )
@@ -189,24 +195,25 @@ def check_request(method: str, headers: Mapping[str, str], policy: GuardPolicy) 
             return Refusal(
                 403,
                 f"refused: the browser says this request comes from another site "
-                f"(Sec-Fetch-Site: {fetch_site}); a page may change runs only on its own "
-                "origin. Use the server's own page, or send the request from a script or "
-                "`curl` (no Origin header)",
+                f"(Sec-Fetch-Site: {fetch_site}); only the server's own page may send it. "
+                "Use that page, or send the request from a script or `curl` (no Origin "
+                "header)",
             )
         if origin is not None and _origin_host(origin) != (host or "").strip().lower():
             return Refusal(
                 403,
                 f"refused: the request comes from the origin {origin!r}, not from this "
-                f"server's own ({host!r}); a page on another origin may not change runs. "
+                f"server's own ({host!r}); a page on another origin may not send it. "
                 "Use the server's own page, or send the request from a script or `curl` "
                 "(no Origin header)",
             )
     if policy.require_json and _media_type(headers.get("content-type")) != "application/json":
         return Refusal(
             415,
-            "refused: a request that changes something must have the header "
-            "`Content-Type: application/json` and a JSON body (`{}` when there is nothing "
-            "to say), for example `curl -H 'Content-Type: application/json' -d '{}' ...`",
+            f"refused: a {method.upper()} must have the header `Content-Type: application/json` "
+            "and a JSON body (`{}` when there is nothing to send), which a page on another "
+            "site cannot send without this server's permission; for example "
+            "`curl -H 'Content-Type: application/json' -d '{}' URL`",
         )
     return None
 
@@ -246,7 +253,9 @@ class RequestGuard:
         for name, value in scope.get("headers") or []:
             # A repeated header keeps its first value: the one every check sees.
             headers.setdefault(name.decode("latin-1").lower(), value.decode("latin-1"))
-        refusal = check_request(scope["method"], headers, self.policy)
+        server = scope.get("server")
+        port = server[1] if server and len(server) > 1 else None
+        refusal = check_request(scope["method"], headers, self.policy, port=port)
         if refusal is None:
             await self.app(scope, receive, send)
             return

@@ -527,7 +527,7 @@ def codec_app(
             token_variable=CODEC_TOKEN_ENV,
             token_set=token is not None,
             allowed_origins=frozenset({allow_origin}),
-            hint="point the Temporal CLI or Web UI at http://127.0.0.1:PORT",
+            hint="give that address to --codec-endpoint or the Web UI's Codec Server setting",
         ),
         respond=lambda refusal: error(refusal.status, refusal.message),
     )
