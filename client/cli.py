@@ -20,7 +20,7 @@ from temporalio.service import RPCError
 
 from llmmixer.activities.contracts import EventType
 from llmmixer.client.audit import add_audit_parser, cmd_audit
-from llmmixer.client.display import ProgressView, progress_table, unblock_hints
+from llmmixer.client.display import ProgressView, progress_table, terminal_safe, unblock_hints
 from llmmixer.client.local import TemporalUnreachable, temporal_for_run
 from llmmixer.client.mixer import InterventionRefused, MixerClient, MixerHandle, RunFailed
 from llmmixer.client.specfile import parse_inputs, prepare_spec, read_spec, spec_warnings
@@ -28,6 +28,7 @@ from llmmixer.client.watch import EventPump, retrying
 from llmmixer.workers.connection import Connection
 from llmmixer.workers.devserver import EmbeddedServerError
 from llmmixer.workers.health import HealthServer, ReadinessState
+from llmmixer.workers.storage import add_codec_server_arguments
 from llmmixer.workers.telemetry import flush_telemetry
 from llmmixer.workflows.records import RunProgress, RunStatus
 from llmmixer.workflows.validation import SpecError, validate_spec
@@ -173,13 +174,16 @@ async def _report_end(handle: MixerHandle, progress: RunProgress | None) -> int:
     description = await handle.temporal.describe()
     if description.status == WorkflowExecutionStatus.COMPLETED:
         result = await handle.result()
-        print(result.output or "")
+        output = result.output or ""
+        # On a terminal the output could drive it (clipboard, links, cursor);
+        # into a file or a pipe it goes unchanged.
+        print(terminal_safe(output) if sys.stdout.isatty() else output)
         return EXIT_OK
     if description.status in _CLOSED:
         try:
             await handle.result()
         except RunFailed as error:
-            _err(f"run {handle.id} {description.status.name.lower()}: {error}")
+            _err(terminal_safe(f"run {handle.id} {description.status.name.lower()}: {error}"))
         return EXIT_FAILED
     assert progress is not None
     _err(f"run {handle.id} is waiting for a person:")
@@ -204,7 +208,7 @@ async def cmd_status(args: argparse.Namespace) -> int:
         for line in unblock_hints(handle.id, progress):
             print(line)
         if progress.error:
-            print(f"error: {progress.error}")
+            print(terminal_safe(f"error: {progress.error}"))
     return {
         RunStatus.COMPLETED: EXIT_OK,
         RunStatus.WAITING: EXIT_WAITING,
@@ -355,6 +359,12 @@ async def cmd_serve(args: argparse.Namespace) -> int:
     return await serve(args.host, args.port)
 
 
+async def cmd_codec_server(args: argparse.Namespace) -> int:
+    from llmmixer.workers.storage import codec_server_command
+
+    return await codec_server_command(args.host, args.port, args.allow_origin)
+
+
 # ---- parser -----------------------------------------------------------------------
 
 
@@ -428,6 +438,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--host", default="127.0.0.1", help="beyond loopback needs LLMMIXER_API_TOKEN"
     )
     serve.add_argument("--port", type=int, default=8765)
+
+    codec = sub.add_parser(
+        "codec-server",
+        help="decrypt payloads for the Temporal CLI and Web UI (as LLMMIXER_PAYLOAD_KEY allows)",
+    )
+    add_codec_server_arguments(codec)
     return parser
 
 
@@ -448,6 +464,7 @@ _ASYNC: dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, int]]] = {
     "worker": cmd_worker,
     "doctor": cmd_doctor,
     "serve": cmd_serve,
+    "codec-server": cmd_codec_server,
 }
 
 

@@ -6,10 +6,17 @@ when a step-level event arrives. On a TTY it keeps a rich ``Live`` view on
 stderr: the steps' table and, under it, the last few lines of text each
 running step is streaming. Elsewhere (a pipe, a CI log) it prints one line
 per state change and the streamed text as ``  <step>| text`` lines.
+
+Everything a model, a command or a spec wrote passes :func:`terminal_safe`
+before it reaches the terminal, and reaches rich only as ``Text`` (never as a
+markup string): a step's output must not be able to write the clipboard
+(OSC 52), plant links (OSC 8 or ``[link=...]``), move the cursor over earlier
+lines or retitle the window.
 """
 
 from __future__ import annotations
 
+import re
 import sys
 import threading
 from dataclasses import dataclass
@@ -34,12 +41,38 @@ _STYLE = {
 }
 
 
+# ECMA-48 control functions, each removed whole:
+#   CSI (ESC [ or C1 0x9B) parameters, intermediates, final byte (cursor moves, erase);
+#   OSC (ESC ] or 0x9D) up to BEL or ST (clipboard, hyperlinks, window title), and
+#   DCS, SOS, PM, APC (ESC P X ^ _ or 0x90 0x98 0x9E 0x9F) up to ST; an unterminated
+#   string runs to the end of the text, as a terminal would swallow it;
+#   any other ESC sequence (ESC c resets the terminal, ESC ( B switches charsets);
+#   then every remaining C0 control except newline and tab, DEL and the C1 range.
+_TERMINAL_CONTROLS = re.compile(
+    r"(?:\x1b\[|\x9b)[\x30-\x3f]*[\x20-\x2f]*[\x40-\x7e]?"
+    r"|(?:\x1b[\]PX^_]|[\x9d\x90\x98\x9e\x9f]).*?(?:\x07|\x1b\\|\x9c|\Z)"
+    r"|\x1b[\x20-\x2f]*[\x30-\x7e]?"
+    r"|[\x00-\x08\x0b-\x1f\x7f-\x9f]",
+    re.DOTALL,
+)
+
+
+def terminal_safe(text: str) -> str:
+    """``text`` without terminal control sequences: what is left only prints characters.
+
+    Keeps newlines and tabs; removes CSI, OSC, DCS, SOS, PM and APC sequences
+    (7-bit and C1 forms), lone ESC, every other C0 control, DEL and C1 controls.
+    Carriage returns go too (they would let text overwrite what is on screen).
+    """
+    return _TERMINAL_CONTROLS.sub("", text)
+
+
 def unblock_hints(workflow_id: str, progress: RunProgress) -> list[str]:
     """The exact commands that move each waiting step on."""
     lines: list[str] = []
     for step_id in progress.waiting:
         record = progress.steps[step_id]
-        reason = (record.waiting_reason or "waits for a person").splitlines()[0]
+        reason = terminal_safe((record.waiting_reason or "waits for a person").splitlines()[0])
         lines.append(f"step {step_id} waits: {reason}")
         if (hold := record.budget_hold) is not None:
             option = "--max-tokens" if hold.limit == "max_tokens" else "--max-cost-usd"
@@ -77,17 +110,19 @@ def progress_table(workflow_id: str, progress: RunProgress) -> Table:
     title = f"{progress.name} · {workflow_id} · {progress.status.value}"
     if progress.dry_run:
         title += " · DRY RUN (offline responder, no provider called)"
-    table = Table(title=title, title_justify="left", expand=False)
+    # Every cell is a Text: a plain string would be parsed as rich markup, and a
+    # spec's names would then be able to plant [link=...] hyperlinks.
+    table = Table(title=_plain(title), title_justify="left", expand=False)
     for column in ("step", "kind", "state", "provider/model", "attempts", "time", "tokens", "cost"):
         table.add_column(column)
     for step_id, record in progress.steps.items():
         model = f"{record.provider}/{record.model}" if record.provider else ""
         tokens = record.usage.input_tokens + record.usage.output_tokens
         table.add_row(
-            step_id,
-            record.kind,
+            _plain(step_id),
+            _plain(record.kind),
             Text(record.status.value, style=_STYLE[record.status]),
-            model,
+            _plain(model),
             str(record.attempts or ""),
             _elapsed(record, now),
             str(tokens or ""),
@@ -97,6 +132,11 @@ def progress_table(workflow_id: str, progress: RunProgress) -> Table:
     total = f"${usage.cost_usd:.4f}" + ("" if usage.cost_complete else " + unknown")
     table.caption = f"tokens in {usage.input_tokens} · out {usage.output_tokens} · cost {total}"
     return table
+
+
+def _plain(text: str, style: str = "") -> Text:
+    """Text shown as written (no markup), without terminal controls."""
+    return Text(terminal_safe(text), style=style)
 
 
 _TAIL_CHARS = 4000
@@ -198,7 +238,7 @@ class ProgressView:
     def note(self, message: str) -> None:
         """A line for the person watching (above the live view on a TTY)."""
         if self.live is not None:
-            self.live.console.print(Text(message))
+            self.live.console.print(_plain(message))
         else:
             self._print(message)
 
@@ -297,7 +337,8 @@ class ProgressView:
         return None
 
     def _print(self, line: str) -> None:
-        print(line, file=self.stream, flush=True)
+        # The one way out in plain mode: every line, whatever it quotes, is made safe.
+        print(terminal_safe(line), file=self.stream, flush=True)
 
     # ---- live view ----------------------------------------------------------
 
@@ -306,7 +347,7 @@ class ProgressView:
             progress = self.progress
             texts = {step: buffer.tail for step, buffer in self._texts.items() if buffer.tail}
         if progress is None:
-            yield Text(f"{self.workflow_id}: waiting for the first progress answer", style="dim")
+            yield _plain(f"{self.workflow_id}: waiting for the first progress answer", "dim")
             return
         parts: list[RenderableType] = [progress_table(self.workflow_id, progress)]
         width = max(20, options.max_width - 4)
@@ -315,8 +356,8 @@ class ProgressView:
             if record is not None and record.status != StepStatus.RUNNING:
                 continue  # finished: its output is in the result, not on screen
             model = f" · {record.provider}/{record.model}" if record and record.provider else ""
-            parts.append(Text(f"── {step}{model} ", style="cyan"))
-            lines = Text(tail.rstrip("\n")).wrap(console, width)
+            parts.append(_plain(f"── {step}{model} ", "cyan"))
+            lines = _plain(tail.rstrip("\n")).wrap(console, width)
             for line in list(lines)[-self.tail_lines :]:
                 parts.append(Text("  ") + line)
         yield Group(*parts)

@@ -39,6 +39,7 @@ from llmmixer.workflows.records import (
     InterventionType,
     RunProgress,
 )
+from llmmixer.workflows.spec import Spec
 
 # Each intervention's validated update, by the workflow's own handler
 # reference: a renamed handler breaks here at import, not at a user's call.
@@ -88,6 +89,16 @@ class MixerClient:
         before anything is started.
         """
         body, parsed = prepare_spec(spec, inputs=inputs, dry_run=dry_run)
+        return await self.start_prepared(body, parsed, workflow_id=workflow_id)
+
+    async def start_prepared(
+        self, body: dict[str, Any], parsed: Spec, *, workflow_id: str | None = None
+    ) -> MixerHandle:
+        """Start a run from what ``prepare_spec`` returned.
+
+        For callers that validate elsewhere: ``llmmixer serve`` parses and
+        validates in a thread, so a slow document never holds its event loop.
+        """
         if self.pty_task_queue and not parsed.pty_task_queue:
             # Into the spec, so the workflow reads it deterministically.
             body["pty_task_queue"] = self.pty_task_queue

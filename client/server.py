@@ -14,15 +14,28 @@ Endpoints (the OpenAPI document at ``/openapi.json`` is generated from this modu
 
 Errors are always ``{"errors": ["..."]}``, each message saying what to do.
 
-Authentication. When ``LLMMIXER_API_TOKEN`` is set, every API request needs
-``Authorization: Bearer <token>`` (compared in constant time); the page, its
-static files, ``/healthz`` and ``/openapi.json`` are public because they carry
-no run data. ``serve`` refuses to bind beyond loopback without the variable.
-The token is accepted *only* in that header, never in a query string: query
-strings end up in access logs, proxy logs and browser history. The page
-therefore reads the event stream with ``fetch`` (which can send the header)
-instead of ``EventSource`` (which cannot), and resumes it with
-``Last-Event-ID`` itself.
+Authentication. When ``LLMMIXER_API_TOKEN`` is set (at least 16 characters),
+every API request needs ``Authorization: Bearer <token>`` (compared in
+constant time); the page, its static files, ``/healthz`` and ``/openapi.json``
+are public because they carry no run data. ``serve`` refuses to bind beyond
+loopback without the variable. The token is accepted *only* in that header,
+never in a query string: query strings end up in access logs, proxy logs and
+browser history. The page therefore reads the event stream with ``fetch``
+(which can send the header) instead of ``EventSource`` (which cannot), and
+resumes it with ``Last-Event-ID`` itself.
+
+Browsers. Loopback is not a wall against the web pages its user opens
+(``llmmixer.runtime.http_guard`` explains the attacks): without a token only a
+loopback ``Host`` is answered, and with or without one a request that changes
+something must say ``Content-Type: application/json`` and must not come from
+another origin (``Origin``, ``Sec-Fetch-Site``), or it is refused with 403/415
+before any route runs. Every answer forbids framing and sniffing and carries a
+Content-Security-Policy that lets the page run only its own script.
+
+Only llmmixer's runs. The namespace may hold other workflows; every route
+under ``/workflows/{id}`` first checks that ``id`` is a ``MixerWorkflow``
+execution and answers 404 otherwise, so the API never signals, updates,
+queries or cancels anything else.
 
 The event stream. ``id:`` is the event's offset, ``event:`` its type and
 ``data:`` the event as JSON. ``Last-Event-ID: N`` resumes *after* N;
@@ -44,16 +57,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
+import functools
 import logging
 import os
 import sys
+import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
 
+import anyio
+import anyio.to_thread
 from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Query
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
@@ -64,13 +81,23 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.responses import Response
-from temporalio.client import WorkflowExecutionStatus
+from temporalio.client import WorkflowExecutionDescription, WorkflowExecutionStatus
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
 from llmmixer.activities.contracts import MixerEvent
 from llmmixer.client.mixer import InterventionRefused, MixerClient, MixerHandle, RunFailed
+from llmmixer.client.specfile import prepare_spec
+from llmmixer.runtime.http_guard import (
+    GuardPolicy,
+    Refusal,
+    RequestGuard,
+    TokenError,
+    bearer_matches,
+    check_token,
+)
 from llmmixer.workers.address import is_loopback
+from llmmixer.workflows.mixer import WORKFLOW_NAME
 from llmmixer.workflows.records import (
     BudgetLimits,
     BudgetRaise,
@@ -94,7 +121,7 @@ TOKEN_ENV = "LLMMIXER_API_TOKEN"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8765
 STATIC_DIR = Path(__file__).parent / "static"
-_WORKFLOW_TYPE_QUERY = 'WorkflowType="MixerWorkflow"'
+_WORKFLOW_TYPE_QUERY = f'WorkflowType="{WORKFLOW_NAME}"'
 _CLOSED = {
     WorkflowExecutionStatus.COMPLETED: RunStatus.COMPLETED,
     WorkflowExecutionStatus.FAILED: RunStatus.FAILED,
@@ -117,6 +144,14 @@ class ServeSettings:
     keepalive_s: float = 15.0
     """An SSE comment is sent after this long without an event, so proxies keep the
     connection open and a vanished client is noticed."""
+
+    spec_threads: int = 4
+    """Specs parsed and validated at once, each in a worker thread (never on the event
+    loop, where a slow document would hold every other request)."""
+
+    def __post_init__(self) -> None:
+        # Raises TokenError, naming the variable, for a guessable token.
+        check_token(TOKEN_ENV, self.token)
 
     def __repr__(self) -> str:
         token = "set" if self.token else "unset"
@@ -216,10 +251,9 @@ async def require_token(
     expected = _settings(request).token
     if expected is None:
         return
-    # compare_digest takes the same time wherever the first difference is, so
-    # response timing does not reveal how much of a guess was right.
-    given = credentials.credentials if credentials is not None else ""
-    if credentials is None or not hmac.compare_digest(given.encode(), expected.encode()):
+    # `credentials` is only there so the OpenAPI document declares the scheme;
+    # the raw header is compared, as bytes and in constant time.
+    if not bearer_matches(request.headers.get("authorization"), expected):
         raise HTTPException(
             status_code=401,
             detail=(
@@ -240,14 +274,59 @@ def _not_found(workflow_id: str) -> HTTPException:
     )
 
 
-async def _describe_or_404(handle: MixerHandle) -> WorkflowExecutionStatus | None:
+async def _describe_or_404(handle: MixerHandle) -> WorkflowExecutionDescription:
     try:
         description = await handle.temporal.describe()
     except RPCError as error:
         if error.status == RPCStatusCode.NOT_FOUND:
             raise _not_found(handle.id) from None
         raise
-    return description.status
+    if description.workflow_type != WORKFLOW_NAME:
+        raise _not_a_run(handle.id)
+    return description
+
+
+def _not_a_run(workflow_id: str) -> HTTPException:
+    return HTTPException(
+        status_code=404,
+        detail=(
+            f"{workflow_id!r} is not an llmmixer run (another kind of workflow in this "
+            "namespace): this API acts only on llmmixer's runs; list them with GET /workflows"
+        ),
+    )
+
+
+class KnownRuns:
+    """Workflow ids recently seen to be llmmixer runs, so most requests skip a describe.
+
+    Only a positive answer is kept, for ``ttl_s``: an id can be reused by another
+    workflow type once its run has closed, so the answer must not live forever.
+    """
+
+    def __init__(self, *, ttl_s: float = 30.0, size: int = 4096) -> None:
+        self.ttl_s = ttl_s
+        self.size = size
+        self._seen: OrderedDict[str, float] = OrderedDict()
+
+    def __contains__(self, workflow_id: str) -> bool:
+        seen = self._seen.get(workflow_id)
+        return seen is not None and time.monotonic() - seen < self.ttl_s
+
+    def add(self, workflow_id: str) -> None:
+        self._seen[workflow_id] = time.monotonic()
+        self._seen.move_to_end(workflow_id)
+        while len(self._seen) > self.size:
+            self._seen.popitem(last=False)
+
+
+async def _run_handle(workflow_id: str, request: Request) -> MixerHandle:
+    """The handle of ``workflow_id`` once it is known to be an llmmixer run; 404 otherwise."""
+    handle = _mixer(request).get_handle(workflow_id)
+    known: KnownRuns = request.app.state.known_runs
+    if workflow_id not in known:
+        await _describe_or_404(handle)
+        known.add(workflow_id)
+    return handle
 
 
 async def _progress(handle: MixerHandle) -> RunProgress:
@@ -257,7 +336,7 @@ async def _progress(handle: MixerHandle) -> RunProgress:
     except RPCError as error:
         if error.status == RPCStatusCode.NOT_FOUND:
             raise _not_found(handle.id) from None
-        status = await _describe_or_404(handle)
+        status = (await _describe_or_404(handle)).status
         if status is None or status not in _CLOSED:
             raise
     # A closed run's query needs a worker to replay it; the result does not.
@@ -297,8 +376,14 @@ async def start_run(body: StartRequest, request: Request) -> Started:
     """Validate the spec (the same messages as ``llmmixer validate``) and start a run."""
     spec = _spec_text(body.spec) if isinstance(body.spec, str) else body.spec
     try:
-        handle = await _mixer(request).start(
-            spec, inputs=body.inputs, workflow_id=body.workflow_id, dry_run=body.dry_run
+        # Parsing and validating a large or hostile document takes CPU time;
+        # in a thread it holds neither the event stream nor any other request.
+        prepared, parsed = await anyio.to_thread.run_sync(
+            functools.partial(prepare_spec, spec, inputs=body.inputs, dry_run=body.dry_run),
+            limiter=request.app.state.spec_limiter,
+        )
+        handle = await _mixer(request).start_prepared(
+            prepared, parsed, workflow_id=body.workflow_id
         )
     except SpecError as error:
         raise HTTPException(
@@ -348,18 +433,23 @@ def _status_name(status: WorkflowExecutionStatus | None) -> str:
 WorkflowId = Annotated[str, PathParam(description="the run's workflow id")]
 
 
+async def run_handle(workflow_id: WorkflowId, request: Request) -> MixerHandle:
+    return await _run_handle(workflow_id, request)
+
+
+Run = Annotated[MixerHandle, Depends(run_handle)]
+
+
 @api.get("/workflows/{workflow_id}", response_model=RunProgress)
-async def get_progress(workflow_id: WorkflowId, request: Request) -> RunProgress:
-    """The run's progress: the object of CONTRACT section 4."""
-    return await _progress(_mixer(request).get_handle(workflow_id))
+async def get_progress(handle: Run) -> RunProgress:
+    """The run's progress (the same object as `llmmixer status --json`)."""
+    return await _progress(handle)
 
 
 @api.get("/workflows/{workflow_id}/spec", response_model=SpecOfRun)
-async def get_spec(workflow_id: WorkflowId, request: Request) -> SpecOfRun:
+async def get_spec(workflow_id: WorkflowId, handle: Run, request: Request) -> SpecOfRun:
     """The spec the run was started with (its ``needs`` give the page its DAG order)."""
     mixer = _mixer(request)
-    handle = mixer.get_handle(workflow_id)
-    await _describe_or_404(handle)
     # Only the first history event is read: a long run's history can be large.
     async for event in handle.temporal.fetch_history_events(page_size=1):
         started = event.workflow_execution_started_event_attributes
@@ -381,7 +471,7 @@ async def intervene(
     workflow_id: WorkflowId,
     step: str,
     action: InterventionType,
-    request: Request,
+    handle: Run,
     body: InterventionBody | None = None,
 ) -> InterventionOutcome:
     """Retry, skip, override, approve or reject a step, through the validated updates.
@@ -389,7 +479,6 @@ async def intervene(
     A refused intervention changes nothing and answers 409 with the workflow's reason.
     """
     body = body or InterventionBody()
-    handle = _mixer(request).get_handle(workflow_id)
     try:
         if action == "retry":
             return await handle.retry(step, prompt=body.prompt)
@@ -413,7 +502,7 @@ async def intervene(
 
 async def _update_error(handle: MixerHandle, error: RPCError) -> Exception:
     """What to answer when an update did not reach the run: 404, 409 if it ended, else the error."""
-    status = await _describe_or_404(handle)
+    status = (await _describe_or_404(handle)).status
     if status in _CLOSED:
         return HTTPException(
             status_code=409,
@@ -427,15 +516,12 @@ async def _update_error(handle: MixerHandle, error: RPCError) -> Exception:
     response_model=BudgetLimits,
     responses={409: {"model": Errors, "description": "refused: the workflow's reason"}},
 )
-async def raise_budget(
-    workflow_id: WorkflowId, body: BudgetRaise, request: Request
-) -> BudgetLimits:
+async def raise_budget(workflow_id: WorkflowId, body: BudgetRaise, handle: Run) -> BudgetLimits:
     """Raise the spec's budget, or a decompose step's (``step``); the steps it held then start.
 
     Limits only go up. A refusal (no such budget, a limit not above the
     current one) changes nothing and answers 409 with the workflow's reason.
     """
-    handle = _mixer(request).get_handle(workflow_id)
     try:
         return await handle.raise_budget(
             step=body.step, max_tokens=body.max_tokens, max_cost_usd=body.max_cost_usd
@@ -447,10 +533,9 @@ async def raise_budget(
 
 
 @api.post("/workflows/{workflow_id}/cancel", status_code=202, response_model=Cancelling)
-async def cancel_run(workflow_id: WorkflowId, request: Request) -> Cancelling:
+async def cancel_run(workflow_id: WorkflowId, handle: Run) -> Cancelling:
     """Ask the run to stop: running commands and LLM streams end, the run ends cancelled."""
-    handle = _mixer(request).get_handle(workflow_id)
-    status = await _describe_or_404(handle)
+    status = (await _describe_or_404(handle)).status
     if status in _CLOSED:
         raise HTTPException(
             status_code=409,
@@ -479,6 +564,7 @@ async def cancel_run(workflow_id: WorkflowId, request: Request) -> Cancelling:
 )
 async def stream_events(
     workflow_id: WorkflowId,
+    handle: Run,
     request: Request,
     from_offset: Annotated[
         int | None,
@@ -504,8 +590,6 @@ async def stream_events(
             ) from None
         if start < 0:
             raise HTTPException(status_code=400, detail="Last-Event-ID must be 0 or more")
-    handle = _mixer(request).get_handle(workflow_id)
-    await _describe_or_404(handle)
     return EventStreamResponse(
         handle.events(start),
         keepalive_s=_settings(request).keepalive_s,
@@ -707,6 +791,47 @@ class BodyLimit:
         await response(scope, receive, send)
 
 
+#: The page loads only its own script and stylesheet and talks only to this server;
+#: nothing may frame it, and no inline script runs (step outputs are shown as text).
+CONTENT_SECURITY_POLICY = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "connect-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'"
+)
+_SECURITY_HEADERS: list[tuple[bytes, bytes]] = [
+    (b"content-security-policy", CONTENT_SECURITY_POLICY.encode()),
+    (b"x-frame-options", b"DENY"),
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+    # Another site may not embed these answers (as a script, an image...) either.
+    (b"cross-origin-resource-policy", b"same-origin"),
+]
+
+
+class SecurityHeaders:
+    """Adds the headers above to every answer, refusals and the event stream included."""
+
+    def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]]) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                present = {name.lower() for name, _ in message.get("headers", [])}
+                extra = [(n, v) for n, v in _SECURITY_HEADERS if n not in present]
+                message["headers"] = [*message.get("headers", []), *extra]
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+def _refused(refusal: Refusal) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
+    return JSONResponse({"errors": [refusal.message]}, status_code=refusal.status)
+
+
 def _error_messages(detail: Any) -> list[str]:
     if isinstance(detail, list):
         return [str(item) for item in detail]
@@ -724,10 +849,16 @@ def create_app(mixer: MixerClient, settings: ServeSettings | None = None) -> Fas
         docs_url=None,
         redoc_url=None,
         openapi_url="/openapi.json",
+        # A body is read as JSON only with a JSON Content-Type (the default since
+        # FastAPI 0.132, stated so it never changes under us): text/plain and form
+        # posts are what other web sites can send without a CORS preflight.
+        strict_content_type=True,
     )
     app.state.mixer = mixer
     app.state.settings = settings
     app.state.streams = OpenStreams()
+    app.state.known_runs = KnownRuns()
+    app.state.spec_limiter = anyio.CapacityLimiter(settings.spec_threads)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
@@ -755,7 +886,18 @@ def create_app(mixer: MixerClient, settings: ServeSettings | None = None) -> Fas
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     app.include_router(api)
+    # The last added runs first: headers on every answer, then the browser checks,
+    # then the body limit, so a refused request's body is never read.
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        RequestGuard,
+        policy=GuardPolicy(
+            token_variable=TOKEN_ENV,
+            token_set=settings.token is not None,
+        ),
+        respond=_refused,
+    )
+    app.add_middleware(SecurityHeaders)
     return app
 
 
@@ -772,7 +914,11 @@ async def serve(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> int:
 
     from llmmixer.workers.connection import Connection
 
-    token = os.environ.get(TOKEN_ENV) or None
+    try:
+        token = check_token(TOKEN_ENV, os.environ.get(TOKEN_ENV))
+    except TokenError as error:
+        _err(f"refusing to start: {error}")
+        return 2
     if token is None and not is_loopback(host):
         _err(
             f"refusing to serve on {host}: anyone who can reach it could start and steer runs. "
@@ -791,7 +937,11 @@ async def serve(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> int:
         )
         return 1
     if token is None:
-        _err(f"{TOKEN_ENV} is not set: the API is open to every local user of this machine")
+        _err(
+            f"{TOKEN_ENV} is not set: the API is open to every local user of this machine "
+            "(web pages cannot use it: only loopback Host names and same-origin requests "
+            "are answered)"
+        )
     app = create_app(mixer, ServeSettings(token=token))
     shown = f"[{host}]" if ":" in host else host
     _err(

@@ -45,6 +45,7 @@ from llmmixer.workers.worker import WorkerSettings, mixer_worker
 from llmmixer.workflows.records import RunStatus
 
 FIVE_MB = 5 * 1024 * 1024
+CODEC_TOKEN = "codec-test-token-0123456789"
 
 
 def big_text(size: int = FIVE_MB) -> str:
@@ -319,7 +320,7 @@ async def codec_server() -> AsyncIterator[tuple[str, AesGcmCodec]]:
     codec = AesGcmCodec([os.urandom(32)])
     bound: asyncio.Future[int] = asyncio.get_running_loop().create_future()
     task = asyncio.create_task(
-        serve_codec(codec, port=0, token="tok-123456789", ready=bound.set_result)
+        serve_codec(codec, port=0, token=CODEC_TOKEN, ready=bound.set_result)
     )
     port = await asyncio.wait_for(bound, 5)
     try:
@@ -345,7 +346,7 @@ async def test_codec_server_decodes_for_the_web_ui(
     async with httpx.AsyncClient() as http:
         refused = await http.post(f"{url}/decode", json={"payloads": [as_json(sealed)]})
         assert refused.status_code == 401
-        headers = {"Authorization": "Bearer tok-123456789", "Origin": "http://localhost:8233"}
+        headers = {"Authorization": f"Bearer {CODEC_TOKEN}", "Origin": "http://localhost:8233"}
         preflight = await http.options(f"{url}/decode", headers=headers)
         assert preflight.headers["access-control-allow-origin"] == "http://localhost:8233"
         answer = await http.post(
@@ -391,11 +392,16 @@ async def test_temporal_cli_reads_an_encrypted_result_through_the_codec_server(
 
     bound: asyncio.Future[int] = asyncio.get_running_loop().create_future()
     server = asyncio.create_task(
-        serve_codec(AesGcmCodec([raw_key]), port=0, token="t0ken-abc", ready=bound.set_result)
+        serve_codec(AesGcmCodec([raw_key]), port=0, token=CODEC_TOKEN, ready=bound.set_result)
     )
     try:
         port = await asyncio.wait_for(bound, 5)
-        codec = ["--codec-endpoint", f"http://127.0.0.1:{port}", "--codec-auth", "Bearer t0ken-abc"]
+        codec = [
+            "--codec-endpoint",
+            f"http://127.0.0.1:{port}",
+            "--codec-auth",
+            f"Bearer {CODEC_TOKEN}",
+        ]
         opened = await asyncio.to_thread(run, codec)
     finally:
         server.cancel()

@@ -254,7 +254,8 @@ async def test_unknown_run_is_404(served: Served) -> None:
         ("GET", "/workflows/nope-404/events"),
         ("POST", "/workflows/nope-404/cancel"),
     ):
-        response = await served.http.request(method, path, headers=AUTH)
+        body = {} if method == "POST" else None
+        response = await served.http.request(method, path, json=body, headers=AUTH)
         assert response.status_code == 404, (path, response.text)
         assert "GET /workflows" in response.json()["errors"][0]
 
@@ -372,7 +373,8 @@ async def test_api_needs_the_token(served: Served) -> None:
     ]
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}):
         for method, path in api_requests:
-            response = await served.http.request(method, path, headers=headers)
+            body = {} if method == "POST" else None
+            response = await served.http.request(method, path, json=body, headers=headers)
             assert response.status_code == 401, (headers, path)
             assert response.headers["www-authenticate"] == "Bearer"
             assert "LLMMIXER_API_TOKEN" in response.json()["errors"][0]
@@ -425,14 +427,14 @@ async def test_interventions_and_refusals(served: Served, tmp_path: Path) -> Non
     assert refused.json()["errors"] == [
         "step 'flaky' is a pty step, not an approval: use retry, skip or override"
     ]
-    unknown = await served.http.post(f"{steps}/ghost/retry", headers=AUTH)
+    unknown = await served.http.post(f"{steps}/ghost/retry", json={}, headers=AUTH)
     assert unknown.status_code == 409
     assert "there is no step 'ghost'" in unknown.json()["errors"][0]
-    wrong_state = await served.http.post(f"{steps}/after/retry", headers=AUTH)
+    wrong_state = await served.http.post(f"{steps}/after/retry", json={}, headers=AUTH)
     assert wrong_state.status_code == 409 and "it is pending" in wrong_state.json()["errors"][0]
     no_output = await served.http.post(f"{steps}/flaky/override", json={}, headers=AUTH)
     assert no_output.status_code == 422 and "output" in no_output.json()["errors"][0]
-    bad_action = await served.http.post(f"{steps}/flaky/explode", headers=AUTH)
+    bad_action = await served.http.post(f"{steps}/flaky/explode", json={}, headers=AUTH)
     assert bad_action.status_code == 422
 
     marker.write_text("go")
@@ -459,11 +461,11 @@ async def test_override_approve_and_cancel(served: Served, tmp_path: Path) -> No
     assert approved.status_code == 200 and approved.json()["action"] == "approve"
     await progress_when(served, workflow_id, lambda p: p["steps"]["late"]["status"] == "waiting")
 
-    cancelled = await served.http.post(f"/workflows/{workflow_id}/cancel", headers=AUTH)
+    cancelled = await served.http.post(f"/workflows/{workflow_id}/cancel", json={}, headers=AUTH)
     assert cancelled.status_code == 202
     progress = await progress_when(served, workflow_id, lambda p: p["status"] in CLOSED)
     assert progress["status"] == "cancelled"
-    again = await served.http.post(f"/workflows/{workflow_id}/cancel", headers=AUTH)
+    again = await served.http.post(f"/workflows/{workflow_id}/cancel", json={}, headers=AUTH)
     assert again.status_code == 409 and "already ended" in again.json()["errors"][0]
 
     marker_spec = flaky(tmp_path / "never")
@@ -580,7 +582,7 @@ async def test_keepalive_while_waiting(served: Served) -> None:
             if ": keepalive" in seen:
                 break
     assert "event: step_waiting" in seen
-    await served.http.post(f"/workflows/{workflow_id}/cancel", headers=AUTH)
+    await served.http.post(f"/workflows/{workflow_id}/cancel", json={}, headers=AUTH)
     await wait_streams_closed(served)
 
 

@@ -12,11 +12,14 @@ skipped only when ``/usr/bin/chromium`` is missing; it installs nothing.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import http.server
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -29,6 +32,7 @@ from temporalio.testing import WorkflowEnvironment
 
 from llmmixer.client.mixer import MixerClient
 from llmmixer.workers.address import free_port
+from llmmixer.workflows.records import StepStatus
 
 CHROMIUM = Path("/usr/bin/chromium")
 # As this machine's probe runs it: no sandbox (root), and none of Chromium's
@@ -56,15 +60,26 @@ def workflow_cache() -> int:
 @pytest.fixture
 def serve_url(env: WorkflowEnvironment, task_queue: str) -> Iterator[str]:
     """The real ``llmmixer serve`` command, against the test's Temporal and worker."""
+    yield from _serve(env, task_queue, token=TOKEN)
+
+
+@pytest.fixture
+def tokenless_serve_url(env: WorkflowEnvironment, task_queue: str) -> Iterator[str]:
+    """``llmmixer serve`` as most people start it: loopback, no token."""
+    yield from _serve(env, task_queue, token=None)
+
+
+def _serve(env: WorkflowEnvironment, task_queue: str, token: str | None) -> Iterator[str]:
     port = free_port()
+    environ = {k: v for k, v in os.environ.items() if k != "LLMMIXER_API_TOKEN"}
     process = subprocess.Popen(
         [sys.executable, "-m", "llmmixer.client.cli", "serve", "--port", str(port)],
         env={
-            **os.environ,
+            **environ,
             "TEMPORAL_ADDRESS": env.client.service_client.config.target_host,
             "TEMPORAL_NAMESPACE": env.client.namespace,
             "LLMMIXER_TASK_QUEUE": task_queue,
-            "LLMMIXER_API_TOKEN": TOKEN,
+            **({"LLMMIXER_API_TOKEN": token} if token else {}),
         },
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -216,3 +231,97 @@ async def test_page_raises_the_budget_that_holds_a_step(serve_url: str, mixer: M
     result = await handle.result()
     assert result.status == "completed"
     assert errors == []
+
+
+async def test_page_cancels_a_run(serve_url: str, mixer: MixerClient) -> None:
+    handle = await mixer.start(dry_chain_with_gate(), dry_run=True)
+    errors: list[str] = []
+    async with opened_page(f"{serve_url}/#/runs/{handle.id}", errors) as page:
+        gate = page.locator('tr[data-step="gate"]')
+        await expect(gate.locator("td.state")).to_have_text("waiting", timeout=60_000)
+        page.on("dialog", lambda dialog: asyncio.ensure_future(dialog.accept()))
+        await page.click("#run-cancel")
+        await expect(page.locator("#run-status")).to_have_text("cancelled", timeout=60_000)
+    assert errors == []
+
+
+def dry_chain_with_gate() -> dict[str, object]:
+    return {
+        "name": "gated",
+        "defaults": {"provider": "openai", "model": "gpt-4.1-mini"},
+        "steps": [
+            {"id": "draft", "prompt": "say draft"},
+            {"id": "gate", "kind": "approval", "needs": ["draft"]},
+        ],
+    }
+
+
+class _EvilSite:
+    """Another origin on this machine, serving one page (``http://127.0.0.1:<other port>``)."""
+
+    def __init__(self, page: str) -> None:
+        body = page.encode()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                self.send_response(200)
+                self.send_header("Content-Type", "text/html")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> str:
+        self.thread.start()
+        return self.url
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+async def test_a_page_on_another_origin_cannot_approve_a_gate(
+    tokenless_serve_url: str, mixer: MixerClient
+) -> None:
+    handle = await mixer.start(dry_chain_with_gate(), dry_run=True)
+    deadline = time.monotonic() + 60
+    while (await handle.progress()).steps["gate"].status != StepStatus.WAITING:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.1)
+    target = f"{tokenless_serve_url}/workflows/{handle.id}/steps/gate/approve"
+    # What a hostile page does with no permission from the server: a form post
+    # (text/plain, so no CORS preflight), then no-cors fetches of every simple kind.
+    attack = f"""<!doctype html><html><body>
+<iframe name="sink"></iframe>
+<form id="f" method="post" enctype="text/plain" action="{target}" target="sink"></form>
+<script>
+  document.getElementById("f").submit();
+  const simple = [
+    {{method: "POST", mode: "no-cors", body: new Blob(["{{}}"])}},
+    {{method: "POST", mode: "no-cors", body: "{{}}", headers: {{"Content-Type": "text/plain"}}}},
+    {{method: "POST", mode: "no-cors", body: new URLSearchParams("comment=x")}},
+  ];
+  Promise.allSettled(simple.map((init) => fetch("{target}", init)))
+    .then(() => {{ document.title = "sent"; }});
+</script></body></html>"""
+    with _EvilSite(attack) as evil_url:
+        async with async_playwright() as playwright:
+            browser = await playwright.chromium.launch(
+                executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True
+            )
+            try:
+                page = await browser.new_page()
+                await page.goto(evil_url)
+                await expect(page).to_have_title("sent", timeout=30_000)
+                await asyncio.sleep(1.0)  # the form's post lands in the iframe meanwhile
+            finally:
+                await browser.close()
+    progress = await handle.progress()
+    assert progress.steps["gate"].status == StepStatus.WAITING, "another origin approved the gate"
+    await handle.cancel()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import sys
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -85,6 +86,37 @@ async def test_streamed_text_shows_line_by_line_before_the_step_completes(
     shown_at = {line: at for at, line in stream.lines}
     gap = shown_at[written[completed]] - shown_at["  talk| line 0 of the answer"]
     assert gap > 1.0, f"text appeared only {gap:.2f}s before the step completed"
+
+
+HOSTILE = [
+    "answer \x1b]52;c;ZWNobyBwd25lZA==",  # OSC 52 (the clipboard), split over two chunks
+    "\x07done\x1b[2A\n",  # cursor up: overwrite what the screen showed
+    "\x1b]8;;https://evil.example\x1b\\click\x1b]8;;\x1b\\\n",  # a disguised link
+    "\x9b2J\x1b]0;pwned\x07last\n",  # C1 CSI erase, the window title
+]
+
+
+async def test_model_text_reaches_the_terminal_without_control_sequences(
+    mixer: MixerClient,
+    provider_server: FakeProviderServer,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    provider_server.script("openai", Reply(chunks=HOSTILE))
+    handle = await mixer.start(slow_spec())
+    stream = TimedStream()
+
+    assert await _follow(handle, stop_when_waiting=True, stream=stream) == EXIT_OK
+
+    shown = stream.getvalue()
+    assert not {"\x1b", "\x9b", "\x07", "\r"} & set(shown), repr(shown)
+    assert shown_text(stream, "talk") == ["answer done", "click", "last"]
+    # stdout into a pipe or a file is the run's output, byte for byte ...
+    assert capsys.readouterr().out == "".join(HOSTILE) + "\n"
+    # ... and on a terminal, the same without its control sequences.
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    assert await _follow(handle, stop_when_waiting=True, stream=TimedStream()) == EXIT_OK
+    assert capsys.readouterr().out == "answer done\nclick\nlast\n\n"
 
 
 async def test_events_resume_from_the_saved_offset_without_loss_or_repeat(

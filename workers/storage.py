@@ -28,9 +28,11 @@ Compression only touches payloads at or above the threshold, so the workflow's
 result and ``progress`` answer, kept below it (CONTRACT 8), stay plain JSON
 for ``temporal workflow result/query``. Encryption applies to every payload:
 that is its point, and then the Temporal CLI and Web UI need the codec server
-(``python -m llmmixer.workers.storage codec-server``) to show anything:
-``temporal workflow result --codec-endpoint http://127.0.0.1:8089`` and, in the
-Web UI, Settings → Codec Server → ``http://127.0.0.1:8089``.
+(``llmmixer codec-server``, also ``python -m llmmixer.workers.storage
+codec-server``) to show anything: ``temporal workflow result --codec-endpoint
+http://127.0.0.1:8089`` and, in the Web UI, Settings → Codec Server →
+``http://127.0.0.1:8089``. It decrypts for whoever reaches it, so without
+``LLMMIXER_CODEC_TOKEN`` it serves loopback only, to loopback ``Host`` names.
 
 The codec runs before external storage, so stored payloads are compressed and
 encrypted as well; the key never leaves the processes that hold it.
@@ -51,10 +53,10 @@ import re
 import secrets
 import sys
 import zlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from google.protobuf import json_format
 from temporalio.api.common.v1 import Payload, Payloads
@@ -74,9 +76,11 @@ from temporalio.converter import (
 from llmmixer.workers.home import default_home
 
 __all__ = [
+    "CODEC_TOKEN_ENV",
     "DEFAULT_THRESHOLD",
     "AesGcmCodec",
     "CodecChain",
+    "CodecServerRefused",
     "FileSystemStorageDriver",
     "LazyAioboto3Client",
     "PayloadKeyError",
@@ -84,7 +88,9 @@ __all__ = [
     "PayloadStoreError",
     "ZlibCodec",
     "build_data_converter",
+    "codec_app",
     "codec_for",
+    "codec_server_command",
     "external_storage_for",
     "serve_codec",
 ]
@@ -449,102 +455,171 @@ class CodecChain(PayloadCodec):
 
 # ---- the codec server (Temporal CLI --codec-endpoint, Web UI "Codec Server") -------
 
-_CODEC_LINE_LIMIT = 64 * 1024
+CODEC_TOKEN_ENV = "LLMMIXER_CODEC_TOKEN"
+DEFAULT_CODEC_PORT = 8089
+DEFAULT_CODEC_ORIGIN = "http://localhost:8233"
 _CODEC_MAX_BODY = 64 * 1024 * 1024
+
+
+class CodecServerRefused(ValueError):
+    """A codec server configuration that would expose every payload; the message says the fix."""
+
+
+def codec_app(
+    codec: PayloadCodec, *, allow_origin: str = DEFAULT_CODEC_ORIGIN, token: str | None = None
+) -> Callable[..., Awaitable[None]]:
+    """The codec server as an ASGI app: ``POST .../encode`` and ``POST .../decode``.
+
+    Whoever can call ``/decode`` reads every payload, so the app follows
+    ``llmmixer serve``'s rule (``llmmixer.runtime.http_guard``): without a token
+    only a loopback ``Host`` is answered, and a browser may post only from
+    ``allow_origin`` (the Web UI) or the server's own origin; with a token,
+    every request but the CORS preflight must carry it.
+    """
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse, Response
+
+    from llmmixer.runtime.http_guard import GuardPolicy, RequestGuard, bearer_matches
+
+    def error(status: int, message: str) -> Response:
+        return JSONResponse({"error": message}, status_code=status)
+
+    async def endpoint(scope: Any, receive: Any, send: Any) -> None:
+        request = Request(scope, receive)
+        response = await answer(request)
+        await response(scope, receive, send)
+
+    async def answer(request: Request) -> Response:
+        if request.method == "OPTIONS":
+            return JSONResponse({})  # the browser's preflight carries no credentials
+        if token is not None and not bearer_matches(request.headers.get("authorization"), token):
+            return error(
+                401, f"missing or wrong token: send `Authorization: Bearer ${CODEC_TOKEN_ENV}`"
+            )
+        path = request.url.path.rstrip("/")
+        if request.method != "POST" or not path.endswith(("/encode", "/decode")):
+            return error(404, "POST /encode or /decode")
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > _CODEC_MAX_BODY:
+            return error(413, f"the body is over {_CODEC_MAX_BODY} bytes")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > _CODEC_MAX_BODY:
+                return error(413, f"the body is over {_CODEC_MAX_BODY} bytes")
+        payloads = Payloads()
+        try:
+            json_format.Parse(bytes(body), payloads)
+        except (json_format.ParseError, UnicodeDecodeError) as parse_error:
+            return error(400, f'the body must be {{"payloads": [...]}}: {parse_error}')
+        if path.endswith("/encode"):
+            result = await codec.encode(list(payloads.payloads))
+        else:
+            result = await codec.decode(list(payloads.payloads))
+        return Response(
+            json_format.MessageToJson(Payloads(payloads=result)),
+            media_type="application/json",
+        )
+
+    guarded = RequestGuard(
+        endpoint,
+        policy=GuardPolicy(
+            token_variable=CODEC_TOKEN_ENV,
+            token_set=token is not None,
+            allowed_origins=frozenset({allow_origin}),
+            hint="give that address to --codec-endpoint or the Web UI's Codec Server setting",
+        ),
+        respond=lambda refusal: error(refusal.status, refusal.message),
+    )
+    cors = [
+        (b"access-control-allow-origin", allow_origin.encode("latin-1")),
+        (b"access-control-allow-methods", b"POST, OPTIONS"),
+        (b"access-control-allow-headers", b"content-type, x-namespace, authorization"),
+        (b"access-control-allow-credentials", b"true"),
+        (b"vary", b"Origin"),
+    ]
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return  # no lifespan, no websockets
+
+        async def send_with_cors(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), *cors]
+            await send(message)
+
+        await guarded(scope, receive, send_with_cors)
+
+    return app
 
 
 async def serve_codec(
     codec: PayloadCodec,
     *,
     host: str = "127.0.0.1",
-    port: int = 8089,
-    allow_origin: str = "http://localhost:8233",
+    port: int = DEFAULT_CODEC_PORT,
+    allow_origin: str = DEFAULT_CODEC_ORIGIN,
     token: str | None = None,
     ready: Callable[[int], None] | None = None,
 ) -> None:
-    """Serve ``POST /encode`` and ``POST /decode`` (Temporal's codec server protocol).
+    """Serve :func:`codec_app` (Temporal's codec server protocol) until cancelled.
 
     Bodies are ``{"payloads": [...]}`` in protobuf JSON. ``allow_origin`` is
-    the Web UI's origin (CORS). With ``token`` set, requests must carry
-    ``Authorization: Bearer <token>``: whoever reaches this server can read
-    every payload, so keep it on loopback or behind that token.
+    the Web UI's origin (CORS). Without ``token`` only a loopback ``host`` is
+    accepted (:class:`CodecServerRefused` otherwise); a token shorter than 16
+    characters raises ``TokenError``. ``ready(port)`` is called once the port
+    is bound.
     """
+    import socket
 
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            status, body = await _codec_request(reader, codec, token)
-        except (ValueError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
-            status, body = 400, b'{"error": "bad request"}'
-        headers = [
-            f"HTTP/1.1 {status} {'OK' if status == 200 else 'Error'}",
-            "Content-Type: application/json",
-            f"Content-Length: {len(body)}",
-            f"Access-Control-Allow-Origin: {allow_origin}",
-            "Access-Control-Allow-Methods: POST, OPTIONS",
-            "Access-Control-Allow-Headers: content-type, x-namespace, authorization",
-            "Access-Control-Allow-Credentials: true",
-            "Connection: close",
-        ]
-        writer.write(("\r\n".join(headers) + "\r\n\r\n").encode() + body)
-        with contextlib.suppress(ConnectionError):
-            await writer.drain()
-        writer.close()
+    import uvicorn
 
-    server = await asyncio.start_server(handle, host, port, limit=_CODEC_LINE_LIMIT)
-    bound = server.sockets[0].getsockname()[1]
+    from llmmixer.runtime.http_guard import check_token
+    from llmmixer.workers.address import is_loopback
+
+    token = check_token(CODEC_TOKEN_ENV, token)
+    if token is None and not is_loopback(host):
+        raise CodecServerRefused(
+            f"refusing to serve the codec on {host}: whoever reaches it can decrypt every "
+            f"payload. Set {CODEC_TOKEN_ENV} to a long random secret (the Temporal CLI sends "
+            f'it with --codec-auth "Bearer $TOKEN"), or serve on 127.0.0.1'
+        )
+    bare = host[1:-1] if host.startswith("[") else host
+    family = socket.AF_INET6 if ":" in bare else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((bare, port))
+        # Listening from here on: a client that connects before uvicorn runs waits
+        # in the backlog, so `ready` can be told at once.
+        sock.listen(128)
+    except OSError:
+        sock.close()
+        raise
+    config = uvicorn.Config(
+        codec_app(codec, allow_origin=allow_origin, token=token),
+        log_level="warning",
+        lifespan="off",
+    )
+    server = uvicorn.Server(config)
+    serving = asyncio.ensure_future(server.serve(sockets=[sock]))
     if ready is not None:
-        ready(bound)
-    async with server:
-        await server.serve_forever()
+        ready(sock.getsockname()[1])
+    try:
+        await asyncio.shield(serving)
+    except asyncio.CancelledError:
+        # Close the listening socket and open connections before going.
+        server.should_exit = True
+        await serving
+        raise
+    finally:
+        sock.close()
 
 
-async def _codec_request(
-    reader: asyncio.StreamReader, codec: PayloadCodec, token: str | None
-) -> tuple[int, bytes]:
-    request_line = (await reader.readline()).decode("latin-1").split()
-    headers: dict[str, str] = {}
-    while True:
-        line = (await reader.readline()).decode("latin-1").strip()
-        if not line:
-            break
-        name, _, value = line.partition(":")
-        headers[name.strip().lower()] = value.strip()
-    if len(request_line) < 2:
-        return 400, b'{"error": "bad request"}'
-    method, path = request_line[0], request_line[1].split("?", 1)[0].rstrip("/")
-    if method == "OPTIONS":
-        return 200, b"{}"
-    if token is not None and not secrets.compare_digest(
-        headers.get("authorization", ""), f"Bearer {token}"
-    ):
-        return 401, b'{"error": "unauthorized"}'
-    if method != "POST" or not path.endswith(("/encode", "/decode")):
-        return 404, b'{"error": "POST /encode or /decode"}'
-    length = int(headers.get("content-length", "0"))
-    if length > _CODEC_MAX_BODY:
-        return 413, b'{"error": "body too large"}'
-    payloads = Payloads()
-    json_format.Parse(await reader.readexactly(length), payloads)
-    if path.endswith("/encode"):
-        result = await codec.encode(list(payloads.payloads))
-    else:
-        result = await codec.decode(list(payloads.payloads))
-    return 200, json_format.MessageToJson(Payloads(payloads=result)).encode()
+async def codec_server_command(host: str, port: int, allow_origin: str) -> int:
+    """``llmmixer codec-server`` (and ``python -m llmmixer.workers.storage codec-server``)."""
+    from llmmixer.runtime.http_guard import TokenError
 
-
-def _main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m llmmixer.workers.storage",
-        description="Payload tools: a codec server for the Temporal CLI and Web UI.",
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-    server = sub.add_parser("codec-server", help="serve /encode and /decode with this codec")
-    server.add_argument("--host", default="127.0.0.1")
-    server.add_argument("--port", type=int, default=8089)
-    server.add_argument(
-        "--allow-origin", default="http://localhost:8233", help="the Web UI's origin (CORS)"
-    )
-    args = parser.parse_args(argv)
     codec = codec_for(PayloadSettings.from_env())
     if codec is None:
         print(
@@ -553,25 +628,57 @@ def _main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    token = os.environ.get("LLMMIXER_CODEC_TOKEN") or None
+    token = os.environ.get(CODEC_TOKEN_ENV) or None
+    shown = f"[{host}]" if ":" in host and not host.startswith("[") else host
 
-    def announce(port: int) -> None:
+    def announce(bound: int) -> None:
         print(
-            json.dumps({"codec_server": f"http://{args.host}:{port}", "token": bool(token)}),
+            json.dumps({"codec_server": f"http://{shown}:{bound}", "token": bool(token)}),
             flush=True,
         )
 
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(
-            serve_codec(
-                codec,
-                host=args.host,
-                port=args.port,
-                allow_origin=args.allow_origin,
-                token=token,
-                ready=announce,
-            )
+    try:
+        await serve_codec(
+            codec,
+            host=host,
+            port=port,
+            allow_origin=allow_origin,
+            token=token,
+            ready=announce,
         )
+    except (TokenError, CodecServerRefused) as error:
+        print(f"refusing to start: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:
+        print(
+            f"cannot listen on {shown}:{port}: {error.strerror}; choose another --port",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+def add_codec_server_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--host", default="127.0.0.1", help=f"beyond loopback needs {CODEC_TOKEN_ENV}"
+    )
+    parser.add_argument("--port", type=int, default=DEFAULT_CODEC_PORT)
+    parser.add_argument(
+        "--allow-origin", default=DEFAULT_CODEC_ORIGIN, help="the Web UI's origin (CORS)"
+    )
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m llmmixer.workers.storage",
+        description="Payload tools; `llmmixer codec-server` is the same command.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    server = sub.add_parser("codec-server", help="serve /encode and /decode with this codec")
+    add_codec_server_arguments(server)
+    args = parser.parse_args(argv)
+    with contextlib.suppress(KeyboardInterrupt):
+        return asyncio.run(codec_server_command(args.host, args.port, args.allow_origin))
     return 0
 
 

@@ -43,6 +43,9 @@ class ApiError extends Error {
 
 async function api(path, { method = "GET", body } = {}) {
   const headers = authHeaders();
+  // The server takes a request that changes something only as JSON (what other
+  // sites cannot send without its permission), so such a request always has a body.
+  if (method !== "GET" && body === undefined) body = {};
   if (body !== undefined) headers["Content-Type"] = "application/json";
   const response = await fetch(path, {
     method,
