@@ -171,9 +171,10 @@ def test_kinds_default_to_llm_and_allow_kinds_adds_them() -> None:
     lines = problems(text, context(spec))
     assert "step ok: kind: kind 'approval' is not allowed in this plan: use llm" in lines
     assert "step sh: kind: kind 'pty' is not allowed in this plan: use llm" in lines
-    lines = problems(text, context(spec, allow_kinds=["approval"]))
+    lines = problems(text, context(spec, allow_kinds=["approval"], allow_fields=["command"]))
     assert lines == ["step sh: kind: kind 'pty' is not allowed in this plan: use llm, approval"]
-    assert problems(text, context(spec, allow_kinds=["approval", "pty"])) == []
+    ok = context(spec, allow_kinds=["approval", "pty"], allow_fields=["command"])
+    assert problems(text, ok) == []
 
 
 def test_nesting_stops_at_max_depth() -> None:

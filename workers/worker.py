@@ -21,6 +21,7 @@ from temporalio.client import Client
 from temporalio.worker import Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
+from llmmixer.activities.checks import CHECK_ACTIVITIES
 from llmmixer.activities.command_policy import CommandPolicy
 from llmmixer.activities.commands import CommandActivities
 from llmmixer.activities.llm import LlmActivities, LlmSettings
@@ -234,7 +235,8 @@ def _registrations(
         activities.extend(fns)
 
     if ROLE_WORKFLOWS in settings.roles:
-        add(settings.task_queue, MixerWorkflow)
+        # The checks are local activities: they run where the workflow runs.
+        add(settings.task_queue, MixerWorkflow, *CHECK_ACTIVITIES)
     if ROLE_LLM in settings.roles:
         add(settings.task_queue, None, llm.call_llm)
     if ROLE_PTY in settings.roles:

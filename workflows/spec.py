@@ -11,7 +11,7 @@ defaults; an existing field never changes meaning.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
@@ -21,6 +21,12 @@ STEP_ID_PATTERN = r"^[a-z0-9_-]+$"
 KINDS: tuple[str, ...] = ("llm", "pty", "approval", "decompose", "agent")
 
 OnFailure = Literal["pause", "fail", "skip"]
+# Fields of a step that move a request or a command: where a provider call goes
+# (`base_url`, `provider_options`) and what runs and how (`env`, `cwd`,
+# `command`, `args`). A plan is written by a model that may have read hostile
+# text, so it sets them only where its decompose step's `allow_fields` lists them.
+PlanField = Literal["base_url", "provider_options", "env", "cwd", "command", "args"]
+PLAN_FIELDS: tuple[str, ...] = get_args(PlanField)
 
 
 class _Strict(BaseModel):
@@ -164,6 +170,9 @@ class DecomposeStep(_StepBase):
     allow_kinds: list[Literal["llm", "approval", "decompose", "pty", "agent"]] = Field(
         default_factory=list
     )
+    # Fields of PLAN_FIELDS a plan may set (a pty step needs `command`); none
+    # by default. A nested decompose step never gets more than its parent.
+    allow_fields: list[PlanField] = Field(default_factory=list)
     # Limits what this step's sub-steps (at any depth) may spend together.
     budget: Budget | None = None
 
