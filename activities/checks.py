@@ -1,8 +1,9 @@
 """The checks whose verdict a run records: its spec at the start, each plan.
 
-``MixerWorkflow`` runs these as local activities on the worker that runs the
-workflow, so they cost no round trip through a task queue, and their result
-is a marker in the run's history. A replay reads that verdict instead of
+``MixerWorkflow`` runs the spec check as a local activity (on the worker that
+runs the workflow, before anything else, so an invalid spec fails the run at
+once) and each plan check as an activity on the run's task queue. Either way
+the verdict is in the run's history, and a replay reads it instead of
 running the rules again: the rules in ``workflows/validation.py`` and
 ``workflows/decompose.py`` may be tightened in any release (security work
 does) without turning runs in flight into non-determinism errors.
@@ -48,7 +49,7 @@ async def check_plan_activity(request: PlanCheck) -> PlanCheckResult:
     return await asyncio.to_thread(_check_plan, request)
 
 
-# What the worker registers (workers/worker.py) next to the workflow.
+# What every worker polling a run's task queue registers (workers/worker.py).
 CHECK_ACTIVITIES: tuple[Callable[..., object], ...] = (check_spec_activity, check_plan_activity)
 
 

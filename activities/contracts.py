@@ -32,8 +32,9 @@ from pydantic import BaseModel, Field
 LLM_ACTIVITY = "llmmixer.call_llm"
 PTY_ACTIVITY = "llmmixer.run_command"
 AGENT_ACTIVITY = "llmmixer.run_agent"
-# Local activities: run by the worker that runs the workflow, their verdict
-# recorded in history so replay never re-runs rules that a release tightened.
+# Checks whose verdict history records, so replay never re-runs rules that a
+# release tightened: the spec's (a local activity, at a run's start) and each
+# plan's (an activity on the run's task queue).
 CHECK_SPEC_ACTIVITY = "llmmixer.check_spec"
 CHECK_PLAN_ACTIVITY = "llmmixer.check_plan"
 

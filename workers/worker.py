@@ -235,8 +235,7 @@ def _registrations(
         activities.extend(fns)
 
     if ROLE_WORKFLOWS in settings.roles:
-        # The checks are local activities: they run where the workflow runs.
-        add(settings.task_queue, MixerWorkflow, *CHECK_ACTIVITIES)
+        add(settings.task_queue, MixerWorkflow)
     if ROLE_LLM in settings.roles:
         add(settings.task_queue, None, llm.call_llm)
     if ROLE_PTY in settings.roles:
@@ -249,6 +248,10 @@ def _registrations(
             PTY_TASK_QUEUE_ENV,
             settings.task_queue,
         )
+    if settings.task_queue in found:
+        # The spec check runs where the workflow runs (a local activity); plan
+        # checks are scheduled on the run's queue, to whichever worker polls it.
+        add(settings.task_queue, None, *CHECK_ACTIVITIES)
     return found
 
 

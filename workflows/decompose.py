@@ -15,8 +15,8 @@ back in its next prompt.
 Pure and deterministic. Runs started by this version check plans in a local
 activity (``activities/checks.py``), so the result is recorded in history and
 a later change to these rules never changes what a replay decides;
-``MixerWorkflow`` still calls ``check_plan`` itself only to replay plans that
-older versions checked in the workflow.
+``MixerWorkflow`` still calls ``check_plan`` itself in runs that older
+versions recorded, which checked their plans in the workflow.
 """
 
 from __future__ import annotations
@@ -103,8 +103,8 @@ def check_plan(
 ) -> tuple[list[dict[str, Any]], list[SpecIssue]]:
     """The plan's steps (``kind`` filled in), or every reason it cannot run.
 
-    ``field_rule=False`` leaves out the ``allow_fields`` rule: only for
-    replaying plans that a version without the rule accepted in the workflow.
+    ``field_rule=False`` leaves out the ``allow_fields`` rule: only for runs
+    recorded by a version without it, to replay the plans they accepted.
     """
     parsed, problem = _parse(text)
     if problem is not None:

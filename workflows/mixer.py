@@ -113,19 +113,25 @@ WORKFLOW_NAME = "MixerWorkflow"
 
 # workflow.patched() ids: each marks a change in which commands a run issues,
 # so histories recorded before it still replay. Never rename or reuse one.
+#
+# A run recorded with CHECKS_RECORDED_PATCH (every run started since) calls no
+# other patch: every change below is on for it, and any later change must be
+# decided in __init__ too. A patch called later could follow a local activity,
+# and replay may resolve a local activity one workflow task earlier than the
+# run did (when a query arrived meanwhile), before the marker that task wrote
+# is known: the patch would then read as absent and the replay fail.
 AGENT_BUDGET_GATE_PATCH = "agent-steps-budget-gated"
-# A run checks its spec once, in a local activity at its start, and its plans
-# in local activities too: history records each verdict, so a replay never
-# re-runs rules that a release tightened. Decided in __init__ (which then reads
-# only the spec's shape); runs recorded before keep validating in the workflow.
+# A run checks its spec once, in a local activity at its start, and each plan
+# in an activity: history records every verdict, so a replay never re-runs
+# rules that a release tightened; __init__ then reads only the spec's shape.
+# Histories recorded before keep validating in the workflow.
 CHECKS_RECORDED_PATCH = "checks-recorded"
-# In a run recorded before CHECKS_RECORDED_PATCH, one id per plan check
-# ("<id>-<n>"): a run in flight checks its new plans in the activity, with the
-# current rules, and replays the checks it made in the workflow as they were.
-PLAN_CHECK_PATCH = "plan-checked-by-activity"
+# Histories recorded before CHECKS_RECORDED_PATCH check plans in the workflow;
+# from their first plan check after this marker on, plans there may not set
+# the fields `allow_fields` guards either.
+PLAN_FIELDS_PATCH = "plans-refuse-unlisted-fields"
 # An unexpected error while running a step fails that step (its on_failure
 # applies) instead of ending its task and leaving it `running` for ever.
-# Called only when such an error happens, so no other run records it.
 STEP_ERRORS_PATCH = "step-errors-fail-the-step"
 
 # The checks are pure and quick; a retry is only for a worker that died meanwhile.
@@ -171,8 +177,6 @@ class MixerWorkflow:
         except SpecError as error:
             self._invalid = str(error)
         self._reset_state(spec)
-        # Plan checks made so far, to name their PLAN_CHECK_PATCH ids.
-        self._plan_checks = 0
         # Steps created by plans, parsed once from their nodes' definitions.
         self._planned: dict[str, Any] = {}
         self._spec_body = spec
@@ -403,7 +407,9 @@ class MixerWorkflow:
                 except Exception as error:
                     # Histories recorded before the patch left such a step
                     # running; their replays must do the same.
-                    if _belongs_to_temporal(error) or not workflow.patched(STEP_ERRORS_PATCH):
+                    if _belongs_to_temporal(error) or not (
+                        self._checks_recorded or workflow.patched(STEP_ERRORS_PATCH)
+                    ):
                         raise
                     if not await self._fail_unexpectedly(spec, step_id, record, error):
                         return
@@ -851,13 +857,10 @@ class MixerWorkflow:
         self, text: str, context: PlanContext
     ) -> tuple[list[dict[str, Any]], list[SpecIssue]]:
         """The plan's steps, or why it cannot run: decided once and recorded in history."""
-        self._plan_checks += 1
-        if not self._checks_recorded and not workflow.patched(
-            f"{PLAN_CHECK_PATCH}-{self._plan_checks}"
-        ):
-            # Replaying a plan that the version which recorded this run checked
-            # here; the allow_fields rule did not exist yet.
-            return check_plan(text, context, field_rule=False)
+        if not self._checks_recorded:
+            # A run recorded by an older version checks its plans here, as it
+            # did, so its replays decide the same.
+            return check_plan(text, context, field_rule=workflow.patched(PLAN_FIELDS_PATCH))
         limits = context.limits
         request = PlanCheck(
             text=text,
@@ -873,7 +876,11 @@ class MixerWorkflow:
             context_ids=list(context.context_ids),
         )
         try:
-            result = await workflow.execute_local_activity(
+            # An activity, not a local one: planners of parallel decompose steps
+            # answer together, and local activities that run side by side may
+            # resolve in another order on replay than they did (sdk-python#1578);
+            # an activity's result has its own place in history.
+            result = await workflow.execute_activity(
                 CHECK_PLAN_ACTIVITY,
                 request,
                 result_type=PlanCheckResult,
@@ -956,7 +963,7 @@ class MixerWorkflow:
         # An agent spends on its own provider account, so a spent budget holds
         # it too. Runs recorded before this gate existed started agent steps
         # regardless; the patch marker keeps their replays on that path.
-        if workflow.patched(AGENT_BUDGET_GATE_PATCH):
+        if self._checks_recorded or workflow.patched(AGENT_BUDGET_GATE_PATCH):
             await self._budget_gate(step, record)
         call = AgentCall(
             workflow_id=workflow.info().workflow_id,
