@@ -16,6 +16,7 @@ spec fails the run and a hostile plan goes back to its planner.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable, Iterable
 
 from temporalio import activity
@@ -34,6 +35,8 @@ from llmmixer.workflows.spec import Spec
 from llmmixer.workflows.validation import SPEC_LOCATION, SpecIssue, find_issues
 
 __all__ = ["CHECK_ACTIVITIES", "check_plan_activity", "check_spec_activity"]
+
+log = logging.getLogger("llmmixer.checks")
 
 
 @activity.defn(name=CHECK_SPEC_ACTIVITY)
@@ -89,7 +92,7 @@ def _guarded(check: Callable[[], list[SpecIssue]], where: str) -> list[SpecIssue
     except RecursionError:
         return [SpecIssue(where, "(document)", "nested too deeply to check: flatten the document")]
     except Exception as error:  # a rule's bug must refuse the document, not pass it
-        activity.logger.exception("checking a %s failed", where)
+        log.exception("checking a %s failed", where)
         return [
             SpecIssue(
                 where,

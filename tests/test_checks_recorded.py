@@ -8,6 +8,7 @@ tests record runs, tighten (or loosen) the rules, and replay.
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -18,6 +19,7 @@ from temporalio.client import WorkflowFailureError, WorkflowHistory
 from temporalio.worker import Replayer
 
 from llmmixer.activities import checks
+from llmmixer.activities.contracts import PlanCheck, PlanCheckLimits, SpecCheck
 from llmmixer.client.mixer import MixerClient
 from llmmixer.workers.connection import data_converter
 from llmmixer.workers.worker import sandbox_runner
@@ -161,3 +163,40 @@ async def test_a_shape_error_still_fails_the_run_with_step_and_field(mixer: Mixe
 def test_the_patch_id_is_the_one_recorded() -> None:
     # Renaming it would make every run recorded with it replay the old way.
     assert CHECKS_RECORDED_PATCH == "checks-recorded"
+
+
+def _deep(levels: int) -> Any:
+    value: Any = "x"
+    for _ in range(levels):
+        value = {"a": value}
+    return value
+
+
+async def test_a_document_too_deep_to_walk_is_refused_not_a_crash() -> None:
+    spec = {
+        "name": "deep",
+        "defaults": {"provider": "openai", "model": "gpt-4.1"},
+        "steps": [{"id": "a", "prompt": "x", "provider_options": _deep(50_000)}],
+    }
+    result = await checks.check_spec_activity(SpecCheck(spec=spec))
+    assert [(i.step, i.field) for i in result.issues] == [("spec", "(document)")]
+    assert "nested too deeply" in result.issues[0].message
+
+
+async def test_the_plan_check_activity_applies_the_limits_it_is_given() -> None:
+    request = PlanCheck(
+        text=json.dumps({"steps": [{"id": "split-1", "prompt": "x", "base_url": "http://e"}]}),
+        spec=SPEC,
+        step_id="split",
+        limits=PlanCheckLimits(max_steps=2, max_depth=1, kinds=["llm"]),
+        taken_ids=["split", "end"],
+    )
+    refused = await checks.check_plan_activity(request)
+    assert refused.steps == []
+    assert [(i.step, i.field) for i in refused.issues] == [("split-1", "base_url")]
+    request.limits.fields = ["base_url"]
+    accepted = await checks.check_plan_activity(request)
+    assert accepted.issues == []
+    assert accepted.steps == [
+        {"id": "split-1", "kind": "llm", "prompt": "x", "base_url": "http://e"}
+    ]
