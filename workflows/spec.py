@@ -6,7 +6,9 @@ Validation across fields and steps (the DAG, templates, secrets) lives in
 ``validation.py``; these models only describe the shape of one document.
 
 Compatibility: specs of runs in flight are re-read on replay. New fields get
-defaults; an existing field never changes meaning.
+defaults; an existing field never changes meaning. Replay reads only this
+shape, so a constraint here is never tightened: a new rule goes into
+``validation.py``, whose verdict a run records once, at its start.
 """
 
 from __future__ import annotations
