@@ -32,6 +32,11 @@ from pydantic import BaseModel, Field
 LLM_ACTIVITY = "llmmixer.call_llm"
 PTY_ACTIVITY = "llmmixer.run_command"
 AGENT_ACTIVITY = "llmmixer.run_agent"
+# Checks whose verdict history records, so replay never re-runs rules that a
+# release tightened: the spec's (a local activity, at a run's start) and each
+# plan's (an activity on the run's task queue).
+CHECK_SPEC_ACTIVITY = "llmmixer.check_spec"
+CHECK_PLAN_ACTIVITY = "llmmixer.check_plan"
 
 Provider = Literal["anthropic", "openai", "gemini"]
 PROVIDERS: tuple[str, ...] = ("anthropic", "openai", "gemini")
@@ -88,6 +93,9 @@ class PlanRequest(BaseModel):
     taken_ids: list[str] = Field(default_factory=list)
     # Suggested id prefix, so `{{join(steps.PREFIX*, ...)}}` can find the sub-steps.
     id_prefix: str = ""
+    # Fields that move a request or a command (base_url, provider_options, env,
+    # cwd, command, args) the plan may set: its decompose step's `allow_fields`.
+    fields: list[str] = Field(default_factory=list)
 
 
 class LlmCall(BaseModel):
@@ -234,3 +242,55 @@ class MixerEvent(BaseModel):
     time: datetime | None = None
     data: dict[str, Any] = Field(default_factory=dict)
     offset: int = -1
+
+
+# ---- checks whose verdict is recorded (activities/checks.py) -------------
+
+
+class CheckIssue(BaseModel):
+    """One problem found by a check: ``step`` is a step id, "spec" or "plan"."""
+
+    step: str
+    field: str
+    message: str
+
+
+class SpecCheck(BaseModel):
+    """The spec a run was started with, as it arrived (before any parsing)."""
+
+    spec: dict[str, Any]
+
+
+class SpecCheckResult(BaseModel):
+    issues: list[CheckIssue] = Field(default_factory=list)
+
+
+class PlanCheckLimits(BaseModel):
+    """What the plan may contain, after the limits of every plan above it."""
+
+    max_steps: int
+    max_depth: int
+    kinds: list[str]
+    fields: list[str] = Field(default_factory=list)
+
+
+class PlanCheck(BaseModel):
+    """A planner's reply and where its plan would land."""
+
+    text: str
+    # The run's spec as it arrived; the plan is checked against its inputs,
+    # defaults, routes and `allow`.
+    spec: dict[str, Any]
+    step_id: str
+    limits: PlanCheckLimits
+    # Every id in the run (the plan's ids must be new).
+    taken_ids: list[str] = Field(default_factory=list)
+    # The finished steps the decompose step waited for: the plan may read them.
+    context_ids: list[str] = Field(default_factory=list)
+
+
+class PlanCheckResult(BaseModel):
+    """The plan's steps (``kind`` filled in) when ``issues`` is empty."""
+
+    steps: list[dict[str, Any]] = Field(default_factory=list)
+    issues: list[CheckIssue] = Field(default_factory=list)

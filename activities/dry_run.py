@@ -46,6 +46,9 @@ def _sample_plan(request: PlanRequest, prompt: str) -> dict[str, Any]:
 
     They take the spec's roles in turn when it has routes, else the providers
     the spec allows, so a dry run shows the fan-out across several providers.
+    They set none of the fields a plan may set only when allowed
+    (``request.fields``: base_url, provider_options, env, cwd, command, args),
+    so the plan passes whatever the decompose step's ``allow_fields`` says.
     """
     # The task is the prompt's first line, without template braces: a brace
     # pair copied into a sub-step's prompt would be read as a template.

@@ -27,6 +27,7 @@ from raw_temporal import ModelActivities, RawChainWorkflow, RawFanOutWorkflow, s
 from temporalio.client import Client
 from temporalio.worker import Worker
 
+from llmmixer.activities.checks import CHECK_ACTIVITIES
 from llmmixer.activities.command_policy import CommandPolicy
 from llmmixer.activities.commands import CommandActivities
 from llmmixer.activities.llm import LlmActivities, LlmSettings
@@ -154,7 +155,7 @@ async def llmmixer_worker(
             client,
             task_queue=task_queue,
             workflows=[MixerWorkflow],
-            activities=[llm.call_llm, commands.run_command],
+            activities=[*CHECK_ACTIVITIES, llm.call_llm, commands.run_command],
             **options,
         ):
             yield LlmmixerSystem(name, client, task_queue)

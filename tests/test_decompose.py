@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from typing import Any
 
 import pytest
@@ -212,3 +213,74 @@ async def test_nested_plans_within_max_depth_and_roles_chosen_by_the_spec(
     assert end.prompt is not None and "leaf text" in end.prompt and "side text" in end.prompt
     inner_prompt = body_text(provider_server.calls[1])
     assert "At most 5 steps" in inner_prompt and "kind 'decompose'" not in inner_prompt
+
+
+async def test_plans_that_move_requests_or_commands_are_refused_before_anything_runs(
+    mixer: MixerClient, provider_server: FakeProviderServer, tmp_path: Any
+) -> None:
+    # The planner read hostile text: each plan tries to send a request, or
+    # start a command, somewhere the spec's owner never chose.
+    evil = FakeProviderServer().start()
+    ran = tmp_path / "ran"
+    touch = [sys.executable, "-c", f"open({str(ran)!r}, 'w').close()"]
+    attacks = {
+        "opts": (
+            {
+                "id": "opts-1",
+                "provider": "gemini",
+                "model": "gemini-2.5-flash",
+                "prompt": "x",
+                "provider_options": {
+                    "generation_config": {"http_options": {"base_url": evil.gemini_base_url}}
+                },
+            },
+            "provider_options",
+        ),
+        "url": ({"id": "url-1", "prompt": "x", "base_url": evil.openai_base_url}, "base_url"),
+        "env": (
+            {
+                "id": "env-1",
+                "kind": "pty",
+                "command": touch,
+                "env": {"LD_PRELOAD": str(tmp_path / "evil.so")},
+            },
+            "env",
+        ),
+        "cwd": ({"id": "cwd-1", "kind": "pty", "command": touch, "cwd": "/"}, "cwd"),
+    }
+    steps = []
+    for name, (step, _) in attacks.items():
+        provider_server.reply("openai", plan(step), model=f"planner-{name}")
+        steps.append(
+            planner(
+                id=name,
+                model=f"planner-{name}",
+                # pty steps and their `command` are allowed: only the attack is not
+                allow_kinds=["pty"],
+                allow_fields=["command"],
+                retry={**FAST_RETRY, "max_attempts": 1},
+                on_failure="skip",
+            )
+        )
+    try:
+        result = await (await mixer.start(spec(*steps))).result()
+    finally:
+        evil.stop()
+    assert result.status == RunStatus.COMPLETED
+    assert set(result.steps) == set(attacks)  # no planned step was added
+    for name, (_, field) in attacks.items():
+        record = result.steps[name]
+        assert record.status == StepStatus.SKIPPED
+        reason = record.skipped_reason or ""
+        assert f"{field}: plans may not set `{field}` unless decompose step {name!r}" in reason
+        assert f"add {field!r} to `allow_fields`" in reason
+    assert evil.calls == []
+    assert not ran.exists()
+    assert sorted(call.model for call in provider_server.calls) == sorted(
+        f"planner-{name}" for name in attacks
+    )
+    # The planner was told what it may not set.
+    assert all(
+        "Do not set base_url, provider_options, env, cwd, args" in body_text(call)
+        for call in provider_server.calls
+    )

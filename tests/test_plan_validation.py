@@ -171,9 +171,10 @@ def test_kinds_default_to_llm_and_allow_kinds_adds_them() -> None:
     lines = problems(text, context(spec))
     assert "step ok: kind: kind 'approval' is not allowed in this plan: use llm" in lines
     assert "step sh: kind: kind 'pty' is not allowed in this plan: use llm" in lines
-    lines = problems(text, context(spec, allow_kinds=["approval"]))
+    lines = problems(text, context(spec, allow_kinds=["approval"], allow_fields=["command"]))
     assert lines == ["step sh: kind: kind 'pty' is not allowed in this plan: use llm, approval"]
-    assert problems(text, context(spec, allow_kinds=["approval", "pty"])) == []
+    ok = context(spec, allow_kinds=["approval", "pty"], allow_fields=["command"])
+    assert problems(text, ok) == []
 
 
 def test_nesting_stops_at_max_depth() -> None:
@@ -373,3 +374,121 @@ def test_best_of_candidates_are_cut_in_the_answer_too() -> None:
         answer.steps["pick"].candidates[0].output or ""
     )
     assert state.records["pick"].candidates[0].output == "c" * 400_000
+
+
+# ---- plans may not move requests or commands (allow_fields) -----------------
+
+EVIL = "http://evil.example"
+
+
+@pytest.mark.parametrize(
+    ("step", "field"),
+    [
+        (
+            {
+                "id": "a",
+                "provider": "gemini",
+                "model": "gemini-2.5-flash",
+                "prompt": "x",
+                "provider_options": {"generation_config": {"http_options": {"base_url": EVIL}}},
+            },
+            "provider_options",
+        ),
+        ({"id": "a", "prompt": "x", "base_url": EVIL}, "base_url"),
+        (
+            {
+                "id": "a",
+                "prompt": "x",
+                "fallback": [{"provider": "openai", "model": "gpt-4.1", "base_url": EVIL}],
+            },
+            "fallback.0.base_url",
+        ),
+        (
+            {
+                "id": "a",
+                "prompt": "x",
+                "best_of": {"targets": [{"provider": "openai", "model": "o3", "base_url": EVIL}]},
+            },
+            "best_of.targets.0.base_url",
+        ),
+        (
+            {"id": "a", "kind": "pty", "command": ["make"], "env": {"LD_PRELOAD": "/tmp/x.so"}},
+            "env",
+        ),
+        ({"id": "a", "kind": "pty", "command": ["make"], "cwd": "/"}, "cwd"),
+        ({"id": "a", "kind": "agent", "agent": "codex", "prompt": "x", "cwd": "/"}, "cwd"),
+        (
+            {"id": "a", "kind": "agent", "agent": "codex", "prompt": "x", "args": ["--yolo"]},
+            "args",
+        ),
+    ],
+)
+def test_plans_may_not_move_requests_or_commands(step: dict[str, Any], field: str) -> None:
+    spec = validate_spec(base_spec())
+    # pty and agent steps are allowed, and so is `command`: only `field` is refused.
+    ctx = context(spec, allow_kinds=["pty", "agent"], allow_fields=["command"])
+    [line] = problems(plan(step), ctx)
+    name = field.rsplit(".", 1)[-1]
+    assert line.startswith(f"step a: {field}: plans may not set `{name}` unless decompose step")
+    assert f"add {name!r} to `allow_fields` of decompose step 'split'" in line
+    # The spec's owner may allow it.
+    allowed = context(spec, allow_kinds=["pty", "agent"], allow_fields=["command", name])
+    assert problems(plan(step), allowed) == []
+
+
+def test_a_pty_step_needs_command_in_allow_fields_not_only_allow_kinds() -> None:
+    spec = validate_spec(base_spec())
+    pty = plan({"id": "sh", "kind": "pty", "command": ["rm", "-rf", "/"]})
+    [line] = problems(pty, context(spec, allow_kinds=["pty"]))
+    assert line.startswith("step sh: command: a pty step runs `command`, which this plan may not")
+    assert "(`allow_kinds: [pty]` alone is not enough)" in line
+    assert "add 'command' to its `allow_fields`" in line
+    assert problems(pty, context(spec, allow_kinds=["pty"], allow_fields=["command"])) == []
+
+
+def test_empty_values_move_nothing_and_are_accepted() -> None:
+    spec = validate_spec(base_spec())
+    text = plan({"id": "a", "prompt": "x", "base_url": None, "provider_options": {}})
+    assert problems(text, context(spec)) == []
+
+
+def test_a_nested_decompose_step_never_gets_more_fields_than_its_parent() -> None:
+    outer = limits_for(
+        DecomposeStep(
+            id="o",
+            prompt="x",
+            max_depth=2,
+            allow_kinds=["decompose", "pty"],
+            allow_fields=["command", "cwd"],
+        )
+    )
+    assert outer.fields == ("cwd", "command")
+    inner = limits_for(
+        DecomposeStep(
+            id="i",
+            prompt="x",
+            allow_kinds=["pty"],
+            allow_fields=["command", "env", "base_url"],
+        ),
+        outer,
+    )
+    assert inner.fields == ("command",)
+    assert limits_for(DecomposeStep(id="d", prompt="x")).fields == ()
+
+
+def test_allow_fields_outside_the_list_are_refused_in_the_spec() -> None:
+    raw = base_spec()
+    raw["steps"][1]["allow_fields"] = ["base_url", "api_key"]
+    lines = [str(issue) for issue in find_issues(raw)]
+    assert any(line.startswith("step split: allow_fields.1: use 'base_url'") for line in lines)
+
+
+def test_the_planner_is_told_which_fields_it_may_not_set() -> None:
+    spec = validate_spec(base_spec())
+    prompt = planner_prompt("Split", context(spec))
+    assert "Do not set base_url, provider_options, env, cwd, command, args" in prompt
+    request = plan_request(context(spec, allow_kinds=["pty"], allow_fields=["command"]))
+    assert request.fields == ["command"]
+    prompt = planner_prompt("Split", context(spec, allow_kinds=["pty"], allow_fields=["command"]))
+    assert '"kind": "pty", "command": [' in prompt
+    assert "Do not set base_url, provider_options, env, cwd, args: this plan may not" in prompt

@@ -7,15 +7,21 @@ Record new histories with ``python tests/histories/record.py``.
 
 from __future__ import annotations
 
+import base64
+import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from temporalio.client import WorkflowHistory
 from temporalio.worker import Replayer
 
+from llmmixer.activities import checks
 from llmmixer.workers.connection import data_converter
 from llmmixer.workers.worker import sandbox_runner
-from llmmixer.workflows.mixer import MixerWorkflow
+from llmmixer.workflows import decompose, validation
+from llmmixer.workflows.mixer import CHECKS_RECORDED_PATCH, MixerWorkflow
+from llmmixer.workflows.validation import SpecIssue
 
 HISTORIES = sorted((Path(__file__).parent / "histories").glob("*.json"))
 
@@ -27,8 +33,21 @@ def test_there_are_histories_to_replay() -> None:
 TEXTS = {path.stem: path.read_text() for path in HISTORIES}
 
 
-@pytest.mark.parametrize("name", sorted(TEXTS))
-async def test_history_replays(name: str) -> None:
+def _patches(text: str) -> set[str]:
+    patches = set()
+    for event in json.loads(text)["events"]:
+        marker = event.get("markerRecordedEventAttributes", {})
+        if marker.get("markerName") == "core_patch":
+            data = marker["details"]["patch-data"]["payloads"][0]["data"]
+            patches.add(json.loads(base64.b64decode(data))["id"])
+    return patches
+
+
+# Recorded since spec and plan checks keep their verdict in history.
+CHECKED = sorted(name for name, text in TEXTS.items() if CHECKS_RECORDED_PATCH in _patches(text))
+
+
+async def replay(name: str) -> None:
     history = WorkflowHistory.from_json(name, TEXTS[name])
     replayer = Replayer(
         workflows=[MixerWorkflow],
@@ -37,3 +56,26 @@ async def test_history_replays(name: str) -> None:
     )
     result = await replayer.replay_workflow(history, raise_on_replay_failure=True)
     assert result.replay_failure is None
+
+
+@pytest.mark.parametrize("name", sorted(TEXTS))
+async def test_history_replays(name: str) -> None:
+    await replay(name)
+
+
+def test_some_histories_were_recorded_with_their_checks() -> None:
+    assert {"0.1.0-checked", "0.1.0-invalid-spec"} <= set(CHECKED)
+
+
+@pytest.mark.parametrize("name", CHECKED)
+@pytest.mark.parametrize("verdict", ["refuse", "accept"])
+async def test_a_rule_changed_later_does_not_change_a_recorded_run(
+    name: str, verdict: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def rules(raw: object) -> Iterator[SpecIssue]:
+        if verdict == "refuse":
+            yield SpecIssue("spec", "(document)", "a rule added after this run was recorded")
+
+    for module in (validation, decompose, checks):
+        monkeypatch.setattr(module, "find_issues", rules)
+    await replay(name)

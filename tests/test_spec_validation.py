@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from llmmixer.client.specfile import read_spec
-from llmmixer.workflows.validation import SpecError, find_issues, validate_spec
+from llmmixer.workflows.validation import SpecError, find_issues, parse_spec_shape, validate_spec
 
 GOOD: dict[str, Any] = {
     "name": "review",
@@ -219,3 +219,43 @@ def test_spec_lists_every_model_it_names_for_price_checks() -> None:
         ("anthropic", "claude-haiku-4-5"),
         ("openai", "o3"),
     }
+
+
+# ---- what a replay reads: the shape only -------------------------------------
+
+
+def test_the_shape_reads_every_valid_spec_as_validate_spec_does() -> None:
+    assert parse_spec_shape(copy.deepcopy(GOOD)) == validate_spec(copy.deepcopy(GOOD))
+
+
+def test_the_shape_checks_no_rule_so_a_tightened_rule_cannot_refuse_a_recorded_run() -> None:
+    # Refused by the rules (unknown need, no provider, a secret), but well formed:
+    # a replay of a run started when such a spec passed must still read it.
+    spec = mutate(defaults={}, description="sk-ant-" + "a" * 30)
+    spec["steps"] = [*spec["steps"], {"id": "late", "needs": ["nope"], "prompt": "x"}]
+    assert issues_of(spec)
+    assert [s.id for s in parse_spec_shape(spec).steps][-1] == "late"
+
+
+def test_a_shape_error_names_step_and_field() -> None:
+    spec = mutate(defaults={"timeout_s": -1}, bogus=1)
+    spec["steps"] = [
+        {"id": "a", "kind": "pty"},
+        {"id": "b", "kind": "teleport"},
+        "not a step",
+        {"id": "c", "prompt": 3},
+    ]
+    with pytest.raises(SpecError) as caught:
+        parse_spec_shape(spec)
+    assert str(caught.value).splitlines() == [
+        "spec: defaults.timeout_s: input should be greater than 0",
+        "step a: command: is required: add it",
+        "step b: kind: unknown kind 'teleport': use one of llm, pty, approval, decompose, agent",
+        "step #3: (step): each step must be a mapping with `id`",
+        "step c: prompt: input should be a valid string",
+        "spec: bogus: is not a known field: remove it or check its spelling",
+    ]
+    with pytest.raises(SpecError, match=r"^spec: steps: a spec needs a non-empty list"):
+        parse_spec_shape(mutate(steps=[]))
+    with pytest.raises(SpecError, match=r"^spec: \(document\): the spec must be a mapping"):
+        parse_spec_shape(["steps"])

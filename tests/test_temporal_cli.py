@@ -48,6 +48,8 @@ def llmmixer_worker(env: WorkflowEnvironment, task_queue: str, tmp_path: Path) -
         "HOME": str(tmp_path),
         "TEMPORAL_ADDRESS": _address(env),
         "LLMMIXER_TASK_QUEUE": task_queue,
+        # A source tree that is not installed is found the way this test found it.
+        **{k: v for k, v in os.environ.items() if k == "PYTHONPATH"},
     }
     process = subprocess.Popen(
         [sys.executable, "-m", "llmmixer.client.cli", "worker"],

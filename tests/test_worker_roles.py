@@ -22,7 +22,13 @@ from temporalio.client import Client
 from temporalio.testing import WorkflowEnvironment
 
 from llmmixer.activities.command_policy import CommandPolicy
-from llmmixer.activities.contracts import AGENT_ACTIVITY, LLM_ACTIVITY, PTY_ACTIVITY
+from llmmixer.activities.contracts import (
+    AGENT_ACTIVITY,
+    CHECK_PLAN_ACTIVITY,
+    CHECK_SPEC_ACTIVITY,
+    LLM_ACTIVITY,
+    PTY_ACTIVITY,
+)
 from llmmixer.client.mixer import MixerClient
 from llmmixer.workers.worker import (
     ALL_ROLES,
@@ -62,6 +68,10 @@ def test_roles_default_to_all_and_refuse_unknown_names() -> None:
     assert WorkerSettings.from_env({}).pty_queue == "llmmixer"
 
 
+# Local activities of the workflow: registered wherever MixerWorkflow is.
+CHECKS = {CHECK_SPEC_ACTIVITY, CHECK_PLAN_ACTIVITY}
+
+
 def _registered(worker: Any) -> tuple[str, set[str], set[str]]:
     config = worker.config()
     workflows = {getattr(w, "__name__", str(w)) for w in config["workflows"]}
@@ -73,18 +83,18 @@ def _registered(worker: Any) -> tuple[str, set[str], set[str]]:
     ("environ", "expected"),
     [
         # Default: everything on the one queue.
-        ({}, [("q", {"MixerWorkflow"}, {LLM_ACTIVITY, PTY_ACTIVITY, AGENT_ACTIVITY})]),
+        ({}, [("q", {"MixerWorkflow"}, {*CHECKS, LLM_ACTIVITY, PTY_ACTIVITY, AGENT_ACTIVITY})]),
         # All roles and a PTY queue: one process polls both queues.
         (
             {"LLMMIXER_PTY_TASK_QUEUE": "q-pty"},
             [
-                ("q", {"MixerWorkflow"}, {LLM_ACTIVITY}),
+                ("q", {"MixerWorkflow"}, {*CHECKS, LLM_ACTIVITY}),
                 ("q-pty", set(), {PTY_ACTIVITY, AGENT_ACTIVITY}),
             ],
         ),
         (
             {"LLMMIXER_WORKER_ROLES": "workflows,llm", "LLMMIXER_PTY_TASK_QUEUE": "q-pty"},
-            [("q", {"MixerWorkflow"}, {LLM_ACTIVITY})],
+            [("q", {"MixerWorkflow"}, {*CHECKS, LLM_ACTIVITY})],
         ),
         (
             {"LLMMIXER_WORKER_ROLES": "pty", "LLMMIXER_PTY_TASK_QUEUE": "q-pty"},

@@ -21,6 +21,7 @@ from temporalio.client import Client
 from temporalio.worker import Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
+from llmmixer.activities.checks import CHECK_ACTIVITIES
 from llmmixer.activities.command_policy import CommandPolicy
 from llmmixer.activities.commands import CommandActivities
 from llmmixer.activities.llm import LlmActivities, LlmSettings
@@ -247,6 +248,10 @@ def _registrations(
             PTY_TASK_QUEUE_ENV,
             settings.task_queue,
         )
+    if settings.task_queue in found:
+        # The spec check runs where the workflow runs (a local activity); plan
+        # checks are scheduled on the run's queue, to whichever worker polls it.
+        add(settings.task_queue, None, *CHECK_ACTIVITIES)
     return found
 
 

@@ -6,10 +6,17 @@ spec made of the plan's steps plus the run's context (the spec's inputs,
 defaults, routes, and the steps the decompose step waited for), and then by
 the rules only plans have: ``max_steps``, the kinds the decompose step allows,
 how deep plans may nest, the spec's ``allow`` list, and ids that must not
-clash with the run's. Every problem is reported at once, worded for the
-planner, which gets them back in its next prompt.
+clash with the run's, and the fields that move a request or a command
+(``base_url``, ``provider_options``, ``env``, ``cwd``, ``command``, ``args``),
+which a plan sets only where the decompose step's ``allow_fields`` lists them.
+Every problem is reported at once, worded for the planner, which gets them
+back in its next prompt.
 
-Pure and deterministic: ``MixerWorkflow`` runs this on replay.
+Pure and deterministic. Runs started by this version check plans in a local
+activity (``activities/checks.py``), so the result is recorded in history and
+a later change to these rules never changes what a replay decides;
+``MixerWorkflow`` still calls ``check_plan`` itself in runs that older
+versions recorded, which checked their plans in the workflow.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from llmmixer.activities.contracts import PROVIDERS, PlanRequest, PlanTarget
-from llmmixer.workflows.spec import KINDS, DecomposeStep, Spec
+from llmmixer.workflows.spec import KINDS, PLAN_FIELDS, DecomposeStep, Spec
 from llmmixer.workflows.validation import SPEC_LOCATION, SpecIssue, find_issues
 
 __all__ = [
@@ -55,17 +62,26 @@ class PlanLimits:
     # steps only while this is above 1.
     max_depth: int
     kinds: tuple[str, ...]
+    # Of PLAN_FIELDS, those the plan's steps may set.
+    fields: tuple[str, ...] = ()
 
 
 def limits_for(step: DecomposeStep, parent: PlanLimits | None = None) -> PlanLimits:
     """``step``'s own limits, never looser than those of the plan that created it."""
     kinds = {"llm", *step.allow_kinds}
+    fields = set(step.allow_fields)
     max_depth, max_steps = step.max_depth, step.max_steps
     if parent is not None:
         kinds &= set(parent.kinds)
+        fields &= set(parent.fields)
         max_depth = max(1, min(max_depth, parent.max_depth - 1))
         max_steps = min(max_steps, parent.max_steps)
-    return PlanLimits(max_steps, max_depth, tuple(kind for kind in KINDS if kind in kinds))
+    return PlanLimits(
+        max_steps,
+        max_depth,
+        tuple(kind for kind in KINDS if kind in kinds),
+        tuple(field for field in PLAN_FIELDS if field in fields),
+    )
 
 
 @dataclass(frozen=True)
@@ -82,13 +98,22 @@ class PlanContext:
     context_ids: tuple[str, ...] = ()
 
 
-def check_plan(text: str, context: PlanContext) -> tuple[list[dict[str, Any]], list[SpecIssue]]:
-    """The plan's steps (``kind`` filled in), or every reason it cannot run."""
+def check_plan(
+    text: str, context: PlanContext, *, field_rule: bool = True
+) -> tuple[list[dict[str, Any]], list[SpecIssue]]:
+    """The plan's steps (``kind`` filled in), or every reason it cannot run.
+
+    ``field_rule=False`` leaves out the ``allow_fields`` rule: only for runs
+    recorded by a version without it, to replay the plans they accepted.
+    """
     parsed, problem = _parse(text)
     if problem is not None:
         return [], [SpecIssue(PLAN_LOCATION, "(document)", problem)]
     assert parsed is not None
     issues = list(_plan_rules(parsed, context))
+    if field_rule:
+        for index, step in enumerate(parsed):
+            issues.extend(_field_issues(_where(step, index), step, context))
     stand_in = _stand_in_spec(parsed, context)
     for issue in find_issues(stand_in):
         if issue.step == SPEC_LOCATION:
@@ -129,7 +154,7 @@ def _plan_rules(steps: Sequence[Mapping[str, Any]], context: PlanContext) -> Ite
         )
     for index, step in enumerate(steps):
         step_id = step.get("id")
-        where = step_id if isinstance(step_id, str) else f"#{index + 1}"
+        where = _where(step, index)
         if isinstance(step_id, str) and step_id in context.taken_ids:
             yield SpecIssue(
                 where, "id", f"`{step_id}` is already a step of this run: choose another id"
@@ -148,6 +173,61 @@ def _plan_rules(steps: Sequence[Mapping[str, Any]], context: PlanContext) -> Ite
                 f"kind {kind!r} is not allowed in this plan: use {', '.join(limits.kinds)}",
             )
         yield from _allow_issues(where, step, context.spec)
+
+
+def _where(step: Mapping[str, Any], index: int) -> str:
+    step_id = step.get("id")
+    return step_id if isinstance(step_id, str) else f"#{index + 1}"
+
+
+def _field_issues(where: str, step: Mapping[str, Any], context: PlanContext) -> Iterable[SpecIssue]:
+    """Fields that move a request or a command, unless ``allow_fields`` lists them.
+
+    A plan is written by a model that may have read hostile text: a
+    ``base_url`` (also inside ``provider_options``) would send the prompt, and
+    the run's outputs in it, to another host; ``env``, ``cwd``, ``command`` and
+    ``args`` decide what a command runs and where. Refused whatever the step's
+    kind, so a field the kind does not have is named here too.
+    """
+    for path, field in _set_fields(step):
+        if field in context.limits.fields:
+            continue
+        remedy = (
+            f"leave it out of the plan, or add {field!r} to `allow_fields` of decompose "
+            f"step {context.step_id!r} in the spec"
+        )
+        if field == "command" and step.get("kind") == "pty":
+            message = (
+                "a pty step runs `command`, which this plan may not set unless decompose step "
+                f"{context.step_id!r} lists 'command' in `allow_fields` (`allow_kinds: [pty]` "
+                "alone is not enough): add 'command' to its `allow_fields` in the spec"
+            )
+        else:
+            message = (
+                f"plans may not set `{field}` unless decompose step {context.step_id!r} lists "
+                f"it in `allow_fields`: {remedy}"
+            )
+        yield SpecIssue(where, path, message)
+
+
+def _set_fields(step: Mapping[str, Any]) -> Iterable[tuple[str, str]]:
+    """(path, field of PLAN_FIELDS) for each one the step sets to something."""
+    for field in PLAN_FIELDS:
+        if _is_set(step.get(field)):
+            yield field, field
+    for number, target in enumerate(_list(step.get("fallback"))):
+        if _is_set(target.get("base_url")):
+            yield f"fallback.{number}.base_url", "base_url"
+    best_of = step.get("best_of")
+    if isinstance(best_of, Mapping):
+        for number, target in enumerate(_list(best_of.get("targets"))):
+            if _is_set(target.get("base_url")):
+                yield f"best_of.targets.{number}.base_url", "base_url"
+
+
+def _is_set(value: object) -> bool:
+    # `null`, "" and empty collections change nothing the step does.
+    return value is not None and value != "" and value != [] and value != {}
 
 
 def _allow_issues(where: str, step: Mapping[str, Any], spec: Spec) -> Iterable[SpecIssue]:
@@ -228,6 +308,7 @@ def plan_request(context: PlanContext) -> PlanRequest:
         roles=sorted(context.spec.routes),
         taken_ids=sorted(context.taken_ids),
         id_prefix=f"{context.step_id}-",
+        fields=list(context.limits.fields),
     )
 
 
@@ -291,6 +372,21 @@ def planner_prompt(task: str, context: PlanContext, feedback: str | None = None)
     for kind in ("pty", "agent"):
         if kind in extra:
             lines.append(f"Steps of kind {kind!r} are allowed too.")
+    if "pty" in extra and "command" in request.fields:
+        lines.append(
+            'A pty step runs a command (no shell): {"id": ..., "kind": "pty", '
+            '"command": ["<program>", "<argument>", ...]}'
+        )
+    refused = [field for field in PLAN_FIELDS if field not in request.fields]
+    if refused:
+        lines.append(
+            "Do not set "
+            + ", ".join(refused)
+            + ": this plan may not"
+            + (f" (it may set {', '.join(request.fields)})." if request.fields else ".")
+        )
+    else:
+        lines.append("It may set " + ", ".join(request.fields) + ".")
     lines.append(
         "A step may read an earlier step's output with {{steps.ID.output}} only if it lists that "
         "step in `needs` (directly or through other steps)."

@@ -25,8 +25,11 @@ from temporalio.exceptions import (
     ActivityError,
     ApplicationError,
     CancelledError,
+    FailureError,
     RetryState,
+    TemporalError,
     TimeoutError,
+    is_cancelled_exception,
 )
 
 with workflow.unsafe.imports_passed_through():
@@ -34,11 +37,14 @@ with workflow.unsafe.imports_passed_through():
 
     from llmmixer.activities.contracts import (
         AGENT_ACTIVITY,
+        CHECK_PLAN_ACTIVITY,
+        CHECK_SPEC_ACTIVITY,
         EVENTS_TOPIC,
         LLM_ACTIVITY,
         PTY_ACTIVITY,
         AgentCall,
         ChatMessage,
+        CheckIssue,
         CommandCall,
         CommandResult,
         ErrorType,
@@ -47,7 +53,12 @@ with workflow.unsafe.imports_passed_through():
         LlmCall,
         LlmReply,
         MixerEvent,
+        PlanCheck,
+        PlanCheckLimits,
+        PlanCheckResult,
         PlanRequest,
+        SpecCheck,
+        SpecCheckResult,
     )
     from llmmixer.workflows.carry import (
         CARRIED_EVENT_BYTES,
@@ -91,13 +102,41 @@ with workflow.unsafe.imports_passed_through():
         Spec,
     )
     from llmmixer.workflows.templates import render
-    from llmmixer.workflows.validation import SpecError, validate_spec
+    from llmmixer.workflows.validation import (
+        SpecError,
+        SpecIssue,
+        parse_spec_shape,
+        validate_spec,
+    )
 
 WORKFLOW_NAME = "MixerWorkflow"
 
 # workflow.patched() ids: each marks a change in which commands a run issues,
 # so histories recorded before it still replay. Never rename or reuse one.
+#
+# A run recorded with CHECKS_RECORDED_PATCH (every run started since) calls no
+# other patch: every change below is on for it, and any later change must be
+# decided in __init__ too. A patch called later could follow a local activity,
+# and replay may resolve a local activity one workflow task earlier than the
+# run did (when a query arrived meanwhile), before the marker that task wrote
+# is known: the patch would then read as absent and the replay fail.
 AGENT_BUDGET_GATE_PATCH = "agent-steps-budget-gated"
+# A run checks its spec once, in a local activity at its start, and each plan
+# in an activity: history records every verdict, so a replay never re-runs
+# rules that a release tightened; __init__ then reads only the spec's shape.
+# Histories recorded before keep validating in the workflow.
+CHECKS_RECORDED_PATCH = "checks-recorded"
+# Histories recorded before CHECKS_RECORDED_PATCH check plans in the workflow;
+# from their first plan check after this marker on, plans there may not set
+# the fields `allow_fields` guards either.
+PLAN_FIELDS_PATCH = "plans-refuse-unlisted-fields"
+# An unexpected error while running a step fails that step (its on_failure
+# applies) instead of ending its task and leaving it `running` for ever.
+STEP_ERRORS_PATCH = "step-errors-fail-the-step"
+
+# The checks are pure and quick; a retry is only for a worker that died meanwhile.
+_CHECK_TIMEOUT = timedelta(seconds=60)
+_CHECK_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_attempts=3)
 
 # Errors no Temporal retry can fix; the step fails at once and on_failure applies.
 _NON_RETRYABLE = [
@@ -127,25 +166,17 @@ class MixerWorkflow:
         self._events = self._stream.topic(EVENTS_TOPIC, type=MixerEvent)
         self._spec: Spec | None = None
         self._invalid: str | None = None
+        # Here, not in run(): a history without the marker must rebuild this
+        # object exactly as the version that recorded it did, before any
+        # handler of the first workflow task reads it.
+        self._checks_recorded = workflow.patched(CHECKS_RECORDED_PATCH)
         try:
-            self._spec = validate_spec(spec)
+            # Replay reads only the shape: the rules ran once, when the run
+            # started (run() asks the check activity), and history has the verdict.
+            self._spec = parse_spec_shape(spec) if self._checks_recorded else validate_spec(spec)
         except SpecError as error:
             self._invalid = str(error)
-        spec_model = self._spec
-        self._state = RunState(
-            name=spec_model.name if spec_model else str(spec.get("name", "")),
-            nodes=[
-                StepNode(step.id, step.kind, tuple(step.needs))
-                for step in (spec_model.steps if spec_model else [])
-            ],
-            dry_run=spec_model.dry_run if spec_model else False,
-            workflow_id=workflow.info().workflow_id,
-        )
-        if spec_model is not None:
-            self._set_budget("", spec_model.budget)
-            for step in spec_model.steps:
-                if isinstance(step, DecomposeStep):
-                    self._set_budget(step.id, step.budget)
+        self._reset_state(spec)
         # Steps created by plans, parsed once from their nodes' definitions.
         self._planned: dict[str, Any] = {}
         self._spec_body = spec
@@ -165,6 +196,23 @@ class MixerWorkflow:
         self._cancelling = False
         self._changed = False
 
+    def _reset_state(self, raw: dict[str, Any]) -> None:
+        spec_model = self._spec
+        self._state = RunState(
+            name=spec_model.name if spec_model else str(raw.get("name", "")),
+            nodes=[
+                StepNode(step.id, step.kind, tuple(step.needs))
+                for step in (spec_model.steps if spec_model else [])
+            ],
+            dry_run=spec_model.dry_run if spec_model else False,
+            workflow_id=workflow.info().workflow_id,
+        )
+        if spec_model is not None:
+            self._set_budget("", spec_model.budget)
+            for step in spec_model.steps:
+                if isinstance(step, DecomposeStep):
+                    self._set_budget(step.id, step.budget)
+
     # ---- the run ----------------------------------------------------------
 
     @workflow.run
@@ -174,6 +222,9 @@ class MixerWorkflow:
         stream_state: WorkflowStreamState | None = None,
         carried: Carried | None = None,
     ) -> RunProgress:
+        if self._spec is not None and self._checks_recorded and self._continuations == 0:
+            # A continuation's spec was checked by the run that started it.
+            await self._check_spec(spec)
         if self._spec is None:
             # Raising ApplicationError fails the run itself: a bad spec must not
             # leave the workflow task retrying forever.
@@ -211,6 +262,30 @@ class MixerWorkflow:
         self._finish()
         await workflow.wait_condition(workflow.all_handlers_finished)
         return self._state.progress()
+
+    async def _check_spec(self, raw: dict[str, Any]) -> None:
+        """Every rule of validation.py, once, with the verdict recorded in history."""
+        try:
+            result = await workflow.execute_local_activity(
+                CHECK_SPEC_ACTIVITY,
+                SpecCheck(spec=raw),
+                result_type=SpecCheckResult,
+                start_to_close_timeout=_CHECK_TIMEOUT,
+                retry_policy=_CHECK_RETRY,
+                summary="check the spec",
+            )
+        except ActivityError as error:
+            raise ApplicationError(
+                f"the spec could not be checked, nothing was started: {error.cause or error}. "
+                "Check that this worker registers llmmixer's check activities "
+                "(workers.worker.mixer_worker does), then start a new run.",
+                type="SpecCheckFailed",
+                non_retryable=True,
+            ) from None
+        if result.issues:
+            self._invalid = str(SpecError([_spec_issue(issue) for issue in result.issues]))
+            self._spec = None
+            self._reset_state(raw)
 
     async def _drive(self, spec: Spec) -> None:
         while True:
@@ -323,46 +398,101 @@ class MixerWorkflow:
     # ---- one step ---------------------------------------------------------
 
     async def _run_step(self, spec: Spec, step_id: str, resume: bool = False) -> None:
-        step = self._step(spec, step_id)
         record = self._state.records[step_id]
         try:
-            if resume and record.kind == "approval" and not record.error:
-                self._resumed_approvals.add(step_id)
-            elif resume and (
-                record.budget_hold is not None
-                # Records carried over by a continue-as-new from before
-                # budget_hold existed say it only in words.
-                or (record.waiting_reason or "").startswith("budget:")
-            ):
-                pass  # held by a budget: its gate holds it again, and raise_budget frees it
-            elif resume and not await self._pause(spec, step, record, record.error or "", False):
-                return  # decided while it waited again; nothing more to run
             while True:
-                record.status = StepStatus.RUNNING
-                record.started_at = record.started_at or workflow.now()
-                record.error = None
-                record.waiting_reason = None
-                record.budget_hold = None
-                if step_id not in self._resumed_approvals:
-                    self._publish(EventType.STEP_STARTED, step_id, record.attempts + 1)
-                self._touch()
                 try:
-                    output = await self._execute(spec, step, record)
-                except _Settled:
+                    await self._attempt(spec, step_id, record, resume)
                     return
-                except StepFailed as failure:
-                    if self._cancelling:
-                        record.status = StepStatus.FAILED
-                        record.error = f"cancelled with the run ({failure})"
-                        record.ended_at = workflow.now()
+                except Exception as error:
+                    # Histories recorded before the patch left such a step
+                    # running; their replays must do the same.
+                    if _belongs_to_temporal(error) or not (
+                        self._checks_recorded or workflow.patched(STEP_ERRORS_PATCH)
+                    ):
+                        raise
+                    if not await self._fail_unexpectedly(spec, step_id, record, error):
                         return
-                    if not await self._handle_failure(spec, step, record, str(failure)):
-                        return
-                    continue  # a person asked for a retry
-                self._complete(step_id, record, output)
-                return
+                    resume = False  # a person asked for a retry
         finally:
             self._touch()
+
+    async def _fail_unexpectedly(
+        self, spec: Spec, step_id: str, record: StepRecord, error: Exception
+    ) -> bool:
+        """A bug, or a plan the workflow could not handle, fails the step; True: retry it.
+
+        Without this the step's task would end with the error and the step
+        would stay `running` for ever, holding up everything after it.
+        """
+        detail = " ".join(str(error).split())
+        reason = (
+            f"llmmixer could not run this step ({type(error).__name__}"
+            f"{': ' + detail[:300] if detail else ''}); retry or skip it, and report this "
+            "to the llmmixer maintainers"
+        )
+        workflow.logger.error("step %s: %s", step_id, reason, exc_info=error)
+        if self._cancelling:
+            record.status = StepStatus.FAILED
+            record.error = f"cancelled with the run ({reason})"
+            record.ended_at = workflow.now()
+            return False
+        try:
+            step = self._step(spec, step_id)
+        except Exception as unreadable:
+            if _belongs_to_temporal(unreadable):
+                raise
+            # Its definition is what failed: the spec's defaults decide.
+            step = ApprovalStep.model_construct(id=step_id)
+        try:
+            return await self._handle_failure(spec, step, record, reason)
+        except Exception as again:
+            if _belongs_to_temporal(again):
+                raise
+            record.status = StepStatus.FAILED
+            record.error = reason
+            record.ended_at = workflow.now()
+            self._fatal = f"step {step_id} failed: {reason}"
+            return False
+
+    async def _attempt(self, spec: Spec, step_id: str, record: StepRecord, resume: bool) -> None:
+        """Run the step until it settles; ``on_failure`` applies to each StepFailed."""
+        step = self._step(spec, step_id)
+        if resume and record.kind == "approval" and not record.error:
+            self._resumed_approvals.add(step_id)
+        elif resume and (
+            record.budget_hold is not None
+            # Records carried over by a continue-as-new from before
+            # budget_hold existed say it only in words.
+            or (record.waiting_reason or "").startswith("budget:")
+        ):
+            pass  # held by a budget: its gate holds it again, and raise_budget frees it
+        elif resume and not await self._pause(spec, step, record, record.error or "", False):
+            return  # decided while it waited again; nothing more to run
+        while True:
+            record.status = StepStatus.RUNNING
+            record.started_at = record.started_at or workflow.now()
+            record.error = None
+            record.waiting_reason = None
+            record.budget_hold = None
+            if step_id not in self._resumed_approvals:
+                self._publish(EventType.STEP_STARTED, step_id, record.attempts + 1)
+            self._touch()
+            try:
+                output = await self._execute(spec, step, record)
+            except _Settled:
+                return
+            except StepFailed as failure:
+                if self._cancelling:
+                    record.status = StepStatus.FAILED
+                    record.error = f"cancelled with the run ({failure})"
+                    record.ended_at = workflow.now()
+                    return
+                if not await self._handle_failure(spec, step, record, str(failure)):
+                    return
+                continue  # a person asked for a retry
+            self._complete(step_id, record, output)
+            return
 
     def _complete(self, step_id: str, record: StepRecord, output: str) -> None:
         record.status = StepStatus.COMPLETED
@@ -694,7 +824,7 @@ class MixerWorkflow:
                 system,
                 plan=plan_request(context),
             )
-            steps, issues = check_plan(reply.text, context)
+            steps, issues = await self._check_plan(reply.text, context)
             if not issues:
                 break
             # Retried like any retryable step error, with the validator's
@@ -722,6 +852,45 @@ class MixerWorkflow:
             if planned["kind"] == "decompose":
                 self._set_budget(planned["id"], DecomposeStep.model_validate(planned).budget)
         return json.dumps({"steps": steps}, indent=2)
+
+    async def _check_plan(
+        self, text: str, context: PlanContext
+    ) -> tuple[list[dict[str, Any]], list[SpecIssue]]:
+        """The plan's steps, or why it cannot run: decided once and recorded in history."""
+        if not self._checks_recorded:
+            # A run recorded by an older version checks its plans here, as it
+            # did, so its replays decide the same.
+            return check_plan(text, context, field_rule=workflow.patched(PLAN_FIELDS_PATCH))
+        limits = context.limits
+        request = PlanCheck(
+            text=text,
+            spec=self._spec_body,
+            step_id=context.step_id,
+            limits=PlanCheckLimits(
+                max_steps=limits.max_steps,
+                max_depth=limits.max_depth,
+                kinds=list(limits.kinds),
+                fields=list(limits.fields),
+            ),
+            taken_ids=sorted(context.taken_ids),
+            context_ids=list(context.context_ids),
+        )
+        try:
+            # An activity, not a local one: planners of parallel decompose steps
+            # answer together, and local activities that run side by side may
+            # resolve in another order on replay than they did (sdk-python#1578);
+            # an activity's result has its own place in history.
+            result = await workflow.execute_activity(
+                CHECK_PLAN_ACTIVITY,
+                request,
+                result_type=PlanCheckResult,
+                start_to_close_timeout=_CHECK_TIMEOUT,
+                retry_policy=_CHECK_RETRY,
+                summary=f"{context.step_id}: check the plan",
+            )
+        except ActivityError as error:
+            raise StepFailed(f"the plan could not be checked: {error.cause or error}") from None
+        return result.steps, [_spec_issue(issue) for issue in result.issues]
 
     def _plan_limits(self, spec: Spec, step: DecomposeStep) -> PlanLimits:
         """``step``'s limits under those of every plan above it."""
@@ -794,7 +963,7 @@ class MixerWorkflow:
         # An agent spends on its own provider account, so a spent budget holds
         # it too. Runs recorded before this gate existed started agent steps
         # regardless; the patch marker keeps their replays on that path.
-        if workflow.patched(AGENT_BUDGET_GATE_PATCH):
+        if self._checks_recorded or workflow.patched(AGENT_BUDGET_GATE_PATCH):
             await self._budget_gate(step, record)
         call = AgentCall(
             workflow_id=workflow.info().workflow_id,
@@ -1136,6 +1305,25 @@ def _budget_refusal(
             "raise_budget only raises"
         )
     return None
+
+
+def _belongs_to_temporal(error: BaseException) -> bool:
+    """Errors a step must let through: cancellation, and the SDK's own.
+
+    Non-determinism, sandbox restrictions, a read-only context, "not in the
+    workflow event loop": the SDK raises these (TemporalError, but not a
+    FailureError that describes a failed operation) to fail the workflow
+    task, and catching them would hide a broken replay. BaseExceptions
+    (asyncio.CancelledError, continue-as-new, eviction) never reach an
+    ``except Exception``.
+    """
+    return is_cancelled_exception(error) or (
+        isinstance(error, TemporalError) and not isinstance(error, FailureError)
+    )
+
+
+def _spec_issue(issue: CheckIssue) -> SpecIssue:
+    return SpecIssue(issue.step, issue.field, issue.message)
 
 
 def _retry_policy(retry: RetrySpec) -> RetryPolicy:

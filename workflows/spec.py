@@ -6,12 +6,14 @@ Validation across fields and steps (the DAG, templates, secrets) lives in
 ``validation.py``; these models only describe the shape of one document.
 
 Compatibility: specs of runs in flight are re-read on replay. New fields get
-defaults; an existing field never changes meaning.
+defaults; an existing field never changes meaning. Replay reads only this
+shape, so a constraint here is never tightened: a new rule goes into
+``validation.py``, whose verdict a run records once, at its start.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
@@ -21,6 +23,12 @@ STEP_ID_PATTERN = r"^[a-z0-9_-]+$"
 KINDS: tuple[str, ...] = ("llm", "pty", "approval", "decompose", "agent")
 
 OnFailure = Literal["pause", "fail", "skip"]
+# Fields of a step that move a request or a command: where a provider call goes
+# (`base_url`, `provider_options`) and what runs and how (`env`, `cwd`,
+# `command`, `args`). A plan is written by a model that may have read hostile
+# text, so it sets them only where its decompose step's `allow_fields` lists them.
+PlanField = Literal["base_url", "provider_options", "env", "cwd", "command", "args"]
+PLAN_FIELDS: tuple[str, ...] = get_args(PlanField)
 
 
 class _Strict(BaseModel):
@@ -164,6 +172,9 @@ class DecomposeStep(_StepBase):
     allow_kinds: list[Literal["llm", "approval", "decompose", "pty", "agent"]] = Field(
         default_factory=list
     )
+    # Fields of PLAN_FIELDS a plan may set (a pty step needs `command`); none
+    # by default. A nested decompose step never gets more than its parent.
+    allow_fields: list[PlanField] = Field(default_factory=list)
     # Limits what this step's sub-steps (at any depth) may spend together.
     budget: Budget | None = None
 

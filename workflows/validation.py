@@ -3,7 +3,12 @@
 ``validate_spec`` is the single gate used by ``llmmixer validate``, by
 ``llmmixer run`` before it starts anything, by the HTTP API, and by
 ``MixerWorkflow`` itself for specs that arrive through the plain Temporal CLI.
-It is pure and deterministic, so the workflow can call it on replay.
+
+Rules here may be tightened in any release. ``MixerWorkflow`` runs them once,
+at the start of a run, in a local activity (``activities/checks.py``) whose
+verdict is recorded in history, so a replay never re-runs them; on replay the
+workflow only reads the spec's shape (``parse_spec_shape``). Runs recorded
+before that still run ``validate_spec`` in the workflow on replay.
 """
 
 from __future__ import annotations
@@ -73,6 +78,59 @@ def validate_spec(raw: object) -> Spec:
     if issues:
         raise SpecError(issues)
     return Spec.model_validate(raw)
+
+
+def parse_spec_shape(raw: object) -> Spec:
+    """The spec's shape only (its pydantic models), or ``SpecError`` naming step and field.
+
+    What ``MixerWorkflow`` reads on every replay: it must accept every spec a
+    released version accepted, so it checks no rule beyond the models.
+    """
+    if not isinstance(raw, Mapping):
+        raise SpecError(
+            [
+                SpecIssue(
+                    SPEC_LOCATION,
+                    "(document)",
+                    "the spec must be a mapping with `name` and `steps`",
+                )
+            ]
+        )
+    try:
+        return Spec.model_validate(raw)
+    except ValidationError as error:
+        raise SpecError(_shape_issues(raw, error)) from None
+
+
+def _shape_issues(raw: Mapping[str, Any], error: ValidationError) -> list[SpecIssue]:
+    steps = raw.get("steps") if isinstance(raw.get("steps"), list) else []
+    assert isinstance(steps, list)
+    issues: list[SpecIssue] = []
+    for detail in error.errors():
+        loc = detail["loc"]
+        path: tuple[int | str, ...]
+        if loc == ("steps",):
+            where, path = SPEC_LOCATION, loc
+            message = "a spec needs a non-empty list of steps under `steps`"
+        elif len(loc) < 2 or loc[0] != "steps" or not isinstance(loc[1], int):
+            where, path, message = SPEC_LOCATION, loc, _explain(detail)
+        else:
+            index = loc[1]
+            step = steps[index] if index < len(steps) else None
+            step_id = step.get("id") if isinstance(step, Mapping) else None
+            valid_id = isinstance(step_id, str) and re.match(STEP_ID_PATTERN, step_id)
+            where = step_id if valid_id and isinstance(step_id, str) else f"#{index + 1}"
+            # The discriminated union puts the step's kind before the field.
+            path = loc[3:] if len(loc) > 2 and loc[2] in KINDS else loc[2:]
+            message = _explain(detail)
+            if detail["type"] == "union_tag_invalid" and isinstance(step, Mapping):
+                path = ("kind",)
+                message = f"unknown kind {step.get('kind')!r}: use one of {', '.join(KINDS)}"
+            elif detail["type"] == "union_tag_not_found":
+                message = "each step must be a mapping with `id`"
+        field = ".".join(str(part) for part in path) or "(step)"
+        issues.append(SpecIssue(where, field, message))
+    return issues
 
 
 def find_issues(raw: object) -> Iterator[SpecIssue]:
@@ -186,6 +244,8 @@ def _check_step(
         return step_id, issues, None
     model = model_type.model_validate(body)
     issues.extend(_provider_issues(step_id, model, defaults, routes))
+    if isinstance(model, LlmStep):
+        issues.extend(_provider_option_issues(step_id, model, defaults, routes))
     return step_id, issues, model
 
 
@@ -278,6 +338,18 @@ def _provider_issues(
             yield SpecIssue(
                 step_id, "json_schema", "set `response_format: json` to use a JSON schema"
             )
+
+
+def _provider_option_issues(
+    step_id: str, step: LlmStep, defaults: Mapping[str, Any], routes: Mapping[str, Any]
+) -> Iterator[SpecIssue]:
+    """Checks of ``provider_options`` against what each provider accepts.
+
+    The single place for them: per-provider option schemas are called from
+    here, so they run where every other rule runs (``llmmixer validate``, a
+    run's start, each plan) and never on replay. None yet: any mapping passes.
+    """
+    return iter(())
 
 
 def _templated_fields(step: BaseModel) -> Iterator[tuple[str, str]]:

@@ -2,7 +2,7 @@
 
 Run by hand when a release changes behaviour on purpose, and commit the files:
 
-    python tests/histories/record.py
+    python tests/histories/record.py [SCENARIO ...]
 
 Each scenario runs on a real dev server; its history is saved as JSON named
 ``<release>-<scenario>.json``. Old files are never rewritten: they are what
@@ -16,6 +16,8 @@ import os
 import shutil
 import sys
 import tempfile
+import tomllib
+import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -160,12 +162,48 @@ async def agent_over_budget(mixer: MixerClient) -> MixerHandle:
     return handle
 
 
+async def checked(mixer: MixerClient) -> MixerHandle:
+    """The spec checked at the start and a plan checked, each verdict recorded."""
+    spec = {
+        "name": "checked",
+        "dry_run": True,
+        "defaults": {"provider": "openai", "model": "gpt-4.1-mini"},
+        "routes": {
+            "a": [{"provider": "anthropic", "model": "claude-haiku-4-5"}],
+            "b": [{"provider": "gemini", "model": "gemini-2.5-flash"}],
+        },
+        "steps": [
+            {"id": "split", "kind": "decompose", "prompt": "Split the work"},
+            {"id": "end", "needs": ["split"], "prompt": "{{steps.split.children}}"},
+        ],
+    }
+    handle = await mixer.start(spec)
+    await handle.result()
+    return handle
+
+
+async def invalid_spec(mixer: MixerClient) -> MixerHandle:
+    """A spec refused by its check, started as the plain Temporal CLI would."""
+    spec = {"name": "invalid", "steps": [{"id": "a", "prompt": "no provider anywhere"}]}
+    started = await mixer.temporal.start_workflow(
+        "MixerWorkflow", spec, id=f"invalid-{uuid.uuid4().hex[:8]}", task_queue=mixer.task_queue
+    )
+    handle = MixerHandle(mixer, started.id)
+    try:
+        await handle.result()
+    except Exception:
+        pass
+    return handle
+
+
 SCENARIOS: dict[str, Callable[[MixerClient], Awaitable[MixerHandle]]] = {
     "fan": fan,
     "interventions": interventions,
     "cancelled": cancelled,
     "pattern": pattern,
     "agent-over-budget": agent_over_budget,
+    "checked": checked,
+    "invalid-spec": invalid_spec,
 }
 
 # Stands in for Claude Code on the recording worker's PATH: the agent scenario
@@ -181,7 +219,15 @@ def _worker_environ() -> dict[str, str]:
     return {**os.environ, "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}"}
 
 
-async def main() -> None:
+def _release() -> str:
+    """The release being recorded, also from a source tree that was never installed."""
+    if __version__ != "0.0.0":
+        return __version__
+    pyproject = tomllib.loads((HERE.parent.parent / "pyproject.toml").read_text())
+    return str(pyproject["project"]["version"])
+
+
+async def main(only: list[str]) -> None:
     binary = Path(sys.executable).parent / "temporal"
     env = await WorkflowEnvironment.start_local(
         dev_server_existing_path=str(binary if binary.exists() else shutil.which("temporal")),
@@ -198,7 +244,9 @@ async def main() -> None:
         ):
             mixer = MixerClient(env.client, "record")
             for name, scenario in SCENARIOS.items():
-                target = HERE / f"{__version__}-{name}.json"
+                if only and name not in only:
+                    continue
+                target = HERE / f"{_release()}-{name}.json"
                 if target.exists():
                     print(f"keep {target.name}")
                     continue
@@ -211,4 +259,4 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    asyncio.run(main(sys.argv[1:]))
