@@ -390,7 +390,7 @@ EVIL = "http://evil.example"
                 "provider": "gemini",
                 "model": "gemini-2.5-flash",
                 "prompt": "x",
-                "provider_options": {"generation_config": {"http_options": {"base_url": EVIL}}},
+                "provider_options": {"generation_config": {"top_k": 5}},
             },
             "provider_options",
         ),
@@ -434,6 +434,20 @@ def test_plans_may_not_move_requests_or_commands(step: dict[str, Any], field: st
     # The spec's owner may allow it.
     allowed = context(spec, allow_kinds=["pty", "agent"], allow_fields=["command", name])
     assert problems(plan(step), allowed) == []
+
+
+def test_provider_options_that_move_a_request_are_refused_even_when_allowed() -> None:
+    spec = validate_spec(base_spec())
+    step = {
+        "id": "a",
+        "provider": "gemini",
+        "model": "gemini-2.5-flash",
+        "prompt": "x",
+        "provider_options": {"generation_config": {"http_options": {"base_url": EVIL}}},
+    }
+    allowed = context(spec, allow_fields=["provider_options"])
+    [line] = problems(plan(step), allowed)
+    assert line.startswith("step a: provider_options.generation_config.http_options: not allowed")
 
 
 def test_a_pty_step_needs_command_in_allow_fields_not_only_allow_kinds() -> None:

@@ -259,3 +259,35 @@ def test_a_shape_error_names_step_and_field() -> None:
         parse_spec_shape(mutate(steps=[]))
     with pytest.raises(SpecError, match=r"^spec: \(document\): the spec must be a mapping"):
         parse_spec_shape(["steps"])
+
+
+def test_provider_options_that_move_a_request_are_refused_for_every_provider_of_the_chain() -> None:
+    spec = copy.deepcopy(GOOD)
+    spec["steps"][3]["provider_options"] = {
+        "generation_config": {"http_options": {"base_url": "http://evil.example"}}
+    }
+    spec["steps"][3]["fallback"] = [{"provider": "anthropic", "model": "claude-sonnet-4-5"}]
+    found = issues_of(spec)
+    assert any(
+        line.startswith(
+            "step summary: provider_options.generation_config.http_options: not allowed"
+        )
+        and "(the step's chain calls gemini)" in line
+        for line in found
+    ), found
+    # The fallback gets the same options, and Anthropic takes no generation_config.
+    assert any("(the step's chain calls anthropic)" in line for line in found), found
+
+
+def test_a_model_name_that_would_change_the_request_path_is_refused() -> None:
+    spec = copy.deepcopy(GOOD)
+    spec["steps"][3]["model"] = "gemini-2.5-flash/%2e%2e/files"
+    assert any(
+        line.startswith("step summary: model: gemini model name") for line in issues_of(spec)
+    )
+
+
+def test_generation_settings_in_provider_options_still_validate() -> None:
+    spec = copy.deepcopy(GOOD)
+    spec["steps"][3]["provider_options"] = {"generation_config": {"top_k": 20}}
+    assert issues_of(spec) == []

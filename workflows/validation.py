@@ -21,6 +21,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError, create_model
 
 from llmmixer.activities.contracts import PROVIDERS
+from llmmixer.activities.providers.options import model_name_issue, provider_option_issues
 from llmmixer.workflows.spec import (
     KINDS,
     STEP_ID_PATTERN,
@@ -343,13 +344,52 @@ def _provider_issues(
 def _provider_option_issues(
     step_id: str, step: LlmStep, defaults: Mapping[str, Any], routes: Mapping[str, Any]
 ) -> Iterator[SpecIssue]:
-    """Checks of ``provider_options`` against what each provider accepts.
+    """``provider_options`` and model names against what each provider accepts.
 
-    The single place for them: per-provider option schemas are called from
-    here, so they run where every other rule runs (``llmmixer validate``, a
-    run's start, each plan) and never on replay. None yet: any mapping passes.
+    The single place for them: the per-provider schemas (the same ones the
+    activity enforces on every call) run where every other rule runs
+    (``llmmixer validate``, a run's start, each plan) and never on replay.
+    The options go to every target of the step's chain, so each provider
+    named there must accept them.
     """
-    return iter(())
+    targets: list[tuple[str, str, Any]] = []
+    if step.role is None:
+        targets.append(
+            (
+                "model",
+                step.provider or defaults.get("provider"),
+                step.model or defaults.get("model"),
+            )
+        )
+    else:
+        for number, target in enumerate(_list(routes.get(step.role))):
+            targets.append(
+                (f"routes.{step.role}.{number}.model", target.get("provider"), target.get("model"))
+            )
+    targets += [(f"fallback.{n}.model", t.provider, t.model) for n, t in enumerate(step.fallback)]
+    if step.best_of is not None:
+        targets += [
+            (f"best_of.targets.{n}.model", t.provider, t.model)
+            for n, t in enumerate(step.best_of.targets)
+        ]
+        if step.best_of.judge is not None:
+            judge = step.best_of.judge
+            targets.append(("best_of.judge.model", judge.provider, judge.model))
+    seen: set[tuple[str, str]] = set()
+    for field, provider, model in targets:
+        if provider not in PROVIDERS:
+            continue  # reported by _provider_issues
+        problem = model_name_issue(provider, model) if isinstance(model, str) else None
+        if problem is not None:
+            yield SpecIssue(step_id, field, problem)
+        for path, message in provider_option_issues(provider, step.provider_options):
+            if (path, message) not in seen:
+                seen.add((path, message))
+                yield SpecIssue(step_id, path, f"{message} (the step's chain calls {provider})")
+
+
+def _list(value: object) -> list[Mapping[str, Any]]:
+    return [item for item in value if isinstance(item, Mapping)] if isinstance(value, list) else []
 
 
 def _templated_fields(step: BaseModel) -> Iterator[tuple[str, str]]:
