@@ -83,6 +83,7 @@ __all__ = [
     "capability_launcher",
     "is_hook_name",
     "is_secret_name",
+    "local_operator_note",
     "scrub_environment",
 ]
 
@@ -235,6 +236,21 @@ def scrub_environment(
     }
 
 
+def local_operator_note(environ: Mapping[str, str] | None = None) -> str | None:
+    """What `llmmixer dev` / `run` tell the user once at start, when it applies.
+
+    Their worker allows any executable when LLMMIXER_PTY_ALLOW is unset (the
+    user is the operator); saying so keeps that from being a surprise.
+    """
+    environ = os.environ if environ is None else environ
+    if environ.get(ENV_ALLOW) is not None:
+        return None
+    return (
+        f"commands: this worker runs any executable a spec names ({ENV_ALLOW} is unset "
+        "and you are its operator); set it to a comma list to restrict"
+    )
+
+
 def _split_list(raw: str) -> frozenset[str]:
     return frozenset(item.strip() for item in raw.split(",") if item.strip())
 
@@ -243,6 +259,9 @@ def _split_list(raw: str) -> frozenset[str]:
 # are ignored under no_new_privs). An argv prefix, exec'd directly: nothing of
 # ours runs between fork and exec.
 _SETPRIV_ARGS = ("--no-new-privs", "--inh-caps=-all", "--bounding-set=-all", "--")
+# Where setpriv is looked for after the worker's PATH: a system tool, and a
+# worker's PATH (a venv's bin, say) need not list the system directories.
+_SYSTEM_BIN_DIRS = ("/usr/bin", "/bin", "/usr/sbin", "/sbin")
 
 
 def _has_capabilities() -> bool:
@@ -263,6 +282,10 @@ def _has_capabilities() -> bool:
     return False
 
 
+def _with_system_dirs(path: str | None) -> str:
+    return os.pathsep.join(part for part in (path, *_SYSTEM_BIN_DIRS) if part)
+
+
 def capability_launcher(path: str | None) -> tuple[tuple[str, ...], str | None]:
     """The argv prefix that drops capabilities, and the problem if it is needed but missing.
 
@@ -274,8 +297,8 @@ def capability_launcher(path: str | None) -> tuple[tuple[str, ...], str | None]:
     setpriv = shutil.which("setpriv", path=path)
     if setpriv is None:
         return (), (
-            "this worker runs as root (or holds capabilities) and `setpriv` is not on "
-            "its PATH, so a command could read the worker's secrets through /proc; "
+            "this worker runs as root (or holds capabilities) and `setpriv` is not "
+            f"installed (looked on {path}), so a command could read the worker's secrets through /proc; "
             "install util-linux (setpriv) on the worker, or run the worker as an "
             "unprivileged user"
         )
@@ -377,7 +400,7 @@ class CommandPolicy:
         else:
             allowed = frozenset({ALLOW_ANY}) if user_is_operator else None
         setting: ModeSetting = "pipe" if mode == "pipe" else "pty" if mode == "pty" else "auto"
-        launcher, problem = capability_launcher(environ.get("PATH"))
+        launcher, problem = capability_launcher(_with_system_dirs(environ.get("PATH")))
         return cls(
             allowed_executables=allowed,
             root_dir=root,
@@ -460,7 +483,8 @@ class CommandPolicy:
     def command_launcher(self) -> tuple[str, ...]:
         """The argv prefix that starts commands without capabilities, or a refusal."""
         if self.launcher is None:
-            launcher, problem = capability_launcher(self._worker_environ().get("PATH"))
+            path = _with_system_dirs(self._worker_environ().get("PATH"))
+            launcher, problem = capability_launcher(path)
         else:
             launcher, problem = self.launcher, self.launcher_problem
         if problem is not None:

@@ -65,8 +65,9 @@ class StreamRedactor:
         self._pending = ""
 
     @property
-    def holding(self) -> bool:
-        return bool(self._pending)
+    def can_release(self) -> bool:
+        """Whether ``release_token`` would release anything."""
+        return bool(self._pending) and self._secret_cut(self._pending) > 0
 
     def feed(self, text: str) -> str:
         """Add text; return the redacted part that is safe to release now."""

@@ -286,6 +286,7 @@ async def cmd_intervene(args: argparse.Namespace) -> int:
 
 
 async def cmd_dev(args: argparse.Namespace) -> int:
+    from llmmixer.activities.command_policy import local_operator_note
     from llmmixer.workers.address import parse_address
     from llmmixer.workers.devserver import EmbeddedServer
     from llmmixer.workers.home import llmmixer_home
@@ -298,7 +299,10 @@ async def cmd_dev(args: argparse.Namespace) -> int:
         _err(f"Temporal dev server on {server.address} · Web UI {server.ui_url}")
         _err(f"data: {server.db_path} · Ctrl-C stops server and worker")
         client = await connection.connect()
-        async with mixer_worker(client) as worker:
+        if note := local_operator_note():
+            _err(note)
+        # `llmmixer dev` is the user's own worker: they are the operator.
+        async with mixer_worker(client, user_is_operator=True) as worker:
             await run_until_signalled(worker)
     return EXIT_OK
 
