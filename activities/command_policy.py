@@ -298,9 +298,9 @@ def capability_launcher(path: str | None) -> tuple[tuple[str, ...], str | None]:
     if setpriv is None:
         return (), (
             "this worker runs as root (or holds capabilities) and `setpriv` is not "
-            f"installed (looked on {path}), so a command could read the worker's secrets through /proc; "
-            "install util-linux (setpriv) on the worker, or run the worker as an "
-            "unprivileged user"
+            f"installed (looked on {path}), so a command could read the worker's "
+            "secrets through /proc; install util-linux (setpriv) on the worker, or run "
+            "the worker as an unprivileged user"
         )
     return (os.path.abspath(setpriv), *_SETPRIV_ARGS), None
 
