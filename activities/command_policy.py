@@ -85,6 +85,7 @@ __all__ = [
     "is_secret_name",
     "local_operator_note",
     "scrub_environment",
+    "worker_note",
 ]
 
 ENV_ALLOW = "LLMMIXER_PTY_ALLOW"
@@ -248,6 +249,18 @@ def local_operator_note(environ: Mapping[str, str] | None = None) -> str | None:
     return (
         f"commands: this worker runs any executable a spec names ({ENV_ALLOW} is unset "
         "and you are its operator); set it to a comma list to restrict"
+    )
+
+
+def worker_note(environ: Mapping[str, str] | None = None) -> str | None:
+    """What `llmmixer worker` tells its operator at start when it will run no command."""
+    environ = os.environ if environ is None else environ
+    if environ.get(ENV_ALLOW) is not None:
+        return None
+    return (
+        f"commands: {ENV_ALLOW} is unset, so this worker refuses `kind: pty` and "
+        f"`kind: agent` steps; set {ENV_ALLOW} to the executables they may run "
+        f"(e.g. git,pytest) or {ALLOW_ANY} for any"
     )
 
 

@@ -308,8 +308,15 @@ async def cmd_dev(args: argparse.Namespace) -> int:
 
 
 async def cmd_worker(args: argparse.Namespace) -> int:
+    from llmmixer.activities.command_policy import worker_note
     from llmmixer.workers.health import health_port_from_env
-    from llmmixer.workers.worker import mixer_worker, run_until_signalled
+    from llmmixer.workers.worker import (
+        ROLE_PTY,
+        ROLES_ENV,
+        mixer_worker,
+        parse_roles,
+        run_until_signalled,
+    )
 
     connection = Connection.from_env()
     health_port = args.health_port if args.health_port is not None else health_port_from_env()
@@ -324,6 +331,9 @@ async def cmd_worker(args: argparse.Namespace) -> int:
             readiness.set_ready()
             queues = ", ".join(repr(queue) for queue in worker.task_queues)
             _err(f"worker polling {queues} on {connection.address}")
+            note = worker_note()
+            if note and ROLE_PTY in parse_roles(os.environ.get(ROLES_ENV, "")):
+                _err(note)
             # Not ready from the signal on: the drain takes up to the grace
             # period, and the worker takes no new work meanwhile.
             await run_until_signalled(

@@ -16,7 +16,9 @@ from llmmixer.activities.command_policy import (
     capability_launcher,
     is_hook_name,
     is_secret_name,
+    local_operator_note,
     scrub_environment,
+    worker_note,
 )
 from llmmixer.activities.contracts import CommandCall
 from llmmixer.activities.terminal import CommandRefusedError, run_command
@@ -397,3 +399,12 @@ def test_forced_pty_without_ptyprocess_fails_with_the_fix(
         _ = TerminalCapability("pty").mode
     fallback = TerminalCapability("auto")
     assert fallback.mode == "pipe" and "no ptys in this test" in fallback.reason
+
+
+def test_start_up_notes_say_who_decides() -> None:
+    local = local_operator_note({})
+    assert local is not None and "any executable" in local and "LLMMIXER_PTY_ALLOW" in local
+    assert local_operator_note({"LLMMIXER_PTY_ALLOW": "git"}) is None
+    operator = worker_note({})
+    assert operator is not None and "refuses" in operator and "LLMMIXER_PTY_ALLOW" in operator
+    assert worker_note({"LLMMIXER_PTY_ALLOW": "*"}) is None

@@ -71,7 +71,8 @@ def address(env: WorkflowEnvironment) -> str:
 async def test_a_command_cannot_read_the_workers_keys_through_proc(
     env: WorkflowEnvironment, address: str, task_queue: str, tmp_path: Path, mode: str
 ) -> None:
-    extra = {**PLANTED, "LLMMIXER_PTY_MODE": mode}
+    python = os.path.abspath(sys.executable)
+    extra = {**PLANTED, "LLMMIXER_PTY_MODE": mode, "LLMMIXER_PTY_ALLOW": python}
     if "PYTHONPATH" in os.environ:  # a source checkout rather than an install
         extra["PYTHONPATH"] = os.environ["PYTHONPATH"]
     base = worker_environment(address, task_queue, tmp_path, extra)
@@ -82,19 +83,21 @@ async def test_a_command_cannot_read_the_workers_keys_through_proc(
         assert MARK.encode() in worker_environ
         spec = {
             "name": "proc-probe",
+            "defaults": {"on_failure": "skip", "retry": {"max_attempts": 1}},
             "steps": [
                 {
                     "id": "probe",
                     "kind": "pty",
-                    "command": [sys.executable, "-c", PROBE, str(worker.pid), MARK],
+                    "command": [python, "-c", PROBE, str(worker.pid), MARK],
                 }
             ],
         }
         mixer = MixerClient(env.client, task_queue)
         handle = await mixer.start(spec)
         result = await asyncio.wait_for(handle.result(), 60)
-        assert result.status == RunStatus.COMPLETED, worker.log()
         step = result.steps["probe"]
+        assert step.status == StepStatus.COMPLETED, f"{step.error}\n{worker.log()}"
+        assert result.status == RunStatus.COMPLETED
         assert step.mode == mode
         output = step.output or ""
         lines = dict(line.split(": ", 1) for line in output.splitlines() if ": " in line)
