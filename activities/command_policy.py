@@ -278,21 +278,26 @@ _SYSTEM_BIN_DIRS = ("/usr/bin", "/bin", "/usr/sbin", "/sbin")
 
 
 def _has_capabilities() -> bool:
-    """Whether a program this process starts could hold any capability."""
+    """Whether a program this process starts could hold any capability.
+
+    Any capability in our own sets may be passed on; and a program exec'd as
+    root gets the whole bounding set, so root with a non-empty one counts too
+    (a container started with every capability dropped has an empty one).
+    """
     if not sys.platform.startswith("linux"):
         return False
-    if os.geteuid() == 0:
-        return True  # exec as root grants the whole bounding set
+    sets: dict[str, int] = {}
     try:
         with open("/proc/self/status", encoding="ascii", errors="replace") as status:
-            lines = status.read().splitlines()
-    except OSError:
-        return False
-    for line in lines:
-        name, _, value = line.partition(":")
-        if name in ("CapInh", "CapPrm", "CapEff", "CapAmb") and int(value.strip(), 16):
-            return True
-    return False
+            for line in status:
+                name, _, value = line.partition(":")
+                if name.startswith("Cap"):
+                    sets[name] = int(value.strip(), 16)
+    except (OSError, ValueError):
+        return os.geteuid() == 0
+    if any(sets.get(name, 0) for name in ("CapInh", "CapPrm", "CapEff", "CapAmb")):
+        return True
+    return os.geteuid() == 0 and sets.get("CapBnd", 1) != 0
 
 
 def _with_system_dirs(path: str | None) -> str:
