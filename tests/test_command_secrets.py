@@ -31,6 +31,9 @@ from llmmixer.workflows.records import RunStatus, StepStatus
 pytestmark = pytest.mark.timeout(180)
 
 MARK = uuid.uuid4().hex[:16]
+# Allowed by path: an operator's list that the old "allow everything" code
+# understood as well, so this test shows the attack working there.
+PYTHON = os.path.abspath(sys.executable)
 PLANTED = {
     "OPENAI_API_KEY": f"sk-planted-{MARK}-openai",
     "ACME_SERVICE_TOKEN": f"acme-{MARK}-token",
@@ -71,7 +74,7 @@ def address(env: WorkflowEnvironment) -> str:
 async def test_a_command_cannot_read_the_workers_keys_through_proc(
     env: WorkflowEnvironment, address: str, task_queue: str, tmp_path: Path, mode: str
 ) -> None:
-    python = os.path.abspath(sys.executable)
+    python = PYTHON
     extra = {**PLANTED, "LLMMIXER_PTY_MODE": mode, "LLMMIXER_PTY_ALLOW": python}
     if "PYTHONPATH" in os.environ:  # a source checkout rather than an install
         extra["PYTHONPATH"] = os.environ["PYTHONPATH"]
