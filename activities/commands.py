@@ -4,8 +4,10 @@ The worker builds one ``CommandActivities`` from its ``CommandPolicy`` (read
 from ``LLMMIXER_PTY_*``) and registers ``run_command``. What the workflow
 sees when a command does not succeed (``ApplicationError.type``)::
 
-    CommandRefused   the policy refused argv[0] or cwd, the program is missing,
-                     or a respond rule is invalid; non-retryable (nothing ran)
+    CommandRefused   the policy refused argv[0], cwd or env (or the worker allows
+                     no commands: LLMMIXER_PTY_ALLOW unset), the program is
+                     missing, or a respond rule is invalid; non-retryable
+                     (nothing ran)
     CommandTimeout   ran past ``timeout_s``; the group was killed; non-retryable
                      (CONTRACT section 8), partial output in the details
     CommandFailed    exit code outside ``success_codes``; retryable, so the
@@ -15,6 +17,11 @@ Every error carries ``FailureDetails`` (attempt, partial output) as its first
 detail. Cancellation (workflow cancelled, heartbeat timeout, worker shutdown)
 arrives through heartbeats as ``CancelledError``; the runner then kills the
 whole process group before the cancellation propagates.
+
+Nothing a command prints leaves the activity unredacted: the worker's secret
+values (read from its environment at start, ``runtime/secrets.py``) and key
+shapes are cut from the output stream before it reaches deltas, heartbeat
+tails, the result, failure messages or their details.
 """
 
 from __future__ import annotations
@@ -45,6 +52,8 @@ from llmmixer.activities.contracts import (
     ErrorType,
     FailureDetails,
 )
+from llmmixer.activities.reaper import set_undumpable
+from llmmixer.activities.redaction import redact
 from llmmixer.activities.telemetry import observe_command
 from llmmixer.activities.terminal import (
     CommandRefusedError,
@@ -53,6 +62,7 @@ from llmmixer.activities.terminal import (
     run_command,
 )
 from llmmixer.activities.terminal_mode import TerminalCapability
+from llmmixer.runtime.secrets import secret_values
 
 __all__ = ["CommandActivities", "OutputDelta", "OutputSink"]
 
@@ -110,6 +120,12 @@ class CommandActivities:
         heartbeat_interval_s: float = HEARTBEAT_INTERVAL_S,
     ) -> None:
         self.policy = policy
+        # The policy's (the worker environment it was built from) and this
+        # process's own: both are the worker's, and either may hold keys.
+        self.secrets = policy.secrets | secret_values(os.environ)
+        # This process holds the keys and starts commands as the same user:
+        # make its memory and /proc/<pid>/environ unreadable to them.
+        set_undumpable()
         self.capability = capability or policy.terminal_capability()
         self.on_output = on_output
         self.heartbeat_interval_s = heartbeat_interval_s
@@ -125,7 +141,7 @@ class CommandActivities:
         try:
             prepared = self.policy.prepare(call)
         except CommandRefusedError as exc:
-            raise _refused(exc, attempt) from None
+            raise self._refused(exc, attempt) from None
 
         tail = _Tail(HEARTBEAT_TAIL_CHARS)
         interval = self.heartbeat_interval_s
@@ -170,19 +186,22 @@ class CommandActivities:
                     cwd=prepared.cwd,
                     executable=prepared.executable,
                     kill_grace_s=self.policy.kill_grace_s,
+                    launcher=prepared.launcher,
+                    secrets=self.secrets,
+                    max_output_bytes=prepared.max_output_bytes,
                 ),
             )
         except CommandRefusedError as exc:
-            raise _refused(exc, attempt) from None
+            raise self._refused(exc, attempt) from None
         finally:
             beater.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await beater
 
         if outcome.timed_out:
-            raise _timeout_error(call, outcome, attempt)
+            raise self._redacted(_timeout_error(call, outcome, attempt))
         if outcome.exit_code not in call.success_codes:
-            raise _failed_error(call, outcome, attempt)
+            raise self._redacted(_failed_error(call, outcome, attempt))
         return CommandResult(
             output=outcome.output,
             exit_code=outcome.exit_code,
@@ -201,12 +220,15 @@ class CommandActivities:
         """
         attempt = activity.info().attempt
         try:
+            # Before anything runs, git for the worktree included.
+            self.policy.check_allowed()
+            self.policy.check_step_env(call.env)
             # Looked up on the PATH the worker gives commands, not the process's own.
             base = self.policy.base_environ
             path = (os.environ if base is None else base).get("PATH")
             argv, rules = agent_command(call.agent, call.prompt, call.args, path=path)
         except CommandRefusedError as exc:
-            raise _refused(exc, attempt) from None
+            raise self._refused(exc, attempt) from None
         worktree = None
         cwd = call.cwd
         if call.worktree:
@@ -216,7 +238,7 @@ class CommandActivities:
                 )
             except WorktreeError as exc:
                 raise ApplicationError(
-                    f"{exc}; or set `worktree: false` on the step",
+                    redact(f"{exc}; or set `worktree: false` on the step", self.secrets),
                     _details(attempt, None),
                     type=ErrorType.COMMAND_REFUSED,
                     non_retryable=True,
@@ -238,9 +260,26 @@ class CommandActivities:
             diff = await finish_worktree(worktree) if worktree is not None else None
         if diff is None:
             return result
+        diff = redact(diff, self.secrets)
         shown = diff if diff.strip() else "(no changes)\n"
         return result.model_copy(
             update={"diff": diff, "output": f"{result.output.rstrip()}\n\n--- changes ---\n{shown}"}
+        )
+
+    def _refused(self, exc: CommandRefusedError, attempt: int) -> ApplicationError:
+        return self._redacted(_refused(exc, attempt))
+
+    def _redacted(self, error: ApplicationError) -> ApplicationError:
+        """``error`` with its message redacted once more, whatever built it.
+
+        The output in it is redacted already; this also covers what the
+        message quotes from elsewhere (an OSError, a path).
+        """
+        return ApplicationError(
+            redact(error.message, self.secrets),
+            *error.details,
+            type=error.type,
+            non_retryable=error.non_retryable,
         )
 
 

@@ -26,7 +26,10 @@ waits for one of two things on the socket:
 This file is stdlib-only and runs with ``-I -S`` (no site-packages, no
 PYTHON* variables, no script or current directory on ``sys.path``) so the
 step's environment and working directory cannot change how it behaves; the
-worker imports :func:`group_alive` from it too.
+worker imports :func:`group_alive` and :func:`set_undumpable` from it too.
+The supervisor starts with no more than the command's locale variables and
+marks itself non-dumpable at once, so the command it starts (its child, of
+the same user) cannot read the spec, env included, from its memory or /proc.
 
 Messages to the worker, one line each: ``started PID``, ``error MESSAGE``
 (the command could not be started; the supervisor exits), ``exit CODE``
@@ -46,7 +49,7 @@ import time
 from types import FrameType
 from typing import Any
 
-__all__ = ["group_alive", "main"]
+__all__ = ["group_alive", "main", "set_undumpable"]
 
 _POLL_S = 0.05
 
@@ -82,6 +85,30 @@ def group_alive(pgid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+_PR_SET_DUMPABLE = 4  # <linux/prctl.h>
+
+
+def set_undumpable() -> bool:
+    """Make this process non-dumpable (Linux); False where that is not possible.
+
+    A non-dumpable process's /proc/<pid>/environ, mem, maps and fds are
+    readable only with CAP_SYS_PTRACE, and it cannot be ptrace-attached by
+    its own user's other processes: a command started by the worker cannot
+    read the worker's keys there. Commands themselves start without
+    capabilities (see command_policy.capability_launcher). The flag is reset
+    by execve, so the commands this process starts are unaffected.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes  # late: only Linux workers pay for it
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return int(libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0)) == 0
+    except (OSError, AttributeError):
+        return False
 
 
 def _signal_group(pgid: int, sig: int) -> None:
@@ -197,6 +224,7 @@ def _read_spec(sock: int) -> dict[str, Any] | None:
 
 
 def main(argv: list[str]) -> int:
+    set_undumpable()  # before the spec (the command's env) is read
     fds = json.loads(argv[1])
     sock: int = fds["control_fd"]
     stdin_fd: int = fds["stdin_fd"]

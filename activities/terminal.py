@@ -18,8 +18,14 @@ Guarantees:
   SIGKILL after ``kill_grace_s``; the direct child is reaped and every file
   descriptor opened here is closed before ``run_command`` returns or raises.
 - Output is decoded as UTF-8, stripped of ANSI escape sequences, has ``\\r\\n``
-  and lone ``\\r`` turned into ``\\n``, and is bounded to ``max_output_bytes``
-  as head + marker + tail.
+  and lone ``\\r`` turned into ``\\n``, has the given secrets and anything
+  shaped like a key redacted (before it reaches the output sink, the result or
+  the truncation), and is bounded to ``max_output_bytes`` as head + marker + tail.
+- Respond rules are RE2 patterns: matching is linear in the output, so no
+  pattern can stall the event loop (and every heartbeat of the worker).
+- ``launcher`` (the policy's ``setpriv`` prefix) is exec'd in front of the
+  program; nothing of ours runs in the child between fork and exec. A
+  pipe-mode supervisor gets no more than the locale of the child's environment.
 
 Errors::
 
@@ -45,13 +51,16 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
+
+import re2  # type: ignore[import-untyped]  # google-re2 ships no type information
 
 from llmmixer.activities.contracts import CommandCall, RespondRule
 from llmmixer.activities.reaper import group_alive
+from llmmixer.activities.redaction import StreamRedactor
 
 __all__ = [
     "DEFAULT_KILL_GRACE_S",
@@ -79,6 +88,10 @@ _DRAIN_AFTER_KILL_S = 1.0
 # an unbounded window would make a chatty command quadratic.
 _RESPOND_WINDOW_CHARS = 64 * 1024
 _READ_SIZE = 64 * 1024
+# A quiet command's unfinished last token (a prompt without a trailing space)
+# is held back in case it is the start of a key; after this long without more
+# output it is shown anyway (only the tail that begins a known secret stays).
+_RELEASE_HELD_S = 0.5
 _EOF = b"\x04"  # VEOF in a cooked terminal: what Ctrl-D sends
 
 
@@ -241,22 +254,31 @@ def bound_text(text: str, limit_bytes: int) -> str:
 
 @dataclass(slots=True)
 class _Rule:
-    pattern: re.Pattern[str]
+    pattern: Any  # a compiled re2 pattern
     send: bytes
     remaining: int | None
     since: int = 0  # absolute offset in the cleaned output after the last match
 
 
 def _compile_rules(rules: Sequence[RespondRule]) -> list[_Rule]:
+    """RE2, not ``re``: a backtracking pattern like ``(a+)+$`` against a long
+    line would freeze the worker's event loop, heartbeats included. RE2 has no
+    backreferences or lookarounds; a rule that needs them is refused."""
     compiled = []
+    options = re2.Options()
+    options.log_errors = False  # the refusal says it; no stray line on stderr
     for index, rule in enumerate(rules):
         try:
-            pattern = re.compile(rule.expect)
-        except re.error as exc:
+            pattern = re2.compile(rule.expect, options=options)
+        except re2.error as exc:
+            reason = exc.args[0] if exc.args else exc
+            if isinstance(reason, bytes):
+                reason = reason.decode("utf-8", "replace")
             raise CommandRefusedError(
-                f"respond[{index}].expect {rule.expect!r} is not a valid regular "
-                f"expression ({exc}); fix the step's respond rule"
-            ) from exc
+                f"respond[{index}].expect {rule.expect!r} is not a regular expression "
+                f"this worker can run ({reason}); respond rules use RE2 syntax (no "
+                "backreferences or lookarounds), fix the step's respond rule"
+            ) from None
         compiled.append(_Rule(pattern, rule.send.encode("utf-8"), rule.times))
     return compiled
 
@@ -396,14 +418,20 @@ async def _wait_fd(loop: asyncio.AbstractEventLoop, fd: int, *, writable: bool) 
             loop.remove_reader(fd)
 
 
-def _spawn_pty(executable: str, argv: list[str], cwd: str | None, env: dict[str, str]) -> _Child:
+def _spawn_pty(
+    executable: str,
+    argv: list[str],
+    cwd: str | None,
+    env: dict[str, str],
+    launcher: Sequence[str] = (),
+) -> _Child:
     from ptyprocess import PtyProcess  # imported late: pipe-only workers may lack it
 
     try:
         # echo=False: answers sent by respond rules would otherwise be echoed
         # into the output and could match the rules again.
         proc = PtyProcess.spawn(
-            [executable, *argv[1:]],
+            [*launcher, executable, *argv[1:]],
             cwd=cwd,
             env=env,
             echo=False,
@@ -532,7 +560,13 @@ class _Supervisor:
             ).start()
 
 
-def _start_supervisor() -> tuple[_Supervisor, int, int]:
+# What of the child's environment the supervisor gets: enough to decode and
+# encode text the way the command will, nothing a step could use to change
+# what Python loads, and no passed-through secret in its /proc/<pid>/environ.
+_SUPERVISOR_ENV_NAMES = ("LANG", "LC_ALL", "LC_CTYPE")
+
+
+def _start_supervisor(child_env: Mapping[str, str]) -> tuple[_Supervisor, int, int]:
     """Start ``reaper.py``; return it, the command's stdin write end and output read end."""
     # Raw pipes we own instead of asyncio's subprocess transports: both modes
     # then share one reader, one writer and one close path, and the fds are
@@ -543,11 +577,13 @@ def _start_supervisor() -> tuple[_Supervisor, int, int]:
     fds = {"stdin_fd": in_read, "output_fd": out_write, "control_fd": theirs.fileno()}
     try:
         proc = subprocess.Popen(
-            # The worker's own environment, and -I -S: nothing the step sets
-            # (PYTHON* or LD_* variables, its cwd) changes what the supervisor
-            # runs. The command's spec, env included, follows over the socket
-            # rather than in argv, which every user of the host can read.
+            # Not the worker's environment (its keys would sit in the
+            # supervisor's /proc/<pid>/environ), and -I -S: nothing the step
+            # sets (PYTHON* or LD_* variables, its cwd) changes what the
+            # supervisor runs. The command's spec, env included, follows over
+            # the socket rather than in argv, which every user of the host can read.
             [sys.executable, "-I", "-S", _REAPER_SCRIPT, json.dumps(fds)],
+            env={name: child_env[name] for name in _SUPERVISOR_ENV_NAMES if name in child_env},
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             pass_fds=tuple(fds.values()),
@@ -569,11 +605,18 @@ def _start_supervisor() -> tuple[_Supervisor, int, int]:
 
 
 async def _spawn_pipe(
-    executable: str, argv: list[str], cwd: str | None, env: dict[str, str], grace_s: float
+    executable: str,
+    argv: list[str],
+    cwd: str | None,
+    env: dict[str, str],
+    grace_s: float,
+    launcher: Sequence[str] = (),
 ) -> _Child:
     # The command is started by a supervisor (reaper.py) that kills its group
     # if this worker dies: a pipe, unlike a PTY, hangs nobody up.
-    supervisor, in_write, out_read = _start_supervisor()
+    supervisor, in_write, out_read = _start_supervisor(env)
+    if launcher:
+        argv, executable = [*launcher, executable, *argv[1:]], launcher[0]
     spec = {"argv": argv, "executable": executable, "cwd": cwd, "env": env, "grace_s": grace_s}
     try:
         loop = asyncio.get_running_loop()
@@ -726,13 +769,19 @@ async def run_command(
     cwd: str | None = None,
     executable: str | None = None,
     kill_grace_s: float = DEFAULT_KILL_GRACE_S,
+    launcher: Sequence[str] = (),
+    secrets: Iterable[str] = (),
+    max_output_bytes: int | None = None,
 ) -> RunOutcome:
     """Run ``call.argv`` to completion, timeout or cancellation.
 
     ``env`` is the child's complete environment (default: this process's
     environment plus ``call.env``); ``cwd`` overrides ``call.cwd`` (the policy
     passes the resolved directory); ``executable`` is the already resolved
-    program path (default: argv[0] looked up on the env's PATH).
+    program path (default: argv[0] looked up on the env's PATH). ``launcher``
+    is exec'd in front of the program (``setpriv ... --``); ``secrets`` are
+    redacted from the output as it streams; ``max_output_bytes`` overrides
+    the call's (the policy passes it clamped to the worker's ceiling).
 
     ``on_output`` receives each cleaned output delta as it arrives; it must be
     quick and must not raise (an exception is logged and the sink dropped).
@@ -753,13 +802,18 @@ async def run_command(
 
     started = time.monotonic()
     if mode == "pty":
-        child = _spawn_pty(program, list(call.argv), workdir, child_env)
+        child = _spawn_pty(program, list(call.argv), workdir, child_env, launcher)
     else:
-        child = await _spawn_pipe(program, list(call.argv), workdir, child_env, kill_grace_s)
+        child = await _spawn_pipe(
+            program, list(call.argv), workdir, child_env, kill_grace_s, launcher
+        )
 
     cleaner = _TextCleaner()
-    output = _BoundedOutput(call.max_output_bytes)
+    output = _BoundedOutput(call.max_output_bytes if max_output_bytes is None else max_output_bytes)
     responder = _Responder(rules)
+    # Redacted before anything is kept or forwarded: a key cut in half by the
+    # truncation or by a read boundary would otherwise get through in pieces.
+    redactor = StreamRedactor(secrets)
     sink = on_output
 
     def emit(text: str) -> None:
@@ -774,14 +828,29 @@ async def run_command(
                 log.exception("output sink failed; output of %s no longer forwarded", child.pid)
                 sink = None
 
+    async def next_chunk() -> bytes | None:
+        """The next read; None when a held-back token was released instead."""
+        if not redactor.can_release:
+            return await child.read()
+        try:
+            async with asyncio.timeout(_RELEASE_HELD_S):
+                return await child.read()
+        except TimeoutError:
+            emit(redactor.release_token())
+            return None
+
     async def pump_output() -> None:
-        while chunk := await child.read():
+        while (chunk := await next_chunk()) != b"":
+            if chunk is None:
+                continue
             text = cleaner.feed(chunk)
-            emit(text)
+            # Rules see the unredacted text: they answer prompts, record nothing.
             replies = responder.feed(text)
+            emit(redactor.feed(text))
             for reply in replies:
                 await child.write(reply)
-        emit(cleaner.flush())
+        emit(redactor.feed(cleaner.flush()))
+        emit(redactor.flush())
 
     async def feed_input() -> None:
         # A task of its own: a child that never reads its stdin must not keep

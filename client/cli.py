@@ -290,6 +290,7 @@ async def cmd_intervene(args: argparse.Namespace) -> int:
 
 
 async def cmd_dev(args: argparse.Namespace) -> int:
+    from llmmixer.activities.command_policy import local_operator_note
     from llmmixer.workers.address import parse_address
     from llmmixer.workers.devserver import EmbeddedServer
     from llmmixer.workers.home import llmmixer_home
@@ -302,14 +303,24 @@ async def cmd_dev(args: argparse.Namespace) -> int:
         _err(f"Temporal dev server on {server.address} · Web UI {server.ui_url}")
         _err(f"data: {server.db_path} · Ctrl-C stops server and worker")
         client = await connection.connect()
-        async with mixer_worker(client) as worker:
+        if note := local_operator_note():
+            _err(note)
+        # `llmmixer dev` is the user's own worker: they are the operator.
+        async with mixer_worker(client, user_is_operator=True) as worker:
             await run_until_signalled(worker)
     return EXIT_OK
 
 
 async def cmd_worker(args: argparse.Namespace) -> int:
+    from llmmixer.activities.command_policy import worker_note
     from llmmixer.workers.health import health_port_from_env
-    from llmmixer.workers.worker import mixer_worker, run_until_signalled
+    from llmmixer.workers.worker import (
+        ROLE_PTY,
+        ROLES_ENV,
+        mixer_worker,
+        parse_roles,
+        run_until_signalled,
+    )
 
     connection = Connection.from_env()
     health_port = args.health_port if args.health_port is not None else health_port_from_env()
@@ -324,6 +335,9 @@ async def cmd_worker(args: argparse.Namespace) -> int:
             readiness.set_ready()
             queues = ", ".join(repr(queue) for queue in worker.task_queues)
             _err(f"worker polling {queues} on {connection.address}")
+            note = worker_note()
+            if note and ROLE_PTY in parse_roles(os.environ.get(ROLES_ENV, "")):
+                _err(note)
             # Not ready from the signal on: the drain takes up to the grace
             # period, and the worker takes no new work meanwhile.
             await run_until_signalled(

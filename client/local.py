@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from temporalio.client import Client
 
+from llmmixer.activities.command_policy import local_operator_note
 from llmmixer.client.pollers import poller_identities
 from llmmixer.workers.address import free_port, is_listening, is_loopback, parse_address
 from llmmixer.workers.connection import Connection
@@ -79,6 +80,9 @@ async def temporal_for_run(
                     f"no worker polls task queue {connection.task_queue!r}: running one in this "
                     "process until the run ends or waits for a person"
                 )
-            worker = await stack.enter_async_context(mixer_worker(client))
+            if note := local_operator_note():
+                _note(note)
+            # The embedded worker is the user's own: they are the operator.
+            worker = await stack.enter_async_context(mixer_worker(client, user_is_operator=True))
             await stack.enter_async_context(worker)
         yield LocalStack(client, connection, embedded, run_worker)

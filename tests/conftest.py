@@ -100,13 +100,18 @@ def workflow_cache() -> int:
 async def mixer(
     client: Client, task_queue: str, worker_env: dict[str, str], workflow_cache: int
 ) -> AsyncIterator[MixerClient]:
-    """A MixerClient whose runs execute on a fresh worker in this test's task queue."""
+    """A MixerClient whose runs execute on a fresh worker in this test's task queue.
+
+    The test is the worker's operator: commands may run any executable unless
+    the test's ``worker_env`` sets LLMMIXER_PTY_ALLOW itself.
+    """
+    environ = {"LLMMIXER_PTY_ALLOW": "*", **worker_env}
     settings = dataclasses.replace(
-        WorkerSettings.from_env(worker_env), task_queue=task_queue, shutdown_grace_s=2.0
+        WorkerSettings.from_env(environ), task_queue=task_queue, shutdown_grace_s=2.0
     )
     async with (
         mixer_worker(
-            client, settings, environ=worker_env, max_cached_workflows=workflow_cache
+            client, settings, environ=environ, max_cached_workflows=workflow_cache
         ) as worker,
         worker,
     ):

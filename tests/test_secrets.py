@@ -22,8 +22,10 @@ from fakes.provider_server import FakeProviderServer, Reply
 from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
 
+from llmmixer.activities.redaction import REDACTED, StreamRedactor, redact
 from llmmixer.client.audit import audit_from_client, render_markdown
 from llmmixer.client.mixer import MixerClient
+from llmmixer.runtime.secrets import is_secret_name, secret_values
 from llmmixer.workers.telemetry import client_interceptors
 from llmmixer.workers.worker import WorkerSettings, mixer_worker
 from llmmixer.workflows.records import RunStatus, StepStatus
@@ -33,6 +35,10 @@ MARKERS = {
     "OPENAI_API_KEY": f"sk-marker-{MARK}-openai",
     "TEMPORAL_API_KEY": f"temporal-marker-{MARK}",
     "LLMMIXER_API_TOKEN": f"api-token-marker-{MARK}",
+    # Not on any list of provider names: found by shape (a URL with a
+    # password) and by suffix; the command environment is an allow-list.
+    "DATABASE_URL": f"postgres://app:db-marker-{MARK}@db.internal/app",
+    "ACME_SERVICE_TOKEN": f"acme-marker-{MARK}",
 }
 
 
@@ -53,6 +59,8 @@ def worker_env(
         "HOME": os.environ.get("HOME", "/tmp"),
         **provider_server.env(),
         **MARKERS,
+        # The test is the operator: the `env` step may run.
+        "LLMMIXER_PTY_ALLOW": "*",
     }
 
 
@@ -130,3 +138,62 @@ async def test_planted_credentials_appear_nowhere(
     assert _leaks(caplog.text) == [], "logs"
     events = [event async for event in handle.events()]
     assert _leaks("".join(event.model_dump_json() for event in events)) == [], "events"
+
+
+# ---- what a secret is (runtime/secrets.py) and how text is redacted --------------------
+
+
+def test_secret_values_come_from_names_and_urls_with_passwords() -> None:
+    environ = {
+        "PATH": "/usr/bin",
+        "TEMPORAL_ADDRESS": "localhost:7233",  # an endpoint, not a secret
+        "OPENAI_BASE_URL": "http://127.0.0.1:9999/v1",
+        "ACME_API_KEY": "acme-key-value",
+        "BROKER": "amqp://svc:p%40ss-word@mq.internal:5672/",
+        "SHORT_TOKEN": "abc",  # too short to redact without shredding text
+    }
+    values = secret_values(environ)
+    assert "acme-key-value" in values
+    assert {"amqp://svc:p%40ss-word@mq.internal:5672/", "p%40ss-word", "p@ss-word"} <= values
+    assert not {"localhost:7233", "/usr/bin", "http://127.0.0.1:9999/v1", "abc"} & values
+    assert is_secret_name("LLMMIXER_PAYLOAD_KEY") and not is_secret_name("TEMPORAL_ADDRESS")
+
+
+@pytest.mark.parametrize(
+    "leak",
+    [
+        "sk-ant-api03-abcdefghijklmnop",
+        "AIzaSyA1234567890abcdefghijklmnopq",
+        "AKIAIOSFODNN7EXAMPLE",
+        "ghp_" + "a1B2" * 9,
+        "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAA\n"
+        "-----END OPENSSH PRIVATE KEY-----",
+    ],
+)
+def test_key_shapes_are_redacted_without_being_configured(leak: str) -> None:
+    redacted = redact(f"before {leak} after")
+    assert leak not in redacted and REDACTED in redacted
+    assert redacted.startswith("before ") and redacted.endswith(" after")
+
+
+def test_a_urls_password_is_redacted_and_the_rest_kept() -> None:
+    text = "connecting to postgres://app:hunter2-pw@db:5432/app"
+    assert redact(text) == f"connecting to postgres://app:{REDACTED}@db:5432/app"
+
+
+def test_stream_redaction_catches_a_secret_split_at_any_point() -> None:
+    secret = "zz-worker-secret-0123456789"
+    text = f"line one\nthe key is {secret} and it is {secret}\nbye"
+    expected = redact(text, [secret])
+    for cut in range(1, len(text)):
+        stream = StreamRedactor([secret])
+        out = stream.feed(text[:cut]) + stream.feed(text[cut:]) + stream.flush()
+        assert out == expected, cut
+    # One character at a time, releasing held tokens as a quiet command would.
+    stream = StreamRedactor([secret])
+    out = ""
+    for char in text:
+        out += stream.feed(char)
+        if stream.can_release:
+            out += stream.release_token()
+    assert out + stream.flush() == expected

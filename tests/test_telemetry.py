@@ -55,7 +55,11 @@ def otel(monkeypatch: pytest.MonkeyPatch) -> Iterator[OtelCapture]:
 
 @pytest.fixture
 def worker_env(provider_server: FakeProviderServer) -> dict[str, str]:
-    return {"PATH": os.environ.get("PATH", ""), **provider_server.env()}
+    return {
+        "PATH": os.environ.get("PATH", ""),
+        "LLMMIXER_PTY_ALLOW": "*",
+        **provider_server.env(),
+    }
 
 
 @pytest.fixture

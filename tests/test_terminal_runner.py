@@ -7,10 +7,13 @@ depends on what else the machine has installed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
+import shutil
 import signal
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -298,3 +301,103 @@ def test_bound_text_keeps_short_text_whole() -> None:
     cut = bound_text("a" * 50 + "b" * 50, 20)
     assert cut.startswith("a" * 10) and cut.endswith("b" * 10)
     assert "[... 80 bytes truncated ...]" in cut
+
+
+async def test_a_backtracking_respond_pattern_does_not_stall_the_event_loop(
+    mode: TerminalMode,
+) -> None:
+    """``(a+)+$`` against ``aaaa...b`` takes ``re`` minutes; RE2 is linear."""
+    gaps: list[float] = []
+
+    async def tick() -> None:
+        last = time.monotonic()
+        while True:
+            await asyncio.sleep(0.02)
+            now = time.monotonic()
+            gaps.append(now - last)
+            last = now
+
+    ticker = asyncio.create_task(tick())
+    script = "import sys; sys.stdout.write('a' * 40000 + 'b'); sys.stdout.flush()"
+    started = time.monotonic()
+    try:
+        outcome = await run_command(
+            py(script, respond=[RespondRule(expect=r"(a+)+$", send="x\n")]), mode=mode
+        )
+    finally:
+        ticker.cancel()
+    assert outcome.exit_code == 0 and outcome.output.endswith("ab")
+    assert time.monotonic() - started < 5
+    assert gaps and max(gaps) < 0.5  # the loop kept turning: heartbeats would flow
+
+
+async def test_a_pattern_re2_cannot_run_is_refused_before_spawning(mode: TerminalMode) -> None:
+    rules = [RespondRule(expect="fine", send="y\n"), RespondRule(expect=r"(?<=x)y", send="")]
+    with pytest.raises(CommandRefusedError) as refused:
+        await run_command(py("print('must not run')", respond=rules), mode=mode)
+    message = str(refused.value)
+    assert "respond[1].expect" in message and "RE2" in message
+
+
+async def test_output_is_redacted_before_it_is_bounded_or_forwarded(mode: TerminalMode) -> None:
+    secret = "worker-secret-0123456789abcdef"
+    # The secret straddles the head/tail cut of a 64-byte bound, and a read.
+    script = (
+        "import sys, time\n"
+        f"sys.stdout.write('x' * 20 + {secret[:10]!r}); sys.stdout.flush(); time.sleep(0.3)\n"
+        f"sys.stdout.write({secret[10:]!r} + ' sk-ant-abcdefghijkl\\n' + 'y' * 300)"
+    )
+    seen: list[str] = []
+    outcome = await run_command(
+        py(script, max_output_bytes=64),
+        mode=mode,
+        on_output=seen.append,
+        secrets=[secret],
+    )
+    streamed = "".join(seen)
+    assert streamed.startswith("x" * 20 + "[REDACTED] [REDACTED]\n")
+    for text in (outcome.output, streamed):
+        for fragment in (secret[:10], secret[10:], "sk-ant-abc"):
+            assert fragment not in text
+    assert outcome.output.startswith("x" * 20 + "[REDACTED]")
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="capabilities and /proc are Linux's")
+async def test_launcher_starts_the_program_without_capabilities(mode: TerminalMode) -> None:
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("setpriv (util-linux) is missing on this CI machine")
+        pytest.skip("setpriv (util-linux) is not installed")
+    script = "print([l for l in open('/proc/self/status') if l.startswith('CapEff')][0])"
+    launcher = [setpriv, "--no-new-privs", "--inh-caps=-all", "--bounding-set=-all", "--"]
+    outcome = await run_command(py(script), mode=mode, launcher=launcher)
+    assert outcome.exit_code == 0, outcome.output
+    assert "CapEff:\t0000000000000000" in outcome.output
+
+
+async def test_a_pipe_supervisor_does_not_carry_the_workers_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The supervisor's /proc/<pid>/environ is its start environment: keep keys out."""
+    monkeypatch.setenv("ACME_API_TOKEN", "supervisor-must-not-hold-this")
+    script = "import os, time; print('PARENT', os.getppid(), flush=True); time.sleep(3)"
+    seen: list[str] = []
+    task = asyncio.create_task(
+        run_command(
+            py(script), mode="pipe", env={"PATH": os.environ["PATH"]}, on_output=seen.append
+        )
+    )
+    try:
+        for _ in range(200):
+            if "PARENT" in "".join(seen):
+                break
+            await asyncio.sleep(0.02)
+        supervisor = int("".join(seen).split()[1])
+        environ = await asyncio.to_thread(Path(f"/proc/{supervisor}/environ").read_bytes)
+        assert b"supervisor-must-not-hold-this" not in environ
+        assert b"PATH=" not in environ  # only the locale, if anything
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

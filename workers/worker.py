@@ -150,9 +150,15 @@ async def mixer_worker(
     *,
     environ: Mapping[str, str] | None = None,
     command_policy: CommandPolicy | None = None,
+    user_is_operator: bool = False,
     max_cached_workflows: int = 1000,
 ) -> AsyncIterator[MixerWorker]:
     """A configured worker, not yet running; closes SDK clients on exit.
+
+    ``user_is_operator``: whoever writes the specs also runs this worker
+    (``llmmixer dev``, the embedded ``llmmixer run``), so an unset
+    ``LLMMIXER_PTY_ALLOW`` lets commands run any executable. The default is
+    the safe one, for ``llmmixer worker``: unset, no command runs.
 
     One Temporal ``Worker`` per task queue this process polls: the main queue
     for workflows and LLM activities, and the PTY queue for commands and agents
@@ -177,7 +183,9 @@ async def mixer_worker(
         # Off the event loop: SDK imports take seconds, and a client in this
         # process (`llmmixer run`) may be keeping a server connection alive.
         await asyncio.to_thread(llm.warm_up)
-    commands = CommandActivities(command_policy or CommandPolicy.from_env(env))
+    commands = CommandActivities(
+        command_policy or CommandPolicy.from_env(env, user_is_operator=user_is_operator)
+    )
     (queue, (workflows, activities)), *other_queues = _registrations(
         settings, llm, commands
     ).items()

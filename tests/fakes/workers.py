@@ -124,6 +124,8 @@ def worker_environment(
             # Cleanup SIGTERMs every worker; a short grace keeps teardown quick.
             "LLMMIXER_SHUTDOWN_GRACE_S": "2",
             "PYTHONUNBUFFERED": "1",
+            # The test is the operator of its workers: commands may run anything.
+            "LLMMIXER_PTY_ALLOW": "*",
         }
     )
     env.update(extra or {})

@@ -216,7 +216,11 @@ def _worker_environ() -> dict[str, str]:
     claude = bin_dir / "claude"
     claude.write_text(FAKE_CLAUDE)
     claude.chmod(0o755)
-    return {**os.environ, "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}"}
+    return {
+        **os.environ,
+        "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}",
+        "LLMMIXER_PTY_ALLOW": "*",
+    }
 
 
 def _release() -> str:
