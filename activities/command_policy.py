@@ -248,3 +248,10 @@ class CommandPolicy:
                 "worker; create it or fix the step's cwd"
             )
         return str(resolved)
+
+    def command_environment(self, step_env: Mapping[str, str]) -> dict[str, str]:
+        """The complete environment of a child: the worker's, scrubbed, plus ``step_env``."""
+        base = os.environ if self.base_environ is None else self.base_environ
+        env = scrub_environment(base, self.env_passthrough)
+        env.update(step_env)
+        return env
