@@ -94,6 +94,27 @@ async def test_preset_answers_the_trust_prompt_when_the_operator_trusts_folders(
         assert args[-1] == f"--prompt={prompt}"
 
 
+@pytest.mark.parametrize("agent", list(AGENTS))
+async def test_nobody_answers_the_trust_prompt_unless_the_operator_trusts_folders(
+    fake_agents: Path, agent: AgentName
+) -> None:
+    # Trusting a folder lets its own agent config (hooks, MCP servers) run
+    # commands LLMMIXER_PTY_ALLOW never sees: a worker setting, not a default.
+    argv, respond = agent_command(agent, "fix it")
+    assert respond == []
+    if agent == "claude-code":  # -p never asks: it must be told to ignore the checkout's config
+        assert argv[argv.index("--setting-sources") + 1] == "user"
+        assert "--strict-mcp-config" in argv
+    call = CommandCall(workflow_id="wf", step_id="agent", argv=argv, respond=respond, timeout_s=10)
+    policy = CommandPolicy.from_env({**os.environ, "LLMMIXER_PTY_ALLOW": "claude,codex,gemini"})
+    prepared = policy.prepare(call)
+    outcome = await run_command(
+        call, mode="pipe", env=prepared.env, cwd=prepared.cwd, executable=prepared.executable
+    )
+    assert "TRUSTED" not in outcome.output
+    assert "WRONG KEY b''" in outcome.output  # no input: nobody said yes
+
+
 @pytest.mark.parametrize(
     ("agent", "install"),
     [
