@@ -745,24 +745,30 @@ async def prepare_worktree(
     )
     private: Path | None = None
     try:
-        plain = await git.without_filters(common)
-        await plain.run(
+        # No checkout yet: the filters to turn off are those the new worktree's
+        # config names (an includeIf "onbranch:" may add some for its branch).
+        await git.run(
             f"--git-dir={common}",
             "worktree",
             "add",
             "--quiet",
+            "--no-checkout",
             "-b",
             branch,
             str(where),
             base,
             cwd=top,
         )
-        private = _real((await plain.run("rev-parse", "--absolute-git-dir", cwd=where)).strip())
+        private = _real((await git.run("rev-parse", "--absolute-git-dir", cwd=where)).strip())
         if private.parent != common / "worktrees":
             raise WorktreeError(
                 f"git put the worktree's git directory at {private}, not under "
                 f"{common / 'worktrees'}; check the repository's git setup"
             )
+        plain = await git.without_filters(private)
+        await plain.run(
+            f"--git-dir={private}", f"--work-tree={where}", "reset", "--hard", "--quiet", cwd=where
+        )
     except BaseException:
         try:
             await _remove_worktree(git, common, where, private, branch)

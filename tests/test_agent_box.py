@@ -305,6 +305,29 @@ async def test_repository_hooks_do_not_run_when_llmmixer_makes_and_removes_the_w
     _no_llmmixer_branches(repo)
 
 
+@pytest.mark.parametrize("how", ["config", "includeIf-onbranch"])
+async def test_repository_filters_do_not_run_when_llmmixer_checks_out_the_worktree(
+    mixer: MixerClient, repo: Path, tmp_path: Path, ran: Path, marker: Path, how: str
+) -> None:
+    (repo / ".gitattributes").write_text("* filter=evil\n")
+    _git(repo, "add", ".gitattributes")
+    _git(repo, "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "-m", "attrs")
+    if how == "config":
+        config = repo / ".git" / "config"
+    else:  # only on llmmixer's branches, which a look at the main checkout would miss
+        config = tmp_path / "evil.cfg"
+        _git(repo, "config", "includeIf.onbranch:llmmixer/**.path", str(config))
+    with config.open("a") as out:
+        out.write(f'[filter "evil"]\n\tsmudge = "touch {marker}; cat"\n\trequired = true\n')
+
+    output = await _completed(
+        mixer, _spec(_attack("", ran=ran, marker=marker), cwd=str(repo), worktree=True)
+    )
+    assert _exists(ran), output
+    assert not _exists(marker), "a filter from the repository's config ran"
+    _no_llmmixer_branches(repo)
+
+
 async def test_git_gets_the_scrubbed_command_environment_and_no_user_config(
     mixer: MixerClient, repo: Path, agent_bin: Path, ran: Path, marker: Path
 ) -> None:
