@@ -90,6 +90,7 @@ __all__ = [
     "Worktree",
     "WorktreeError",
     "agent_command",
+    "check_agent_args",
     "finish_worktree",
     "prepare_agent",
     "prepare_worktree",
@@ -191,6 +192,10 @@ class _UnsafeFlag:
     # Whether the flag's values (those glued with "=" or the tokens that follow
     # up to the next option) make it unsafe; most flags are unsafe outright.
     refuses: Callable[[Sequence[str]], bool] = _always
+    # A short form that takes a value can only start a group of short options
+    # (-sdanger-full-access); later letters of a group may be another
+    # option's glued value (-mgpt-5-codex is not -c).
+    takes_value: bool = True
 
 
 _LEAVES_CWD = "lets the agent work in directories besides its cwd; set the step's cwd instead"
@@ -251,7 +256,12 @@ _UNSAFE_FLAGS: Mapping[str, tuple[_UnsafeFlag, ...]] = MappingProxyType(
             _UnsafeFlag(("cd", "add-dir"), "C", _LEAVES_CWD),
         ),
         "gemini-cli": (
-            _UnsafeFlag(("yolo",), "y", "approves every tool call, shell commands included"),
+            _UnsafeFlag(
+                ("yolo",),
+                "y",
+                "approves every tool call, shell commands included",
+                takes_value=False,
+            ),
             _UnsafeFlag(
                 ("approval-mode",),
                 "",
@@ -310,12 +320,13 @@ def _unsafe_arg(agent: str, args: Sequence[str]) -> tuple[str, str] | None:
             if flag is not None and flag.refuses(_values_after(args, index, value if eq else None)):
                 return token, flag.why
         elif token.startswith("-") and len(token) > 1:
-            # Grouped short options (-ys, -sdanger-full-access): any letter counts.
-            # This may refuse a harmless value glued to another letter; the
-            # message names the token, so the author can spell it out.
+            # Grouped short options (-dy, -sdanger-full-access). A letter that
+            # only looks like -y inside another option's glued value is
+            # refused too; the message names the token, so the author can
+            # spell the option out.
             for pos, letter in enumerate(token[1:], start=2):
                 flag = by_short.get(letter)
-                if flag is None:
+                if flag is None or (flag.takes_value and pos > 2):
                     continue
                 glued = token[pos:] or None
                 if flag.refuses(_values_after(args, index, glued)):
