@@ -23,9 +23,14 @@ plan's. Two worker settings widen it (both off unless set to ``1``)::
                                      (--setting-sources user --strict-mcp-config).
                                      Codex loads a checkout's .codex/ only for
                                      projects trusted in the worker user's
-                                     config; Gemini CLI loads .gemini/ settings
+                                     config. Recent Gemini CLI versions refuse
+                                     to run headless in an untrusted folder (on:
+                                     GEMINI_CLI_TRUST_WORKSPACE=true is set for
+                                     them); older ones load .gemini/ settings
                                      unless the worker user's settings enable
-                                     security.folderTrust.
+                                     security.folderTrust. Also lets a step's
+                                     args say --trust (codex) or --skip-trust
+                                     (gemini).
     LLMMIXER_AGENT_SKIP_PERMISSIONS  let a step's ``args`` lift the agent's own
                                      limits: skip its permission prompts or
                                      sandbox (--dangerously-skip-permissions,
@@ -196,9 +201,12 @@ class _UnsafeFlag:
     # (-sdanger-full-access); later letters of a group may be another
     # option's glued value (-mgpt-5-codex is not -c).
     takes_value: bool = True
+    # The worker setting that lets a spec pass it.
+    allowed_by: str = ENV_AGENT_SKIP_PERMISSIONS
 
 
 _LEAVES_CWD = "lets the agent work in directories besides its cwd; set the step's cwd instead"
+_TRUSTS_CHECKOUT = "trusts the checkout's own agent configuration (hooks, MCP servers)"
 
 _UNSAFE_FLAGS: Mapping[str, tuple[_UnsafeFlag, ...]] = MappingProxyType(
     {
@@ -254,6 +262,13 @@ _UNSAFE_FLAGS: Mapping[str, tuple[_UnsafeFlag, ...]] = MappingProxyType(
                 "commands)",
             ),
             _UnsafeFlag(("cd", "add-dir"), "C", _LEAVES_CWD),
+            _UnsafeFlag(
+                ("trust",),
+                "",
+                _TRUSTS_CHECKOUT,
+                takes_value=False,
+                allowed_by=ENV_AGENT_TRUST_FOLDERS,
+            ),
         ),
         "gemini-cli": (
             _UnsafeFlag(
@@ -275,6 +290,13 @@ _UNSAFE_FLAGS: Mapping[str, tuple[_UnsafeFlag, ...]] = MappingProxyType(
                 _value_mentions("shell"),
             ),
             _UnsafeFlag(("include-directories",), "", _LEAVES_CWD),
+            _UnsafeFlag(
+                ("skip-trust",),
+                "",
+                _TRUSTS_CHECKOUT,
+                takes_value=False,
+                allowed_by=ENV_AGENT_TRUST_FOLDERS,
+            ),
         ),
     }
 )
@@ -291,10 +313,11 @@ _CONFIG_VARIABLES = frozenset(
         "GEMINI_CLI_HOME",
         "GEMINI_CLI_SYSTEM_SETTINGS_PATH",
         "GEMINI_CLI_SYSTEM_DEFAULTS_PATH",
-        "GEMINI_CLI_TRUST_WORKSPACE",
         "GEMINI_CLI_TRUSTED_FOLDERS_PATH",
     }
 )
+# Variables that make an agent trust the checkout: the trust setting's business.
+_TRUST_VARIABLES = frozenset({"GEMINI_CLI_TRUST_WORKSPACE", "GEMINI_TRUST_WORKSPACE"})
 
 
 def _values_after(args: Sequence[str], index: int, glued: str | None) -> list[str]:
@@ -308,9 +331,15 @@ def _values_after(args: Sequence[str], index: int, glued: str | None) -> list[st
     return values
 
 
-def _unsafe_arg(agent: str, args: Sequence[str]) -> tuple[str, str] | None:
-    """The first (token, reason) in ``args`` that lifts the agent's limits."""
-    flags = _UNSAFE_FLAGS.get(agent, ())
+def _unsafe_arg(
+    agent: str, args: Sequence[str], settings: AgentSettings
+) -> tuple[str, _UnsafeFlag] | None:
+    """The first token in ``args`` that lifts the agent's limits, and why."""
+    allowed = {
+        ENV_AGENT_SKIP_PERMISSIONS: settings.skip_permissions,
+        ENV_AGENT_TRUST_FOLDERS: settings.trust_folders,
+    }
+    flags = [flag for flag in _UNSAFE_FLAGS.get(agent, ()) if not allowed[flag.allowed_by]]
     by_long = {_norm(name): flag for flag in flags for name in flag.long}
     by_short = {letter: flag for flag in flags for letter in flag.short}
     for index, token in enumerate(args):
@@ -318,7 +347,7 @@ def _unsafe_arg(agent: str, args: Sequence[str]) -> tuple[str, str] | None:
             name, eq, value = token[2:].partition("=")
             flag = by_long.get(_norm(name))
             if flag is not None and flag.refuses(_values_after(args, index, value if eq else None)):
-                return token, flag.why
+                return token, flag
         elif token.startswith("-") and len(token) > 1:
             # Grouped short options (-dy, -sdanger-full-access). A letter that
             # only looks like -y inside another option's glued value is
@@ -330,7 +359,7 @@ def _unsafe_arg(agent: str, args: Sequence[str]) -> tuple[str, str] | None:
                     continue
                 glued = token[pos:] or None
                 if flag.refuses(_values_after(args, index, glued)):
-                    return token, flag.why
+                    return token, flag
     return None
 
 
@@ -338,16 +367,20 @@ def check_agent_args(
     agent: AgentName, args: Sequence[str], env: Mapping[str, str], settings: AgentSettings
 ) -> None:
     """Refuse ``args``/``env`` that widen what the agent may do, unless the operator allows."""
-    if not settings.skip_permissions:
-        unsafe = _unsafe_arg(agent, args)
-        if unsafe is not None:
-            token, why = unsafe
-            raise AgentArgsRefusedError(
-                f"args: `{token}` {why}; a spec cannot grant that. Remove it from the "
-                f"step's args, or have the worker's operator set "
-                f"{ENV_AGENT_SKIP_PERMISSIONS}=1 on the worker"
-            )
+    unsafe = _unsafe_arg(agent, args, settings)
+    if unsafe is not None:
+        token, flag = unsafe
+        raise AgentArgsRefusedError(
+            f"args: `{token}` {flag.why}; a spec cannot grant that. Remove it from the "
+            f"step's args, or have the worker's operator set {flag.allowed_by}=1 on the worker"
+        )
     for name in sorted(env):
+        if name.upper() in _TRUST_VARIABLES and not settings.trust_folders:
+            raise AgentArgsRefusedError(
+                f"env: {name} would make {agent} trust the checkout's own configuration "
+                "(hooks, MCP servers); remove it from the step's env, or have the worker's "
+                f"operator set {ENV_AGENT_TRUST_FOLDERS}=1 on the worker"
+            )
         if name.upper() in _CONFIG_VARIABLES:
             raise AgentArgsRefusedError(
                 f"env: {name} would point {agent} at configuration (permission rules, hooks, "
@@ -367,6 +400,8 @@ class AgentPreset:
     arguments: Callable[[str, Sequence[str], AgentSettings], list[str]]
     # Answers its "trust this folder?" dialog; used only when the operator trusts.
     trust: tuple[RespondRule, ...]
+    # Variables that tell it to trust the folder headless; likewise.
+    trust_env: Mapping[str, str] = field(default_factory=dict)
 
 
 def _claude_args(prompt: str, extra: Sequence[str], settings: AgentSettings) -> list[str]:
@@ -462,6 +497,8 @@ AGENTS: Mapping[str, AgentPreset] = MappingProxyType(
             install="npm install -g @google/gemini-cli",
             arguments=_gemini_args,
             trust=(RespondRule(expect=r"(?i)do you trust this folder\?", send=_ENTER, times=1),),
+            # Recent versions refuse to run headless in a folder nobody trusted.
+            trust_env=MappingProxyType({"GEMINI_CLI_TRUST_WORKSPACE": "true"}),
         ),
     }
 )
@@ -521,6 +558,9 @@ async def prepare_agent(call: AgentCall, policy: CommandPolicy) -> AgentLaunch:
     argv, rules = agent_command(
         call.agent, call.prompt, call.args, path=environ.get("PATH"), settings=settings
     )
+    env = dict(call.env)
+    if settings.trust_folders:
+        env.update(AGENTS[call.agent].trust_env)
     worktree = None
     cwd = call.cwd
     if call.worktree:
@@ -531,7 +571,7 @@ async def prepare_agent(call: AgentCall, policy: CommandPolicy) -> AgentLaunch:
         step_id=call.step_id,
         argv=argv,
         cwd=cwd,
-        env=call.env,
+        env=env,
         timeout_s=call.timeout_s,
         respond=rules,
         max_output_bytes=call.max_output_bytes,

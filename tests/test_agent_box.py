@@ -22,11 +22,16 @@ from temporalio.client import Client
 
 from llmmixer.activities.agents import (
     ENV_AGENT_SKIP_PERMISSIONS,
+    ENV_AGENT_TRUST_FOLDERS,
     AgentArgsRefusedError,
     AgentName,
+    AgentNotInstalledError,
     AgentSettings,
     agent_command,
+    prepare_agent,
 )
+from llmmixer.activities.command_policy import CommandPolicy
+from llmmixer.activities.contracts import AgentCall
 from llmmixer.activities.terminal import CommandRefusedError
 from llmmixer.client.mixer import MixerClient, RunFailed
 from llmmixer.workers.worker import WorkerSettings, mixer_worker
@@ -473,6 +478,48 @@ def test_args_that_lift_the_agents_limits_are_the_operators(
     assert message.startswith("args: `")
     assert args[0].split("=")[0] in message and ENV_AGENT_SKIP_PERMISSIONS in message
     assert isinstance(refused.value, CommandRefusedError)  # non-retryable
+
+
+@pytest.mark.parametrize(
+    ("agent", "args"), [("codex", ["--trust"]), ("gemini-cli", ["--skip-trust"])], ids=str
+)
+def test_args_that_trust_the_checkout_are_the_operators(
+    agent: AgentName, args: list[str], tmp_path: Path
+) -> None:
+    with pytest.raises(AgentArgsRefusedError, match=ENV_AGENT_TRUST_FOLDERS):
+        agent_command(agent, "hi", args, path=str(tmp_path))
+    with pytest.raises(AgentArgsRefusedError, match=ENV_AGENT_TRUST_FOLDERS):
+        agent_command(
+            agent, "hi", args, path=str(tmp_path), settings=AgentSettings(skip_permissions=True)
+        )
+    with pytest.raises(AgentNotInstalledError):  # past the check: only the program is missing
+        agent_command(
+            agent, "hi", args, path=str(tmp_path), settings=AgentSettings(trust_folders=True)
+        )
+
+
+@pytest.mark.parametrize("trust", ["0", "1"])
+async def test_gemini_is_told_to_trust_its_folder_only_by_the_operator(
+    tmp_path: Path, trust: str
+) -> None:
+    program = tmp_path / "gemini"
+    program.write_text("#!/bin/sh\n")
+    program.chmod(0o755)
+    environ = {"PATH": str(tmp_path), ENV_AGENT_TRUST_FOLDERS: trust}
+    policy = CommandPolicy.from_env(environ)
+    call = AgentCall(workflow_id="wf", step_id="s", agent="gemini-cli", prompt="hi")
+    launch = await prepare_agent(call, policy)
+    assert ("GEMINI_CLI_TRUST_WORKSPACE" in launch.command.env) is (trust == "1")
+
+    told = call.model_copy(update={"env": {"GEMINI_CLI_TRUST_WORKSPACE": "true"}})
+    if trust == "1":
+        await prepare_agent(told, policy)
+    else:
+        with pytest.raises(
+            AgentArgsRefusedError,
+            match=f"env: GEMINI_CLI_TRUST_WORKSPACE.*{ENV_AGENT_TRUST_FOLDERS}",
+        ):
+            await prepare_agent(told, policy)
 
 
 @pytest.mark.parametrize(("agent", "args"), REFUSED[:3], ids=lambda v: str(v))
