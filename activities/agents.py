@@ -53,7 +53,9 @@ environment, and name the git directory recorded before the agent started:
 whatever the agent writes into its checkout (a ``.git`` file pointing
 elsewhere, ``core.fsmonitor`` in the shared config) runs nothing afterwards.
 Filter drivers (e.g. git-lfs) are therefore not applied: such files appear
-in the worktree and diff as stored in git.
+in the worktree and diff as stored in git. Without the user's git config, a
+``safe.directory`` listed there does not apply either: the repository must be
+owned by the worker's user.
 
 Errors::
 
