@@ -36,12 +36,7 @@ from dataclasses import dataclass
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from llmmixer.activities.agents import (
-    WorktreeError,
-    agent_command,
-    finish_worktree,
-    prepare_worktree,
-)
+from llmmixer.activities.agents import WorktreeError, finish_worktree, prepare_agent
 from llmmixer.activities.command_policy import CommandPolicy
 from llmmixer.activities.contracts import (
     AGENT_ACTIVITY,
@@ -223,39 +218,19 @@ class CommandActivities:
             # Before anything runs, git for the worktree included.
             self.policy.check_allowed()
             self.policy.check_step_env(call.env)
-            # Looked up on the PATH the worker gives commands, not the process's own.
-            base = self.policy.base_environ
-            path = (os.environ if base is None else base).get("PATH")
-            argv, rules = agent_command(call.agent, call.prompt, call.args, path=path)
+            launch = await prepare_agent(call, self.policy)
+        except WorktreeError as exc:
+            raise ApplicationError(
+                redact(f"{exc}; or set `worktree: false` on the step", self.secrets),
+                _details(attempt, None),
+                type=ErrorType.COMMAND_REFUSED,
+                non_retryable=True,
+            ) from None
         except CommandRefusedError as exc:
             raise self._refused(exc, attempt) from None
-        worktree = None
-        cwd = call.cwd
-        if call.worktree:
-            try:
-                worktree = await prepare_worktree(
-                    cwd or self.policy.root_dir or ".", call.step_id, parent=self.policy.root_dir
-                )
-            except WorktreeError as exc:
-                raise ApplicationError(
-                    redact(f"{exc}; or set `worktree: false` on the step", self.secrets),
-                    _details(attempt, None),
-                    type=ErrorType.COMMAND_REFUSED,
-                    non_retryable=True,
-                ) from None
-            cwd = str(worktree)
-        command = CommandCall(
-            workflow_id=call.workflow_id,
-            step_id=call.step_id,
-            argv=argv,
-            cwd=cwd,
-            env=call.env,
-            timeout_s=call.timeout_s,
-            respond=rules,
-            max_output_bytes=call.max_output_bytes,
-        )
+        worktree = launch.worktree
         try:
-            result = await self.run_command(command)
+            result = await self.run_command(launch.command)
         finally:
             diff = await finish_worktree(worktree) if worktree is not None else None
         if diff is None:

@@ -36,7 +36,13 @@ def agent_bin(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def worker_env(agent_bin: Path, tmp_path: Path) -> dict[str, str]:
-    return {"PATH": f"{agent_bin}:{os.environ['PATH']}", "HOME": str(tmp_path)}
+    return {
+        "PATH": f"{agent_bin}:{os.environ['PATH']}",
+        "HOME": str(tmp_path),
+        "LLMMIXER_PTY_ALLOW": "claude,codex,gemini",
+        # The fake agent asks whether to trust the folder; the operator says yes.
+        "LLMMIXER_AGENT_TRUST_FOLDERS": "1",
+    }
 
 
 @pytest.fixture

@@ -16,6 +16,7 @@ from llmmixer.activities.agents import (
     AGENTS,
     AgentName,
     AgentNotInstalledError,
+    AgentSettings,
     agent_command,
     finish_worktree,
     prepare_worktree,
@@ -65,11 +66,13 @@ MODES: list[TerminalMode] = ["pty", "pipe"] if probe_pty() is None else ["pipe"]
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("agent", list(AGENTS))
-async def test_preset_answers_the_trust_prompt(
+async def test_preset_answers_the_trust_prompt_when_the_operator_trusts_folders(
     fake_agents: Path, agent: AgentName, mode: TerminalMode
 ) -> None:
     prompt = "-fix the failing test"  # a leading dash must stay a prompt, not a flag
-    argv, respond = agent_command(agent, prompt, ["--model", "m1"])
+    argv, respond = agent_command(
+        agent, prompt, ["--model", "m1"], settings=AgentSettings(trust_folders=True)
+    )
     call = CommandCall(workflow_id="wf", step_id="agent", argv=argv, respond=respond, timeout_s=15)
     policy = CommandPolicy.from_env({**os.environ, "LLMMIXER_PTY_ALLOW": "claude,codex,gemini"})
     prepared = policy.prepare(call)
@@ -84,10 +87,32 @@ async def test_preset_answers_the_trust_prompt(
     if agent == "claude-code":
         assert args[0] == "-p" and args[-2:] == ["--", prompt]
         assert args[args.index("--output-format") + 1] == "text"
+        assert "--setting-sources" not in args  # trusted: the tool's own defaults
     elif agent == "codex":
         assert args[0] == "exec" and args[-2:] == ["--", prompt]
     else:
         assert args[-1] == f"--prompt={prompt}"
+
+
+@pytest.mark.parametrize("agent", list(AGENTS))
+async def test_nobody_answers_the_trust_prompt_unless_the_operator_trusts_folders(
+    fake_agents: Path, agent: AgentName
+) -> None:
+    # Trusting a folder lets its own agent config (hooks, MCP servers) run
+    # commands LLMMIXER_PTY_ALLOW never sees: a worker setting, not a default.
+    argv, respond = agent_command(agent, "fix it")
+    assert respond == []
+    if agent == "claude-code":  # -p never asks: it must be told to ignore the checkout's config
+        assert argv[argv.index("--setting-sources") + 1] == "user"
+        assert "--strict-mcp-config" in argv
+    call = CommandCall(workflow_id="wf", step_id="agent", argv=argv, respond=respond, timeout_s=10)
+    policy = CommandPolicy.from_env({**os.environ, "LLMMIXER_PTY_ALLOW": "claude,codex,gemini"})
+    prepared = policy.prepare(call)
+    outcome = await run_command(
+        call, mode="pipe", env=prepared.env, cwd=prepared.cwd, executable=prepared.executable
+    )
+    assert "TRUSTED" not in outcome.output
+    assert "WRONG KEY b''" in outcome.output  # no input: nobody said yes
 
 
 @pytest.mark.parametrize(
@@ -145,22 +170,23 @@ def repo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 async def test_worktree_isolates_agents_and_returns_their_diff(repo: Path, tmp_path: Path) -> None:
     parent = tmp_path / "worktrees"
     parent.mkdir()
+    policy = CommandPolicy.from_env({**os.environ, "LLMMIXER_PTY_ROOT": str(tmp_path)})
     first, second = await asyncio.gather(
-        prepare_worktree(repo, "fix tests", parent=parent),
-        prepare_worktree(repo, "write docs", parent=parent),
+        prepare_worktree(str(repo), "fix tests", policy, parent=parent),
+        prepare_worktree(str(repo), "write docs", policy, parent=parent),
     )
-    assert first != second and first.parent == parent
-    assert (first / "app.py").read_text() == "print('v1')\n"
+    assert first.path != second.path and first.path.parent == parent
+    assert (first.path / "app.py").read_text() == "print('v1')\n"
     branches = git(
         repo, "for-each-ref", "--format=%(refname:short)", "refs/heads/llmmixer/"
     ).split()
     assert len(branches) == 2 and any("fix-tests" in name for name in branches)
 
-    (first / "app.py").write_text("print('v2')\n")
-    (first / "new_module.py").write_text("ANSWER = 42\n")
-    (second / "README.md").write_text("docs\n")
-    git(second, "add", "README.md")
-    git(second, "commit", "--quiet", "-m", "agent commit")
+    (first.path / "app.py").write_text("print('v2')\n")
+    (first.path / "new_module.py").write_text("ANSWER = 42\n")
+    (second.path / "README.md").write_text("docs\n")
+    git(second.path, "add", "README.md")
+    git(second.path, "commit", "--quiet", "-m", "agent commit")
 
     diff = await finish_worktree(first)
     assert "-print('v1')" in diff and "+print('v2')" in diff
@@ -170,7 +196,7 @@ async def test_worktree_isolates_agents_and_returns_their_diff(repo: Path, tmp_p
     committed = await finish_worktree(second)
     assert "README.md" in committed and "+docs" in committed  # committed changes count
 
-    assert not first.exists() and not second.exists()
+    assert not first.path.exists() and not second.path.exists()
     assert git(repo, "branch", "--list", "llmmixer/*").strip() == ""
     assert len(git(repo, "worktree", "list").splitlines()) == 1
     assert git(repo, "status", "--porcelain") == ""  # the main checkout was never touched
@@ -185,4 +211,4 @@ async def test_worktree_needs_a_committed_repository(tmp_path: Path) -> None:
     empty.mkdir()
     git(empty, "init", "--quiet")
     with pytest.raises(WorktreeError, match="at least one commit"):
-        await prepare_worktree(empty, "s")
+        await prepare_worktree(str(empty), "s", CommandPolicy())
