@@ -100,7 +100,7 @@ def load_document(text: str, *, source: str, limits: DocumentLimits = DEFAULT_LI
     """
     _check_size(text, source, limits)
     _check_text(text, source, "")
-    if text.lstrip()[:1] in ("{", "["):
+    if text.lstrip()[:1] in ("{", "[", '"'):
         # YAML flow style looks the same; a broken limit is refused even then,
         # since reading that much as YAML is the slow path a hostile document wants.
         shape = _json_shape(text, source, limits)
