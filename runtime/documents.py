@@ -86,10 +86,6 @@ class DocumentError(ValueError):
         self.source = source
         super().__init__(message)
 
-    @property
-    def message(self) -> str:
-        return str(self.args[0])
-
 
 def load_document(text: str, *, source: str, limits: DocumentLimits = DEFAULT_LIMITS) -> object:
     """A YAML or JSON document as plain data (dict, list, str, int, float, bool, None).
@@ -103,8 +99,7 @@ def load_document(text: str, *, source: str, limits: DocumentLimits = DEFAULT_LI
     if text.lstrip()[:1] in ("{", "[", '"'):
         # YAML flow style looks the same; a broken limit is refused even then,
         # since reading that much as YAML is the slow path a hostile document wants.
-        shape = _json_shape(text, source, limits)
-        if shape.complete:
+        if _json_shape(text, source, limits):
             try:
                 return _json_loads(text, source, limits)
             except json.JSONDecodeError:
@@ -270,22 +265,18 @@ def _check_text(text: str, source: str, path: str) -> None:
 _JSON_TOKEN = re.compile(r'[\s,:]*(?:("[^"\\]*(?:\\.[^"\\]*)*")|([\[{])|([\]}])|([^\s,:\[\]{}"]+))')
 
 
-@dataclass(frozen=True)
-class _Shape:
-    """How far a scan of JSON text got: the whole text, or up to a token JSON has not."""
+def _json_shape(text: str, source: str, limits: DocumentLimits) -> bool:
+    """Refuse JSON text too deep or too large, found without parsing (json.loads recurses).
 
-    complete: bool
-
-
-def _json_shape(text: str, source: str, limits: DocumentLimits) -> _Shape:
-    """Refuse JSON text too deep or too large, found without parsing (json.loads recurses)."""
+    False: the scan met something that is not JSON, and stopped there.
+    """
     depth = nodes = position = 0
     end = len(text.rstrip())
     match = _JSON_TOKEN.match
     while position < end:
         token = match(text, position)
         if token is None:
-            return _Shape(complete=False)
+            return False
         if token.group(3) is not None:
             depth -= 1
         else:
@@ -297,7 +288,7 @@ def _json_shape(text: str, source: str, limits: DocumentLimits) -> _Shape:
                 if depth > limits.max_depth:
                     raise _too_deep(source, limits, _position(text, token.start(2)))
         position = token.end()
-    return _Shape(complete=True)
+    return True
 
 
 def _json_loads(text: str, source: str, limits: DocumentLimits) -> object:
