@@ -12,44 +12,60 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from llmmixer.activities.pricing import PriceTable
+from llmmixer.runtime.documents import DEFAULT_LIMITS, DocumentError, check_document, load_document
 from llmmixer.workflows.spec import Spec
 from llmmixer.workflows.validation import SPEC_LOCATION, SpecError, SpecIssue, validate_spec
 
 
 def read_spec(source: Mapping[str, Any] | str | Path) -> dict[str, Any]:
-    """A spec as a plain dict: from a mapping, a file path, or YAML/JSON text."""
-    if isinstance(source, Mapping):
-        return json.loads(json.dumps(source))
-    text: str
-    if isinstance(source, Path) or ("\n" not in source and Path(source).suffix in _SUFFIXES):
-        path = Path(source)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except OSError as error:
-            raise SpecError(
-                [SpecIssue(SPEC_LOCATION, "(file)", f"cannot read {path}: {error.strerror}")]
-            ) from None
-    else:
-        text = source
+    """A spec as a plain dict: from a mapping, a file path, or YAML/JSON text.
+
+    Every spec is untrusted: text goes through the safe document loader (no
+    YAML aliases, bounded size and depth), and a mapping through the same
+    rules, so no spec can stall or crash the validator behind it.
+    """
     try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise SpecError(
-            [SpecIssue(SPEC_LOCATION, "(document)", f"not valid YAML or JSON{where}: {error}")]
-        ) from None
+        if isinstance(source, Mapping):
+            check_document(source, source="the spec")
+            return json.loads(json.dumps(source))  # a copy the caller cannot change
+        if isinstance(source, Path) or ("\n" not in source and Path(source).suffix in _SUFFIXES):
+            path = Path(source)
+            data = load_document(_read_file(path), source=str(path))
+        else:
+            data = load_document(source, source="the spec")
+    except DocumentError as error:
+        raise _document_error(str(error)) from None
     if not isinstance(data, dict):
-        raise SpecError(
-            [SpecIssue(SPEC_LOCATION, "(document)", "the spec must be a mapping with `steps`")]
-        )
+        raise _document_error("the spec must be a mapping with `steps`")
     return data
 
 
 _SUFFIXES = {".yaml", ".yml", ".json"}
+
+
+def _read_file(path: Path) -> str:
+    # Read no more than a spec may hold: `validate /dev/zero` must not fill memory.
+    limit = DEFAULT_LIMITS.max_bytes
+    try:
+        with path.open("rb") as stream:
+            data = stream.read(limit + 1)
+    except OSError as error:
+        raise _document_error(f"cannot read {path}: {error.strerror}", "(file)") from None
+    if len(data) > limit:
+        raise _document_error(
+            f"{path} is larger than {limit} bytes: split it up or move large text into inputs"
+        )
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise _document_error(
+            f"{path} is not UTF-8 text (byte {error.start}): save it as UTF-8"
+        ) from None
+
+
+def _document_error(message: str, field: str = "(document)") -> SpecError:
+    return SpecError([SpecIssue(SPEC_LOCATION, field, message)])
 
 
 def parse_inputs(pairs: list[str]) -> dict[str, str]:
@@ -62,9 +78,19 @@ def parse_inputs(pairs: list[str]) -> dict[str, str]:
                 [SpecIssue(SPEC_LOCATION, "inputs", f"--input {pair!r}: write it as key=value")]
             )
         if value.startswith("@"):
-            value = Path(value[1:]).read_text(encoding="utf-8")
+            value = _read_input(key, Path(value[1:]))
         inputs[key] = value
     return inputs
+
+
+def _read_input(key: str, path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as error:
+        message = f"--input {key}=@{path}: cannot read it: {error.strerror}"
+    except UnicodeDecodeError as error:
+        message = f"--input {key}=@{path}: not UTF-8 text (byte {error.start}): save it as UTF-8"
+    raise SpecError([SpecIssue(SPEC_LOCATION, "inputs", message)])
 
 
 def prepare_spec(
@@ -79,6 +105,10 @@ def prepare_spec(
         merged = dict(body.get("inputs") or {})
         merged.update(inputs)
         body["inputs"] = merged
+        try:
+            check_document(body, source="the spec with its inputs")
+        except DocumentError as error:
+            raise _document_error(str(error)) from None
     if dry_run:
         body["dry_run"] = True
     return body, validate_spec(body)

@@ -21,13 +21,12 @@ versions recorded, which checked their plans in the workflow.
 
 from __future__ import annotations
 
-import json
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from llmmixer.activities.contracts import PROVIDERS, PlanRequest, PlanTarget
+from llmmixer.runtime.documents import DocumentError, load_json_document
 from llmmixer.workflows.spec import KINDS, PLAN_FIELDS, DecomposeStep, Spec
 from llmmixer.workflows.validation import SPEC_LOCATION, SpecIssue, find_issues
 
@@ -50,7 +49,6 @@ _EXAMPLE_MODELS = {
     "openai": "gpt-4.1-mini",
     "gemini": "gemini-2.5-flash",
 }
-_FENCE = re.compile(r"^\s*```(?:json|JSON)?\s*\n(?P<body>.*?)\n?\s*```\s*$", re.DOTALL)
 
 
 @dataclass(frozen=True)
@@ -126,11 +124,20 @@ def check_plan(
 
 
 def _parse(text: str) -> tuple[list[dict[str, Any]] | None, str | None]:
-    fenced = _FENCE.match(text)
+    # The reply is the model's, so possibly an attacker's. The safe loader
+    # bounds its size and depth: plain json.loads raises RecursionError on
+    # deep nesting, failing the workflow task on every retry. A fence is cut
+    # off by hand: the regular expression that did it took minutes on a reply
+    # of a few thousand newlines.
+    body = text.strip()
+    if len(body) >= 6 and body.startswith("```") and body.endswith("```"):
+        header, newline, inside = body[3:-3].partition("\n")
+        if newline and header.strip() in ("", "json", "JSON"):
+            body = inside
     try:
-        value = json.loads(fenced.group("body") if fenced else text)
-    except json.JSONDecodeError as error:
-        return None, f"the reply is not JSON ({error.msg} at line {error.lineno})"
+        value = load_json_document(body, source="the reply")
+    except DocumentError as error:
+        return None, str(error)
     if not isinstance(value, Mapping) or not isinstance(value.get("steps"), list):
         return None, 'reply with one JSON object: {"steps": [<step>, ...]}'
     steps = value["steps"]
