@@ -12,7 +12,16 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
-from llmmixer.activities.providers.settings import ProviderSettings
+from llmmixer.activities.agents import (
+    ENV_AGENT_SKIP_PERMISSIONS,
+    ENV_AGENT_TRUST_FOLDERS,
+    AgentSettings,
+)
+from llmmixer.activities.command_policy import ALLOW_ANY, ENV_ALLOW, CommandPolicy
+from llmmixer.activities.providers.settings import ALLOWED_BASE_URLS_VARIABLE, ProviderSettings
+from llmmixer.activities.terminal import CommandRefusedError
+from llmmixer.client.server import TOKEN_ENV
+from llmmixer.runtime.http_guard import TokenError, check_token
 from llmmixer.workers.address import is_listening, is_loopback, parse_address
 from llmmixer.workers.connection import Connection
 from llmmixer.workers.devserver import EmbeddedServerError, find_temporal_binary
@@ -100,13 +109,29 @@ def _collect(connection: Connection, listening: bool) -> list[dict[str, Any]]:
             + (f", {' and '.join(extras)}" if extras else ""),
         )
 
-    for provider, info in ProviderSettings.from_env(os.environ).describe().items():
-        key_state = "set" if info.get("key_set") else "NOT set"
+    try:
+        providers = ProviderSettings.from_env(os.environ)
+    except ValueError as error:
+        check("providers", False, str(error))
+    else:
+        for provider, info in providers.describe().items():
+            key_state = "set" if info.get("key_set") else "NOT set"
+            check(
+                f"provider {provider}",
+                bool(info.get("key_set")),
+                f"{info.get('key_variable')} {key_state}; endpoint {info.get('base_url')}",
+            )
+        allowed = ", ".join(providers.allowed_base_urls)
         check(
-            f"provider {provider}",
-            bool(info.get("key_set")),
-            f"{info.get('key_variable')} {key_state}; endpoint {info.get('base_url')}",
+            "step base URLs",
+            True,
+            f"{allowed} (called without the worker's keys)"
+            if allowed
+            else "none: a step's own base_url is refused "
+            f"(list origins in {ALLOWED_BASE_URLS_VARIABLE})",
         )
+    for name, ok, detail in security_checks(os.environ):
+        check(name, ok, detail)
 
     pty_ok = os.path.exists("/dev/ptmx")
     try:
@@ -118,4 +143,62 @@ def _collect(connection: Connection, listening: bool) -> list[dict[str, Any]]:
         found = shutil.which(executable)
         check(f"executable {executable}", bool(found), found or f"not found: {install}")
 
+    return checks
+
+
+def security_checks(environ: Mapping[str, str]) -> list[tuple[str, bool, str]]:
+    """The effective command policy, agent settings and `serve` token, as checks."""
+    checks: list[tuple[str, bool, str]] = []
+    try:
+        policy = CommandPolicy.from_env(environ)
+    except (ValueError, CommandRefusedError) as error:
+        checks.append(("commands", False, str(error)))
+    else:
+        allowed = policy.allowed_executables
+        if allowed is None:
+            detail = (
+                f"`llmmixer worker` runs none ({ENV_ALLOW} unset); "
+                "`llmmixer dev` and `run` run any executable"
+            )
+        elif ALLOW_ANY in allowed:
+            detail = f"any executable ({ENV_ALLOW}={ALLOW_ANY})"
+        else:
+            detail = f"only {', '.join(sorted(allowed))} ({ENV_ALLOW})"
+        extras = [
+            f"cwd inside {policy.root_dir}" if policy.root_dir else "any cwd",
+            f"passes through {', '.join(sorted(policy.env_passthrough))}"
+            if policy.env_passthrough
+            else "no worker variable passed through",
+        ]
+        checks.append(("commands", True, f"{detail}; {'; '.join(extras)}"))
+    try:
+        agents = AgentSettings.from_env(environ)
+    except CommandRefusedError as error:
+        checks.append(("agents", False, str(error)))
+    else:
+        checks.append(
+            (
+                "agents",
+                True,
+                f"trust checkout config: {'yes' if agents.trust_folders else 'no'} "
+                f"({ENV_AGENT_TRUST_FOLDERS}); specs may skip permissions: "
+                f"{'yes' if agents.skip_permissions else 'no'} ({ENV_AGENT_SKIP_PERMISSIONS})",
+            )
+        )
+    token = environ.get(TOKEN_ENV) or None
+    try:
+        check_token(TOKEN_ENV, token)
+    except TokenError as error:
+        checks.append(("serve", False, str(error)))
+    else:
+        checks.append(
+            (
+                "serve",
+                True,
+                f"{TOKEN_ENV} set: requests need it, any host may be bound"
+                if token
+                else f"no token ({TOKEN_ENV} unset): loopback only, browsers on other sites "
+                "refused",
+            )
+        )
     return checks

@@ -531,3 +531,17 @@ def _yaml_type(value: object) -> str:
     if value is None:
         return "null"
     return "a number"
+
+
+def strip_code_fence(text: str) -> str:
+    """``text`` without one surrounding Markdown code fence (```` ``` ```` or ```` ```json ````).
+
+    Models often fence the JSON they are asked for. Cut by hand: a regular
+    expression that did this took minutes on a reply of a few thousand newlines.
+    """
+    body = text.strip()
+    if len(body) >= 6 and body.startswith("```") and body.endswith("```"):
+        header, newline, inside = body[3:-3].partition("\n")
+        if newline and header.strip() in ("", "json", "JSON"):
+            return inside
+    return text

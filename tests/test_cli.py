@@ -213,3 +213,27 @@ def test_doctor_reports_configuration_without_printing_secrets(tmp_path: Path) -
     assert "embedded server" in checks["temporal server"]["detail"]
     assert "off" in checks["telemetry"]["detail"]
     assert "marker" not in done.stdout + done.stderr
+
+
+def test_doctor_reports_the_effective_security_settings(tmp_path: Path) -> None:
+    env = base_env(tmp_path, f"127.0.0.1:{free_port()}")
+    env.update(
+        LLMMIXER_PTY_ALLOW="git,pytest",
+        LLMMIXER_ALLOWED_BASE_URLS="http://localhost:11434",
+        LLMMIXER_API_TOKEN="short-marker",
+    )
+    done = llmmixer("doctor", "--json", env=env)
+    checks = {item["check"]: item for item in json.loads(done.stdout)}
+    assert checks["commands"]["detail"].startswith("only git, pytest (LLMMIXER_PTY_ALLOW)")
+    assert "http://localhost:11434" in checks["step base URLs"]["detail"]
+    # A token serve would refuse is reported, and never printed.
+    assert checks["serve"]["ok"] is False
+    assert "at least 16" in checks["serve"]["detail"]
+    assert "short-marker" not in done.stdout + done.stderr
+
+    env.pop("LLMMIXER_PTY_ALLOW")
+    env.pop("LLMMIXER_API_TOKEN")
+    done = llmmixer("doctor", "--json", env=env)
+    checks = {item["check"]: item for item in json.loads(done.stdout)}
+    assert "`llmmixer worker` runs none" in checks["commands"]["detail"]
+    assert "loopback only" in checks["serve"]["detail"]

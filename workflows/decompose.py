@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from llmmixer.activities.contracts import PROVIDERS, PlanRequest, PlanTarget
-from llmmixer.runtime.documents import DocumentError, load_json_document
+from llmmixer.runtime.documents import DocumentError, load_json_document, strip_code_fence
 from llmmixer.workflows.spec import KINDS, PLAN_FIELDS, DecomposeStep, Spec
 from llmmixer.workflows.validation import SPEC_LOCATION, SpecIssue, find_issues
 
@@ -126,16 +126,9 @@ def check_plan(
 def _parse(text: str) -> tuple[list[dict[str, Any]] | None, str | None]:
     # The reply is the model's, so possibly an attacker's. The safe loader
     # bounds its size and depth: plain json.loads raises RecursionError on
-    # deep nesting, failing the workflow task on every retry. A fence is cut
-    # off by hand: the regular expression that did it took minutes on a reply
-    # of a few thousand newlines.
-    body = text.strip()
-    if len(body) >= 6 and body.startswith("```") and body.endswith("```"):
-        header, newline, inside = body[3:-3].partition("\n")
-        if newline and header.strip() in ("", "json", "JSON"):
-            body = inside
+    # deep nesting, failing the workflow task on every retry.
     try:
-        value = load_json_document(body, source="the reply")
+        value = load_json_document(strip_code_fence(text).strip(), source="the reply")
     except DocumentError as error:
         return None, str(error)
     if not isinstance(value, Mapping) or not isinstance(value.get("steps"), list):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 from typing import Any
 
 import jsonschema
@@ -20,11 +19,11 @@ import jsonschema.validators
 
 from llmmixer.activities.contracts import ErrorType, LlmCall
 from llmmixer.activities.providers.base import ProviderError, ProviderResult
+from llmmixer.runtime.documents import DocumentError, load_json_document, strip_code_fence
 
 __all__ = ["enforce_response_format", "json_instruction", "validate_json_reply"]
 
 # Models (Claude especially) like to wrap JSON in a Markdown fence.
-_FENCE = re.compile(r"^\s*```(?:json|JSON)?\s*\n(?P<body>.*?)\n?\s*```\s*$", re.DOTALL)
 _MAX_SHOWN = 300
 
 
@@ -44,15 +43,16 @@ def validate_json_reply(text: str, schema: dict[str, Any] | None = None) -> str:
     naming what is wrong, or ``ProviderError(REJECTED)`` when ``schema`` itself
     is not a valid JSON Schema.
     """
-    fenced = _FENCE.match(text)
-    body = fenced.group("body") if fenced else text
+    # Model output: the safe loader bounds size and depth, so a deeply nested
+    # reply is an invalid answer, never a RecursionError.
+    body = strip_code_fence(text)
     try:
-        value = json.loads(body)
-    except json.JSONDecodeError as exc:
+        value = load_json_document(body, source="the reply")
+    except DocumentError as exc:
         shown = body if len(body) <= _MAX_SHOWN else body[:_MAX_SHOWN] + "…"
         raise ProviderError(
             ErrorType.INVALID_OUTPUT,
-            f"reply is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno}); "
+            f"reply is not valid JSON ({exc}); "
             f"reply began: {shown!r}. The call will be retried; if it keeps failing, "
             "state the expected JSON in the prompt or raise max_tokens (a cut reply is not JSON)",
         ) from None
