@@ -43,7 +43,8 @@ from llmmixer.workflows.spec import Spec
 
 # Each intervention's validated update, by the workflow's own handler
 # reference: a renamed handler breaks here at import, not at a user's call.
-_UPDATES = {
+# (Any: the SDK's overloads of execute_update cannot take a table's value type.)
+_UPDATES: Mapping[InterventionType, Any] = {
     "retry": MixerWorkflow.retry_step,
     "skip": MixerWorkflow.skip_step,
     "override": MixerWorkflow.override_step,
@@ -179,7 +180,10 @@ class MixerHandle:
         self, action: InterventionType, request: InterventionRequest
     ) -> InterventionOutcome:
         try:
-            return await self._handle.execute_update(_UPDATES[action], request)
+            outcome: InterventionOutcome = await self._handle.execute_update(
+                _UPDATES[action], request
+            )
+            return outcome
         except WorkflowUpdateFailedError as error:
             cause = error.cause
             raise InterventionRefused(getattr(cause, "message", None) or str(cause)) from error

@@ -543,5 +543,5 @@ def strip_code_fence(text: str) -> str:
     if len(body) >= 6 and body.startswith("```") and body.endswith("```"):
         header, newline, inside = body[3:-3].partition("\n")
         if newline and header.strip() in ("", "json", "JSON"):
-            return inside
+            return inside.strip()
     return text

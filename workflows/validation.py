@@ -352,7 +352,7 @@ def _provider_option_issues(
     The options go to every target of the step's chain, so each provider
     named there must accept them.
     """
-    targets: list[tuple[str, str, Any]] = []
+    targets: list[tuple[str, Any, Any]] = []
     if step.role is None:
         targets.append(
             (

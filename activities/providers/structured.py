@@ -66,7 +66,7 @@ def validate_json_reply(text: str, schema: dict[str, Any] | None = None) -> str:
             ErrorType.REJECTED,
             f"the step's json_schema is not a valid JSON Schema: {exc.message}; fix json_schema",
         ) from None
-    error = jsonschema.exceptions.best_match(validator_cls(schema).iter_errors(value))
+    error = jsonschema.exceptions.best_match(validator_cls(schema).iter_errors(value))  # type: ignore[arg-type]
     if error is not None:
         where = "/".join(str(p) for p in error.absolute_path) or "(root)"
         raise ProviderError(
