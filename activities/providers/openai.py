@@ -36,7 +36,7 @@ from llmmixer.activities.providers.errors import (
     stream_reported_error,
 )
 from llmmixer.activities.providers.options import OpenAIOptions, checked_provider_options
-from llmmixer.activities.providers.settings import DEFAULT_BASE_URLS
+from llmmixer.activities.providers.registry import provider_spec
 from llmmixer.activities.providers.structured import enforce_response_format
 
 __all__ = ["OpenAIAdapter"]
@@ -61,12 +61,13 @@ class OpenAIAdapter:
         # The official endpoint knows ``max_completion_tokens`` (and o-series
         # models refuse ``max_tokens``); compatible servers mostly know only
         # ``max_tokens``.
-        self._official = not config.base_url or config.base_url.rstrip("/") == DEFAULT_BASE_URLS[
-            "openai"
-        ].rstrip("/")
+        default_url = provider_spec(self.provider).default_base_url
+        self._official = not config.base_url or config.base_url.rstrip("/") == default_url.rstrip(
+            "/"
+        )
         self._client = AsyncOpenAI(
             api_key=key,
-            base_url=config.base_url or DEFAULT_BASE_URLS["openai"],
+            base_url=config.base_url or default_url,
             timeout=config.timeout_s,
             max_retries=0,
             default_headers=keyless_headers("OPENAI_CUSTOM_HEADERS", omit)
