@@ -198,10 +198,14 @@ def _map_stainless_error(
 
 
 def map_openai_error(
-    exc: BaseException, secrets: Iterable[str | None] = (), *, timeout_s: float | None = None
+    exc: BaseException,
+    secrets: Iterable[str | None] = (),
+    *,
+    timeout_s: float | None = None,
+    provider: str = "openai",
 ) -> ProviderError:
-    """Map an ``openai`` SDK (or transport) exception."""
-    return _map_stainless_error("openai", openai, exc, secrets, timeout_s)
+    """Map an ``openai`` SDK (or transport) exception from ``provider``'s endpoint."""
+    return _map_stainless_error(provider, openai, exc, secrets, timeout_s)
 
 
 def map_anthropic_error(

@@ -43,7 +43,12 @@ __all__ = ["OpenAIAdapter"]
 
 
 class OpenAIAdapter:
-    """Streams calls to OpenAI's Chat Completions or Responses API."""
+    """Streams calls to OpenAI's Chat Completions or Responses API.
+
+    Every message and registry look-up goes by ``provider``, so a provider
+    that speaks OpenAI's API at another endpoint is a subclass that sets only
+    its own registry name.
+    """
 
     provider = "openai"
 
@@ -54,7 +59,7 @@ class OpenAIAdapter:
         key = None if config.keyless else config.api_key
         if not key:
             if not config.base_url:
-                raise missing_key_error("openai")
+                raise missing_key_error(self.provider)
             key = NO_KEY_PLACEHOLDER
         self._config = config
         self._secrets: tuple[str, ...] = tuple(s for s in (config.api_key, *secrets) if s)
@@ -79,7 +84,7 @@ class OpenAIAdapter:
         await self._client.close()
 
     async def complete(self, call: LlmCall, on_text: TextCallback) -> ProviderResult:
-        options = checked_provider_options("openai", OpenAIOptions, call.provider_options)
+        options = checked_provider_options(self.provider, OpenAIOptions, call.provider_options)
         try:
             if call.api == "responses":
                 result = await self._responses(call, options, on_text)
@@ -88,7 +93,9 @@ class OpenAIAdapter:
         except ProviderError:
             raise
         except Exception as exc:
-            raise map_openai_error(exc, self._secrets, timeout_s=self._config.timeout_s) from exc
+            raise map_openai_error(
+                exc, self._secrets, timeout_s=self._config.timeout_s, provider=self.provider
+            ) from exc
         return enforce_response_format(call, result)
 
     # --- Chat Completions --------------------------------------------------------------
@@ -149,9 +156,9 @@ class OpenAIAdapter:
                     if choice.finish_reason:
                         finish_reason = choice.finish_reason
         if finish_reason is None:
-            raise cut_stream_error("openai", call.model, "a finish_reason")
+            raise cut_stream_error(self.provider, call.model, "a finish_reason")
         if finish_reason == "content_filter":
-            raise refusal_error("openai", call.model, finish_reason)
+            raise refusal_error(self.provider, call.model, finish_reason)
         return ProviderResult(
             text="".join(parts),
             response_model=response_model,
@@ -221,15 +228,15 @@ class OpenAIAdapter:
                 elif event.type == "response.failed":
                     err = event.response.error
                     detail = f"{err.code}: {err.message}" if err else "no details given"
-                    raise stream_reported_error("openai", detail, self._secrets)
+                    raise stream_reported_error(self.provider, detail, self._secrets)
                 elif event.type == "error":
                     raise stream_reported_error(
-                        "openai", f"{event.code}: {event.message}", self._secrets
+                        self.provider, f"{event.code}: {event.message}", self._secrets
                     )
         if finish_reason is None:
-            raise cut_stream_error("openai", call.model, "response.completed")
+            raise cut_stream_error(self.provider, call.model, "response.completed")
         if finish_reason == "content_filter":
-            raise refusal_error("openai", call.model, finish_reason)
+            raise refusal_error(self.provider, call.model, finish_reason)
         return ProviderResult(
             text="".join(parts),
             response_model=response_model,
