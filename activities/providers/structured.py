@@ -51,7 +51,7 @@ def validate_json_reply(text: str, schema: dict[str, Any] | None = None) -> str:
         # the returned JSON text is the fenced value alone, as before.
         body = body.rstrip()
     try:
-        value = load_json_document(body, source="the reply")
+        value: Any = load_json_document(body, source="the reply")
     except DocumentError as exc:
         shown = body if len(body) <= _MAX_SHOWN else body[:_MAX_SHOWN] + "…"
         raise ProviderError(
