@@ -156,6 +156,7 @@ def test_validate_accepts_a_registered_provider_and_lists_it_among_the_known(
         "  - id: a\n    provider: echo\n    model: echo-1\n    prompt: hi\n"
         "    provider_options: {base_url: 'http://elsewhere.example'}\n"
         "  - id: b\n    provider: mistral\n    model: m\n    prompt: hi\n"
+        "  - id: c\n    provider: echo\n    model: echo-1\n    prompt: hi\n    api_key: k\n"
     )
     done = _with_echo(tmp_path, "validate", str(spec), env={})
     assert done.returncode == 2
@@ -168,6 +169,14 @@ def test_validate_accepts_a_registered_provider_and_lists_it_among_the_known(
         "step b: provider: unknown provider 'mistral': use one of anthropic, openai, gemini, echo"
         in lines
     )
+    assert any(
+        line.startswith("step c: api_key: secret-looking field")
+        and line.endswith(
+            "set keys on the worker: ANTHROPIC_API_KEY, OPENAI_API_KEY, GEMINI_API_KEY, "
+            "ECHO_API_KEY"
+        )
+        for line in lines
+    ), lines
 
 
 def test_doctor_reports_a_registered_providers_key_variable_and_endpoint(tmp_path: Path) -> None:
