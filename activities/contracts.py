@@ -29,6 +29,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from llmmixer.activities.providers.registry import provider_names
+
 LLM_ACTIVITY = "llmmixer.call_llm"
 PTY_ACTIVITY = "llmmixer.run_command"
 AGENT_ACTIVITY = "llmmixer.run_agent"
@@ -39,7 +41,10 @@ CHECK_SPEC_ACTIVITY = "llmmixer.check_spec"
 CHECK_PLAN_ACTIVITY = "llmmixer.check_plan"
 
 Provider = Literal["anthropic", "openai", "gemini"]
-PROVIDERS: tuple[str, ...] = ("anthropic", "openai", "gemini")
+# Declared in the provider registry (pure: no SDK, no I/O, so the workflow
+# sandbox may import it); kept here because workflows and committed histories
+# import it from this module.
+PROVIDERS: tuple[str, ...] = provider_names()
 
 
 class ErrorType:

@@ -5,6 +5,9 @@ not the same as free, and the result and the audit say so. Dated or
 versioned model names (``claude-sonnet-4-5-20250929``, ``gpt-4o-2024-08-06``,
 ``gemini-2.0-flash-001``, ``models/gemini-2.5-pro``) match their base entry;
 nothing looser than that is matched, because a wrong price is worse than none.
+
+Each provider's models are the ``prices.toml`` table its registry entry names
+(``price_key``); the tables are keyed by those, calls by provider name.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from importlib import resources
 from typing import Any
 
 from llmmixer.activities.contracts import Usage
+from llmmixer.activities.providers.registry import provider_spec
 
 __all__ = ["ModelPrice", "PriceTable"]
 
@@ -61,7 +65,7 @@ def _normalise(model: str) -> str:
 
 
 class PriceTable:
-    """Prices per provider and model; build with :meth:`load` or :meth:`from_toml`."""
+    """Prices per price table and model; build with :meth:`load` or :meth:`from_toml`."""
 
     def __init__(self, prices: Mapping[str, Mapping[str, ModelPrice]]) -> None:
         self._prices = {
@@ -105,7 +109,11 @@ class PriceTable:
 
     def price(self, provider: str, model: str) -> ModelPrice | None:
         """The entry for ``model`` or its base name, or None when unknown."""
-        models = self._prices.get(provider)
+        try:
+            price_key = provider_spec(provider).price_key
+        except ValueError:
+            return None
+        models = self._prices.get(price_key)
         if not models:
             return None
         name = _normalise(model)

@@ -39,6 +39,7 @@ import json
 import os
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
+from types import MappingProxyType
 from typing import Any, TypeVar
 
 from opentelemetry import metrics, trace
@@ -48,6 +49,7 @@ from opentelemetry.util.types import AttributeValue
 from llmmixer.activities.contracts import CommandCall, LlmCall, Usage
 from llmmixer.activities.providers.base import ProviderError, ProviderResult
 from llmmixer.activities.providers.breaker import BreakerState
+from llmmixer.activities.providers.registry import PROVIDER_SPECS
 from llmmixer.activities.redaction import redact
 
 __all__ = [
@@ -69,11 +71,9 @@ CAPTURE_CONTENT_VARIABLES = (
 _TRUE = frozenset({"1", "true", "yes", "on"})
 
 # gen_ai.provider.name well-known values for llmmixer's provider names.
-_PROVIDER_NAMES: Mapping[str, str] = {
-    "anthropic": "anthropic",
-    "openai": "openai",
-    "gemini": "gcp.gemini",
-}
+_PROVIDER_NAMES: Mapping[str, str] = MappingProxyType(
+    {spec.name: spec.otel_name for spec in PROVIDER_SPECS}
+)
 
 _SCOPE = "llmmixer"
 

@@ -106,18 +106,18 @@ ENV = {
 
 def test_from_env_reads_only_contract_variables() -> None:
     s = ProviderSettings.from_env(ENV)
-    assert s.openai_api_key == "sk-o-1111111111"
-    assert s.openai_base_url == "https://proxy.example/v1"
-    assert s.anthropic_api_key == "sk-ant-2222222222" and s.anthropic_base_url is None
-    assert s.gemini_api_key == "AIza-3333333333" and s.gemini_key_variable == "GOOGLE_API_KEY"
+    assert s.api_key("openai") == "sk-o-1111111111"
+    assert s.base_url("openai") == "https://proxy.example/v1"
+    assert s.api_key("anthropic") == "sk-ant-2222222222" and s.base_url("anthropic") is None
+    assert s.api_key("gemini") == "AIza-3333333333" and s.key_variable("gemini") == "GOOGLE_API_KEY"
     assert "nope" not in s.secrets() and len(s.secrets()) == 3
     assert "sk-" not in repr(s) and "AIza" not in repr(s)
 
 
 def test_gemini_api_key_wins_over_google_api_key_and_blank_is_unset() -> None:
     s = ProviderSettings.from_env({"GEMINI_API_KEY": "g-1", "GOOGLE_API_KEY": "g-2"})
-    assert s.gemini_api_key == "g-1" and s.gemini_key_variable == "GEMINI_API_KEY"
-    assert ProviderSettings.from_env({"OPENAI_API_KEY": "  "}).openai_api_key is None
+    assert s.api_key("gemini") == "g-1" and s.key_variable("gemini") == "GEMINI_API_KEY"
+    assert ProviderSettings.from_env({"OPENAI_API_KEY": "  "}).api_key("openai") is None
 
 
 def test_describe_never_contains_a_key() -> None:

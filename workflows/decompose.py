@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from llmmixer.activities.contracts import PROVIDERS, PlanRequest, PlanTarget
+from llmmixer.activities.providers.registry import PROVIDER_SPECS
 from llmmixer.runtime.documents import DocumentError, load_json_document, strip_code_fence
 from llmmixer.workflows.spec import KINDS, PLAN_FIELDS, DecomposeStep, Spec
 from llmmixer.workflows.validation import SPEC_LOCATION, SpecIssue, find_issues
@@ -44,11 +45,7 @@ PLAN_LOCATION = "plan"
 
 # Only to describe "any model" to a planner and to the dry-run responder;
 # a plan that names another model is just as valid.
-_EXAMPLE_MODELS = {
-    "anthropic": "claude-sonnet-4-5",
-    "openai": "gpt-4.1-mini",
-    "gemini": "gemini-2.5-flash",
-}
+_EXAMPLE_MODELS = {spec.name: spec.example_model for spec in PROVIDER_SPECS}
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ValidationError, create_model
 
 from llmmixer.activities.contracts import PROVIDERS
 from llmmixer.activities.providers.options import model_name_issue, provider_option_issues
+from llmmixer.activities.providers.registry import PROVIDER_SPECS
 from llmmixer.workflows.spec import (
     KINDS,
     STEP_ID_PATTERN,
@@ -588,7 +589,8 @@ def _secret_field(key: str, value: object, where: str, path: str) -> Iterator[Sp
             where,
             path,
             "secret-looking field: a spec never carries secrets (it is stored in history); "
-            "set keys on the worker: ANTHROPIC_API_KEY, OPENAI_API_KEY, GEMINI_API_KEY",
+            "set keys on the worker: "
+            + ", ".join(spec.key_variables[0] for spec in PROVIDER_SPECS),
         )
         return
     yield from _secret_issues(value, where, path)

@@ -36,7 +36,7 @@ from llmmixer.activities.providers.errors import (
     refusal_error,
 )
 from llmmixer.activities.providers.options import AnthropicOptions, checked_provider_options
-from llmmixer.activities.providers.settings import DEFAULT_BASE_URLS
+from llmmixer.activities.providers.registry import provider_spec
 from llmmixer.activities.providers.structured import enforce_response_format, json_instruction
 
 __all__ = ["DEFAULT_MAX_TOKENS", "AnthropicAdapter"]
@@ -63,7 +63,7 @@ class AnthropicAdapter:
         self._secrets: tuple[str, ...] = tuple(s for s in (config.api_key, *secrets) if s)
         self._client = AsyncAnthropic(
             api_key=api_key,
-            base_url=config.base_url or DEFAULT_BASE_URLS["anthropic"],
+            base_url=config.base_url or provider_spec(self.provider).default_base_url,
             timeout=config.timeout_s,
             max_retries=0,
             default_headers=keyless_headers("ANTHROPIC_CUSTOM_HEADERS", omit)

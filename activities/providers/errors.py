@@ -19,7 +19,7 @@ import asyncio
 import email.utils
 import time
 from collections.abc import Iterable, Mapping
-from types import ModuleType
+from types import MappingProxyType, ModuleType
 from typing import Any
 
 import anthropic
@@ -30,6 +30,7 @@ from google.genai import errors as genai_errors
 
 from llmmixer.activities.contracts import ErrorType
 from llmmixer.activities.providers.base import ProviderError
+from llmmixer.activities.providers.registry import PROVIDER_SPECS
 from llmmixer.activities.redaction import redact
 
 __all__ = [
@@ -46,12 +47,11 @@ __all__ = [
     "stream_reported_error",
 ]
 
-# The worker-side variable that holds each provider's key (contract section 3).
-KEY_VARIABLES: Mapping[str, str] = {
-    "anthropic": "ANTHROPIC_API_KEY",
-    "openai": "OPENAI_API_KEY",
-    "gemini": "GEMINI_API_KEY",
-}
+# The worker-side variable an auth message names for each provider's key: the
+# first one the registry reads it from.
+KEY_VARIABLES: Mapping[str, str] = MappingProxyType(
+    {spec.name: spec.key_variables[0] for spec in PROVIDER_SPECS}
+)
 
 # Long enough to keep a provider's explanation, short enough for history.
 _MAX_DETAIL = 600
@@ -198,10 +198,14 @@ def _map_stainless_error(
 
 
 def map_openai_error(
-    exc: BaseException, secrets: Iterable[str | None] = (), *, timeout_s: float | None = None
+    exc: BaseException,
+    secrets: Iterable[str | None] = (),
+    *,
+    timeout_s: float | None = None,
+    provider: str = "openai",
 ) -> ProviderError:
-    """Map an ``openai`` SDK (or transport) exception."""
-    return _map_stainless_error("openai", openai, exc, secrets, timeout_s)
+    """Map an ``openai`` SDK (or transport) exception from ``provider``'s endpoint."""
+    return _map_stainless_error(provider, openai, exc, secrets, timeout_s)
 
 
 def map_anthropic_error(

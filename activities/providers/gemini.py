@@ -44,7 +44,7 @@ from llmmixer.activities.providers.options import (
     checked_provider_options,
     model_name_issue,
 )
-from llmmixer.activities.providers.settings import DEFAULT_BASE_URLS
+from llmmixer.activities.providers.registry import provider_spec
 from llmmixer.activities.providers.structured import enforce_response_format
 
 __all__ = ["GeminiAdapter"]
@@ -83,7 +83,7 @@ class GeminiAdapter:
             api_key=api_key,
             vertexai=False,
             http_options=types.HttpOptions(
-                base_url=config.base_url or DEFAULT_BASE_URLS["gemini"],
+                base_url=config.base_url or provider_spec(self.provider).default_base_url,
                 timeout=max(1, int(config.timeout_s * 1000)),  # milliseconds
                 retry_options=types.HttpRetryOptions(attempts=1),
             ),

@@ -36,14 +36,19 @@ from llmmixer.activities.providers.errors import (
     stream_reported_error,
 )
 from llmmixer.activities.providers.options import OpenAIOptions, checked_provider_options
-from llmmixer.activities.providers.settings import DEFAULT_BASE_URLS
+from llmmixer.activities.providers.registry import provider_spec
 from llmmixer.activities.providers.structured import enforce_response_format
 
 __all__ = ["OpenAIAdapter"]
 
 
 class OpenAIAdapter:
-    """Streams calls to OpenAI's Chat Completions or Responses API."""
+    """Streams calls to OpenAI's Chat Completions or Responses API.
+
+    Every message and registry look-up goes by ``provider``, so a provider
+    that speaks OpenAI's API at another endpoint is a subclass that sets only
+    its own registry name.
+    """
 
     provider = "openai"
 
@@ -54,19 +59,20 @@ class OpenAIAdapter:
         key = None if config.keyless else config.api_key
         if not key:
             if not config.base_url:
-                raise missing_key_error("openai")
+                raise missing_key_error(self.provider)
             key = NO_KEY_PLACEHOLDER
         self._config = config
         self._secrets: tuple[str, ...] = tuple(s for s in (config.api_key, *secrets) if s)
         # The official endpoint knows ``max_completion_tokens`` (and o-series
         # models refuse ``max_tokens``); compatible servers mostly know only
         # ``max_tokens``.
-        self._official = not config.base_url or config.base_url.rstrip("/") == DEFAULT_BASE_URLS[
-            "openai"
-        ].rstrip("/")
+        default_url = provider_spec(self.provider).default_base_url
+        self._official = not config.base_url or config.base_url.rstrip("/") == default_url.rstrip(
+            "/"
+        )
         self._client = AsyncOpenAI(
             api_key=key,
-            base_url=config.base_url or DEFAULT_BASE_URLS["openai"],
+            base_url=config.base_url or default_url,
             timeout=config.timeout_s,
             max_retries=0,
             default_headers=keyless_headers("OPENAI_CUSTOM_HEADERS", omit)
@@ -78,7 +84,7 @@ class OpenAIAdapter:
         await self._client.close()
 
     async def complete(self, call: LlmCall, on_text: TextCallback) -> ProviderResult:
-        options = checked_provider_options("openai", OpenAIOptions, call.provider_options)
+        options = checked_provider_options(self.provider, OpenAIOptions, call.provider_options)
         try:
             if call.api == "responses":
                 result = await self._responses(call, options, on_text)
@@ -87,7 +93,9 @@ class OpenAIAdapter:
         except ProviderError:
             raise
         except Exception as exc:
-            raise map_openai_error(exc, self._secrets, timeout_s=self._config.timeout_s) from exc
+            raise map_openai_error(
+                exc, self._secrets, timeout_s=self._config.timeout_s, provider=self.provider
+            ) from exc
         return enforce_response_format(call, result)
 
     # --- Chat Completions --------------------------------------------------------------
@@ -148,9 +156,9 @@ class OpenAIAdapter:
                     if choice.finish_reason:
                         finish_reason = choice.finish_reason
         if finish_reason is None:
-            raise cut_stream_error("openai", call.model, "a finish_reason")
+            raise cut_stream_error(self.provider, call.model, "a finish_reason")
         if finish_reason == "content_filter":
-            raise refusal_error("openai", call.model, finish_reason)
+            raise refusal_error(self.provider, call.model, finish_reason)
         return ProviderResult(
             text="".join(parts),
             response_model=response_model,
@@ -220,15 +228,15 @@ class OpenAIAdapter:
                 elif event.type == "response.failed":
                     err = event.response.error
                     detail = f"{err.code}: {err.message}" if err else "no details given"
-                    raise stream_reported_error("openai", detail, self._secrets)
+                    raise stream_reported_error(self.provider, detail, self._secrets)
                 elif event.type == "error":
                     raise stream_reported_error(
-                        "openai", f"{event.code}: {event.message}", self._secrets
+                        self.provider, f"{event.code}: {event.message}", self._secrets
                     )
         if finish_reason is None:
-            raise cut_stream_error("openai", call.model, "response.completed")
+            raise cut_stream_error(self.provider, call.model, "response.completed")
         if finish_reason == "content_filter":
-            raise refusal_error("openai", call.model, finish_reason)
+            raise refusal_error(self.provider, call.model, finish_reason)
         return ProviderResult(
             text="".join(parts),
             response_model=response_model,

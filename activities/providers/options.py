@@ -31,9 +31,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from llmmixer.activities.contracts import ErrorType
 from llmmixer.activities.providers.base import ProviderError
+from llmmixer.activities.providers.registry import provider_names, provider_spec, resolve
 
 __all__ = [
-    "OPTION_MODELS",
     "AnthropicOptions",
     "GeminiGenerationConfig",
     "GeminiOptions",
@@ -41,6 +41,7 @@ __all__ = [
     "check_provider_options",
     "checked_provider_options",
     "model_name_issue",
+    "option_model",
     "provider_option_issues",
 ]
 
@@ -180,11 +181,22 @@ class OpenAIOptions(_Settings):
     repetition_penalty: float | None = None
 
 
-OPTION_MODELS: Mapping[str, type[_Settings]] = {
-    "anthropic": AnthropicOptions,
-    "openai": OpenAIOptions,
-    "gemini": GeminiOptions,
-}
+def option_model(provider: str) -> type[BaseModel] | None:
+    """The closed schema of ``provider``'s options, as the provider registry names it.
+
+    None for a provider the registry does not declare. Resolved on each call
+    rather than into a table at import: a provider's schema may live in its own
+    (SDK-free) module that itself builds on this one.
+    """
+    try:
+        reference = provider_spec(provider).options
+    except ValueError:
+        return None
+    model = resolve(reference)
+    if not (isinstance(model, type) and issubclass(model, BaseModel)):
+        raise TypeError(f"provider registry: {provider}'s options {reference!r} is not a model")
+    return model
+
 
 _S = TypeVar("_S", bound=_Settings)
 
@@ -213,7 +225,7 @@ def provider_option_issues(provider: str, options: Mapping[str, Any]) -> list[tu
     module does not know, any option is an issue (unknown providers are
     reported by the spec's own validation).
     """
-    model = OPTION_MODELS.get(provider)
+    model = option_model(provider)
     if model is None:
         if not options:
             return []
@@ -221,7 +233,7 @@ def provider_option_issues(provider: str, options: Mapping[str, Any]) -> list[tu
             (
                 "provider_options",
                 f"no provider_options are known for provider {provider!r}: use one of "
-                f"{', '.join(OPTION_MODELS)}",
+                f"{', '.join(provider_names())}",
             )
         ]
     if not isinstance(options, Mapping):

@@ -13,6 +13,7 @@ import logging
 from collections.abc import Callable, Iterable, Mapping
 
 from llmmixer.activities.providers.base import ProviderAdapter, ProviderConfig
+from llmmixer.activities.providers.registry import PROVIDER_SPECS, resolve
 
 __all__ = ["AdapterFactory", "ProviderPool", "default_factories"]
 
@@ -21,27 +22,17 @@ log = logging.getLogger(__name__)
 AdapterFactory = Callable[[ProviderConfig, tuple[str, ...]], ProviderAdapter]
 
 
-def _openai(config: ProviderConfig, secrets: tuple[str, ...]) -> ProviderAdapter:
-    from llmmixer.activities.providers.openai import OpenAIAdapter
+def _factory(adapter: str) -> AdapterFactory:
+    def build(config: ProviderConfig, secrets: tuple[str, ...]) -> ProviderAdapter:
+        built: ProviderAdapter = resolve(adapter)(config, secrets=secrets)
+        return built
 
-    return OpenAIAdapter(config, secrets=secrets)
-
-
-def _anthropic(config: ProviderConfig, secrets: tuple[str, ...]) -> ProviderAdapter:
-    from llmmixer.activities.providers.anthropic import AnthropicAdapter
-
-    return AnthropicAdapter(config, secrets=secrets)
-
-
-def _gemini(config: ProviderConfig, secrets: tuple[str, ...]) -> ProviderAdapter:
-    from llmmixer.activities.providers.gemini import GeminiAdapter
-
-    return GeminiAdapter(config, secrets=secrets)
+    return build
 
 
 def default_factories() -> dict[str, AdapterFactory]:
-    """The real adapters (SDKs are imported on first use of each provider)."""
-    return {"openai": _openai, "anthropic": _anthropic, "gemini": _gemini}
+    """The registry's adapters (each SDK is imported on first use of its provider)."""
+    return {spec.name: _factory(spec.adapter) for spec in PROVIDER_SPECS}
 
 
 class ProviderPool:
@@ -74,7 +65,7 @@ class ProviderPool:
         factory = self._factories.get(config.provider)
         if factory is None:
             raise ValueError(
-                f"unknown provider {config.provider!r}: use one of {sorted(self._factories)}"
+                f"unknown provider {config.provider!r}: use one of {', '.join(self._factories)}"
             )
         adapter = factory(config, self._secrets)
         self._adapters[config] = adapter
@@ -82,8 +73,8 @@ class ProviderPool:
         return adapter
 
     def providers(self) -> list[str]:
-        """The provider names this pool can build adapters for."""
-        return sorted(self._factories)
+        """The provider names this pool can build adapters for, in registry order."""
+        return list(self._factories)
 
     def __len__(self) -> int:
         return len(self._adapters)

@@ -1,11 +1,13 @@
 """Provider keys and endpoints, read once on the worker from the contract's variables.
 
-Only these variables are read: ``ANTHROPIC_API_KEY``, ``ANTHROPIC_BASE_URL``,
-``OPENAI_API_KEY``, ``OPENAI_BASE_URL``, ``GEMINI_API_KEY`` (or
-``GOOGLE_API_KEY`` when it is unset), ``GOOGLE_GEMINI_BASE_URL``, and
-``LLMMIXER_ALLOWED_BASE_URLS``. The mapping is passed in rather than read from
-``os.environ`` here so tests and ``llmmixer doctor`` can inspect any
-environment without touching the process's own.
+Only these variables are read: each provider's key and endpoint variables as
+the provider registry declares them (``ANTHROPIC_API_KEY``,
+``ANTHROPIC_BASE_URL``, ``OPENAI_API_KEY``, ``OPENAI_BASE_URL``,
+``GEMINI_API_KEY`` (or ``GOOGLE_API_KEY`` when it is unset),
+``GOOGLE_GEMINI_BASE_URL``), and ``LLMMIXER_ALLOWED_BASE_URLS``. The mapping
+is passed in rather than read from ``os.environ`` here so tests and
+``llmmixer doctor`` can inspect any environment without touching the
+process's own.
 
 Where a key may go: only to the endpoint the worker's environment configures
 for its provider (or the SDK's default). A spec or a plan is not trusted with
@@ -22,36 +24,25 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from llmmixer.activities.contracts import ErrorType
 from llmmixer.activities.providers.base import ProviderConfig, ProviderError
+from llmmixer.activities.providers.registry import PROVIDER_SPECS, provider_spec
 
 __all__ = [
     "ALLOWED_BASE_URLS_VARIABLE",
-    "DEFAULT_BASE_URLS",
+    "ProviderAccess",
     "ProviderSettings",
     "parse_allowed_base_urls",
 ]
-
-# The SDKs' own defaults, written out so a client never falls back to reading
-# the process environment behind our back.
-DEFAULT_BASE_URLS: Mapping[str, str] = {
-    "anthropic": "https://api.anthropic.com",
-    "openai": "https://api.openai.com/v1",
-    "gemini": "https://generativelanguage.googleapis.com/",
-}
 
 ALLOWED_BASE_URLS_VARIABLE = "LLMMIXER_ALLOWED_BASE_URLS"
 _ALLOWED_EXAMPLE = (
     f"{ALLOWED_BASE_URLS_VARIABLE}=http://127.0.0.1:11434,https://llm.internal.example/v1"
 )
-_BASE_URL_VARIABLES: Mapping[str, str] = {
-    "anthropic": "ANTHROPIC_BASE_URL",
-    "openai": "OPENAI_BASE_URL",
-    "gemini": "GOOGLE_GEMINI_BASE_URL",
-}
 # Characters a plain URL needs. Anything else (backslashes, spaces, controls,
 # non-ASCII, '#') is where URL parsers disagree about the host, so a URL with
 # one is refused rather than interpreted.
@@ -150,17 +141,25 @@ def _display_url(url: str) -> str:
 
 
 @dataclass(frozen=True)
-class ProviderSettings:
-    """The worker's provider credentials and endpoints (keys never in ``repr``)."""
+class ProviderAccess:
+    """One provider's key and endpoint on this worker (the key never in ``repr``)."""
 
-    anthropic_api_key: str | None = field(default=None, repr=False)
-    anthropic_base_url: str | None = None
-    openai_api_key: str | None = field(default=None, repr=False)
-    openai_base_url: str | None = None
-    gemini_api_key: str | None = field(default=None, repr=False)
-    gemini_base_url: str | None = None
-    # Which variable the Gemini key came from, for ``describe``.
-    gemini_key_variable: str = "GEMINI_API_KEY"
+    api_key: str | None = field(default=None, repr=False)
+    #: None: the SDK's default endpoint (the registry's ``default_base_url``).
+    base_url: str | None = None
+    #: Which variable the key came from (or would), for ``describe``.
+    key_variable: str | None = None
+
+
+@dataclass(frozen=True)
+class ProviderSettings:
+    """The worker's provider credentials and endpoints (keys never in ``repr``).
+
+    ``access`` maps a registry name to its :class:`ProviderAccess`; a provider
+    missing from it has no key and the default endpoint.
+    """
+
+    access: Mapping[str, ProviderAccess] = field(default_factory=dict)
     #: Other servers a step's ``base_url`` may name (``LLMMIXER_ALLOWED_BASE_URLS``),
     #: normalised; they are called without any key. ``llmmixer doctor`` shows them.
     allowed_base_urls: tuple[str, ...] = ()
@@ -170,6 +169,9 @@ class ProviderSettings:
         object.__setattr__(
             self, "allowed_base_urls", parse_allowed_base_urls(",".join(self.allowed_base_urls))
         )
+        for provider in self.access:
+            provider_spec(provider)
+        object.__setattr__(self, "access", MappingProxyType(dict(self.access)))
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> ProviderSettings:
@@ -178,33 +180,48 @@ class ProviderSettings:
         A bad ``LLMMIXER_ALLOWED_BASE_URLS`` raises ``ValueError`` naming it, so
         a worker refuses to start rather than guess what the operator meant.
         """
-        gemini_key = _value(environ, "GEMINI_API_KEY")
-        gemini_var = "GEMINI_API_KEY"
-        if gemini_key is None:
-            gemini_key = _value(environ, "GOOGLE_API_KEY")
-            if gemini_key is not None:
-                gemini_var = "GOOGLE_API_KEY"
+        access: dict[str, ProviderAccess] = {}
+        for spec in PROVIDER_SPECS:
+            key, variable = None, spec.key_variables[0]
+            for candidate in spec.key_variables:
+                key = _value(environ, candidate)
+                if key is not None:
+                    variable = candidate
+                    break
+            access[spec.name] = ProviderAccess(
+                api_key=key,
+                base_url=_value(environ, spec.base_url_variable),
+                key_variable=variable,
+            )
         return cls(
-            anthropic_api_key=_value(environ, "ANTHROPIC_API_KEY"),
-            anthropic_base_url=_value(environ, "ANTHROPIC_BASE_URL"),
-            openai_api_key=_value(environ, "OPENAI_API_KEY"),
-            openai_base_url=_value(environ, "OPENAI_BASE_URL"),
-            gemini_api_key=gemini_key,
-            gemini_base_url=_value(environ, "GOOGLE_GEMINI_BASE_URL"),
-            gemini_key_variable=gemini_var,
+            access=access,
             allowed_base_urls=parse_allowed_base_urls(
                 _value(environ, ALLOWED_BASE_URLS_VARIABLE) or ""
             ),
         )
 
+    def access_for(self, provider: str) -> ProviderAccess:
+        """``provider``'s key and endpoint; ``ValueError`` for a name the registry lacks."""
+        provider_spec(provider)
+        return self.access.get(provider, ProviderAccess())
+
+    def api_key(self, provider: str) -> str | None:
+        return self.access_for(provider).api_key
+
+    def base_url(self, provider: str) -> str | None:
+        """The endpoint the worker's environment sets for ``provider``, or None (default)."""
+        return self.access_for(provider).base_url
+
+    def key_variable(self, provider: str) -> str:
+        """The variable ``provider``'s key came from, or the first one it is read from."""
+        return self.access_for(provider).key_variable or provider_spec(provider).key_variables[0]
+
     def _pair(self, provider: str) -> tuple[str | None, str | None]:
-        if provider == "anthropic":
-            return self.anthropic_api_key, self.anthropic_base_url
-        if provider == "openai":
-            return self.openai_api_key, self.openai_base_url
-        if provider == "gemini":
-            return self.gemini_api_key, self.gemini_base_url
-        raise ValueError(f"unknown provider {provider!r}: use one of anthropic, openai, gemini")
+        access = self.access_for(provider)
+        return access.api_key, access.base_url
+
+    def _worker_url(self, provider: str) -> str:
+        return self._pair(provider)[1] or provider_spec(provider).default_base_url
 
     def config_for(
         self, provider: str, base_url_override: str | None = None, timeout_s: float = 600.0
@@ -229,7 +246,7 @@ class ProviderSettings:
         )
 
     def _is_worker_endpoint(self, provider: str, url: str) -> bool:
-        worker_url = self._pair(provider)[1] or DEFAULT_BASE_URLS[provider]
+        worker_url = self._worker_url(provider)
         try:
             return _endpoint(url) == _endpoint(worker_url)
         except ValueError:
@@ -248,7 +265,8 @@ class ProviderSettings:
             ) from None
         if any(_endpoint(entry).covers(wanted) for entry in self.allowed_base_urls):
             return
-        worker_url = self._pair(provider)[1] or DEFAULT_BASE_URLS[provider]
+        worker_url = self._worker_url(provider)
+        endpoint_variable = provider_spec(provider).base_url_variable
         origin = _Endpoint(wanted.scheme, wanted.host, wanted.port, "").text()
         raise ProviderError(
             ErrorType.REJECTED,
@@ -256,14 +274,13 @@ class ProviderSettings:
             f"({_display_url(worker_url)}) and is not listed in {ALLOWED_BASE_URLS_VARIABLE}. "
             f"To call that server without the worker's key, the worker's operator adds it to "
             f"{ALLOWED_BASE_URLS_VARIABLE} (e.g. {ALLOWED_BASE_URLS_VARIABLE}={origin}); to "
-            f"send the worker's key there, the operator sets {_BASE_URL_VARIABLES[provider]} "
+            f"send the worker's key there, the operator sets {endpoint_variable} "
             "instead. A spec or plan cannot choose where a key goes",
         )
 
     def secrets(self) -> tuple[str, ...]:
         """Every configured key, for redaction of error messages."""
-        keys = (self.anthropic_api_key, self.openai_api_key, self.gemini_api_key)
-        return tuple(k for k in keys if k)
+        return tuple(a.api_key for a in self.access.values() if a.api_key)
 
     def describe(self) -> dict[str, dict[str, Any]]:
         """What is configured per provider, without any key value.
@@ -272,17 +289,12 @@ class ProviderSettings:
         "base_url": "https://api.openai.com/v1", "base_url_default": True}, ...}``
         """
         out: dict[str, dict[str, Any]] = {}
-        variables = {
-            "anthropic": "ANTHROPIC_API_KEY",
-            "openai": "OPENAI_API_KEY",
-            "gemini": self.gemini_key_variable,
-        }
-        for provider in ("anthropic", "openai", "gemini"):
-            key, base_url = self._pair(provider)
-            out[provider] = {
-                "key_variable": variables[provider],
+        for spec in PROVIDER_SPECS:
+            key, base_url = self._pair(spec.name)
+            out[spec.name] = {
+                "key_variable": self.key_variable(spec.name),
                 "key_set": key is not None,
-                "base_url": _display_url(base_url or DEFAULT_BASE_URLS[provider]),
+                "base_url": _display_url(base_url or spec.default_base_url),
                 "base_url_default": base_url is None,
             }
         return out

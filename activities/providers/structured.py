@@ -46,8 +46,12 @@ def validate_json_reply(text: str, schema: dict[str, Any] | None = None) -> str:
     # Model output: the safe loader bounds size and depth, so a deeply nested
     # reply is an invalid answer, never a RecursionError.
     body = strip_code_fence(text)
+    if body is not text:
+        # What a fence held ends with the newline before its closing fence;
+        # the returned JSON text is the fenced value alone, as before.
+        body = body.rstrip()
     try:
-        value = load_json_document(body, source="the reply")
+        value: Any = load_json_document(body, source="the reply")
     except DocumentError as exc:
         shown = body if len(body) <= _MAX_SHOWN else body[:_MAX_SHOWN] + "…"
         raise ProviderError(

@@ -1,0 +1,123 @@
+"""Every provider llmmixer can call, declared once.
+
+Each :class:`ProviderSpec` says everything the rest of the code needs to know
+about one provider: its name in specs, the worker variables that hold its key
+and its endpoint, the SDK's default endpoint, where its adapter and its
+``provider_options`` schema live, its section of ``prices.toml``, the model
+a planner and a dry run name for it, and its OpenTelemetry name. Validation,
+worker settings, ``llmmixer doctor``, the client pool, pricing and telemetry
+all read this tuple; adding a provider is one adapter module and one entry
+here.
+
+Pure on purpose (standard library only, no other llmmixer module): the
+workflow sandbox imports it through ``contracts.PROVIDERS``, and ``llmmixer
+validate`` must never import an SDK. So the adapter and option schema are
+named as ``"module:attribute"`` and imported only when a call needs them.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = [
+    "PROVIDER_SPECS",
+    "ProviderSpec",
+    "provider_names",
+    "provider_spec",
+    "resolve",
+    "unknown_provider_message",
+]
+
+
+@dataclass(frozen=True)
+class ProviderSpec:
+    """One provider: what the worker reads, builds, prices and reports for it."""
+
+    #: The name specs and plans use (``provider: openai``).
+    name: str
+    #: Worker variables that may hold the key, first set one wins
+    #: (``GEMINI_API_KEY``, then ``GOOGLE_API_KEY``).
+    key_variables: tuple[str, ...]
+    #: The worker variable that moves this provider's endpoint (keys go there).
+    base_url_variable: str
+    #: The SDK's own default, written out so a client never falls back to
+    #: reading the process environment behind our back.
+    default_base_url: str
+    #: ``"module:Class"`` of the adapter; the class takes
+    #: ``(config, secrets=...)``. Imported on first use: it imports the SDK.
+    adapter: str
+    #: ``"module:Class"`` of the closed pydantic model of ``provider_options``.
+    #: Must import no SDK: spec and plan validation load it.
+    options: str
+    #: The table name of this provider's models in ``prices.toml``.
+    price_key: str
+    #: A model named for this provider where any model would do: the planner's
+    #: description of "any model" and the dry-run responder's targets.
+    example_model: str
+    #: ``gen_ai.provider.name`` (OpenTelemetry GenAI conventions).
+    otel_name: str
+
+
+_OPTIONS = "llmmixer.activities.providers.options"
+
+PROVIDER_SPECS: tuple[ProviderSpec, ...] = (
+    ProviderSpec(
+        name="anthropic",
+        key_variables=("ANTHROPIC_API_KEY",),
+        base_url_variable="ANTHROPIC_BASE_URL",
+        default_base_url="https://api.anthropic.com",
+        adapter="llmmixer.activities.providers.anthropic:AnthropicAdapter",
+        options=f"{_OPTIONS}:AnthropicOptions",
+        price_key="anthropic",
+        example_model="claude-sonnet-4-5",
+        otel_name="anthropic",
+    ),
+    ProviderSpec(
+        name="openai",
+        key_variables=("OPENAI_API_KEY",),
+        base_url_variable="OPENAI_BASE_URL",
+        default_base_url="https://api.openai.com/v1",
+        adapter="llmmixer.activities.providers.openai:OpenAIAdapter",
+        options=f"{_OPTIONS}:OpenAIOptions",
+        price_key="openai",
+        example_model="gpt-4.1-mini",
+        otel_name="openai",
+    ),
+    ProviderSpec(
+        name="gemini",
+        key_variables=("GEMINI_API_KEY", "GOOGLE_API_KEY"),
+        base_url_variable="GOOGLE_GEMINI_BASE_URL",
+        default_base_url="https://generativelanguage.googleapis.com/",
+        adapter="llmmixer.activities.providers.gemini:GeminiAdapter",
+        options=f"{_OPTIONS}:GeminiOptions",
+        price_key="gemini",
+        example_model="gemini-2.5-flash",
+        otel_name="gcp.gemini",
+    ),
+)
+
+
+def provider_names() -> tuple[str, ...]:
+    """The names in declaration order (the order messages list them in)."""
+    return tuple(spec.name for spec in PROVIDER_SPECS)
+
+
+def unknown_provider_message(provider: str) -> str:
+    """What every layer says about a provider name that is not declared here."""
+    return f"unknown provider {provider!r}: use one of {', '.join(provider_names())}"
+
+
+def provider_spec(provider: str) -> ProviderSpec:
+    """The entry for ``provider``; ``ValueError`` listing the known names otherwise."""
+    for spec in PROVIDER_SPECS:
+        if spec.name == provider:
+            return spec
+    raise ValueError(unknown_provider_message(provider))
+
+
+def resolve(reference: str) -> Any:
+    """The object a ``"module:attribute"`` reference names, importing the module."""
+    module, _, attribute = reference.partition(":")
+    return getattr(importlib.import_module(module), attribute)
