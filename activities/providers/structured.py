@@ -46,10 +46,6 @@ def validate_json_reply(text: str, schema: dict[str, Any] | None = None) -> str:
     # Model output: the safe loader bounds size and depth, so a deeply nested
     # reply is an invalid answer, never a RecursionError.
     body = strip_code_fence(text)
-    if body is not text:
-        # What a fence held ends with the newline before its closing fence;
-        # the returned JSON text is the fenced value alone, as before.
-        body = body.rstrip()
     try:
         value: Any = load_json_document(body, source="the reply")
     except DocumentError as exc:
@@ -70,7 +66,7 @@ def validate_json_reply(text: str, schema: dict[str, Any] | None = None) -> str:
             ErrorType.REJECTED,
             f"the step's json_schema is not a valid JSON Schema: {exc.message}; fix json_schema",
         ) from None
-    error = jsonschema.exceptions.best_match(validator_cls(schema).iter_errors(value))  # type: ignore[arg-type]
+    error = jsonschema.exceptions.best_match(validator_cls(schema).iter_errors(value))
     if error is not None:
         where = "/".join(str(p) for p in error.absolute_path) or "(root)"
         raise ProviderError(
