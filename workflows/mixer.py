@@ -194,7 +194,6 @@ class MixerWorkflow:
             self._continuations = carried.continuations
         self._fatal: str | None = None
         self._cancelling = False
-        self._changed = False
 
     def _reset_state(self, raw: dict[str, Any]) -> None:
         spec_model = self._spec
@@ -243,21 +242,21 @@ class MixerWorkflow:
         except (asyncio.CancelledError, CancelledError):
             await self._cancel_running()
             self._state.cancel_unfinished(workflow.now())
-            self._state.status = RunStatus.CANCELLED
+            self._state.end(RunStatus.CANCELLED)
             self._finish()
             raise
         except ApplicationError:
             await self._cancel_running()
-            self._state.status = RunStatus.FAILED
+            self._state.end(RunStatus.FAILED, error=self._fatal)
             self._finish()
             raise
-        self._state.status = RunStatus.COMPLETED
-        self._state.output = (
-            render(
+        self._state.end(
+            RunStatus.COMPLETED,
+            output=render(
                 self._spec.output, self._spec.inputs, self._state.outputs(), self._state.children()
             )
             if self._spec.output is not None
-            else self._state.last_output()
+            else self._state.last_output(),
         )
         self._finish()
         await workflow.wait_condition(workflow.all_handlers_finished)
@@ -301,14 +300,23 @@ class MixerWorkflow:
             if self._state.all_done() and not self._running_ids():
                 return
             workflow.set_current_details(self._state.summary())
-            self._changed = False
-            await workflow.wait_condition(lambda: self._changed)
+            await self._until_changed()
+
+    async def _until_changed(self) -> None:
+        """Until the run's state changes or a step's task ends.
+
+        Exactly the points where runs recorded before ``RunState.version``
+        existed woke their loop, so their replays issue the same commands.
+        """
+        seen = self._state.version
+        busy = [task for task in self._tasks.values() if not task.done()]
+        await workflow.wait_condition(
+            lambda: self._state.version != seen or any(task.done() for task in busy)
+        )
 
     def _launch_ready(self, spec: Spec) -> None:
         for step_id in self._state.ready(self._running_ids(), spec.max_parallel):
-            # Marked before the task first runs, so a wake-up in between can
-            # never launch the same step twice.
-            self._state.records[step_id].status = StepStatus.RUNNING
+            self._state.launch(step_id)
             self._tasks[step_id] = asyncio.create_task(self._run_step(spec, step_id))
 
     # ---- long histories: continue as new ------------------------------------
@@ -388,34 +396,28 @@ class MixerWorkflow:
         await asyncio.gather(*running, return_exceptions=True)
 
     def _finish(self) -> None:
-        self._state.error = self._fatal if self._state.status == RunStatus.FAILED else None
         self._publish(EventType.WORKFLOW_ENDED, data={"status": self._state.status.value})
         workflow.set_current_details(f"{self._state.status.value}: {self._state.summary()}")
-
-    def _touch(self) -> None:
-        self._changed = True
 
     # ---- one step ---------------------------------------------------------
 
     async def _run_step(self, spec: Spec, step_id: str, resume: bool = False) -> None:
+        # The loop in _drive wakes when this task ends, however it ends.
         record = self._state.records[step_id]
-        try:
-            while True:
-                try:
-                    await self._attempt(spec, step_id, record, resume)
+        while True:
+            try:
+                await self._attempt(spec, step_id, record, resume)
+                return
+            except Exception as error:
+                # Histories recorded before the patch left such a step
+                # running; their replays must do the same.
+                if _belongs_to_temporal(error) or not (
+                    self._checks_recorded or workflow.patched(STEP_ERRORS_PATCH)
+                ):
+                    raise
+                if not await self._fail_unexpectedly(spec, step_id, record, error):
                     return
-                except Exception as error:
-                    # Histories recorded before the patch left such a step
-                    # running; their replays must do the same.
-                    if _belongs_to_temporal(error) or not (
-                        self._checks_recorded or workflow.patched(STEP_ERRORS_PATCH)
-                    ):
-                        raise
-                    if not await self._fail_unexpectedly(spec, step_id, record, error):
-                        return
-                    resume = False  # a person asked for a retry
-        finally:
-            self._touch()
+                resume = False  # a person asked for a retry
 
     async def _fail_unexpectedly(
         self, spec: Spec, step_id: str, record: StepRecord, error: Exception
@@ -433,9 +435,7 @@ class MixerWorkflow:
         )
         workflow.logger.error("step %s: %s", step_id, reason, exc_info=error)
         if self._cancelling:
-            record.status = StepStatus.FAILED
-            record.error = f"cancelled with the run ({reason})"
-            record.ended_at = workflow.now()
+            self._state.cancel(step_id, workflow.now(), reason)
             return False
         try:
             step = self._step(spec, step_id)
@@ -449,10 +449,9 @@ class MixerWorkflow:
         except Exception as again:
             if _belongs_to_temporal(again):
                 raise
-            record.status = StepStatus.FAILED
-            record.error = reason
-            record.ended_at = workflow.now()
+            # Set first: even if the step cannot be marked failed, the run fails.
             self._fatal = f"step {step_id} failed: {reason}"
+            self._state.fail(step_id, workflow.now(), reason)
             return False
 
     async def _attempt(self, spec: Spec, step_id: str, record: StepRecord, resume: bool) -> None:
@@ -470,23 +469,16 @@ class MixerWorkflow:
         elif resume and not await self._pause(spec, step, record, record.error or "", False):
             return  # decided while it waited again; nothing more to run
         while True:
-            record.status = StepStatus.RUNNING
-            record.started_at = record.started_at or workflow.now()
-            record.error = None
-            record.waiting_reason = None
-            record.budget_hold = None
+            self._state.start(step_id, workflow.now())
             if step_id not in self._resumed_approvals:
                 self._publish(EventType.STEP_STARTED, step_id, record.attempts + 1)
-            self._touch()
             try:
                 output = await self._execute(spec, step, record)
             except _Settled:
                 return
             except StepFailed as failure:
                 if self._cancelling:
-                    record.status = StepStatus.FAILED
-                    record.error = f"cancelled with the run ({failure})"
-                    record.ended_at = workflow.now()
+                    self._state.cancel(step_id, workflow.now(), str(failure))
                     return
                 if not await self._handle_failure(spec, step, record, str(failure)):
                     return
@@ -495,9 +487,7 @@ class MixerWorkflow:
             return
 
     def _complete(self, step_id: str, record: StepRecord, output: str) -> None:
-        record.status = StepStatus.COMPLETED
-        record.output = output
-        record.ended_at = workflow.now()
+        self._state.complete(step_id, output, workflow.now())
         self._publish(
             EventType.STEP_COMPLETED,
             step_id,
@@ -510,14 +500,11 @@ class MixerWorkflow:
         record.error = error
         policy = spec.on_failure(step)
         if policy == "skip":
-            record.status = StepStatus.SKIPPED
-            record.skipped_reason = f"failed and on_failure is skip: {error}"
-            record.ended_at = workflow.now()
+            self._state.skip(step.id, f"failed and on_failure is skip: {error}", workflow.now())
             self._publish(EventType.STEP_SKIPPED, step.id, record.attempts, {"error": error})
             return False
         if policy == "fail":
-            record.status = StepStatus.FAILED
-            record.ended_at = workflow.now()
+            self._state.fail(step.id, workflow.now())
             self._publish(EventType.STEP_FAILED, step.id, record.attempts, {"error": error})
             self._fatal = f"step {step.id} failed: {error}"
             return False
@@ -528,21 +515,18 @@ class MixerWorkflow:
     ) -> bool:
         """Wait for a person after a failure; True when they asked for a retry."""
         if announce:
-            record.status = StepStatus.WAITING
-            record.waiting_reason = f"failed: {error}"
+            self._state.wait(step.id, f"failed: {error}")
             self._publish(EventType.STEP_WAITING, step.id, record.attempts, {"error": error})
-            self._touch()
             workflow.set_current_details(self._state.summary())
         timeout = spec.pause_timeout_s(step)
         decision = await self._await_decision(step.id, timeout)
         while decision is not None and decision.type == "reject":
             # Rejecting a paused approval again only updates the reason it waits.
-            record.error = f"rejected: {decision.argument.get('reason') or 'no reason given'}"
-            record.waiting_reason = f"failed: {record.error}"
+            rejected = f"rejected: {decision.argument.get('reason') or 'no reason given'}"
+            self._state.rewait(step.id, f"failed: {rejected}", error=rejected)
             decision = await self._await_decision(step.id, timeout)
         if decision is None:
-            record.status = StepStatus.FAILED
-            record.ended_at = workflow.now()
+            self._state.fail(step.id, workflow.now())
             self._fatal = (
                 f"step {step.id} waited {timeout:g} s for a person (pause_timeout_s) "
                 f"after it failed: {error}"
@@ -700,15 +684,15 @@ class MixerWorkflow:
                 record.attempts += attempts
                 if not has_next:
                     raise StepFailed(message) from None
-                record.fallbacks.append(
+                self._state.note_fallback(
+                    step.id,
                     FallbackNote(
                         provider=target.provider,
                         model=target.model,
                         error=message,
                         error_type=error_type,
-                    )
+                    ),
                 )
-                self._touch()
                 continue
             record.attempts += reply.attempt
             record.usage = record.usage + reply.usage
@@ -766,10 +750,9 @@ class MixerWorkflow:
 
         # gather keeps the candidates in their numbered order whatever order
         # they finish in, so the judge's prompt is the same on every replay.
-        record.candidates = list(
-            await asyncio.gather(*(candidate(i + 1, t) for i, t in enumerate(targets)))
+        self._state.set_candidates(
+            step.id, await asyncio.gather(*(candidate(i + 1, t) for i, t in enumerate(targets)))
         )
-        self._touch()
         answered = [(i + 1, c) for i, c in enumerate(record.candidates) if c.output is not None]
         if not answered:
             errors = "; ".join(f"#{i + 1}: {c.error}" for i, c in enumerate(record.candidates))
@@ -830,8 +813,7 @@ class MixerWorkflow:
             # Retried like any retryable step error, with the validator's
             # message given to the planner.
             feedback = "\n".join(str(issue) for issue in issues)
-            record.error = f"plan refused: {feedback}"
-            self._touch()
+            self._state.refuse_plan(step.id, f"plan refused: {feedback}")
         else:
             raise StepFailed(
                 f"no valid plan in {tries} tries; the last one was refused:\n{feedback}"
@@ -904,8 +886,8 @@ class MixerWorkflow:
 
     def _set_budget(self, scope: str, budget: Budget | None) -> None:
         if budget is not None:
-            self._state.budgets[scope] = BudgetLimits(
-                max_tokens=budget.max_tokens, max_cost_usd=budget.max_cost_usd
+            self._state.set_budget(
+                scope, BudgetLimits(max_tokens=budget.max_tokens, max_cost_usd=budget.max_cost_usd)
             )
 
     async def _budget_gate(
@@ -915,11 +897,8 @@ class MixerWorkflow:
         hold = self._state.over_budget(step.id)
         if hold is None:
             return
-        record.status = StepStatus.WAITING
-        record.budget_hold = hold
-        record.waiting_reason = hold.reason()
+        self._state.hold(step.id, hold)
         self._publish(EventType.STEP_WAITING, step.id, record.attempts, {"budget": hold.reason()})
-        self._touch()
         workflow.set_current_details(self._state.summary())
         while True:
             await workflow.wait_condition(
@@ -931,13 +910,9 @@ class MixerWorkflow:
             if self._state.over_budget(step.id) is None:
                 break
             # A retry while the budget is still spent changes nothing: keep waiting.
-            record.budget_hold = self._state.over_budget(step.id)
-            record.waiting_reason = record.budget_hold.reason() if record.budget_hold else None
-        record.status = StepStatus.RUNNING
-        record.waiting_reason = None
-        record.budget_hold = None
+            self._state.rehold(step.id, self._state.over_budget(step.id))
+        self._state.resume(step.id)
         self._publish(EventType.STEP_STARTED, step.id, record.attempts + 1)
-        self._touch()
 
     async def _run_command(self, spec: Spec, step: PtyStep, record: StepRecord) -> str:
         call = CommandCall(
@@ -1021,14 +996,12 @@ class MixerWorkflow:
             self._render(spec, step.prompt, step.id) if step.prompt else f"Approve {step.id}?"
         )
         record.prompt = question
-        record.status = StepStatus.WAITING
-        record.waiting_reason = f"approval: {question}"
+        self._state.wait(step.id, f"approval: {question}")
         if step.id in self._resumed_approvals:
             self._resumed_approvals.discard(step.id)
         else:
             record.attempts += 1
             self._publish(EventType.STEP_WAITING, step.id, record.attempts, {"approval": question})
-        self._touch()
         workflow.set_current_details(self._state.summary())
         decision = await self._await_decision(step.id, step.timeout_s)
         while decision is not None and decision.type == "retry":
@@ -1126,13 +1099,12 @@ class MixerWorkflow:
             if request.max_cost_usd is not None
             else limits.max_cost_usd,
         )
-        self._state.budgets[request.step] = raised
+        self._state.set_budget(request.step, raised)
         self._publish(
             EventType.INTERVENTION_ACCEPTED,
             request.step or None,
             data={"action": "raise_budget", "argument": request.model_dump(exclude_none=True)},
         )
-        self._touch()
         return raised
 
     @raise_budget.validator
@@ -1185,16 +1157,16 @@ class MixerWorkflow:
             return
         # A signal cannot be refused to its sender; it is recorded and ignored.
         argument = request.model_dump(exclude_none=True)
-        record = self._state.records.get(request.step)
-        if record is not None:
-            record.interventions.append(
+        if request.step in self._state.records:
+            self._state.note_refused(
+                request.step,
                 Intervention(
                     type=action,
                     argument=argument,
                     time=workflow.now(),
                     accepted=False,
                     reason=refusal,
-                )
+                ),
             )
         self._publish(
             EventType.INTERVENTION_REJECTED,
@@ -1210,30 +1182,23 @@ class MixerWorkflow:
         intervention = Intervention(
             type=action, argument=request.model_dump(exclude_none=True), time=workflow.now()
         )
-        record.interventions.append(intervention)
+        self._state.intervene(step_id, intervention)
         was = record.status
         if action == "retry":
             if request.prompt is not None:
                 self._prompt_overrides[step_id] = request.prompt
             if was == StepStatus.FAILED:
                 # The step's task has ended; the scheduler starts it again.
-                record.status = StepStatus.PENDING
+                self._state.reopen(step_id)
             message = "will run again"
         elif action == "skip":
-            record.budget_hold = None
-            record.status = StepStatus.SKIPPED
-            record.skipped_reason = request.reason or "skipped by a person"
-            record.ended_at = workflow.now()
+            self._state.skip(step_id, request.reason or "skipped by a person", workflow.now())
             self._publish(
                 EventType.STEP_SKIPPED, step_id, record.attempts, {"reason": request.reason}
             )
             message = "skipped; its dependants go on with an empty output"
         elif action == "override":
-            record.budget_hold = None
-            record.status = StepStatus.COMPLETED
-            record.output = request.output or ""
-            record.overridden = True
-            record.ended_at = workflow.now()
+            self._state.override(step_id, request.output or "", workflow.now())
             self._publish(EventType.STEP_OVERRIDDEN, step_id, record.attempts, {})
             message = "completed with the given output"
         elif action == "approve":
@@ -1248,7 +1213,6 @@ class MixerWorkflow:
             record.attempts,
             {"action": action, "argument": intervention.argument},
         )
-        self._touch()
         return InterventionOutcome(
             step=step_id, action=action, status=record.status, message=message
         )
