@@ -20,7 +20,6 @@ from datetime import timedelta
 from typing import Any
 
 from temporalio import workflow
-from temporalio.common import RetryPolicy
 from temporalio.exceptions import (
     ActivityError,
     ApplicationError,
@@ -47,7 +46,6 @@ with workflow.unsafe.imports_passed_through():
         CheckIssue,
         CommandCall,
         CommandResult,
-        ErrorType,
         EventType,
         FailureDetails,
         LlmCall,
@@ -90,7 +88,6 @@ with workflow.unsafe.imports_passed_through():
         StepStatus,
     )
     from llmmixer.workflows.spec import (
-        STEP_MODELS,
         AgentStep,
         ApprovalStep,
         Budget,
@@ -109,7 +106,23 @@ with workflow.unsafe.imports_passed_through():
         validate_spec,
     )
 
+from typing import TypeVar
+
+with workflow.unsafe.imports_passed_through():
+    from llmmixer.workflows.calls import (
+        CHECK_OPTIONS,
+        Settled,
+        StepActivityOptions,
+        StepModel,
+        command_options,
+        llm_call,
+        llm_options,
+        planned_step,
+    )
+
 WORKFLOW_NAME = "MixerWorkflow"
+
+ActivityResult = TypeVar("ActivityResult", LlmReply, CommandResult)
 
 # workflow.patched() ids: each marks a change in which commands a run issues,
 # so histories recorded before it still replay. Never rename or reuse one.
@@ -133,18 +146,6 @@ PLAN_FIELDS_PATCH = "plans-refuse-unlisted-fields"
 # An unexpected error while running a step fails that step (its on_failure
 # applies) instead of ending its task and leaving it `running` for ever.
 STEP_ERRORS_PATCH = "step-errors-fail-the-step"
-
-# The checks are pure and quick; a retry is only for a worker that died meanwhile.
-_CHECK_TIMEOUT = timedelta(seconds=60)
-_CHECK_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_attempts=3)
-
-# Errors no Temporal retry can fix; the step fails at once and on_failure applies.
-_NON_RETRYABLE = [
-    ErrorType.REJECTED,
-    ErrorType.AUTH,
-    ErrorType.COMMAND_REFUSED,
-    ErrorType.COMMAND_TIMEOUT,
-]
 
 
 class StepFailed(Exception):
@@ -178,7 +179,7 @@ class MixerWorkflow:
             self._invalid = str(error)
         self._reset_state(spec)
         # Steps created by plans, parsed once from their nodes' definitions.
-        self._planned: dict[str, Any] = {}
+        self._planned: dict[str, StepModel] = {}
         self._spec_body = spec
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._decisions: dict[str, Intervention] = {}
@@ -269,8 +270,8 @@ class MixerWorkflow:
                 CHECK_SPEC_ACTIVITY,
                 SpecCheck(spec=raw),
                 result_type=SpecCheckResult,
-                start_to_close_timeout=_CHECK_TIMEOUT,
-                retry_policy=_CHECK_RETRY,
+                start_to_close_timeout=CHECK_OPTIONS.start_to_close_timeout,
+                retry_policy=CHECK_OPTIONS.retry_policy,
                 summary="check the spec",
             )
         except ActivityError as error:
@@ -474,8 +475,6 @@ class MixerWorkflow:
                 self._publish(EventType.STEP_STARTED, step_id, record.attempts + 1)
             try:
                 output = await self._execute(spec, step, record)
-            except _Settled:
-                return
             except StepFailed as failure:
                 if self._cancelling:
                     self._state.cancel(step_id, workflow.now(), str(failure))
@@ -483,7 +482,8 @@ class MixerWorkflow:
                 if not await self._handle_failure(spec, step, record, str(failure)):
                     return
                 continue  # a person asked for a retry
-            self._complete(step_id, record, output)
+            if not isinstance(output, Settled):
+                self._complete(step_id, record, output)
             return
 
     def _complete(self, step_id: str, record: StepRecord, output: str) -> None:
@@ -495,7 +495,9 @@ class MixerWorkflow:
             {"output_chars": len(output), "provider": record.provider, "model": record.model},
         )
 
-    async def _handle_failure(self, spec: Spec, step: Any, record: StepRecord, error: str) -> bool:
+    async def _handle_failure(
+        self, spec: Spec, step: StepModel, record: StepRecord, error: str
+    ) -> bool:
         """Apply ``on_failure``; True when the step should run again."""
         record.error = error
         policy = spec.on_failure(step)
@@ -511,7 +513,7 @@ class MixerWorkflow:
         return await self._pause(spec, step, record, error, True)
 
     async def _pause(
-        self, spec: Spec, step: Any, record: StepRecord, error: str, announce: bool
+        self, spec: Spec, step: StepModel, record: StepRecord, error: str, announce: bool
     ) -> bool:
         """Wait for a person after a failure; True when they asked for a retry."""
         if announce:
@@ -551,7 +553,7 @@ class MixerWorkflow:
             return None
         return self._decisions.pop(step_id)
 
-    async def _execute(self, spec: Spec, step: Any, record: StepRecord) -> str:
+    async def _execute(self, spec: Spec, step: StepModel, record: StepRecord) -> str | Settled:
         if isinstance(step, LlmStep):
             return await self._call_llm(spec, step, record)
         if isinstance(step, PtyStep):
@@ -578,13 +580,13 @@ class MixerWorkflow:
             outputs = {i: text for i, text in outputs.items() if i in scope}
         return render(text, spec.inputs, outputs, self._state.children())
 
-    def _step(self, spec: Spec, step_id: str) -> Any:
+    def _step(self, spec: Spec, step_id: str) -> StepModel:
         """The step's model: from the spec, or from the plan that created it."""
         node = self._state.nodes.get(step_id)
         if node is None or node.definition is None:
             return spec.step(step_id)
         if step_id not in self._planned:
-            self._planned[step_id] = STEP_MODELS[node.kind].model_validate(node.definition)
+            self._planned[step_id] = planned_step(node.kind, node.definition)
         return self._planned[step_id]
 
     def _chain(self, spec: Spec, step: LlmStep | DecomposeStep) -> list[FallbackTarget]:
@@ -600,8 +602,10 @@ class MixerWorkflow:
         )
         return [primary, *fallback]
 
-    async def _call_llm(self, spec: Spec, step: LlmStep, record: StepRecord) -> str:
-        await self._budget_gate(step, record)
+    async def _call_llm(self, spec: Spec, step: LlmStep, record: StepRecord) -> str | Settled:
+        settled = await self._budget_gate(step, record)
+        if settled is not None:
+            return settled
         prompt = self._prompt_overrides.get(step.id, step.prompt)
         messages = [
             ChatMessage.model_validate(
@@ -641,43 +645,25 @@ class MixerWorkflow:
         """
         for index, target in enumerate(chain):
             has_next = index < len(chain) - 1
-            call = LlmCall(
+            call = llm_call(
+                spec,
+                step,
+                target,
+                messages,
+                system,
                 workflow_id=workflow.info().workflow_id,
-                step_id=step.id,
-                provider=target.provider,
-                model=target.model,
-                messages=messages,
-                system=system,
-                max_tokens=step.max_tokens or spec.defaults.max_tokens,
-                temperature=step.temperature
-                if step.temperature is not None
-                else spec.defaults.temperature,
-                top_p=step.top_p if isinstance(step, LlmStep) else None,
-                stop=step.stop if isinstance(step, LlmStep) else [],
-                response_format=(
-                    step.response_format if isinstance(step, LlmStep) and plan is None else "json"
-                ),
-                json_schema=step.json_schema if isinstance(step, LlmStep) else None,
-                api=step.api if isinstance(step, LlmStep) else "chat",
-                base_url=target.base_url,
-                provider_options=step.provider_options if isinstance(step, LlmStep) else {},
-                timeout_s=spec.timeout_s(step),
-                dry_run=spec.dry_run,
                 has_fallback=has_next,
                 plan=plan,
             )
             if track:
                 record.provider, record.model = target.provider, target.model
             try:
-                reply = await workflow.execute_activity(
+                reply = await self._execute_activity(
                     LLM_ACTIVITY,
                     call,
-                    result_type=LlmReply,
-                    start_to_close_timeout=timedelta(seconds=spec.timeout_s(step)),
-                    heartbeat_timeout=timedelta(seconds=spec.defaults.heartbeat_timeout_s),
-                    retry_policy=_retry_policy(spec.retry(step)),
-                    cancellation_type=workflow.ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
-                    summary=f"{step.id}{label}: {target.provider}/{target.model}",
+                    LlmReply,
+                    llm_options(spec, step),
+                    f"{step.id}{label}: {target.provider}/{target.model}",
                 )
             except ActivityError as error:
                 attempts, message, error_type = _describe_failure(error, spec.retry(step))
@@ -781,9 +767,13 @@ class MixerWorkflow:
 
     # ---- decompose ----------------------------------------------------------
 
-    async def _decompose(self, spec: Spec, step: DecomposeStep, record: StepRecord) -> str:
+    async def _decompose(
+        self, spec: Spec, step: DecomposeStep, record: StepRecord
+    ) -> str | Settled:
         """Ask for a plan until one validates, then add its steps to the DAG."""
-        await self._budget_gate(step, record)
+        settled = await self._budget_gate(step, record)
+        if settled is not None:
+            return settled
         task = self._render(spec, self._prompt_overrides.get(step.id, step.prompt), step.id)
         system = self._render(spec, step.system, step.id) if step.system else None
         context = PlanContext(
@@ -866,8 +856,8 @@ class MixerWorkflow:
                 CHECK_PLAN_ACTIVITY,
                 request,
                 result_type=PlanCheckResult,
-                start_to_close_timeout=_CHECK_TIMEOUT,
-                retry_policy=_CHECK_RETRY,
+                start_to_close_timeout=CHECK_OPTIONS.start_to_close_timeout,
+                retry_policy=CHECK_OPTIONS.retry_policy,
                 summary=f"{context.step_id}: check the plan",
             )
         except ActivityError as error:
@@ -879,7 +869,8 @@ class MixerWorkflow:
         parent: PlanLimits | None = None
         for above in reversed(self._state.lineage(step.id)):
             model = self._step(spec, above)
-            parent = limits_for(model, parent)
+            if isinstance(model, DecomposeStep):  # only a decompose step has a plan
+                parent = limits_for(model, parent)
         return limits_for(step, parent)
 
     # ---- budgets ------------------------------------------------------------
@@ -892,11 +883,14 @@ class MixerWorkflow:
 
     async def _budget_gate(
         self, step: LlmStep | DecomposeStep | AgentStep, record: StepRecord
-    ) -> None:
-        """Hold a step whose budget is spent until a person raises it (or settles the step)."""
+    ) -> Settled | None:
+        """Hold a step whose budget is spent until a person raises it (or settles the step).
+
+        ``Settled``: a person skipped or overrode the step meanwhile; it must not run.
+        """
         hold = self._state.over_budget(step.id)
         if hold is None:
-            return
+            return None
         self._state.hold(step.id, hold)
         self._publish(EventType.STEP_WAITING, step.id, record.attempts, {"budget": hold.reason()})
         workflow.set_current_details(self._state.summary())
@@ -906,13 +900,14 @@ class MixerWorkflow:
             )
             decision = self._decisions.pop(step.id, None)
             if decision is not None and decision.type in ("skip", "override"):
-                raise _Settled()  # the handler has set the record
+                return Settled(decision.type)  # the intervention has moved the record
             if self._state.over_budget(step.id) is None:
                 break
             # A retry while the budget is still spent changes nothing: keep waiting.
             self._state.rehold(step.id, self._state.over_budget(step.id))
         self._state.resume(step.id)
         self._publish(EventType.STEP_STARTED, step.id, record.attempts + 1)
+        return None
 
     async def _run_command(self, spec: Spec, step: PtyStep, record: StepRecord) -> str:
         call = CommandCall(
@@ -934,12 +929,14 @@ class MixerWorkflow:
             spec, step, record, PTY_ACTIVITY, call, f"{step.id}: {' '.join(call.argv)}"
         )
 
-    async def _run_agent(self, spec: Spec, step: AgentStep, record: StepRecord) -> str:
+    async def _run_agent(self, spec: Spec, step: AgentStep, record: StepRecord) -> str | Settled:
         # An agent spends on its own provider account, so a spent budget holds
         # it too. Runs recorded before this gate existed started agent steps
         # regardless; the patch marker keeps their replays on that path.
         if self._checks_recorded or workflow.patched(AGENT_BUDGET_GATE_PATCH):
-            await self._budget_gate(step, record)
+            settled = await self._budget_gate(step, record)
+            if settled is not None:
+                return settled
         call = AgentCall(
             workflow_id=workflow.info().workflow_id,
             step_id=step.id,
@@ -966,20 +963,8 @@ class MixerWorkflow:
         summary: str,
     ) -> str:
         try:
-            result = await workflow.execute_activity(
-                activity_name,
-                call,
-                result_type=CommandResult,
-                # None: this run's queue. No schedule-to-start timeout, so with
-                # no PTY worker polling yet the step waits rather than fails.
-                task_queue=spec.pty_task_queue,
-                # The command's own timeout_s is enforced by the activity (so it
-                # can report the output so far); this is only the backstop.
-                start_to_close_timeout=timedelta(seconds=spec.timeout_s(step) + 60),
-                heartbeat_timeout=timedelta(seconds=spec.defaults.heartbeat_timeout_s),
-                retry_policy=_retry_policy(spec.retry(step)),
-                cancellation_type=workflow.ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
-                summary=summary[:200],
+            result = await self._execute_activity(
+                activity_name, call, CommandResult, command_options(spec, step), summary[:200]
             )
         except ActivityError as error:
             attempts, message, _ = _describe_failure(error, spec.retry(step))
@@ -991,7 +976,9 @@ class MixerWorkflow:
         record.latency_ms = result.duration_ms
         return result.output
 
-    async def _await_approval(self, spec: Spec, step: ApprovalStep, record: StepRecord) -> str:
+    async def _await_approval(
+        self, spec: Spec, step: ApprovalStep, record: StepRecord
+    ) -> str | Settled:
         question = (
             self._render(spec, step.prompt, step.id) if step.prompt else f"Approve {step.id}?"
         )
@@ -1020,8 +1007,8 @@ class MixerWorkflow:
             return decision.argument.get("comment") or "approved"
         if decision.type == "reject":
             raise StepFailed(f"rejected: {decision.argument.get('reason') or 'no reason given'}")
-        # skip / override: applied by the handler; keep the record as it set it.
-        raise _Settled()
+        # skip / override: the intervention has moved the record.
+        return Settled(decision.type)
 
     # ---- interventions (CONTRACT 6) ----------------------------------------
 
@@ -1217,6 +1204,26 @@ class MixerWorkflow:
             step=step_id, action=action, status=record.status, message=message
         )
 
+    async def _execute_activity(
+        self,
+        activity: str,
+        arg: LlmCall | CommandCall | AgentCall,
+        result_type: type[ActivityResult],
+        options: StepActivityOptions,
+        summary: str,
+    ) -> ActivityResult:
+        return await workflow.execute_activity(
+            activity,
+            arg,
+            result_type=result_type,
+            task_queue=options.task_queue,
+            start_to_close_timeout=options.start_to_close_timeout,
+            heartbeat_timeout=options.heartbeat_timeout,
+            retry_policy=options.retry_policy,
+            cancellation_type=options.cancellation_type,
+            summary=summary,
+        )
+
     # ---- events -----------------------------------------------------------
 
     def _publish(
@@ -1231,10 +1238,6 @@ class MixerWorkflow:
                 type=event_type, step=step, attempt=attempt, time=workflow.now(), data=data or {}
             )
         )
-
-
-class _Settled(StepFailed):
-    """The step was skipped or overridden by a person while it waited."""
 
 
 def _budget_refusal(
@@ -1288,16 +1291,6 @@ def _belongs_to_temporal(error: BaseException) -> bool:
 
 def _spec_issue(issue: CheckIssue) -> SpecIssue:
     return SpecIssue(issue.step, issue.field, issue.message)
-
-
-def _retry_policy(retry: RetrySpec) -> RetryPolicy:
-    return RetryPolicy(
-        initial_interval=timedelta(seconds=retry.initial_interval_s),
-        backoff_coefficient=retry.backoff,
-        maximum_interval=timedelta(seconds=retry.max_interval_s),
-        maximum_attempts=retry.max_attempts,
-        non_retryable_error_types=_NON_RETRYABLE,
-    )
 
 
 def _describe_failure(error: ActivityError, retry: RetrySpec) -> tuple[int, str, str | None]:
