@@ -154,6 +154,26 @@ def test_skip_ends_the_step_with_an_empty_output(source: StepStatus) -> None:
     assert state.outputs() == {"s": ""}
 
 
+def test_a_failure_skipped_by_on_failure_keeps_its_error() -> None:
+    state = at(StepStatus.RUNNING)
+    state.skip("s", "failed and on_failure is skip: 500", LATER, error="500")
+    assert (state.records["s"].status, state.records["s"].error) == (StepStatus.SKIPPED, "500")
+
+
+def test_an_accepted_plan_joins_the_dag_and_clears_the_refusal() -> None:
+    state = RunState(
+        "r", [StepNode("plan", "decompose", ()), StepNode("end", "llm", ("plan",))], False
+    )
+    state.launch("plan")
+    state.start("plan", NOW)
+    state.refuse_plan("plan", "plan refused: too many steps")
+    version = state.version
+    state.accept_plan("plan", [StepNode("p1", "llm", ("plan",), parent="plan")])
+    assert state.version == version + 1
+    assert state.records["plan"].error is None
+    assert state.nodes["end"].needs == ("plan", "p1")
+
+
 @pytest.mark.parametrize("source", [StepStatus.PENDING, StepStatus.WAITING, StepStatus.FAILED])
 def test_override_completes_the_step_with_the_given_output(source: StepStatus) -> None:
     state = at(source)

@@ -179,6 +179,12 @@ class RunState:
                     records_after[new.id] = self._new_record(new)
         self.nodes, self.records = nodes_after, records_after
 
+    def accept_plan(self, parent: str, nodes: Sequence[StepNode]) -> None:
+        """``parent``'s plan passed its checks: its steps join, its refusals are forgotten."""
+        self.records[parent].error = None
+        self.add_steps(parent, nodes)
+        self.version += 1
+
     def ancestors(self, step_id: str) -> set[str]:
         """Every step ``step_id`` waits for, directly or transitively, at run time."""
         seen: set[str] = set()
@@ -393,10 +399,12 @@ class RunState:
         record.waiting_reason = None
         record.budget_hold = None
 
-    def skip(self, step_id: str, reason: str, now: datetime) -> None:
-        """The step ends without output (``on_failure: skip``, or a person's skip)."""
+    def skip(self, step_id: str, reason: str, now: datetime, error: str | None = None) -> None:
+        """The step ends without output (``on_failure: skip`` with its ``error``, or a person)."""
         record = self._move(step_id, "skip", frozenset({_PENDING, _RUNNING, _WAITING, _FAILED}))
         record.status = StepStatus.SKIPPED
+        if error is not None:
+            record.error = error
         record.skipped_reason = reason
         record.budget_hold = None
         record.ended_at = now

@@ -499,14 +499,15 @@ class MixerWorkflow:
         self, spec: Spec, step: StepModel, record: StepRecord, error: str
     ) -> bool:
         """Apply ``on_failure``; True when the step should run again."""
-        record.error = error
         policy = spec.on_failure(step)
         if policy == "skip":
-            self._state.skip(step.id, f"failed and on_failure is skip: {error}", workflow.now())
+            self._state.skip(
+                step.id, f"failed and on_failure is skip: {error}", workflow.now(), error=error
+            )
             self._publish(EventType.STEP_SKIPPED, step.id, record.attempts, {"error": error})
             return False
         if policy == "fail":
-            self._state.fail(step.id, workflow.now())
+            self._state.fail(step.id, workflow.now(), error)
             self._publish(EventType.STEP_FAILED, step.id, record.attempts, {"error": error})
             self._fatal = f"step {step.id} failed: {error}"
             return False
@@ -517,7 +518,7 @@ class MixerWorkflow:
     ) -> bool:
         """Wait for a person after a failure; True when they asked for a retry."""
         if announce:
-            self._state.wait(step.id, f"failed: {error}")
+            self._state.wait(step.id, f"failed: {error}", error=error)
             self._publish(EventType.STEP_WAITING, step.id, record.attempts, {"error": error})
             workflow.set_current_details(self._state.summary())
         timeout = spec.pause_timeout_s(step)
@@ -808,7 +809,6 @@ class MixerWorkflow:
             raise StepFailed(
                 f"no valid plan in {tries} tries; the last one was refused:\n{feedback}"
             )
-        record.error = None
         nodes = [
             StepNode(
                 id=planned["id"],
@@ -819,7 +819,7 @@ class MixerWorkflow:
             )
             for planned in steps
         ]
-        self._state.add_steps(step.id, nodes)
+        self._state.accept_plan(step.id, nodes)
         for planned in steps:
             if planned["kind"] == "decompose":
                 self._set_budget(planned["id"], DecomposeStep.model_validate(planned).budget)
