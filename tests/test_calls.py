@@ -32,6 +32,7 @@ from llmmixer.workflows.calls import (
     llm_call,
     llm_options,
     planned_step,
+    target_chain,
 )
 from llmmixer.workflows.spec import (
     AgentStep,
@@ -144,6 +145,11 @@ def test_every_recorded_call_and_its_options_are_rebuilt_identically(path: Path)
                 plan=recorded.plan,
             )
             assert rebuilt == recorded
+            if not (isinstance(step, LlmStep) and step.best_of is not None):
+                chain = target_chain(spec, step)
+                assert (recorded.provider, recorded.model, recorded.base_url) in [
+                    (t.provider, t.model, t.base_url) for t in chain
+                ]
             # Fields added since (like `plan`) are the only ones a recorded call lacks.
             sent = json.loads(rebuilt.model_dump_json())
             assert _as_recorded(sent, call) == call
@@ -209,3 +215,36 @@ def test_a_command_gets_a_minute_beyond_its_own_timeout_on_the_terminal_queue() 
     options = command_options(spec, step)
     assert options.start_to_close_timeout == timedelta(seconds=90)
     assert options.task_queue == "terminals"
+
+
+def test_a_role_asks_its_route_then_the_steps_own_fallbacks() -> None:
+    spec = Spec.model_validate(
+        {
+            "routes": {"fast": [{"provider": "gemini", "model": "flash"}]},
+            "steps": [
+                {
+                    "id": "s",
+                    "prompt": "hi",
+                    "role": "fast",
+                    "fallback": [{"provider": "openai", "model": "mini"}],
+                },
+                {"id": "p", "kind": "decompose", "prompt": "split", "role": "fast"},
+            ],
+        }
+    )
+    llm, plan = spec.step("s"), spec.step("p")
+    assert isinstance(llm, LlmStep) and isinstance(plan, DecomposeStep)
+    assert [(t.provider, t.model) for t in target_chain(spec, llm)] == [
+        ("gemini", "flash"),
+        ("openai", "mini"),
+    ]
+    assert [(t.provider, t.model) for t in target_chain(spec, plan)] == [("gemini", "flash")]
+
+
+def test_without_a_role_the_step_asks_its_own_endpoint_or_the_defaults() -> None:
+    spec = _spec(prompt="hi", base_url="http://127.0.0.1:11434/v1", model="llama")
+    step = spec.step("s")
+    assert isinstance(step, LlmStep)
+    assert target_chain(spec, step) == [
+        FallbackTarget(provider="openai", model="llama", base_url="http://127.0.0.1:11434/v1")
+    ]

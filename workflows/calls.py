@@ -69,6 +69,28 @@ def planned_step(kind: str, definition: dict[str, Any]) -> StepModel:
     return step
 
 
+def target_chain(spec: Spec, step: ModelStep) -> list[FallbackTarget]:
+    """Who ``step`` asks, in order: its role's route or its own target, then its fallbacks.
+
+    Only an llm step has fallbacks and a ``base_url`` of its own; a step
+    without provider or model takes the spec's defaults.
+    """
+    match step:
+        case LlmStep():
+            fallback, base_url = step.fallback, step.base_url
+        case DecomposeStep():
+            fallback, base_url = [], None
+    if step.role is not None:
+        route = [FallbackTarget.model_validate(t.model_dump()) for t in spec.routes[step.role]]
+        return [*route, *fallback]
+    primary = FallbackTarget(
+        provider=step.provider or spec.defaults.provider or "",
+        model=step.model or spec.defaults.model or "",
+        base_url=base_url,
+    )
+    return [primary, *fallback]
+
+
 class _Shared(TypedDict):
     workflow_id: str
     step_id: str

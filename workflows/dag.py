@@ -114,7 +114,7 @@ class RunSnapshot(BaseModel):
 
 
 class RunState:
-    """Records of every step plus the DAG edges; mutated only by ``MixerWorkflow``."""
+    """Records of every step plus the DAG edges; a step changes state only through its methods."""
 
     def __init__(
         self, name: str, nodes: Sequence[StepNode], dry_run: bool, workflow_id: str = ""

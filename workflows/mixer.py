@@ -2,8 +2,9 @@
 
 Determinism: this module does no I/O and reads no clock but ``workflow.now()``.
 Every effect (a provider call, a command) is an activity; the rules of the
-run (what may start, what a person may do) are in ``dag.py``; validation is in
-``validation.py``. History is the checkpoint: a finished step is never run
+run (what may start, what a person may do, every change of a step's state)
+are in ``dag.py``; what each activity is called with is in ``calls.py``;
+validation is in ``validation.py``. History is the checkpoint: a finished step is never run
 again after a crash because its result is replayed from history.
 
 Compatibility with runs in flight: the names of the workflow, its signals,
@@ -118,6 +119,7 @@ with workflow.unsafe.imports_passed_through():
         llm_call,
         llm_options,
         planned_step,
+        target_chain,
     )
 
 WORKFLOW_NAME = "MixerWorkflow"
@@ -590,19 +592,6 @@ class MixerWorkflow:
             self._planned[step_id] = planned_step(node.kind, node.definition)
         return self._planned[step_id]
 
-    def _chain(self, spec: Spec, step: LlmStep | DecomposeStep) -> list[FallbackTarget]:
-        """Primary target, then fallbacks: the step's own, or its role's route."""
-        fallback = step.fallback if isinstance(step, LlmStep) else []
-        if step.role is not None:
-            route = [FallbackTarget.model_validate(t.model_dump()) for t in spec.routes[step.role]]
-            return [*route, *fallback]
-        primary = FallbackTarget(
-            provider=step.provider or spec.defaults.provider or "",
-            model=step.model or spec.defaults.model or "",
-            base_url=step.base_url if isinstance(step, LlmStep) else None,
-        )
-        return [primary, *fallback]
-
     async def _call_llm(self, spec: Spec, step: LlmStep, record: StepRecord) -> str | Settled:
         settled = await self._budget_gate(step, record)
         if settled is not None:
@@ -623,7 +612,7 @@ class MixerWorkflow:
         system = self._render(spec, step.system, step.id) if step.system else None
         if step.best_of is not None:
             return await self._best_of(spec, step, record, messages, system)
-        reply = await self._ask(spec, step, record, self._chain(spec, step), messages, system)
+        reply = await self._ask(spec, step, record, target_chain(spec, step), messages, system)
         return reply.text
 
     async def _ask(
@@ -712,7 +701,7 @@ class MixerWorkflow:
         """N candidates side by side (one activity each), then a judge picks or merges."""
         assert step.best_of is not None
         best = step.best_of
-        own = self._chain(spec, step)
+        own = target_chain(spec, step)
         targets = [
             FallbackTarget.model_validate(best.targets[i % len(best.targets)].model_dump())
             if best.targets
@@ -793,7 +782,7 @@ class MixerWorkflow:
                 spec,
                 step,
                 record,
-                self._chain(spec, step),
+                target_chain(spec, step),
                 [ChatMessage(role="user", content=prompt)],
                 system,
                 plan=plan_request(context),
