@@ -14,6 +14,8 @@ Step states (CONTRACT 4 and 8)::
        │                                               └─override──▶ completed
        └─skip / override (before it starts)──▶ skipped / completed
 
+    failed ──retry (reopen)──▶ pending        running / waiting ──cancel──▶ failed
+
 An approval step goes straight from running to ``waiting`` for a decision,
 and a step whose budget is spent is held ``waiting`` until it is raised.
 
