@@ -14,7 +14,16 @@ Step states (CONTRACT 4 and 8)::
        │                                               └─override──▶ completed
        └─skip / override (before it starts)──▶ skipped / completed
 
-An approval step goes straight from running to ``waiting`` for a decision.
+    failed ──retry (reopen)──▶ pending        running / waiting ──cancel──▶ failed
+
+An approval step goes straight from running to ``waiting`` for a decision,
+and a step whose budget is spent is held ``waiting`` until it is raised.
+
+Every change of a step's state is a method of ``RunState`` that checks the
+state it leaves and sets or clears exactly the fields that change implies;
+the workflow interprets the spec and calls them, it never assigns a status.
+Each such change increases ``RunState.version``, which the workflow's loop
+waits on, so no change can be made without the loop seeing it.
 """
 
 from __future__ import annotations
@@ -31,6 +40,9 @@ from llmmixer.workflows.records import (
     DONE_STATES,
     BudgetHold,
     BudgetLimits,
+    Candidate,
+    FallbackNote,
+    Intervention,
     InterventionType,
     RunProgress,
     RunStatus,
@@ -38,6 +50,9 @@ from llmmixer.workflows.records import (
     StepStatus,
     TotalUsage,
 )
+
+_PENDING, _RUNNING, _WAITING = StepStatus.PENDING, StepStatus.RUNNING, StepStatus.WAITING
+_FAILED = StepStatus.FAILED
 
 # Which states each intervention may act on (CONTRACT 8).
 _ALLOWED: dict[str, frozenset[StepStatus]] = {
@@ -68,6 +83,14 @@ def cut_text(text: str, limit: int, where: str) -> str:
     return text[:head] + marker + text[-tail:]
 
 
+class TransitionRefused(ValueError):
+    """A step was asked to change state from a state that change does not leave.
+
+    Always a bug in the workflow (a person's actions are checked by
+    ``RunState.refusal`` first); the step then fails as an unexpected error.
+    """
+
+
 @dataclass(frozen=True)
 class StepNode:
     id: str
@@ -93,7 +116,7 @@ class RunSnapshot(BaseModel):
 
 
 class RunState:
-    """Records of every step plus the DAG edges; mutated only by ``MixerWorkflow``."""
+    """Records of every step plus the DAG edges; a step changes state only through its methods."""
 
     def __init__(
         self, name: str, nodes: Sequence[StepNode], dry_run: bool, workflow_id: str = ""
@@ -108,6 +131,8 @@ class RunState:
         self.output: str | None = None
         self.status = RunStatus.RUNNING
         self.error: str | None = None
+        # Increased by every change the workflow's loop must react to.
+        self.version = 0
 
     def _new_record(self, node: StepNode) -> StepRecord:
         return StepRecord(
@@ -155,6 +180,12 @@ class RunState:
                     nodes_after[new.id] = new
                     records_after[new.id] = self._new_record(new)
         self.nodes, self.records = nodes_after, records_after
+
+    def accept_plan(self, parent: str, nodes: Sequence[StepNode]) -> None:
+        """``parent``'s plan passed its checks: its steps join, its refusals are forgotten."""
+        self.records[parent].error = None
+        self.add_steps(parent, nodes)
+        self.version += 1
 
     def ancestors(self, step_id: str) -> set[str]:
         """Every step ``step_id`` waits for, directly or transitively, at run time."""
@@ -255,13 +286,183 @@ class RunState:
 
     def cancel_unfinished(self, now: datetime) -> None:
         """The run was cancelled: steps still running or waiting end as failed."""
-        for record in self.records.values():
-            if record.status in (StepStatus.RUNNING, StepStatus.WAITING):
-                record.status = StepStatus.FAILED
-                record.error = "cancelled with the run"
-                record.waiting_reason = None
-                record.budget_hold = None
-                record.ended_at = now
+        for step_id, record in self.records.items():
+            if record.status in (_RUNNING, _WAITING):
+                self.cancel(step_id, now)
+
+    def end(
+        self, status: RunStatus, *, output: str | None = None, error: str | None = None
+    ) -> None:
+        """The run ended with ``status``; ``error`` says why a failed run failed."""
+        self.status = status
+        if output is not None:
+            self.output = output
+        self.error = error if status == RunStatus.FAILED else None
+        self.version += 1
+
+    # ---- step transitions ----------------------------------------------------
+    #
+    # Each sets and clears exactly the fields that runs recorded before these
+    # methods existed got at the same point: records ride in continue-as-new
+    # inputs and in the run's result, so their content must not change.
+
+    def _move(self, step_id: str, change: str, sources: frozenset[StepStatus]) -> StepRecord:
+        record = self.records[step_id]
+        if record.status not in sources:
+            states = " or ".join(sorted(state.value for state in sources))
+            raise TransitionRefused(
+                f"step {step_id!r} cannot {change}: it is {record.status.value}, "
+                f"and {change} applies to a step that is {states}"
+            )
+        self.version += 1
+        return record
+
+    def launch(self, step_id: str) -> None:
+        """The scheduler claims a pending step, before its task first runs.
+
+        Marked at once, so a wake-up in between never launches it twice.
+        """
+        self._move(step_id, "launch", frozenset({_PENDING})).status = _RUNNING
+
+    def start(self, step_id: str, now: datetime) -> None:
+        """An attempt begins: the step runs, and no earlier error or wait applies."""
+        record = self._move(step_id, "start", frozenset({_PENDING, _RUNNING, _WAITING}))
+        record.status = _RUNNING
+        record.started_at = record.started_at or now
+        record.error = None
+        record.waiting_reason = None
+        record.budget_hold = None
+
+    def complete(self, step_id: str, output: str, now: datetime) -> None:
+        """The step produced ``output`` (a run, an approval, or a person's approve)."""
+        record = self._move(step_id, "complete", frozenset({_RUNNING, _WAITING}))
+        record.status = StepStatus.COMPLETED
+        record.output = output
+        record.ended_at = now
+
+    def fail(self, step_id: str, now: datetime, error: str | None = None) -> None:
+        """The step failed for good; ``None`` keeps the error it already has.
+
+        A pause that timed out fails with the failure it paused on.
+        """
+        record = self._move(step_id, "fail", frozenset({_PENDING, _RUNNING, _WAITING}))
+        record.status = _FAILED
+        if error is not None:
+            record.error = error
+        record.ended_at = now
+
+    def wait(self, step_id: str, reason: str, error: str | None = None) -> None:
+        """The step waits for a person (an approval, or a failure under ``pause``)."""
+        record = self._move(step_id, "wait", frozenset({_RUNNING, _WAITING}))
+        record.status = _WAITING
+        record.waiting_reason = reason
+        if error is not None:
+            record.error = error
+
+    def rewait(self, step_id: str, reason: str, error: str | None = None) -> None:
+        """A waiting step keeps waiting for another reason (a paused step rejected again).
+
+        Not a change of state: nothing can start because of it, so the
+        version stays (runs recorded before it existed did not wake here).
+        """
+        record = self.records[step_id]
+        if record.status != _WAITING:
+            raise TransitionRefused(
+                f"step {step_id!r} cannot rewait: it is {record.status.value}, not waiting"
+            )
+        record.waiting_reason = reason
+        if error is not None:
+            record.error = error
+
+    def hold(self, step_id: str, hold: BudgetHold) -> None:
+        """A spent budget holds the step before it spends anything."""
+        record = self._move(step_id, "hold", frozenset({_RUNNING}))
+        record.status = _WAITING
+        record.budget_hold = hold
+        record.waiting_reason = hold.reason()
+
+    def rehold(self, step_id: str, hold: BudgetHold | None) -> None:
+        """A held step stays held; the budget it waits for is ``hold`` now.
+
+        Like ``rewait``, not a change of state: the version stays.
+        """
+        record = self.records[step_id]
+        if record.status != _WAITING:
+            raise TransitionRefused(
+                f"step {step_id!r} cannot rehold: it is {record.status.value}, not waiting"
+            )
+        record.budget_hold = hold
+        record.waiting_reason = hold.reason() if hold else None
+
+    def resume(self, step_id: str) -> None:
+        """The budget that held the step was raised: it runs on."""
+        record = self._move(step_id, "resume", frozenset({_WAITING}))
+        record.status = _RUNNING
+        record.waiting_reason = None
+        record.budget_hold = None
+
+    def skip(self, step_id: str, reason: str, now: datetime, error: str | None = None) -> None:
+        """The step ends without output (``on_failure: skip`` with its ``error``, or a person)."""
+        record = self._move(step_id, "skip", frozenset({_PENDING, _RUNNING, _WAITING, _FAILED}))
+        record.status = StepStatus.SKIPPED
+        if error is not None:
+            record.error = error
+        record.skipped_reason = reason
+        record.budget_hold = None
+        record.ended_at = now
+
+    def override(self, step_id: str, output: str, now: datetime) -> None:
+        """A person gives the step's output instead of running it (again)."""
+        record = self._move(step_id, "override", _ALLOWED["override"])
+        record.status = StepStatus.COMPLETED
+        record.output = output
+        record.overridden = True
+        record.budget_hold = None
+        record.ended_at = now
+
+    def reopen(self, step_id: str) -> None:
+        """A person retries a failed step: the scheduler starts it again."""
+        self._move(step_id, "reopen", frozenset({_FAILED})).status = _PENDING
+
+    def cancel(self, step_id: str, now: datetime, detail: str | None = None) -> None:
+        """The run was cancelled while the step had not ended."""
+        record = self._move(step_id, "cancel", frozenset({_PENDING, _RUNNING, _WAITING}))
+        record.status = _FAILED
+        record.error = f"cancelled with the run ({detail})" if detail else "cancelled with the run"
+        record.waiting_reason = None
+        record.budget_hold = None
+        record.ended_at = now
+
+    # ---- what happens to a step without changing its state --------------------
+
+    def intervene(self, step_id: str, intervention: Intervention) -> None:
+        """A person's accepted action is recorded; the step acts on it next."""
+        self.records[step_id].interventions.append(intervention)
+        self.version += 1
+
+    def note_refused(self, step_id: str, intervention: Intervention) -> None:
+        """A refused signal is recorded; nothing changes, so the version stays."""
+        self.records[step_id].interventions.append(intervention)
+
+    def note_fallback(self, step_id: str, note: FallbackNote) -> None:
+        """A target of the step's chain failed; the next one is asked."""
+        self.records[step_id].fallbacks.append(note)
+        self.version += 1
+
+    def set_candidates(self, step_id: str, candidates: Sequence[Candidate]) -> None:
+        """Every ``best_of`` candidate answered or failed; the judge is next."""
+        self.records[step_id].candidates = list(candidates)
+        self.version += 1
+
+    def refuse_plan(self, step_id: str, error: str) -> None:
+        """A decompose step's plan was refused; the planner is asked again."""
+        self.records[step_id].error = error
+        self.version += 1
+
+    def set_budget(self, scope: str, limits: BudgetLimits) -> None:
+        """A budget is set or raised; steps it held may start."""
+        self.budgets[scope] = limits
+        self.version += 1
 
     # ---- interventions ----------------------------------------------------
 

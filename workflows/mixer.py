@@ -2,8 +2,9 @@
 
 Determinism: this module does no I/O and reads no clock but ``workflow.now()``.
 Every effect (a provider call, a command) is an activity; the rules of the
-run (what may start, what a person may do) are in ``dag.py``; validation is in
-``validation.py``. History is the checkpoint: a finished step is never run
+run (what may start, what a person may do, every change of a step's state)
+are in ``dag.py``; what each activity is called with is in ``calls.py``;
+validation is in ``validation.py``. History is the checkpoint: a finished step is never run
 again after a crash because its result is replayed from history.
 
 Compatibility with runs in flight: the names of the workflow, its signals,
@@ -20,7 +21,6 @@ from datetime import timedelta
 from typing import Any
 
 from temporalio import workflow
-from temporalio.common import RetryPolicy
 from temporalio.exceptions import (
     ActivityError,
     ApplicationError,
@@ -47,7 +47,6 @@ with workflow.unsafe.imports_passed_through():
         CheckIssue,
         CommandCall,
         CommandResult,
-        ErrorType,
         EventType,
         FailureDetails,
         LlmCall,
@@ -90,7 +89,6 @@ with workflow.unsafe.imports_passed_through():
         StepStatus,
     )
     from llmmixer.workflows.spec import (
-        STEP_MODELS,
         AgentStep,
         ApprovalStep,
         Budget,
@@ -109,7 +107,24 @@ with workflow.unsafe.imports_passed_through():
         validate_spec,
     )
 
+from typing import TypeVar
+
+with workflow.unsafe.imports_passed_through():
+    from llmmixer.workflows.calls import (
+        CHECK_OPTIONS,
+        Settled,
+        StepActivityOptions,
+        StepModel,
+        command_options,
+        llm_call,
+        llm_options,
+        planned_step,
+        target_chain,
+    )
+
 WORKFLOW_NAME = "MixerWorkflow"
+
+ActivityResult = TypeVar("ActivityResult", LlmReply, CommandResult)
 
 # workflow.patched() ids: each marks a change in which commands a run issues,
 # so histories recorded before it still replay. Never rename or reuse one.
@@ -133,18 +148,6 @@ PLAN_FIELDS_PATCH = "plans-refuse-unlisted-fields"
 # An unexpected error while running a step fails that step (its on_failure
 # applies) instead of ending its task and leaving it `running` for ever.
 STEP_ERRORS_PATCH = "step-errors-fail-the-step"
-
-# The checks are pure and quick; a retry is only for a worker that died meanwhile.
-_CHECK_TIMEOUT = timedelta(seconds=60)
-_CHECK_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_attempts=3)
-
-# Errors no Temporal retry can fix; the step fails at once and on_failure applies.
-_NON_RETRYABLE = [
-    ErrorType.REJECTED,
-    ErrorType.AUTH,
-    ErrorType.COMMAND_REFUSED,
-    ErrorType.COMMAND_TIMEOUT,
-]
 
 
 class StepFailed(Exception):
@@ -178,7 +181,7 @@ class MixerWorkflow:
             self._invalid = str(error)
         self._reset_state(spec)
         # Steps created by plans, parsed once from their nodes' definitions.
-        self._planned: dict[str, Any] = {}
+        self._planned: dict[str, StepModel] = {}
         self._spec_body = spec
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._decisions: dict[str, Intervention] = {}
@@ -194,7 +197,6 @@ class MixerWorkflow:
             self._continuations = carried.continuations
         self._fatal: str | None = None
         self._cancelling = False
-        self._changed = False
 
     def _reset_state(self, raw: dict[str, Any]) -> None:
         spec_model = self._spec
@@ -243,21 +245,21 @@ class MixerWorkflow:
         except (asyncio.CancelledError, CancelledError):
             await self._cancel_running()
             self._state.cancel_unfinished(workflow.now())
-            self._state.status = RunStatus.CANCELLED
+            self._state.end(RunStatus.CANCELLED)
             self._finish()
             raise
         except ApplicationError:
             await self._cancel_running()
-            self._state.status = RunStatus.FAILED
+            self._state.end(RunStatus.FAILED, error=self._fatal)
             self._finish()
             raise
-        self._state.status = RunStatus.COMPLETED
-        self._state.output = (
-            render(
+        self._state.end(
+            RunStatus.COMPLETED,
+            output=render(
                 self._spec.output, self._spec.inputs, self._state.outputs(), self._state.children()
             )
             if self._spec.output is not None
-            else self._state.last_output()
+            else self._state.last_output(),
         )
         self._finish()
         await workflow.wait_condition(workflow.all_handlers_finished)
@@ -270,8 +272,8 @@ class MixerWorkflow:
                 CHECK_SPEC_ACTIVITY,
                 SpecCheck(spec=raw),
                 result_type=SpecCheckResult,
-                start_to_close_timeout=_CHECK_TIMEOUT,
-                retry_policy=_CHECK_RETRY,
+                start_to_close_timeout=CHECK_OPTIONS.start_to_close_timeout,
+                retry_policy=CHECK_OPTIONS.retry_policy,
                 summary="check the spec",
             )
         except ActivityError as error:
@@ -301,14 +303,23 @@ class MixerWorkflow:
             if self._state.all_done() and not self._running_ids():
                 return
             workflow.set_current_details(self._state.summary())
-            self._changed = False
-            await workflow.wait_condition(lambda: self._changed)
+            await self._until_changed()
+
+    async def _until_changed(self) -> None:
+        """Until the run's state changes or a step's task ends.
+
+        Exactly the points where runs recorded before ``RunState.version``
+        existed woke their loop, so their replays issue the same commands.
+        """
+        seen = self._state.version
+        busy = [task for task in self._tasks.values() if not task.done()]
+        await workflow.wait_condition(
+            lambda: self._state.version != seen or any(task.done() for task in busy)
+        )
 
     def _launch_ready(self, spec: Spec) -> None:
         for step_id in self._state.ready(self._running_ids(), spec.max_parallel):
-            # Marked before the task first runs, so a wake-up in between can
-            # never launch the same step twice.
-            self._state.records[step_id].status = StepStatus.RUNNING
+            self._state.launch(step_id)
             self._tasks[step_id] = asyncio.create_task(self._run_step(spec, step_id))
 
     # ---- long histories: continue as new ------------------------------------
@@ -388,34 +399,28 @@ class MixerWorkflow:
         await asyncio.gather(*running, return_exceptions=True)
 
     def _finish(self) -> None:
-        self._state.error = self._fatal if self._state.status == RunStatus.FAILED else None
         self._publish(EventType.WORKFLOW_ENDED, data={"status": self._state.status.value})
         workflow.set_current_details(f"{self._state.status.value}: {self._state.summary()}")
-
-    def _touch(self) -> None:
-        self._changed = True
 
     # ---- one step ---------------------------------------------------------
 
     async def _run_step(self, spec: Spec, step_id: str, resume: bool = False) -> None:
+        # The loop in _drive wakes when this task ends, however it ends.
         record = self._state.records[step_id]
-        try:
-            while True:
-                try:
-                    await self._attempt(spec, step_id, record, resume)
+        while True:
+            try:
+                await self._attempt(spec, step_id, record, resume)
+                return
+            except Exception as error:
+                # Histories recorded before the patch left such a step
+                # running; their replays must do the same.
+                if _belongs_to_temporal(error) or not (
+                    self._checks_recorded or workflow.patched(STEP_ERRORS_PATCH)
+                ):
+                    raise
+                if not await self._fail_unexpectedly(spec, step_id, record, error):
                     return
-                except Exception as error:
-                    # Histories recorded before the patch left such a step
-                    # running; their replays must do the same.
-                    if _belongs_to_temporal(error) or not (
-                        self._checks_recorded or workflow.patched(STEP_ERRORS_PATCH)
-                    ):
-                        raise
-                    if not await self._fail_unexpectedly(spec, step_id, record, error):
-                        return
-                    resume = False  # a person asked for a retry
-        finally:
-            self._touch()
+                resume = False  # a person asked for a retry
 
     async def _fail_unexpectedly(
         self, spec: Spec, step_id: str, record: StepRecord, error: Exception
@@ -433,9 +438,7 @@ class MixerWorkflow:
         )
         workflow.logger.error("step %s: %s", step_id, reason, exc_info=error)
         if self._cancelling:
-            record.status = StepStatus.FAILED
-            record.error = f"cancelled with the run ({reason})"
-            record.ended_at = workflow.now()
+            self._state.cancel(step_id, workflow.now(), reason)
             return False
         try:
             step = self._step(spec, step_id)
@@ -449,10 +452,9 @@ class MixerWorkflow:
         except Exception as again:
             if _belongs_to_temporal(again):
                 raise
-            record.status = StepStatus.FAILED
-            record.error = reason
-            record.ended_at = workflow.now()
+            # Set first: even if the step cannot be marked failed, the run fails.
             self._fatal = f"step {step_id} failed: {reason}"
+            self._state.fail(step_id, workflow.now(), reason)
             return False
 
     async def _attempt(self, spec: Spec, step_id: str, record: StepRecord, resume: bool) -> None:
@@ -470,34 +472,24 @@ class MixerWorkflow:
         elif resume and not await self._pause(spec, step, record, record.error or "", False):
             return  # decided while it waited again; nothing more to run
         while True:
-            record.status = StepStatus.RUNNING
-            record.started_at = record.started_at or workflow.now()
-            record.error = None
-            record.waiting_reason = None
-            record.budget_hold = None
+            self._state.start(step_id, workflow.now())
             if step_id not in self._resumed_approvals:
                 self._publish(EventType.STEP_STARTED, step_id, record.attempts + 1)
-            self._touch()
             try:
                 output = await self._execute(spec, step, record)
-            except _Settled:
-                return
             except StepFailed as failure:
                 if self._cancelling:
-                    record.status = StepStatus.FAILED
-                    record.error = f"cancelled with the run ({failure})"
-                    record.ended_at = workflow.now()
+                    self._state.cancel(step_id, workflow.now(), str(failure))
                     return
                 if not await self._handle_failure(spec, step, record, str(failure)):
                     return
                 continue  # a person asked for a retry
-            self._complete(step_id, record, output)
+            if not isinstance(output, Settled):
+                self._complete(step_id, record, output)
             return
 
     def _complete(self, step_id: str, record: StepRecord, output: str) -> None:
-        record.status = StepStatus.COMPLETED
-        record.output = output
-        record.ended_at = workflow.now()
+        self._state.complete(step_id, output, workflow.now())
         self._publish(
             EventType.STEP_COMPLETED,
             step_id,
@@ -505,44 +497,41 @@ class MixerWorkflow:
             {"output_chars": len(output), "provider": record.provider, "model": record.model},
         )
 
-    async def _handle_failure(self, spec: Spec, step: Any, record: StepRecord, error: str) -> bool:
+    async def _handle_failure(
+        self, spec: Spec, step: StepModel, record: StepRecord, error: str
+    ) -> bool:
         """Apply ``on_failure``; True when the step should run again."""
-        record.error = error
         policy = spec.on_failure(step)
         if policy == "skip":
-            record.status = StepStatus.SKIPPED
-            record.skipped_reason = f"failed and on_failure is skip: {error}"
-            record.ended_at = workflow.now()
+            self._state.skip(
+                step.id, f"failed and on_failure is skip: {error}", workflow.now(), error=error
+            )
             self._publish(EventType.STEP_SKIPPED, step.id, record.attempts, {"error": error})
             return False
         if policy == "fail":
-            record.status = StepStatus.FAILED
-            record.ended_at = workflow.now()
+            self._state.fail(step.id, workflow.now(), error)
             self._publish(EventType.STEP_FAILED, step.id, record.attempts, {"error": error})
             self._fatal = f"step {step.id} failed: {error}"
             return False
         return await self._pause(spec, step, record, error, True)
 
     async def _pause(
-        self, spec: Spec, step: Any, record: StepRecord, error: str, announce: bool
+        self, spec: Spec, step: StepModel, record: StepRecord, error: str, announce: bool
     ) -> bool:
         """Wait for a person after a failure; True when they asked for a retry."""
         if announce:
-            record.status = StepStatus.WAITING
-            record.waiting_reason = f"failed: {error}"
+            self._state.wait(step.id, f"failed: {error}", error=error)
             self._publish(EventType.STEP_WAITING, step.id, record.attempts, {"error": error})
-            self._touch()
             workflow.set_current_details(self._state.summary())
         timeout = spec.pause_timeout_s(step)
         decision = await self._await_decision(step.id, timeout)
         while decision is not None and decision.type == "reject":
             # Rejecting a paused approval again only updates the reason it waits.
-            record.error = f"rejected: {decision.argument.get('reason') or 'no reason given'}"
-            record.waiting_reason = f"failed: {record.error}"
+            rejected = f"rejected: {decision.argument.get('reason') or 'no reason given'}"
+            self._state.rewait(step.id, f"failed: {rejected}", error=rejected)
             decision = await self._await_decision(step.id, timeout)
         if decision is None:
-            record.status = StepStatus.FAILED
-            record.ended_at = workflow.now()
+            self._state.fail(step.id, workflow.now())
             self._fatal = (
                 f"step {step.id} waited {timeout:g} s for a person (pause_timeout_s) "
                 f"after it failed: {error}"
@@ -567,7 +556,7 @@ class MixerWorkflow:
             return None
         return self._decisions.pop(step_id)
 
-    async def _execute(self, spec: Spec, step: Any, record: StepRecord) -> str:
+    async def _execute(self, spec: Spec, step: StepModel, record: StepRecord) -> str | Settled:
         if isinstance(step, LlmStep):
             return await self._call_llm(spec, step, record)
         if isinstance(step, PtyStep):
@@ -594,30 +583,19 @@ class MixerWorkflow:
             outputs = {i: text for i, text in outputs.items() if i in scope}
         return render(text, spec.inputs, outputs, self._state.children())
 
-    def _step(self, spec: Spec, step_id: str) -> Any:
+    def _step(self, spec: Spec, step_id: str) -> StepModel:
         """The step's model: from the spec, or from the plan that created it."""
         node = self._state.nodes.get(step_id)
         if node is None or node.definition is None:
             return spec.step(step_id)
         if step_id not in self._planned:
-            self._planned[step_id] = STEP_MODELS[node.kind].model_validate(node.definition)
+            self._planned[step_id] = planned_step(node.kind, node.definition)
         return self._planned[step_id]
 
-    def _chain(self, spec: Spec, step: LlmStep | DecomposeStep) -> list[FallbackTarget]:
-        """Primary target, then fallbacks: the step's own, or its role's route."""
-        fallback = step.fallback if isinstance(step, LlmStep) else []
-        if step.role is not None:
-            route = [FallbackTarget.model_validate(t.model_dump()) for t in spec.routes[step.role]]
-            return [*route, *fallback]
-        primary = FallbackTarget(
-            provider=step.provider or spec.defaults.provider or "",
-            model=step.model or spec.defaults.model or "",
-            base_url=step.base_url if isinstance(step, LlmStep) else None,
-        )
-        return [primary, *fallback]
-
-    async def _call_llm(self, spec: Spec, step: LlmStep, record: StepRecord) -> str:
-        await self._budget_gate(step, record)
+    async def _call_llm(self, spec: Spec, step: LlmStep, record: StepRecord) -> str | Settled:
+        settled = await self._budget_gate(step, record)
+        if settled is not None:
+            return settled
         prompt = self._prompt_overrides.get(step.id, step.prompt)
         messages = [
             ChatMessage.model_validate(
@@ -634,7 +612,7 @@ class MixerWorkflow:
         system = self._render(spec, step.system, step.id) if step.system else None
         if step.best_of is not None:
             return await self._best_of(spec, step, record, messages, system)
-        reply = await self._ask(spec, step, record, self._chain(spec, step), messages, system)
+        reply = await self._ask(spec, step, record, target_chain(spec, step), messages, system)
         return reply.text
 
     async def _ask(
@@ -657,58 +635,40 @@ class MixerWorkflow:
         """
         for index, target in enumerate(chain):
             has_next = index < len(chain) - 1
-            call = LlmCall(
+            call = llm_call(
+                spec,
+                step,
+                target,
+                messages,
+                system,
                 workflow_id=workflow.info().workflow_id,
-                step_id=step.id,
-                provider=target.provider,
-                model=target.model,
-                messages=messages,
-                system=system,
-                max_tokens=step.max_tokens or spec.defaults.max_tokens,
-                temperature=step.temperature
-                if step.temperature is not None
-                else spec.defaults.temperature,
-                top_p=step.top_p if isinstance(step, LlmStep) else None,
-                stop=step.stop if isinstance(step, LlmStep) else [],
-                response_format=(
-                    step.response_format if isinstance(step, LlmStep) and plan is None else "json"
-                ),
-                json_schema=step.json_schema if isinstance(step, LlmStep) else None,
-                api=step.api if isinstance(step, LlmStep) else "chat",
-                base_url=target.base_url,
-                provider_options=step.provider_options if isinstance(step, LlmStep) else {},
-                timeout_s=spec.timeout_s(step),
-                dry_run=spec.dry_run,
                 has_fallback=has_next,
                 plan=plan,
             )
             if track:
                 record.provider, record.model = target.provider, target.model
             try:
-                reply = await workflow.execute_activity(
+                reply = await self._execute_activity(
                     LLM_ACTIVITY,
                     call,
-                    result_type=LlmReply,
-                    start_to_close_timeout=timedelta(seconds=spec.timeout_s(step)),
-                    heartbeat_timeout=timedelta(seconds=spec.defaults.heartbeat_timeout_s),
-                    retry_policy=_retry_policy(spec.retry(step)),
-                    cancellation_type=workflow.ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
-                    summary=f"{step.id}{label}: {target.provider}/{target.model}",
+                    LlmReply,
+                    llm_options(spec, step),
+                    f"{step.id}{label}: {target.provider}/{target.model}",
                 )
             except ActivityError as error:
                 attempts, message, error_type = _describe_failure(error, spec.retry(step))
                 record.attempts += attempts
                 if not has_next:
                     raise StepFailed(message) from None
-                record.fallbacks.append(
+                self._state.note_fallback(
+                    step.id,
                     FallbackNote(
                         provider=target.provider,
                         model=target.model,
                         error=message,
                         error_type=error_type,
-                    )
+                    ),
                 )
-                self._touch()
                 continue
             record.attempts += reply.attempt
             record.usage = record.usage + reply.usage
@@ -741,7 +701,7 @@ class MixerWorkflow:
         """N candidates side by side (one activity each), then a judge picks or merges."""
         assert step.best_of is not None
         best = step.best_of
-        own = self._chain(spec, step)
+        own = target_chain(spec, step)
         targets = [
             FallbackTarget.model_validate(best.targets[i % len(best.targets)].model_dump())
             if best.targets
@@ -766,10 +726,9 @@ class MixerWorkflow:
 
         # gather keeps the candidates in their numbered order whatever order
         # they finish in, so the judge's prompt is the same on every replay.
-        record.candidates = list(
-            await asyncio.gather(*(candidate(i + 1, t) for i, t in enumerate(targets)))
+        self._state.set_candidates(
+            step.id, await asyncio.gather(*(candidate(i + 1, t) for i, t in enumerate(targets)))
         )
-        self._touch()
         answered = [(i + 1, c) for i, c in enumerate(record.candidates) if c.output is not None]
         if not answered:
             errors = "; ".join(f"#{i + 1}: {c.error}" for i, c in enumerate(record.candidates))
@@ -798,9 +757,13 @@ class MixerWorkflow:
 
     # ---- decompose ----------------------------------------------------------
 
-    async def _decompose(self, spec: Spec, step: DecomposeStep, record: StepRecord) -> str:
+    async def _decompose(
+        self, spec: Spec, step: DecomposeStep, record: StepRecord
+    ) -> str | Settled:
         """Ask for a plan until one validates, then add its steps to the DAG."""
-        await self._budget_gate(step, record)
+        settled = await self._budget_gate(step, record)
+        if settled is not None:
+            return settled
         task = self._render(spec, self._prompt_overrides.get(step.id, step.prompt), step.id)
         system = self._render(spec, step.system, step.id) if step.system else None
         context = PlanContext(
@@ -819,7 +782,7 @@ class MixerWorkflow:
                 spec,
                 step,
                 record,
-                self._chain(spec, step),
+                target_chain(spec, step),
                 [ChatMessage(role="user", content=prompt)],
                 system,
                 plan=plan_request(context),
@@ -830,13 +793,11 @@ class MixerWorkflow:
             # Retried like any retryable step error, with the validator's
             # message given to the planner.
             feedback = "\n".join(str(issue) for issue in issues)
-            record.error = f"plan refused: {feedback}"
-            self._touch()
+            self._state.refuse_plan(step.id, f"plan refused: {feedback}")
         else:
             raise StepFailed(
                 f"no valid plan in {tries} tries; the last one was refused:\n{feedback}"
             )
-        record.error = None
         nodes = [
             StepNode(
                 id=planned["id"],
@@ -847,7 +808,7 @@ class MixerWorkflow:
             )
             for planned in steps
         ]
-        self._state.add_steps(step.id, nodes)
+        self._state.accept_plan(step.id, nodes)
         for planned in steps:
             if planned["kind"] == "decompose":
                 self._set_budget(planned["id"], DecomposeStep.model_validate(planned).budget)
@@ -884,8 +845,8 @@ class MixerWorkflow:
                 CHECK_PLAN_ACTIVITY,
                 request,
                 result_type=PlanCheckResult,
-                start_to_close_timeout=_CHECK_TIMEOUT,
-                retry_policy=_CHECK_RETRY,
+                start_to_close_timeout=CHECK_OPTIONS.start_to_close_timeout,
+                retry_policy=CHECK_OPTIONS.retry_policy,
                 summary=f"{context.step_id}: check the plan",
             )
         except ActivityError as error:
@@ -897,29 +858,30 @@ class MixerWorkflow:
         parent: PlanLimits | None = None
         for above in reversed(self._state.lineage(step.id)):
             model = self._step(spec, above)
-            parent = limits_for(model, parent)
+            if isinstance(model, DecomposeStep):  # only a decompose step has a plan
+                parent = limits_for(model, parent)
         return limits_for(step, parent)
 
     # ---- budgets ------------------------------------------------------------
 
     def _set_budget(self, scope: str, budget: Budget | None) -> None:
         if budget is not None:
-            self._state.budgets[scope] = BudgetLimits(
-                max_tokens=budget.max_tokens, max_cost_usd=budget.max_cost_usd
+            self._state.set_budget(
+                scope, BudgetLimits(max_tokens=budget.max_tokens, max_cost_usd=budget.max_cost_usd)
             )
 
     async def _budget_gate(
         self, step: LlmStep | DecomposeStep | AgentStep, record: StepRecord
-    ) -> None:
-        """Hold a step whose budget is spent until a person raises it (or settles the step)."""
+    ) -> Settled | None:
+        """Hold a step whose budget is spent until a person raises it (or settles the step).
+
+        ``Settled``: a person skipped or overrode the step meanwhile; it must not run.
+        """
         hold = self._state.over_budget(step.id)
         if hold is None:
-            return
-        record.status = StepStatus.WAITING
-        record.budget_hold = hold
-        record.waiting_reason = hold.reason()
+            return None
+        self._state.hold(step.id, hold)
         self._publish(EventType.STEP_WAITING, step.id, record.attempts, {"budget": hold.reason()})
-        self._touch()
         workflow.set_current_details(self._state.summary())
         while True:
             await workflow.wait_condition(
@@ -927,17 +889,14 @@ class MixerWorkflow:
             )
             decision = self._decisions.pop(step.id, None)
             if decision is not None and decision.type in ("skip", "override"):
-                raise _Settled()  # the handler has set the record
+                return Settled(decision.type)  # the intervention has moved the record
             if self._state.over_budget(step.id) is None:
                 break
             # A retry while the budget is still spent changes nothing: keep waiting.
-            record.budget_hold = self._state.over_budget(step.id)
-            record.waiting_reason = record.budget_hold.reason() if record.budget_hold else None
-        record.status = StepStatus.RUNNING
-        record.waiting_reason = None
-        record.budget_hold = None
+            self._state.rehold(step.id, self._state.over_budget(step.id))
+        self._state.resume(step.id)
         self._publish(EventType.STEP_STARTED, step.id, record.attempts + 1)
-        self._touch()
+        return None
 
     async def _run_command(self, spec: Spec, step: PtyStep, record: StepRecord) -> str:
         call = CommandCall(
@@ -959,12 +918,14 @@ class MixerWorkflow:
             spec, step, record, PTY_ACTIVITY, call, f"{step.id}: {' '.join(call.argv)}"
         )
 
-    async def _run_agent(self, spec: Spec, step: AgentStep, record: StepRecord) -> str:
+    async def _run_agent(self, spec: Spec, step: AgentStep, record: StepRecord) -> str | Settled:
         # An agent spends on its own provider account, so a spent budget holds
         # it too. Runs recorded before this gate existed started agent steps
         # regardless; the patch marker keeps their replays on that path.
         if self._checks_recorded or workflow.patched(AGENT_BUDGET_GATE_PATCH):
-            await self._budget_gate(step, record)
+            settled = await self._budget_gate(step, record)
+            if settled is not None:
+                return settled
         call = AgentCall(
             workflow_id=workflow.info().workflow_id,
             step_id=step.id,
@@ -991,20 +952,8 @@ class MixerWorkflow:
         summary: str,
     ) -> str:
         try:
-            result = await workflow.execute_activity(
-                activity_name,
-                call,
-                result_type=CommandResult,
-                # None: this run's queue. No schedule-to-start timeout, so with
-                # no PTY worker polling yet the step waits rather than fails.
-                task_queue=spec.pty_task_queue,
-                # The command's own timeout_s is enforced by the activity (so it
-                # can report the output so far); this is only the backstop.
-                start_to_close_timeout=timedelta(seconds=spec.timeout_s(step) + 60),
-                heartbeat_timeout=timedelta(seconds=spec.defaults.heartbeat_timeout_s),
-                retry_policy=_retry_policy(spec.retry(step)),
-                cancellation_type=workflow.ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
-                summary=summary[:200],
+            result = await self._execute_activity(
+                activity_name, call, CommandResult, command_options(spec, step), summary[:200]
             )
         except ActivityError as error:
             attempts, message, _ = _describe_failure(error, spec.retry(step))
@@ -1016,19 +965,19 @@ class MixerWorkflow:
         record.latency_ms = result.duration_ms
         return result.output
 
-    async def _await_approval(self, spec: Spec, step: ApprovalStep, record: StepRecord) -> str:
+    async def _await_approval(
+        self, spec: Spec, step: ApprovalStep, record: StepRecord
+    ) -> str | Settled:
         question = (
             self._render(spec, step.prompt, step.id) if step.prompt else f"Approve {step.id}?"
         )
         record.prompt = question
-        record.status = StepStatus.WAITING
-        record.waiting_reason = f"approval: {question}"
+        self._state.wait(step.id, f"approval: {question}")
         if step.id in self._resumed_approvals:
             self._resumed_approvals.discard(step.id)
         else:
             record.attempts += 1
             self._publish(EventType.STEP_WAITING, step.id, record.attempts, {"approval": question})
-        self._touch()
         workflow.set_current_details(self._state.summary())
         decision = await self._await_decision(step.id, step.timeout_s)
         while decision is not None and decision.type == "retry":
@@ -1047,8 +996,8 @@ class MixerWorkflow:
             return decision.argument.get("comment") or "approved"
         if decision.type == "reject":
             raise StepFailed(f"rejected: {decision.argument.get('reason') or 'no reason given'}")
-        # skip / override: applied by the handler; keep the record as it set it.
-        raise _Settled()
+        # skip / override: the intervention has moved the record.
+        return Settled(decision.type)
 
     # ---- interventions (CONTRACT 6) ----------------------------------------
 
@@ -1126,13 +1075,12 @@ class MixerWorkflow:
             if request.max_cost_usd is not None
             else limits.max_cost_usd,
         )
-        self._state.budgets[request.step] = raised
+        self._state.set_budget(request.step, raised)
         self._publish(
             EventType.INTERVENTION_ACCEPTED,
             request.step or None,
             data={"action": "raise_budget", "argument": request.model_dump(exclude_none=True)},
         )
-        self._touch()
         return raised
 
     @raise_budget.validator
@@ -1185,16 +1133,16 @@ class MixerWorkflow:
             return
         # A signal cannot be refused to its sender; it is recorded and ignored.
         argument = request.model_dump(exclude_none=True)
-        record = self._state.records.get(request.step)
-        if record is not None:
-            record.interventions.append(
+        if request.step in self._state.records:
+            self._state.note_refused(
+                request.step,
                 Intervention(
                     type=action,
                     argument=argument,
                     time=workflow.now(),
                     accepted=False,
                     reason=refusal,
-                )
+                ),
             )
         self._publish(
             EventType.INTERVENTION_REJECTED,
@@ -1210,30 +1158,23 @@ class MixerWorkflow:
         intervention = Intervention(
             type=action, argument=request.model_dump(exclude_none=True), time=workflow.now()
         )
-        record.interventions.append(intervention)
+        self._state.intervene(step_id, intervention)
         was = record.status
         if action == "retry":
             if request.prompt is not None:
                 self._prompt_overrides[step_id] = request.prompt
             if was == StepStatus.FAILED:
                 # The step's task has ended; the scheduler starts it again.
-                record.status = StepStatus.PENDING
+                self._state.reopen(step_id)
             message = "will run again"
         elif action == "skip":
-            record.budget_hold = None
-            record.status = StepStatus.SKIPPED
-            record.skipped_reason = request.reason or "skipped by a person"
-            record.ended_at = workflow.now()
+            self._state.skip(step_id, request.reason or "skipped by a person", workflow.now())
             self._publish(
                 EventType.STEP_SKIPPED, step_id, record.attempts, {"reason": request.reason}
             )
             message = "skipped; its dependants go on with an empty output"
         elif action == "override":
-            record.budget_hold = None
-            record.status = StepStatus.COMPLETED
-            record.output = request.output or ""
-            record.overridden = True
-            record.ended_at = workflow.now()
+            self._state.override(step_id, request.output or "", workflow.now())
             self._publish(EventType.STEP_OVERRIDDEN, step_id, record.attempts, {})
             message = "completed with the given output"
         elif action == "approve":
@@ -1248,9 +1189,28 @@ class MixerWorkflow:
             record.attempts,
             {"action": action, "argument": intervention.argument},
         )
-        self._touch()
         return InterventionOutcome(
             step=step_id, action=action, status=record.status, message=message
+        )
+
+    async def _execute_activity(
+        self,
+        activity: str,
+        arg: LlmCall | CommandCall | AgentCall,
+        result_type: type[ActivityResult],
+        options: StepActivityOptions,
+        summary: str,
+    ) -> ActivityResult:
+        return await workflow.execute_activity(
+            activity,
+            arg,
+            result_type=result_type,
+            task_queue=options.task_queue,
+            start_to_close_timeout=options.start_to_close_timeout,
+            heartbeat_timeout=options.heartbeat_timeout,
+            retry_policy=options.retry_policy,
+            cancellation_type=options.cancellation_type,
+            summary=summary,
         )
 
     # ---- events -----------------------------------------------------------
@@ -1267,10 +1227,6 @@ class MixerWorkflow:
                 type=event_type, step=step, attempt=attempt, time=workflow.now(), data=data or {}
             )
         )
-
-
-class _Settled(StepFailed):
-    """The step was skipped or overridden by a person while it waited."""
 
 
 def _budget_refusal(
@@ -1324,16 +1280,6 @@ def _belongs_to_temporal(error: BaseException) -> bool:
 
 def _spec_issue(issue: CheckIssue) -> SpecIssue:
     return SpecIssue(issue.step, issue.field, issue.message)
-
-
-def _retry_policy(retry: RetrySpec) -> RetryPolicy:
-    return RetryPolicy(
-        initial_interval=timedelta(seconds=retry.initial_interval_s),
-        backoff_coefficient=retry.backoff,
-        maximum_interval=timedelta(seconds=retry.max_interval_s),
-        maximum_attempts=retry.max_attempts,
-        non_retryable_error_types=_NON_RETRYABLE,
-    )
 
 
 def _describe_failure(error: ActivityError, retry: RetrySpec) -> tuple[int, str, str | None]:

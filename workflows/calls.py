@@ -1,0 +1,231 @@
+"""What a step's activities are called with, built by pure functions.
+
+``MixerWorkflow`` decides *when* to call; this module decides *what*: the
+``LlmCall`` a step sends to a target, and how each kind of activity is
+scheduled (timeouts, retries, cancellation). No Temporal workflow context is
+needed, so each rule is unit-tested directly.
+
+Compatibility with runs in flight: the calls and options built here are the
+content of commands in recorded histories. Change what they hold for a given
+spec only behind ``workflow.patched`` in ``mixer.py``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any, TypedDict
+
+from temporalio.common import RetryPolicy
+from temporalio.workflow import ActivityCancellationType
+
+from llmmixer.activities.contracts import ChatMessage, ErrorType, LlmCall, PlanRequest
+from llmmixer.workflows.records import InterventionType
+from llmmixer.workflows.spec import (
+    STEP_MODELS,
+    AgentStep,
+    ApprovalStep,
+    DecomposeStep,
+    FallbackTarget,
+    LlmStep,
+    PtyStep,
+    RetrySpec,
+    Spec,
+)
+
+# Any step of a spec or a plan, as its model.
+StepModel = LlmStep | PtyStep | ApprovalStep | DecomposeStep | AgentStep
+# Steps that ask a model: an llm step, and a decompose step's planner.
+ModelStep = LlmStep | DecomposeStep
+# Steps whose activity runs a command on a terminal worker.
+CommandStep = PtyStep | AgentStep
+
+# Errors no Temporal retry can fix; the step fails at once and on_failure applies.
+NON_RETRYABLE = [
+    ErrorType.REJECTED,
+    ErrorType.AUTH,
+    ErrorType.COMMAND_REFUSED,
+    ErrorType.COMMAND_TIMEOUT,
+]
+
+
+@dataclass(frozen=True)
+class Settled:
+    """A person skipped or overrode the step while it waited.
+
+    What a step's coroutine returns instead of an output: the intervention
+    has already moved the step's record (``RunState.skip``/``override``), so
+    there is nothing left to run and nothing to record.
+    """
+
+    action: InterventionType
+
+
+def planned_step(kind: str, definition: dict[str, Any]) -> StepModel:
+    """The model of a step a plan created, from its definition (checked before)."""
+    step = STEP_MODELS[kind].model_validate(definition)
+    if not isinstance(step, StepModel):
+        raise TypeError(f"kind {kind!r} has no step model in this version of llmmixer")
+    return step
+
+
+def target_chain(spec: Spec, step: ModelStep) -> list[FallbackTarget]:
+    """Who ``step`` asks, in order: its role's route or its own target, then its fallbacks.
+
+    Only an llm step has fallbacks and a ``base_url`` of its own; a step
+    without provider or model takes the spec's defaults.
+    """
+    match step:
+        case LlmStep():
+            fallback, base_url = step.fallback, step.base_url
+        case DecomposeStep():
+            fallback, base_url = [], None
+    if step.role is not None:
+        route = [FallbackTarget.model_validate(t.model_dump()) for t in spec.routes[step.role]]
+        return [*route, *fallback]
+    primary = FallbackTarget(
+        provider=step.provider or spec.defaults.provider or "",
+        model=step.model or spec.defaults.model or "",
+        base_url=base_url,
+    )
+    return [primary, *fallback]
+
+
+class _Shared(TypedDict):
+    workflow_id: str
+    step_id: str
+    provider: str
+    model: str
+    messages: list[ChatMessage]
+    system: str | None
+    max_tokens: int | None
+    temperature: float | None
+    base_url: str | None
+    timeout_s: float
+    dry_run: bool
+    has_fallback: bool
+    plan: PlanRequest | None
+
+
+def llm_call(
+    spec: Spec,
+    step: ModelStep,
+    target: FallbackTarget,
+    messages: list[ChatMessage],
+    system: str | None,
+    *,
+    workflow_id: str,
+    has_fallback: bool,
+    plan: PlanRequest | None = None,
+) -> LlmCall:
+    """The call ``step`` sends to ``target``: its own settings over the spec's defaults.
+
+    ``plan`` marks a decompose step's planner call, whose reply must be JSON;
+    a decompose step sets nothing else an llm step can (sampling, API,
+    provider options), so those stay at their defaults.
+    """
+    shared = _Shared(
+        workflow_id=workflow_id,
+        step_id=step.id,
+        provider=target.provider,
+        model=target.model,
+        messages=messages,
+        system=system,
+        max_tokens=step.max_tokens or spec.defaults.max_tokens,
+        temperature=spec.defaults.temperature if step.temperature is None else step.temperature,
+        base_url=target.base_url,
+        timeout_s=spec.timeout_s(step),
+        dry_run=spec.dry_run,
+        has_fallback=has_fallback,
+        plan=plan,
+    )
+    match step:
+        case LlmStep():
+            return LlmCall(
+                **shared,
+                top_p=step.top_p,
+                stop=step.stop,
+                response_format="json" if plan is not None else step.response_format,
+                json_schema=step.json_schema,
+                api=step.api,
+                provider_options=step.provider_options,
+            )
+        case DecomposeStep():
+            return LlmCall(**shared, response_format="json")
+
+
+def retry_policy(retry: RetrySpec) -> RetryPolicy:
+    """A step's ``retry`` as Temporal's policy; errors no retry can fix are never retried."""
+    return RetryPolicy(
+        initial_interval=timedelta(seconds=retry.initial_interval_s),
+        backoff_coefficient=retry.backoff,
+        maximum_interval=timedelta(seconds=retry.max_interval_s),
+        maximum_attempts=retry.max_attempts,
+        non_retryable_error_types=NON_RETRYABLE,
+    )
+
+
+@dataclass(frozen=True)
+class StepActivityOptions:
+    """How one kind of step activity is scheduled: all but its input and summary."""
+
+    start_to_close_timeout: timedelta
+    """How long one attempt may take before Temporal retries it."""
+
+    heartbeat_timeout: timedelta
+    """How soon an attempt that stopped heartbeating counts as lost (a dead worker)."""
+
+    retry_policy: RetryPolicy
+    """The step's ``retry``; errors no retry can fix are never retried."""
+
+    task_queue: str | None = None
+    """The queue a worker must poll to run it; None is the run's own queue."""
+
+    cancellation_type: ActivityCancellationType = (
+        ActivityCancellationType.WAIT_CANCELLATION_COMPLETED
+    )
+    """Waiting for the cancellation to complete means a cancelled run reports
+    itself cancelled only once its processes are dead and streams closed."""
+
+
+def llm_options(spec: Spec, step: ModelStep) -> StepActivityOptions:
+    """A provider call: the step's timeout bounds each attempt."""
+    return StepActivityOptions(
+        start_to_close_timeout=timedelta(seconds=spec.timeout_s(step)),
+        heartbeat_timeout=timedelta(seconds=spec.defaults.heartbeat_timeout_s),
+        retry_policy=retry_policy(spec.retry(step)),
+    )
+
+
+def command_options(spec: Spec, step: CommandStep) -> StepActivityOptions:
+    """A command or agent, on the spec's terminal queue.
+
+    The command's own ``timeout_s`` is enforced by the activity (so it can
+    report the output so far); the attempt's timeout is only a backstop a
+    minute later. There is no schedule-to-start timeout, so with no terminal
+    worker polling yet the step waits rather than fails.
+    """
+    return StepActivityOptions(
+        start_to_close_timeout=timedelta(seconds=spec.timeout_s(step) + 60),
+        heartbeat_timeout=timedelta(seconds=spec.defaults.heartbeat_timeout_s),
+        retry_policy=retry_policy(spec.retry(step)),
+        task_queue=spec.pty_task_queue,
+    )
+
+
+@dataclass(frozen=True)
+class CheckActivityOptions:
+    """How the spec and plan checks are scheduled."""
+
+    start_to_close_timeout: timedelta = timedelta(seconds=60)
+    """The checks are pure and quick: a minute is only for a slow worker."""
+
+    retry_policy: RetryPolicy = field(
+        default_factory=lambda: RetryPolicy(
+            initial_interval=timedelta(seconds=1), maximum_attempts=3
+        )
+    )
+    """A retry is only for a worker that died meanwhile; a verdict is never retried."""
+
+
+CHECK_OPTIONS = CheckActivityOptions()
