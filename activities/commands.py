@@ -127,7 +127,7 @@ class _DeltaForwarder:
     first interval sends nothing: its output is in the result, and a signal
     would put one more workflow task in front of the next step. One that ran
     longer sends its remaining text before the activity returns, so a
-    watcher following it sees every line it was shown the start of.
+    watcher who saw it start also sees how it ended.
 
     Like ``llm.py`` the stream client is driven by our own pump through
     ``flush()``; its context manager (whose flusher can lose a cancellation
@@ -170,7 +170,7 @@ class _DeltaForwarder:
         if len(text) > DELTA_BATCH_CHARS:
             cut = len(text) - DELTA_BATCH_CHARS
             # Start at a line when one begins close by: a watcher shows lines.
-            newline = text.find("\n", cut, cut + 200)
+            newline = text.find("\n", cut - 1, cut + 200)
             if newline >= 0:
                 cut = newline + 1
             self._left_out += cut
