@@ -408,8 +408,9 @@ async def test_a_pipe_supervisor_does_not_carry_the_workers_environment(
 # controlling terminal and it leads the session, so the kernel's hang-up when
 # the master closes goes to its whole foreground group.
 SESSION = (
-    "import os; print('SESSION', os.getsid(0) == os.getpid() == os.getpgrp(), "
-    "os.tcgetpgrp(0) == os.getpgrp())"
+    "import os, termios; print('SESSION', os.getsid(0) == os.getpid() == os.getpgrp(), "
+    "os.tcgetpgrp(0) == os.getpgrp(), tuple(os.get_terminal_size(0)), "
+    "bool(termios.tcgetattr(0)[3] & termios.ECHO))"
 )
 
 
@@ -427,7 +428,8 @@ async def test_a_pty_command_leads_its_session_and_owns_its_terminal(
         pytest.skip("setsid (util-linux) is not installed")
     outcome = await run_command(py(SESSION), mode="pty")
     assert outcome.exit_code == 0, outcome.output
-    assert "SESSION True True" in outcome.output
+    # Wide enough not to wrap tools' lines, and no echo of what respond rules send.
+    assert "SESSION True True (200, 50) False" in outcome.output
     # The pid we watch and kill is the command itself, not a forked launcher.
     pid_line = await run_command(py("import os; print('PID', os.getpid())"), mode="pty")
     assert pids_in(pid_line.output, "PID") == [pid_line.pid]
