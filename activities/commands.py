@@ -32,20 +32,25 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from temporalio import activity
+from temporalio.contrib.workflow_streams import WorkflowStreamClient
 from temporalio.exceptions import ApplicationError
 
 from llmmixer.activities.agents import WorktreeError, finish_worktree, prepare_agent
 from llmmixer.activities.command_policy import CommandPolicy
 from llmmixer.activities.contracts import (
     AGENT_ACTIVITY,
+    EVENTS_TOPIC,
     PTY_ACTIVITY,
     AgentCall,
     CommandCall,
     CommandResult,
     ErrorType,
+    EventType,
     FailureDetails,
+    MixerEvent,
 )
 from llmmixer.activities.reaper import set_undumpable
 from llmmixer.activities.redaction import redact
@@ -69,6 +74,15 @@ HEARTBEAT_TAIL_CHARS = 2048
 MESSAGE_TAIL_CHARS = 1500
 # Failure details are recorded in history; keep them well below its limits.
 PARTIAL_OUTPUT_BYTES = 256 * 1024
+# How often a running command's output goes to watchers (one signal, so one
+# history event and one workflow task, per batch).
+DELTA_INTERVAL_S = 1.0
+# Most text one batch carries: every batch is recorded in the run's history,
+# and a chatty command (a test run, a build) would otherwise write its whole
+# output there. Watchers show the last lines; the result keeps the rest.
+DELTA_BATCH_CHARS = 4096
+# The last batch must not hold up the step's result for long.
+_LAST_FLUSH_S = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,11 +113,130 @@ class _Tail:
         return self._text
 
 
+class _DeltaForwarder:
+    """Sends a running command's output to watchers as ``step_delta`` events.
+
+    The same stream, events and resume semantics as streamed model text
+    (``llm.py``): one batch per ``interval_s`` at most, published on the
+    run's event topic through the workflow stream client, whose sequence
+    numbers make a resent batch count once. The text is what the runner
+    emits: cleaned of terminal sequences and redacted already.
+
+    A batch keeps at most ``DELTA_BATCH_CHARS`` (the latest lines, after a
+    marker saying how much was left out). A command that ends before the
+    first interval sends nothing: its output is in the result, and a signal
+    would put one more workflow task in front of the next step. One that ran
+    longer sends its remaining text before the activity returns, so a
+    watcher who saw it start also sees how it ended.
+
+    Like ``llm.py`` the stream client is driven by our own pump through
+    ``flush()``; its context manager (whose flusher can lose a cancellation
+    on Python 3.11) is not entered.
+    """
+
+    def __init__(
+        self, client: WorkflowStreamClient | None, step_id: str, attempt: int, interval_s: float
+    ) -> None:
+        self._client = client
+        self._step_id = step_id
+        self._attempt = attempt
+        self._interval_s = interval_s
+        self._pending: list[str] = []
+        self._pending_chars = 0
+        self._left_out = 0
+        self._ran_an_interval = False
+        self._task: asyncio.Task[None] | None = None
+
+    @classmethod
+    def open(
+        cls, step_id: str, attempt: int, *, enabled: bool, interval_s: float
+    ) -> _DeltaForwarder:
+        client = None
+        if enabled and activity.info().workflow_id:
+            client = WorkflowStreamClient.from_within_activity()
+        return cls(client, step_id, attempt, interval_s)
+
+    def add(self, text: str) -> None:
+        if self._client is None or not text:
+            return
+        self._pending.append(text)
+        self._pending_chars += len(text)
+        # Trim in batches so a flood of small chunks stays linear.
+        if self._pending_chars > 2 * DELTA_BATCH_CHARS:
+            self._trim()
+
+    def _trim(self) -> None:
+        text = "".join(self._pending)
+        if len(text) > DELTA_BATCH_CHARS:
+            cut = len(text) - DELTA_BATCH_CHARS
+            # Start at a line when one begins close by: a watcher shows lines.
+            newline = text.find("\n", cut - 1, cut + 200)
+            if newline >= 0:
+                cut = newline + 1
+            self._left_out += cut
+            text = text[cut:]
+        self._pending = [text] if text else []
+        self._pending_chars = len(text)
+
+    async def __aenter__(self) -> _DeltaForwarder:
+        if self._client is not None:
+            self._task = asyncio.create_task(self._pump(), name=f"deltas-{self._step_id}")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._client is None:
+            return
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        if not self._ran_an_interval:
+            return
+        self._publish_pending()
+        try:
+            async with asyncio.timeout(_LAST_FLUSH_S):
+                await self._client.flush()
+        except Exception:  # watchers are best effort; the step's result is not
+            activity.logger.warning("could not deliver a command's last output to watchers")
+
+    async def _pump(self) -> None:
+        assert self._client is not None
+        while True:
+            await asyncio.sleep(self._interval_s)
+            self._ran_an_interval = True
+            self._publish_pending()
+            try:
+                await self._client.flush()
+            except Exception:  # kept by the client and sent again on the next flush
+                activity.logger.warning("command output not yet delivered to watchers; will resend")
+
+    def _publish_pending(self) -> None:
+        if self._client is None or not self._pending:
+            return
+        self._trim()
+        text = "".join(self._pending)
+        if self._left_out:
+            text = f"[... {self._left_out} characters not streamed ...]\n{text}"
+        self._pending, self._pending_chars, self._left_out = [], 0, 0
+        self._client.topic(EVENTS_TOPIC, type=MixerEvent).publish(
+            MixerEvent(
+                type=EventType.STEP_DELTA,
+                step=self._step_id,
+                attempt=self._attempt,
+                # Deltas come from the activity, so this is the worker's clock.
+                time=datetime.now(UTC),
+                data={"text": text},
+            )
+        )
+
+
 class CommandActivities:
     """Holds the worker's policy and terminal capability; registers ``run_command``.
 
-    ``on_output`` may be set by the worker to forward output deltas (e.g. to
-    live watchers); it is called on the event loop and must not block.
+    ``stream_deltas``: send a running command's output to the run's
+    watchers as ``step_delta`` events (the worker passes its
+    ``LLMMIXER_STREAM_DELTAS`` setting). ``on_output`` receives every output
+    delta as well (embedding, tests); it is called on the event loop and must
+    not block.
     """
 
     def __init__(
@@ -113,6 +246,8 @@ class CommandActivities:
         *,
         on_output: OutputSink | None = None,
         heartbeat_interval_s: float = HEARTBEAT_INTERVAL_S,
+        stream_deltas: bool = False,
+        delta_interval_s: float = DELTA_INTERVAL_S,
     ) -> None:
         self.policy = policy
         # The policy's (the worker environment it was built from) and this
@@ -124,6 +259,8 @@ class CommandActivities:
         self.capability = capability or policy.terminal_capability()
         self.on_output = on_output
         self.heartbeat_interval_s = heartbeat_interval_s
+        self.stream_deltas = stream_deltas
+        self.delta_interval_s = delta_interval_s
         # Decide now: a worker told LLMMIXER_PTY_MODE=pty on a host without
         # ptys should fail at start-up, not on its first step.
         _ = self.capability.mode
@@ -151,9 +288,13 @@ class CommandActivities:
             activity.heartbeat(tail.text)
 
         sink = self.on_output
+        deltas = _DeltaForwarder.open(
+            call.step_id, attempt, enabled=self.stream_deltas, interval_s=self.delta_interval_s
+        )
 
         def on_output(text: str) -> None:
             tail.add(text)
+            deltas.add(text)
             if sink is not None:
                 sink(OutputDelta(call.workflow_id, call.step_id, attempt, text))
             if time.monotonic() - last_beat >= interval:
@@ -170,22 +311,23 @@ class CommandActivities:
         beat()
         beater = asyncio.create_task(beat_while_quiet(), name=f"heartbeat-{call.step_id}")
         try:
-            outcome = await observe_command(
-                call,
-                prepared.executable,
-                lambda: run_command(
+            async with deltas:
+                outcome = await observe_command(
                     call,
-                    mode=mode,
-                    on_output=on_output,
-                    env=prepared.env,
-                    cwd=prepared.cwd,
-                    executable=prepared.executable,
-                    kill_grace_s=self.policy.kill_grace_s,
-                    launcher=prepared.launcher,
-                    secrets=self.secrets,
-                    max_output_bytes=prepared.max_output_bytes,
-                ),
-            )
+                    prepared.executable,
+                    lambda: run_command(
+                        call,
+                        mode=mode,
+                        on_output=on_output,
+                        env=prepared.env,
+                        cwd=prepared.cwd,
+                        executable=prepared.executable,
+                        kill_grace_s=self.policy.kill_grace_s,
+                        launcher=prepared.launcher,
+                        secrets=self.secrets,
+                        max_output_bytes=prepared.max_output_bytes,
+                    ),
+                )
         except CommandRefusedError as exc:
             raise self._refused(exc, attempt) from None
         finally:

@@ -58,33 +58,33 @@ def group_alive(pgid: int) -> bool:
     """Whether any non-zombie process is still in the group.
 
     ``killpg(pgid, 0)`` also succeeds for zombies, and orphaned zombies linger
-    wherever PID 1 does not reap (many containers), so /proc is asked first.
+    wherever PID 1 does not reap (many containers), so when it succeeds /proc
+    says whether anyone still runs. Not before: that scan reads every
+    process's stat, slow on a busy host, and it runs on the worker's loop.
     """
-    try:
-        entries = os.listdir("/proc")
-    except OSError:
-        entries = None
-    if entries is not None:
-        for name in entries:
-            if not name.isdigit():
-                continue
-            try:
-                with open(f"/proc/{name}/stat", encoding="utf-8", errors="replace") as stat_file:
-                    stat = stat_file.read()
-            except OSError:
-                continue  # exited while we looked
-            # "pid (comm) state ppid pgrp ..."; comm may contain spaces and ")"
-            fields = stat[stat.rfind(")") + 2 :].split()
-            if len(fields) >= 3 and int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
-                return True
-        return False
     try:
         os.killpg(pgid, 0)
     except ProcessLookupError:
-        return False
+        return False  # not even a zombie is left
     except PermissionError:
+        pass  # someone is there; /proc says whether it still runs
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
         return True
-    return True
+    for name in entries:
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", encoding="utf-8", errors="replace") as stat_file:
+                stat = stat_file.read()
+        except OSError:
+            continue  # exited while we looked
+        # "pid (comm) state ppid pgrp ..."; comm may contain spaces and ")"
+        fields = stat[stat.rfind(")") + 2 :].split()
+        if len(fields) >= 3 and int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+            return True
+    return False
 
 
 _PR_SET_DUMPABLE = 4  # <linux/prctl.h>

@@ -26,6 +26,11 @@ Guarantees:
 - ``launcher`` (the policy's ``setpriv`` prefix) is exec'd in front of the
   program; nothing of ours runs in the child between fork and exec. A
   pipe-mode supervisor gets no more than the locale of the child's environment.
+- Children are forked by ``subprocess`` (C code, no Python at-fork handlers:
+  those of a tracing SDK could hang a child forked from this multi-threaded
+  process) from a thread, so a slow fork or exec never holds the event loop.
+  A PTY child becomes session leader with the terminal as its controlling tty
+  through util-linux ``setsid --ctty`` exec'd after the launcher.
 
 Errors::
 
@@ -40,6 +45,8 @@ import asyncio
 import codecs
 import contextlib
 import errno
+import fcntl
+import functools
 import json
 import logging
 import os
@@ -47,14 +54,16 @@ import re
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
+import termios
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import re2  # type: ignore[import-untyped]  # google-re2 ships no type information
 
@@ -70,9 +79,12 @@ __all__ = [
     "bound_text",
     "clean_terminal_text",
     "run_command",
+    "session_launcher",
 ]
 
 log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 TerminalMode = Literal["pty", "pipe"]
 
@@ -418,48 +430,186 @@ async def _wait_fd(loop: asyncio.AbstractEventLoop, fd: int, *, writable: bool) 
             loop.remove_reader(fd)
 
 
-def _spawn_pty(
+# Where the session launcher is looked for: system directories only, so
+# neither the worker's PATH nor a step's can put another program there.
+_SESSION_TOOL_DIRS = os.pathsep.join(("/usr/bin", "/bin", "/usr/sbin", "/sbin"))
+# Fallback where util-linux's setsid is missing (macOS, BusyBox images): a
+# fresh interpreter, exec'd like any program, does what setsid does and execs
+# the command. Its argv is ``-c PROGRAM ARGS...``.
+_SESSION_SHIM = (
+    "import fcntl, os, sys, termios\n"
+    "os.setsid()\n"
+    "fcntl.ioctl(0, termios.TIOCSCTTY, 0)\n"
+    "os.execv(sys.argv[1], sys.argv[1:])\n"
+)
+# How long a started command may take to become a session leader owning its
+# terminal (setsid's exec and two system calls; seconds only on a host that
+# is thrashing) before it is killed and the attempt fails.
+_SESSION_START_S = 30.0
+
+
+def session_launcher() -> tuple[str, ...]:
+    """The argv prefix that makes a command a session leader with its pty as terminal.
+
+    util-linux ``setsid --ctty``: ``setsid()``, then ``TIOCSCTTY`` on stdin,
+    then exec. It must not be started in a new session or process group of
+    its own (``setsid`` forks when it already leads a group, and the command
+    would then not be the pid we watch). Without it, a ``python -I -S`` shim
+    does the same after its own exec.
+    """
+    found = shutil.which("setsid", path=_SESSION_TOOL_DIRS)
+    # BusyBox applets are links to one binary whose setsid spells this differently.
+    if found is not None and os.path.basename(os.path.realpath(found)) == "setsid":
+        return (found, "--ctty")
+    return (sys.executable, "-I", "-S", "-c", _SESSION_SHIM)
+
+
+@dataclass(frozen=True, slots=True)
+class _PtyStart:
+    """What the spawning thread hands back: the process and our end of its terminal."""
+
+    proc: subprocess.Popen[bytes]
+    master: int
+
+
+def _start_pty(argv: list[str], cwd: str | None, env: dict[str, str]) -> _PtyStart:
+    """Fork and exec ``argv`` on a new pty. Blocking: runs in a thread.
+
+    ``subprocess`` forks in C (``vfork`` where it can) and runs no Python in
+    the child: Python's at-fork handlers (OpenTelemetry's span and metric
+    processors register some, which start threads and take locks) never run
+    there, so a lock another worker thread held at fork time cannot hang the
+    child before its exec. The terminal's settings are made here, on our
+    side, for the same reason.
+    """
+    master, slave = os.openpty()
+    try:
+        # No echo: answers sent by respond rules would otherwise be echoed
+        # into the output and could match the rules again.
+        attrs = termios.tcgetattr(slave)
+        attrs[3] &= ~termios.ECHO
+        termios.tcsetattr(slave, termios.TCSANOW, attrs)
+        rows, cols = PTY_DIMENSIONS
+        fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+        proc = subprocess.Popen(
+            argv,
+            stdin=slave,
+            stdout=slave,
+            stderr=slave,
+            cwd=cwd,
+            env=env,
+            # Only the terminal's three fds: a master fd of another command
+            # held open here would keep that command from being hung up.
+            close_fds=True,
+        )
+    except BaseException:
+        os.close(master)
+        raise
+    finally:
+        os.close(slave)
+    try:
+        _wait_for_session(proc, master)
+    except BaseException:
+        _discard_pty(_PtyStart(proc, master))
+        raise
+    return _PtyStart(proc, master)
+
+
+def _wait_for_session(proc: subprocess.Popen[bytes], master: int) -> None:
+    """Wait until the child leads its session and owns the terminal, or has exited.
+
+    Until then it shares our process group: a group kill would miss it, and a
+    dying worker would leave it without a hang-up.
+    """
+    deadline = time.monotonic() + _SESSION_START_S
+    delay = 0.0002
+    while True:
+        with contextlib.suppress(OSError):
+            if os.tcgetpgrp(master) == proc.pid:
+                return
+        # Exited (setsid failed, or the command was quick): nothing to wait
+        # for. WNOWAIT leaves the status for the runner to collect.
+        info = os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        if info is not None:
+            return
+        if time.monotonic() >= deadline:
+            # Not a refusal: on a less loaded moment the same command starts.
+            raise RuntimeError(
+                f"the command (pid {proc.pid}) did not take its terminal within "
+                f"{_SESSION_START_S:g}s; the worker host is overloaded, the step's "
+                "retry policy decides whether it runs again"
+            )
+        time.sleep(delay)
+        delay = min(delay * 2, 0.01)
+
+
+def _discard_pty(start: _PtyStart) -> None:
+    """Kill and forget a command nobody will run (its starter was cancelled)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(start.proc.pid, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(start.proc.pid, signal.SIGKILL)  # maybe not yet its own group's leader
+    os.close(start.master)
+    threading.Thread(
+        target=start.proc.wait, name=f"reap-discarded-{start.proc.pid}", daemon=True
+    ).start()
+
+
+async def _in_thread(start: Callable[[], _T], discard: Callable[[_T], None]) -> _T:
+    """``start()`` in a thread; what it started is discarded if we are cancelled meanwhile.
+
+    Forking blocks for as long as the kernel takes to copy the worker (and,
+    until the child's exec, so does ``subprocess``): on the event loop that
+    would stop every heartbeat and stream of the worker with it.
+    """
+    loop = asyncio.get_running_loop()
+    future = loop.run_in_executor(None, start)
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+
+        def cleanup(done: asyncio.Future[_T]) -> None:
+            if not done.cancelled() and done.exception() is None:
+                discard(done.result())
+
+        future.add_done_callback(cleanup)
+        raise
+
+
+async def _spawn_pty(
     executable: str,
     argv: list[str],
     cwd: str | None,
     env: dict[str, str],
     launcher: Sequence[str] = (),
 ) -> _Child:
-    from ptyprocess import PtyProcess  # imported late: pipe-only workers may lack it
-
+    # The capability launcher first, so that nothing after it (setsid
+    # included) runs with a capability; then the session; then the program.
+    full = [*launcher, *session_launcher(), executable, *argv[1:]]
     try:
-        # echo=False: answers sent by respond rules would otherwise be echoed
-        # into the output and could match the rules again.
-        proc = PtyProcess.spawn(
-            [*launcher, executable, *argv[1:]],
-            cwd=cwd,
-            env=env,
-            echo=False,
-            dimensions=PTY_DIMENSIONS,
-        )
+        started = await _in_thread(functools.partial(_start_pty, full, cwd, env), _discard_pty)
     except OSError as exc:
         raise CommandRefusedError(
             f"could not start {argv[0]!r}: {exc}; check that it is an executable "
             "program for this worker's platform"
         ) from exc
-    pid: int = proc.pid
-    fd: int = proc.fd
+    proc, fd = started.proc, started.master
+    pid = proc.pid
     os.set_blocking(fd, False)
-    os.set_inheritable(fd, False)
 
     def close() -> None:
-        # Close through ptyprocess so its __del__ finds nothing left to do (its
-        # own close() sleeps and signals only the child, not the group).
-        proc.fileobj.close()
-        proc.closed = True
-        proc.terminated = True
+        os.close(fd)
 
     def poll() -> int | None:
-        try:
-            done, status = os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            return -signal.SIGKILL  # reaped elsewhere; only a kill gets us here
-        return os.waitstatus_to_exitcode(status) if done else None
+        if proc.returncode is None:
+            try:
+                done, status = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                proc.returncode = -signal.SIGKILL  # reaped elsewhere; only a kill gets us here
+            else:
+                if done:
+                    proc.returncode = os.waitstatus_to_exitcode(status)
+        return proc.returncode
 
     return _Child(pid=pid, read_fd=fd, write_fd=fd, mode="pty", closer=close, poller=poll)
 
@@ -604,6 +754,14 @@ def _start_supervisor(child_env: Mapping[str, str]) -> tuple[_Supervisor, int, i
     return _Supervisor(proc, ours), in_write, out_read
 
 
+def _discard_supervisor(started: tuple[_Supervisor, int, int]) -> None:
+    """Let go of a supervisor whose starter was cancelled: it exits, nothing ran."""
+    supervisor, in_write, out_read = started
+    os.close(in_write)
+    os.close(out_read)
+    supervisor.close()
+
+
 async def _spawn_pipe(
     executable: str,
     argv: list[str],
@@ -614,7 +772,9 @@ async def _spawn_pipe(
 ) -> _Child:
     # The command is started by a supervisor (reaper.py) that kills its group
     # if this worker dies: a pipe, unlike a PTY, hangs nobody up.
-    supervisor, in_write, out_read = _start_supervisor(env)
+    supervisor, in_write, out_read = await _in_thread(
+        functools.partial(_start_supervisor, env), _discard_supervisor
+    )
     if launcher:
         argv, executable = [*launcher, executable, *argv[1:]], launcher[0]
     spec = {"argv": argv, "executable": executable, "cwd": cwd, "env": env, "grace_s": grace_s}
@@ -802,7 +962,7 @@ async def run_command(
 
     started = time.monotonic()
     if mode == "pty":
-        child = _spawn_pty(program, list(call.argv), workdir, child_env, launcher)
+        child = await _spawn_pty(program, list(call.argv), workdir, child_env, launcher)
     else:
         child = await _spawn_pipe(
             program, list(call.argv), workdir, child_env, kill_grace_s, launcher

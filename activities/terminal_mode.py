@@ -1,15 +1,14 @@
 """Whether this worker can give commands a pseudo-terminal, decided once.
 
-A worker in a minimal container may lack ``/dev/ptmx`` (or ``ptyprocess``);
-commands then run on plain pipes, and each ``CommandResult.mode`` records
-which one was used. The answer lives in a ``TerminalCapability`` instance that
-the worker builds and hands to ``CommandActivities``, not in a module global,
-so tests and several workers in one process never share a stale probe.
+A worker in a minimal container may lack ``/dev/ptmx``; commands then run on
+plain pipes, and each ``CommandResult.mode`` records which one was used. The
+answer lives in a ``TerminalCapability`` instance that the worker builds and
+hands to ``CommandActivities``, not in a module global, so tests and several
+workers in one process never share a stale probe.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from dataclasses import dataclass, field
 from typing import Literal
@@ -24,8 +23,6 @@ MODE_SETTINGS: tuple[ModeSetting, ...] = ("auto", "pty", "pipe")
 
 def probe_pty() -> str | None:
     """None if a pty can be had here; otherwise the reason it cannot."""
-    if importlib.util.find_spec("ptyprocess") is None:
-        return "the ptyprocess package is not installed (pip install ptyprocess)"
     try:
         master, slave = os.openpty()
     except OSError as exc:

@@ -355,8 +355,12 @@ class ProgressView:
             record = progress.steps.get(step)
             if record is not None and record.status != StepStatus.RUNNING:
                 continue  # finished: its output is in the result, not on screen
-            model = f" · {record.provider}/{record.model}" if record and record.provider else ""
-            parts.append(_plain(f"── {step}{model} ", "cyan"))
+            # What runs it: the model for an LLM step, the kind (pty, agent) otherwise.
+            source = ""
+            if record is not None:
+                source = f" · {record.provider}/{record.model}" if record.provider else ""
+                source = source or (f" · {record.kind}" if record.kind != "llm" else "")
+            parts.append(_plain(f"── {step}{source} ", "cyan"))
             lines = _plain(tail.rstrip("\n")).wrap(console, width)
             for line in list(lines)[-self.tail_lines :]:
                 parts.append(Text("  ") + line)

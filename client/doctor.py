@@ -19,7 +19,8 @@ from llmmixer.activities.agents import (
 )
 from llmmixer.activities.command_policy import ALLOW_ANY, ENV_ALLOW, CommandPolicy
 from llmmixer.activities.providers.settings import ALLOWED_BASE_URLS_VARIABLE, ProviderSettings
-from llmmixer.activities.terminal import CommandRefusedError
+from llmmixer.activities.terminal import CommandRefusedError, session_launcher
+from llmmixer.activities.terminal_mode import probe_pty
 from llmmixer.client.server import TOKEN_ENV
 from llmmixer.runtime.http_guard import TokenError, check_token
 from llmmixer.workers.address import is_listening, is_loopback, parse_address
@@ -133,12 +134,14 @@ def _collect(connection: Connection, listening: bool) -> list[dict[str, Any]]:
     for name, ok, detail in security_checks(os.environ):
         check(name, ok, detail)
 
-    pty_ok = os.path.exists("/dev/ptmx")
-    try:
-        import ptyprocess  # noqa: F401
-    except ImportError:
-        pty_ok = False
-    check("pseudo-terminal", pty_ok, "ptyprocess + /dev/ptmx" if pty_ok else "pipe fallback")
+    pty_problem = probe_pty()
+    check(
+        "pseudo-terminal",
+        pty_problem is None,
+        f"/dev/ptmx, session via {session_launcher()[0]}"
+        if pty_problem is None
+        else f"pipe fallback: {pty_problem}",
+    )
     for executable, install in AGENT_EXECUTABLES.items():
         found = shutil.which(executable)
         check(f"executable {executable}", bool(found), found or f"not found: {install}")

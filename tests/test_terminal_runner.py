@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 from fakes.processes import SPAWN_TREE, open_fds, pid_alive, pids_in, wait_gone
 
+from llmmixer.activities import terminal
 from llmmixer.activities.contracts import CommandCall, RespondRule
 from llmmixer.activities.terminal import (
     CommandRefusedError,
@@ -401,3 +402,72 @@ async def test_a_pipe_supervisor_does_not_carry_the_workers_environment(
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+# What makes the worker's death reach a PTY command: the terminal is its
+# controlling terminal and it leads the session, so the kernel's hang-up when
+# the master closes goes to its whole foreground group.
+SESSION = (
+    "import os, termios; print('SESSION', os.getsid(0) == os.getpid() == os.getpgrp(), "
+    "os.tcgetpgrp(0) == os.getpgrp(), tuple(os.get_terminal_size(0)), "
+    "bool(termios.tcgetattr(0)[3] & termios.ECHO))"
+)
+
+
+@pytest.mark.parametrize("session", ["setsid", "python shim"])
+async def test_a_pty_command_leads_its_session_and_owns_its_terminal(
+    session: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if session == "python shim":
+        # Where util-linux's setsid is missing, a fresh interpreter does its job.
+        monkeypatch.setattr(terminal, "_SESSION_TOOL_DIRS", "/nonexistent-llmmixer")
+        assert terminal.session_launcher()[0] == sys.executable
+    elif shutil.which("setsid", path="/usr/bin:/bin") is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("setsid (util-linux) is missing on this CI machine")
+        pytest.skip("setsid (util-linux) is not installed")
+    outcome = await run_command(py(SESSION), mode="pty")
+    assert outcome.exit_code == 0, outcome.output
+    # Wide enough not to wrap tools' lines, and no echo of what respond rules send.
+    assert "SESSION True True (200, 50) False" in outcome.output
+    # The pid we watch and kill is the command itself, not a forked launcher.
+    pid_line = await run_command(py("import os; print('PID', os.getpid())"), mode="pty")
+    assert pids_in(pid_line.output, "PID") == [pid_line.pid]
+
+
+async def test_a_spawn_cancelled_while_starting_leaves_nothing_behind(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The fork runs in a thread; cancelling the step meanwhile must not orphan the command."""
+    started: list[int] = []
+    original = terminal._start_pty
+
+    def slow_start(*args: object, **kwargs: object) -> terminal._PtyStart:
+        start = original(*args, **kwargs)  # type: ignore[arg-type]
+        started.append(start.proc.pid)
+        time.sleep(0.5)  # the step is cancelled while we are still here
+        return start
+
+    monkeypatch.setattr(terminal, "_start_pty", slow_start)
+
+    def ours(fds: set[str]) -> set[str]:
+        return {fd for fd in fds if "ptmx" in fd or "/dev/pts" in fd}
+
+    before = ours(open_fds())
+    task = asyncio.create_task(
+        run_command(py("import time; time.sleep(60)", timeout_s=90), mode="pty")
+    )
+    for _ in range(100):
+        if started:
+            break
+        await asyncio.sleep(0.02)
+    assert started, "the command never started"
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert await wait_gone(started, timeout_s=5) == []
+    for _ in range(100):  # the thread lets go of the terminal once it returns
+        if not ours(open_fds()) - before:
+            break
+        await asyncio.sleep(0.02)
+    assert ours(open_fds()) - before == set()

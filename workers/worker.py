@@ -57,7 +57,7 @@ class WorkerSettings:
     provider_concurrency: Mapping[str, int] = field(default_factory=dict)
     #: Seconds running activities get to finish after SIGTERM before they are cancelled.
     shutdown_grace_s: float = 30.0
-    #: Forward streamed LLM text to watchers as step_delta events.
+    #: Forward streamed LLM text and command output to watchers as step_delta events.
     stream_deltas: bool = True
     #: Circuit breaker per (provider, model) on this worker.
     breaker: BreakerPolicy = field(default_factory=BreakerPolicy)
@@ -184,7 +184,9 @@ async def mixer_worker(
         # process (`llmmixer run`) may be keeping a server connection alive.
         await asyncio.to_thread(llm.warm_up)
     commands = CommandActivities(
-        command_policy or CommandPolicy.from_env(env, user_is_operator=user_is_operator)
+        command_policy or CommandPolicy.from_env(env, user_is_operator=user_is_operator),
+        # A running command's output reaches watchers like a model's text.
+        stream_deltas=settings.stream_deltas,
     )
     (queue, (workflows, activities)), *other_queues = _registrations(
         settings, llm, commands
