@@ -114,10 +114,11 @@ def host_is_loopback(host: str | None) -> bool:
         name, sep, port = text.partition(":")
         if sep and not port.isdigit():
             return False  # an unbracketed IPv6 literal, or a malformed port
-    return _is_loopback_name(name)
+    return is_loopback_name(name)
 
 
-def _is_loopback_name(name: str) -> bool:
+def is_loopback_name(name: str) -> bool:
+    """``localhost`` or a loopback IP literal (v4, v6, v4-mapped); names are never resolved."""
     bare = name.rstrip(".").lower()
     if bare == "localhost":
         return True

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import socket
+
+from llmmixer.runtime.http_guard import is_loopback_name
 
 __all__ = [
     "AddressError",
@@ -89,17 +90,7 @@ def is_loopback(host: str) -> bool:
 
     Names other than ``localhost`` are never resolved: see the module docstring.
     """
-    bare = _strip_brackets(host.strip()).rstrip(".").lower()
-    if bare == "localhost":
-        return True
-    try:
-        ip = ipaddress.ip_address(bare)
-    except ValueError:
-        return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        # ::ffff:127.0.0.1 is the IPv4 loopback seen through a dual-stack socket
-        return ip.ipv4_mapped.is_loopback
-    return ip.is_loopback
+    return is_loopback_name(_strip_brackets(host.strip()))
 
 
 # A probe is a bounded question by nature, so the bound is part of its signature.
