@@ -20,7 +20,9 @@ from every line of output would shred the text and protect nothing. A URL is
 a secret wherever it carries a password (``postgres://user:pw@db/x``),
 whatever its variable is called.
 
-Stdlib only: the CLI and the worker import it before anything else.
+Stdlib only: the CLI and the worker import it before anything else. Spec
+validation runs inside the workflow sandbox too, so nothing here reads the
+process's environment, a file or a clock: callers pass the environment in.
 """
 
 from __future__ import annotations

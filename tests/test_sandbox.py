@@ -74,6 +74,19 @@ def parse_spec_shape(raw):  # type: ignore[no-redef]
     return _planted_parse(raw)
 """,
 )
+CLOCK_IN_TEMPLATES = (
+    "workflows/templates.py",
+    """
+import datetime as _planted_clock
+
+_planted_render = render
+
+
+def render(*args, **kwargs):  # type: ignore[no-redef]
+    _planted_clock.datetime.now()
+    return _planted_render(*args, **kwargs)
+""",
+)
 CLOCK_AT_IMPORT_IN_DECOMPOSE = (
     "workflows/decompose.py",
     """
@@ -169,6 +182,26 @@ async def test_a_forbidden_call_in_workflow_logic_fails_the_workflow_task(
                 await handle.terminate("test over")
     assert "Cannot access" in message and refused in message
     assert "from inside a workflow" in message
+
+
+@pytest.mark.xfail(
+    reason="MixerWorkflow runs each step in an asyncio task that nobody awaits: a sandbox "
+    "(or non-determinism) error raised in a step is re-raised there and lost, so the "
+    "step stays running instead of failing the workflow task (workflows/mixer.py)",
+    raises=AssertionError,
+)
+async def test_a_forbidden_call_while_running_a_step_fails_the_workflow_task(
+    client: Client, task_queue: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    plant(tmp_path, monkeypatch, CLOCK_IN_TEMPLATES)  # every step renders its prompt
+    async with running(client, task_queue) as mixer:
+        handle = (await mixer.start(SPEC)).temporal
+        try:
+            message = await first_task_failure(handle, seconds=10)
+        finally:
+            with contextlib.suppress(RPCError):
+                await handle.terminate("test over")
+    assert "datetime.datetime.now" in message
 
 
 async def test_a_clock_read_at_import_of_workflow_logic_stops_the_worker_at_start(

@@ -146,9 +146,15 @@ def _positive_int(name: str, value: str) -> int:
 # Everything else of llmmixer, the workflow module and its logic (mixer, dag,
 # decompose, templates, validation, carry, runtime.secrets), loads inside the
 # sandbox, where a datetime.now(), open() or os.environ in it fails the
-# workflow task instead of silently breaking replay. carry.py stays inside
-# although it is a model module: its Carried embeds dag.py's RunSnapshot, which
-# must be the class the sandboxed RunState builds.
+# workflow task instead of silently breaking replay (at import, only a clock
+# read is refused: the SDK restricts os only while a run executes). carry.py
+# stays inside although it is a model module: its Carried embeds dag.py's
+# RunSnapshot, which must be the class the sandboxed RunState builds.
+#
+# The price: each run (and each replay after an eviction) loads those modules
+# afresh, about 30 ms of CPU with bytecode caches and 0.5 MB per cached run.
+# A test that patches workflow logic must add its module here (monkeypatch):
+# the sandbox would otherwise load the unpatched source.
 SANDBOX_PASSTHROUGH_MODULES: tuple[str, ...] = (
     # Third-party libraries beyond the SDK's defaults (pydantic, temporalio,
     # the standard library): the safe YAML loader's base classes.
