@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import dataclasses
 import shutil
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -22,17 +23,32 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from temporalio import workflow
+from temporalio.api.common.v1.message_pb2 import Payloads
 from temporalio.api.enums.v1 import EventType
+from temporalio.api.failure.v1.message_pb2 import Failure
 from temporalio.client import Client, WorkflowHandle
+from temporalio.converter import DataConverter
 from temporalio.service import RPCError
+from temporalio.worker._workflow_instance import WorkflowInstanceDetails
 from temporalio.worker.workflow_sandbox import RestrictedWorkflowAccessError
+from temporalio.worker.workflow_sandbox._runner import _fake_info
 
 import llmmixer
 from llmmixer.client.mixer import MixerClient
-from llmmixer.workers.worker import MixerWorker, WorkerSettings, mixer_worker
+from llmmixer.workers.worker import (
+    SANDBOX_PASSTHROUGH_MODULES,
+    MixerWorker,
+    WorkerSettings,
+    mixer_worker,
+    sandbox_runner,
+)
+from llmmixer.workflows.mixer import MixerWorkflow
 from llmmixer.workflows.records import RunStatus
 
 SOURCE = Path(llmmixer.__file__).parent
+# The workflow's logic: loaded inside the sandbox for every run.
+LOGIC = ("mixer", "dag", "decompose", "templates", "validation", "carry")
 
 SPEC: dict[str, Any] = {
     "name": "sandboxed",
@@ -143,6 +159,39 @@ async def first_task_failure(handle: WorkflowHandle[Any, Any], seconds: float = 
 @pytest.fixture
 def task_queue() -> str:
     return f"sandbox-{uuid.uuid4()}"
+
+
+async def test_only_model_modules_are_taken_from_the_worker() -> None:
+    # What one run's sandbox holds: logic loaded afresh, models shared. Catches
+    # a logic import moved under imports_passed_through(), which would pass it
+    # through whatever sandbox_runner() says.
+    runner = sandbox_runner()
+    instance = runner.create_instance(_details())
+    loaded = instance.importer.new_modules  # type: ignore[attr-defined]
+    ours = {name: module for name, module in loaded.items() if name.startswith("llmmixer.")}
+    shared = {name for name, module in ours.items() if module is sys.modules.get(name)}
+    assert shared == set(SANDBOX_PASSTHROUGH_MODULES) - {"yaml"}
+    logic = {f"llmmixer.workflows.{name}" for name in LOGIC}
+    assert logic <= set(ours) - shared
+
+
+def _details() -> WorkflowInstanceDetails:
+    """What the SDK hands a runner when it checks a workflow at worker start."""
+    converter = DataConverter.default
+    return WorkflowInstanceDetails(
+        payload_converter_factory=converter._new_payload_converter,
+        failure_converter_class=converter.failure_converter_class,
+        interceptor_classes=[],
+        defn=workflow._Definition.must_from_class(MixerWorkflow),
+        info=_fake_info,
+        randomness_seed=-1,
+        extern_functions={},
+        disable_eager_activity_execution=False,
+        worker_level_failure_exception_types=[],
+        patch_activation_callback=None,
+        last_completion_result=Payloads(),
+        last_failure=Failure(),
+    )
 
 
 async def test_the_unmodified_copy_runs(
