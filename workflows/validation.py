@@ -40,9 +40,11 @@ SPEC_LOCATION = "spec"
 
 # Field names and values that look like credentials: a spec is stored in
 # workflow history in clear, so it must never carry one. What counts as a
-# credential is defined once, in runtime/secrets.py. Tightening it is safe for
-# runs in flight: since CHECKS_RECORDED_PATCH the verdict is an activity's
-# result replayed from history, not recomputed.
+# credential is defined once, in runtime/secrets.py. Changing it is safe for
+# runs started since CHECKS_RECORDED_PATCH: their verdict is an activity's
+# result, replayed from history. Older runs re-run validate_spec on replay; a
+# change there only matters to one whose spec held a key-shaped value.
+
 # Keys under which free text is expected and secret-looking *names* are harmless.
 _TEXT_FIELDS = {"prompt", "system", "content", "description", "output", "stdin", "send"}
 
