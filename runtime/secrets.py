@@ -6,7 +6,12 @@ Three consumers must agree on it, and used to each keep their own list:
   inherits a secret variable unless the operator passes its name through;
 - redaction (``activities/redaction.py``): every secret value of the worker,
   and anything shaped like a key, is cut from text before it is recorded;
-- the worker's own logs, spans and error messages, through ``redact``.
+- the worker's own logs, spans and error messages, through ``redact``;
+- spec validation (``workflows/validation.py``): a spec is stored in workflow
+  history in clear, so a field named like a credential (``is_secret_field``) or
+  a value shaped like one (``looks_like_secret``) is refused;
+- helper programs the worker starts (the embedded ``temporal`` dev server):
+  they get ``child_environment``, an allow-list, never the worker's secrets.
 
 A name is a secret when its *value* is a credential (or points at one: a key
 file, an agent socket). Endpoints and ordinary settings (``*_BASE_URL``,
@@ -15,7 +20,9 @@ from every line of output would shred the text and protect nothing. A URL is
 a secret wherever it carries a password (``postgres://user:pw@db/x``),
 whatever its variable is called.
 
-Stdlib only: the CLI and the worker import it before anything else.
+Stdlib only: the CLI and the worker import it before anything else. Spec
+validation runs inside the workflow sandbox too, so nothing here reads the
+process's environment, a file or a clock: callers pass the environment in.
 """
 
 from __future__ import annotations
@@ -25,11 +32,16 @@ from collections.abc import Iterable, Mapping
 from urllib.parse import unquote, urlsplit
 
 __all__ = [
+    "CHILD_ENV_NAMES",
     "MIN_SECRET_CHARS",
+    "SECRET_FIELD",
     "SECRET_NAMES",
     "SECRET_SHAPES",
     "SECRET_SUFFIXES",
+    "child_environment",
+    "is_secret_field",
     "is_secret_name",
+    "looks_like_secret",
     "secret_values",
     "url_password",
 ]
@@ -99,7 +111,8 @@ MIN_SECRET_CHARS = 4
 # command printing a token it found in a file). Each is linear-time: they run
 # over whole command outputs.
 SECRET_SHAPES: re.Pattern[str] = re.compile(
-    r"sk-[A-Za-z0-9][A-Za-z0-9_\-]{7,}"  # OpenAI, Anthropic (sk-ant-...)
+    # Not inside a word: "risk-assessment-plan" and "task-definitions" are text.
+    r"(?<![A-Za-z0-9])sk-[A-Za-z0-9][A-Za-z0-9_\-]{7,}"  # OpenAI, Anthropic (sk-ant-...)
     r"|AIza[0-9A-Za-z_\-]{20,}"  # Google API keys
     r"|\b(?:AKIA|ASIA)[0-9A-Z]{16}\b"  # AWS access key ids
     r"|\bgh[pousr]_[A-Za-z0-9]{30,}"  # GitHub tokens
@@ -114,14 +127,102 @@ PREFIXED_SECRET_SHAPES: tuple[re.Pattern[str], ...] = (
     re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._~+/\-]{8,}=*"),
     re.compile(r"(?i)([?&](?:key|api_key|api-key|access_token|token)=)[^&\s\"']+"),
     # The password of a URL's userinfo: scheme://user:PASSWORD@host
-    re.compile(r"(\b[A-Za-z][A-Za-z0-9+.\-]{0,30}://[^\s/:@]{0,256}:)[^\s/@]{1,512}(?=@)"),
+    _URL_PASSWORD := re.compile(
+        r"(\b[A-Za-z][A-Za-z0-9+.\-]{0,30}://[^\s/:@]{0,256}:)[^\s/@]{1,512}(?=@)"
+    ),
 )
+
+
+# The words that make a document's field name a credential's ("api_key",
+# "clientSecret", "db-password", "Authorization"), wherever they appear in it.
+# Spec fields are free-form (headers, ``env``, provider options), so this is a
+# search, unlike the exact names of worker variables above; every secret
+# suffix is one of its words. Not every secret *name*: a step's ``env`` may
+# well set DATABASE_URL to a local file, and a password in it is a value shape.
+# "tokens" is not one: ``max_tokens`` is a budget.
+SECRET_FIELD: re.Pattern[str] = re.compile(
+    r"api[_-]?key|secret|password|passwd|passphrase|token(?!s)|authorization|credential"
+    r"|private[_-]?key|access[_-]?key|key[_-]?data|auth[_-]?header",
+    re.IGNORECASE,
+)
+
+# What a helper program the worker starts may see of the worker's environment:
+# where programs are, whose home, language, time zone and temp dir (plus every
+# LC_* locale variable), the Go runtime's resource limits (the `temporal` CLI
+# is a Go program and a container may cap its CPUs and memory), and what a
+# Windows process needs to start at all. Nothing else: an allow-list, because
+# a deny-list lets through whatever secret nobody thought to name.
+CHILD_ENV_NAMES: frozenset[str] = frozenset(
+    {
+        "PATH",
+        "HOME",
+        "USER",
+        "LOGNAME",
+        "LANG",
+        "LANGUAGE",
+        "TERM",
+        "TZ",
+        "TMPDIR",
+        "GOMAXPROCS",
+        "GOMEMLIMIT",
+        # Windows
+        "SYSTEMROOT",
+        "WINDIR",
+        "COMSPEC",
+        "PATHEXT",
+        "USERPROFILE",
+        "APPDATA",
+        "LOCALAPPDATA",
+        "TEMP",
+        "TMP",
+    }
+)
+_CHILD_ENV_PREFIXES = ("LC_",)
+
+# An Authorization header's credential as it is written: "Bearer" then a token.
+_BEARER_CREDENTIAL = re.compile(r"\bBearer\s+[A-Za-z0-9._~+/\-]{16,}")
 
 
 def is_secret_name(name: str) -> bool:
     """Whether a worker variable's value is a credential (or leads to one)."""
     upper = name.upper()
     return upper in SECRET_NAMES or upper.endswith(SECRET_SUFFIXES)
+
+
+def is_secret_field(name: str) -> bool:
+    """Whether a document's field name says its value is a credential."""
+    return SECRET_FIELD.search(name) is not None
+
+
+def looks_like_secret(text: str) -> bool:
+    """Whether ``text`` holds something shaped like a key, token or private key.
+
+    The shapes redaction cuts (``SECRET_SHAPES``), a URL with a password, and
+    an HTTP bearer credential. Stricter than redaction's "bearer ..." on
+    purpose: redacting a word too many costs a word, refusing a spec whose
+    prompt says "bearer instruments" costs the user their run.
+    """
+    return any(
+        shape.search(text) is not None
+        for shape in (SECRET_SHAPES, _BEARER_CREDENTIAL, _URL_PASSWORD)
+    )
+
+
+def child_environment(
+    environ: Mapping[str, str], names: Iterable[str] = CHILD_ENV_NAMES
+) -> dict[str, str]:
+    """What a helper program the worker starts may see of ``environ``.
+
+    Only ``names`` (and ``LC_*``), and never a secret-named one, even if listed.
+    Windows spells variable names in any case, so names compare in upper case.
+    """
+    allowed = {name.upper() for name in names}
+    return {
+        name: value
+        for name, value in environ.items()
+        if (name.upper() in allowed or name.upper().startswith(_CHILD_ENV_PREFIXES))
+        and not is_secret_name(name)
+    }
 
 
 def url_password(value: str) -> str | None:

@@ -21,6 +21,7 @@ from temporalio.worker import Replayer
 from llmmixer.activities import checks
 from llmmixer.activities.contracts import PlanCheck, PlanCheckLimits, SpecCheck
 from llmmixer.client.mixer import MixerClient
+from llmmixer.workers import worker
 from llmmixer.workers.connection import data_converter
 from llmmixer.workers.worker import sandbox_runner
 from llmmixer.workflows import decompose, validation
@@ -56,6 +57,13 @@ def set_rules(monkeypatch: pytest.MonkeyPatch, rules: Any) -> None:
     """Every place the spec and plan rules are read from, as a release would change them."""
     for module in (validation, decompose, checks):
         monkeypatch.setattr(module, "find_issues", rules)
+    # The workflow sandbox loads its own copy of these modules from source; it
+    # must see the patched rules as a new release's workflow would.
+    monkeypatch.setattr(
+        worker,
+        "SANDBOX_PASSTHROUGH_MODULES",
+        (*worker.SANDBOX_PASSTHROUGH_MODULES, validation.__name__, decompose.__name__),
+    )
 
 
 async def replay(history: WorkflowHistory) -> None:

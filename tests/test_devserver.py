@@ -353,18 +353,52 @@ def test_command_line() -> None:
     assert EmbeddedServer(host="[::1]", port=7233).address == "[::1]:7233"
 
 
-def test_server_environment_drops_secrets_and_client_settings() -> None:
+def test_server_environment_is_an_allow_list() -> None:
     env = _server_environment(
         {
             "PATH": "/bin",
             "HOME": "/root",
+            "LC_ALL": "C.UTF-8",
             "ANTHROPIC_API_KEY": "sk-x",
             "GITHUB_TOKEN": "t",
             "TEMPORAL_ADDRESS": "cloud:7233",
             "TEMPORAL_API_KEY": "k",
+            # Not named like a key: a deny-list of suffixes let these through.
+            "AWS_SECRET_ACCESS_KEY": "aws",
+            "LLMMIXER_PAYLOAD_KEY": "payload",
+            "DATABASE_URL": "postgres://app:pw@db/app",
+            "SSH_AUTH_SOCK": "/tmp/agent.sock",
         }
     )
-    assert env == {"PATH": "/bin", "HOME": "/root"}
+    assert env == {"PATH": "/bin", "HOME": "/root", "LC_ALL": "C.UTF-8"}
+
+
+async def test_the_server_process_holds_none_of_the_workers_secrets(
+    make_server: ServerFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # What `llmmixer dev` runs next to its worker: the worker's keys are in
+    # this process's environment, and the server child must not inherit them.
+    mark = uuid.uuid4().hex[:12]
+    planted = {
+        "AWS_SECRET_ACCESS_KEY": f"aws-{mark}",
+        "LLMMIXER_PAYLOAD_KEY": f"payload-{mark}",
+        "OPENAI_API_KEY": f"sk-openai-{mark}",
+        "TEMPORAL_ADDRESS": f"cloud-{mark}.example:7233",
+    }
+    for name, value in planted.items():
+        monkeypatch.setenv(name, value)
+    server = make_server()
+    await server.start()
+    assert server.pid is not None
+    # What any process of the same user can read, as an attacker would.
+    proc = Path(f"/proc/{server.pid}")
+    environ = await asyncio.to_thread((proc / "environ").read_bytes)
+    cmdline = await asyncio.to_thread((proc / "cmdline").read_bytes)
+    assert cmdline.split(b"\0")[1:3] == [b"server", b"start-dev"]
+    leaked = [name for name, value in planted.items() if value.encode() in environ]
+    assert leaked == []
+    names = {entry.split(b"=", 1)[0] for entry in environ.split(b"\0") if entry}
+    assert b"PATH" in names  # the allow-list, not an empty environment
 
 
 def test_port_taken_after_our_check_is_still_reported_as_busy(tmp_path: Path) -> None:

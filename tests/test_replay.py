@@ -17,6 +17,7 @@ from temporalio.client import WorkflowHistory
 from temporalio.worker import Replayer
 
 from llmmixer.activities import checks
+from llmmixer.workers import worker
 from llmmixer.workers.connection import data_converter
 from llmmixer.workers.worker import sandbox_runner
 from llmmixer.workflows import decompose, validation
@@ -78,4 +79,11 @@ async def test_a_rule_changed_later_does_not_change_a_recorded_run(
 
     for module in (validation, decompose, checks):
         monkeypatch.setattr(module, "find_issues", rules)
+    # The workflow sandbox loads its own copy of these modules from source; it
+    # must see the patched rules as a new release's workflow would.
+    monkeypatch.setattr(
+        worker,
+        "SANDBOX_PASSTHROUGH_MODULES",
+        (*worker.SANDBOX_PASSTHROUGH_MODULES, validation.__name__, decompose.__name__),
+    )
     await replay(name)

@@ -25,10 +25,16 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 from llmmixer.activities.redaction import REDACTED, StreamRedactor, redact
 from llmmixer.client.audit import audit_from_client, render_markdown
 from llmmixer.client.mixer import MixerClient
-from llmmixer.runtime.secrets import is_secret_name, secret_values
+from llmmixer.runtime.secrets import (
+    SECRET_SUFFIXES,
+    is_secret_field,
+    is_secret_name,
+    secret_values,
+)
 from llmmixer.workers.telemetry import client_interceptors
 from llmmixer.workers.worker import WorkerSettings, mixer_worker
 from llmmixer.workflows.records import RunStatus, StepStatus
+from llmmixer.workflows.validation import find_issues
 
 MARK = uuid.uuid4().hex[:12]
 MARKERS = {
@@ -197,3 +203,62 @@ def test_stream_redaction_catches_a_secret_split_at_any_point() -> None:
         if stream.can_release:
             out += stream.release_token()
     assert out + stream.flush() == expected
+
+
+# ---- a spec never carries a secret: the same definition (runtime/secrets.py) ------
+
+
+def _spec_issues(**step: object) -> list[str]:
+    spec = {
+        "name": "carries",
+        "defaults": {"provider": "openai", "model": "gpt-4.1-mini"},
+        "steps": [{"id": "s", "prompt": "hello", **step}],
+    }
+    return [str(issue) for issue in find_issues(spec)]
+
+
+@pytest.mark.parametrize(
+    "leak",
+    [
+        "sk-ant-api03-abcdefghijklmnop",
+        "AKIAIOSFODNN7EXAMPLE",
+        "github_pat_" + "a1B2" * 9,
+        "xoxb-1234567890-abcdefghij",
+        "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAA\n"
+        "-----END OPENSSH PRIVATE KEY-----",
+        "postgres://app:hunter2-pw@db.internal:5432/app",
+    ],
+)
+def test_a_value_redaction_would_cut_is_refused_in_a_spec(leak: str) -> None:
+    # Before, the spec check kept its own shorter list: these went into history.
+    issues = _spec_issues(prompt=f"use {leak} please")
+    assert issues and issues[0].startswith("step s: prompt: looks like a credential")
+    assert not any(leak in issue for issue in issues)
+
+
+@pytest.mark.parametrize("field", ["AWS_ACCESS_KEY", "GPG_PASSPHRASE", "TLS_KEY_DATA"])
+def test_a_field_named_like_a_secret_variable_is_refused(field: str) -> None:
+    issues = _spec_issues(kind="pty", command=["make"], env={field: "value"})
+    assert any(issue.startswith(f"step s: env.{field}: secret-looking field") for issue in issues)
+    for suffix in SECRET_SUFFIXES:  # every worker secret suffix names a secret field
+        assert is_secret_field(f"ACME{suffix}"), suffix
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Write the task-definitions-for-all-services file",
+        "Summarise the risk-assessment-framework-document",
+    ],
+)
+def test_a_word_ending_in_sk_is_not_a_key(text: str) -> None:
+    # "sk-" inside a word was taken for an OpenAI key: the spec was refused
+    # and redaction cut the word out of every output.
+    assert _spec_issues(prompt=text) == []
+    assert redact(text) == text
+
+
+def test_the_word_bearer_is_not_a_credential_in_a_spec() -> None:
+    assert _spec_issues(prompt="Explain bearer instruments and their history") == []
+    issues = _spec_issues(prompt="send Authorization: Bearer abcdefghijklmnop0123456789")
+    assert issues and issues[0].startswith("step s: prompt: looks like a credential")

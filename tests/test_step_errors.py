@@ -18,6 +18,7 @@ from temporalio.worker.workflow_sandbox import RestrictedWorkflowAccessError
 from temporalio.workflow import NondeterminismError
 
 from llmmixer.client.mixer import MixerClient, RunFailed
+from llmmixer.workers import worker
 from llmmixer.workflows import mixer as mixer_module
 from llmmixer.workflows.records import RunStatus, StepStatus
 
@@ -38,6 +39,13 @@ def broken_renderer(monkeypatch: pytest.MonkeyPatch) -> None:
         return real(text, *args)
 
     monkeypatch.setattr(mixer_module, "render", render)
+    # The workflow sandbox loads its own copy of the workflow from source; pass
+    # the patched module through so the runs use the broken renderer.
+    monkeypatch.setattr(
+        worker,
+        "SANDBOX_PASSTHROUGH_MODULES",
+        (*worker.SANDBOX_PASSTHROUGH_MODULES, mixer_module.__name__),
+    )
 
 
 def spec(boom: dict[str, Any], **extra: Any) -> dict[str, Any]:

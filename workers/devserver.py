@@ -43,6 +43,7 @@ from typing import BinaryIO, Self
 from temporalio.api.workflowservice.v1 import DescribeNamespaceRequest
 from temporalio.client import Client
 
+from llmmixer.runtime.secrets import child_environment
 from llmmixer.workers.address import format_address, free_port, is_listening
 from llmmixer.workers.home import llmmixer_home
 
@@ -84,11 +85,6 @@ DEFAULT_DYNAMIC_CONFIG: Mapping[str, object] = {
 # step) still survives a crash or SIGKILL of the server; only an OS crash or
 # power loss can drop the last few commits. `synchronous=off` would lose that.
 SQLITE_PRAGMAS: Mapping[str, str] = {"journal_mode": "wal", "synchronous": "normal"}
-
-# Environment variables the server never needs: provider secrets (CONTRACT
-# section 3 keeps them on the worker) and the user's Temporal client settings,
-# which could point the CLI's config loading at a remote cluster's profile.
-_SECRET_SUFFIXES = ("_API_KEY", "_TOKEN", "_SECRET", "_PASSWORD")
 
 
 class EmbeddedServerError(RuntimeError):
@@ -485,11 +481,11 @@ def _port_in_use(host: str, port: int, what: str) -> PortInUseError:
 
 
 def _server_environment(environ: Mapping[str, str]) -> dict[str, str]:
-    return {
-        name: value
-        for name, value in environ.items()
-        if not name.upper().endswith(_SECRET_SUFFIXES) and not name.upper().startswith("TEMPORAL_")
-    }
+    # An allow-list (runtime/secrets.py): the server needs no provider key, no
+    # payload key and no cloud credential, and the user's TEMPORAL_* client
+    # settings could point the CLI's config loading at a remote cluster's
+    # profile. A deny-list let AWS_SECRET_ACCESS_KEY and LLMMIXER_PAYLOAD_KEY in.
+    return child_environment(environ)
 
 
 def _signal_group(pid: int, sig: int) -> None:

@@ -135,11 +135,44 @@ def _positive_int(name: str, value: str) -> int:
     return number
 
 
+# What the workflow sandbox takes from the worker instead of loading afresh for
+# each run: third-party libraries and the pure model modules, i.e. the pydantic
+# types that cross the data converter (run input, signal/update/query types,
+# activity inputs and results). These must be passed through: a model class
+# defined inside the sandbox is rebuilt for every run (slow), and is a
+# different class from the worker's, so an instance made on one side fails
+# validation against the other. They read no clock, environment or file.
+#
+# Everything else of llmmixer, the workflow module and its logic (mixer, dag,
+# decompose, templates, validation, carry, runtime.secrets), loads inside the
+# sandbox, where a datetime.now(), open() or os.environ in it fails the
+# workflow task instead of silently breaking replay (at import, only a clock
+# read is refused: the SDK restricts os only while a run executes). carry.py
+# stays inside although it is a model module: its Carried embeds dag.py's
+# RunSnapshot, which must be the class the sandboxed RunState builds.
+#
+# The price: each run (and each replay after an eviction) loads those modules
+# afresh, about 30 ms of CPU with bytecode caches and 0.5 MB per cached run.
+# A test that patches workflow logic must add its module here (monkeypatch):
+# the sandbox would otherwise load the unpatched source.
+SANDBOX_PASSTHROUGH_MODULES: tuple[str, ...] = (
+    # Third-party libraries beyond the SDK's defaults (pydantic, temporalio,
+    # the standard library): the safe YAML loader's base classes.
+    "yaml",
+    # Pure model modules.
+    "llmmixer.activities.contracts",  # activity inputs/results, events
+    "llmmixer.activities.providers.options",  # provider_options schemas (+ base)
+    "llmmixer.workflows.records",  # signal, update and query types
+    "llmmixer.workflows.spec",  # the run's input
+    "llmmixer.runtime.documents",  # the safe document loader (yaml subclasses)
+)
+
+
 def sandbox_runner() -> SandboxedWorkflowRunner:
-    # llmmixer's workflow-side modules are pure and deterministic; passing them
-    # through avoids re-importing pydantic models for every workflow run.
     return SandboxedWorkflowRunner(
-        restrictions=SandboxRestrictions.default.with_passthrough_modules("llmmixer")
+        restrictions=SandboxRestrictions.default.with_passthrough_modules(
+            *SANDBOX_PASSTHROUGH_MODULES
+        )
     )
 
 

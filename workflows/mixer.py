@@ -32,6 +32,32 @@ from temporalio.exceptions import (
     is_cancelled_exception,
 )
 
+from llmmixer.workflows.carry import (
+    CARRIED_EVENT_BYTES,
+    DEFAULT_HISTORY_BYTES,
+    DEFAULT_HISTORY_EVENTS,
+    Carried,
+)
+from llmmixer.workflows.dag import RunState, StepNode
+from llmmixer.workflows.decompose import (
+    PlanContext,
+    PlanLimits,
+    check_plan,
+    limits_for,
+    plan_request,
+    planner_prompt,
+)
+from llmmixer.workflows.templates import render
+from llmmixer.workflows.validation import (
+    SpecError,
+    SpecIssue,
+    parse_spec_shape,
+    validate_spec,
+)
+
+# Types that cross the data converter: one class for the worker and every run
+# (see sandbox_runner in workers/worker.py). The run's logic above loads
+# inside the sandbox, so the sandbox's restrictions apply to it.
 with workflow.unsafe.imports_passed_through():
     from temporalio.contrib.workflow_streams import WorkflowStream, WorkflowStreamState
 
@@ -59,21 +85,6 @@ with workflow.unsafe.imports_passed_through():
         SpecCheck,
         SpecCheckResult,
     )
-    from llmmixer.workflows.carry import (
-        CARRIED_EVENT_BYTES,
-        DEFAULT_HISTORY_BYTES,
-        DEFAULT_HISTORY_EVENTS,
-        Carried,
-    )
-    from llmmixer.workflows.dag import RunState, StepNode
-    from llmmixer.workflows.decompose import (
-        PlanContext,
-        PlanLimits,
-        check_plan,
-        limits_for,
-        plan_request,
-        planner_prompt,
-    )
     from llmmixer.workflows.records import (
         BudgetLimits,
         BudgetRaise,
@@ -99,13 +110,7 @@ with workflow.unsafe.imports_passed_through():
         RetrySpec,
         Spec,
     )
-    from llmmixer.workflows.templates import render
-    from llmmixer.workflows.validation import (
-        SpecError,
-        SpecIssue,
-        parse_spec_shape,
-        validate_spec,
-    )
+
 
 from typing import TypeVar
 

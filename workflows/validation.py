@@ -23,6 +23,7 @@ from pydantic import BaseModel, ValidationError, create_model
 from llmmixer.activities.contracts import PROVIDERS
 from llmmixer.activities.providers.options import model_name_issue, provider_option_issues
 from llmmixer.activities.providers.registry import PROVIDER_SPECS
+from llmmixer.runtime.secrets import is_secret_field, looks_like_secret
 from llmmixer.workflows.spec import (
     KINDS,
     STEP_ID_PATTERN,
@@ -38,16 +39,13 @@ from llmmixer.workflows.templates import references
 
 SPEC_LOCATION = "spec"
 
-# Field names and values that look like credentials. A spec is stored in
-# workflow history in clear, so it must never carry one (CONTRACT 3).
-_SECRET_KEY = re.compile(
-    r"(api[_-]?key|secret|password|passwd|token(?!s)|authorization|credential|private[_-]?key)",
-    re.IGNORECASE,
-)
-_SECRET_VALUE = re.compile(
-    r"(sk-ant-[A-Za-z0-9_-]{16,}|sk-[A-Za-z0-9_-]{20,}|AIza[0-9A-Za-z_-]{30,}"
-    r"|Bearer\s+[A-Za-z0-9._-]{16,}|gh[pousr]_[A-Za-z0-9]{20,})"
-)
+# Field names and values that look like credentials: a spec is stored in
+# workflow history in clear, so it must never carry one. What counts as a
+# credential is defined once, in runtime/secrets.py. Changing it is safe for
+# runs started since CHECKS_RECORDED_PATCH: their verdict is an activity's
+# result, replayed from history. Older runs re-run validate_spec on replay; a
+# change there only matters to one whose spec held a key-shaped value.
+
 # Keys under which free text is expected and secret-looking *names* are harmless.
 _TEXT_FIELDS = {"prompt", "system", "content", "description", "output", "stdin", "send"}
 
@@ -573,7 +571,7 @@ def _secret_issues(node: object, where: str, path: str) -> Iterator[SpecIssue]:
     elif isinstance(node, list):
         for index, item in enumerate(node):
             yield from _secret_issues(item, where, f"{path}.{index}")
-    elif isinstance(node, str) and _SECRET_VALUE.search(node):
+    elif isinstance(node, str) and looks_like_secret(node):
         yield SpecIssue(
             where,
             path or "(value)",
@@ -584,7 +582,7 @@ def _secret_issues(node: object, where: str, path: str) -> Iterator[SpecIssue]:
 
 def _secret_field(key: str, value: object, where: str, path: str) -> Iterator[SpecIssue]:
     last = key.rsplit(".", 1)[-1]
-    if _SECRET_KEY.search(last) and last not in _TEXT_FIELDS:
+    if is_secret_field(last) and last not in _TEXT_FIELDS:
         yield SpecIssue(
             where,
             path,
