@@ -233,12 +233,6 @@ async def test_a_forbidden_call_in_workflow_logic_fails_the_workflow_task(
     assert "from inside a workflow" in message
 
 
-@pytest.mark.xfail(
-    reason="MixerWorkflow runs each step in an asyncio task that nobody awaits: a sandbox "
-    "(or non-determinism) error raised in a step is re-raised there and lost, so the "
-    "step stays running instead of failing the workflow task (workflows/mixer.py)",
-    raises=AssertionError,
-)
 async def test_a_forbidden_call_while_running_a_step_fails_the_workflow_task(
     client: Client, task_queue: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -18,7 +18,7 @@ import asyncio
 import builtins
 import json
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from temporalio import workflow
 from temporalio.exceptions import (
@@ -32,6 +32,17 @@ from temporalio.exceptions import (
     is_cancelled_exception,
 )
 
+from llmmixer.workflows.calls import (
+    CHECK_OPTIONS,
+    Settled,
+    StepActivityOptions,
+    StepModel,
+    command_options,
+    llm_call,
+    llm_options,
+    planned_step,
+    target_chain,
+)
 from llmmixer.workflows.carry import (
     CARRIED_EVENT_BYTES,
     DEFAULT_HISTORY_BYTES,
@@ -111,21 +122,6 @@ with workflow.unsafe.imports_passed_through():
         Spec,
     )
 
-
-from typing import TypeVar
-
-with workflow.unsafe.imports_passed_through():
-    from llmmixer.workflows.calls import (
-        CHECK_OPTIONS,
-        Settled,
-        StepActivityOptions,
-        StepModel,
-        command_options,
-        llm_call,
-        llm_options,
-        planned_step,
-        target_chain,
-    )
 
 WORKFLOW_NAME = "MixerWorkflow"
 
@@ -296,6 +292,7 @@ class MixerWorkflow:
 
     async def _drive(self, spec: Spec) -> None:
         while True:
+            self._raise_from_steps()
             if self._history_is_long(spec):
                 # No new step starts; once only steps that wait for a person
                 # are left, the run continues as new with its state.
@@ -309,6 +306,20 @@ class MixerWorkflow:
                 return
             workflow.set_current_details(self._state.summary())
             await self._until_changed()
+
+    def _raise_from_steps(self) -> None:
+        """Re-raise what a step's task let through: the SDK's own errors.
+
+        A step handles every other error itself (the step fails). Sandbox
+        restrictions and non-determinism must fail the workflow task so the
+        run waits for fixed code; left in a task nobody awaits, they were lost
+        and the step stayed running forever.
+        """
+        for task in self._tasks.values():
+            if task.done() and not task.cancelled():
+                error = task.exception()
+                if error is not None and not is_cancelled_exception(error):
+                    raise error
 
     async def _until_changed(self) -> None:
         """Until the run's state changes or a step's task ends.
