@@ -41,6 +41,14 @@ def worker_env(provider_server: FakeProviderServer) -> dict[str, str]:
     return provider_server.env()
 
 
+@pytest.fixture
+def workflow_cache() -> int:
+    # Watching queries the run while its stream's updates arrive; with no
+    # cache every query replays, and the SDK (sdk-python#848) can hand an
+    # update to a replay that has not caught up. A cache is how workers run.
+    return 100
+
+
 def slow_spec() -> dict[str, Any]:
     step = {"id": "talk", "provider": "openai", "model": "gpt-4.1-mini", "prompt": "talk"}
     return {"name": "watch", "defaults": {"max_tokens": 200}, "steps": [step]}
