@@ -25,11 +25,11 @@ from llmmixer.client.local import TemporalUnreachable, temporal_for_run
 from llmmixer.client.mixer import InterventionRefused, MixerClient, MixerHandle, RunFailed
 from llmmixer.client.specfile import parse_inputs, prepare_spec, read_spec, spec_warnings
 from llmmixer.client.watch import EventPump, retrying
-from llmmixer.workers.connection import Connection
+from llmmixer.runtime.connection import Connection
+from llmmixer.runtime.storage import add_codec_server_arguments
+from llmmixer.runtime.telemetry import flush_telemetry
 from llmmixer.workers.devserver import EmbeddedServerError
 from llmmixer.workers.health import HealthServer, ReadinessState
-from llmmixer.workers.storage import add_codec_server_arguments
-from llmmixer.workers.telemetry import flush_telemetry
 from llmmixer.workflows.records import RunProgress, RunStatus
 from llmmixer.workflows.validation import SpecError, validate_spec
 
@@ -291,9 +291,9 @@ async def cmd_intervene(args: argparse.Namespace) -> int:
 
 async def cmd_dev(args: argparse.Namespace) -> int:
     from llmmixer.activities.command_policy import local_operator_note
-    from llmmixer.workers.address import parse_address
+    from llmmixer.runtime.address import parse_address
+    from llmmixer.runtime.home import llmmixer_home
     from llmmixer.workers.devserver import EmbeddedServer
-    from llmmixer.workers.home import llmmixer_home
     from llmmixer.workers.worker import mixer_worker, run_until_signalled
 
     connection = Connection.from_env()
@@ -374,7 +374,7 @@ async def cmd_serve(args: argparse.Namespace) -> int:
 
 
 async def cmd_codec_server(args: argparse.Namespace) -> int:
-    from llmmixer.workers.storage import codec_server_command
+    from llmmixer.runtime.storage import codec_server_command
 
     return await codec_server_command(args.host, args.port, args.allow_origin)
 

@@ -29,7 +29,7 @@ from temporalio.contrib.workflow_streams import WorkflowStreamClient
 
 from llmmixer.activities.contracts import EVENTS_TOPIC, MixerEvent
 from llmmixer.client.specfile import prepare_spec
-from llmmixer.workers.connection import PTY_TASK_QUEUE_ENV, Connection
+from llmmixer.runtime.connection import PTY_TASK_QUEUE_ENV, Connection
 from llmmixer.workflows.mixer import WORKFLOW_NAME, MixerWorkflow
 from llmmixer.workflows.records import (
     BudgetLimits,

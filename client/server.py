@@ -88,6 +88,7 @@ from temporalio.service import RPCError, RPCStatusCode
 from llmmixer.activities.contracts import MixerEvent
 from llmmixer.client.mixer import InterventionRefused, MixerClient, MixerHandle, RunFailed
 from llmmixer.client.specfile import prepare_spec
+from llmmixer.runtime.address import is_loopback
 from llmmixer.runtime.http_guard import (
     GuardPolicy,
     Refusal,
@@ -96,7 +97,6 @@ from llmmixer.runtime.http_guard import (
     bearer_matches,
     check_token,
 )
-from llmmixer.workers.address import is_loopback
 from llmmixer.workflows.mixer import WORKFLOW_NAME
 from llmmixer.workflows.records import (
     BudgetLimits,
@@ -912,7 +912,7 @@ async def serve(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> int:
     """``llmmixer serve``: exit 2 for a refused configuration, 1 if Temporal is unreachable."""
     import uvicorn
 
-    from llmmixer.workers.connection import Connection
+    from llmmixer.runtime.connection import Connection
 
     try:
         token = check_token(TOKEN_ENV, os.environ.get(TOKEN_ENV))
