@@ -21,7 +21,11 @@ from llmmixer.client.pollers import poller_identities
 from llmmixer.runtime.address import free_port, is_listening, is_loopback, parse_address
 from llmmixer.runtime.connection import Connection
 from llmmixer.runtime.home import llmmixer_home
+
+# EmbeddedServerError re-exported: the CLI reports it without importing
+# worker code outside the commands that run a worker.
 from llmmixer.workers.devserver import EmbeddedServer
+from llmmixer.workers.devserver import EmbeddedServerError as EmbeddedServerError
 from llmmixer.workers.worker import mixer_worker
 
 

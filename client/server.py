@@ -86,7 +86,14 @@ from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
 from llmmixer.activities.contracts import MixerEvent
-from llmmixer.client.mixer import InterventionRefused, MixerClient, MixerHandle, RunFailed
+from llmmixer.client.mixer import (
+    INTERVENTIONS,
+    InterventionIncomplete,
+    InterventionRefused,
+    MixerClient,
+    MixerHandle,
+    RunFailed,
+)
 from llmmixer.client.specfile import prepare_spec
 from llmmixer.runtime.address import is_loopback
 from llmmixer.runtime.http_guard import (
@@ -480,20 +487,12 @@ async def intervene(
     """
     body = body or InterventionBody()
     try:
-        if action == "retry":
-            return await handle.retry(step, prompt=body.prompt)
-        if action == "skip":
-            return await handle.skip(step, reason=body.reason)
-        if action == "override":
-            if body.output is None:
-                raise HTTPException(
-                    status_code=422,
-                    detail='override needs the new output: send {"output": "..."}',
-                )
-            return await handle.override(step, body.output)
-        if action == "approve":
-            return await handle.approve(step, comment=body.comment)
-        return await handle.reject(step, reason=body.reason)
+        return await handle.intervene(action, step, getattr(body, INTERVENTIONS[action].field))
+    except InterventionIncomplete as missing:
+        raise HTTPException(
+            status_code=422,
+            detail=f'{action} needs the new {missing.field}: send {{"{missing.field}": "..."}}',
+        ) from None
     except InterventionRefused as refusal:
         raise HTTPException(status_code=409, detail=str(refusal)) from None
     except RPCError as error:
