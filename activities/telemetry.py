@@ -3,7 +3,7 @@
 Spans and instruments come from the *global* OpenTelemetry providers, looked
 up at each call. A worker
 installs real ones only when ``OTEL_EXPORTER_OTLP_ENDPOINT`` is set (see
-``workers/telemetry.py``), or an embedding application installs its own;
+``runtime/telemetry.py``), or an embedding application installs its own;
 otherwise the API's no-op tracer and meter make every call here a handful of
 attribute look-ups, with nothing recorded or exported.
 

@@ -55,8 +55,8 @@ from systems import (  # noqa: E402
 from temporalio.client import Client  # noqa: E402
 from temporalio.worker import UnsandboxedWorkflowRunner  # noqa: E402
 
-from llmmixer.workers.address import free_port  # noqa: E402
-from llmmixer.workers.connection import data_converter  # noqa: E402
+from llmmixer.runtime.address import free_port  # noqa: E402
+from llmmixer.runtime.connection import data_converter  # noqa: E402
 from llmmixer.workers.devserver import EmbeddedServer  # noqa: E402
 
 SHAPES = (Shape("chain", 10), Shape("fanout", 20))

@@ -33,7 +33,8 @@ from llmmixer.activities.commands import CommandActivities
 from llmmixer.activities.llm import LlmActivities, LlmSettings
 from llmmixer.activities.providers.settings import ProviderSettings
 from llmmixer.client.mixer import MixerClient
-from llmmixer.workers.worker import WorkerSettings, mixer_worker, sandbox_runner
+from llmmixer.workers.plugin import sandbox_runner
+from llmmixer.workers.worker import WorkerSettings, mixer_worker
 from llmmixer.workflows.mixer import MixerWorkflow
 
 MODEL = "gpt-5-mini"  # priced in activities/prices.toml, so llmmixer's cost path runs too

@@ -625,7 +625,7 @@ def add_audit_parser(sub: Any) -> None:
 
 async def cmd_audit(args: Any) -> int:
     from llmmixer.client.mixer import MixerClient
-    from llmmixer.workers.connection import data_converter
+    from llmmixer.runtime.connection import data_converter
 
     try:
         if args.history:

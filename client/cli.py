@@ -12,8 +12,8 @@ import contextlib
 import logging
 import os
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
-from typing import Any, TextIO
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from typing import TYPE_CHECKING, Any, TextIO
 
 from temporalio.client import WorkflowExecutionStatus
 from temporalio.service import RPCError
@@ -21,17 +21,24 @@ from temporalio.service import RPCError
 from llmmixer.activities.contracts import EventType
 from llmmixer.client.audit import add_audit_parser, cmd_audit
 from llmmixer.client.display import ProgressView, progress_table, terminal_safe, unblock_hints
-from llmmixer.client.local import TemporalUnreachable, temporal_for_run
-from llmmixer.client.mixer import InterventionRefused, MixerClient, MixerHandle, RunFailed
+from llmmixer.client.local import EmbeddedServerError, TemporalUnreachable, temporal_for_run
+from llmmixer.client.mixer import (
+    INTERVENTIONS,
+    InterventionRefused,
+    MixerClient,
+    MixerHandle,
+    RunFailed,
+)
 from llmmixer.client.specfile import parse_inputs, prepare_spec, read_spec, spec_warnings
 from llmmixer.client.watch import EventPump, retrying
-from llmmixer.workers.connection import Connection
-from llmmixer.workers.devserver import EmbeddedServerError
-from llmmixer.workers.health import HealthServer, ReadinessState
-from llmmixer.workers.storage import add_codec_server_arguments
-from llmmixer.workers.telemetry import flush_telemetry
+from llmmixer.runtime.connection import Connection
+from llmmixer.runtime.storage import add_codec_server_arguments
+from llmmixer.runtime.telemetry import flush_telemetry
 from llmmixer.workflows.records import RunProgress, RunStatus
 from llmmixer.workflows.validation import SpecError, validate_spec
+
+if TYPE_CHECKING:
+    from llmmixer.workers.health import ReadinessState
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_WAITING = 0, 1, 2, 3
 # Progress is asked for on step-level events; this only bounds a quiet spell.
@@ -265,20 +272,9 @@ async def cmd_raise_budget(args: argparse.Namespace) -> int:
 async def cmd_intervene(args: argparse.Namespace) -> int:
     mixer = await MixerClient.connect()
     handle = mixer.get_handle(args.id)
-    action: Callable[..., Awaitable[Any]]
-    kwargs: dict[str, Any] = {}
-    if args.command == "retry":
-        action, kwargs = handle.retry, {"prompt": args.prompt}
-    elif args.command == "skip":
-        action, kwargs = handle.skip, {"reason": args.reason}
-    elif args.command == "override":
-        action, kwargs = handle.override, {"output": args.output}
-    elif args.command == "approve":
-        action, kwargs = handle.approve, {"comment": args.comment}
-    else:
-        action, kwargs = handle.reject, {"reason": args.reason}
+    text = getattr(args, INTERVENTIONS[args.command].field)
     try:
-        outcome = await action(args.step, **kwargs)
+        outcome = await handle.intervene(args.command, args.step, text)
     except InterventionRefused as error:
         _err(f"refused: {error}")
         return EXIT_FAILED
@@ -291,9 +287,9 @@ async def cmd_intervene(args: argparse.Namespace) -> int:
 
 async def cmd_dev(args: argparse.Namespace) -> int:
     from llmmixer.activities.command_policy import local_operator_note
-    from llmmixer.workers.address import parse_address
+    from llmmixer.runtime.address import parse_address
+    from llmmixer.runtime.home import llmmixer_home
     from llmmixer.workers.devserver import EmbeddedServer
-    from llmmixer.workers.home import llmmixer_home
     from llmmixer.workers.worker import mixer_worker, run_until_signalled
 
     connection = Connection.from_env()
@@ -313,7 +309,7 @@ async def cmd_dev(args: argparse.Namespace) -> int:
 
 async def cmd_worker(args: argparse.Namespace) -> int:
     from llmmixer.activities.command_policy import worker_note
-    from llmmixer.workers.health import health_port_from_env
+    from llmmixer.workers.health import ReadinessState, health_port_from_env
     from llmmixer.workers.worker import (
         ROLE_PTY,
         ROLES_ENV,
@@ -349,6 +345,8 @@ async def cmd_worker(args: argparse.Namespace) -> int:
 @contextlib.asynccontextmanager
 async def _health_server(port: int | None, readiness: ReadinessState) -> AsyncIterator[None]:
     """The worker's /healthz and /readyz while it runs, when a port is configured."""
+    from llmmixer.workers.health import HealthServer
+
     if not port:
         yield
         return
@@ -374,7 +372,7 @@ async def cmd_serve(args: argparse.Namespace) -> int:
 
 
 async def cmd_codec_server(args: argparse.Namespace) -> int:
-    from llmmixer.workers.storage import codec_server_command
+    from llmmixer.runtime.storage import codec_server_command
 
     return await codec_server_command(args.host, args.port, args.allow_origin)
 
@@ -426,17 +424,11 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--limit", type=int, default=50)
     add_audit_parser(sub)
 
-    for name, extra in (
-        ("retry", "--prompt"),
-        ("skip", "--reason"),
-        ("override", "--output"),
-        ("approve", "--comment"),
-        ("reject", "--reason"),
-    ):
+    for name, kind in INTERVENTIONS.items():
         command = sub.add_parser(name, help=f"{name} a step of a run")
         command.add_argument("id")
         command.add_argument("step")
-        command.add_argument(extra, required=(name == "override"), default=None)
+        command.add_argument(f"--{kind.field}", required=kind.required, default=None)
 
     budget = sub.add_parser("raise-budget", help="raise a run's token or cost budget")
     budget.add_argument("id")
@@ -468,11 +460,7 @@ _ASYNC: dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, int]]] = {
     "list": cmd_list,
     "cancel": cmd_cancel,
     "audit": cmd_audit,
-    "retry": cmd_intervene,
-    "skip": cmd_intervene,
-    "override": cmd_intervene,
-    "approve": cmd_intervene,
-    "reject": cmd_intervene,
+    **dict.fromkeys(INTERVENTIONS, cmd_intervene),
     "raise-budget": cmd_raise_budget,
     "dev": cmd_dev,
     "worker": cmd_worker,

@@ -22,12 +22,12 @@ from llmmixer.activities.providers.settings import ALLOWED_BASE_URLS_VARIABLE, P
 from llmmixer.activities.terminal import CommandRefusedError, session_launcher
 from llmmixer.activities.terminal_mode import probe_pty
 from llmmixer.client.server import TOKEN_ENV
+from llmmixer.runtime.address import is_listening, is_loopback, parse_address
+from llmmixer.runtime.connection import Connection
+from llmmixer.runtime.home import llmmixer_home
 from llmmixer.runtime.http_guard import TokenError, check_token
-from llmmixer.workers.address import is_listening, is_loopback, parse_address
-from llmmixer.workers.connection import Connection
+from llmmixer.runtime.storage import PayloadSettings
 from llmmixer.workers.devserver import EmbeddedServerError, find_temporal_binary
-from llmmixer.workers.home import llmmixer_home
-from llmmixer.workers.storage import PayloadSettings
 
 AGENT_EXECUTABLES = {
     "claude": "npm install -g @anthropic-ai/claude-code",

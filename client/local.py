@@ -18,10 +18,14 @@ from temporalio.client import Client
 
 from llmmixer.activities.command_policy import local_operator_note
 from llmmixer.client.pollers import poller_identities
-from llmmixer.workers.address import free_port, is_listening, is_loopback, parse_address
-from llmmixer.workers.connection import Connection
+from llmmixer.runtime.address import free_port, is_listening, is_loopback, parse_address
+from llmmixer.runtime.connection import Connection
+from llmmixer.runtime.home import llmmixer_home
+
+# EmbeddedServerError re-exported: the CLI reports it without importing
+# worker code outside the commands that run a worker.
 from llmmixer.workers.devserver import EmbeddedServer
-from llmmixer.workers.home import llmmixer_home
+from llmmixer.workers.devserver import EmbeddedServerError as EmbeddedServerError
 from llmmixer.workers.worker import mixer_worker
 
 

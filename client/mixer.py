@@ -16,8 +16,9 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from temporalio.client import (
     Client,
@@ -29,7 +30,7 @@ from temporalio.contrib.workflow_streams import WorkflowStreamClient
 
 from llmmixer.activities.contracts import EVENTS_TOPIC, MixerEvent
 from llmmixer.client.specfile import prepare_spec
-from llmmixer.workers.connection import PTY_TASK_QUEUE_ENV, Connection
+from llmmixer.runtime.connection import PTY_TASK_QUEUE_ENV, Connection
 from llmmixer.workflows.mixer import WORKFLOW_NAME, MixerWorkflow
 from llmmixer.workflows.records import (
     BudgetLimits,
@@ -41,16 +42,43 @@ from llmmixer.workflows.records import (
 )
 from llmmixer.workflows.spec import Spec
 
-# Each intervention's validated update, by the workflow's own handler
-# reference: a renamed handler breaks here at import, not at a user's call.
-# (Any: the SDK's overloads of execute_update cannot take a table's value type.)
-_UPDATES: Mapping[InterventionType, Any] = {
-    "retry": MixerWorkflow.retry_step,
-    "skip": MixerWorkflow.skip_step,
-    "override": MixerWorkflow.override_step,
-    "approve": MixerWorkflow.approve_step,
-    "reject": MixerWorkflow.reject_step,
+InterventionField = Literal["prompt", "reason", "output", "comment"]
+
+
+@dataclass(frozen=True)
+class InterventionKind:
+    """One intervention: the workflow's validated update and the text it takes.
+
+    ``field`` is the one ``InterventionRequest`` field the action reads (the
+    CLI's ``--<field>`` option, the HTTP body's key); ``required`` when the
+    action means nothing without it (an override needs the new output).
+    """
+
+    update: Any
+    field: InterventionField
+    required: bool = False
+
+
+# The one table of interventions the Python API, the CLI and the HTTP API
+# dispatch through, by the workflow's own handler references: a renamed
+# handler breaks here at import, not at a user's call. (Any: the SDK's
+# overloads of execute_update cannot take a table's value type.)
+INTERVENTIONS: Mapping[InterventionType, InterventionKind] = {
+    "retry": InterventionKind(MixerWorkflow.retry_step, "prompt"),
+    "skip": InterventionKind(MixerWorkflow.skip_step, "reason"),
+    "override": InterventionKind(MixerWorkflow.override_step, "output", required=True),
+    "approve": InterventionKind(MixerWorkflow.approve_step, "comment"),
+    "reject": InterventionKind(MixerWorkflow.reject_step, "reason"),
 }
+
+
+class InterventionIncomplete(ValueError):
+    """An intervention without the text it requires (``field``); nothing was sent."""
+
+    def __init__(self, action: InterventionType, field: InterventionField) -> None:
+        super().__init__(f"{action} needs {field}: pass the step's new {field} (it may be empty)")
+        self.action = action
+        self.field = field
 
 
 class InterventionRefused(Exception):
@@ -147,19 +175,39 @@ class MixerHandle:
         await self._handle.cancel()
 
     async def retry(self, step: str, prompt: str | None = None) -> InterventionOutcome:
-        return await self._intervene("retry", InterventionRequest(step=step, prompt=prompt))
+        return await self.intervene("retry", step, prompt)
 
     async def skip(self, step: str, reason: str | None = None) -> InterventionOutcome:
-        return await self._intervene("skip", InterventionRequest(step=step, reason=reason))
+        return await self.intervene("skip", step, reason)
 
     async def override(self, step: str, output: str) -> InterventionOutcome:
-        return await self._intervene("override", InterventionRequest(step=step, output=output))
+        return await self.intervene("override", step, output)
 
     async def approve(self, step: str, comment: str | None = None) -> InterventionOutcome:
-        return await self._intervene("approve", InterventionRequest(step=step, comment=comment))
+        return await self.intervene("approve", step, comment)
 
     async def reject(self, step: str, reason: str | None = None) -> InterventionOutcome:
-        return await self._intervene("reject", InterventionRequest(step=step, reason=reason))
+        return await self.intervene("reject", step, reason)
+
+    async def intervene(
+        self, action: InterventionType, step: str, text: str | None = None
+    ) -> InterventionOutcome:
+        """Any intervention by name, ``text`` going to its field (``INTERVENTIONS``).
+
+        Raises ``InterventionIncomplete`` before sending when the action
+        requires a text that is missing, ``InterventionRefused`` when the
+        workflow refuses it.
+        """
+        kind = INTERVENTIONS[action]
+        if kind.required and text is None:
+            raise InterventionIncomplete(action, kind.field)
+        request = InterventionRequest.model_validate({"step": step, kind.field: text})
+        try:
+            outcome: InterventionOutcome = await self._handle.execute_update(kind.update, request)
+            return outcome
+        except WorkflowUpdateFailedError as error:
+            cause = error.cause
+            raise InterventionRefused(getattr(cause, "message", None) or str(cause)) from error
 
     async def raise_budget(
         self,
@@ -172,18 +220,6 @@ class MixerHandle:
         request = BudgetRaise(step=step, max_tokens=max_tokens, max_cost_usd=max_cost_usd)
         try:
             return await self._handle.execute_update(MixerWorkflow.raise_budget, request)
-        except WorkflowUpdateFailedError as error:
-            cause = error.cause
-            raise InterventionRefused(getattr(cause, "message", None) or str(cause)) from error
-
-    async def _intervene(
-        self, action: InterventionType, request: InterventionRequest
-    ) -> InterventionOutcome:
-        try:
-            outcome: InterventionOutcome = await self._handle.execute_update(
-                _UPDATES[action], request
-            )
-            return outcome
         except WorkflowUpdateFailedError as error:
             cause = error.cause
             raise InterventionRefused(getattr(cause, "message", None) or str(cause)) from error

@@ -86,8 +86,16 @@ from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
 from llmmixer.activities.contracts import MixerEvent
-from llmmixer.client.mixer import InterventionRefused, MixerClient, MixerHandle, RunFailed
+from llmmixer.client.mixer import (
+    INTERVENTIONS,
+    InterventionIncomplete,
+    InterventionRefused,
+    MixerClient,
+    MixerHandle,
+    RunFailed,
+)
 from llmmixer.client.specfile import prepare_spec
+from llmmixer.runtime.address import is_loopback
 from llmmixer.runtime.http_guard import (
     GuardPolicy,
     Refusal,
@@ -96,7 +104,6 @@ from llmmixer.runtime.http_guard import (
     bearer_matches,
     check_token,
 )
-from llmmixer.workers.address import is_loopback
 from llmmixer.workflows.mixer import WORKFLOW_NAME
 from llmmixer.workflows.records import (
     BudgetLimits,
@@ -480,20 +487,12 @@ async def intervene(
     """
     body = body or InterventionBody()
     try:
-        if action == "retry":
-            return await handle.retry(step, prompt=body.prompt)
-        if action == "skip":
-            return await handle.skip(step, reason=body.reason)
-        if action == "override":
-            if body.output is None:
-                raise HTTPException(
-                    status_code=422,
-                    detail='override needs the new output: send {"output": "..."}',
-                )
-            return await handle.override(step, body.output)
-        if action == "approve":
-            return await handle.approve(step, comment=body.comment)
-        return await handle.reject(step, reason=body.reason)
+        return await handle.intervene(action, step, getattr(body, INTERVENTIONS[action].field))
+    except InterventionIncomplete as missing:
+        raise HTTPException(
+            status_code=422,
+            detail=f'{action} needs the new {missing.field}: send {{"{missing.field}": "..."}}',
+        ) from None
     except InterventionRefused as refusal:
         raise HTTPException(status_code=409, detail=str(refusal)) from None
     except RPCError as error:
@@ -912,7 +911,7 @@ async def serve(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> int:
     """``llmmixer serve``: exit 2 for a refused configuration, 1 if Temporal is unreachable."""
     import uvicorn
 
-    from llmmixer.workers.connection import Connection
+    from llmmixer.runtime.connection import Connection
 
     try:
         token = check_token(TOKEN_ENV, os.environ.get(TOKEN_ENV))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from llmmixer.workers.address import (
+from llmmixer.runtime.address import (
     AddressError,
     format_address,
     free_port,
@@ -15,7 +15,7 @@ from llmmixer.workers.address import (
     is_loopback,
     parse_address,
 )
-from llmmixer.workers.home import HomeDirectoryError, default_home, llmmixer_home
+from llmmixer.runtime.home import HomeDirectoryError, default_home, llmmixer_home
 
 
 @pytest.mark.parametrize(

@@ -25,7 +25,7 @@ from temporalio.client import Client
 
 from llmmixer.client.audit import audit_from_client, audit_history, load_history, render_markdown
 from llmmixer.client.mixer import InterventionRefused, MixerClient, MixerHandle
-from llmmixer.workers.connection import data_converter
+from llmmixer.runtime.connection import data_converter
 from llmmixer.workflows.records import RunProgress, RunStatus, StepStatus
 
 

@@ -16,16 +16,13 @@ from typing import Any
 import pytest
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import WorkflowFailureError, WorkflowHistory
-from temporalio.worker import Replayer
 
 from llmmixer.activities import checks
 from llmmixer.activities.contracts import PlanCheck, PlanCheckLimits, SpecCheck
 from llmmixer.client.mixer import MixerClient
-from llmmixer.workers import worker
-from llmmixer.workers.connection import data_converter
-from llmmixer.workers.worker import sandbox_runner
+from llmmixer.workers import plugin
 from llmmixer.workflows import decompose, validation
-from llmmixer.workflows.mixer import CHECKS_RECORDED_PATCH, MixerWorkflow
+from llmmixer.workflows.mixer import CHECKS_RECORDED_PATCH
 from llmmixer.workflows.records import RunStatus, StepStatus
 from llmmixer.workflows.validation import SpecIssue
 
@@ -60,16 +57,14 @@ def set_rules(monkeypatch: pytest.MonkeyPatch, rules: Any) -> None:
     # The workflow sandbox loads its own copy of these modules from source; it
     # must see the patched rules as a new release's workflow would.
     monkeypatch.setattr(
-        worker,
+        plugin,
         "SANDBOX_PASSTHROUGH_MODULES",
-        (*worker.SANDBOX_PASSTHROUGH_MODULES, validation.__name__, decompose.__name__),
+        (*plugin.SANDBOX_PASSTHROUGH_MODULES, validation.__name__, decompose.__name__),
     )
 
 
 async def replay(history: WorkflowHistory) -> None:
-    replayer = Replayer(
-        workflows=[MixerWorkflow], data_converter=data_converter(), workflow_runner=sandbox_runner()
-    )
+    replayer = plugin.mixer_replayer()
     result = await replayer.replay_workflow(history, raise_on_replay_failure=True)
     assert result.replay_failure is None
 

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from temporalio.testing import WorkflowEnvironment
 
-from llmmixer.workers.address import free_port
+from llmmixer.runtime.address import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "examples" / "hello.yaml"

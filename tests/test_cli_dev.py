@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from llmmixer.workers.address import free_port
+from llmmixer.runtime.address import free_port
 
 
 def listening(port: int) -> bool:

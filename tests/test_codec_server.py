@@ -22,9 +22,9 @@ import httpx
 import pytest
 from temporalio.api.common.v1 import Payload
 
+from llmmixer.runtime.address import free_port
 from llmmixer.runtime.http_guard import TokenError
-from llmmixer.workers.address import free_port
-from llmmixer.workers.storage import AesGcmCodec, CodecServerRefused, serve_codec
+from llmmixer.runtime.storage import AesGcmCodec, CodecServerRefused, serve_codec
 
 TOKEN = "codec-security-test-0123456789"
 WEB_UI = "http://localhost:8233"

@@ -35,8 +35,8 @@ from fakes.workers import (
 from temporalio.client import Client
 
 from llmmixer.client.mixer import MixerClient
-from llmmixer.workers.address import free_port
-from llmmixer.workers.connection import data_converter
+from llmmixer.runtime.address import free_port
+from llmmixer.runtime.connection import data_converter
 from llmmixer.workers.devserver import EmbeddedServer
 from llmmixer.workflows.records import RunStatus, StepStatus
 

@@ -40,8 +40,8 @@ import pytest
 import yaml
 from temporalio.envconfig import ClientConfigProfile
 
+from llmmixer.runtime.telemetry import prometheus_address
 from llmmixer.workers.health import HealthServer, ReadinessState
-from llmmixer.workers.telemetry import prometheus_address
 from llmmixer.workers.worker import WorkerSettings
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from temporalio.client import Client, WorkflowExecutionStatus
 
-from llmmixer.workers.address import free_port, is_listening
+from llmmixer.runtime.address import free_port, is_listening
 from llmmixer.workers.devserver import (
     DB_FILENAME,
     DatabaseInUseError,

@@ -28,7 +28,7 @@ from temporalio.client import WorkflowExecutionStatus
 from temporalio.testing import WorkflowEnvironment
 
 from llmmixer.client.mixer import MixerClient, MixerHandle
-from llmmixer.workers.address import free_port
+from llmmixer.runtime.address import free_port
 from llmmixer.workflows.records import RunStatus
 
 # Exit after the grace period plus this: the command's kill, the cancellation

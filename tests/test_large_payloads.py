@@ -29,7 +29,7 @@ from temporalio.converter import DataConverter
 
 from llmmixer.client.audit import audit_from_client
 from llmmixer.client.mixer import MixerClient
-from llmmixer.workers.storage import (
+from llmmixer.runtime.storage import (
     DEFAULT_THRESHOLD,
     AesGcmCodec,
     PayloadKeyError,

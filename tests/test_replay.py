@@ -14,14 +14,11 @@ from pathlib import Path
 
 import pytest
 from temporalio.client import WorkflowHistory
-from temporalio.worker import Replayer
 
 from llmmixer.activities import checks
-from llmmixer.workers import worker
-from llmmixer.workers.connection import data_converter
-from llmmixer.workers.worker import sandbox_runner
+from llmmixer.workers import plugin
 from llmmixer.workflows import decompose, validation
-from llmmixer.workflows.mixer import CHECKS_RECORDED_PATCH, MixerWorkflow
+from llmmixer.workflows.mixer import CHECKS_RECORDED_PATCH
 from llmmixer.workflows.validation import SpecIssue
 
 HISTORIES = sorted((Path(__file__).parent / "histories").glob("*.json"))
@@ -50,11 +47,7 @@ CHECKED = sorted(name for name, text in TEXTS.items() if CHECKS_RECORDED_PATCH i
 
 async def replay(name: str) -> None:
     history = WorkflowHistory.from_json(name, TEXTS[name])
-    replayer = Replayer(
-        workflows=[MixerWorkflow],
-        data_converter=data_converter(),
-        workflow_runner=sandbox_runner(),
-    )
+    replayer = plugin.mixer_replayer()
     result = await replayer.replay_workflow(history, raise_on_replay_failure=True)
     assert result.replay_failure is None
 
@@ -82,8 +75,8 @@ async def test_a_rule_changed_later_does_not_change_a_recorded_run(
     # The workflow sandbox loads its own copy of these modules from source; it
     # must see the patched rules as a new release's workflow would.
     monkeypatch.setattr(
-        worker,
+        plugin,
         "SANDBOX_PASSTHROUGH_MODULES",
-        (*worker.SANDBOX_PASSTHROUGH_MODULES, validation.__name__, decompose.__name__),
+        (*plugin.SANDBOX_PASSTHROUGH_MODULES, validation.__name__, decompose.__name__),
     )
     await replay(name)

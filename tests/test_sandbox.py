@@ -36,13 +36,8 @@ from temporalio.worker.workflow_sandbox._runner import _fake_info
 
 import llmmixer
 from llmmixer.client.mixer import MixerClient
-from llmmixer.workers.worker import (
-    SANDBOX_PASSTHROUGH_MODULES,
-    MixerWorker,
-    WorkerSettings,
-    mixer_worker,
-    sandbox_runner,
-)
+from llmmixer.workers.plugin import SANDBOX_PASSTHROUGH_MODULES, sandbox_runner
+from llmmixer.workers.worker import MixerWorker, WorkerSettings, mixer_worker
 from llmmixer.workflows.mixer import MixerWorkflow
 from llmmixer.workflows.records import RunStatus
 

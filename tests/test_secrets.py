@@ -31,7 +31,7 @@ from llmmixer.runtime.secrets import (
     is_secret_name,
     secret_values,
 )
-from llmmixer.workers.telemetry import client_interceptors
+from llmmixer.runtime.telemetry import client_interceptors
 from llmmixer.workers.worker import WorkerSettings, mixer_worker
 from llmmixer.workflows.records import RunStatus, StepStatus
 from llmmixer.workflows.validation import find_issues

@@ -30,7 +30,7 @@ from temporalio.testing import WorkflowEnvironment
 
 from llmmixer.client.mixer import MixerClient
 from llmmixer.client.server import ServeSettings, create_app
-from llmmixer.workers.address import free_port
+from llmmixer.runtime.address import free_port
 from llmmixer.workflows.records import InterventionRequest
 
 TOKEN = f"serve-test-{uuid.uuid4().hex}"

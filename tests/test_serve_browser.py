@@ -33,7 +33,7 @@ from playwright.async_api import ConsoleMessage, Dialog, Page, async_playwright,
 from temporalio.testing import WorkflowEnvironment
 
 from llmmixer.client.mixer import MixerClient
-from llmmixer.workers.address import free_port
+from llmmixer.runtime.address import free_port
 from llmmixer.workflows.records import StepStatus
 
 CHROMIUM = Path("/usr/bin/chromium")

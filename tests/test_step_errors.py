@@ -18,7 +18,7 @@ from temporalio.worker.workflow_sandbox import RestrictedWorkflowAccessError
 from temporalio.workflow import NondeterminismError
 
 from llmmixer.client.mixer import MixerClient, RunFailed
-from llmmixer.workers import worker
+from llmmixer.workers import plugin
 from llmmixer.workflows import mixer as mixer_module
 from llmmixer.workflows.records import RunStatus, StepStatus
 
@@ -42,9 +42,9 @@ def broken_renderer(monkeypatch: pytest.MonkeyPatch) -> None:
     # The workflow sandbox loads its own copy of the workflow from source; pass
     # the patched module through so the runs use the broken renderer.
     monkeypatch.setattr(
-        worker,
+        plugin,
         "SANDBOX_PASSTHROUGH_MODULES",
-        (*worker.SANDBOX_PASSTHROUGH_MODULES, mixer_module.__name__),
+        (*plugin.SANDBOX_PASSTHROUGH_MODULES, mixer_module.__name__),
     )
 
 

@@ -35,13 +35,13 @@ from llmmixer.activities.providers.base import ProviderError, ProviderResult
 from llmmixer.activities.providers.breaker import BreakerBoard, BreakerPolicy
 from llmmixer.activities.telemetry import breaker_state_changed, observe_llm_call
 from llmmixer.client.mixer import MixerClient
-from llmmixer.workers.telemetry import (
+from llmmixer.runtime.telemetry import (
     TelemetrySettings,
     client_interceptors,
     scrubbing_span_exporter,
     tracing_active,
-    worker_interceptors,
 )
+from llmmixer.workers.telemetry import worker_interceptors
 from llmmixer.workers.worker import WorkerSettings, mixer_worker
 from llmmixer.workflows.records import RunStatus
 
@@ -358,7 +358,7 @@ def test_otlp_export_when_the_endpoint_is_set(collector: str, tmp_path: Path) ->
         from llmmixer.activities.contracts import ChatMessage, LlmCall, Usage
         from llmmixer.activities.providers.base import ProviderResult
         from llmmixer.activities.telemetry import observe_llm_call
-        from llmmixer.workers.telemetry import flush_telemetry, setup_telemetry, tracing_active
+        from llmmixer.runtime.telemetry import flush_telemetry, setup_telemetry, tracing_active
 
         settings = setup_telemetry()
         assert settings.traces and tracing_active()

@@ -29,7 +29,7 @@ from llmmixer.client.cli import EXIT_OK, _follow
 from llmmixer.client.display import ProgressView
 from llmmixer.client.mixer import MixerClient, MixerHandle
 from llmmixer.client.watch import resumable_events
-from llmmixer.workers.address import free_port
+from llmmixer.runtime.address import free_port
 from llmmixer.workflows.records import RunProgress, RunStatus, StepRecord, StepStatus
 
 LINES = [f"line {i} of the answer\n" for i in range(12)]

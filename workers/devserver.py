@@ -43,9 +43,9 @@ from typing import BinaryIO, Self
 from temporalio.api.workflowservice.v1 import DescribeNamespaceRequest
 from temporalio.client import Client
 
+from llmmixer.runtime.address import format_address, free_port, is_listening
+from llmmixer.runtime.home import llmmixer_home
 from llmmixer.runtime.secrets import child_environment
-from llmmixer.workers.address import format_address, free_port, is_listening
-from llmmixer.workers.home import llmmixer_home
 
 __all__ = [
     "DB_FILENAME",

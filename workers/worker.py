@@ -19,7 +19,6 @@ from typing import Any
 
 from temporalio.client import Client
 from temporalio.worker import Worker
-from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
 from llmmixer.activities.checks import CHECK_ACTIVITIES
 from llmmixer.activities.command_policy import CommandPolicy
@@ -28,13 +27,10 @@ from llmmixer.activities.llm import LlmActivities, LlmSettings
 from llmmixer.activities.providers.breaker import BreakerBoard, BreakerPolicy
 from llmmixer.activities.providers.settings import ProviderSettings
 from llmmixer.activities.telemetry import breaker_state_changed
-from llmmixer.workers.connection import PTY_TASK_QUEUE_ENV
-from llmmixer.workers.telemetry import (
-    prometheus_address,
-    setup_telemetry,
-    with_prometheus,
-    worker_interceptors,
-)
+from llmmixer.runtime.connection import PTY_TASK_QUEUE_ENV
+from llmmixer.runtime.telemetry import prometheus_address, setup_telemetry
+from llmmixer.workers.plugin import MixerWorkerPlugin
+from llmmixer.workers.telemetry import with_prometheus, worker_interceptors
 from llmmixer.workflows.mixer import MixerWorkflow
 
 log = logging.getLogger("llmmixer.worker")
@@ -135,47 +131,6 @@ def _positive_int(name: str, value: str) -> int:
     return number
 
 
-# What the workflow sandbox takes from the worker instead of loading afresh for
-# each run: third-party libraries and the pure model modules, i.e. the pydantic
-# types that cross the data converter (run input, signal/update/query types,
-# activity inputs and results). These must be passed through: a model class
-# defined inside the sandbox is rebuilt for every run (slow), and is a
-# different class from the worker's, so an instance made on one side fails
-# validation against the other. They read no clock, environment or file.
-#
-# Everything else of llmmixer, the workflow module and its logic (mixer, dag,
-# decompose, templates, validation, carry, runtime.secrets), loads inside the
-# sandbox, where a datetime.now(), open() or os.environ in it fails the
-# workflow task instead of silently breaking replay (at import, only a clock
-# read is refused: the SDK restricts os only while a run executes). carry.py
-# stays inside although it is a model module: its Carried embeds dag.py's
-# RunSnapshot, which must be the class the sandboxed RunState builds.
-#
-# The price: each run (and each replay after an eviction) loads those modules
-# afresh, about 30 ms of CPU with bytecode caches and 0.5 MB per cached run.
-# A test that patches workflow logic must add its module here (monkeypatch):
-# the sandbox would otherwise load the unpatched source.
-SANDBOX_PASSTHROUGH_MODULES: tuple[str, ...] = (
-    # Third-party libraries beyond the SDK's defaults (pydantic, temporalio,
-    # the standard library): the safe YAML loader's base classes.
-    "yaml",
-    # Pure model modules.
-    "llmmixer.activities.contracts",  # activity inputs/results, events
-    "llmmixer.activities.providers.options",  # provider_options schemas (+ base)
-    "llmmixer.workflows.records",  # signal, update and query types
-    "llmmixer.workflows.spec",  # the run's input
-    "llmmixer.runtime.documents",  # the safe document loader (yaml subclasses)
-)
-
-
-def sandbox_runner() -> SandboxedWorkflowRunner:
-    return SandboxedWorkflowRunner(
-        restrictions=SandboxRestrictions.default.with_passthrough_modules(
-            *SANDBOX_PASSTHROUGH_MODULES
-        )
-    )
-
-
 @contextlib.asynccontextmanager
 async def mixer_worker(
     client: Client,
@@ -206,7 +161,7 @@ async def mixer_worker(
         client = await with_prometheus(client, metrics_address)
     llm = LlmActivities(
         ProviderSettings.from_env(env),
-        # A no-op unless a meter provider is installed (workers/telemetry.py).
+        # A no-op unless a meter provider is installed (runtime/telemetry.py).
         breakers=BreakerBoard(settings.breaker, on_change=breaker_state_changed),
         settings=LlmSettings(
             max_concurrent=settings.provider_concurrency, stream_deltas=settings.stream_deltas
@@ -224,12 +179,18 @@ async def mixer_worker(
     (queue, (workflows, activities)), *other_queues = _registrations(
         settings, llm, commands
     ).items()
+    # Joins workflow and activity spans to the client's trace when tracing is
+    # on and the client does not already carry the interceptor.
+    interceptors = worker_interceptors(client)
     worker = Worker(
         client,
         task_queue=queue,
-        workflows=workflows,
-        activities=activities,
-        workflow_runner=sandbox_runner(),
+        # Workflows, activities and the sandbox come from the plugin; the
+        # converter from the client (``MixerPlugin`` when it made the client).
+        workflows=[],
+        plugins=[
+            MixerWorkerPlugin(workflows=workflows, activities=activities, interceptors=interceptors)
+        ],
         max_concurrent_activities=settings.max_concurrent_activities,
         max_concurrent_workflow_tasks=settings.max_concurrent_workflow_tasks,
         graceful_shutdown_timeout=timedelta(seconds=settings.shutdown_grace_s),
@@ -241,17 +202,15 @@ async def mixer_worker(
         # that wait (tests/test_crash_worker.py). A busy worker that misses
         # 5 s only costs a replay.
         sticky_queue_schedule_to_start_timeout=timedelta(seconds=5),
-        # Joins workflow and activity spans to the client's trace when tracing
-        # is on and the client does not already carry the interceptor.
-        interceptors=worker_interceptors(client),
     )
     workers = [worker]
     for queue, (workflows, activities) in other_queues:
         # The same options (grace, limits, interceptors) on the other queue.
         config = worker.config()
         config["task_queue"] = queue
-        config["workflows"] = workflows
-        config["activities"] = activities
+        config["plugins"] = [
+            MixerWorkerPlugin(workflows=workflows, activities=activities, interceptors=interceptors)
+        ]
         workers.append(Worker(**config))
     try:
         yield MixerWorker(workers)

@@ -67,7 +67,7 @@ from llmmixer.workflows.validation import (
 )
 
 # Types that cross the data converter: one class for the worker and every run
-# (see sandbox_runner in workers/worker.py). The run's logic above loads
+# (see sandbox_runner in workers/plugin.py). The run's logic above loads
 # inside the sandbox, so the sandbox's restrictions apply to it.
 with workflow.unsafe.imports_passed_through():
     from temporalio.contrib.workflow_streams import WorkflowStream, WorkflowStreamState

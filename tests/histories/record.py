@@ -25,7 +25,7 @@ from temporalio.testing import WorkflowEnvironment
 
 from llmmixer import __version__
 from llmmixer.client.mixer import MixerClient, MixerHandle
-from llmmixer.workers.connection import data_converter
+from llmmixer.runtime.plugin import MixerPlugin
 from llmmixer.workers.worker import WorkerSettings, mixer_worker
 
 HERE = Path(__file__).parent
@@ -235,7 +235,7 @@ async def main(only: list[str]) -> None:
     binary = Path(sys.executable).parent / "temporal"
     env = await WorkflowEnvironment.start_local(
         dev_server_existing_path=str(binary if binary.exists() else shutil.which("temporal")),
-        data_converter=data_converter(),
+        plugins=[MixerPlugin()],
     )
     try:
         async with (

@@ -2,7 +2,8 @@
 
 Temporal's own conventions through ``temporalio.envconfig``: ``TEMPORAL_ADDRESS``,
 ``TEMPORAL_NAMESPACE``, ``TEMPORAL_API_KEY``, TLS settings and profiles. One
-data converter for client and worker, so both read each other's payloads.
+data converter for client and worker (``runtime/plugin.py``), so both read
+each other's payloads.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ from temporalio.client import Client
 from temporalio.converter import DataConverter
 from temporalio.envconfig import ClientConfig
 
-from llmmixer.workers.storage import build_data_converter
-from llmmixer.workers.telemetry import client_interceptors, setup_telemetry
+from llmmixer.runtime.plugin import MixerPlugin
+from llmmixer.runtime.storage import build_data_converter
+from llmmixer.runtime.telemetry import setup_telemetry
 
 DEFAULT_ADDRESS = "localhost:7233"
 DEFAULT_NAMESPACE = "default"
@@ -56,17 +58,11 @@ class Connection:
         # Tracing (when OTEL_* configure it) starts at the client, so a run's
         # trace begins with the call that started it.
         setup_telemetry()
-        return await Client.connect(
-            **{
-                **self.connect_kwargs,
-                "data_converter": data_converter(),
-                "interceptors": client_interceptors(),
-            }
-        )
+        return await Client.connect(**{**self.connect_kwargs, "plugins": [MixerPlugin()]})
 
 
 def data_converter(environ: Mapping[str, str] | None = None) -> DataConverter:
     """The converter shared by clients and workers: pydantic models as plain JSON,
     with large payloads kept outside history and codecs as ``LLMMIXER_PAYLOAD_*``
-    configure them (``workers/storage.py``)."""
+    configure them (``runtime/storage.py``)."""
     return build_data_converter(environ)
