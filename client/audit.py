@@ -58,6 +58,7 @@ from temporalio.api.failure.v1 import Failure
 from temporalio.api.history.v1 import HistoryEvent
 from temporalio.client import Client, WorkflowHistory
 from temporalio.converter import DataConverter
+from temporalio.service import RPCError, RPCStatusCode
 
 from llmmixer.activities.contracts import (
     AGENT_ACTIVITY,
@@ -119,18 +120,34 @@ async def fetch_chain(
     through history alone (list_workflows is eventually consistent, and a
     reused workflow id would mix unrelated runs into it).
     """
-    chain = [await client.get_workflow_handle(workflow_id, run_id=run_id).fetch_history()]
+    chain = [await _fetch(client, workflow_id, run_id)]
     seen = {chain[0].run_id}
     while (previous := _links(chain[0])[0]) is not None and previous not in seen:
         seen.add(previous)
-        handle = client.get_workflow_handle(workflow_id, run_id=previous)
-        chain.insert(0, await handle.fetch_history())
+        try:
+            chain.insert(0, await _fetch(client, workflow_id, previous))
+        except AuditError:
+            break  # past the namespace's retention: the record's warnings say so
     while (following := _links(chain[-1])[1]) is not None and following not in seen:
         seen.add(following)
-        chain.append(
-            await client.get_workflow_handle(workflow_id, run_id=following).fetch_history()
-        )
+        try:
+            chain.append(await _fetch(client, workflow_id, following))
+        except AuditError:
+            break
     return chain
+
+
+async def _fetch(client: Client, workflow_id: str, run_id: str | None) -> WorkflowHistory:
+    try:
+        return await client.get_workflow_handle(workflow_id, run_id=run_id).fetch_history()
+    except RPCError as error:
+        if error.status != RPCStatusCode.NOT_FOUND:
+            raise
+        which = f"run {run_id} of workflow {workflow_id}" if run_id else f"workflow {workflow_id}"
+        raise AuditError(
+            f"{which} is not on the server (a wrong id, or past the namespace's retention): "
+            "check the id with `llmmixer list`, or audit an exported history with --history"
+        ) from error
 
 
 def load_history(path: str | Path, workflow_id: str) -> WorkflowHistory:
@@ -307,15 +324,11 @@ class _Rebuild:
     def not_understood(self, event: HistoryEvent, when: datetime | None, name: str = "") -> None:
         # Listed, never dropped: an audit that skipped what it cannot read
         # would look complete while missing part of the run.
-        try:
-            event_type = EventType.Name(event.event_type)
-        except ValueError:
-            event_type = f"event type {int(event.event_type)}"
         self.unhandled.append(
             {
                 "run_id": self.run.run_id,
                 "event_id": event.event_id,
-                "event_type": event_type,
+                "event_type": _enum_name(EventType, event.event_type),
                 "name": name or None,
                 "time": _iso(when),
             }
@@ -651,7 +664,7 @@ async def _on_task_failed(rebuild: _Rebuild, event: HistoryEvent, when: datetime
         {
             "run_id": rebuild.run.run_id,
             "time": _iso(when),
-            "cause": WorkflowTaskFailedCause.Name(attrs.cause),
+            "cause": _enum_name(WorkflowTaskFailedCause, attrs.cause),
             "message": attrs.failure.message,
         }
     )
@@ -982,6 +995,14 @@ def _attempts(activity: _Activity) -> list[dict[str, Any]]:
             }
         )
     return entries
+
+
+def _enum_name(enum: Any, value: int) -> str:
+    # A newer server may send values this SDK's enums do not have yet.
+    try:
+        return str(enum.Name(value))
+    except ValueError:
+        return f"unknown ({int(value)})"
 
 
 def _time(event: HistoryEvent) -> datetime | None:

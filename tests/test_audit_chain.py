@@ -24,6 +24,7 @@ from temporalio.api.history.v1 import HistoryEvent
 from temporalio.client import Client, WorkflowHistory
 
 from llmmixer.client.audit import (
+    AuditError,
     audit_from_client,
     audit_histories,
     audit_history,
@@ -283,6 +284,9 @@ async def test_an_event_the_audit_does_not_know_is_listed(mixer: MixerClient) ->
     assert listed["event_id"] == strange.event_id
     assert audit["steps"]["a"]["status"] == "completed"  # the rest is still read
     assert "not understood**: EVENT_TYPE_NEXUS_OPERATION_SCHEDULED" in render_markdown(audit)
+
+    with pytest.raises(AuditError, match="not on the server.*llmmixer list"):
+        await audit_from_client(mixer.temporal, f"{handle.id}-no-such-run")
 
 
 def _run(args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
