@@ -370,7 +370,7 @@ async def audit_histories(
 
 def _document(rebuild: _Rebuild, chain: list[WorkflowHistory]) -> dict[str, Any]:
     steps, result = rebuild.steps, rebuild.result
-    steps.pop("", None)  # interventions naming no step
+    _move_strays(rebuild)
     if result is not None:
         _confirm_signals(steps, result)
     for item in steps.values():
@@ -427,6 +427,25 @@ def _document(rebuild: _Rebuild, chain: list[WorkflowHistory]) -> dict[str, Any]
             "cost_complete": all(c is not None for c in costs),
         },
     }
+
+
+def _move_strays(rebuild: _Rebuild) -> None:
+    """Interventions naming no step of the run are the run's, not a step's of their own.
+
+    A signal cannot be refused to its sender, so history keeps one aimed at a
+    step that never existed; listed as a step, it would look like part of the run.
+    """
+    planned = {step_id for check in rebuild.checks for step_id in check.planned}
+    known = set(rebuild.result.steps) if rebuild.result is not None else set()
+    for step_id, target in list(rebuild.steps.items()):
+        if target.kind is None and not target.activities and step_id not in planned | known:
+            for entry in target.interventions:
+                if rebuild.result is not None and entry["accepted"] is None:
+                    entry["accepted"] = False
+                    entry["reason"] = f"the run has no step {step_id!r}"
+            rebuild.interventions.extend(target.interventions)
+            del rebuild.steps[step_id]
+    rebuild.interventions.sort(key=lambda entry: entry["time"] or "")
 
 
 # ---- one handler per history event type ------------------------------------------

@@ -173,6 +173,7 @@ async def _continued_run(mixer: MixerClient, marker: Path) -> tuple[str, RunProg
     assert await runs_of(mixer, handle.id) == 1
     # A signal no handler knows: the audit must list it, not drop it.
     await handle.temporal.signal("poke", {"step": "first"})
+    await handle.temporal.signal("skip", {"step": "ghost"})  # no such step
     await asyncio.to_thread(marker.write_text, "go")
     await handle.retry("first")
     await until(handle, waiting("gate"), "the gate waits", within_s=60)
@@ -222,6 +223,13 @@ async def test_the_audit_of_a_run_that_continued_as_new_covers_every_run(
         runs[0],
     )
     assert any("unhandled" in warning for warning in audit["warnings"])
+    [ghost] = audit["interventions"]  # the run's, not a step of its own
+    assert (ghost["type"], ghost["argument"], ghost["accepted"]) == (
+        "skip",
+        {"step": "ghost"},
+        False,
+    )
+    assert "ghost" in ghost["reason"]
     assert [c["run_id"] for c in audit["checks"]] == [runs[0]]  # a continuation is not rechecked
 
     # Any run of the chain leads to the same record.
@@ -285,7 +293,7 @@ async def test_an_event_the_audit_does_not_know_is_listed(mixer: MixerClient) ->
     assert audit["steps"]["a"]["status"] == "completed"  # the rest is still read
     assert "not understood**: EVENT_TYPE_NEXUS_OPERATION_SCHEDULED" in render_markdown(audit)
 
-    with pytest.raises(AuditError, match="not on the server.*llmmixer list"):
+    with pytest.raises(AuditError, match=r"not on the server.*llmmixer list"):
         await audit_from_client(mixer.temporal, f"{handle.id}-no-such-run")
 
 
