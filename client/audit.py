@@ -2,19 +2,29 @@
 
 Nothing here asks the workflow (no query) or the worker: the record is read
 from the history events, so it can be made for a run whose workers are gone,
-from the server or from a file exported with
-``temporal workflow show --workflow-id ID -o json > run.json`` (``--history``).
-Where each part comes from::
+from the server or from files exported with
+``temporal workflow show --workflow-id ID [--run-id RUN] -o json > run.json`` (``--history``).
+A long run continues as new under the same workflow id; the audit follows
+that chain (each run's start event names the run before it, its
+continued-as-new event the run after it) and makes ONE record of every run,
+listed in order under ``runs``. Where each part comes from::
 
     step prompt, provider, model,     ActivityTaskScheduled: the activity's input, i.e.
-    parameters                        the LlmCall / CommandCall exactly as sent
+    parameters                        the LlmCall / CommandCall / AgentCall exactly as sent
     attempts: start, end, error       ActivityTaskStarted (attempt number, last_failure),
                                       ActivityTaskCompleted / Failed / TimedOut / Canceled
     output, usage, cost               ActivityTaskCompleted: the LlmReply / CommandResult
     interventions                     WorkflowExecutionSignaled, WorkflowExecutionUpdate-
-                                      Accepted / -Completed (refused updates carry the reason)
+                                      Accepted / -Completed (refused updates carry the reason);
+                                      raise_budget and cancel requests at the top level
+    checks                            the spec check (a local activity: MarkerRecorded) and
+                                      each plan check (ActivityTaskScheduled / -Completed)
     step status, accepted signals     the result in WorkflowExecutionCompleted, when the
                                       run completed (it records which signals applied)
+
+Each event type has its handler in ``_HANDLERS``; an event, signal, update,
+activity or marker the audit does not know is listed under ``unhandled``
+(and as a warning), never dropped silently.
 
 Temporal writes one ActivityTaskStarted event per activity, for its last
 attempt, carrying the previous attempt's failure. So the last attempt of each
@@ -23,44 +33,59 @@ ones only their existence (``"recorded": false``). Nothing is invented.
 
 Payloads are decoded with the same data converter as clients and workers, so
 outputs kept in external storage (``workers/storage.py``) come back whole and
-encrypted payloads are read with ``LLMMIXER_PAYLOAD_KEY``.
+encrypted payloads are read with ``LLMMIXER_PAYLOAD_KEY``. Command and agent
+outputs were redacted before they reached history; a step's ``env`` is never
+copied into the record.
 
-The JSON document is CONTRACT section 8's shape; fields beyond it are extra.
+The JSON document's keys (``workflow_id``, ``status``, ``steps`` with
+``provider``, ``model``, ``prompt``, ``output``, ``usage``, ``cost_usd``,
+``attempts``, ``interventions``) are kept; other keys are only ever added.
 """
 
 from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from temporalio.api.common.v1 import Payload, Payloads
-from temporalio.api.enums.v1 import EventType
+from temporalio.api.enums.v1 import ContinueAsNewInitiator, EventType, WorkflowTaskFailedCause
 from temporalio.api.failure.v1 import Failure
 from temporalio.api.history.v1 import HistoryEvent
 from temporalio.client import Client, WorkflowHistory
 from temporalio.converter import DataConverter
+from temporalio.service import RPCError, RPCStatusCode
 
 from llmmixer.activities.contracts import (
+    AGENT_ACTIVITY,
+    CHECK_PLAN_ACTIVITY,
+    CHECK_SPEC_ACTIVITY,
     LLM_ACTIVITY,
     PTY_ACTIVITY,
+    AgentCall,
+    CheckIssue,
     CommandCall,
     CommandResult,
     LlmCall,
     LlmReply,
+    PlanCheck,
+    PlanCheckResult,
+    SpecCheckResult,
 )
-from llmmixer.workflows.records import RunProgress
+from llmmixer.workflows.records import BudgetLimits, RunProgress
 
 __all__ = [
     "AuditError",
     "add_audit_parser",
     "audit_from_client",
+    "audit_histories",
     "audit_history",
     "cmd_audit",
+    "fetch_chain",
     "load_history",
     "render_markdown",
 ]
@@ -80,20 +105,104 @@ class AuditError(Exception):
 async def audit_from_client(
     client: Client, workflow_id: str, run_id: str | None = None
 ) -> dict[str, Any]:
-    """Fetch the run's history from the server and rebuild its record."""
-    history = await client.get_workflow_handle(workflow_id, run_id=run_id).fetch_history()
-    return await audit_history(history, client.data_converter)
+    """Fetch the histories of the run's whole chain from the server and rebuild its record."""
+    histories = await fetch_chain(client, workflow_id, run_id)
+    return await audit_histories(histories, client.data_converter)
+
+
+async def fetch_chain(
+    client: Client, workflow_id: str, run_id: str | None = None
+) -> list[WorkflowHistory]:
+    """Every run of the chain that ``run_id`` (default: the latest run) belongs to, in order.
+
+    A long run continues as new under the same workflow id; each run's history
+    names the run before it and the run after it, so the chain is followed
+    through history alone (list_workflows is eventually consistent, and a
+    reused workflow id would mix unrelated runs into it).
+    """
+    chain = [await _fetch(client, workflow_id, run_id)]
+    seen = {chain[0].run_id}
+    while (previous := _links(chain[0])[0]) is not None and previous not in seen:
+        seen.add(previous)
+        try:
+            chain.insert(0, await _fetch(client, workflow_id, previous))
+        except AuditError:
+            break  # past the namespace's retention: the record's warnings say so
+    while (following := _links(chain[-1])[1]) is not None and following not in seen:
+        seen.add(following)
+        try:
+            chain.append(await _fetch(client, workflow_id, following))
+        except AuditError:
+            break
+    return chain
+
+
+async def _fetch(client: Client, workflow_id: str, run_id: str | None) -> WorkflowHistory:
+    try:
+        return await client.get_workflow_handle(workflow_id, run_id=run_id).fetch_history()
+    except RPCError as error:
+        if error.status != RPCStatusCode.NOT_FOUND:
+            raise
+        which = f"run {run_id} of workflow {workflow_id}" if run_id else f"workflow {workflow_id}"
+        raise AuditError(
+            f"{which} is not on the server (a wrong id, or past the namespace's retention): "
+            "check the id with `llmmixer list`, or audit an exported history with --history"
+        ) from error
 
 
 def load_history(path: str | Path, workflow_id: str) -> WorkflowHistory:
     """A history exported with ``temporal workflow show -o json``."""
     try:
         text = Path(path).read_text(encoding="utf-8")
-        return WorkflowHistory.from_json(workflow_id, text)
-    except (OSError, ValueError) as error:
+        history = WorkflowHistory.from_json(workflow_id, text)
+        _ = history.run_id  # a file without a start event is no run's history
+        return history
+    except (OSError, ValueError, RuntimeError) as error:
         raise AuditError(
             f"{path}: not a history exported with `temporal workflow show -o json`: {error}"
         ) from error
+
+
+def _links(history: WorkflowHistory) -> tuple[str | None, str | None]:
+    """(the run this one continued, the run that continued it), by continue-as-new only."""
+    previous: str | None = None
+    following: str | None = None
+    if history.events and history.events[0].HasField("workflow_execution_started_event_attributes"):
+        started = history.events[0].workflow_execution_started_event_attributes
+        if (
+            started.continued_execution_run_id
+            and started.initiator == ContinueAsNewInitiator.CONTINUE_AS_NEW_INITIATOR_WORKFLOW
+        ):
+            previous = started.continued_execution_run_id
+    if history.events and history.events[-1].HasField(
+        "workflow_execution_continued_as_new_event_attributes"
+    ):
+        attrs = history.events[-1].workflow_execution_continued_as_new_event_attributes
+        following = attrs.new_execution_run_id or None
+    return previous, following
+
+
+def _order_chain(histories: Sequence[WorkflowHistory]) -> list[WorkflowHistory]:
+    """The histories as one chain of runs, first run first (files may come in any order)."""
+    by_run = {history.run_id: history for history in histories}
+    firsts = [h for h in histories if _links(h)[0] not in by_run]
+    if len(firsts) != 1 or len(by_run) != len(histories):
+        runs = ", ".join(history.run_id for history in histories)
+        raise AuditError(
+            f"the histories given ({runs}) are not the runs of one chain of continue-as-new: "
+            "give one --history per run of the same chain, each run once"
+        )
+    chain = [firsts[0]]
+    while (following := _links(chain[-1])[1]) in by_run and following is not None:
+        chain.append(by_run.pop(following))
+        if len(chain) > len(histories):
+            break
+    if len(chain) != len(histories):
+        raise AuditError(
+            "the histories given do not follow each other by continue-as-new: "
+            "give one --history per run of the same chain"
+        )
+    return chain
 
 
 # ---- rebuilding ------------------------------------------------------------------
@@ -103,8 +212,9 @@ def load_history(path: str | Path, workflow_id: str) -> WorkflowHistory:
 class _Activity:
     step_id: str
     kind: str
+    run_id: str
     scheduled: datetime | None
-    call: LlmCall | CommandCall
+    call: LlmCall | CommandCall | AgentCall
     started: datetime | None = None
     attempt: int | None = None
     previous_error: str | None = None
@@ -117,10 +227,39 @@ class _Activity:
 
 
 @dataclass
+class _Check:
+    """A check whose verdict history records: the spec's, or a decompose step's plan."""
+
+    activity: str
+    step_id: str | None
+    run_id: str
+    scheduled: datetime | None
+    ended: datetime | None = None
+    outcome: str = "running"
+    issues: list[CheckIssue] = field(default_factory=list)
+    planned: list[str] = field(default_factory=list)
+    error: str | None = None
+
+    def document(self) -> dict[str, Any]:
+        return {
+            "activity": self.activity,
+            "step": self.step_id,
+            "run_id": self.run_id,
+            "scheduled": _iso(self.scheduled),
+            "ended": _iso(self.ended),
+            "outcome": self.outcome,
+            "issues": [issue.model_dump() for issue in self.issues],
+            "planned_steps": self.planned,
+            "error": self.error,
+        }
+
+
+@dataclass
 class _Step:
     step_id: str
     kind: str | None = None
     activities: list[_Activity] = field(default_factory=list)
+    checks: list[_Check] = field(default_factory=list)
     interventions: list[dict[str, Any]] = field(default_factory=list)
     # What changed the step, in history order: ("activity", _Activity) once it
     # closed, ("intervention", entry). Folded at the end, when it is known
@@ -131,132 +270,107 @@ class _Step:
     overridden: bool = False
 
 
-async def audit_history(history: WorkflowHistory, converter: DataConverter) -> dict[str, Any]:
-    """The audit document (CONTRACT 8) of one run's history."""
-    decoder = _Decoder(converter)
-    steps: dict[str, _Step] = {}
-    by_scheduled_id: dict[int, _Activity] = {}
-    updates: dict[str, dict[str, Any]] = {}
-    spec: dict[str, Any] = {}
-    status = "running"
-    started_at: datetime | None = None
-    ended_at: datetime | None = None
+@dataclass
+class _Run:
+    run_id: str
+    status: str = "running"
+    started: datetime | None = None
+    ended: datetime | None = None
+    events: int = 0
+
+    def document(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id,
+            "status": self.status,
+            "started": _iso(self.started),
+            "ended": _iso(self.ended),
+            "events": self.events,
+        }
+
+
+@dataclass
+class _Rebuild:
+    """What the events of every run of the chain, read in order, have said so far."""
+
+    decoder: _Decoder
+    workflow_id: str
+    run: _Run
+    runs: list[_Run] = field(default_factory=list)
+    steps: dict[str, _Step] = field(default_factory=dict)
+    # Event ids start again in each run: these are reset at every run's start.
+    activities: dict[int, _Activity] = field(default_factory=dict)
+    pending_checks: dict[int, _Check] = field(default_factory=dict)
+    updates: dict[str, dict[str, Any]] = field(default_factory=dict)
+    spec: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
     result: RunProgress | None = None
+    interventions: list[dict[str, Any]] = field(default_factory=list)
+    checks: list[_Check] = field(default_factory=list)
+    unhandled: list[dict[str, Any]] = field(default_factory=list)
+    task_failures: list[dict[str, Any]] = field(default_factory=list)
 
-    def step(step_id: str) -> _Step:
-        return steps.setdefault(step_id, _Step(step_id))
+    def step(self, step_id: str) -> _Step:
+        return self.steps.setdefault(step_id, _Step(step_id))
 
-    for event in history.events:
-        kind = event.event_type
-        when = _time(event)
-        if kind == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_STARTED:
-            started_at = when
-            attrs = event.workflow_execution_started_event_attributes
-            if attrs.input.payloads:
-                decoded = await decoder.value(attrs.input.payloads[0], dict)
-                spec = decoded if isinstance(decoded, dict) else {}
-            for item in spec.get("steps") or []:
-                if isinstance(item, dict) and isinstance(item.get("id"), str):
-                    step(item["id"]).kind = str(item.get("kind", "llm"))
-        elif kind == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED:
-            scheduled = event.activity_task_scheduled_event_attributes
-            activity = await _scheduled(decoder, scheduled.activity_type.name, scheduled, when)
-            if activity is not None:
-                by_scheduled_id[event.event_id] = activity
-                target = step(activity.step_id)
-                target.kind = target.kind or activity.kind
-                target.activities.append(activity)
-        elif kind == EventType.EVENT_TYPE_ACTIVITY_TASK_STARTED:
-            started = event.activity_task_started_event_attributes
-            activity_or_none = by_scheduled_id.get(started.scheduled_event_id)
-            if activity_or_none is not None:
-                activity_or_none.started = when
-                activity_or_none.attempt = started.attempt or 1
-                if started.HasField("last_failure"):
-                    activity_or_none.previous_error = started.last_failure.message
-        elif kind == EventType.EVENT_TYPE_ACTIVITY_TASK_COMPLETED:
-            completed = event.activity_task_completed_event_attributes
-            activity_or_none = by_scheduled_id.get(completed.scheduled_event_id)
-            if activity_or_none is not None:
-                await _completed(decoder, activity_or_none, completed.result, when)
-                step(activity_or_none.step_id).timeline.append(("activity", activity_or_none))
-        elif kind in (
-            EventType.EVENT_TYPE_ACTIVITY_TASK_FAILED,
-            EventType.EVENT_TYPE_ACTIVITY_TASK_TIMED_OUT,
-        ):
-            if kind == EventType.EVENT_TYPE_ACTIVITY_TASK_FAILED:
-                failed = event.activity_task_failed_event_attributes
-                scheduled_id, failure = failed.scheduled_event_id, failed.failure
-                outcome = "failed"
+    def begin(self, run_id: str) -> None:
+        self.run = _Run(run_id)
+        self.runs.append(self.run)
+        self.activities, self.pending_checks = {}, {}
+
+    def end(self, status: str, when: datetime | None, error: str | None = None) -> None:
+        self.run.status, self.run.ended = status, when
+        self.error = error
+
+    def not_understood(self, event: HistoryEvent, when: datetime | None, name: str = "") -> None:
+        # Listed, never dropped: an audit that skipped what it cannot read
+        # would look complete while missing part of the run.
+        self.unhandled.append(
+            {
+                "run_id": self.run.run_id,
+                "event_id": event.event_id,
+                "event_type": _enum_name(EventType, event.event_type),
+                "name": name or None,
+                "time": _iso(when),
+            }
+        )
+
+
+Handler = Callable[[_Rebuild, HistoryEvent, "datetime | None"], Awaitable[None]]
+
+
+async def audit_history(history: WorkflowHistory, converter: DataConverter) -> dict[str, Any]:
+    """The audit document of one run's history (see ``audit_histories`` for a chain)."""
+    return await audit_histories([history], converter)
+
+
+async def audit_histories(
+    histories: Sequence[WorkflowHistory], converter: DataConverter
+) -> dict[str, Any]:
+    """The audit document of a chain of runs (continue-as-new), as one record.
+
+    Steps, attempts and interventions of every run are merged in order; the
+    status is the last run's.
+    """
+    if not histories:
+        raise AuditError("no history to audit: give the workflow id of a run")
+    chain = _order_chain(histories)
+    rebuild = _Rebuild(_Decoder(converter), chain[0].workflow_id, _Run(chain[0].run_id))
+    for history in chain:
+        rebuild.begin(history.run_id)
+        for event in history.events:
+            rebuild.run.events += 1
+            when = _time(event)
+            handler = _HANDLERS.get(event.event_type)
+            if handler is None:
+                rebuild.not_understood(event, when)
             else:
-                timed_out = event.activity_task_timed_out_event_attributes
-                scheduled_id, failure = timed_out.scheduled_event_id, timed_out.failure
-                outcome = "timed_out"
-            activity_or_none = by_scheduled_id.get(scheduled_id)
-            if activity_or_none is not None:
-                await _failed(decoder, activity_or_none, failure, outcome, when)
-                step(activity_or_none.step_id).timeline.append(("activity", activity_or_none))
-        elif kind == EventType.EVENT_TYPE_ACTIVITY_TASK_CANCELED:
-            canceled = event.activity_task_canceled_event_attributes
-            activity_or_none = by_scheduled_id.get(canceled.scheduled_event_id)
-            if activity_or_none is not None:
-                activity_or_none.outcome, activity_or_none.ended = "cancelled", when
-                activity_or_none.error = "cancelled"
-                step(activity_or_none.step_id).timeline.append(("activity", activity_or_none))
-        elif kind == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED:
-            signaled = event.workflow_execution_signaled_event_attributes
-            if signaled.signal_name in _INTERVENTIONS:
-                argument = await _argument(decoder, signaled.input)
-                entry = _intervention(signaled.signal_name, argument, when, "signal")
-                target = step(str(argument.get("step", "")))
-                target.interventions.append(entry)
-                # Whether a signal applied is not in history; the run's result
-                # says, when it completed; otherwise it counts as applied.
-                target.timeline.append(("intervention", entry))
-        elif kind == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_UPDATE_ACCEPTED:
-            accepted = event.workflow_execution_update_accepted_event_attributes
-            request = accepted.accepted_request
-            name = request.input.name
-            if name.endswith("_step") and name[: -len("_step")] in _INTERVENTIONS:
-                argument = await _argument(decoder, request.input.args)
-                entry = _intervention(name[: -len("_step")], argument, when, "update")
-                entry["accepted"] = None  # until its completion event says
-                step(str(argument.get("step", ""))).interventions.append(entry)
-                updates[request.meta.update_id] = entry
-        elif kind == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_UPDATE_COMPLETED:
-            done = event.workflow_execution_update_completed_event_attributes
-            entry_or_none = updates.get(done.meta.update_id)
-            if entry_or_none is not None:
-                if done.outcome.HasField("failure"):
-                    entry_or_none["accepted"] = False
-                    entry_or_none["reason"] = done.outcome.failure.message
-                else:
-                    entry_or_none["accepted"] = True
-                    target = step(str(entry_or_none["argument"].get("step", "")))
-                    target.timeline.append(("intervention", entry_or_none))
-        elif kind == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_COMPLETED:
-            status, ended_at = "completed", when
-            completed_run = event.workflow_execution_completed_event_attributes
-            if completed_run.result.payloads:
-                value = await decoder.value(completed_run.result.payloads[0], RunProgress)
-                result = value if isinstance(value, RunProgress) else None
-        elif kind == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_FAILED:
-            status, ended_at = "failed", when
-            error = event.workflow_execution_failed_event_attributes.failure.message
-        elif kind == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_CANCELED:
-            status, ended_at = "cancelled", when
-        elif kind == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_TERMINATED:
-            status, ended_at = "failed", when
-            reason = event.workflow_execution_terminated_event_attributes.reason
-            error = f"terminated: {reason or 'no reason given'}"
-        elif kind == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_TIMED_OUT:
-            status, ended_at = "failed", when
-            error = "the run timed out (workflow execution timeout)"
-        elif kind == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_CONTINUED_AS_NEW:
-            status, ended_at = "continued_as_new", when
+                await handler(rebuild, event, when)
+    return _document(rebuild, chain)
 
-    steps.pop("", None)  # interventions naming no step
+
+def _document(rebuild: _Rebuild, chain: list[WorkflowHistory]) -> dict[str, Any]:
+    steps, result = rebuild.steps, rebuild.result
+    _move_strays(rebuild)
     if result is not None:
         _confirm_signals(steps, result)
     for item in steps.values():
@@ -267,16 +381,44 @@ async def audit_history(history: WorkflowHistory, converter: DataConverter) -> d
     total_in = sum(doc["usage"]["input_tokens"] for doc in documents.values())
     total_out = sum(doc["usage"]["output_tokens"] for doc in documents.values())
     costs = [doc["cost_usd"] for doc in documents.values()]
+    warnings: list[str] = []
+    before, _ = _links(chain[0])
+    if before is not None:
+        warnings.append(
+            f"run {chain[0].run_id} continued run {before}, whose history is not included: "
+            f"export it with `temporal workflow show --workflow-id {rebuild.workflow_id} "
+            f"--run-id {before} -o json` and give it with another --history"
+        )
+    _, after = _links(chain[-1])
+    if after is not None:
+        warnings.append(
+            f"run {chain[-1].run_id} continued as new as run {after}, whose history is not "
+            f"included: export it with `temporal workflow show --workflow-id "
+            f"{rebuild.workflow_id} --run-id {after} -o json` and give it with another --history"
+        )
+    if rebuild.unhandled:
+        warnings.append(
+            f"{len(rebuild.unhandled)} history event(s) this version of the audit does not "
+            "understand are listed under `unhandled`; this record may miss what they did"
+        )
+    first, last = rebuild.runs[0], rebuild.runs[-1]
     return {
-        "workflow_id": history.workflow_id,
-        "run_id": history.run_id,
-        "name": spec.get("name"),
-        "status": status,
-        "started": _iso(started_at),
-        "ended": _iso(ended_at),
-        "error": error,
-        "dry_run": bool(spec.get("dry_run", False)),
+        "workflow_id": rebuild.workflow_id,
+        "run_id": last.run_id,
+        "runs": [run.run_id for run in rebuild.runs],
+        "chain": [run.document() for run in rebuild.runs],
+        "name": rebuild.spec.get("name"),
+        "status": last.status,
+        "started": _iso(first.started),
+        "ended": _iso(last.ended),
+        "error": rebuild.error,
+        "dry_run": bool(rebuild.spec.get("dry_run", False)),
         "steps": documents,
+        "interventions": rebuild.interventions,
+        "checks": [check.document() for check in rebuild.checks],
+        "workflow_task_failures": rebuild.task_failures,
+        "unhandled": rebuild.unhandled,
+        "warnings": warnings,
         "usage": {
             "input_tokens": total_in,
             "output_tokens": total_out,
@@ -285,6 +427,346 @@ async def audit_history(history: WorkflowHistory, converter: DataConverter) -> d
             "cost_complete": all(c is not None for c in costs),
         },
     }
+
+
+def _move_strays(rebuild: _Rebuild) -> None:
+    """Interventions naming no step of the run are the run's, not a step's of their own.
+
+    A signal cannot be refused to its sender, so history keeps one aimed at a
+    step that never existed; listed as a step, it would look like part of the run.
+    """
+    planned = {step_id for check in rebuild.checks for step_id in check.planned}
+    known = set(rebuild.result.steps) if rebuild.result is not None else set()
+    for step_id, target in list(rebuild.steps.items()):
+        if target.kind is None and not target.activities and step_id not in planned | known:
+            for entry in target.interventions:
+                if rebuild.result is not None and entry["accepted"] is None:
+                    entry["accepted"] = False
+                    entry["reason"] = f"the run has no step {step_id!r}"
+            rebuild.interventions.extend(target.interventions)
+            del rebuild.steps[step_id]
+    rebuild.interventions.sort(key=lambda entry: entry["time"] or "")
+
+
+# ---- one handler per history event type ------------------------------------------
+
+
+async def _ignore(rebuild: _Rebuild, event: HistoryEvent, when: datetime | None) -> None:
+    """Events that change nothing a person audits (workflow tasks, timers, search attributes)."""
+
+
+async def _on_started(rebuild: _Rebuild, event: HistoryEvent, when: datetime | None) -> None:
+    rebuild.run.started = when
+    attrs = event.workflow_execution_started_event_attributes
+    spec: dict[str, Any] = {}
+    # Every run of a chain gets the same spec as its first argument.
+    if attrs.input.payloads:
+        decoded = await rebuild.decoder.value(attrs.input.payloads[0], dict)
+        spec = decoded if isinstance(decoded, dict) else {}
+    rebuild.spec = rebuild.spec or spec
+    for item in spec.get("steps") or []:
+        if isinstance(item, dict) and isinstance(item.get("id"), str):
+            target = rebuild.step(item["id"])
+            target.kind = target.kind or str(item.get("kind", "llm"))
+
+
+async def _on_activity_scheduled(
+    rebuild: _Rebuild, event: HistoryEvent, when: datetime | None
+) -> None:
+    attrs = event.activity_task_scheduled_event_attributes
+    name = attrs.activity_type.name
+    if name == CHECK_PLAN_ACTIVITY:
+        step_id: str | None = None
+        if attrs.input.payloads:
+            request = await rebuild.decoder.value(attrs.input.payloads[0], PlanCheck)
+            step_id = request.step_id
+        check = _Check(CHECK_PLAN_ACTIVITY, step_id, rebuild.run.run_id, when)
+        rebuild.pending_checks[event.event_id] = check
+        rebuild.checks.append(check)
+        if step_id is not None:
+            rebuild.step(step_id).checks.append(check)
+        return
+    kind_and_type = _STEP_ACTIVITIES.get(name)
+    if kind_and_type is None or not attrs.input.payloads:
+        rebuild.not_understood(event, when, name)
+        return
+    kind, call_type = kind_and_type
+    call = await rebuild.decoder.value(attrs.input.payloads[0], call_type)
+    activity = _Activity(call.step_id, kind, rebuild.run.run_id, when, call)
+    rebuild.activities[event.event_id] = activity
+    target = rebuild.step(activity.step_id)
+    target.kind = target.kind or kind
+    target.activities.append(activity)
+
+
+async def _on_activity_started(
+    rebuild: _Rebuild, event: HistoryEvent, when: datetime | None
+) -> None:
+    started = event.activity_task_started_event_attributes
+    activity = rebuild.activities.get(started.scheduled_event_id)
+    if activity is not None:
+        activity.started = when
+        activity.attempt = started.attempt or 1
+        if started.HasField("last_failure"):
+            activity.previous_error = started.last_failure.message
+
+
+async def _on_activity_completed(
+    rebuild: _Rebuild, event: HistoryEvent, when: datetime | None
+) -> None:
+    completed = event.activity_task_completed_event_attributes
+    check = rebuild.pending_checks.get(completed.scheduled_event_id)
+    if check is not None:
+        check.outcome, check.ended = "completed", when
+        if completed.result.payloads:
+            verdict = await rebuild.decoder.value(completed.result.payloads[0], PlanCheckResult)
+            check.issues = list(verdict.issues)
+            check.planned = [str(step.get("id")) for step in verdict.steps]
+        return
+    activity = rebuild.activities.get(completed.scheduled_event_id)
+    if activity is not None:
+        await _completed(rebuild.decoder, activity, completed.result, when)
+        rebuild.step(activity.step_id).timeline.append(("activity", activity))
+
+
+async def _on_activity_failed(
+    rebuild: _Rebuild, event: HistoryEvent, when: datetime | None
+) -> None:
+    failed = event.activity_task_failed_event_attributes
+    await _activity_ended(rebuild, failed.scheduled_event_id, failed.failure, "failed", when)
+
+
+async def _on_activity_timed_out(
+    rebuild: _Rebuild, event: HistoryEvent, when: datetime | None
+) -> None:
+    timed_out = event.activity_task_timed_out_event_attributes
+    await _activity_ended(
+        rebuild, timed_out.scheduled_event_id, timed_out.failure, "timed_out", when
+    )
+
+
+async def _on_activity_canceled(
+    rebuild: _Rebuild, event: HistoryEvent, when: datetime | None
+) -> None:
+    scheduled_id = event.activity_task_canceled_event_attributes.scheduled_event_id
+    await _activity_ended(rebuild, scheduled_id, None, "cancelled", when)
+
+
+async def _activity_ended(
+    rebuild: _Rebuild,
+    scheduled_id: int,
+    failure: Failure | None,
+    outcome: str,
+    when: datetime | None,
+) -> None:
+    check = rebuild.pending_checks.get(scheduled_id)
+    if check is not None:
+        check.outcome, check.ended = outcome, when
+        check.error = (failure.message if failure is not None else None) or outcome
+        return
+    activity = rebuild.activities.get(scheduled_id)
+    if activity is None:
+        return  # an activity the audit does not know: its scheduling is listed
+    if failure is None:
+        activity.outcome, activity.ended, activity.error = outcome, when, outcome
+    else:
+        await _failed(rebuild.decoder, activity, failure, outcome, when)
+    rebuild.step(activity.step_id).timeline.append(("activity", activity))
+
+
+async def _on_marker(rebuild: _Rebuild, event: HistoryEvent, when: datetime | None) -> None:
+    attrs = event.marker_recorded_event_attributes
+    if attrs.marker_name == _PATCH_MARKER:
+        return  # which code path a run took; nothing a person did or was sent
+    if attrs.marker_name != _LOCAL_ACTIVITY_MARKER or "data" not in attrs.details:
+        rebuild.not_understood(event, when, attrs.marker_name)
+        return
+    data = await rebuild.decoder.value(attrs.details["data"].payloads[0], dict)
+    name = str(data.get("activity_type", "")) if isinstance(data, dict) else ""
+    if name != CHECK_SPEC_ACTIVITY:
+        rebuild.not_understood(event, when, name or attrs.marker_name)
+        return
+    check = _Check(CHECK_SPEC_ACTIVITY, None, rebuild.run.run_id, None, ended=when)
+    if attrs.HasField("failure"):
+        check.outcome, check.error = "failed", attrs.failure.message or "failed"
+    else:
+        check.outcome = "completed"
+        result = attrs.details.get("result")
+        if result is not None and result.payloads:
+            verdict = await rebuild.decoder.value(result.payloads[0], SpecCheckResult)
+            check.issues = list(verdict.issues)
+    rebuild.checks.append(check)
+
+
+async def _on_signaled(rebuild: _Rebuild, event: HistoryEvent, when: datetime | None) -> None:
+    signaled = event.workflow_execution_signaled_event_attributes
+    name = signaled.signal_name
+    if name.startswith(_STREAM_PREFIX):
+        return  # the event stream's own traffic (activities publishing streamed text)
+    if name not in _INTERVENTIONS:
+        rebuild.not_understood(event, when, name)
+        return
+    argument = await _argument(rebuild.decoder, signaled.input)
+    entry = _intervention(name, argument, when, "signal", rebuild.run.run_id)
+    target = rebuild.step(str(argument.get("step", "")))
+    target.interventions.append(entry)
+    # Whether a signal applied is not in history; the run's result says, when
+    # it completed; otherwise it counts as applied.
+    target.timeline.append(("intervention", entry))
+
+
+async def _on_update_accepted(
+    rebuild: _Rebuild, event: HistoryEvent, when: datetime | None
+) -> None:
+    request = event.workflow_execution_update_accepted_event_attributes.accepted_request
+    name = request.input.name
+    if name.startswith(_STREAM_PREFIX):
+        return  # readers polling the event stream
+    action = name.removesuffix("_step")
+    if name == _RAISE_BUDGET:
+        argument = await _argument(rebuild.decoder, request.input.args)
+        entry = _intervention(name, argument, when, "update", rebuild.run.run_id)
+        rebuild.interventions.append(entry)
+        if argument.get("step"):  # a decompose step's own budget
+            rebuild.step(str(argument["step"])).interventions.append(entry)
+    elif name.endswith("_step") and action in _INTERVENTIONS:
+        argument = await _argument(rebuild.decoder, request.input.args)
+        entry = _intervention(action, argument, when, "update", rebuild.run.run_id)
+        rebuild.step(str(argument.get("step", ""))).interventions.append(entry)
+    else:
+        rebuild.not_understood(event, when, name)
+        return
+    rebuild.updates[request.meta.update_id] = entry
+
+
+async def _on_update_completed(
+    rebuild: _Rebuild, event: HistoryEvent, when: datetime | None
+) -> None:
+    done = event.workflow_execution_update_completed_event_attributes
+    entry = rebuild.updates.get(done.meta.update_id)
+    if entry is None:
+        return  # stream polls, or an update listed as unhandled when accepted
+    if done.outcome.HasField("failure"):
+        entry["accepted"], entry["reason"] = False, done.outcome.failure.message
+        return
+    entry["accepted"] = True
+    if entry["type"] == _RAISE_BUDGET:
+        if done.outcome.success.payloads:
+            limits = await rebuild.decoder.value(done.outcome.success.payloads[0], BudgetLimits)
+            entry["result"] = limits.model_dump()
+        return
+    rebuild.step(str(entry["argument"].get("step", ""))).timeline.append(("intervention", entry))
+
+
+async def _on_cancel_requested(
+    rebuild: _Rebuild, event: HistoryEvent, when: datetime | None
+) -> None:
+    cause = event.workflow_execution_cancel_requested_event_attributes.cause
+    argument = {"reason": cause} if cause else {}
+    entry = _intervention("cancel", argument, when, "cancel", rebuild.run.run_id)
+    entry["accepted"] = True
+    rebuild.interventions.append(entry)
+
+
+async def _on_paused(rebuild: _Rebuild, event: HistoryEvent, when: datetime | None) -> None:
+    action = "pause" if event.HasField("workflow_execution_paused_event_attributes") else "unpause"
+    entry = _intervention(action, {}, when, "operator", rebuild.run.run_id)
+    entry["accepted"] = True
+    rebuild.interventions.append(entry)
+
+
+async def _on_task_failed(rebuild: _Rebuild, event: HistoryEvent, when: datetime | None) -> None:
+    # A workflow task that failed (a bug, non-determinism after a deploy) is
+    # retried by Temporal; the run went on or is stuck, either way it matters.
+    attrs = event.workflow_task_failed_event_attributes
+    rebuild.task_failures.append(
+        {
+            "run_id": rebuild.run.run_id,
+            "time": _iso(when),
+            "cause": _enum_name(WorkflowTaskFailedCause, attrs.cause),
+            "message": attrs.failure.message,
+        }
+    )
+
+
+async def _on_run_completed(rebuild: _Rebuild, event: HistoryEvent, when: datetime | None) -> None:
+    rebuild.end("completed", when)
+    completed = event.workflow_execution_completed_event_attributes
+    if completed.result.payloads:
+        value = await rebuild.decoder.value(completed.result.payloads[0], RunProgress)
+        rebuild.result = value if isinstance(value, RunProgress) else None
+
+
+async def _on_run_failed(rebuild: _Rebuild, event: HistoryEvent, when: datetime | None) -> None:
+    rebuild.end("failed", when, event.workflow_execution_failed_event_attributes.failure.message)
+
+
+async def _on_run_canceled(rebuild: _Rebuild, event: HistoryEvent, when: datetime | None) -> None:
+    rebuild.end("cancelled", when)
+
+
+async def _on_run_terminated(rebuild: _Rebuild, event: HistoryEvent, when: datetime | None) -> None:
+    reason = event.workflow_execution_terminated_event_attributes.reason
+    rebuild.end("failed", when, f"terminated: {reason or 'no reason given'}")
+
+
+async def _on_run_timed_out(rebuild: _Rebuild, event: HistoryEvent, when: datetime | None) -> None:
+    rebuild.end("failed", when, "the run timed out (workflow execution timeout)")
+
+
+async def _on_continued_as_new(
+    rebuild: _Rebuild, event: HistoryEvent, when: datetime | None
+) -> None:
+    rebuild.end("continued_as_new", when)
+
+
+_E = EventType
+_HANDLERS: Mapping[EventType.ValueType, Handler] = {
+    _E.EVENT_TYPE_WORKFLOW_EXECUTION_STARTED: _on_started,
+    _E.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED: _on_activity_scheduled,
+    _E.EVENT_TYPE_ACTIVITY_TASK_STARTED: _on_activity_started,
+    _E.EVENT_TYPE_ACTIVITY_TASK_COMPLETED: _on_activity_completed,
+    _E.EVENT_TYPE_ACTIVITY_TASK_FAILED: _on_activity_failed,
+    _E.EVENT_TYPE_ACTIVITY_TASK_TIMED_OUT: _on_activity_timed_out,
+    _E.EVENT_TYPE_ACTIVITY_TASK_CANCELED: _on_activity_canceled,
+    _E.EVENT_TYPE_MARKER_RECORDED: _on_marker,
+    _E.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED: _on_signaled,
+    _E.EVENT_TYPE_WORKFLOW_EXECUTION_UPDATE_ACCEPTED: _on_update_accepted,
+    _E.EVENT_TYPE_WORKFLOW_EXECUTION_UPDATE_COMPLETED: _on_update_completed,
+    _E.EVENT_TYPE_WORKFLOW_EXECUTION_CANCEL_REQUESTED: _on_cancel_requested,
+    _E.EVENT_TYPE_WORKFLOW_EXECUTION_PAUSED: _on_paused,
+    _E.EVENT_TYPE_WORKFLOW_EXECUTION_UNPAUSED: _on_paused,
+    _E.EVENT_TYPE_WORKFLOW_TASK_FAILED: _on_task_failed,
+    _E.EVENT_TYPE_WORKFLOW_EXECUTION_COMPLETED: _on_run_completed,
+    _E.EVENT_TYPE_WORKFLOW_EXECUTION_FAILED: _on_run_failed,
+    _E.EVENT_TYPE_WORKFLOW_EXECUTION_CANCELED: _on_run_canceled,
+    _E.EVENT_TYPE_WORKFLOW_EXECUTION_TERMINATED: _on_run_terminated,
+    _E.EVENT_TYPE_WORKFLOW_EXECUTION_TIMED_OUT: _on_run_timed_out,
+    _E.EVENT_TYPE_WORKFLOW_EXECUTION_CONTINUED_AS_NEW: _on_continued_as_new,
+    # Known, and nothing in them a person audits.
+    _E.EVENT_TYPE_WORKFLOW_TASK_SCHEDULED: _ignore,
+    _E.EVENT_TYPE_WORKFLOW_TASK_STARTED: _ignore,
+    _E.EVENT_TYPE_WORKFLOW_TASK_COMPLETED: _ignore,
+    _E.EVENT_TYPE_WORKFLOW_TASK_TIMED_OUT: _ignore,
+    _E.EVENT_TYPE_TIMER_STARTED: _ignore,
+    _E.EVENT_TYPE_TIMER_FIRED: _ignore,
+    _E.EVENT_TYPE_TIMER_CANCELED: _ignore,
+    _E.EVENT_TYPE_ACTIVITY_TASK_CANCEL_REQUESTED: _ignore,
+    _E.EVENT_TYPE_UPSERT_WORKFLOW_SEARCH_ATTRIBUTES: _ignore,
+    _E.EVENT_TYPE_WORKFLOW_PROPERTIES_MODIFIED: _ignore,
+    _E.EVENT_TYPE_WORKFLOW_EXECUTION_UPDATE_ADMITTED: _ignore,
+}
+
+# Activities that run a step, with the type of their input.
+_STEP_ACTIVITIES: Mapping[str, tuple[str, type[LlmCall] | type[CommandCall] | type[AgentCall]]] = {
+    LLM_ACTIVITY: ("llm", LlmCall),
+    PTY_ACTIVITY: ("pty", CommandCall),
+    AGENT_ACTIVITY: ("agent", AgentCall),
+}
+_PATCH_MARKER = "core_patch"
+_LOCAL_ACTIVITY_MARKER = "core_local_activity"
+_STREAM_PREFIX = "__temporal_workflow_stream_"
+_RAISE_BUDGET = "raise_budget"
 
 
 class _Decoder:
@@ -301,20 +783,6 @@ class _Decoder:
                 "key) as the workers that ran it"
             ) from error
         return value
-
-
-async def _scheduled(
-    decoder: _Decoder, activity_type: str, attrs: Any, when: datetime | None
-) -> _Activity | None:
-    if not attrs.input.payloads:
-        return None
-    if activity_type == LLM_ACTIVITY:
-        llm_call = await decoder.value(attrs.input.payloads[0], LlmCall)
-        return _Activity(llm_call.step_id, "llm", when, llm_call)
-    if activity_type == PTY_ACTIVITY:
-        command_call = await decoder.value(attrs.input.payloads[0], CommandCall)
-        return _Activity(command_call.step_id, "pty", when, command_call)
-    return None
 
 
 async def _completed(
@@ -358,15 +826,18 @@ async def _argument(decoder: _Decoder, payloads: Payloads) -> dict[str, Any]:
 
 
 def _intervention(
-    action: str, argument: dict[str, Any], when: datetime | None, via: str
+    action: str, argument: dict[str, Any], when: datetime | None, via: str, run_id: str
 ) -> dict[str, Any]:
     return {
         "type": action,
         "argument": argument,
         "time": _iso(when),
         "via": via,
+        # None until the workflow's answer (an update's completion, a completed
+        # run's record) says whether it applied.
         "accepted": None,
         "reason": None,
+        "run_id": run_id,
     }
 
 
@@ -463,6 +934,8 @@ def _step_document(item: _Step) -> dict[str, Any]:
         "attempts": [entry for activity in activities for entry in _attempts(activity)],
         "interventions": item.interventions,
     }
+    if item.checks:
+        doc["checks"] = [check.document() for check in item.checks]
     if final is not None and isinstance(final.call, LlmCall):
         call = final.call
         reply = final.reply
@@ -488,6 +961,18 @@ def _step_document(item: _Step) -> dict[str, Any]:
         )
         doc["dry_run"] = bool(reply.dry_run) if reply else call.dry_run
         doc["finish_reason"] = reply.finish_reason if reply else None
+    elif final is not None and isinstance(final.call, AgentCall):
+        agent = final.call
+        doc["agent"] = agent.agent
+        doc["prompt"] = agent.prompt
+        # Not its env: values there may be secrets the spec passed to the agent.
+        doc["parameters"] = agent.model_dump(
+            include={"agent", "args", "cwd", "worktree", "timeout_s", "max_output_bytes"}
+        )
+        if final.command is not None:
+            doc["exit_code"] = final.command.exit_code
+            doc["mode"] = final.command.mode
+            doc["diff"] = final.command.diff
     elif final is not None and isinstance(final.call, CommandCall):
         command = final.call
         doc["prompt"] = " ".join(command.argv)
@@ -525,9 +1010,18 @@ def _attempts(activity: _Activity) -> list[dict[str, Any]]:
                 # Only the last attempt's times (and the one before's error) are
                 # written to Temporal history; see the module docstring.
                 "recorded": is_last or number == last - 1,
+                "run_id": activity.run_id,
             }
         )
     return entries
+
+
+def _enum_name(enum: Any, value: int) -> str:
+    # A newer server may send values this SDK's enums do not have yet.
+    try:
+        return str(enum.Name(value))
+    except ValueError:
+        return f"unknown ({int(value)})"
 
 
 def _time(event: HistoryEvent) -> datetime | None:
@@ -557,8 +1051,27 @@ def render_markdown(document: dict[str, Any]) -> str:
     lines.append(
         f"- usage: {usage['input_tokens']} input / {usage['output_tokens']} output tokens, {cost}"
     )
+    if len(document["runs"]) > 1:
+        runs = ", ".join(f"`{run_id}`" for run_id in document["runs"])
+        lines.append(f"- runs (continued as new, in order): {runs}")
     if document["error"]:
         lines.append(f"- error: {document['error']}")
+    for warning in document["warnings"]:
+        lines.append(f"- **warning**: {warning}")
+    for event in document["unhandled"]:
+        name = f" `{event['name']}`" if event["name"] else ""
+        lines.append(
+            f"- **not understood**: {event['event_type']}{name} "
+            f"(run `{event['run_id']}`, event {event['event_id']}, {event['time']})"
+        )
+    for failure in document["workflow_task_failures"]:
+        lines.append(
+            f"- workflow task failed at {failure['time']}: {failure['cause']}: {failure['message']}"
+        )
+    for entry in document["interventions"]:
+        lines.append(f"- {_intervention_line(entry)}")
+    for check in document["checks"]:
+        lines.append(f"- {_check_line(check)}")
     lines += ["", "| step | kind | status | provider/model | attempts | cost |", "|---" * 6 + "|"]
     for step_id, step in document["steps"].items():
         model = f"{step['provider']}/{step['model']}" if step.get("provider") else "—"
@@ -587,16 +1100,32 @@ def render_markdown(document: dict[str, Any]) -> str:
                 )
             lines.append("")
         for entry in step["interventions"]:
-            verdict = {True: "applied", False: "refused", None: "sent"}[entry["accepted"]]
-            reason = f": {entry['reason']}" if entry["reason"] else ""
-            argument = json.dumps(entry["argument"], ensure_ascii=False)
-            lines.append(
-                f"- {entry['time']} {entry['type']} via {entry['via']} {argument} "
-                f"({verdict}{reason})"
-            )
+            lines.append(f"- {_intervention_line(entry)}")
+        for check in step.get("checks", []):
+            lines.append(f"- {_check_line(check)}")
         if step["output"] is not None:
             lines += ["", "Output:", "", *_fenced(step["output"])]
     return "\n".join(lines) + "\n"
+
+
+def _intervention_line(entry: dict[str, Any]) -> str:
+    verdict = {True: "applied", False: "refused", None: "sent"}[entry["accepted"]]
+    reason = f": {entry['reason']}" if entry["reason"] else ""
+    argument = json.dumps(entry["argument"], ensure_ascii=False)
+    return f"{entry['time']} {entry['type']} via {entry['via']} {argument} ({verdict}{reason})"
+
+
+def _check_line(check: dict[str, Any]) -> str:
+    where = f"plan of {check['step']}" if check["step"] else "spec"
+    if check["outcome"] != "completed":
+        verdict = f"{check['outcome']}: {check['error']}"
+    elif check["issues"]:
+        verdict = "; ".join(
+            f"step {i['step']}: {i['field']}: {i['message']}" for i in check["issues"]
+        )
+    else:
+        verdict = "passed"
+    return f"{check['ended'] or '—'} check of the {where}: {verdict}"
 
 
 def _fenced(text: str) -> Sequence[str]:
@@ -610,17 +1139,23 @@ def _fenced(text: str) -> Sequence[str]:
 
 
 def add_audit_parser(sub: Any) -> None:
-    """``llmmixer audit ID [--format json|md] [--history FILE] [--run-id RUN]``."""
+    """``llmmixer audit ID [--format json|md] [--history FILE ...] [--run-id RUN]``."""
     audit = sub.add_parser("audit", help="a run's full record, rebuilt from its Temporal history")
     audit.add_argument("id", help="workflow id")
     audit.add_argument("--format", choices=("json", "md"), default="json")
     audit.add_argument(
         "--history",
         metavar="FILE",
+        action="append",
         default=None,
-        help="read a history exported with `temporal workflow show -o json` (no server needed)",
+        help="read a history exported with `temporal workflow show -o json` (no server "
+        "needed); give it once per run of a run that continued as new",
     )
-    audit.add_argument("--run-id", default=None, help="a run other than the latest")
+    audit.add_argument(
+        "--run-id",
+        default=None,
+        help="a run other than the latest: the audit covers every run of its chain",
+    )
 
 
 async def cmd_audit(args: Any) -> int:
@@ -629,7 +1164,8 @@ async def cmd_audit(args: Any) -> int:
 
     try:
         if args.history:
-            document = await audit_history(load_history(args.history, args.id), data_converter())
+            histories = [load_history(path, args.id) for path in args.history]
+            document = await audit_histories(histories, data_converter())
         else:
             mixer = await MixerClient.connect()
             document = await audit_from_client(mixer.temporal, args.id, args.run_id)

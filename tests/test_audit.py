@@ -111,6 +111,11 @@ async def test_audit_matches_what_happened(
     assert audit["status"] == "completed"
     assert audit["name"] == "audited"
     assert set(audit["steps"]) == {"plan", "review", "check"}
+    # One run, every event understood, its spec check recorded.
+    assert audit["runs"] == [audit["run_id"]]
+    assert audit["unhandled"] == [] and audit["warnings"] == []
+    assert [(c["activity"], c["issues"]) for c in audit["checks"]] == [("llmmixer.check_spec", [])]
+    assert audit["interventions"] == []  # nothing aimed at the run as a whole
 
     plan = audit["steps"]["plan"]
     assert (plan["provider"], plan["model"]) == ("openai", "gpt-4.1-mini")
