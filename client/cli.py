@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import sys
@@ -444,6 +445,8 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--max-tokens", type=int, default=None)
     budget.add_argument("--max-cost-usd", type=float, default=None)
 
+    sub.add_parser("schema", help="print the spec format as a JSON Schema (docs/spec.schema.json)")
+
     doctor = sub.add_parser("doctor", help="what is installed, reachable and configured")
     doctor.add_argument("--json", action="store_true")
 
@@ -491,6 +494,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if args.command == "validate":
         return cmd_validate(args)
+    if args.command == "schema":
+        from llmmixer.workflows.schema import spec_json_schema
+
+        print(json.dumps(spec_json_schema(), indent=2))
+        return EXIT_OK
     try:
         return asyncio.run(_ASYNC[args.command](args))
     except KeyboardInterrupt:
