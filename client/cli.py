@@ -1,4 +1,4 @@
-"""The ``llmmixer`` command line (CONTRACT 7).
+"""The ``llmmixer`` command line (docs/cli.md).
 
 Exit status: 0 completed, 1 failed or cancelled (or an operation that could
 not be done), 2 invalid spec or usage, 3 waiting for a person.

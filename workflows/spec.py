@@ -1,4 +1,4 @@
-"""The workflow spec (CONTRACT section 5) as pydantic models.
+"""The workflow spec (docs/spec.md) as pydantic models.
 
 These models are read by the client (to validate before starting) and by
 ``MixerWorkflow`` (to run), so this module imports nothing that does I/O.
@@ -104,7 +104,7 @@ class Defaults(_Strict):
     temperature: float | None = Field(default=None, ge=0, le=2)
     retry: RetrySpec = Field(default_factory=RetrySpec)
     timeout_s: float = Field(default=600.0, gt=0)
-    # How soon a silent activity counts as lost; CONTRACT 8 promises a dead
+    # How soon a silent activity counts as lost; the README promises a dead
     # worker's step runs again within 60 s, so this stays well under that.
     heartbeat_timeout_s: float = Field(default=20.0, gt=0, le=60)
     pause_timeout_s: float | None = Field(default=None, gt=0)
