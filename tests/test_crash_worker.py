@@ -43,7 +43,7 @@ from temporalio.testing import WorkflowEnvironment
 from llmmixer.client.mixer import MixerClient, MixerHandle, RunFailed
 from llmmixer.workflows.records import RunProgress, RunStatus, StepStatus
 
-# The README promises a dead worker's step runs again elsewhere within 60 s. The
+# docs/interventions.md promises a dead worker's step runs again elsewhere within 60 s. The
 # tests hold recovery to a tighter bound, so a regression towards the limit
 # (say, a lost heartbeat timeout) is noticed long before it breaks the promise.
 RECOVERY_BOUND_S = 30.0

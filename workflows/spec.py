@@ -104,7 +104,7 @@ class Defaults(_Strict):
     temperature: float | None = Field(default=None, ge=0, le=2)
     retry: RetrySpec = Field(default_factory=RetrySpec)
     timeout_s: float = Field(default=600.0, gt=0)
-    # How soon a silent activity counts as lost; the README promises a dead
+    # How soon a silent activity counts as lost; docs/interventions.md promises a dead
     # worker's step runs again within 60 s, so this stays well under that.
     heartbeat_timeout_s: float = Field(default=20.0, gt=0, le=60)
     pause_timeout_s: float | None = Field(default=None, gt=0)
