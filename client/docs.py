@@ -25,17 +25,21 @@ from pydantic import BaseModel
 
 GENERATED_MARKER = "<!-- Generated below by `python -m llmmixer.client.docs write docs`. -->"
 
-_EXIT_CODES = """\
-## Exit status
-
-| code | meaning |
-| --- | --- |
-| 0 | completed (or the command did what it was asked) |
-| 1 | the run failed or was cancelled, or the operation could not be done (Temporal unreachable, an intervention refused) |
-| 2 | invalid spec or usage (`validate` prints one error per line: `step <id>: <field>: <message>`) |
-| 3 | the run waits for a person (`run`, `status`, `watch`) |
-| 130 | interrupted (Ctrl-C) |
-"""
+_EXIT_CODES = [
+    ("0", "completed (or the command did what it was asked)"),
+    (
+        "1",
+        "the run failed or was cancelled, or the operation could not be done "
+        "(Temporal unreachable, an intervention refused)",
+    ),
+    (
+        "2",
+        "invalid spec or usage (`validate` prints one error per line: "
+        "`step <id>: <field>: <message>`)",
+    ),
+    ("3", "the run waits for a person (`run`, `status`, `watch`)"),
+    ("130", "interrupted (Ctrl-C)"),
+]
 
 
 # ---- cli.md ------------------------------------------------------------------------
@@ -56,12 +60,13 @@ def _helps(parser: argparse.ArgumentParser) -> dict[str, str]:
 
 
 def _option_row(action: argparse.Action) -> str:
+    metavar = action.metavar if isinstance(action.metavar, str) else None
     if action.option_strings:
         name = ", ".join(f"`{option}`" for option in action.option_strings)
         if action.nargs != 0:
-            name += f" `{action.metavar or action.dest.upper()}`"
+            name += f" `{metavar or action.dest.upper()}`"
     else:
-        name = f"`{(action.metavar or action.dest).upper()}`"
+        name = f"`{(metavar or action.dest).upper()}`"
     notes = [action.help or ""]
     if action.required and action.option_strings:
         notes.append("required")
@@ -89,7 +94,12 @@ def cli_markdown() -> str:
         "before the command name to log more. Connection settings (`TEMPORAL_ADDRESS`,",
         "`LLMMIXER_TASK_QUEUE`, ...) are in [settings.md](settings.md).",
         "",
-        _EXIT_CODES,
+        "## Exit status",
+        "",
+        "| code | meaning |",
+        "| --- | --- |",
+        *(f"| {code} | {meaning} |" for code, meaning in _EXIT_CODES),
+        "",
         "## Commands",
         "",
         "| command | what it does |",
@@ -179,9 +189,9 @@ def api_markdown() -> str:
             lines += ["", f"### {name}", ""]
             if schema.get("description"):
                 lines += [schema["description"].strip(), ""]
-            required = set(schema.get("required", []))
+            needed = set(schema.get("required", []))
             for field, value in schema.get("properties", {}).items():
-                mark = " (required)" if field in required else ""
+                mark = " (required)" if field in needed else ""
                 lines.append(f"- `{field}`{mark}: {_schema_name(value)}")
     return "\n".join(lines).rstrip() + "\n"
 
@@ -285,7 +295,7 @@ def spec_reference_markdown() -> str:
     from llmmixer.workflows.schema import spec_json_schema
 
     schema = spec_json_schema()
-    sections = [("Spec", schema)] + sorted(schema["$defs"].items())
+    sections = [("Spec", schema), *sorted(schema["$defs"].items())]
     lines = [
         "## Field reference",
         "",
