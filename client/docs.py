@@ -189,6 +189,8 @@ def api_markdown() -> str:
             lines += ["", f"### {name}", ""]
             if schema.get("description"):
                 lines += [schema["description"].strip(), ""]
+            if "enum" in schema:
+                lines.append("One of " + ", ".join(f"`{value}`" for value in schema["enum"]) + ".")
             needed = set(schema.get("required", []))
             for field, value in schema.get("properties", {}).items():
                 mark = " (required)" if field in needed else ""
