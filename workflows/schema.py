@@ -13,7 +13,9 @@ from typing import Any
 
 from llmmixer.workflows.spec import STEP_MODELS, Spec
 
-SCHEMA_ID = "https://llmmixer.dev/spec.schema.json"
+# A name, not an address: nothing is published at a URL, so editors use the
+# file path that each example names on its first line.
+SCHEMA_ID = "urn:llmmixer:spec.schema.json"
 SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
 
 
