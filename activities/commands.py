@@ -9,7 +9,7 @@ sees when a command does not succeed (``ApplicationError.type``)::
                      missing, or a respond rule is invalid; non-retryable
                      (nothing ran)
     CommandTimeout   ran past ``timeout_s``; the group was killed; non-retryable
-                     (CONTRACT section 8), partial output in the details
+                     (a timeout is final), partial output in the details
     CommandFailed    exit code outside ``success_codes``; retryable, so the
                      step's retry policy decides; output tail in the message
 

@@ -215,7 +215,7 @@ class FailureDetails(BaseModel):
     partial_output: str | None = None
 
 
-# ---- the run's event stream (CONTRACT 8, "Events") ----------------------
+# ---- the run's event stream (public types: docs/interventions.md) -------
 #
 # Published by the workflow and, for streamed text (step_delta), by activities,
 # on ``temporalio.contrib.workflow_streams``: an event's offset is its position

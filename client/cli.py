@@ -1,4 +1,4 @@
-"""The ``llmmixer`` command line (CONTRACT 7).
+"""The ``llmmixer`` command line (docs/cli.md).
 
 Exit status: 0 completed, 1 failed or cancelled (or an operation that could
 not be done), 2 invalid spec or usage, 3 waiting for a person.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import sys
@@ -436,6 +437,8 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--max-tokens", type=int, default=None)
     budget.add_argument("--max-cost-usd", type=float, default=None)
 
+    sub.add_parser("schema", help="print the spec format as a JSON Schema (docs/spec.schema.json)")
+
     doctor = sub.add_parser("doctor", help="what is installed, reachable and configured")
     doctor.add_argument("--json", action="store_true")
 
@@ -479,6 +482,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if args.command == "validate":
         return cmd_validate(args)
+    if args.command == "schema":
+        from llmmixer.workflows.schema import spec_json_schema
+
+        print(json.dumps(spec_json_schema(), indent=2))
+        return EXIT_OK
     try:
         return asyncio.run(_ASYNC[args.command](args))
     except KeyboardInterrupt:

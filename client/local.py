@@ -1,6 +1,6 @@
 """Getting a Temporal server and a worker for ``llmmixer run`` and ``llmmixer dev``.
 
-CONTRACT 7: on a loopback address where nothing listens, ``run`` starts the
+As docs/cli.md promises: on a loopback address where nothing listens, ``run`` starts the
 embedded dev server on that port (Web UI on a free port, SQLite under
 ``LLMMIXER_HOME``) plus a worker, and stops both when it exits. A
 non-loopback address that does not answer is an error, never a silent local

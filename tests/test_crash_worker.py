@@ -1,4 +1,4 @@
-"""Nothing is lost when a worker process dies (CONTRACT 8, README "Durability").
+"""Nothing is lost when a worker process dies (README "Durability").
 
 Every test here runs ``llmmixer worker`` as a real child process against the
 session's real Temporal server, with the real OpenAI SDK streaming from the
@@ -43,7 +43,7 @@ from temporalio.testing import WorkflowEnvironment
 from llmmixer.client.mixer import MixerClient, MixerHandle, RunFailed
 from llmmixer.workflows.records import RunProgress, RunStatus, StepStatus
 
-# CONTRACT 8: a step of a dead worker runs again elsewhere within 60 s. The
+# docs/interventions.md promises a dead worker's step runs again elsewhere within 60 s. The
 # tests hold recovery to a tighter bound, so a regression towards the limit
 # (say, a lost heartbeat timeout) is noticed long before it breaks the promise.
 RECOVERY_BOUND_S = 30.0
@@ -375,7 +375,7 @@ async def test_cancel_kills_the_whole_process_tree_of_a_pty_step(
 async def test_a_command_of_a_sigkilled_worker_dies_with_it_and_runs_again(
     mode: str, workers: WorkerProcesses, mixer_client: MixerClient, tmp_path: Path
 ) -> None:
-    """CONTRACT 8 for PTY steps: the step runs again on another worker, and the
+    """A dead worker's PTY step: the step runs again on another worker, and the
     dead worker's copy of the command must not go on running beside it.
 
     With a PTY the terminal's hang-up ends the command; with pipes the

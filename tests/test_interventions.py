@@ -1,4 +1,4 @@
-"""People in the loop: pause, retry, skip, override, approve, reject (CONTRACT 6 and 8)."""
+"""People in the loop: pause, retry, skip, override, approve, reject (docs/interventions.md)."""
 
 from __future__ import annotations
 

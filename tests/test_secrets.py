@@ -1,4 +1,4 @@
-"""Planted credentials never reach history, logs, traces, errors or the audit (CONTRACT 3, 8).
+"""Planted credentials never reach history, logs, traces, errors or the audit (docs/security.md).
 
 The worker holds marker values for the provider key, the Temporal API key and
 the HTTP API token. The fake provider echoes the key it received back in its

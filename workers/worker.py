@@ -310,7 +310,7 @@ async def run_until_signalled(
     worker as available the moment it starts draining, not once it is gone.
     Shutdown then stops polling, gives running activities the grace period
     (``LLMMIXER_SHUTDOWN_GRACE_S``) to finish and cancels the rest; a
-    cancelled activity is retried on another worker (CONTRACT 8).
+    cancelled activity is retried on another worker, so nothing is lost.
     """
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -3,7 +3,7 @@
 Pure Python with no Temporal imports, so every rule here is unit-tested
 without a server and replays deterministically inside the workflow.
 
-Step states (CONTRACT 4 and 8)::
+Step states, as the progress query reports them (docs/interventions.md)::
 
     pending ──start──▶ running ──ok──▶ completed
        │                  │
@@ -54,7 +54,8 @@ from llmmixer.workflows.records import (
 _PENDING, _RUNNING, _WAITING = StepStatus.PENDING, StepStatus.RUNNING, StepStatus.WAITING
 _FAILED = StepStatus.FAILED
 
-# Which states each intervention may act on (CONTRACT 8).
+# Which states each intervention may act on; users rely on this table
+# (docs/interventions.md).
 _ALLOWED: dict[str, frozenset[StepStatus]] = {
     "retry": frozenset({StepStatus.WAITING, StepStatus.FAILED}),
     "skip": frozenset({StepStatus.PENDING, StepStatus.WAITING, StepStatus.FAILED}),
@@ -66,7 +67,7 @@ _ALLOWED: dict[str, frozenset[StepStatus]] = {
 _WORKING_KINDS = frozenset({"llm", "pty", "decompose", "agent"})
 # The result and the progress answer stay below the size at which payloads
 # leave history for external storage (256 KiB), so `temporal workflow
-# result/query` can read them without a codec (CONTRACT 8). Whole outputs stay
+# result/query` can read them without a codec (docs/interventions.md). Whole outputs stay
 # in the activities' results in history and in the run's memory for templates.
 _ANSWER_BUDGET_CHARS = 160 * 1024
 _MIN_OUTPUT_CHARS = 2 * 1024

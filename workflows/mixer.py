@@ -1015,7 +1015,7 @@ class MixerWorkflow:
         # skip / override: the intervention has moved the record.
         return Settled(decision.type)
 
-    # ---- interventions (CONTRACT 6) ----------------------------------------
+    # ---- interventions (public names: docs/interventions.md) -----------------
 
     @workflow.signal(name="retry")
     async def retry(self, request: InterventionRequest) -> None:

@@ -1,4 +1,5 @@
-"""What a run reports: the ``progress`` query answer and the result (CONTRACT 4).
+"""What a run reports: the ``progress`` query answer and the result, a public
+interface (docs/interventions.md).
 
 Plain JSON through the pydantic converter, so ``temporal workflow query`` and
 ``temporal workflow result`` read them without a codec. Fields are only ever
@@ -176,7 +177,7 @@ class RunProgress(BaseModel):
 
 
 class InterventionRequest(BaseModel):
-    """The JSON argument of every signal and update (CONTRACT 6).
+    """The JSON argument of every signal and update (docs/interventions.md).
 
     Unknown fields are ignored rather than refused: a signal whose argument
     cannot be decoded would be dropped by the SDK without a trace, and a

@@ -1,4 +1,4 @@
-"""The workflow spec (CONTRACT section 5) as pydantic models.
+"""The workflow spec (docs/spec.md) as pydantic models.
 
 These models are read by the client (to validate before starting) and by
 ``MixerWorkflow`` (to run), so this module imports nothing that does I/O.
@@ -46,6 +46,8 @@ class RetrySpec(_Strict):
 
 
 class FallbackTarget(_Strict):
+    """Tried in order when the step's own provider fails for good."""
+
     provider: str
     model: str
     base_url: str | None = None
@@ -74,6 +76,8 @@ class Budget(_Strict):
 
 
 class Judge(_Strict):
+    """The call that picks or merges best_of candidates."""
+
     provider: str
     model: str
     # Replaces the default instruction; the numbered candidates are appended.
@@ -91,6 +95,8 @@ class BestOf(_Strict):
 
 
 class Defaults(_Strict):
+    """Values every step uses unless it sets its own."""
+
     provider: str | None = None
     model: str | None = None
     on_failure: OnFailure = "pause"
@@ -98,7 +104,7 @@ class Defaults(_Strict):
     temperature: float | None = Field(default=None, ge=0, le=2)
     retry: RetrySpec = Field(default_factory=RetrySpec)
     timeout_s: float = Field(default=600.0, gt=0)
-    # How soon a silent activity counts as lost; CONTRACT 8 promises a dead
+    # How soon a silent activity counts as lost; docs/interventions.md promises a dead
     # worker's step runs again within 60 s, so this stays well under that.
     heartbeat_timeout_s: float = Field(default=20.0, gt=0, le=60)
     pause_timeout_s: float | None = Field(default=None, gt=0)
@@ -115,6 +121,8 @@ class _StepBase(_Strict):
 
 
 class LlmStep(_StepBase):
+    """One model call (the kind when `kind` is omitted)."""
+
     kind: Literal["llm"] = "llm"
     provider: str | None = None
     model: str | None = None
@@ -138,6 +146,8 @@ class LlmStep(_StepBase):
 
 
 class PtyStep(_StepBase):
+    """A command in a pseudo-terminal; `respond` answers its prompts."""
+
     kind: Literal["pty"] = "pty"
     command: list[str] = Field(min_length=1)
     cwd: str | None = None
@@ -149,6 +159,8 @@ class PtyStep(_StepBase):
 
 
 class ApprovalStep(_StepBase):
+    """Waits for a person to approve or reject."""
+
     kind: Literal["approval"] = "approval"
     prompt: str | None = None
     # After timeout_s with no decision, `default` applies (or the step fails).
@@ -156,6 +168,8 @@ class ApprovalStep(_StepBase):
 
 
 class DecomposeStep(_StepBase):
+    """A model writes a plan of sub-steps, checked against the limits listed here."""
+
     kind: Literal["decompose"] = "decompose"
     provider: str | None = None
     model: str | None = None
@@ -180,6 +194,8 @@ class DecomposeStep(_StepBase):
 
 
 class AgentStep(_StepBase):
+    """A coding agent CLI run in a pseudo-terminal."""
+
     kind: Literal["agent"] = "agent"
     agent: Literal["claude-code", "codex", "gemini-cli"]
     prompt: str
@@ -214,6 +230,8 @@ STEP_MODELS: dict[str, type[_StepBase]] = {
 
 
 class Spec(_Strict):
+    """A workflow: a DAG of steps run by the `MixerWorkflow` workflow."""
+
     name: str = Field(default="workflow", min_length=1, max_length=200)
     description: str | None = None
     inputs: dict[str, str | int | float | bool] = Field(default_factory=dict)
