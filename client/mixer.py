@@ -1,4 +1,4 @@
-"""``MixerClient``: start, watch and steer llmmixer runs from Python (CONTRACT 9).
+"""``MixerClient``: start, watch and steer llmmixer runs from Python (docs/README.md).
 
     from llmmixer.client import MixerClient
     mixer = await MixerClient.connect()

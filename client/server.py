@@ -4,7 +4,7 @@ Endpoints (the OpenAPI document at ``/openapi.json`` is generated from this modu
 
     POST /workflows                                  start a run      -> 201, 422, 409
     GET  /workflows                                  recent runs
-    GET  /workflows/{id}                             the progress JSON (CONTRACT 4)
+    GET  /workflows/{id}                             the progress JSON (docs/interventions.md)
     GET  /workflows/{id}/spec                        the spec the run was started with
     POST /workflows/{id}/steps/{step}/{action}       retry|skip|override|approve|reject -> 409
     POST /workflows/{id}/cancel                      cancel a run     -> 202

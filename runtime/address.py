@@ -1,7 +1,7 @@
 """Small helpers for Temporal addresses: parse, classify, probe, pick a port.
 
 ``llmmixer run`` decides between "use the server at TEMPORAL_ADDRESS", "start
-the embedded server there" and "fail" with these (CONTRACT section 7): only a
+the embedded server there" and "fail" with these (docs/cli.md, `llmmixer run`): only a
 loopback address that nothing listens on gets an embedded server; anything
 else that does not answer is an error, never a silent local fallback.
 

@@ -1,4 +1,4 @@
-"""How every part of llmmixer reaches Temporal (CONTRACT 3).
+"""How every part of llmmixer reaches Temporal (see docs/settings.md).
 
 Temporal's own conventions through ``temporalio.envconfig``: ``TEMPORAL_ADDRESS``,
 ``TEMPORAL_NAMESPACE``, ``TEMPORAL_API_KEY``, TLS settings and profiles. One

@@ -25,7 +25,7 @@ Codecs, both off by default::
                                   encrypts, all decrypt.
 
 Compression only touches payloads at or above the threshold, so the workflow's
-result and ``progress`` answer, kept below it (CONTRACT 8), stay plain JSON
+result and ``progress`` answer, kept below it (docs/interventions.md), stay plain JSON
 for ``temporal workflow result/query``. Encryption applies to every payload:
 that is its point, and then the Temporal CLI and Web UI need the codec server
 (``llmmixer codec-server``, also ``python -m llmmixer.workers.storage

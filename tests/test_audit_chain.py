@@ -32,7 +32,7 @@ from llmmixer.client.audit import (
     render_markdown,
 )
 from llmmixer.client.mixer import MixerClient
-from llmmixer.workers.connection import data_converter
+from llmmixer.runtime.connection import data_converter
 from llmmixer.workflows.records import RunProgress, RunStatus, StepStatus
 
 FAKE_CLAUDE = f"""#!{sys.executable}
