@@ -33,7 +33,9 @@ def page(name: str) -> str:
 
 
 def source_files(*suffixes: str) -> list[Path]:
-    skip = {".git", ".venv", "node_modules", "__pycache__", ".mypy_cache", ".ruff_cache"}
+    # build/ and dist/ hold copies a `pip install .` leaves behind.
+    skip = {".git", ".venv", "build", "dist", "node_modules", "__pycache__", ".mypy_cache"}
+    skip |= {".ruff_cache", ".pytest_cache"}
     return [
         path
         for path in REPO.rglob("*")
