@@ -73,7 +73,8 @@ CHECKS = {CHECK_SPEC_ACTIVITY, CHECK_PLAN_ACTIVITY}
 
 
 def _registered(worker: Any) -> tuple[str, set[str], set[str]]:
-    config = worker.config()
+    # The active config: workflows and activities arrive through the plugin.
+    config = worker.config(active_config=True)
     workflows = {getattr(w, "__name__", str(w)) for w in config["workflows"]}
     activities = {fn.__temporal_activity_definition.name for fn in config["activities"]}
     return config["task_queue"], workflows, activities
