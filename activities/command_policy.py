@@ -64,7 +64,12 @@ from llmmixer.activities.terminal import (
     resolve_executable,
 )
 from llmmixer.activities.terminal_mode import MODE_SETTINGS, ModeSetting, TerminalCapability
-from llmmixer.runtime.secrets import is_secret_name, secret_values
+from llmmixer.runtime.secrets import (
+    BASE_ENV_NAMES,
+    BASE_ENV_PREFIXES,
+    is_secret_name,
+    secret_values,
+)
 
 __all__ = [
     "ALLOW_ANY",
@@ -120,13 +125,9 @@ PRODUCTION_ALLOWLIST: frozenset[str] = frozenset(
     }
 )
 
-# The worker variables every command gets (when the worker has them): where
-# programs are, whose home, language, terminal, time zone and temp dir. Plus
-# every LC_* locale variable. Anything else only through the passthrough.
-BASE_ENV_NAMES: frozenset[str] = frozenset(
-    {"PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TERM", "TZ", "TMPDIR"}
-)
-_BASE_ENV_PREFIXES = ("LC_",)
+# The worker variables every command gets (when the worker has them) are
+# BASE_ENV_NAMES and LC_* (runtime/secrets.py, shared with the dev server's
+# child). Anything else only through the passthrough.
 
 # Variables that decide which code a program runs, rather than what it works
 # on. A step that may set them picks the program, whatever LLMMIXER_PTY_ALLOW
@@ -225,7 +226,7 @@ def is_hook_name(name: str) -> bool:
 
 
 def _is_base_name(name: str) -> bool:
-    return name in BASE_ENV_NAMES or name.startswith(_BASE_ENV_PREFIXES)
+    return name in BASE_ENV_NAMES or name.startswith(BASE_ENV_PREFIXES)
 
 
 def scrub_environment(

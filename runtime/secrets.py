@@ -32,6 +32,8 @@ from collections.abc import Iterable, Mapping
 from urllib.parse import unquote, urlsplit
 
 __all__ = [
+    "BASE_ENV_NAMES",
+    "BASE_ENV_PREFIXES",
     "CHILD_ENV_NAMES",
     "MIN_SECRET_CHARS",
     "SECRET_FIELD",
@@ -152,17 +154,14 @@ SECRET_FIELD: re.Pattern[str] = re.compile(
 # is a Go program and a container may cap its CPUs and memory), and what a
 # Windows process needs to start at all. Nothing else: an allow-list, because
 # a deny-list lets through whatever secret nobody thought to name.
-CHILD_ENV_NAMES: frozenset[str] = frozenset(
+# The POSIX part is also the base of every command's environment
+# (activities/command_policy.py), so both allow-lists grow together.
+BASE_ENV_NAMES: frozenset[str] = frozenset(
+    {"PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TERM", "TZ", "TMPDIR"}
+)
+BASE_ENV_PREFIXES = ("LC_",)
+CHILD_ENV_NAMES: frozenset[str] = BASE_ENV_NAMES | frozenset(
     {
-        "PATH",
-        "HOME",
-        "USER",
-        "LOGNAME",
-        "LANG",
-        "LANGUAGE",
-        "TERM",
-        "TZ",
-        "TMPDIR",
         "GOMAXPROCS",
         "GOMEMLIMIT",
         # Windows
@@ -177,7 +176,6 @@ CHILD_ENV_NAMES: frozenset[str] = frozenset(
         "TMP",
     }
 )
-_CHILD_ENV_PREFIXES = ("LC_",)
 
 # An Authorization header's credential as it is written: "Bearer" then a token.
 _BEARER_CREDENTIAL = re.compile(r"\bBearer\s+[A-Za-z0-9._~+/\-]{16,}")
@@ -220,7 +218,7 @@ def child_environment(
     return {
         name: value
         for name, value in environ.items()
-        if (name.upper() in allowed or name.upper().startswith(_CHILD_ENV_PREFIXES))
+        if (name.upper() in allowed or name.upper().startswith(BASE_ENV_PREFIXES))
         and not is_secret_name(name)
     }
 
