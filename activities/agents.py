@@ -81,8 +81,8 @@ from types import MappingProxyType
 from typing import Literal
 
 from llmmixer.activities.command_policy import ENV_ROOT, CommandPolicy
-from llmmixer.activities.contracts import AgentCall, CommandCall, RespondRule
 from llmmixer.activities.terminal import CommandRefusedError
+from llmmixer.core.contracts import AgentCall, CommandCall, RespondRule
 
 __all__ = [
     "AGENTS",

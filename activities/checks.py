@@ -4,8 +4,8 @@
 runs the workflow, before anything else, so an invalid spec fails the run at
 once) and each plan check as an activity on the run's task queue. Either way
 the verdict is in the run's history, and a replay reads it instead of
-running the rules again: the rules in ``workflows/validation.py`` and
-``workflows/decompose.py`` may be tightened in any release (security work
+running the rules again: the rules in ``core/validation.py`` and
+``core/plans.py`` may be tightened in any release (security work
 does) without turning runs in flight into non-determinism errors.
 
 A check never raises for what it reads: a document it cannot even walk (too
@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable
 
 from temporalio import activity
 
-from llmmixer.activities.contracts import (
+from llmmixer.core.contracts import (
     CHECK_PLAN_ACTIVITY,
     CHECK_SPEC_ACTIVITY,
     CheckIssue,
@@ -30,9 +30,9 @@ from llmmixer.activities.contracts import (
     SpecCheck,
     SpecCheckResult,
 )
-from llmmixer.workflows.decompose import PLAN_LOCATION, PlanContext, PlanLimits, check_plan
-from llmmixer.workflows.spec import Spec
-from llmmixer.workflows.validation import SPEC_LOCATION, SpecIssue, find_issues
+from llmmixer.core.plans import PLAN_LOCATION, PlanContext, PlanLimits, check_plan
+from llmmixer.core.spec import Spec
+from llmmixer.core.validation import SPEC_LOCATION, SpecIssue, find_issues
 
 __all__ = ["CHECK_ACTIVITIES", "check_plan_activity", "check_spec_activity"]
 

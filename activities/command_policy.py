@@ -57,14 +57,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llmmixer.activities.contracts import CommandCall
 from llmmixer.activities.terminal import (
     DEFAULT_KILL_GRACE_S,
     CommandRefusedError,
     resolve_executable,
 )
 from llmmixer.activities.terminal_mode import MODE_SETTINGS, ModeSetting, TerminalCapability
-from llmmixer.runtime.secrets import (
+from llmmixer.core.contracts import CommandCall
+from llmmixer.core.secrets import (
     BASE_ENV_NAMES,
     BASE_ENV_PREFIXES,
     is_secret_name,
@@ -126,7 +126,7 @@ PRODUCTION_ALLOWLIST: frozenset[str] = frozenset(
 )
 
 # The worker variables every command gets (when the worker has them) are
-# BASE_ENV_NAMES and LC_* (runtime/secrets.py, shared with the dev server's
+# BASE_ENV_NAMES and LC_* (core/secrets.py, shared with the dev server's
 # child). Anything else only through the passthrough.
 
 # Variables that decide which code a program runs, rather than what it works

@@ -19,7 +19,7 @@ arrives through heartbeats as ``CancelledError``; the runner then kills the
 whole process group before the cancellation propagates.
 
 Nothing a command prints leaves the activity unredacted: the worker's secret
-values (read from its environment at start, ``runtime/secrets.py``) and key
+values (read from its environment at start, ``core/secrets.py``) and key
 shapes are cut from the output stream before it reaches deltas, heartbeat
 tails, the result, failure messages or their details.
 """
@@ -40,7 +40,16 @@ from temporalio.exceptions import ApplicationError
 
 from llmmixer.activities.agents import WorktreeError, finish_worktree, prepare_agent
 from llmmixer.activities.command_policy import CommandPolicy
-from llmmixer.activities.contracts import (
+from llmmixer.activities.reaper import set_undumpable
+from llmmixer.activities.telemetry import observe_command
+from llmmixer.activities.terminal import (
+    CommandRefusedError,
+    RunOutcome,
+    bound_text,
+    run_command,
+)
+from llmmixer.activities.terminal_mode import TerminalCapability
+from llmmixer.core.contracts import (
     AGENT_ACTIVITY,
     EVENTS_TOPIC,
     PTY_ACTIVITY,
@@ -52,17 +61,8 @@ from llmmixer.activities.contracts import (
     FailureDetails,
     MixerEvent,
 )
-from llmmixer.activities.reaper import set_undumpable
-from llmmixer.activities.redaction import redact
-from llmmixer.activities.telemetry import observe_command
-from llmmixer.activities.terminal import (
-    CommandRefusedError,
-    RunOutcome,
-    bound_text,
-    run_command,
-)
-from llmmixer.activities.terminal_mode import TerminalCapability
-from llmmixer.runtime.secrets import secret_values
+from llmmixer.core.redaction import redact
+from llmmixer.core.secrets import secret_values
 
 __all__ = ["CommandActivities", "OutputDelta", "OutputSink"]
 

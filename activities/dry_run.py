@@ -11,7 +11,7 @@ import hashlib
 import json
 from typing import Any
 
-from llmmixer.activities.contracts import LlmCall, PlanRequest, Usage
+from llmmixer.core.contracts import LlmCall, PlanRequest, Usage
 
 DRY_RUN_LABEL = "[dry-run]"
 

@@ -18,7 +18,15 @@ from temporalio import activity
 from temporalio.contrib.workflow_streams import WorkflowStreamClient
 from temporalio.exceptions import ApplicationError
 
-from llmmixer.activities.contracts import (
+from llmmixer.activities.dry_run import dry_run_reply
+from llmmixer.activities.pricing import PriceTable
+from llmmixer.activities.providers.base import ProviderError, ProviderResult
+from llmmixer.activities.providers.breaker import BreakerBoard
+from llmmixer.activities.providers.options import check_provider_options
+from llmmixer.activities.providers.pool import ProviderPool
+from llmmixer.activities.providers.settings import ProviderSettings
+from llmmixer.activities.telemetry import observe_llm_call
+from llmmixer.core.contracts import (
     EVENTS_TOPIC,
     LLM_ACTIVITY,
     ErrorType,
@@ -28,15 +36,7 @@ from llmmixer.activities.contracts import (
     LlmReply,
     MixerEvent,
 )
-from llmmixer.activities.dry_run import dry_run_reply
-from llmmixer.activities.pricing import PriceTable
-from llmmixer.activities.providers.base import ProviderError, ProviderResult
-from llmmixer.activities.providers.breaker import BreakerBoard
-from llmmixer.activities.providers.options import check_provider_options
-from llmmixer.activities.providers.pool import ProviderPool
-from llmmixer.activities.providers.settings import ProviderSettings
-from llmmixer.activities.redaction import redact
-from llmmixer.activities.telemetry import observe_llm_call
+from llmmixer.core.redaction import redact
 
 _HEARTBEAT_EVERY_S = 1.0
 _TAIL_CHARS = 400

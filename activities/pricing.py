@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
-from llmmixer.activities.contracts import Usage
-from llmmixer.activities.providers.registry import provider_spec
+from llmmixer.core.contracts import Usage
+from llmmixer.core.providers import provider_spec
 
 __all__ = ["ModelPrice", "PriceTable"]
 

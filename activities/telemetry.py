@@ -46,11 +46,11 @@ from opentelemetry import metrics, trace
 from opentelemetry.trace import SpanKind, StatusCode
 from opentelemetry.util.types import AttributeValue
 
-from llmmixer.activities.contracts import CommandCall, LlmCall, Usage
 from llmmixer.activities.providers.base import ProviderError, ProviderResult
 from llmmixer.activities.providers.breaker import BreakerState
-from llmmixer.activities.providers.registry import PROVIDER_SPECS
-from llmmixer.activities.redaction import redact
+from llmmixer.core.contracts import CommandCall, LlmCall, Usage
+from llmmixer.core.providers import PROVIDER_SPECS
+from llmmixer.core.redaction import redact
 
 __all__ = [
     "CAPTURE_CONTENT_VARIABLES",

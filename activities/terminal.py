@@ -67,9 +67,9 @@ from typing import Any, Literal, TypeVar
 
 import re2  # type: ignore[import-untyped]  # google-re2 ships no type information
 
-from llmmixer.activities.contracts import CommandCall, RespondRule
 from llmmixer.activities.reaper import group_alive
-from llmmixer.activities.redaction import StreamRedactor
+from llmmixer.core.contracts import CommandCall, RespondRule
+from llmmixer.core.redaction import StreamRedactor
 
 __all__ = [
     "DEFAULT_KILL_GRACE_S",

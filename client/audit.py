@@ -60,7 +60,7 @@ from temporalio.client import Client, WorkflowHistory
 from temporalio.converter import DataConverter
 from temporalio.service import RPCError, RPCStatusCode
 
-from llmmixer.activities.contracts import (
+from llmmixer.core.contracts import (
     AGENT_ACTIVITY,
     CHECK_PLAN_ACTIVITY,
     CHECK_SPEC_ACTIVITY,

@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, Any, TextIO
 from temporalio.client import WorkflowExecutionStatus
 from temporalio.service import RPCError
 
-from llmmixer.activities.contracts import EventType
 from llmmixer.client.audit import add_audit_parser, cmd_audit
 from llmmixer.client.display import ProgressView, progress_table, terminal_safe, unblock_hints
 from llmmixer.client.local import EmbeddedServerError, TemporalUnreachable, temporal_for_run
@@ -32,11 +31,12 @@ from llmmixer.client.mixer import (
 )
 from llmmixer.client.specfile import parse_inputs, prepare_spec, read_spec, spec_warnings
 from llmmixer.client.watch import EventPump, retrying
+from llmmixer.core.contracts import EventType
+from llmmixer.core.validation import SpecError, validate_spec
 from llmmixer.runtime.connection import Connection
 from llmmixer.runtime.storage import add_codec_server_arguments
 from llmmixer.runtime.telemetry import flush_telemetry
 from llmmixer.workflows.records import RunProgress, RunStatus
-from llmmixer.workflows.validation import SpecError, validate_spec
 
 if TYPE_CHECKING:
     from llmmixer.workers.health import ReadinessState
@@ -483,7 +483,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "validate":
         return cmd_validate(args)
     if args.command == "schema":
-        from llmmixer.workflows.schema import spec_json_schema
+        from llmmixer.core.schema import spec_json_schema
 
         print(json.dumps(spec_json_schema(), indent=2))
         return EXIT_OK

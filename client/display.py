@@ -28,7 +28,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from llmmixer.activities.contracts import EventType, MixerEvent
+from llmmixer.core.contracts import EventType, MixerEvent
 from llmmixer.workflows.records import RunProgress, StepRecord, StepStatus
 
 _STYLE = {

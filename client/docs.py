@@ -272,8 +272,8 @@ def _model_fields(model: type[BaseModel], prefix: str) -> Iterator[str]:
 
 
 def provider_options_markdown() -> str:
-    from llmmixer.activities.providers.options import option_model
-    from llmmixer.activities.providers.registry import provider_names
+    from llmmixer.core.provider_options import option_model
+    from llmmixer.core.providers import provider_names
 
     lines = [
         "## provider_options, per provider",
@@ -294,7 +294,7 @@ def provider_options_markdown() -> str:
 
 def spec_reference_markdown() -> str:
     """The generated half of docs/spec.md: every model's fields, then provider_options."""
-    from llmmixer.workflows.schema import spec_json_schema
+    from llmmixer.core.schema import spec_json_schema
 
     schema = spec_json_schema()
     sections = [("Spec", schema), *sorted(schema["$defs"].items())]

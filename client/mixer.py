@@ -28,8 +28,9 @@ from temporalio.client import (
 )
 from temporalio.contrib.workflow_streams import WorkflowStreamClient
 
-from llmmixer.activities.contracts import EVENTS_TOPIC, MixerEvent
 from llmmixer.client.specfile import prepare_spec
+from llmmixer.core.contracts import EVENTS_TOPIC, MixerEvent
+from llmmixer.core.spec import Spec
 from llmmixer.runtime.connection import PTY_TASK_QUEUE_ENV, Connection
 from llmmixer.workflows.mixer import WORKFLOW_NAME, MixerWorkflow
 from llmmixer.workflows.records import (
@@ -40,7 +41,6 @@ from llmmixer.workflows.records import (
     InterventionType,
     RunProgress,
 )
-from llmmixer.workflows.spec import Spec
 
 InterventionField = Literal["prompt", "reason", "output", "comment"]
 
@@ -114,7 +114,7 @@ class MixerClient:
     ) -> MixerHandle:
         """Validate ``spec`` (a mapping, YAML/JSON text or a file) and start a run.
 
-        Raises ``llmmixer.workflows.validation.SpecError`` listing every problem
+        Raises ``llmmixer.core.validation.SpecError`` listing every problem
         before anything is started.
         """
         body, parsed = prepare_spec(spec, inputs=inputs, dry_run=dry_run)

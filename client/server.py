@@ -85,7 +85,6 @@ from temporalio.client import WorkflowExecutionDescription, WorkflowExecutionSta
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
-from llmmixer.activities.contracts import MixerEvent
 from llmmixer.client.mixer import (
     INTERVENTIONS,
     InterventionIncomplete,
@@ -95,6 +94,8 @@ from llmmixer.client.mixer import (
     RunFailed,
 )
 from llmmixer.client.specfile import prepare_spec
+from llmmixer.core.contracts import MixerEvent
+from llmmixer.core.validation import SpecError
 from llmmixer.runtime.address import is_loopback
 from llmmixer.runtime.http_guard import (
     GuardPolicy,
@@ -113,7 +114,6 @@ from llmmixer.workflows.records import (
     RunProgress,
     RunStatus,
 )
-from llmmixer.workflows.validation import SpecError
 
 __all__ = [
     "DEFAULT_HOST",

@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from llmmixer.activities.pricing import PriceTable
-from llmmixer.runtime.documents import DEFAULT_LIMITS, DocumentError, check_document, load_document
-from llmmixer.workflows.spec import Spec
-from llmmixer.workflows.validation import SPEC_LOCATION, SpecError, SpecIssue, validate_spec
+from llmmixer.core.documents import DEFAULT_LIMITS, DocumentError, check_document, load_document
+from llmmixer.core.spec import Spec
+from llmmixer.core.validation import SPEC_LOCATION, SpecError, SpecIssue, validate_spec
 
 
 def read_spec(source: Mapping[str, Any] | str | Path) -> dict[str, Any]:

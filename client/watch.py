@@ -20,8 +20,8 @@ from typing import TypeVar
 from temporalio.client import WorkflowUpdateRPCTimeoutOrCancelledError
 from temporalio.service import RPCError, RPCStatusCode
 
-from llmmixer.activities.contracts import MixerEvent
 from llmmixer.client.mixer import MixerHandle
+from llmmixer.core.contracts import MixerEvent
 
 T = TypeVar("T")
 

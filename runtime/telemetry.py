@@ -44,7 +44,7 @@ from opentelemetry import metrics, trace
 from temporalio.client import Interceptor as ClientInterceptor
 from temporalio.contrib.opentelemetry import TracingInterceptor
 
-from llmmixer.activities.redaction import redact
+from llmmixer.core.redaction import redact
 
 __all__ = [
     "TelemetrySettings",

@@ -31,9 +31,9 @@ from llmmixer.activities.agents import (
     prepare_agent,
 )
 from llmmixer.activities.command_policy import CommandPolicy
-from llmmixer.activities.contracts import AgentCall
 from llmmixer.activities.terminal import CommandRefusedError
 from llmmixer.client.mixer import MixerClient, RunFailed
+from llmmixer.core.contracts import AgentCall
 from llmmixer.workers.worker import WorkerSettings, mixer_worker
 from llmmixer.workflows.records import StepStatus
 

@@ -22,9 +22,9 @@ from llmmixer.activities.agents import (
     prepare_worktree,
 )
 from llmmixer.activities.command_policy import CommandPolicy
-from llmmixer.activities.contracts import CommandCall
 from llmmixer.activities.terminal import TerminalMode, run_command
 from llmmixer.activities.terminal_mode import probe_pty
+from llmmixer.core.contracts import CommandCall
 
 pytestmark = pytest.mark.timeout(60)
 

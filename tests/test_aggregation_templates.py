@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from llmmixer.workflows.templates import references, render
+from llmmixer.core.templates import references, render
 
 OUTPUTS = {"split": "{plan}", "split-1": "one", "other": "x", "split-2": "two"}
 

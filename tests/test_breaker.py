@@ -7,9 +7,9 @@ import logging
 
 import pytest
 
-from llmmixer.activities.contracts import ErrorType
 from llmmixer.activities.providers.base import ProviderError
 from llmmixer.activities.providers.breaker import BreakerBoard, BreakerPolicy, BreakerState
+from llmmixer.core.contracts import ErrorType
 
 P, M = "openai", "gpt-4.1"
 DOWN = ProviderError(ErrorType.RETRYABLE, "server error", status_code=503)

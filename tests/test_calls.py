@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from llmmixer.activities.contracts import (
+from llmmixer.core.contracts import (
     AGENT_ACTIVITY,
     CHECK_PLAN_ACTIVITY,
     LLM_ACTIVITY,
@@ -23,6 +23,14 @@ from llmmixer.activities.contracts import (
     ChatMessage,
     LlmCall,
     PlanRequest,
+)
+from llmmixer.core.spec import (
+    AgentStep,
+    DecomposeStep,
+    FallbackTarget,
+    LlmStep,
+    PtyStep,
+    Spec,
 )
 from llmmixer.workflows.calls import (
     CHECK_OPTIONS,
@@ -33,14 +41,6 @@ from llmmixer.workflows.calls import (
     llm_options,
     planned_step,
     target_chain,
-)
-from llmmixer.workflows.spec import (
-    AgentStep,
-    DecomposeStep,
-    FallbackTarget,
-    LlmStep,
-    PtyStep,
-    Spec,
 )
 
 HISTORIES = sorted((Path(__file__).parent / "histories").glob("*.json"))

@@ -18,13 +18,14 @@ from temporalio.api.enums.v1 import EventType
 from temporalio.client import WorkflowFailureError, WorkflowHistory
 
 from llmmixer.activities import checks
-from llmmixer.activities.contracts import PlanCheck, PlanCheckLimits, SpecCheck
 from llmmixer.client.mixer import MixerClient
+from llmmixer.core import plans as decompose
+from llmmixer.core import validation
+from llmmixer.core.contracts import PlanCheck, PlanCheckLimits, SpecCheck
+from llmmixer.core.validation import SpecIssue
 from llmmixer.workers import plugin
-from llmmixer.workflows import decompose, validation
 from llmmixer.workflows.mixer import CHECKS_RECORDED_PATCH
 from llmmixer.workflows.records import RunStatus, StepStatus
-from llmmixer.workflows.validation import SpecIssue
 
 SPEC: dict[str, Any] = {
     "name": "recorded-checks",

@@ -27,7 +27,7 @@ from temporalio.worker import UnsandboxedWorkflowRunner, Worker
 
 from llmmixer.activities.command_policy import CommandPolicy
 from llmmixer.activities.commands import CommandActivities, OutputDelta
-from llmmixer.activities.contracts import (
+from llmmixer.core.contracts import (
     PTY_ACTIVITY,
     CommandCall,
     CommandResult,

@@ -20,9 +20,9 @@ from llmmixer.activities.command_policy import (
     scrub_environment,
     worker_note,
 )
-from llmmixer.activities.contracts import CommandCall
 from llmmixer.activities.terminal import CommandRefusedError, run_command
 from llmmixer.activities.terminal_mode import TerminalCapability, probe_pty
+from llmmixer.core.contracts import CommandCall
 
 
 def call(argv: list[str], **fields: object) -> CommandCall:

@@ -20,10 +20,10 @@ import pytest
 from rich.console import Console
 
 from llmmixer.activities.commands import DELTA_BATCH_CHARS
-from llmmixer.activities.contracts import EventType, MixerEvent
 from llmmixer.client.cli import EXIT_OK, _follow
 from llmmixer.client.display import ProgressView
 from llmmixer.client.mixer import MixerClient
+from llmmixer.core.contracts import EventType, MixerEvent
 from llmmixer.workflows.records import RunProgress, RunStatus, StepRecord, StepStatus
 
 pytestmark = pytest.mark.timeout(120)

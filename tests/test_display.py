@@ -11,8 +11,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from rich.console import Console
 
-from llmmixer.activities.contracts import EventType, MixerEvent
 from llmmixer.client.display import ProgressView, terminal_safe, unblock_hints
+from llmmixer.core.contracts import EventType, MixerEvent
 from llmmixer.workflows.records import (
     BudgetHold,
     RunProgress,

@@ -13,8 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from llmmixer.activities.contracts import EventType
-from llmmixer.activities.providers.registry import provider_names
 from llmmixer.client.cli import build_parser
 from llmmixer.client.docs import (
     GENERATED_MARKER,
@@ -22,6 +20,8 @@ from llmmixer.client.docs import (
     openapi_document,
     spec_reference_markdown,
 )
+from llmmixer.core.contracts import EventType
+from llmmixer.core.providers import provider_names
 
 REPO = Path(__file__).resolve().parent.parent
 DOCS = REPO / "docs"

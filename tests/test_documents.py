@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import yaml
 
-from llmmixer.runtime.documents import (
+from llmmixer.core.documents import (
     DEFAULT_LIMITS,
     DocumentError,
     DocumentLimits,

@@ -23,10 +23,10 @@ from fakes.provider_server import FakeProviderServer
 
 from llmmixer.client.mixer import MixerClient
 from llmmixer.client.specfile import parse_inputs, prepare_spec, read_spec
-from llmmixer.workflows.decompose import PlanContext, check_plan, limits_for
+from llmmixer.core.plans import PlanContext, check_plan, limits_for
+from llmmixer.core.spec import DecomposeStep
+from llmmixer.core.validation import SpecError, validate_spec
 from llmmixer.workflows.records import RunStatus, StepStatus
-from llmmixer.workflows.spec import DecomposeStep
-from llmmixer.workflows.validation import SpecError, validate_spec
 
 DEEP = 5000
 

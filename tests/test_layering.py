@@ -1,11 +1,16 @@
-"""Which package may import which: client -> runtime, workflows <- workers -> activities, runtime.
+"""Which package may import which: client -> runtime, workflows <- workers -> activities.
+
+Every package may import ``core``.
 
 The client talks to Temporal through ``runtime`` (connection, converter,
 storage, telemetry) and imports worker code only where it runs a worker in its
 own process: the embedded ``llmmixer run`` (``client/local.py``) and the
 ``dev``/``worker`` commands. Workflows, activities and the runtime never import
 the client or the workers, so a worker image needs no web stack and the shared
-layer cannot grow a dependency on either side. Read from the source (ast), so a
+layer cannot grow a dependency on either side. Workflows and activities meet
+only in ``core`` (contracts, spec, rules), which imports no other package of
+llmmixer: the workflow sandbox can pass its models through and ``validate``
+runs it without an SDK. Read from the source (ast), so a
 late import inside a function counts as much as one at the top.
 """
 
@@ -133,9 +138,19 @@ def test_the_client_imports_worker_code_only_where_it_runs_a_worker() -> None:
 @pytest.mark.parametrize(
     ("package", "forbidden"),
     [
-        ("workflows", ("llmmixer.client", "llmmixer.workers")),
-        ("activities", ("llmmixer.client", "llmmixer.workers")),
-        ("runtime", ("llmmixer.client", "llmmixer.workers")),
+        (
+            "core",
+            (
+                "llmmixer.client",
+                "llmmixer.workers",
+                "llmmixer.workflows",
+                "llmmixer.activities",
+                "llmmixer.runtime",
+            ),
+        ),
+        ("workflows", ("llmmixer.client", "llmmixer.workers", "llmmixer.activities")),
+        ("activities", ("llmmixer.client", "llmmixer.workers", "llmmixer.workflows")),
+        ("runtime", ("llmmixer.client", "llmmixer.workers", "llmmixer.activities")),
         ("workers", ("llmmixer.client",)),
     ],
 )

@@ -7,19 +7,19 @@ from typing import Any
 
 import pytest
 
-from llmmixer.activities.contracts import ChatMessage, LlmCall
 from llmmixer.activities.dry_run import dry_run_reply
-from llmmixer.workflows.dag import RunState, StepNode
-from llmmixer.workflows.decompose import (
+from llmmixer.core.contracts import ChatMessage, LlmCall
+from llmmixer.core.plans import (
     PlanContext,
     check_plan,
     limits_for,
     plan_request,
     planner_prompt,
 )
+from llmmixer.core.spec import DecomposeStep, Spec
+from llmmixer.core.validation import find_issues, validate_spec
+from llmmixer.workflows.dag import RunState, StepNode
 from llmmixer.workflows.records import BudgetLimits, Candidate, StepStatus
-from llmmixer.workflows.spec import DecomposeStep, Spec
-from llmmixer.workflows.validation import find_issues, validate_spec
 
 
 def base_spec(**extra: Any) -> dict[str, Any]:

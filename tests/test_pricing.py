@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from llmmixer.activities.contracts import Usage
 from llmmixer.activities.pricing import PriceTable
+from llmmixer.core.contracts import Usage
 
 # Below every long-context threshold, so list prices apply.
 TENTH = Usage(input_tokens=100_000, output_tokens=100_000)

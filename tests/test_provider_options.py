@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
-from llmmixer.activities.providers.options import provider_option_issues
+from llmmixer.core.provider_options import provider_option_issues
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 

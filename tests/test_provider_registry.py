@@ -22,18 +22,18 @@ from pathlib import Path
 from fakes.provider_server import FakeProviderServer
 
 from llmmixer.activities import telemetry
-from llmmixer.activities.contracts import PROVIDERS
 from llmmixer.activities.providers.errors import KEY_VARIABLES
-from llmmixer.activities.providers.options import option_model, provider_option_issues
 from llmmixer.activities.providers.pool import ProviderPool, default_factories
-from llmmixer.activities.providers.registry import (
+from llmmixer.activities.providers.settings import ProviderSettings
+from llmmixer.core.contracts import PROVIDERS
+from llmmixer.core.provider_options import option_model, provider_option_issues
+from llmmixer.core.providers import (
     PROVIDER_SPECS,
     provider_names,
     provider_spec,
     resolve,
 )
-from llmmixer.activities.providers.settings import ProviderSettings
-from llmmixer.workflows.validation import find_issues
+from llmmixer.core.validation import find_issues
 
 ECHO_MODULE = '''
 from llmmixer.activities.providers.openai import OpenAIAdapter
@@ -54,7 +54,7 @@ import os
 import runpy
 import sys
 
-from llmmixer.activities.providers import registry
+from llmmixer.core import providers as registry
 
 registry.PROVIDER_SPECS = (
     *registry.PROVIDER_SPECS,
@@ -64,7 +64,7 @@ registry.PROVIDER_SPECS = (
         base_url_variable="ECHO_BASE_URL",
         default_base_url="https://echo.invalid/v1",
         adapter="echo_provider:EchoAdapter",
-        options="llmmixer.activities.providers.options:OpenAIOptions",
+        options="llmmixer.core.provider_options:OpenAIOptions",
         price_key="echo-prices",
         example_model="echo-1",
         otel_name="echo",
@@ -76,7 +76,7 @@ async def activity(case: dict) -> dict:
     from temporalio.exceptions import ApplicationError
     from temporalio.testing import ActivityEnvironment
 
-    from llmmixer.activities.contracts import ChatMessage, LlmCall
+    from llmmixer.core.contracts import ChatMessage, LlmCall
     from llmmixer.activities.llm import LlmActivities, LlmSettings
     from llmmixer.activities.pricing import PriceTable
     from llmmixer.activities.providers.settings import ProviderSettings
@@ -279,7 +279,7 @@ def test_every_entry_resolves_and_every_price_table_belongs_to_an_entry() -> Non
 def test_validation_and_the_workflow_side_import_no_sdk() -> None:
     code = (
         "import sys\n"
-        "import llmmixer.workflows.validation, llmmixer.workflows.decompose\n"
+        "import llmmixer.core.validation, llmmixer.core.plans\n"
         "import llmmixer.activities.providers.settings, llmmixer.activities.pricing\n"
         "sdks = sorted(m for m in sys.modules if m.split('.')[0] in "
         "('openai', 'anthropic', 'google'))\n"

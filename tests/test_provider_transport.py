@@ -22,13 +22,13 @@ from temporalio.client import Client
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
-from llmmixer.activities.contracts import ChatMessage, ErrorType, LlmCall
 from llmmixer.activities.llm import LlmActivities, LlmSettings
 from llmmixer.activities.pricing import PriceTable
 from llmmixer.activities.providers.base import ProviderError
 from llmmixer.activities.providers.pool import ProviderPool
 from llmmixer.activities.providers.settings import ProviderSettings
 from llmmixer.client.mixer import MixerClient, RunFailed
+from llmmixer.core.contracts import ChatMessage, ErrorType, LlmCall
 from llmmixer.workers.worker import mixer_worker
 from llmmixer.workflows.mixer import WORKFLOW_NAME
 from llmmixer.workflows.records import RunStatus, StepStatus

@@ -8,11 +8,11 @@ import time
 import pytest
 from fakes.provider_fixtures import FAKE_KEYS, FakeProviderServer, llm_call
 
-from llmmixer.activities.contracts import ErrorType
 from llmmixer.activities.providers.base import ProviderConfig, ProviderError
 from llmmixer.activities.providers.errors import parse_retry_after, redact, status_error
 from llmmixer.activities.providers.pool import ProviderPool
 from llmmixer.activities.providers.settings import ProviderSettings
+from llmmixer.core.contracts import ErrorType
 
 MODELS = {"openai": "gpt-4.1", "anthropic": "claude-haiku-4-5", "gemini": "gemini-2.5-flash"}
 KEY_VARS = {

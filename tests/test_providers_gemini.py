@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 from fakes.provider_fixtures import FAKE_KEYS, FakeProviderServer, Reply, llm_call
 
-from llmmixer.activities.contracts import ChatMessage, ErrorType
 from llmmixer.activities.providers.base import ProviderConfig, ProviderError
 from llmmixer.activities.providers.gemini import GeminiAdapter
 from llmmixer.activities.providers.pool import ProviderPool
 from llmmixer.activities.providers.settings import ProviderSettings
+from llmmixer.core.contracts import ChatMessage, ErrorType
 
 MODEL = "gemini-2.5-flash"
 

@@ -7,11 +7,11 @@ import time
 import pytest
 from fakes.provider_fixtures import FAKE_KEYS, FakeProviderServer, Reply, llm_call
 
-from llmmixer.activities.contracts import ChatMessage, ErrorType
 from llmmixer.activities.providers.base import ProviderConfig, ProviderError
 from llmmixer.activities.providers.openai import OpenAIAdapter
 from llmmixer.activities.providers.pool import ProviderPool
 from llmmixer.activities.providers.settings import ProviderSettings
+from llmmixer.core.contracts import ChatMessage, ErrorType
 
 MODEL = "gpt-4.1"
 

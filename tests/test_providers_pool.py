@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 from fakes.provider_fixtures import FAKE_KEYS, FakeProviderServer, llm_call
 
-from llmmixer.activities.contracts import ErrorType
 from llmmixer.activities.llm import LlmActivities
 from llmmixer.activities.providers.base import ProviderConfig, ProviderError
 from llmmixer.activities.providers.pool import ProviderPool
 from llmmixer.activities.providers.settings import ProviderSettings
 from llmmixer.activities.providers.structured import validate_json_reply
+from llmmixer.core.contracts import ErrorType
 
 # --- pool ----------------------------------------------------------------------------
 

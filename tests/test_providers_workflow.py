@@ -15,9 +15,9 @@ import pytest
 from fakes.progress import until, waiting
 from fakes.provider_server import FakeProviderServer, Reply
 
-from llmmixer.activities.contracts import Usage
 from llmmixer.activities.pricing import PriceTable
 from llmmixer.client.mixer import MixerClient
+from llmmixer.core.contracts import Usage
 from llmmixer.workflows.records import RunStatus, StepStatus
 
 

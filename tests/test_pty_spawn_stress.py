@@ -42,7 +42,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from llmmixer.activities.command_policy import CommandPolicy
-from llmmixer.activities.contracts import CommandCall
+from llmmixer.core.contracts import CommandCall
 from llmmixer.activities.terminal import run_command
 
 commands, parallel = int(sys.argv[1]), int(sys.argv[2])

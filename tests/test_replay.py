@@ -16,10 +16,11 @@ import pytest
 from temporalio.client import WorkflowHistory
 
 from llmmixer.activities import checks
+from llmmixer.core import plans as decompose
+from llmmixer.core import validation
+from llmmixer.core.validation import SpecIssue
 from llmmixer.workers import plugin
-from llmmixer.workflows import decompose, validation
 from llmmixer.workflows.mixer import CHECKS_RECORDED_PATCH
-from llmmixer.workflows.validation import SpecIssue
 
 HISTORIES = sorted((Path(__file__).parent / "histories").glob("*.json"))
 

@@ -43,7 +43,15 @@ from llmmixer.workflows.records import RunStatus
 
 SOURCE = Path(llmmixer.__file__).parent
 # The workflow's logic: loaded inside the sandbox for every run.
-LOGIC = ("mixer", "dag", "decompose", "templates", "validation", "carry")
+LOGIC = (
+    "workflows.mixer",
+    "workflows.dag",
+    "workflows.calls",
+    "workflows.carry",
+    "core.plans",
+    "core.templates",
+    "core.validation",
+)
 
 SPEC: dict[str, Any] = {
     "name": "sandboxed",
@@ -60,7 +68,7 @@ SPEC: dict[str, Any] = {
 # calls (the spec's shape, read when the workflow starts and on every replay)
 # or runs at import, with a call a workflow must never make.
 CLOCK_IN_VALIDATION = (
-    "workflows/validation.py",
+    "core/validation.py",
     """
 import datetime as _planted_clock
 
@@ -73,7 +81,7 @@ def parse_spec_shape(raw):  # type: ignore[no-redef]
 """,
 )
 ENVIRON_IN_VALIDATION = (
-    "workflows/validation.py",
+    "core/validation.py",
     """
 import os as _planted_os
 
@@ -86,7 +94,7 @@ def parse_spec_shape(raw):  # type: ignore[no-redef]
 """,
 )
 CLOCK_IN_TEMPLATES = (
-    "workflows/templates.py",
+    "core/templates.py",
     """
 import datetime as _planted_clock
 
@@ -99,7 +107,7 @@ def render(*args, **kwargs):  # type: ignore[no-redef]
 """,
 )
 CLOCK_AT_IMPORT_IN_DECOMPOSE = (
-    "workflows/decompose.py",
+    "core/plans.py",
     """
 import datetime as _planted_clock
 
@@ -113,7 +121,7 @@ def plant(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, edit: tuple[str, str]
     copy = tmp_path / "src" / "llmmixer"
     copy.mkdir(parents=True)
     shutil.copy(SOURCE / "__init__.py", copy / "__init__.py")
-    for part in ("workflows", "activities", "runtime"):
+    for part in ("core", "workflows", "activities", "runtime"):
         shutil.copytree(SOURCE / part, copy / part, ignore=shutil.ignore_patterns("__pycache__"))
     if edit is not None:
         relative, code = edit
@@ -166,7 +174,7 @@ async def test_only_model_modules_are_taken_from_the_worker() -> None:
     ours = {name: module for name, module in loaded.items() if name.startswith("llmmixer.")}
     shared = {name for name, module in ours.items() if module is sys.modules.get(name)}
     assert shared == set(SANDBOX_PASSTHROUGH_MODULES) - {"yaml"}
-    logic = {f"llmmixer.workflows.{name}" for name in LOGIC}
+    logic = {f"llmmixer.{name}" for name in LOGIC}
     assert logic <= set(ours) - shared
 
 

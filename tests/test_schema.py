@@ -18,7 +18,7 @@ import jsonschema
 import pytest
 import yaml
 
-from llmmixer.workflows.validation import SpecError, validate_spec
+from llmmixer.core.validation import SpecError, validate_spec
 
 REPO = Path(__file__).resolve().parent.parent
 SCHEMA_FILE = REPO / "docs" / "spec.schema.json"

@@ -22,19 +22,19 @@ from fakes.provider_server import FakeProviderServer, Reply
 from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
 
-from llmmixer.activities.redaction import REDACTED, StreamRedactor, redact
 from llmmixer.client.audit import audit_from_client, render_markdown
 from llmmixer.client.mixer import MixerClient
-from llmmixer.runtime.secrets import (
+from llmmixer.core.redaction import REDACTED, StreamRedactor, redact
+from llmmixer.core.secrets import (
     SECRET_SUFFIXES,
     is_secret_field,
     is_secret_name,
     secret_values,
 )
+from llmmixer.core.validation import find_issues
 from llmmixer.runtime.telemetry import client_interceptors
 from llmmixer.workers.worker import WorkerSettings, mixer_worker
 from llmmixer.workflows.records import RunStatus, StepStatus
-from llmmixer.workflows.validation import find_issues
 
 MARK = uuid.uuid4().hex[:12]
 MARKERS = {
@@ -146,7 +146,7 @@ async def test_planted_credentials_appear_nowhere(
     assert _leaks("".join(event.model_dump_json() for event in events)) == [], "events"
 
 
-# ---- what a secret is (runtime/secrets.py) and how text is redacted --------------------
+# ---- what a secret is (core/secrets.py) and how text is redacted --------------------
 
 
 def test_secret_values_come_from_names_and_urls_with_passwords() -> None:
@@ -205,7 +205,7 @@ def test_stream_redaction_catches_a_secret_split_at_any_point() -> None:
     assert out + stream.flush() == expected
 
 
-# ---- a spec never carries a secret: the same definition (runtime/secrets.py) ------
+# ---- a spec never carries a secret: the same definition (core/secrets.py) ------
 
 
 def _spec_issues(**step: object) -> list[str]:

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from llmmixer.client.specfile import read_spec
-from llmmixer.workflows.validation import SpecError, find_issues, parse_spec_shape, validate_spec
+from llmmixer.core.validation import SpecError, find_issues, parse_spec_shape, validate_spec
 
 GOOD: dict[str, Any] = {
     "name": "review",

@@ -30,11 +30,11 @@ from temporalio.client import Client
 from temporalio.contrib.opentelemetry import TracingInterceptor
 from temporalio.contrib.pydantic import pydantic_data_converter
 
-from llmmixer.activities.contracts import ErrorType, Usage
 from llmmixer.activities.providers.base import ProviderError, ProviderResult
 from llmmixer.activities.providers.breaker import BreakerBoard, BreakerPolicy
 from llmmixer.activities.telemetry import breaker_state_changed, observe_llm_call
 from llmmixer.client.mixer import MixerClient
+from llmmixer.core.contracts import ErrorType, Usage
 from llmmixer.runtime.telemetry import (
     TelemetrySettings,
     client_interceptors,
@@ -355,7 +355,7 @@ def test_otlp_export_when_the_endpoint_is_set(collector: str, tmp_path: Path) ->
     script = textwrap.dedent(
         """
         import asyncio
-        from llmmixer.activities.contracts import ChatMessage, LlmCall, Usage
+        from llmmixer.core.contracts import ChatMessage, LlmCall, Usage
         from llmmixer.activities.providers.base import ProviderResult
         from llmmixer.activities.telemetry import observe_llm_call
         from llmmixer.runtime.telemetry import flush_telemetry, setup_telemetry, tracing_active

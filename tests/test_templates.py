@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from llmmixer.workflows.templates import references, render
+from llmmixer.core.templates import references, render
 
 
 def test_inputs_and_step_outputs_are_substituted() -> None:

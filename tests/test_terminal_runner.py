@@ -20,7 +20,6 @@ import pytest
 from fakes.processes import SPAWN_TREE, open_fds, pid_alive, pids_in, wait_gone
 
 from llmmixer.activities import terminal
-from llmmixer.activities.contracts import CommandCall, RespondRule
 from llmmixer.activities.terminal import (
     CommandRefusedError,
     TerminalMode,
@@ -29,6 +28,7 @@ from llmmixer.activities.terminal import (
     clean_terminal_text,
     run_command,
 )
+from llmmixer.core.contracts import CommandCall, RespondRule
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -142,7 +142,7 @@ async def test_cancellation_kills_the_group_and_reraises(mode: TerminalMode) -> 
 # Runs one SPAWN_TREE command and forwards its output, until it is killed.
 RUNNER = r"""
 import asyncio, sys
-from llmmixer.activities.contracts import CommandCall
+from llmmixer.core.contracts import CommandCall
 from llmmixer.activities.terminal import run_command
 call = CommandCall(workflow_id="wf", step_id="s", argv=[sys.executable, "-c", sys.argv[2]])
 out = lambda text: (sys.stdout.write(text), sys.stdout.flush())

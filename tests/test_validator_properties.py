@@ -17,10 +17,10 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from llmmixer.runtime.documents import DocumentError, check_document, load_document
-from llmmixer.workflows.decompose import PlanContext, check_plan, limits_for
-from llmmixer.workflows.spec import KINDS, DecomposeStep, Spec
-from llmmixer.workflows.validation import SpecError, SpecIssue, find_issues, validate_spec
+from llmmixer.core.documents import DocumentError, check_document, load_document
+from llmmixer.core.plans import PlanContext, check_plan, limits_for
+from llmmixer.core.spec import KINDS, DecomposeStep, Spec
+from llmmixer.core.validation import SpecError, SpecIssue, find_issues, validate_spec
 
 # Modest counts: the whole file runs in well under a minute on a busy machine,
 # and the deadline is generous for the same reason; a hang blows through it.

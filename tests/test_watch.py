@@ -24,11 +24,11 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.service import RetryConfig, RPCError, RPCStatusCode
 from temporalio.testing import WorkflowEnvironment
 
-from llmmixer.activities.contracts import EventType, MixerEvent
 from llmmixer.client.cli import EXIT_OK, _follow
 from llmmixer.client.display import ProgressView
 from llmmixer.client.mixer import MixerClient, MixerHandle
 from llmmixer.client.watch import resumable_events
+from llmmixer.core.contracts import EventType, MixerEvent
 from llmmixer.runtime.address import free_port
 from llmmixer.workflows.records import RunProgress, RunStatus, StepRecord, StepStatus
 

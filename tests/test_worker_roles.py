@@ -22,14 +22,14 @@ from temporalio.client import Client
 from temporalio.testing import WorkflowEnvironment
 
 from llmmixer.activities.command_policy import CommandPolicy
-from llmmixer.activities.contracts import (
+from llmmixer.client.mixer import MixerClient
+from llmmixer.core.contracts import (
     AGENT_ACTIVITY,
     CHECK_PLAN_ACTIVITY,
     CHECK_SPEC_ACTIVITY,
     LLM_ACTIVITY,
     PTY_ACTIVITY,
 )
-from llmmixer.client.mixer import MixerClient
 from llmmixer.workers.worker import (
     ALL_ROLES,
     WorkerSettings,

@@ -43,9 +43,9 @@ from typing import BinaryIO, Self
 from temporalio.api.workflowservice.v1 import DescribeNamespaceRequest
 from temporalio.client import Client
 
+from llmmixer.core.secrets import child_environment
 from llmmixer.runtime.address import format_address, free_port, is_listening
 from llmmixer.runtime.home import llmmixer_home
-from llmmixer.runtime.secrets import child_environment
 
 __all__ = [
     "DB_FILENAME",
@@ -481,7 +481,7 @@ def _port_in_use(host: str, port: int, what: str) -> PortInUseError:
 
 
 def _server_environment(environ: Mapping[str, str]) -> dict[str, str]:
-    # An allow-list (runtime/secrets.py): the server needs no provider key, no
+    # An allow-list (core/secrets.py): the server needs no provider key, no
     # payload key and no cloud credential, and the user's TEMPORAL_* client
     # settings could point the CLI's config loading at a remote cluster's
     # profile. A deny-list let AWS_SECRET_ACCESS_KEY and LLMMIXER_PAYLOAD_KEY in.

@@ -39,7 +39,7 @@ WORKER_PLUGIN_NAME = "llmmixer.workers"
 # validation against the other. They read no clock, environment or file.
 #
 # Everything else of llmmixer, the workflow module and its logic (mixer, dag,
-# decompose, templates, validation, carry, runtime.secrets), loads inside the
+# calls, carry, and core's rules: plans, templates, validation, secrets), loads inside the
 # sandbox, where a datetime.now(), open() or os.environ in it fails the
 # workflow task instead of silently breaking replay (at import, only a clock
 # read is refused: the SDK restricts os only while a run executes). carry.py
@@ -55,11 +55,12 @@ SANDBOX_PASSTHROUGH_MODULES: tuple[str, ...] = (
     # the standard library): the safe YAML loader's base classes.
     "yaml",
     # Pure model modules.
-    "llmmixer.activities.contracts",  # activity inputs/results, events
-    "llmmixer.activities.providers.options",  # provider_options schemas (+ base)
+    "llmmixer.core.contracts",  # activity inputs/results, events
+    "llmmixer.core.providers",  # the provider registry (contracts reads it)
+    "llmmixer.core.provider_options",  # provider_options schemas
+    "llmmixer.core.spec",  # the run's input
+    "llmmixer.core.documents",  # the safe document loader (yaml subclasses)
     "llmmixer.workflows.records",  # signal, update and query types
-    "llmmixer.workflows.spec",  # the run's input
-    "llmmixer.runtime.documents",  # the safe document loader (yaml subclasses)
 )
 
 

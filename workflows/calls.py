@@ -19,9 +19,8 @@ from typing import Any, TypedDict
 from temporalio.common import RetryPolicy
 from temporalio.workflow import ActivityCancellationType
 
-from llmmixer.activities.contracts import ChatMessage, ErrorType, LlmCall, PlanRequest
-from llmmixer.workflows.records import InterventionType
-from llmmixer.workflows.spec import (
+from llmmixer.core.contracts import ChatMessage, ErrorType, LlmCall, PlanRequest
+from llmmixer.core.spec import (
     STEP_MODELS,
     AgentStep,
     ApprovalStep,
@@ -32,6 +31,7 @@ from llmmixer.workflows.spec import (
     RetrySpec,
     Spec,
 )
+from llmmixer.workflows.records import InterventionType
 
 # Any step of a spec or a plan, as its model.
 StepModel = LlmStep | PtyStep | ApprovalStep | DecomposeStep | AgentStep

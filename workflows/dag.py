@@ -35,7 +35,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from llmmixer.activities.contracts import Usage
+from llmmixer.core.contracts import Usage
 from llmmixer.workflows.records import (
     DONE_STATES,
     BudgetHold,

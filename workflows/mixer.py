@@ -32,6 +32,21 @@ from temporalio.exceptions import (
     is_cancelled_exception,
 )
 
+from llmmixer.core.plans import (
+    PlanContext,
+    PlanLimits,
+    check_plan,
+    limits_for,
+    plan_request,
+    planner_prompt,
+)
+from llmmixer.core.templates import render
+from llmmixer.core.validation import (
+    SpecError,
+    SpecIssue,
+    parse_spec_shape,
+    validate_spec,
+)
 from llmmixer.workflows.calls import (
     CHECK_OPTIONS,
     Settled,
@@ -50,21 +65,6 @@ from llmmixer.workflows.carry import (
     Carried,
 )
 from llmmixer.workflows.dag import RunState, StepNode
-from llmmixer.workflows.decompose import (
-    PlanContext,
-    PlanLimits,
-    check_plan,
-    limits_for,
-    plan_request,
-    planner_prompt,
-)
-from llmmixer.workflows.templates import render
-from llmmixer.workflows.validation import (
-    SpecError,
-    SpecIssue,
-    parse_spec_shape,
-    validate_spec,
-)
 
 # Types that cross the data converter: one class for the worker and every run
 # (see sandbox_runner in workers/plugin.py). The run's logic above loads
@@ -72,7 +72,7 @@ from llmmixer.workflows.validation import (
 with workflow.unsafe.imports_passed_through():
     from temporalio.contrib.workflow_streams import WorkflowStream, WorkflowStreamState
 
-    from llmmixer.activities.contracts import (
+    from llmmixer.core.contracts import (
         AGENT_ACTIVITY,
         CHECK_PLAN_ACTIVITY,
         CHECK_SPEC_ACTIVITY,
@@ -96,6 +96,17 @@ with workflow.unsafe.imports_passed_through():
         SpecCheck,
         SpecCheckResult,
     )
+    from llmmixer.core.spec import (
+        AgentStep,
+        ApprovalStep,
+        Budget,
+        DecomposeStep,
+        FallbackTarget,
+        LlmStep,
+        PtyStep,
+        RetrySpec,
+        Spec,
+    )
     from llmmixer.workflows.records import (
         BudgetLimits,
         BudgetRaise,
@@ -109,17 +120,6 @@ with workflow.unsafe.imports_passed_through():
         RunStatus,
         StepRecord,
         StepStatus,
-    )
-    from llmmixer.workflows.spec import (
-        AgentStep,
-        ApprovalStep,
-        Budget,
-        DecomposeStep,
-        FallbackTarget,
-        LlmStep,
-        PtyStep,
-        RetrySpec,
-        Spec,
     )
 
 

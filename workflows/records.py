@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from llmmixer.activities.contracts import Usage
+from llmmixer.core.contracts import Usage
 
 
 class StepStatus(StrEnum):

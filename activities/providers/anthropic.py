@@ -20,7 +20,6 @@ from collections.abc import Iterable
 from anthropic import AsyncAnthropic, omit
 from anthropic.types import MessageParam
 
-from llmmixer.activities.contracts import LlmCall, Usage
 from llmmixer.activities.providers.base import (
     NO_KEY_PLACEHOLDER,
     ProviderConfig,
@@ -35,9 +34,11 @@ from llmmixer.activities.providers.errors import (
     missing_key_error,
     refusal_error,
 )
-from llmmixer.activities.providers.options import AnthropicOptions, checked_provider_options
-from llmmixer.activities.providers.registry import provider_spec
+from llmmixer.activities.providers.options import checked_provider_options
 from llmmixer.activities.providers.structured import enforce_response_format, json_instruction
+from llmmixer.core.contracts import LlmCall, Usage
+from llmmixer.core.provider_options import AnthropicOptions
+from llmmixer.core.providers import provider_spec
 
 __all__ = ["DEFAULT_MAX_TOKENS", "AnthropicAdapter"]
 

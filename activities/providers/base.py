@@ -1,7 +1,7 @@
 """The narrow seam between the LLM activity and the provider SDKs.
 
 One adapter per provider implements :class:`ProviderAdapter`: a single
-``complete`` method that streams one :class:`~llmmixer.activities.contracts.LlmCall`
+``complete`` method that streams one :class:`~llmmixer.core.contracts.LlmCall`
 and returns a :class:`ProviderResult`, or raises :class:`ProviderError`. Nothing
 here imports Temporal: the activity turns a ``ProviderError`` into an
 ``ApplicationError`` whose ``type`` is ``error_type``.
@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-from llmmixer.activities.contracts import ErrorType, LlmCall, Usage
+from llmmixer.core.contracts import ErrorType, LlmCall, Usage
 
 __all__ = [
     "NO_KEY_PLACEHOLDER",

@@ -25,8 +25,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from llmmixer.activities.contracts import ErrorType
 from llmmixer.activities.providers.base import ProviderError
+from llmmixer.core.contracts import ErrorType
 
 __all__ = ["BreakerBoard", "BreakerPolicy", "BreakerState", "StateChange"]
 

@@ -28,10 +28,10 @@ import httpx2
 import openai
 from google.genai import errors as genai_errors
 
-from llmmixer.activities.contracts import ErrorType
 from llmmixer.activities.providers.base import ProviderError
-from llmmixer.activities.providers.registry import PROVIDER_SPECS
-from llmmixer.activities.redaction import redact
+from llmmixer.core.contracts import ErrorType
+from llmmixer.core.providers import PROVIDER_SPECS
+from llmmixer.core.redaction import redact
 
 __all__ = [
     "KEY_VARIABLES",

@@ -24,7 +24,6 @@ import pydantic
 from google import genai
 from google.genai import types
 
-from llmmixer.activities.contracts import ErrorType, LlmCall, Usage
 from llmmixer.activities.providers.base import (
     NO_KEY_PLACEHOLDER,
     ProviderConfig,
@@ -39,13 +38,11 @@ from llmmixer.activities.providers.errors import (
     redact,
     refusal_error,
 )
-from llmmixer.activities.providers.options import (
-    GeminiOptions,
-    checked_provider_options,
-    model_name_issue,
-)
-from llmmixer.activities.providers.registry import provider_spec
+from llmmixer.activities.providers.options import checked_provider_options
 from llmmixer.activities.providers.structured import enforce_response_format
+from llmmixer.core.contracts import ErrorType, LlmCall, Usage
+from llmmixer.core.provider_options import GeminiOptions, model_name_issue
+from llmmixer.core.providers import provider_spec
 
 __all__ = ["GeminiAdapter"]
 

@@ -19,7 +19,6 @@ from openai import AsyncOpenAI, omit
 from openai.types.chat import ChatCompletionMessageParam
 from openai.types.responses import ResponseInputParam
 
-from llmmixer.activities.contracts import ErrorType, LlmCall, Usage
 from llmmixer.activities.providers.base import (
     NO_KEY_PLACEHOLDER,
     ProviderConfig,
@@ -35,9 +34,11 @@ from llmmixer.activities.providers.errors import (
     refusal_error,
     stream_reported_error,
 )
-from llmmixer.activities.providers.options import OpenAIOptions, checked_provider_options
-from llmmixer.activities.providers.registry import provider_spec
+from llmmixer.activities.providers.options import checked_provider_options
 from llmmixer.activities.providers.structured import enforce_response_format
+from llmmixer.core.contracts import ErrorType, LlmCall, Usage
+from llmmixer.core.provider_options import OpenAIOptions
+from llmmixer.core.providers import provider_spec
 
 __all__ = ["OpenAIAdapter"]
 

@@ -13,7 +13,7 @@ import logging
 from collections.abc import Callable, Iterable, Mapping
 
 from llmmixer.activities.providers.base import ProviderAdapter, ProviderConfig
-from llmmixer.activities.providers.registry import PROVIDER_SPECS, resolve
+from llmmixer.core.providers import PROVIDER_SPECS, resolve
 
 __all__ = ["AdapterFactory", "ProviderPool", "default_factories"]
 

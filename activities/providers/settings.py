@@ -28,9 +28,9 @@ from types import MappingProxyType
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from llmmixer.activities.contracts import ErrorType
 from llmmixer.activities.providers.base import ProviderConfig, ProviderError
-from llmmixer.activities.providers.registry import PROVIDER_SPECS, provider_spec
+from llmmixer.core.contracts import ErrorType
+from llmmixer.core.providers import PROVIDER_SPECS, provider_spec
 
 __all__ = [
     "ALLOWED_BASE_URLS_VARIABLE",

@@ -17,9 +17,9 @@ import jsonschema
 import jsonschema.exceptions
 import jsonschema.validators
 
-from llmmixer.activities.contracts import ErrorType, LlmCall
 from llmmixer.activities.providers.base import ProviderError, ProviderResult
-from llmmixer.runtime.documents import DocumentError, load_json_document, strip_code_fence
+from llmmixer.core.contracts import ErrorType, LlmCall
+from llmmixer.core.documents import DocumentError, load_json_document, strip_code_fence
 
 __all__ = ["enforce_response_format", "json_instruction", "validate_json_reply"]
 

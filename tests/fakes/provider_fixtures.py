@@ -27,9 +27,9 @@ from typing import Any
 import pytest
 from fakes.provider_server import FAKE_KEYS, FakeProviderServer, RecordedCall, Reply
 
-from llmmixer.activities.contracts import ChatMessage, LlmCall
 from llmmixer.activities.providers.pool import ProviderPool
 from llmmixer.activities.providers.settings import ProviderSettings
+from llmmixer.core.contracts import ChatMessage, LlmCall
 
 __all__ = [
     "FAKE_KEYS",

@@ -20,11 +20,11 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError, create_model
 
-from llmmixer.activities.contracts import PROVIDERS
-from llmmixer.activities.providers.options import model_name_issue, provider_option_issues
-from llmmixer.activities.providers.registry import PROVIDER_SPECS
-from llmmixer.runtime.secrets import is_secret_field, looks_like_secret
-from llmmixer.workflows.spec import (
+from llmmixer.core.contracts import PROVIDERS
+from llmmixer.core.provider_options import model_name_issue, provider_option_issues
+from llmmixer.core.providers import PROVIDER_SPECS
+from llmmixer.core.secrets import is_secret_field, looks_like_secret
+from llmmixer.core.spec import (
     KINDS,
     STEP_ID_PATTERN,
     STEP_MODELS,
@@ -35,13 +35,13 @@ from llmmixer.workflows.spec import (
     PtyStep,
     Spec,
 )
-from llmmixer.workflows.templates import references
+from llmmixer.core.templates import references
 
 SPEC_LOCATION = "spec"
 
 # Field names and values that look like credentials: a spec is stored in
 # workflow history in clear, so it must never carry one. What counts as a
-# credential is defined once, in runtime/secrets.py. Changing it is safe for
+# credential is defined once, in core/secrets.py. Changing it is safe for
 # runs started since CHECKS_RECORDED_PATCH: their verdict is an activity's
 # result, replayed from history. Older runs re-run validate_spec on replay; a
 # change there only matters to one whose spec held a key-shaped value.

@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
-from llmmixer.activities.contracts import RespondRule
+from llmmixer.core.contracts import RespondRule
 
 STEP_ID_PATTERN = r"^[a-z0-9_-]+$"
 KINDS: tuple[str, ...] = ("llm", "pty", "approval", "decompose", "agent")

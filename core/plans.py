@@ -25,11 +25,11 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from llmmixer.activities.contracts import PROVIDERS, PlanRequest, PlanTarget
-from llmmixer.activities.providers.registry import PROVIDER_SPECS
-from llmmixer.runtime.documents import DocumentError, load_json_document, strip_code_fence
-from llmmixer.workflows.spec import KINDS, PLAN_FIELDS, DecomposeStep, Spec
-from llmmixer.workflows.validation import SPEC_LOCATION, SpecIssue, find_issues
+from llmmixer.core.contracts import PROVIDERS, PlanRequest, PlanTarget
+from llmmixer.core.documents import DocumentError, load_json_document, strip_code_fence
+from llmmixer.core.providers import PROVIDER_SPECS
+from llmmixer.core.spec import KINDS, PLAN_FIELDS, DecomposeStep, Spec
+from llmmixer.core.validation import SPEC_LOCATION, SpecIssue, find_issues
 
 __all__ = [
     "PLAN_LOCATION",

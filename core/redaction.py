@@ -3,14 +3,14 @@
 Its own module, free of SDK imports, because everything that records text
 (errors, logs, spans, the CLI) needs it and must not pay for importing every
 provider SDK. What counts as a secret (names, key shapes, values in an
-environment) is defined once, in ``llmmixer.runtime.secrets``.
+environment) is defined once, in ``llmmixer.core.secrets``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
-from llmmixer.runtime.secrets import (
+from llmmixer.core.secrets import (
     MIN_SECRET_CHARS,
     PREFIXED_SECRET_SHAPES,
     SECRET_SHAPES,

@@ -60,7 +60,7 @@ class ProviderSpec:
     otel_name: str
 
 
-_OPTIONS = "llmmixer.activities.providers.options"
+_OPTIONS = "llmmixer.core.provider_options"
 
 PROVIDER_SPECS: tuple[ProviderSpec, ...] = (
     ProviderSpec(

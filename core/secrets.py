@@ -4,10 +4,10 @@ Three consumers must agree on it, and used to each keep their own list:
 
 - the command environment (``activities/command_policy.py``): a command never
   inherits a secret variable unless the operator passes its name through;
-- redaction (``activities/redaction.py``): every secret value of the worker,
+- redaction (``core/redaction.py``): every secret value of the worker,
   and anything shaped like a key, is cut from text before it is recorded;
 - the worker's own logs, spans and error messages, through ``redact``;
-- spec validation (``workflows/validation.py``): a spec is stored in workflow
+- spec validation (``core/validation.py``): a spec is stored in workflow
   history in clear, so a field named like a credential (``is_secret_field``) or
   a value shaped like one (``looks_like_secret``) is refused;
 - helper programs the worker starts (the embedded ``temporal`` dev server):

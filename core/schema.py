@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from llmmixer.workflows.spec import STEP_MODELS, Spec
+from llmmixer.core.spec import STEP_MODELS, Spec
 
 # A name, not an address: nothing is published at a URL, so editors use the
 # file path that each example names on its first line.
