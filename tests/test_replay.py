@@ -148,6 +148,10 @@ def _pause_timer(name: str) -> None:
 
 def _continue_as_new(name: str) -> None:
     assert _types(name)[-1] == "WORKFLOW_EXECUTION_CONTINUED_AS_NEW"
+    # The approval was waiting when the run handed over: the next run carries it.
+    handed = _events(name)[-1]["workflowExecutionContinuedAsNewEventAttributes"]
+    carried = json.loads(base64.b64decode(handed["input"]["payloads"][2]["data"]))
+    assert carried["state"]["records"]["gate"]["status"] == "waiting"
 
 
 def _continued(name: str) -> None:

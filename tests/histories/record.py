@@ -289,7 +289,7 @@ async def pause_timer(mixer: MixerClient) -> MixerHandle:
 
 
 async def continue_as_new(mixer: MixerClient) -> MixerHandle:
-    """A run that hands over to a new run with a waiting approval, approved in the next."""
+    """A run that hands over to a new run with an approval waiting, approved in the next."""
     chain = [
         {
             "id": f"c{i}",
@@ -305,8 +305,13 @@ async def continue_as_new(mixer: MixerClient) -> MixerHandle:
         "defaults": {"provider": "openai", "model": "gpt-4.1-mini", "retry": {"max_attempts": 1}},
         "steps": [
             *chain,
-            {"id": "gate", "kind": "approval", "needs": ["c2"]},
-            {"id": "end", "needs": ["gate"], "prompt": "{{steps.gate.output}} {{steps.c2.output}}"},
+            # Waiting from the start, so the run hands it over still waiting.
+            {"id": "gate", "kind": "approval"},
+            {
+                "id": "end",
+                "needs": ["gate", "c2"],
+                "prompt": "{{steps.gate.output}} {{steps.c2.output}}",
+            },
         ],
     }
     handle = await mixer.start(spec)
