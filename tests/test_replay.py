@@ -146,6 +146,15 @@ def _pause_timer(name: str) -> None:
     assert "pause_timeout_s" in failure["message"]
 
 
+def _pause_retried(name: str) -> None:
+    types = _types(name)
+    # Paused with a timer; a retry by update cancelled it and the step ran again.
+    assert types.index("ACTIVITY_TASK_FAILED") < types.index("TIMER_STARTED")
+    assert types.index("WORKFLOW_EXECUTION_UPDATE_COMPLETED") < types.index("TIMER_CANCELED")
+    assert types.count("ACTIVITY_TASK_SCHEDULED") == 2
+    assert types[-1] == "WORKFLOW_EXECUTION_COMPLETED"
+
+
 def _continue_as_new(name: str) -> None:
     assert _types(name)[-1] == "WORKFLOW_EXECUTION_CONTINUED_AS_NEW"
     # The approval was waiting when the run handed over: the next run carries it.
@@ -197,6 +206,7 @@ def _plan_reasked(name: str) -> None:
 HOLDS: dict[str, Callable[[str], None]] = {
     "0.1.0-approval-timers": _approval_timers,
     "0.1.0-pause-timer": _pause_timer,
+    "0.1.0-pause-retried": _pause_retried,
     "0.1.0-continue-as-new": _continue_as_new,
     "0.1.0-continue-as-new-run2": _continued,
     "0.1.0-fallback-circuit": _fallback_circuit,

@@ -13,7 +13,8 @@ them; to record one again on purpose, delete it first.
 Scenarios that need a fake provider or payload storage start their own worker
 (``own_worker``) on a task queue of their own. Payloads kept outside history
 are written under ``payloads/`` next to the histories (content-addressed, so
-recording again only adds files); commit them with the history that names them.
+recording again only adds files: delete the ones the old history named);
+commit them with the history that names them.
 """
 
 from __future__ import annotations
@@ -288,6 +289,23 @@ async def pause_timer(mixer: MixerClient) -> MixerHandle:
     return handle
 
 
+async def pause_retried(mixer: MixerClient) -> MixerHandle:
+    """A step fails and pauses with a timer; a person retries it before the timer fires."""
+    marker = Path(tempfile.mkdtemp()) / "go"
+    script = f"import os,sys\nif not os.path.exists({str(marker)!r}): sys.exit(1)\nprint('ok')"
+    spec = {
+        "name": "pause-retried",
+        "defaults": {"retry": {"max_attempts": 1}, "pause_timeout_s": 3600},
+        "steps": [{"id": "flaky", "kind": "pty", "command": [PY, "-c", script]}],
+    }
+    handle = await mixer.start(spec)
+    await until(handle, "flaky", "waiting")
+    marker.write_text("go")
+    await handle.retry("flaky")  # an update: the pause's timer is cancelled
+    await handle.result()
+    return handle
+
+
 async def continue_as_new(mixer: MixerClient) -> MixerHandle:
     """A run that hands over to a new run with an approval waiting, approved in the next."""
     chain = [
@@ -446,6 +464,7 @@ SCENARIOS: dict[str, Callable[[MixerClient], Awaitable[MixerHandle]]] = {
     "invalid-spec": invalid_spec,
     "approval-timers": approval_timers,
     "pause-timer": pause_timer,
+    "pause-retried": pause_retried,
     "continue-as-new": continue_as_new,
     "fallback-circuit": fallback_circuit,
     "payload-store": payload_store,
