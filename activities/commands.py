@@ -39,16 +39,13 @@ from temporalio.contrib.workflow_streams import WorkflowStreamClient
 from temporalio.exceptions import ApplicationError
 
 from llmmixer.activities.agents import WorktreeError, finish_worktree, prepare_agent
-from llmmixer.activities.command_policy import CommandPolicy
-from llmmixer.activities.reaper import set_undumpable
 from llmmixer.activities.telemetry import observe_command
-from llmmixer.activities.terminal import (
-    CommandRefusedError,
-    RunOutcome,
-    bound_text,
-    run_command,
-)
-from llmmixer.activities.terminal_mode import TerminalCapability
+from llmmixer.activities.terminal.errors import CommandRefusedError
+from llmmixer.activities.terminal.mode import TerminalCapability
+from llmmixer.activities.terminal.policy import CommandPolicy
+from llmmixer.activities.terminal.reaper import set_undumpable
+from llmmixer.activities.terminal.runner import RunOutcome, run_command
+from llmmixer.activities.terminal.text import bound_text
 from llmmixer.core.contracts import (
     AGENT_ACTIVITY,
     EVENTS_TOPIC,

@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from llmmixer.activities.terminal_mode import probe_pty
+from llmmixer.activities.terminal.mode import probe_pty
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -41,9 +41,9 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from llmmixer.activities.command_policy import CommandPolicy
+from llmmixer.activities.terminal.policy import CommandPolicy
 from llmmixer.core.contracts import CommandCall
-from llmmixer.activities.terminal import run_command
+from llmmixer.activities.terminal.runner import run_command
 
 commands, parallel = int(sys.argv[1]), int(sys.argv[2])
 child_handler_s, per_command_s = float(sys.argv[3]), float(sys.argv[4])
