@@ -80,8 +80,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Literal
 
-from llmmixer.activities.command_policy import ENV_ROOT, CommandPolicy
-from llmmixer.activities.terminal import CommandRefusedError
+from llmmixer.activities.terminal.errors import CommandRefusedError
+from llmmixer.activities.terminal.policy import ENV_ROOT, CommandPolicy
 from llmmixer.core.contracts import AgentCall, CommandCall, RespondRule
 
 __all__ = [

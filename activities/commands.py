@@ -32,34 +32,27 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
 from temporalio import activity
-from temporalio.contrib.workflow_streams import WorkflowStreamClient
 from temporalio.exceptions import ApplicationError
 
 from llmmixer.activities.agents import WorktreeError, finish_worktree, prepare_agent
-from llmmixer.activities.command_policy import CommandPolicy
-from llmmixer.activities.reaper import set_undumpable
+from llmmixer.activities.deltas import DeltaForwarder
 from llmmixer.activities.telemetry import observe_command
-from llmmixer.activities.terminal import (
-    CommandRefusedError,
-    RunOutcome,
-    bound_text,
-    run_command,
-)
-from llmmixer.activities.terminal_mode import TerminalCapability
+from llmmixer.activities.terminal.errors import CommandRefusedError
+from llmmixer.activities.terminal.mode import TerminalCapability
+from llmmixer.activities.terminal.policy import CommandPolicy
+from llmmixer.activities.terminal.reaper import set_undumpable
+from llmmixer.activities.terminal.runner import RunOutcome, run_command
+from llmmixer.activities.terminal.text import bound_text
 from llmmixer.core.contracts import (
     AGENT_ACTIVITY,
-    EVENTS_TOPIC,
     PTY_ACTIVITY,
     AgentCall,
     CommandCall,
     CommandResult,
     ErrorType,
-    EventType,
     FailureDetails,
-    MixerEvent,
 )
 from llmmixer.core.redaction import redact
 from llmmixer.core.secrets import secret_values
@@ -81,8 +74,6 @@ DELTA_INTERVAL_S = 1.0
 # and a chatty command (a test run, a build) would otherwise write its whole
 # output there. Watchers show the last lines; the result keeps the rest.
 DELTA_BATCH_CHARS = 4096
-# The last batch must not hold up the step's result for long.
-_LAST_FLUSH_S = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,122 +102,6 @@ class _Tail:
     @property
     def text(self) -> str:
         return self._text
-
-
-class _DeltaForwarder:
-    """Sends a running command's output to watchers as ``step_delta`` events.
-
-    The same stream, events and resume semantics as streamed model text
-    (``llm.py``): one batch per ``interval_s`` at most, published on the
-    run's event topic through the workflow stream client, whose sequence
-    numbers make a resent batch count once. The text is what the runner
-    emits: cleaned of terminal sequences and redacted already.
-
-    A batch keeps at most ``DELTA_BATCH_CHARS`` (the latest lines, after a
-    marker saying how much was left out). A command that ends before the
-    first interval sends nothing: its output is in the result, and a signal
-    would put one more workflow task in front of the next step. One that ran
-    longer sends its remaining text before the activity returns, so a
-    watcher who saw it start also sees how it ended.
-
-    Like ``llm.py`` the stream client is driven by our own pump through
-    ``flush()``; its context manager (whose flusher can lose a cancellation
-    on Python 3.11) is not entered.
-    """
-
-    def __init__(
-        self, client: WorkflowStreamClient | None, step_id: str, attempt: int, interval_s: float
-    ) -> None:
-        self._client = client
-        self._step_id = step_id
-        self._attempt = attempt
-        self._interval_s = interval_s
-        self._pending: list[str] = []
-        self._pending_chars = 0
-        self._left_out = 0
-        self._ran_an_interval = False
-        self._task: asyncio.Task[None] | None = None
-
-    @classmethod
-    def open(
-        cls, step_id: str, attempt: int, *, enabled: bool, interval_s: float
-    ) -> _DeltaForwarder:
-        client = None
-        if enabled and activity.info().workflow_id:
-            client = WorkflowStreamClient.from_within_activity()
-        return cls(client, step_id, attempt, interval_s)
-
-    def add(self, text: str) -> None:
-        if self._client is None or not text:
-            return
-        self._pending.append(text)
-        self._pending_chars += len(text)
-        # Trim in batches so a flood of small chunks stays linear.
-        if self._pending_chars > 2 * DELTA_BATCH_CHARS:
-            self._trim()
-
-    def _trim(self) -> None:
-        text = "".join(self._pending)
-        if len(text) > DELTA_BATCH_CHARS:
-            cut = len(text) - DELTA_BATCH_CHARS
-            # Start at a line when one begins close by: a watcher shows lines.
-            newline = text.find("\n", cut - 1, cut + 200)
-            if newline >= 0:
-                cut = newline + 1
-            self._left_out += cut
-            text = text[cut:]
-        self._pending = [text] if text else []
-        self._pending_chars = len(text)
-
-    async def __aenter__(self) -> _DeltaForwarder:
-        if self._client is not None:
-            self._task = asyncio.create_task(self._pump(), name=f"deltas-{self._step_id}")
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        if self._client is None:
-            return
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-        if not self._ran_an_interval:
-            return
-        self._publish_pending()
-        try:
-            async with asyncio.timeout(_LAST_FLUSH_S):
-                await self._client.flush()
-        except Exception:  # watchers are best effort; the step's result is not
-            activity.logger.warning("could not deliver a command's last output to watchers")
-
-    async def _pump(self) -> None:
-        assert self._client is not None
-        while True:
-            await asyncio.sleep(self._interval_s)
-            self._ran_an_interval = True
-            self._publish_pending()
-            try:
-                await self._client.flush()
-            except Exception:  # kept by the client and sent again on the next flush
-                activity.logger.warning("command output not yet delivered to watchers; will resend")
-
-    def _publish_pending(self) -> None:
-        if self._client is None or not self._pending:
-            return
-        self._trim()
-        text = "".join(self._pending)
-        if self._left_out:
-            text = f"[... {self._left_out} characters not streamed ...]\n{text}"
-        self._pending, self._pending_chars, self._left_out = [], 0, 0
-        self._client.topic(EVENTS_TOPIC, type=MixerEvent).publish(
-            MixerEvent(
-                type=EventType.STEP_DELTA,
-                step=self._step_id,
-                attempt=self._attempt,
-                # Deltas come from the activity, so this is the worker's clock.
-                time=datetime.now(UTC),
-                data={"text": text},
-            )
-        )
 
 
 class CommandActivities:
@@ -288,13 +163,20 @@ class CommandActivities:
             activity.heartbeat(tail.text)
 
         sink = self.on_output
-        deltas = _DeltaForwarder.open(
-            call.step_id, attempt, enabled=self.stream_deltas, interval_s=self.delta_interval_s
+        # A quick command's output is in its result only; a longer one's
+        # last batch follows before the activity returns.
+        deltas = DeltaForwarder.open(
+            call.step_id,
+            attempt,
+            enabled=self.stream_deltas,
+            interval_s=self.delta_interval_s,
+            max_batch_chars=DELTA_BATCH_CHARS,
+            silent_if_quick=True,
         )
 
         def on_output(text: str) -> None:
             tail.add(text)
-            deltas.add(text)
+            deltas(text)
             if sink is not None:
                 sink(OutputDelta(call.workflow_id, call.step_id, attempt, text))
             if time.monotonic() - last_beat >= interval:

@@ -12,12 +12,12 @@ import asyncio
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 
 from temporalio import activity
-from temporalio.contrib.workflow_streams import WorkflowStreamClient
 from temporalio.exceptions import ApplicationError
 
+from llmmixer.activities.deltas import DeltaForwarder
 from llmmixer.activities.dry_run import dry_run_reply
 from llmmixer.activities.pricing import PriceTable
 from llmmixer.activities.providers.base import ProviderError, ProviderResult
@@ -27,14 +27,11 @@ from llmmixer.activities.providers.pool import ProviderPool
 from llmmixer.activities.providers.settings import ProviderSettings
 from llmmixer.activities.telemetry import observe_llm_call
 from llmmixer.core.contracts import (
-    EVENTS_TOPIC,
     LLM_ACTIVITY,
     ErrorType,
-    EventType,
     FailureDetails,
     LlmCall,
     LlmReply,
-    MixerEvent,
 )
 from llmmixer.core.redaction import redact
 
@@ -99,7 +96,16 @@ class LlmActivities:
         # call needs none. Until the first token a keep-alive heartbeats (see
         # _call_provider); from then on only streamed tokens do (see _Progress).
         started = time.monotonic()
-        forwarder = _DeltaForwarder.open(call, attempt, self._settings)
+        # The text still pending when the call ends goes back in the reply
+        # (take_unsent) instead of in one more signal: that would put an extra
+        # workflow task on the critical path of every step (measured in
+        # bench/: ~5 ms per chained step).
+        forwarder = DeltaForwarder.open(
+            call.step_id,
+            attempt,
+            enabled=self._settings.stream_deltas,
+            interval_s=self._settings.delta_interval_s,
+        )
         async with forwarder as forward:
             if call.dry_run:
                 text, usage = dry_run_reply(call)
@@ -243,90 +249,3 @@ class _Progress:
             self._last = now
             return True
         return False
-
-
-class _DeltaForwarder:
-    """Coalesces streamed text into one ``step_delta`` event per interval.
-
-    The workflow's history grows with these batches, not with tokens. The text
-    still pending when the call ends goes back in the reply instead of in one
-    more signal: a signal there would put an extra workflow task on the
-    critical path of every step (measured in bench/: ~5 ms per chained step).
-
-    The stream client is driven by our own pump through ``flush()``; its
-    context manager is not entered. Its background flusher waits with
-    ``asyncio.wait_for``, and on Python 3.11 cancelling that flusher just as a
-    flush is requested loses the cancellation, so the activity would hang on
-    exit until Temporal's heartbeat timeout ended the attempt.
-    """
-
-    def __init__(self, call: LlmCall, attempt: int, interval_s: float) -> None:
-        self._call = call
-        self._attempt = attempt
-        self._interval_s = interval_s
-        self._pending: list[str] = []
-        self._client: WorkflowStreamClient | None = None
-        self._task: asyncio.Task[None] | None = None
-
-    @classmethod
-    def open(cls, call: LlmCall, attempt: int, settings: LlmSettings) -> _DeltaForwarder:
-        forwarder = cls(call, attempt, settings.delta_interval_s)
-        if settings.stream_deltas and activity.info().workflow_id:
-            forwarder._client = WorkflowStreamClient.from_within_activity()
-        return forwarder
-
-    def __call__(self, delta: str) -> None:
-        if delta:
-            self._pending.append(delta)
-
-    def take_unsent(self) -> str:
-        """Text not yet published; the workflow publishes it with the result."""
-        text = "".join(self._pending)
-        self._pending.clear()
-        return text
-
-    async def __aenter__(self) -> Callable[[str], None]:
-        if self._client is not None:
-            self._task = asyncio.create_task(self._pump())
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        if self._client is None:
-            return
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-        # After a failure the text so far still reaches watchers; a batch
-        # whose signal the cancelled pump left unconfirmed is resent with
-        # its sequence number, so the workflow keeps it once.
-        self._publish_pending()
-        try:
-            await self._client.flush()
-        except Exception:  # watchers are best effort; the step's result is not
-            activity.logger.warning("could not deliver the last streamed text to watchers")
-
-    async def _pump(self) -> None:
-        assert self._client is not None
-        while True:
-            await asyncio.sleep(self._interval_s)
-            self._publish_pending()
-            try:
-                await self._client.flush()
-            except Exception:  # kept by the client and sent again on the next flush
-                activity.logger.warning("streamed text not yet delivered to watchers; will resend")
-
-    def _publish_pending(self) -> None:
-        if not self._pending or self._client is None:
-            return
-        text = "".join(self._pending)
-        self._pending.clear()
-        self._client.topic(EVENTS_TOPIC, type=MixerEvent).publish(
-            MixerEvent(
-                type=EventType.STEP_DELTA,
-                step=self._call.step_id,
-                attempt=self._attempt,
-                # Deltas come from the activity, so this is the worker's clock.
-                time=datetime.now(UTC),
-                data={"text": text},
-            )
-        )

@@ -28,10 +28,10 @@ from temporalio.client import Client
 from temporalio.worker import Worker
 
 from llmmixer.activities.checks import CHECK_ACTIVITIES
-from llmmixer.activities.command_policy import CommandPolicy
 from llmmixer.activities.commands import CommandActivities
 from llmmixer.activities.llm import LlmActivities, LlmSettings
 from llmmixer.activities.providers.settings import ProviderSettings
+from llmmixer.activities.terminal.policy import CommandPolicy
 from llmmixer.client.mixer import MixerClient
 from llmmixer.workers.plugin import sandbox_runner
 from llmmixer.workers.worker import WorkerSettings, mixer_worker

@@ -287,7 +287,7 @@ async def cmd_intervene(args: argparse.Namespace) -> int:
 
 
 async def cmd_dev(args: argparse.Namespace) -> int:
-    from llmmixer.activities.command_policy import local_operator_note
+    from llmmixer.activities.terminal.policy import local_operator_note
     from llmmixer.runtime.address import parse_address
     from llmmixer.runtime.home import llmmixer_home
     from llmmixer.workers.devserver import EmbeddedServer
@@ -309,7 +309,7 @@ async def cmd_dev(args: argparse.Namespace) -> int:
 
 
 async def cmd_worker(args: argparse.Namespace) -> int:
-    from llmmixer.activities.command_policy import worker_note
+    from llmmixer.activities.terminal.policy import worker_note
     from llmmixer.workers.health import ReadinessState, health_port_from_env
     from llmmixer.workers.worker import (
         ROLE_PTY,

@@ -17,10 +17,11 @@ from llmmixer.activities.agents import (
     ENV_AGENT_TRUST_FOLDERS,
     AgentSettings,
 )
-from llmmixer.activities.command_policy import ALLOW_ANY, ENV_ALLOW, CommandPolicy
 from llmmixer.activities.providers.settings import ALLOWED_BASE_URLS_VARIABLE, ProviderSettings
-from llmmixer.activities.terminal import CommandRefusedError, session_launcher
-from llmmixer.activities.terminal_mode import probe_pty
+from llmmixer.activities.terminal.errors import CommandRefusedError
+from llmmixer.activities.terminal.mode import probe_pty
+from llmmixer.activities.terminal.policy import ALLOW_ANY, ENV_ALLOW, CommandPolicy
+from llmmixer.activities.terminal.pty_child import session_launcher
 from llmmixer.client.server import TOKEN_ENV
 from llmmixer.runtime.address import is_listening, is_loopback, parse_address
 from llmmixer.runtime.connection import Connection

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from temporalio.client import Client
 
-from llmmixer.activities.command_policy import local_operator_note
+from llmmixer.activities.terminal.policy import local_operator_note
 from llmmixer.client.pollers import poller_identities
 from llmmixer.runtime.address import free_port, is_listening, is_loopback, parse_address
 from llmmixer.runtime.connection import Connection

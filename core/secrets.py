@@ -2,7 +2,7 @@
 
 Three consumers must agree on it, and used to each keep their own list:
 
-- the command environment (``activities/command_policy.py``): a command never
+- the command environment (``activities/terminal/policy.py``): a command never
   inherits a secret variable unless the operator passes its name through;
 - redaction (``core/redaction.py``): every secret value of the worker,
   and anything shaped like a key, is cut from text before it is recorded;
@@ -155,7 +155,7 @@ SECRET_FIELD: re.Pattern[str] = re.compile(
 # Windows process needs to start at all. Nothing else: an allow-list, because
 # a deny-list lets through whatever secret nobody thought to name.
 # The POSIX part is also the base of every command's environment
-# (activities/command_policy.py), so both allow-lists grow together.
+# (activities/terminal/policy.py), so both allow-lists grow together.
 BASE_ENV_NAMES: frozenset[str] = frozenset(
     {"PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TERM", "TZ", "TMPDIR"}
 )

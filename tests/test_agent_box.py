@@ -30,8 +30,8 @@ from llmmixer.activities.agents import (
     agent_command,
     prepare_agent,
 )
-from llmmixer.activities.command_policy import CommandPolicy
-from llmmixer.activities.terminal import CommandRefusedError
+from llmmixer.activities.terminal.errors import CommandRefusedError
+from llmmixer.activities.terminal.policy import CommandPolicy
 from llmmixer.client.mixer import MixerClient, RunFailed
 from llmmixer.core.contracts import AgentCall
 from llmmixer.workers.worker import WorkerSettings, mixer_worker

@@ -21,9 +21,10 @@ from llmmixer.activities.agents import (
     finish_worktree,
     prepare_worktree,
 )
-from llmmixer.activities.command_policy import CommandPolicy
-from llmmixer.activities.terminal import TerminalMode, run_command
-from llmmixer.activities.terminal_mode import probe_pty
+from llmmixer.activities.terminal.child import TerminalMode
+from llmmixer.activities.terminal.mode import probe_pty
+from llmmixer.activities.terminal.policy import CommandPolicy
+from llmmixer.activities.terminal.runner import run_command
 from llmmixer.core.contracts import CommandCall
 
 pytestmark = pytest.mark.timeout(60)

@@ -25,8 +25,8 @@ from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError, CancelledError
 from temporalio.worker import UnsandboxedWorkflowRunner, Worker
 
-from llmmixer.activities.command_policy import CommandPolicy
 from llmmixer.activities.commands import CommandActivities, OutputDelta
+from llmmixer.activities.terminal.policy import CommandPolicy
 from llmmixer.core.contracts import (
     PTY_ACTIVITY,
     CommandCall,

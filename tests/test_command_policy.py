@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from llmmixer.activities.command_policy import (
+from llmmixer.activities.terminal.errors import CommandRefusedError
+from llmmixer.activities.terminal.mode import TerminalCapability, probe_pty
+from llmmixer.activities.terminal.policy import (
     DEFAULT_MAX_OUTPUT_BYTES,
     PRODUCTION_ALLOWLIST,
     CommandPolicy,
@@ -20,8 +22,7 @@ from llmmixer.activities.command_policy import (
     scrub_environment,
     worker_note,
 )
-from llmmixer.activities.terminal import CommandRefusedError, run_command
-from llmmixer.activities.terminal_mode import TerminalCapability, probe_pty
+from llmmixer.activities.terminal.runner import run_command
 from llmmixer.core.contracts import CommandCall
 
 
@@ -392,7 +393,7 @@ def test_mode_setting_and_capability() -> None:
 def test_forced_pty_without_ptyprocess_fails_with_the_fix(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import llmmixer.activities.terminal_mode as terminal_mode
+    import llmmixer.activities.terminal.mode as terminal_mode
 
     monkeypatch.setattr(terminal_mode, "probe_pty", lambda: "no ptys in this test")
     with pytest.raises(RuntimeError, match="LLMMIXER_PTY_MODE=auto"):

@@ -379,7 +379,7 @@ async def test_a_command_of_a_sigkilled_worker_dies_with_it_and_runs_again(
     dead worker's copy of the command must not go on running beside it.
 
     With a PTY the terminal's hang-up ends the command; with pipes the
-    supervisor that started it (activities/reaper.py) sees its socket to the
+    supervisor that started it (activities/terminal/reaper.py) sees its socket to the
     dead worker close and kills the command's group."""
     script = tmp_path / "tree.py"
     script.write_text(PROCESS_TREE)

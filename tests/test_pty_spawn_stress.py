@@ -1,4 +1,4 @@
-"""Starting commands from a busy, instrumented worker never hangs it.
+"""Starting commands from a busy, instrumented worker never hangs it or its heartbeats.
 
 A worker is multi-threaded (the Temporal SDK, OpenTelemetry's span and
 metric exporters), and Python's at-fork handlers (OpenTelemetry registers
@@ -12,19 +12,33 @@ traced worker: a ``TracerProvider`` with a ``BatchSpanProcessor`` and a
 busy threads. A probe registered with ``os.register_at_fork`` records every
 child in which Python code ran after the fork; a separate process keeps the
 probe and any hung child away from the test session.
+
+The last test runs a command through a real Temporal worker on a host where
+starting it takes seconds: the activity must keep heartbeating meanwhile.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import sys
+import time
+import uuid
+from datetime import timedelta
 from typing import Any
 
 import pytest
+from temporalio import workflow
+from temporalio.client import Client
+from temporalio.common import RetryPolicy
+from temporalio.worker import UnsandboxedWorkflowRunner, Worker
 
-from llmmixer.activities.terminal_mode import probe_pty
+from llmmixer.activities.commands import CommandActivities
+from llmmixer.activities.terminal.mode import probe_pty
+from llmmixer.activities.terminal.policy import CommandPolicy
+from llmmixer.core.contracts import PTY_ACTIVITY, CommandCall, CommandResult
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -41,9 +55,9 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from llmmixer.activities.command_policy import CommandPolicy
+from llmmixer.activities.terminal.policy import CommandPolicy
 from llmmixer.core.contracts import CommandCall
-from llmmixer.activities.terminal import run_command
+from llmmixer.activities.terminal.runner import run_command
 
 commands, parallel = int(sys.argv[1]), int(sys.argv[2])
 child_handler_s, per_command_s = float(sys.argv[3]), float(sys.argv[4])
@@ -209,3 +223,82 @@ async def test_the_event_loop_keeps_turning_while_commands_start() -> None:
     results = await stress(40, 8, child_handler_s=0.3)
     assert results["hung"] == 0 and results["exit_codes"] == {"0": 40}, results
     assert results["max_gap_s"] < 0.2, results
+
+
+HEARTBEAT_TIMEOUT_S = 2.0
+START_DELAY_S = 4.0
+# Stands in for the capability launcher (setpriv) on a host so loaded that a
+# command needs seconds before it leads its session: the spawn waits for that
+# in its thread, and the worker's event loop must not wait with it.
+SLOW_LAUNCHER = (
+    sys.executable,
+    "-I",
+    "-S",
+    "-c",
+    f"import os, sys, time; time.sleep({START_DELAY_S}); os.execv(sys.argv[1], sys.argv[1:])",
+)
+
+
+@workflow.defn(name="TestSlowStartWorkflow")
+class SlowStartWorkflow:
+    """One command with a heartbeat timeout shorter than its start, and no retry."""
+
+    @workflow.run
+    async def run(self, call: CommandCall) -> CommandResult:
+        return await workflow.execute_activity(
+            PTY_ACTIVITY,
+            call,
+            result_type=CommandResult,
+            start_to_close_timeout=timedelta(seconds=60),
+            heartbeat_timeout=timedelta(seconds=HEARTBEAT_TIMEOUT_S),
+            retry_policy=RetryPolicy(maximum_attempts=1),
+        )
+
+
+async def test_heartbeats_keep_flowing_while_a_command_takes_seconds_to_start(
+    client: Client, task_queue: str
+) -> None:
+    policy = dataclasses.replace(
+        CommandPolicy.from_env(user_is_operator=True),
+        launcher=SLOW_LAUNCHER,
+        launcher_problem=None,
+    )
+    activities = CommandActivities(policy, heartbeat_interval_s=0.25)
+    gaps: list[float] = []
+
+    async def ticker() -> None:
+        # The worker runs on this event loop: a spawn that held it would show here.
+        while True:
+            before = time.monotonic()
+            await asyncio.sleep(0.01)
+            gaps.append(time.monotonic() - before - 0.01)
+
+    call = CommandCall(
+        workflow_id="wf", step_id="slow", argv=[sys.executable, "-c", "print('started')"]
+    )
+    async with Worker(
+        client,
+        task_queue=task_queue,
+        workflows=[SlowStartWorkflow],
+        activities=[activities.run_command],
+        workflow_runner=UnsandboxedWorkflowRunner(),
+        max_cached_workflows=0,
+    ):
+        tick = asyncio.create_task(ticker())
+        try:
+            # Fails with a heartbeat timeout (no retry) if the loop stalled
+            # for longer than HEARTBEAT_TIMEOUT_S while the command started.
+            result = await client.execute_workflow(
+                SlowStartWorkflow.run,
+                call,
+                id=f"slow-{uuid.uuid4().hex[:10]}",
+                task_queue=task_queue,
+            )
+        finally:
+            tick.cancel()
+    assert result.exit_code == 0 and result.output == "started\n", result
+    assert result.attempt == 1
+    # The start really took longer than the heartbeat timeout ...
+    assert result.duration_ms >= START_DELAY_S * 1000, result
+    # ... and the loop never stopped for anything like it.
+    assert max(gaps) < 0.5, sorted(gaps)[-5:]

@@ -19,15 +19,11 @@ from pathlib import Path
 import pytest
 from fakes.processes import SPAWN_TREE, open_fds, pid_alive, pids_in, wait_gone
 
-from llmmixer.activities import terminal
-from llmmixer.activities.terminal import (
-    CommandRefusedError,
-    TerminalMode,
-    _TextCleaner,
-    bound_text,
-    clean_terminal_text,
-    run_command,
-)
+from llmmixer.activities.terminal import pty_child
+from llmmixer.activities.terminal.child import TerminalMode
+from llmmixer.activities.terminal.errors import CommandRefusedError
+from llmmixer.activities.terminal.runner import run_command
+from llmmixer.activities.terminal.text import TextCleaner, bound_text, clean_terminal_text
 from llmmixer.core.contracts import CommandCall, RespondRule
 
 pytestmark = pytest.mark.timeout(60)
@@ -143,7 +139,7 @@ async def test_cancellation_kills_the_group_and_reraises(mode: TerminalMode) -> 
 RUNNER = r"""
 import asyncio, sys
 from llmmixer.core.contracts import CommandCall
-from llmmixer.activities.terminal import run_command
+from llmmixer.activities.terminal.runner import run_command
 call = CommandCall(workflow_id="wf", step_id="s", argv=[sys.executable, "-c", sys.argv[2]])
 out = lambda text: (sys.stdout.write(text), sys.stdout.flush())
 asyncio.run(run_command(call, mode=sys.argv[1], on_output=out, kill_grace_s=0.5))
@@ -287,7 +283,7 @@ async def test_a_failing_output_sink_does_not_break_the_command(mode: TerminalMo
 
 
 def test_cleaner_handles_sequences_split_across_reads() -> None:
-    cleaner = _TextCleaner()
+    cleaner = TextCleaner()
     parts = [b"a\x1b[3", b"1mb\r", b"\nc\xe2\x82", b"\xac\x1b]8;;http://x", b"\x07d\r"]
     text = "".join(cleaner.feed(part) for part in parts) + cleaner.flush()
     assert text == "ab\nc€d\n"
@@ -420,8 +416,8 @@ async def test_a_pty_command_leads_its_session_and_owns_its_terminal(
 ) -> None:
     if session == "python shim":
         # Where util-linux's setsid is missing, a fresh interpreter does its job.
-        monkeypatch.setattr(terminal, "_SESSION_TOOL_DIRS", "/nonexistent-llmmixer")
-        assert terminal.session_launcher()[0] == sys.executable
+        monkeypatch.setattr(pty_child, "_SESSION_TOOL_DIRS", "/nonexistent-llmmixer")
+        assert pty_child.session_launcher()[0] == sys.executable
     elif shutil.which("setsid", path="/usr/bin:/bin") is None:
         if os.environ.get("CI") == "true":
             pytest.fail("setsid (util-linux) is missing on this CI machine")
@@ -440,15 +436,15 @@ async def test_a_spawn_cancelled_while_starting_leaves_nothing_behind(
 ) -> None:
     """The fork runs in a thread; cancelling the step meanwhile must not orphan the command."""
     started: list[int] = []
-    original = terminal._start_pty
+    original = pty_child._start_pty
 
-    def slow_start(*args: object, **kwargs: object) -> terminal._PtyStart:
+    def slow_start(*args: object, **kwargs: object) -> pty_child._PtyStart:
         start = original(*args, **kwargs)  # type: ignore[arg-type]
         started.append(start.proc.pid)
         time.sleep(0.5)  # the step is cancelled while we are still here
         return start
 
-    monkeypatch.setattr(terminal, "_start_pty", slow_start)
+    monkeypatch.setattr(pty_child, "_start_pty", slow_start)
 
     def ours(fds: set[str]) -> set[str]:
         return {fd for fd in fds if "ptmx" in fd or "/dev/pts" in fd}

@@ -21,7 +21,7 @@ from temporalio.api.enums.v1 import EventType, PendingActivityState
 from temporalio.client import Client
 from temporalio.testing import WorkflowEnvironment
 
-from llmmixer.activities.command_policy import CommandPolicy
+from llmmixer.activities.terminal.policy import CommandPolicy
 from llmmixer.client.mixer import MixerClient
 from llmmixer.core.contracts import (
     AGENT_ACTIVITY,

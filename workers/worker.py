@@ -21,12 +21,12 @@ from temporalio.client import Client
 from temporalio.worker import Worker
 
 from llmmixer.activities.checks import CHECK_ACTIVITIES
-from llmmixer.activities.command_policy import CommandPolicy
 from llmmixer.activities.commands import CommandActivities
 from llmmixer.activities.llm import LlmActivities, LlmSettings
 from llmmixer.activities.providers.breaker import BreakerBoard, BreakerPolicy
 from llmmixer.activities.providers.settings import ProviderSettings
 from llmmixer.activities.telemetry import breaker_state_changed
+from llmmixer.activities.terminal.policy import CommandPolicy
 from llmmixer.runtime.connection import PTY_TASK_QUEUE_ENV
 from llmmixer.runtime.telemetry import prometheus_address, setup_telemetry
 from llmmixer.workers.plugin import MixerWorkerPlugin

@@ -57,12 +57,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llmmixer.activities.terminal import (
-    DEFAULT_KILL_GRACE_S,
-    CommandRefusedError,
-    resolve_executable,
-)
-from llmmixer.activities.terminal_mode import MODE_SETTINGS, ModeSetting, TerminalCapability
+from llmmixer.activities.terminal.errors import CommandRefusedError
+from llmmixer.activities.terminal.mode import MODE_SETTINGS, ModeSetting, TerminalCapability
+from llmmixer.activities.terminal.runner import DEFAULT_KILL_GRACE_S, resolve_executable
 from llmmixer.core.contracts import CommandCall
 from llmmixer.core.secrets import (
     BASE_ENV_NAMES,

@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Literal
 
-from llmmixer.activities.terminal import TerminalMode
+from llmmixer.activities.terminal.child import TerminalMode
 
 __all__ = ["ModeSetting", "TerminalCapability", "probe_pty"]
 
