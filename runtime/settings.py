@@ -723,7 +723,7 @@ class CommandEnv(_Group):
             "LLMMIXER_PTY_ROOT",
             Directory(existing=True),
             "directory every `cwd` (and an agent's repository) must stay inside",
-            "/srv/checkouts",
+            "/tmp",
             default_text="none",
         ),
     ] = None
@@ -1046,13 +1046,13 @@ def effective_settings(environ: Mapping[str, str] | None = None) -> tuple[Effect
             found, value = _read(spec, env)
         except ValueError as error:
             raw = env.get(spec.name, "")
-            shown = "*** (not shown)" if _holds_credential(spec, raw) else repr(raw)
+            shown = "***" if _holds_credential(spec, raw) else repr(raw)
             rows.append(EffectiveSetting(spec.name, shown, "set", str(error)))
             continue
         if not found:
             rows.append(EffectiveSetting(spec.name, declared.default_text, "default"))
         elif spec.secret:
-            rows.append(EffectiveSetting(spec.name, "*** (set)", "set"))
+            rows.append(EffectiveSetting(spec.name, "***", "set"))
         else:
             rows.append(EffectiveSetting(spec.name, spec.kind.show(value), "set"))
     return tuple(rows)

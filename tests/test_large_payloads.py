@@ -29,6 +29,7 @@ from temporalio.converter import DataConverter
 
 from llmmixer.client.audit import audit_from_client
 from llmmixer.client.mixer import MixerClient
+from llmmixer.runtime.settings import SettingsError
 from llmmixer.runtime.storage import (
     DEFAULT_THRESHOLD,
     AesGcmCodec,
@@ -41,7 +42,6 @@ from llmmixer.runtime.storage import (
     external_storage_for,
     serve_codec,
 )
-from llmmixer.runtime.settings import SettingsError
 from llmmixer.workers.worker import WorkerSettings, mixer_worker
 from llmmixer.workflows.records import RunStatus
 
