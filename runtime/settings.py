@@ -874,16 +874,6 @@ class PayloadEnv(_Group):
             default_text="unset: payloads are plain JSON",
         ),
     ] = ()
-    codec_token: Annotated[
-        str | None,
-        Env(
-            "LLMMIXER_CODEC_TOKEN",
-            Token(),
-            "bearer token `llmmixer codec-server` requires; unset, it serves loopback only",
-            _TOKEN_EXAMPLE,
-            default_text="unset",
-        ),
-    ] = None
 
     def check(self) -> list[SettingProblem]:
         if self.store == "s3" and not self.s3_bucket:
@@ -935,8 +925,10 @@ class TelemetryEnv(_Group):
 
 
 class ServeEnv(_Group):
-    title: ClassVar[str] = "HTTP API"
-    intro: ClassVar[str] = "`llmmixer serve`: the HTTP API and the web page."
+    title: ClassVar[str] = "HTTP servers"
+    intro: ClassVar[str] = (
+        "`llmmixer serve` (the HTTP API and the web page) and `llmmixer codec-server`."
+    )
 
     api_token: Annotated[
         str | None,
@@ -947,6 +939,16 @@ class ServeEnv(_Group):
             "beyond loopback",
             _TOKEN_EXAMPLE,
             default_text="unset: loopback only",
+        ),
+    ] = None
+    codec_token: Annotated[
+        str | None,
+        Env(
+            "LLMMIXER_CODEC_TOKEN",
+            Token(),
+            "bearer token `llmmixer codec-server` requires; unset, it serves loopback only",
+            _TOKEN_EXAMPLE,
+            default_text="unset",
         ),
     ] = None
 
