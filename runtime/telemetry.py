@@ -45,7 +45,7 @@ from temporalio.contrib.opentelemetry import TracingInterceptor
 
 from llmmixer.core.redaction import redact
 from llmmixer.core.secrets import is_secret_name
-from llmmixer.runtime.settings import TelemetryEnv
+from llmmixer.runtime.settings import SettingProblem, SettingsError, TelemetryEnv
 
 __all__ = [
     "TelemetrySettings",
@@ -101,9 +101,16 @@ class TelemetrySettings:
             or "http/protobuf"
         )
         if protocol not in ("http/protobuf", "grpc"):
-            raise ValueError(
-                f"OTEL_EXPORTER_OTLP_PROTOCOL={protocol!r} is not supported: "
-                "use http/protobuf (the default) or grpc"
+            # OpenTelemetry's variable, refused the way llmmixer's own are.
+            name = "OTEL_EXPORTER_OTLP_PROTOCOL"
+            raise SettingsError(
+                [
+                    SettingProblem(
+                        name,
+                        f"{name}: {protocol!r} is not supported: use http/protobuf (the "
+                        f"default) or grpc; for example {name}=grpc",
+                    )
+                ]
             )
         return cls(
             traces=traces and not disabled,
