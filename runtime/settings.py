@@ -472,40 +472,31 @@ class _Group(BaseModel):
     intro: ClassVar[str] = ""
 
     @classmethod
-    def declarations(cls) -> Iterator[tuple[str, Env]]:
-        """(field name, declaration) for every variable of this group, in order."""
+    def variables(cls) -> Iterator[tuple[str, Env, str | None]]:
+        """(field, declaration, provider or None) for every variable, in order."""
         for name, info in cls.model_fields.items():
             for meta in info.metadata:
                 if isinstance(meta, Env):
-                    yield name, meta
+                    yield name, meta, None
                 elif isinstance(meta, PerProvider):
-                    for _, env in meta.each():
-                        yield name, env
+                    for provider, env in meta.each():
+                        yield name, env, provider
 
     @classmethod
     def collect(cls, environ: Mapping[str, str]) -> tuple[Self | None, list[SettingProblem]]:
+        """This group and no problem, or None and every problem found."""
         values: dict[str, Any] = {}
         problems: list[SettingProblem] = []
-        for name, info in cls.model_fields.items():
-            for meta in info.metadata:
-                try:
-                    if isinstance(meta, Env):
-                        found, value = _read(meta, environ)
-                        if found:
-                            values[name] = value
-                    elif isinstance(meta, PerProvider):
-                        per: dict[str, Any] = {}
-                        for provider, env in meta.each():
-                            try:
-                                found, value = _read(env, environ)
-                            except ValueError as error:
-                                problems.append(SettingProblem(env.name, str(error)))
-                                continue
-                            if found:
-                                per[provider] = value
-                        values[name] = per
-                except ValueError as error:
-                    problems.append(SettingProblem(meta.name, str(error)))
+        for field, env, provider in cls.variables():
+            try:
+                found, value = _read(env, environ)
+            except ValueError as error:
+                problems.append(SettingProblem(env.name, str(error)))
+                continue
+            if found and provider is None:
+                values[field] = value
+            elif found:
+                values.setdefault(field, {})[provider] = value
         if problems:
             return None, problems
         group = cls(**values)
@@ -1022,7 +1013,7 @@ def declared_settings() -> tuple[DeclaredSetting, ...]:
     return tuple(
         DeclaredSetting(group, field, env)
         for group in Settings.groups()
-        for field, env in group.declarations()
+        for field, env, _ in group.variables()
     )
 
 
@@ -1056,5 +1047,5 @@ def effective_settings(environ: Mapping[str, str] | None = None) -> tuple[Effect
         elif spec.secret:
             rows.append(EffectiveSetting(spec.name, "***", "set"))
         else:
-            rows.append(EffectiveSetting(spec.name, spec.kind.show(value), "set"))
+            rows.append(EffectiveSetting(spec.name, spec.kind.show(value) or "(empty)", "set"))
     return tuple(rows)

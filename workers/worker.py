@@ -43,7 +43,7 @@ ALL_ROLES: frozenset[str] = frozenset(ROLES)
 
 @dataclass
 class WorkerSettings:
-    """Worker tuning, read from ``LLMMIXER_*`` variables (see README, "Worker settings")."""
+    """Worker tuning, read from ``LLMMIXER_*`` variables (see docs/settings.md)."""
 
     task_queue: str = "llmmixer"
     #: Most activities (LLM calls and commands) running at once on this worker.
