@@ -83,6 +83,7 @@ from typing import Literal
 from llmmixer.activities.terminal.errors import CommandRefusedError
 from llmmixer.activities.terminal.policy import ENV_ROOT, CommandPolicy
 from llmmixer.core.contracts import AgentCall, CommandCall, RespondRule
+from llmmixer.runtime.settings import AgentEnv, SettingsError
 
 __all__ = [
     "AGENTS",
@@ -126,21 +127,6 @@ class WorktreeError(RuntimeError):
     """A git command for an agent worktree failed; the message has git's reason."""
 
 
-_TRUE = frozenset({"1", "true", "yes", "on"})
-_FALSE = frozenset({"", "0", "false", "no", "off"})
-
-
-def _flag_setting(environ: Mapping[str, str], name: str) -> bool:
-    raw = environ.get(name, "").strip().lower()
-    if raw in _TRUE:
-        return True
-    if raw in _FALSE:
-        return False
-    raise CommandRefusedError(
-        f"{name}={environ[name]!r} is neither 1 nor 0; fix the worker's environment"
-    )
-
-
 @dataclass(frozen=True, slots=True, kw_only=True)
 class AgentSettings:
     """The operator's choices for agents; see the module docstring."""
@@ -151,10 +137,12 @@ class AgentSettings:
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> AgentSettings:
         """Read the ``LLMMIXER_AGENT_*`` settings; a bad value is a CommandRefusedError."""
-        return cls(
-            trust_folders=_flag_setting(environ, ENV_AGENT_TRUST_FOLDERS),
-            skip_permissions=_flag_setting(environ, ENV_AGENT_SKIP_PERMISSIONS),
-        )
+        try:
+            flags = AgentEnv.from_env(environ)
+        except SettingsError as error:
+            # Read again for each agent step: refuse the step, do not retry it.
+            raise CommandRefusedError(str(error)) from None
+        return cls(trust_folders=flags.trust_folders, skip_permissions=flags.skip_permissions)
 
 
 # --- flags a spec may not pass ------------------------------------------------

@@ -51,6 +51,7 @@ from llmmixer.activities.providers.breaker import BreakerState
 from llmmixer.core.contracts import CommandCall, LlmCall, Usage
 from llmmixer.core.providers import PROVIDER_SPECS
 from llmmixer.core.redaction import redact
+from llmmixer.runtime.settings import TelemetryEnv
 
 __all__ = [
     "CAPTURE_CONTENT_VARIABLES",
@@ -137,7 +138,10 @@ def _tracer() -> trace.Tracer:
 def capture_content(environ: Mapping[str, str] | None = None) -> bool:
     """Whether prompts and completions may be put on spans."""
     env = os.environ if environ is None else environ
-    return any(env.get(name, "").strip().lower() in _TRUE for name in CAPTURE_CONTENT_VARIABLES)
+    # OpenTelemetry's own switch is read the way its instrumentations read it;
+    # ours comes from the settings tree (checked when the worker starts).
+    otel = env.get(CAPTURE_CONTENT_VARIABLES[1], "").strip().lower() in _TRUE
+    return otel or TelemetryEnv.from_env(env).capture_content
 
 
 async def observe_llm_call(

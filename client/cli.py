@@ -34,6 +34,7 @@ from llmmixer.client.watch import EventPump, retrying
 from llmmixer.core.contracts import EventType
 from llmmixer.core.validation import SpecError, validate_spec
 from llmmixer.runtime.connection import Connection
+from llmmixer.runtime.settings import Settings, SettingsError
 from llmmixer.runtime.storage import add_codec_server_arguments
 from llmmixer.runtime.telemetry import flush_telemetry
 from llmmixer.workflows.records import RunProgress, RunStatus
@@ -319,6 +320,8 @@ async def cmd_worker(args: argparse.Namespace) -> int:
         run_until_signalled,
     )
 
+    # Every variable at once, before connecting: a bad one stops the worker here.
+    Settings.from_env()
     connection = Connection.from_env()
     health_port = args.health_port if args.health_port is not None else health_port_from_env()
     readiness = ReadinessState(f"connecting to Temporal at {connection.address}")
@@ -492,7 +495,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         _err("interrupted")
         return 130
-    except (TemporalUnreachable, EmbeddedServerError) as error:
+    except (TemporalUnreachable, EmbeddedServerError, SettingsError) as error:
         _err(str(error))
         return EXIT_FAILED
     except RPCError as error:

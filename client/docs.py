@@ -1,10 +1,11 @@
 """Reference pages generated from the code, so they cannot drift from it.
 
     python -m llmmixer.client.docs write DOCS_DIR   # rewrite the generated pages
-    python -m llmmixer.client.docs cli|api|spec     # print one generated part
+    python -m llmmixer.client.docs cli|api|spec|settings  # print one generated part
 
-``docs/cli.md`` and ``docs/api.md`` are generated whole: the parser of
-``llmmixer`` and the OpenAPI document of ``llmmixer serve`` are their source.
+``docs/cli.md``, ``docs/api.md`` and ``docs/settings.md`` are generated
+whole: the parser of ``llmmixer``, the OpenAPI document of ``llmmixer serve``
+and the settings tree (``runtime/settings.py``) are their source.
 ``docs/spec.md`` is written by hand above the marker line and generated
 below it, from the spec's JSON Schema and the providers' closed option
 models. ``tests/test_docs.py`` fails when a committed page differs from
@@ -314,6 +315,58 @@ def spec_reference_markdown() -> str:
     return "\n".join(lines) + "\n\n" + provider_options_markdown()
 
 
+# ---- settings.md -------------------------------------------------------------------
+
+_SETTINGS_INTRO = [
+    "# Settings: environment variables",
+    "",
+    "Every `LLMMIXER_*` variable llmmixer reads: what it does, its default and a",
+    "value that works. The list comes from the settings tree in `runtime/settings.py`;",
+    "`llmmixer doctor` prints the values in force and whether each is set or a",
+    "default. Booleans accept `1`/`0`, `true`/`false`, `yes`/`no`, `on`/`off` in any",
+    "case; a blank value counts as unset. A bad value stops the process with one",
+    "line per bad variable, naming it and giving an example.",
+    "",
+    "Credentials (provider keys, `TEMPORAL_API_KEY`, `LLMMIXER_API_TOKEN`,",
+    "`LLMMIXER_PAYLOAD_KEY`, `LLMMIXER_CODEC_TOKEN`) are read by the process that",
+    "needs them and never travel in a spec, a plan, history or a command's",
+    "environment: see [security.md](security.md). `llmmixer doctor` shows only that",
+    "they are set. A spec never sets any of these variables.",
+    "",
+    "Temporal's own connection variables (`TEMPORAL_ADDRESS`, default",
+    "`localhost:7233`; `TEMPORAL_NAMESPACE`, default `default`; `TEMPORAL_API_KEY`,",
+    "`TEMPORAL_TLS*`, `TEMPORAL_PROFILE`, `TEMPORAL_CONFIG_FILE`) follow",
+    "`temporalio.envconfig`. Provider keys and endpoints are each SDK's own:",
+]
+
+
+def settings_markdown() -> str:
+    """docs/settings.md: every variable of the settings tree, by group."""
+    from llmmixer.core.providers import PROVIDER_SPECS
+    from llmmixer.runtime.settings import declared_settings
+
+    providers = "; ".join(
+        " or ".join(f"`{name}`" for name in spec.key_variables) + f"/`{spec.base_url_variable}`"
+        for spec in PROVIDER_SPECS
+    )
+    lines = [*_SETTINGS_INTRO, f"{providers}."]
+    group: type | None = None
+    for setting in declared_settings():
+        if setting.group is not group:
+            group = setting.group
+            lines += ["", f"## {setting.group.title}", "", setting.group.intro, ""]
+            lines += [
+                "| variable | what it does | default | example |",
+                "| --- | --- | --- | --- |",
+            ]
+        env = setting.env
+        lines.append(
+            f"| `{env.name}` | {env.description} | {setting.default_text} "
+            f"| `{env.name}={env.example}` |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 # ---- the command -------------------------------------------------------------------
 
 
@@ -321,6 +374,7 @@ def write(docs: Path) -> None:
     """Rewrite the generated pages (and spec.md's generated half) under ``docs``."""
     (docs / "cli.md").write_text(cli_markdown())
     (docs / "api.md").write_text(api_markdown())
+    (docs / "settings.md").write_text(settings_markdown())
     spec = docs / "spec.md"
     head = spec.read_text().split(GENERATED_MARKER)[0]
     spec.write_text(f"{head}{GENERATED_MARKER}\n\n{spec_reference_markdown()}")
@@ -328,13 +382,18 @@ def write(docs: Path) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m llmmixer.client.docs")
-    parser.add_argument("page", choices=["cli", "api", "spec", "write"])
+    parser.add_argument("page", choices=["cli", "api", "spec", "settings", "write"])
     parser.add_argument("docs", nargs="?", default="docs", help="directory for `write`")
     args = parser.parse_args(argv)
     if args.page == "write":
         write(Path(args.docs))
         return 0
-    pages = {"cli": cli_markdown, "api": api_markdown, "spec": spec_reference_markdown}
+    pages = {
+        "cli": cli_markdown,
+        "api": api_markdown,
+        "spec": spec_reference_markdown,
+        "settings": settings_markdown,
+    }
     sys.stdout.write(pages[args.page]())
     return 0
 

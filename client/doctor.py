@@ -26,8 +26,9 @@ from llmmixer.client.server import TOKEN_ENV
 from llmmixer.runtime.address import is_listening, is_loopback, parse_address
 from llmmixer.runtime.connection import Connection
 from llmmixer.runtime.home import llmmixer_home
-from llmmixer.runtime.http_guard import TokenError, check_token
+from llmmixer.runtime.settings import ServeEnv, SettingsError, effective_settings
 from llmmixer.runtime.storage import PayloadSettings
+from llmmixer.runtime.telemetry import prometheus_address
 from llmmixer.workers.devserver import EmbeddedServerError, find_temporal_binary
 
 AGENT_EXECUTABLES = {
@@ -46,9 +47,10 @@ async def run_doctor(*, json_output: bool) -> int:
     if json_output:
         print(json.dumps(checks, indent=2))
     else:
+        width = max(len(item["check"]) for item in checks)
         for item in checks:
             mark = "ok  " if item["ok"] else "--  "
-            print(f"{mark}{item['check']:<22} {item['detail']}")
+            print(f"{mark}{item['check']:<{width}} {item['detail']}")
     essential = {"python", "temporal CLI", "temporal server"}
     return 0 if all(item["ok"] for item in checks if item["check"] in essential) else 1
 
@@ -58,9 +60,27 @@ def _telemetry_summary(environ: Mapping[str, str]) -> str:
         "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"
     )
     parts = [f"OTLP to {endpoint}" if endpoint else "off (set OTEL_EXPORTER_OTLP_ENDPOINT)"]
-    if environ.get("LLMMIXER_PROMETHEUS_PORT"):
-        parts.append(f"Prometheus on port {environ['LLMMIXER_PROMETHEUS_PORT']}")
+    try:
+        metrics = prometheus_address(environ)
+    except SettingsError as error:
+        parts.append(str(error))
+    else:
+        if metrics:
+            parts.append(f"Prometheus at http://{metrics}/metrics")
     return "; ".join(parts)
+
+
+def settings_checks(environ: Mapping[str, str]) -> list[tuple[str, bool, str]]:
+    """Every ``LLMMIXER_*`` setting in force: value, and ``set`` or ``default``.
+
+    From the settings tree, so the list is every variable there is; a secret's
+    value is never shown (``core.secrets`` decides which are), only that it is set.
+    """
+    rows: list[tuple[str, bool, str]] = []
+    for setting in effective_settings(environ):
+        detail = setting.problem or f"{setting.value} ({setting.source})"
+        rows.append((setting.name, setting.problem is None, detail))
+    return rows
 
 
 def _collect(connection: Connection, listening: bool) -> list[dict[str, Any]]:
@@ -91,7 +111,10 @@ def _collect(connection: Connection, listening: bool) -> list[dict[str, Any]]:
         detail = f"nothing answers at {connection.address}: check TEMPORAL_ADDRESS and network"
     check("temporal server", listening or is_loopback(host), detail)
     check("task queue", True, connection.task_queue)
-    check("LLMMIXER_HOME", True, str(llmmixer_home()))
+    try:
+        check("home", True, str(llmmixer_home()))
+    except (ValueError, OSError) as error:
+        check("home", False, str(error))
     check("telemetry", True, _telemetry_summary(os.environ))
     try:
         payloads = PayloadSettings.from_env(os.environ)
@@ -146,6 +169,8 @@ def _collect(connection: Connection, listening: bool) -> list[dict[str, Any]]:
     for executable, install in AGENT_EXECUTABLES.items():
         found = shutil.which(executable)
         check(f"executable {executable}", bool(found), found or f"not found: {install}")
+    for name, ok, detail in settings_checks(os.environ):
+        check(name, ok, detail)
 
     return checks
 
@@ -189,10 +214,9 @@ def security_checks(environ: Mapping[str, str]) -> list[tuple[str, bool, str]]:
                 f"{'yes' if agents.skip_permissions else 'no'} ({ENV_AGENT_SKIP_PERMISSIONS})",
             )
         )
-    token = environ.get(TOKEN_ENV) or None
     try:
-        check_token(TOKEN_ENV, token)
-    except TokenError as error:
+        token = ServeEnv.from_env(environ).api_token
+    except SettingsError as error:
         checks.append(("serve", False, str(error)))
     else:
         checks.append(

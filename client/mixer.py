@@ -13,7 +13,6 @@ Every intervention goes through the validated update, so a refused one raises
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
@@ -31,7 +30,8 @@ from temporalio.contrib.workflow_streams import WorkflowStreamClient
 from llmmixer.client.specfile import prepare_spec
 from llmmixer.core.contracts import EVENTS_TOPIC, MixerEvent
 from llmmixer.core.spec import Spec
-from llmmixer.runtime.connection import PTY_TASK_QUEUE_ENV, Connection
+from llmmixer.runtime.connection import Connection
+from llmmixer.runtime.settings import ConnectionEnv
 from llmmixer.workflows.mixer import WORKFLOW_NAME, MixerWorkflow
 from llmmixer.workflows.records import (
     BudgetLimits,
@@ -96,7 +96,7 @@ class MixerClient:
         # Where runs started here send PTY and agent steps (the spec's
         # `pty_task_queue` when it has none); read from the caller's
         # environment, as the task queue is, unless given.
-        self.pty_task_queue = pty_task_queue or os.environ.get(PTY_TASK_QUEUE_ENV) or None
+        self.pty_task_queue = pty_task_queue or ConnectionEnv.from_env().pty_task_queue
 
     @classmethod
     async def connect(cls, connection: Connection | None = None) -> MixerClient:

@@ -18,6 +18,7 @@ from temporalio.converter import DataConverter
 from temporalio.envconfig import ClientConfig
 
 from llmmixer.runtime.plugin import MixerPlugin
+from llmmixer.runtime.settings import ConnectionEnv
 from llmmixer.runtime.storage import build_data_converter
 from llmmixer.runtime.telemetry import setup_telemetry
 
@@ -50,7 +51,7 @@ class Connection:
         return cls(
             address=str(kwargs["target_host"]),
             namespace=str(kwargs["namespace"]),
-            task_queue=env.get("LLMMIXER_TASK_QUEUE") or DEFAULT_TASK_QUEUE,
+            task_queue=ConnectionEnv.from_env(env).task_queue,
             connect_kwargs=kwargs,
         )
 

@@ -12,6 +12,8 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
+from llmmixer.runtime.settings import ConnectionEnv
+
 __all__ = ["HomeDirectoryError", "default_home", "llmmixer_home"]
 
 
@@ -42,8 +44,7 @@ def llmmixer_home(
     ``environ`` defaults to ``os.environ``; tests pass their own mapping.
     """
     env = os.environ if environ is None else environ
-    configured = env.get("LLMMIXER_HOME", "").strip()
-    home = Path(configured).expanduser() if configured else default_home(env, platform)
+    home = ConnectionEnv.from_env(env).home or default_home(env, platform)
     try:
         home.mkdir(mode=0o700, parents=True, exist_ok=True)
     except OSError as exc:

@@ -42,8 +42,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
-import binascii
 import contextlib
 import dataclasses
 import hashlib
@@ -74,6 +72,7 @@ from temporalio.converter import (
 )
 
 from llmmixer.runtime.home import default_home
+from llmmixer.runtime.settings import ConnectionEnv, PayloadEnv
 
 __all__ = [
     "CODEC_TOKEN_ENV",
@@ -103,7 +102,7 @@ _HEX_DIGEST = re.compile(r"^[0-9a-f]{64}$")
 
 
 class PayloadKeyError(ValueError):
-    """``LLMMIXER_PAYLOAD_KEY`` is malformed, or no configured key opens a payload."""
+    """No key of ``LLMMIXER_PAYLOAD_KEY`` opens a payload, or a codec was given none."""
 
 
 class PayloadStoreError(RuntimeError):
@@ -124,63 +123,18 @@ class PayloadSettings:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> PayloadSettings:
+        """From the settings tree; ``SettingsError`` names every bad variable."""
         env = os.environ if environ is None else environ
-        bucket = env.get("LLMMIXER_PAYLOAD_S3_BUCKET", "").strip() or None
-        store = env.get("LLMMIXER_PAYLOAD_STORE", "").strip().lower() or ("s3" if bucket else "fs")
-        if store not in ("fs", "s3", "off"):
-            raise ValueError(f"LLMMIXER_PAYLOAD_STORE={store!r}: use fs, s3 or off")
-        if store == "s3" and not bucket:
-            raise ValueError(
-                "LLMMIXER_PAYLOAD_STORE=s3 needs LLMMIXER_PAYLOAD_S3_BUCKET (an existing bucket)"
-            )
-        configured_dir = env.get("LLMMIXER_PAYLOAD_DIR", "").strip()
-        home = env.get("LLMMIXER_HOME", "").strip()
-        directory = (
-            Path(configured_dir).expanduser()
-            if configured_dir
-            else (Path(home).expanduser() if home else default_home(env)) / "payloads"
-        )
-        raw_threshold = env.get("LLMMIXER_PAYLOAD_THRESHOLD_BYTES", "").strip()
-        try:
-            threshold = int(raw_threshold) if raw_threshold else DEFAULT_THRESHOLD
-        except ValueError:
-            threshold = -1
-        if threshold < 1024:
-            raise ValueError(
-                f"LLMMIXER_PAYLOAD_THRESHOLD_BYTES={raw_threshold!r}: a byte count of at "
-                f"least 1024, e.g. {DEFAULT_THRESHOLD}"
-            )
+        payloads = PayloadEnv.from_env(env)
+        home = ConnectionEnv.from_env(env).home
         return cls(
-            store=store,  # type: ignore[arg-type]
-            directory=directory,
-            s3_bucket=bucket,
-            threshold=threshold,
-            compress=env.get("LLMMIXER_PAYLOAD_COMPRESS", "").strip().lower()
-            in ("1", "true", "yes", "on"),
-            keys=parse_keys(env.get("LLMMIXER_PAYLOAD_KEY", "")),
+            store=payloads.store or ("s3" if payloads.s3_bucket else "fs"),
+            directory=payloads.directory or (home or default_home(env)) / "payloads",
+            s3_bucket=payloads.s3_bucket,
+            threshold=payloads.threshold_bytes,
+            compress=payloads.compress,
+            keys=payloads.keys,
         )
-
-
-def parse_keys(raw: str) -> tuple[bytes, ...]:
-    """32-byte keys from base64 or hex, comma-separated; the value never appears in errors."""
-    keys: list[bytes] = []
-    for index, text in enumerate(part.strip() for part in raw.split(",")):
-        if not text:
-            continue
-        key: bytes | None = None
-        if re.fullmatch(r"[0-9a-fA-F]{64}", text):
-            key = bytes.fromhex(text)
-        else:
-            with contextlib.suppress(binascii.Error, ValueError):
-                key = base64.b64decode(text + "=" * (-len(text) % 4), altchars=b"-_")
-        if key is None or len(key) != 32:
-            raise PayloadKeyError(
-                f"LLMMIXER_PAYLOAD_KEY: key {index + 1} is not 32 bytes in base64 or hex; "
-                'make one with: python -c "import os,base64;'
-                'print(base64.b64encode(os.urandom(32)).decode())"'
-            )
-        keys.append(key)
-    return tuple(keys)
 
 
 def build_data_converter(

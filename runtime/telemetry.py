@@ -34,7 +34,6 @@ from __future__ import annotations
 import importlib
 import logging
 import os
-import re
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -45,6 +44,8 @@ from temporalio.client import Interceptor as ClientInterceptor
 from temporalio.contrib.opentelemetry import TracingInterceptor
 
 from llmmixer.core.redaction import redact
+from llmmixer.core.secrets import is_secret_name
+from llmmixer.runtime.settings import SettingProblem, SettingsError, TelemetryEnv
 
 __all__ = [
     "TelemetrySettings",
@@ -64,17 +65,14 @@ _ENDPOINT_VARIABLES = (
     "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
     "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT",
 )
-# Variables whose values are credentials by name; their values are scrubbed
-# from exported spans. Short values are ignored (see ``redact``).
-_SECRET_NAME = re.compile(
-    r"(_API_KEY|_TOKEN|_SECRET|_SECRET_ACCESS_KEY|_PASSWORD|_KEY_DATA)$|^LLMMIXER_PAYLOAD_KEYS?$"
-)
 
 
 def secret_values(environ: Mapping[str, str] | None = None) -> tuple[str, ...]:
     """The values of every variable that names a credential, longest first."""
     env = os.environ if environ is None else environ
-    values = {value for name, value in env.items() if _SECRET_NAME.search(name) and value}
+    # What a secret name is comes from core.secrets, like the rest of redaction;
+    # short values are ignored (see ``redact``).
+    values = {value for name, value in env.items() if is_secret_name(name) and value}
     return tuple(sorted((v for v in values if len(v) >= 8), key=len, reverse=True))
 
 
@@ -103,9 +101,16 @@ class TelemetrySettings:
             or "http/protobuf"
         )
         if protocol not in ("http/protobuf", "grpc"):
-            raise ValueError(
-                f"OTEL_EXPORTER_OTLP_PROTOCOL={protocol!r} is not supported: "
-                "use http/protobuf (the default) or grpc"
+            # OpenTelemetry's variable, refused the way llmmixer's own are.
+            name = "OTEL_EXPORTER_OTLP_PROTOCOL"
+            raise SettingsError(
+                [
+                    SettingProblem(
+                        name,
+                        f"{name}: {protocol!r} is not supported: use http/protobuf (the "
+                        f"default) or grpc; for example {name}=grpc",
+                    )
+                ]
             )
         return cls(
             traces=traces and not disabled,
@@ -126,19 +131,10 @@ def prometheus_address(environ: Mapping[str, str] | None = None) -> str | None:
     endpoint has no authentication, and a worker on a shared host or a pod
     network should not publish it to everyone who can reach the port.
     """
-    env = os.environ if environ is None else environ
-    raw = env.get("LLMMIXER_PROMETHEUS_PORT", "").strip()
-    if not raw:
+    settings = TelemetryEnv.from_env(environ)
+    port, host = settings.prometheus_port, settings.prometheus_host
+    if port is None:
         return None
-    try:
-        port = int(raw)
-    except ValueError:
-        port = -1
-    if not 0 < port < 65536:
-        raise ValueError(
-            f"LLMMIXER_PROMETHEUS_PORT={raw!r} is not a port number: set it to e.g. 9464"
-        )
-    host = env.get("LLMMIXER_PROMETHEUS_HOST", "").strip().strip("[]") or "127.0.0.1"
     # An IPv6 literal needs brackets before the port (``[::1]:9464``).
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 

@@ -29,6 +29,7 @@ from temporalio.converter import DataConverter
 
 from llmmixer.client.audit import audit_from_client
 from llmmixer.client.mixer import MixerClient
+from llmmixer.runtime.settings import SettingsError
 from llmmixer.runtime.storage import (
     DEFAULT_THRESHOLD,
     AesGcmCodec,
@@ -259,7 +260,7 @@ def test_payload_settings_from_the_environment(tmp_path: Path) -> None:
     assert build_data_converter({"LLMMIXER_PAYLOAD_STORE": "off"}).external_storage is None
     with pytest.raises(ValueError, match="LLMMIXER_PAYLOAD_S3_BUCKET"):
         PayloadSettings.from_env({"LLMMIXER_PAYLOAD_STORE": "s3"})
-    with pytest.raises(PayloadKeyError, match="32 bytes") as refused:
+    with pytest.raises(SettingsError, match="32 bytes") as refused:
         PayloadSettings.from_env({"LLMMIXER_PAYLOAD_KEY": "hunter2-not-a-key"})
     assert "hunter2" not in str(refused.value)
     hex_key = os.urandom(32).hex()

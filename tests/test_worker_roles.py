@@ -59,7 +59,9 @@ def _spec() -> dict[str, Any]:
 def test_roles_default_to_all_and_refuse_unknown_names() -> None:
     assert parse_roles("") == ALL_ROLES
     assert parse_roles(" pty , LLM ") == {"pty", "llm"}
-    with pytest.raises(ValueError, match=r"LLMMIXER_WORKER_ROLES.*unknown role gpu"):
+    with pytest.raises(
+        ValueError, match=r"LLMMIXER_WORKER_ROLES.*'gpu' is not one of workflows, llm, pty"
+    ):
         parse_roles("llm,gpu")
     settings = WorkerSettings.from_env(
         {"LLMMIXER_WORKER_ROLES": "pty", "LLMMIXER_PTY_TASK_QUEUE": "commands"}

@@ -28,6 +28,7 @@ from llmmixer.activities.providers.settings import ProviderSettings
 from llmmixer.activities.telemetry import breaker_state_changed
 from llmmixer.activities.terminal.policy import CommandPolicy
 from llmmixer.runtime.connection import PTY_TASK_QUEUE_ENV
+from llmmixer.runtime.settings import ROLES, Settings, WorkerEnv
 from llmmixer.runtime.telemetry import prometheus_address, setup_telemetry
 from llmmixer.workers.plugin import MixerWorkerPlugin
 from llmmixer.workers.telemetry import with_prometheus, worker_interceptors
@@ -37,12 +38,12 @@ log = logging.getLogger("llmmixer.worker")
 
 ROLES_ENV = "LLMMIXER_WORKER_ROLES"
 ROLE_WORKFLOWS, ROLE_LLM, ROLE_PTY = "workflows", "llm", "pty"
-ALL_ROLES: frozenset[str] = frozenset((ROLE_WORKFLOWS, ROLE_LLM, ROLE_PTY))
+ALL_ROLES: frozenset[str] = frozenset(ROLES)
 
 
 @dataclass
 class WorkerSettings:
-    """Worker tuning, read from ``LLMMIXER_*`` variables (see README, "Worker settings")."""
+    """Worker tuning, read from ``LLMMIXER_*`` variables (see docs/settings.md)."""
 
     task_queue: str = "llmmixer"
     #: Most activities (LLM calls and commands) running at once on this worker.
@@ -68,37 +69,26 @@ class WorkerSettings:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> WorkerSettings:
-        env = os.environ if environ is None else environ
-        concurrency: dict[str, int] = {}
-        for provider in ("anthropic", "openai", "gemini"):
-            value = env.get(f"LLMMIXER_{provider.upper()}_CONCURRENCY")
-            if value:
-                concurrency[provider] = _positive_int(
-                    f"LLMMIXER_{provider.upper()}_CONCURRENCY", value
-                )
+        """From the settings tree (``runtime/settings.py``): every variable is
+        checked, and ``SettingsError`` lists each bad one, so a worker refuses
+        to start instead of running with half its configuration."""
+        tree = Settings.from_env(os.environ if environ is None else environ)
+        providers = tree.providers
         return cls(
-            task_queue=env.get("LLMMIXER_TASK_QUEUE") or "llmmixer",
-            max_concurrent_activities=_positive_int(
-                "LLMMIXER_MAX_CONCURRENT_ACTIVITIES",
-                env.get("LLMMIXER_MAX_CONCURRENT_ACTIVITIES", "100"),
-            ),
-            max_concurrent_workflow_tasks=_positive_int(
-                "LLMMIXER_MAX_CONCURRENT_WORKFLOW_TASKS",
-                env.get("LLMMIXER_MAX_CONCURRENT_WORKFLOW_TASKS", "100"),
-            ),
-            provider_concurrency=concurrency,
-            shutdown_grace_s=float(env.get("LLMMIXER_SHUTDOWN_GRACE_S", "30")),
-            stream_deltas=env.get("LLMMIXER_STREAM_DELTAS", "1") not in ("0", "false", "no"),
+            task_queue=tree.connection.task_queue,
+            max_concurrent_activities=tree.worker.max_concurrent_activities,
+            max_concurrent_workflow_tasks=tree.worker.max_concurrent_workflow_tasks,
+            provider_concurrency=dict(providers.concurrency),
+            shutdown_grace_s=tree.worker.shutdown_grace_s,
+            stream_deltas=tree.worker.stream_deltas,
             breaker=BreakerPolicy(
-                failure_threshold=float(env.get("LLMMIXER_BREAKER_FAILURE_RATIO", "0.5")),
-                min_calls=_positive_int(
-                    "LLMMIXER_BREAKER_MIN_CALLS", env.get("LLMMIXER_BREAKER_MIN_CALLS", "5")
-                ),
-                window_s=float(env.get("LLMMIXER_BREAKER_WINDOW_S", "60")),
-                cooldown_s=float(env.get("LLMMIXER_BREAKER_COOLDOWN_S", "30")),
+                failure_threshold=providers.breaker_failure_ratio,
+                min_calls=providers.breaker_min_calls,
+                window_s=providers.breaker_window_s,
+                cooldown_s=providers.breaker_cooldown_s,
             ),
-            roles=parse_roles(env.get(ROLES_ENV, "")),
-            pty_task_queue=env.get(PTY_TASK_QUEUE_ENV) or None,
+            roles=frozenset(tree.worker.roles),
+            pty_task_queue=tree.connection.pty_task_queue,
         )
 
     @property
@@ -109,26 +99,7 @@ class WorkerSettings:
 
 def parse_roles(value: str) -> frozenset[str]:
     """``LLMMIXER_WORKER_ROLES``: a comma list of roles; empty means all of them."""
-    names = {part.strip().lower() for part in value.split(",") if part.strip()}
-    if not names:
-        return ALL_ROLES
-    unknown = sorted(names - ALL_ROLES)
-    if unknown:
-        raise ValueError(
-            f"{ROLES_ENV}={value!r}: unknown role {', '.join(unknown)}; "
-            f"use a comma list of {', '.join(sorted(ALL_ROLES))} (unset means all)"
-        )
-    return frozenset(names)
-
-
-def _positive_int(name: str, value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        number = 0
-    if number < 1:
-        raise ValueError(f"{name}={value!r} is not a positive whole number: set it to e.g. 8")
-    return number
+    return frozenset(WorkerEnv.from_env({ROLES_ENV: value}).roles)
 
 
 @contextlib.asynccontextmanager

@@ -21,16 +21,18 @@ server as far as keys go (a shared gateway routes paths to different owners).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 from llmmixer.activities.providers.base import ProviderConfig, ProviderError
 from llmmixer.core.contracts import ErrorType
+from llmmixer.core.endpoints import Endpoint as _Endpoint
+from llmmixer.core.endpoints import display_url as _display_url
+from llmmixer.core.endpoints import parse_endpoint as _endpoint
 from llmmixer.core.providers import PROVIDER_SPECS, provider_spec
+from llmmixer.runtime.settings import ProviderEnv
 
 __all__ = [
     "ALLOWED_BASE_URLS_VARIABLE",
@@ -43,57 +45,6 @@ ALLOWED_BASE_URLS_VARIABLE = "LLMMIXER_ALLOWED_BASE_URLS"
 _ALLOWED_EXAMPLE = (
     f"{ALLOWED_BASE_URLS_VARIABLE}=http://127.0.0.1:11434,https://llm.internal.example/v1"
 )
-# Characters a plain URL needs. Anything else (backslashes, spaces, controls,
-# non-ASCII, '#') is where URL parsers disagree about the host, so a URL with
-# one is refused rather than interpreted.
-_URL_CHARS = re.compile(r"[A-Za-z0-9\-._~:/?\[\]@!$&'()*+,;=%]+")
-_DEFAULT_PORTS = {"http": 80, "https": 443}
-
-
-@dataclass(frozen=True)
-class _Endpoint:
-    """A base URL reduced to what decides which server gets the request."""
-
-    scheme: str
-    host: str
-    port: int
-    path: str  # no trailing slash; "" for the root
-
-    def covers(self, other: _Endpoint) -> bool:
-        """Whether ``other`` is this endpoint or lies under its path."""
-        if (self.scheme, self.host, self.port) != (other.scheme, other.host, other.port):
-            return False
-        return not self.path or other.path == self.path or other.path.startswith(self.path + "/")
-
-    def text(self) -> str:
-        default = _DEFAULT_PORTS[self.scheme] == self.port
-        netloc = self.host if default else f"{self.host}:{self.port}"
-        return f"{self.scheme}://{netloc}{self.path}"
-
-
-def _endpoint(url: str) -> _Endpoint:
-    """Parse a base URL strictly; ``ValueError`` says what is wrong with it."""
-    if not _URL_CHARS.fullmatch(url):
-        raise ValueError("it has characters a plain http(s) URL does not (spaces, '\\', '#', ...)")
-    parts = urlsplit(url)
-    scheme = parts.scheme.lower()
-    if scheme not in _DEFAULT_PORTS:
-        raise ValueError("it must start with http:// or https://")
-    if "@" in parts.netloc:
-        raise ValueError("it must not carry a user name or password")
-    host = (parts.hostname or "").lower()
-    if not host:
-        raise ValueError("it has no host")
-    try:
-        port = parts.port or _DEFAULT_PORTS[scheme]
-    except ValueError:
-        raise ValueError("its port is not a number") from None
-    segments = parts.path.split("/")
-    if "%" in parts.path or "." in segments or ".." in segments:
-        raise ValueError("its path must not have '.', '..' or %-escapes")
-    if ":" in host and not host.startswith("["):
-        host = f"[{host}]"
-    return _Endpoint(scheme, host, port, parts.path.rstrip("/"))
 
 
 def parse_allowed_base_urls(raw: str) -> tuple[str, ...]:
@@ -127,17 +78,6 @@ def _value(environ: Mapping[str, str], name: str) -> str | None:
         return None
     raw = raw.strip()
     return raw or None
-
-
-def _display_url(url: str) -> str:
-    """A base URL without userinfo or query string, which could carry a token."""
-    try:
-        parts = urlsplit(url)
-        host = parts.hostname or ""
-        netloc = f"{host}:{parts.port}" if parts.port else host
-    except ValueError:
-        return "(unparseable URL)"
-    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
 @dataclass(frozen=True)
@@ -177,7 +117,7 @@ class ProviderSettings:
     def from_env(cls, environ: Mapping[str, str]) -> ProviderSettings:
         """Read the contract's variables from ``environ`` (blank values count as unset).
 
-        A bad ``LLMMIXER_ALLOWED_BASE_URLS`` raises ``ValueError`` naming it, so
+        A bad ``LLMMIXER_ALLOWED_BASE_URLS`` raises ``SettingsError`` naming it, so
         a worker refuses to start rather than guess what the operator meant.
         """
         access: dict[str, ProviderAccess] = {}
@@ -193,12 +133,7 @@ class ProviderSettings:
                 base_url=_value(environ, spec.base_url_variable),
                 key_variable=variable,
             )
-        return cls(
-            access=access,
-            allowed_base_urls=parse_allowed_base_urls(
-                _value(environ, ALLOWED_BASE_URLS_VARIABLE) or ""
-            ),
-        )
+        return cls(access=access, allowed_base_urls=ProviderEnv.from_env(environ).allowed_base_urls)
 
     def access_for(self, provider: str) -> ProviderAccess:
         """``provider``'s key and endpoint; ``ValueError`` for a name the registry lacks."""

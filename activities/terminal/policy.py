@@ -44,7 +44,7 @@ Settings (all optional)::
     LLMMIXER_PTY_MAX_OUTPUT_BYTES ceiling on a step's max_output_bytes (default
                                   16 MiB); a step asking for more is clamped to it
                                   and its output truncated head + marker + tail.
-    LLMMIXER_PTY_MODE             auto | pty | pipe (see terminal_mode.py).
+    LLMMIXER_PTY_MODE             auto | pty | pipe (see mode.py).
     LLMMIXER_PTY_KILL_GRACE_S     seconds between SIGTERM and SIGKILL (default 3).
 """
 
@@ -58,7 +58,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from llmmixer.activities.terminal.errors import CommandRefusedError
-from llmmixer.activities.terminal.mode import MODE_SETTINGS, ModeSetting, TerminalCapability
+from llmmixer.activities.terminal.mode import ModeSetting, TerminalCapability
 from llmmixer.activities.terminal.runner import DEFAULT_KILL_GRACE_S, resolve_executable
 from llmmixer.core.contracts import CommandCall
 from llmmixer.core.secrets import (
@@ -67,6 +67,7 @@ from llmmixer.core.secrets import (
     is_secret_name,
     secret_values,
 )
+from llmmixer.runtime.settings import CommandEnv
 
 __all__ = [
     "ALLOW_ANY",
@@ -262,10 +263,6 @@ def worker_note(environ: Mapping[str, str] | None = None) -> str | None:
     )
 
 
-def _split_list(raw: str) -> frozenset[str]:
-    return frozenset(item.strip() for item in raw.split(",") if item.strip())
-
-
 # Starts a program with no capabilities and no way to gain any (setuid bits
 # are ignored under no_new_privs). An argv prefix, exec'd directly: nothing of
 # ours runs between fork and exec.
@@ -372,59 +369,28 @@ class CommandPolicy:
     def from_env(
         cls, environ: Mapping[str, str] | None = None, *, user_is_operator: bool = False
     ) -> CommandPolicy:
-        """Read the ``LLMMIXER_PTY_*`` settings; a bad value raises ValueError naming it.
+        """Read the ``LLMMIXER_PTY_*`` settings; a bad value raises SettingsError naming it.
 
         ``user_is_operator``: the person who writes the specs runs this worker
         (``llmmixer dev``, the embedded ``llmmixer run``), so an unset
         ``LLMMIXER_PTY_ALLOW`` allows any executable instead of none.
         """
         environ = os.environ if environ is None else environ
-        allow_raw = environ.get(ENV_ALLOW)
-        root_raw = environ.get(ENV_ROOT, "").strip()
-        mode = environ.get(ENV_MODE, "auto").strip().lower() or "auto"
-        if mode not in MODE_SETTINGS:
-            raise ValueError(
-                f"{ENV_MODE}={mode!r} is not one of {', '.join(MODE_SETTINGS)}; fix the "
-                "worker's environment"
-            )
-        grace_raw = environ.get(ENV_KILL_GRACE, "").strip()
-        try:
-            grace = float(grace_raw) if grace_raw else DEFAULT_KILL_GRACE_S
-        except ValueError:
-            raise ValueError(
-                f"{ENV_KILL_GRACE}={grace_raw!r} is not a number of seconds; fix the "
-                "worker's environment"
-            ) from None
-        cap_raw = environ.get(ENV_MAX_OUTPUT, "").strip()
-        try:
-            cap = int(cap_raw) if cap_raw else DEFAULT_MAX_OUTPUT_BYTES
-        except ValueError:
-            cap = 0
-        if cap < 1024:
-            raise ValueError(
-                f"{ENV_MAX_OUTPUT}={cap_raw!r} is not a whole number of bytes of at least "
-                f"1024; set it to e.g. {DEFAULT_MAX_OUTPUT_BYTES} or unset it"
-            )
-        root = Path(root_raw).expanduser().resolve() if root_raw else None
-        if root is not None and not root.is_dir():
-            raise ValueError(
-                f"{ENV_ROOT}={root_raw!r} is not a directory on this worker; create it "
-                "or fix the setting"
-            )
-        if allow_raw is not None:
-            allowed: frozenset[str] | None = _split_list(allow_raw)
+        settings = CommandEnv.from_env(environ)  # SettingsError names each bad variable
+        if settings.allow is not None:
+            allowed: frozenset[str] | None = frozenset(settings.allow)
         else:
             allowed = frozenset({ALLOW_ANY}) if user_is_operator else None
-        setting: ModeSetting = "pipe" if mode == "pipe" else "pty" if mode == "pty" else "auto"
+        setting: ModeSetting = settings.mode
         launcher, problem = capability_launcher(_with_system_dirs(environ.get("PATH")))
         return cls(
             allowed_executables=allowed,
-            root_dir=root,
-            env_passthrough=_split_list(environ.get(ENV_PASSTHROUGH, "")),
-            env_allow=_split_list(environ.get(ENV_HOOK_ALLOW, "")),
-            max_output_bytes=cap,
+            root_dir=settings.root,
+            env_passthrough=frozenset(settings.env_passthrough),
+            env_allow=frozenset(settings.env_allow),
+            max_output_bytes=settings.max_output_bytes,
             force_pipe=setting == "pipe",
-            kill_grace_s=max(grace, 0.0),
+            kill_grace_s=settings.kill_grace_s,
             mode_setting=setting,
             base_environ=dict(environ),
             secrets=secret_values(environ),

@@ -97,7 +97,7 @@ def set_undumpable() -> bool:
     readable only with CAP_SYS_PTRACE, and it cannot be ptrace-attached by
     its own user's other processes: a command started by the worker cannot
     read the worker's keys there. Commands themselves start without
-    capabilities (see command_policy.capability_launcher). The flag is reset
+    capabilities (see policy.capability_launcher). The flag is reset
     by execve, so the commands this process starts are unaffected.
     """
     if not sys.platform.startswith("linux"):
