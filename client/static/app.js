@@ -52,7 +52,7 @@ async function api(path, { method = "GET", body } = {}) {
     headers,
     body: body === undefined ? undefined : JSON.stringify(body),
   });
-  if (response.status === 401) askForToken();
+  if (response.status === 401) askForToken(headers.Authorization !== undefined);
   const text = await response.text();
   let data = null;
   try { data = text ? JSON.parse(text) : null; } catch (_) { data = null; }
@@ -70,9 +70,14 @@ function notify(message, isError = false) {
   notice.hidden = !message;
 }
 
-function askForToken() {
+// `refused`: a token was sent and the server did not take it. It is forgotten,
+// so the page does not keep sending a wrong token, and asked for again.
+function askForToken(refused = false) {
+  if (refused) sessionStorage.removeItem(TOKEN_KEY);
   $("#token-form").hidden = false;
-  notify("The server wants an API token: paste the value of LLMMIXER_API_TOKEN above.", true);
+  notify(refused
+    ? "The server refused that API token: paste the value of LLMMIXER_API_TOKEN it was started with."
+    : "The server wants an API token: paste the value of LLMMIXER_API_TOKEN above.", true);
   $("#token-input").focus();
 }
 
@@ -157,7 +162,7 @@ function actionsFor(record) {
 }
 
 const ACTION_LABELS = {
-  retry: "Retry", skip: "Skip", override: "Override…", approve: "Approve", reject: "Reject…",
+  retry: "Retry", skip: "Skip…", override: "Override…", approve: "Approve", reject: "Reject…",
   budget: "Raise budget…",
 };
 
@@ -206,7 +211,9 @@ function renderProgress(id, progress) {
     const record = progress.steps[stepId];
     const model = record.provider ? `${record.provider} / ${record.model || ""}` : "";
     const live = record.status === "running" ? liveText[stepId] : "";
-    const text = record.output || live || record.error || record.waiting_reason || "";
+    const skipped = record.status === "skipped" && record.skipped_reason
+      ? `skipped: ${record.skipped_reason}` : "";
+    const text = record.output || live || skipped || record.error || record.waiting_reason || "";
     const buttons = closed ? [] : actionsFor(record).map((action) =>
       el("button", {
         type: "button",
@@ -257,10 +264,11 @@ async function intervene(id, step, action) {
     const output = prompt(`New output for step ${step}:`);
     if (output === null) return;
     body.output = output;
-  } else if (action === "reject") {
-    const reason = prompt(`Why reject step ${step}?`, "");
+  } else if (action === "reject" || action === "skip") {
+    // Asking first also guards the click: a skip or a reject cannot be undone.
+    const reason = prompt(`Why ${action} step ${step}? (optional)`, "");
     if (reason === null) return;
-    body.reason = reason;
+    if (reason.trim()) body.reason = reason.trim();
   }
   try {
     const outcome = await api(
@@ -321,7 +329,7 @@ async function followEvents(id, signal) {
       const headers = authHeaders();
       if (lastEventId !== null) headers["Last-Event-ID"] = lastEventId;
       const response = await fetch(`/workflows/${encodeURIComponent(id)}/events`, { headers, signal });
-      if (response.status === 401) { askForToken(); return; }
+      if (response.status === 401) { askForToken(headers.Authorization !== undefined); return; }
       if (!response.ok) throw new Error(`${response.status} ${response.statusText}`);
       $("#connection").textContent = "live";
       const reader = response.body.getReader();
