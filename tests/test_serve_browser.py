@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import http.server
+import itertools
 import os
 import re
 import signal
@@ -530,8 +531,9 @@ def test_every_button_of_the_page_has_a_test_here() -> None:
 async def test_page_shows_an_llm_steps_text_while_it_streams(
     browser: Browser, serve_url: str, mixer: MixerClient, provider_server: FakeProviderServer
 ) -> None:
-    words = [f"tok{n:02d} " for n in range(40)]
-    provider_server.script("openai", Reply(chunks=words, chunk_delay_s=0.5, usage=(3, 40)))
+    words = [f"tok{n:02d} " for n in range(60)]
+    # About 24 s of streaming: the page is open long before the last token.
+    provider_server.script("openai", Reply(chunks=words, chunk_delay_s=0.4, usage=(3, 60)))
     spec = {
         "name": "live",
         "defaults": {"retry": {"max_attempts": 1}},
@@ -540,24 +542,31 @@ async def test_page_shows_an_llm_steps_text_while_it_streams(
     handle = await mixer.start(spec)
     async with opened_tab(browser, f"{serve_url}/#/runs/{handle.id}") as tab:
         talk = tab.step("talk")
-        await expect(talk.output).to_contain_text("tok00", timeout=SLOW)
-        early = await talk.output.text_content() or ""
-        # The text is on the page while the run says the step is still running
-        # and has no output yet: it came from the stream, not from the result.
+        await expect(talk.output).to_contain_text("tok", timeout=SLOW)
+        await expect(talk.state).to_have_text("running")
+        # The text grows on the page as it streams: several different texts,
+        # each the one before plus more (not one render of what came so far).
+        shown: list[str] = []
+        deadline = time.monotonic() + 60
+        while len(shown) < 4:
+            assert time.monotonic() < deadline, f"the page showed only {shown}"
+            text = await talk.output.text_content() or ""
+            if not shown or text != shown[-1]:
+                shown.append(text)
+            await asyncio.sleep(0.1)
+        # ...while the run says the step is still running and has no output
+        # yet: the text came from the stream, not from the step's result.
         running = (await handle.progress()).steps["talk"]
         assert running.status == StepStatus.RUNNING, running
         assert not running.output
-        await expect(talk.state).to_have_text("running")
-        assert "tok39" not in early
-        # And it grows as more arrives.
-        await expect(talk.output).to_contain_text("tok10", timeout=SLOW)
+        assert all(b.startswith(a) and len(b) > len(a) for a, b in itertools.pairwise(shown))
 
         await expect(talk.state).to_have_text("completed", timeout=SLOW)
         await expect(talk.output).to_have_text("".join(words))
 
     result = await handle.result()
     assert result.steps["talk"].output == "".join(words)
-    assert result.steps["talk"].output.startswith(early)
+    assert all(result.steps["talk"].output.startswith(text) for text in shown)
     assert tab.errors == []
 
 
