@@ -43,6 +43,7 @@ from playwright.async_api import (
     Locator,
     Page,
     Response,
+    Route,
     async_playwright,
     expect,
 )
@@ -698,11 +699,22 @@ async def test_page_asks_again_for_a_wrong_token(
 ) -> None:
     handle = await mixer.start(dry_chain_with_gate(), dry_run=True)
     await wait_for_step(handle, "gate", StepStatus.WAITING)
-    statuses: list[tuple[str, int]] = []
+    wrong = "wrong-token-0123456789abcdef"
+    answers: list[tuple[str, int, str]] = []
+    held: list[Route] = []
 
     def answered(response: Response) -> None:
         if "/workflows" in response.url:
-            statuses.append((response.request.headers.get("authorization", ""), response.status))
+            auth = response.request.headers.get("authorization", "")
+            answers.append((auth, response.status, response.url))
+
+    async def hold_wrong(route: Route) -> None:
+        # The wrong token's read of the spec is answered only after the right
+        # token was pasted: that late 401 must not throw the right token away.
+        if route.request.headers.get("authorization") == f"Bearer {wrong}":
+            held.append(route)
+        else:
+            await route.continue_()
 
     async with opened_tab(browser, f"{serve_url}/#/runs/{handle.id}", token=None) as tab:
         page = tab.page
@@ -712,14 +724,15 @@ async def test_page_asks_again_for_a_wrong_token(
         await expect(form).to_be_visible(timeout=SLOW)
         await expect(notice).to_contain_text("wants an API token")
         await expect(page.locator("#steps tbody tr")).to_have_count(0)
+        await page.route("**/spec", hold_wrong)
 
-        await page.fill("#token-input", "wrong-token-0123456789abcdef")
+        await page.fill("#token-input", wrong)
         await page.click("#token-form button[type=submit]")
         await expect(notice).to_contain_text("refused that API token", timeout=SLOW)
         await expect(form).to_be_visible()
         await expect(page.locator("#token-input")).to_have_value("")
         await expect(page.locator("#steps tbody tr")).to_have_count(0)
-        assert ("Bearer wrong-token-0123456789abcdef", 401) in statuses
+        assert (f"Bearer {wrong}", 401) in [(auth, status) for auth, status, _ in answers]
         # The refused token is not kept: later requests do not send it again.
         assert await page.evaluate("sessionStorage.getItem('llmmixer-token')") is None
 
@@ -730,13 +743,30 @@ async def test_page_asks_again_for_a_wrong_token(
         gate = tab.step("gate")
         await expect(gate.state).to_have_text("waiting", timeout=SLOW)
         await expect(page.locator("#connection")).to_have_text("live", timeout=SLOW)
+
+        # Now the wrong token's late answer arrives: a 401 about a token no longer used.
+        assert len(held) == 1, held
+        await held[0].continue_()
+        deadline = time.monotonic() + 30
+        while not any(url.endswith("/spec") and status == 401 for _, status, url in answers):
+            assert time.monotonic() < deadline, answers
+            await asyncio.sleep(0.1)
+        await expect(form).to_be_hidden()
+        assert await page.evaluate("sessionStorage.getItem('llmmixer-token')") == TOKEN
+
         # The right token acts, too.
         await gate.button("approve").click()
         await expect(page.locator("#run-status")).to_have_text("completed", timeout=SLOW)
+        await expect(page.locator("#connection")).to_have_text("run closed", timeout=SLOW)
+        shown = await page.locator("#events li").evaluate_all(
+            "items => items.map(li => [li.value, li.textContent.split(' ')[0]])"
+        )
 
-    assert (f"Bearer {TOKEN}", 200) in statuses
-    assert all(status != 401 for auth, status in statuses if auth == f"Bearer {TOKEN}")
+    assert all(status != 401 for auth, status, _ in answers if auth == f"Bearer {TOKEN}")
     assert (await handle.result()).steps["gate"].status == StepStatus.COMPLETED
+    # One event stream: the page opened before the token was right follows none.
+    events = [(event.offset, event.type.value) async for event in handle.events()]
+    assert [tuple(item) for item in shown] == events
     assert tab.errors == []
 
 
