@@ -23,7 +23,6 @@ import pytest
 from fakes.provider_server import FakeProviderServer, Reply
 from temporalio.api.common.v1 import Payload
 from temporalio.client import Client
-from temporalio.contrib.aws.s3driver import S3StorageDriverClient
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.converter import DataConverter
 
@@ -39,7 +38,6 @@ from llmmixer.runtime.storage import (
     ZlibCodec,
     build_data_converter,
     codec_for,
-    external_storage_for,
     serve_codec,
 )
 from llmmixer.workers.worker import WorkerSettings, mixer_worker
@@ -265,42 +263,6 @@ def test_payload_settings_from_the_environment(tmp_path: Path) -> None:
     assert "hunter2" not in str(refused.value)
     hex_key = os.urandom(32).hex()
     assert len(PayloadSettings.from_env({"LLMMIXER_PAYLOAD_KEY": hex_key}).keys) == 1
-
-
-class _MemoryS3(S3StorageDriverClient):
-    """Stands in for aioboto3: the driver's behaviour, not AWS, is under test."""
-
-    def __init__(self) -> None:
-        self.objects: dict[tuple[str, str], bytes] = {}
-
-    async def put_object(self, *, bucket: str, key: str, data: bytes) -> None:
-        self.objects[(bucket, key)] = data
-
-    async def object_exists(self, *, bucket: str, key: str) -> bool:
-        return (bucket, key) in self.objects
-
-    async def get_object(self, *, bucket: str, key: str) -> bytes:
-        return self.objects[(bucket, key)]
-
-
-async def test_s3_setting_stores_in_the_bucket_and_still_reads_the_directory(
-    tmp_path: Path,
-) -> None:
-    env = {"LLMMIXER_PAYLOAD_DIR": str(tmp_path / "p")}
-    local = build_data_converter(env)
-    [old_ref] = await local.encode(["x" * FIVE_MB])
-    s3 = _MemoryS3()
-    storage = external_storage_for(
-        PayloadSettings.from_env({**env, "LLMMIXER_PAYLOAD_S3_BUCKET": "runs"}), s3_client=s3
-    )
-    converter = DataConverter(
-        payload_converter_class=pydantic_data_converter.payload_converter_class,
-        external_storage=storage,
-    )
-    [ref] = await converter.encode(["y" * FIVE_MB])
-    assert [bucket for bucket, _ in s3.objects] == ["runs"]
-    assert await converter.decode([ref], [str]) == ["y" * FIVE_MB]
-    assert await converter.decode([old_ref], [str]) == ["x" * FIVE_MB]
 
 
 async def test_filesystem_store_refuses_forged_and_missing_references(tmp_path: Path) -> None:

@@ -52,7 +52,7 @@ async function api(path, { method = "GET", body } = {}) {
     headers,
     body: body === undefined ? undefined : JSON.stringify(body),
   });
-  if (response.status === 401) askForToken();
+  if (response.status === 401) askForToken(sentToken(headers));
   const text = await response.text();
   let data = null;
   try { data = text ? JSON.parse(text) : null; } catch (_) { data = null; }
@@ -70,10 +70,29 @@ function notify(message, isError = false) {
   notice.hidden = !message;
 }
 
-function askForToken() {
+let tokenRefused = false;  // the last token pasted was refused (said until another is pasted)
+
+// A 401 answered a request that carried `sent` (the token, or null for none).
+// A refused token is forgotten, so the page does not keep sending it, and the
+// person is asked again. A 401 for a request sent before the token now stored
+// was pasted says nothing about that token: requests run concurrently, and a
+// late answer must not throw away the token just pasted.
+function askForToken(sent) {
+  const stored = sessionStorage.getItem(TOKEN_KEY) || null;
+  if (sent !== stored) return;
+  if (sent !== null) {
+    sessionStorage.removeItem(TOKEN_KEY);
+    tokenRefused = true;
+  }
   $("#token-form").hidden = false;
-  notify("The server wants an API token: paste the value of LLMMIXER_API_TOKEN above.", true);
+  notify(tokenRefused
+    ? "The server refused that API token: paste the value of LLMMIXER_API_TOKEN it was started with."
+    : "The server wants an API token: paste the value of LLMMIXER_API_TOKEN above.", true);
   $("#token-input").focus();
+}
+
+function sentToken(headers) {
+  return headers.Authorization ? headers.Authorization.slice("Bearer ".length) : null;
 }
 
 // ---- the list of runs ---------------------------------------------------------------
@@ -157,7 +176,7 @@ function actionsFor(record) {
 }
 
 const ACTION_LABELS = {
-  retry: "Retry", skip: "Skip", override: "Override…", approve: "Approve", reject: "Reject…",
+  retry: "Retry", skip: "Skip…", override: "Override…", approve: "Approve", reject: "Reject…",
   budget: "Raise budget…",
 };
 
@@ -206,7 +225,9 @@ function renderProgress(id, progress) {
     const record = progress.steps[stepId];
     const model = record.provider ? `${record.provider} / ${record.model || ""}` : "";
     const live = record.status === "running" ? liveText[stepId] : "";
-    const text = record.output || live || record.error || record.waiting_reason || "";
+    const skipped = record.status === "skipped" && record.skipped_reason
+      ? `skipped: ${record.skipped_reason}` : "";
+    const text = record.output || live || skipped || record.error || record.waiting_reason || "";
     const buttons = closed ? [] : actionsFor(record).map((action) =>
       el("button", {
         type: "button",
@@ -257,10 +278,11 @@ async function intervene(id, step, action) {
     const output = prompt(`New output for step ${step}:`);
     if (output === null) return;
     body.output = output;
-  } else if (action === "reject") {
-    const reason = prompt(`Why reject step ${step}?`, "");
+  } else if (action === "reject" || action === "skip") {
+    // Asking first also guards the click: a skip or a reject cannot be undone.
+    const reason = prompt(`Why ${action} step ${step}? (optional)`, "");
     if (reason === null) return;
-    body.reason = reason;
+    if (reason.trim()) body.reason = reason.trim();
   }
   try {
     const outcome = await api(
@@ -321,7 +343,7 @@ async function followEvents(id, signal) {
       const headers = authHeaders();
       if (lastEventId !== null) headers["Last-Event-ID"] = lastEventId;
       const response = await fetch(`/workflows/${encodeURIComponent(id)}/events`, { headers, signal });
-      if (response.status === 401) { askForToken(); return; }
+      if (response.status === 401) { askForToken(sentToken(headers)); return; }
       if (!response.ok) throw new Error(`${response.status} ${response.statusText}`);
       $("#connection").textContent = "live";
       const reader = response.body.getReader();
@@ -354,8 +376,12 @@ async function followEvents(id, signal) {
   }
 }
 
+let opened = 0;  // counts openRun calls: an earlier one still awaiting stops there
+
 async function openRun(id) {
+  const mine = ++opened;
   if (streamAbort) streamAbort.abort();
+  streamAbort = null;
   currentRun = id;
   needs = {};
   liveText = {};
@@ -368,13 +394,18 @@ async function openRun(id) {
   for (const link of document.querySelectorAll("#runs a")) {
     link.classList.toggle("current", link.dataset.run === id);
   }
+  let spec = null;
   try {
-    const { spec } = await api(`/workflows/${encodeURIComponent(id)}/spec`);
-    for (const step of spec.steps || []) needs[step.id] = step.needs || [];
+    ({ spec } = await api(`/workflows/${encodeURIComponent(id)}/spec`));
   } catch (_) {
-    needs = {};   // without the spec the steps keep the run's own order
+    spec = null;  // without the spec the steps keep the run's own order
   }
+  // Opened again meanwhile (another run, or this one with a new token): only
+  // the latest may follow the events, or each event would be shown twice.
+  if (mine !== opened) return;
+  for (const step of (spec && spec.steps) || []) needs[step.id] = step.needs || [];
   await refreshProgress(id);
+  if (mine !== opened) return;
   streamAbort = new AbortController();
   followEvents(id, streamAbort.signal);
 }
@@ -384,6 +415,7 @@ function route() {
   if (match) {
     openRun(decodeURIComponent(match[1]));
   } else {
+    opened += 1;
     if (streamAbort) streamAbort.abort();
     currentRun = null;
     $("#run").hidden = true;
@@ -398,6 +430,7 @@ function setup() {
   $("#token-form").onsubmit = (event) => {
     event.preventDefault();
     sessionStorage.setItem(TOKEN_KEY, $("#token-input").value.trim());
+    tokenRefused = false;
     $("#token-input").value = "";
     $("#token-form").hidden = true;
     notify("");
