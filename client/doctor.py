@@ -21,7 +21,7 @@ from llmmixer.activities.command_policy import ALLOW_ANY, ENV_ALLOW, CommandPoli
 from llmmixer.activities.providers.settings import ALLOWED_BASE_URLS_VARIABLE, ProviderSettings
 from llmmixer.activities.terminal import CommandRefusedError, session_launcher
 from llmmixer.activities.terminal_mode import probe_pty
-from llmmixer.client.server import TOKEN_ENV
+from llmmixer.client.http.auth import TOKEN_ENV
 from llmmixer.runtime.address import is_listening, is_loopback, parse_address
 from llmmixer.runtime.connection import Connection
 from llmmixer.runtime.home import llmmixer_home

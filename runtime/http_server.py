@@ -31,7 +31,7 @@ from typing import Any
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-__all__ = ["EmbeddedServer", "bind_socket"]
+__all__ = ["AsgiServer", "bind_socket"]
 
 _BACKLOG = 128
 
@@ -77,7 +77,7 @@ class _OwnerHandlesSignals(uvicorn.Server):
         yield
 
 
-class EmbeddedServer:
+class AsgiServer:
     """Serves ``app`` on ``host:port`` from :meth:`start` to :meth:`stop` (also ``async with``)."""
 
     def __init__(
@@ -86,7 +86,7 @@ class EmbeddedServer:
         host: str,
         port: int,
         *,
-        name: str = "EmbeddedServer",
+        name: str = "AsgiServer",
         request_timeout_s: float | None = None,
         shutdown_timeout_s: int = 1,
     ) -> None:
@@ -157,7 +157,7 @@ class EmbeddedServer:
             if sock is not None:
                 sock.close()
 
-    async def __aenter__(self) -> EmbeddedServer:
+    async def __aenter__(self) -> AsgiServer:
         await self.start()
         return self
 

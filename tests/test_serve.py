@@ -28,8 +28,8 @@ import yaml
 from fastapi import FastAPI
 from temporalio.testing import WorkflowEnvironment
 
+from llmmixer.client.http import ServeSettings, create_app
 from llmmixer.client.mixer import MixerClient
-from llmmixer.client.server import ServeSettings, create_app
 from llmmixer.runtime.address import free_port
 from llmmixer.workflows.records import InterventionRequest
 

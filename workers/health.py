@@ -34,7 +34,7 @@ import os
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any, Final
 
-from llmmixer.runtime.http_server import EmbeddedServer
+from llmmixer.runtime.http_server import AsgiServer
 
 __all__ = [
     "HEALTH_PORT_ENV",
@@ -169,7 +169,7 @@ def _check_readiness(readiness: Readiness) -> tuple[bool, str]:
     return bool(ready), reason
 
 
-class HealthServer(EmbeddedServer):
+class HealthServer(AsgiServer):
     """``/healthz`` and ``/readyz`` on ``host:port`` (``port=0`` picks a free one).
 
     ``start()``/``stop()`` or ``async with``; ``port`` is the one bound.
