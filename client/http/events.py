@@ -8,23 +8,25 @@ has closed and every event was sent. The page reads it with ``fetch`` (which
 can send the bearer token) rather than ``EventSource`` (which cannot), and
 resumes it with ``Last-Event-ID`` itself.
 
-The wire format, the producer and the disconnect handling are
-FastAPI's own (``fastapi.sse.EventSourceResponse``): the route is an async
-generator of ``ServerSentEvent``. What stays here is what FastAPI cannot know:
+The answer is FastAPI's ``EventSourceResponse`` (Starlette's streaming
+response: it stops the stream as soon as the client disconnects) over bytes in
+FastAPI's SSE wire format (``fastapi.sse.format_sse_event``). The route returns
+it rather than being one of FastAPI's generator endpoints: measured, that mode
+ends the stream *cleanly* when the subscription fails half-way, which a client
+takes for the end of the run; returned like this, the failure cuts the
+connection and the client resumes with ``Last-Event-ID``. What stays here:
 
-* keepalive comments at ``ServeSettings.keepalive_s`` (FastAPI's own ping is a
-  fixed 15 s), sent while the *same* poll stays pending, so a keepalive never
-  skips an event;
-* the subscription is a request-scoped dependency, so it is closed, and its
-  pending poll cancelled, as soon as the response ends or the client leaves,
-  even while no event is due.
+* keepalive comments at ``ServeSettings.keepalive_s``, sent while the *same*
+  poll stays pending, so a keepalive never skips an event;
+* the subscription is a request-scoped dependency (``routes.open_subscription``),
+  so it is closed, and its pending poll cancelled, as soon as the response
+  ends or the client leaves, even while no event is due.
 
-Backpressure: the subscription is asked for the next event only after FastAPI
-took the previous one, and FastAPI's buffers between the generator and
-uvicorn hold one item each, while uvicorn's ``send`` waits while the socket's
-write buffer is full. So a slow reader holds about one poll page of the
-workflow stream (about 1 MB of payload, the library's own cap) plus a few
-events and one transport buffer, never a queue that grows with the run
+Backpressure: the subscription is asked for the next event only after the
+previous one was handed to uvicorn, whose ``send`` waits while the socket's
+write buffer is full. So a slow reader holds at most one poll page of the
+workflow stream (about 1 MB of payload, the library's own cap) plus one
+transport buffer (64 KiB), never a queue that grows with the run
 (``tests/test_serve.py::test_slow_reader_keeps_server_memory_bounded``).
 """
 
@@ -36,11 +38,18 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Final
 
 from fastapi import Header, HTTPException, Query
-from fastapi.sse import ServerSentEvent
+from fastapi.sse import EventSourceResponse, format_sse_event
 
 from llmmixer.core.contracts import MixerEvent
 
-__all__ = ["OpenStreams", "Subscription", "event_stream", "resume_offset"]
+__all__ = [
+    "OpenStreams",
+    "Subscription",
+    "event_response",
+    "event_stream",
+    "resume_offset",
+    "sse_frame",
+]
 
 # The browser's EventSource waits this long before reconnecting.
 RETRY_MS: Final = 2000
@@ -109,21 +118,31 @@ class Subscription:
                 await aclose()
 
 
-def sse(event: MixerEvent) -> ServerSentEvent:
+def sse_frame(event: MixerEvent) -> bytes:
     # model_dump_json writes no raw newline (they are escaped inside strings),
     # so the JSON is always a single `data:` line.
-    return ServerSentEvent(
-        id=str(event.offset), event=event.type.value, raw_data=event.model_dump_json()
+    return format_sse_event(
+        id=str(event.offset), event=event.type.value, data_str=event.model_dump_json()
     )
 
 
-async def event_stream(
-    subscription: Subscription, *, keepalive_s: float
-) -> AsyncIterator[ServerSentEvent]:
-    yield ServerSentEvent(retry=RETRY_MS)
+_KEEPALIVE: Final = format_sse_event(comment="keepalive")
+
+
+async def event_stream(subscription: Subscription, *, keepalive_s: float) -> AsyncIterator[bytes]:
+    """The stream's bytes; it ends when the run's events do, and raises if they fail."""
+    yield format_sse_event(retry=RETRY_MS)
     while True:
         try:
             event = await subscription.next(keepalive_s)
         except StopAsyncIteration:
             return
-        yield ServerSentEvent(comment="keepalive") if event is None else sse(event)
+        yield _KEEPALIVE if event is None else sse_frame(event)
+
+
+def event_response(stream: AsyncIterator[bytes]) -> EventSourceResponse:
+    return EventSourceResponse(
+        stream,
+        # nginx and similar proxies would otherwise hold events back in a buffer
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )

@@ -20,7 +20,6 @@ __all__ = [
     "SpecOfRun",
     "StartRequest",
     "Started",
-    "json_errors",
 ]
 
 
@@ -87,9 +86,3 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     401: {"model": Errors, "description": "missing or wrong bearer token"},
     404: {"model": Errors, "description": "no such run"},
 }
-
-
-def json_errors(description: str) -> dict[str, Any]:
-    """An error answer of a route whose success is not JSON (the event stream)."""
-    schema = {"$ref": "#/components/schemas/Errors"}
-    return {"description": description, "content": {"application/json": {"schema": schema}}}
