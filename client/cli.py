@@ -33,9 +33,9 @@ from llmmixer.client.specfile import parse_inputs, prepare_spec, read_spec, spec
 from llmmixer.client.watch import EventPump, retrying
 from llmmixer.core.contracts import EventType
 from llmmixer.core.validation import SpecError, validate_spec
+from llmmixer.runtime.codec_server import add_codec_server_arguments
 from llmmixer.runtime.connection import Connection
 from llmmixer.runtime.settings import Settings, SettingsError
-from llmmixer.runtime.storage import add_codec_server_arguments
 from llmmixer.runtime.telemetry import flush_telemetry
 from llmmixer.workflows.records import RunProgress, RunStatus
 
@@ -370,13 +370,13 @@ async def cmd_doctor(args: argparse.Namespace) -> int:
 
 async def cmd_serve(args: argparse.Namespace) -> int:
     # Imported here so the other commands never pay for loading the web stack.
-    from llmmixer.client.server import serve
+    from llmmixer.client.http import serve
 
     return await serve(args.host, args.port)
 
 
 async def cmd_codec_server(args: argparse.Namespace) -> int:
-    from llmmixer.runtime.storage import codec_server_command
+    from llmmixer.runtime.codec_server import codec_server_command
 
     return await codec_server_command(args.host, args.port, args.allow_origin)
 

@@ -122,8 +122,8 @@ def cli_markdown() -> str:
 
 def openapi_document() -> dict[str, Any]:
     """The OpenAPI document ``llmmixer serve`` serves at ``/openapi.json``."""
+    from llmmixer.client.http import create_app
     from llmmixer.client.mixer import MixerClient
-    from llmmixer.client.server import create_app
 
     # Building the document reads only the routes; no request reaches the client.
     document: dict[str, Any] = create_app(typing.cast(MixerClient, None)).openapi()

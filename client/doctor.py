@@ -22,7 +22,7 @@ from llmmixer.activities.terminal.errors import CommandRefusedError
 from llmmixer.activities.terminal.mode import probe_pty
 from llmmixer.activities.terminal.policy import ALLOW_ANY, ENV_ALLOW, CommandPolicy
 from llmmixer.activities.terminal.pty_child import session_launcher
-from llmmixer.client.server import TOKEN_ENV
+from llmmixer.client.http.auth import TOKEN_ENV
 from llmmixer.runtime.address import is_listening, is_loopback, parse_address
 from llmmixer.runtime.connection import Connection
 from llmmixer.runtime.home import llmmixer_home

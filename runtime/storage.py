@@ -28,9 +28,9 @@ Compression only touches payloads at or above the threshold, so the workflow's
 result and ``progress`` answer, kept below it (docs/interventions.md), stay plain JSON
 for ``temporal workflow result/query``. Encryption applies to every payload:
 that is its point, and then the Temporal CLI and Web UI need the codec server
-(``llmmixer codec-server``, also ``python -m llmmixer.workers.storage
-codec-server``) to show anything: ``temporal workflow result --codec-endpoint
-http://127.0.0.1:8089`` and, in the Web UI, Settings → Codec Server →
+(``llmmixer codec-server``, ``runtime/codec_server.py``; also ``python -m
+llmmixer.workers.storage codec-server``) to show anything: ``temporal workflow
+result --codec-endpoint http://127.0.0.1:8089`` and, in the Web UI, Settings → Codec Server →
 ``http://127.0.0.1:8089``. It decrypts for whoever reaches it, so without
 ``LLMMIXER_CODEC_TOKEN`` it serves loopback only, to loopback ``Host`` names.
 
@@ -40,24 +40,20 @@ encrypted as well; the key never leaves the processes that hold it.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import dataclasses
 import hashlib
-import json
 import os
 import re
 import secrets
-import sys
 import zlib
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-from google.protobuf import json_format
-from temporalio.api.common.v1 import Payload, Payloads
+from temporalio.api.common.v1 import Payload
 from temporalio.contrib.aws.s3driver import S3StorageDriver, S3StorageDriverClient
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.converter import (
@@ -75,11 +71,9 @@ from llmmixer.runtime.home import default_home
 from llmmixer.runtime.settings import ConnectionEnv, PayloadEnv
 
 __all__ = [
-    "CODEC_TOKEN_ENV",
     "DEFAULT_THRESHOLD",
     "AesGcmCodec",
     "CodecChain",
-    "CodecServerRefused",
     "FileSystemStorageDriver",
     "LazyAioboto3Client",
     "PayloadKeyError",
@@ -87,11 +81,8 @@ __all__ = [
     "PayloadStoreError",
     "ZlibCodec",
     "build_data_converter",
-    "codec_app",
     "codec_for",
-    "codec_server_command",
     "external_storage_for",
-    "serve_codec",
 ]
 
 DEFAULT_THRESHOLD = 256 * 1024
@@ -405,237 +396,3 @@ class CodecChain(PayloadCodec):
         for codec in reversed(self.codecs):
             out = await codec.decode(out)
         return out
-
-
-# ---- the codec server (Temporal CLI --codec-endpoint, Web UI "Codec Server") -------
-
-CODEC_TOKEN_ENV = "LLMMIXER_CODEC_TOKEN"
-DEFAULT_CODEC_PORT = 8089
-DEFAULT_CODEC_ORIGIN = "http://localhost:8233"
-_CODEC_MAX_BODY = 64 * 1024 * 1024
-
-
-class CodecServerRefused(ValueError):
-    """A codec server configuration that would expose every payload; the message says the fix."""
-
-
-def codec_app(
-    codec: PayloadCodec, *, allow_origin: str = DEFAULT_CODEC_ORIGIN, token: str | None = None
-) -> Callable[..., Awaitable[None]]:
-    """The codec server as an ASGI app: ``POST .../encode`` and ``POST .../decode``.
-
-    Whoever can call ``/decode`` reads every payload, so the app follows
-    ``llmmixer serve``'s rule (``llmmixer.runtime.http_guard``): without a token
-    only a loopback ``Host`` is answered, and a browser may post only from
-    ``allow_origin`` (the Web UI) or the server's own origin; with a token,
-    every request but the CORS preflight must carry it.
-    """
-    from starlette.requests import Request
-    from starlette.responses import JSONResponse, Response
-
-    from llmmixer.runtime.http_guard import GuardPolicy, RequestGuard, bearer_matches
-
-    def error(status: int, message: str) -> Response:
-        return JSONResponse({"error": message}, status_code=status)
-
-    async def endpoint(scope: Any, receive: Any, send: Any) -> None:
-        request = Request(scope, receive)
-        response = await answer(request)
-        await response(scope, receive, send)
-
-    async def answer(request: Request) -> Response:
-        if request.method == "OPTIONS":
-            return JSONResponse({})  # the browser's preflight carries no credentials
-        if token is not None and not bearer_matches(request.headers.get("authorization"), token):
-            return error(
-                401, f"missing or wrong token: send `Authorization: Bearer ${CODEC_TOKEN_ENV}`"
-            )
-        path = request.url.path.rstrip("/")
-        if request.method != "POST" or not path.endswith(("/encode", "/decode")):
-            return error(404, "POST /encode or /decode")
-        declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > _CODEC_MAX_BODY:
-            return error(413, f"the body is over {_CODEC_MAX_BODY} bytes")
-        body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > _CODEC_MAX_BODY:
-                return error(413, f"the body is over {_CODEC_MAX_BODY} bytes")
-        payloads = Payloads()
-        try:
-            json_format.Parse(bytes(body), payloads)
-        except (json_format.ParseError, UnicodeDecodeError) as parse_error:
-            return error(400, f'the body must be {{"payloads": [...]}}: {parse_error}')
-        if path.endswith("/encode"):
-            result = await codec.encode(list(payloads.payloads))
-        else:
-            result = await codec.decode(list(payloads.payloads))
-        return Response(
-            json_format.MessageToJson(Payloads(payloads=result)),
-            media_type="application/json",
-        )
-
-    guarded = RequestGuard(
-        endpoint,
-        policy=GuardPolicy(
-            token_variable=CODEC_TOKEN_ENV,
-            token_set=token is not None,
-            allowed_origins=frozenset({allow_origin}),
-            hint="give that address to --codec-endpoint or the Web UI's Codec Server setting",
-        ),
-        respond=lambda refusal: error(refusal.status, refusal.message),
-    )
-    cors = [
-        (b"access-control-allow-origin", allow_origin.encode("latin-1")),
-        (b"access-control-allow-methods", b"POST, OPTIONS"),
-        (b"access-control-allow-headers", b"content-type, x-namespace, authorization"),
-        (b"access-control-allow-credentials", b"true"),
-        (b"vary", b"Origin"),
-    ]
-
-    async def app(scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            return  # no lifespan, no websockets
-
-        async def send_with_cors(message: Any) -> None:
-            if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", []), *cors]
-            await send(message)
-
-        await guarded(scope, receive, send_with_cors)
-
-    return app
-
-
-async def serve_codec(
-    codec: PayloadCodec,
-    *,
-    host: str = "127.0.0.1",
-    port: int = DEFAULT_CODEC_PORT,
-    allow_origin: str = DEFAULT_CODEC_ORIGIN,
-    token: str | None = None,
-    ready: Callable[[int], None] | None = None,
-) -> None:
-    """Serve :func:`codec_app` (Temporal's codec server protocol) until cancelled.
-
-    Bodies are ``{"payloads": [...]}`` in protobuf JSON. ``allow_origin`` is
-    the Web UI's origin (CORS). Without ``token`` only a loopback ``host`` is
-    accepted (:class:`CodecServerRefused` otherwise); a token shorter than 16
-    characters raises ``TokenError``. ``ready(port)`` is called once the port
-    is bound.
-    """
-    import socket
-
-    import uvicorn
-
-    from llmmixer.runtime.address import is_loopback
-    from llmmixer.runtime.http_guard import check_token
-
-    token = check_token(CODEC_TOKEN_ENV, token)
-    if token is None and not is_loopback(host):
-        raise CodecServerRefused(
-            f"refusing to serve the codec on {host}: whoever reaches it can decrypt every "
-            f"payload. Set {CODEC_TOKEN_ENV} to a long random secret (the Temporal CLI sends "
-            f'it with --codec-auth "Bearer $TOKEN"), or serve on 127.0.0.1'
-        )
-    bare = host[1:-1] if host.startswith("[") else host
-    family = socket.AF_INET6 if ":" in bare else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((bare, port))
-        # Listening from here on: a client that connects before uvicorn runs waits
-        # in the backlog, so `ready` can be told at once.
-        sock.listen(128)
-    except OSError:
-        sock.close()
-        raise
-    config = uvicorn.Config(
-        codec_app(codec, allow_origin=allow_origin, token=token),
-        log_level="warning",
-        lifespan="off",
-    )
-    server = uvicorn.Server(config)
-    serving = asyncio.ensure_future(server.serve(sockets=[sock]))
-    if ready is not None:
-        ready(sock.getsockname()[1])
-    try:
-        await asyncio.shield(serving)
-    except asyncio.CancelledError:
-        # Close the listening socket and open connections before going.
-        server.should_exit = True
-        await serving
-        raise
-    finally:
-        sock.close()
-
-
-async def codec_server_command(host: str, port: int, allow_origin: str) -> int:
-    """``llmmixer codec-server`` (and ``python -m llmmixer.workers.storage codec-server``)."""
-    from llmmixer.runtime.http_guard import TokenError
-
-    codec = codec_for(PayloadSettings.from_env())
-    if codec is None:
-        print(
-            "no codec configured: set LLMMIXER_PAYLOAD_KEY (and/or LLMMIXER_PAYLOAD_COMPRESS=1) "
-            "as the workers have it",
-            file=sys.stderr,
-        )
-        return 2
-    token = os.environ.get(CODEC_TOKEN_ENV) or None
-    shown = f"[{host}]" if ":" in host and not host.startswith("[") else host
-
-    def announce(bound: int) -> None:
-        print(
-            json.dumps({"codec_server": f"http://{shown}:{bound}", "token": bool(token)}),
-            flush=True,
-        )
-
-    try:
-        await serve_codec(
-            codec,
-            host=host,
-            port=port,
-            allow_origin=allow_origin,
-            token=token,
-            ready=announce,
-        )
-    except (TokenError, CodecServerRefused) as error:
-        print(f"refusing to start: {error}", file=sys.stderr)
-        return 2
-    except OSError as error:
-        print(
-            f"cannot listen on {shown}:{port}: {error.strerror}; choose another --port",
-            file=sys.stderr,
-        )
-        return 1
-    return 0
-
-
-def add_codec_server_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--host", default="127.0.0.1", help=f"beyond loopback needs {CODEC_TOKEN_ENV}"
-    )
-    parser.add_argument("--port", type=int, default=DEFAULT_CODEC_PORT)
-    parser.add_argument(
-        "--allow-origin", default=DEFAULT_CODEC_ORIGIN, help="the Web UI's origin (CORS)"
-    )
-
-
-def codec_main(argv: Sequence[str] | None = None) -> int:
-    """``python -m llmmixer.workers.storage codec-server``: the name the docs give."""
-    parser = argparse.ArgumentParser(
-        prog="python -m llmmixer.workers.storage",
-        description="Payload tools; `llmmixer codec-server` is the same command.",
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-    server = sub.add_parser("codec-server", help="serve /encode and /decode with this codec")
-    add_codec_server_arguments(server)
-    args = parser.parse_args(argv)
-    with contextlib.suppress(KeyboardInterrupt):
-        return asyncio.run(codec_server_command(args.host, args.port, args.allow_origin))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(codec_main())

@@ -23,8 +23,9 @@ import pytest
 from temporalio.api.common.v1 import Payload
 
 from llmmixer.runtime.address import free_port
+from llmmixer.runtime.codec_server import CodecServerRefused, serve_codec
 from llmmixer.runtime.http_guard import TokenError
-from llmmixer.runtime.storage import AesGcmCodec, CodecServerRefused, serve_codec
+from llmmixer.runtime.storage import AesGcmCodec
 
 TOKEN = "codec-security-test-0123456789"
 WEB_UI = "http://localhost:8233"

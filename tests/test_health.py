@@ -8,6 +8,7 @@ sockets for the malformed or stalled ones a buggy prober could send.
 from __future__ import annotations
 
 import asyncio
+import signal
 from collections.abc import AsyncIterator
 
 import httpx
@@ -196,6 +197,19 @@ async def test_stop_closes_the_port_and_open_connections() -> None:
     with pytest.raises(OSError):
         await asyncio.open_connection("127.0.0.1", port)
     await server.stop()  # idempotent
+
+
+async def test_the_worker_keeps_its_signals_and_nothing_is_revealed() -> None:
+    # The worker drains on SIGTERM; a web server that took the signal for
+    # itself would stop the probes and leave the worker running undrained.
+    signals = (signal.SIGINT, signal.SIGTERM)
+    before = [signal.getsignal(number) for number in signals]
+    async with HealthServer("127.0.0.1", 0, lambda: True) as server:
+        async with httpx.AsyncClient(trust_env=False) as client:
+            response = await client.get(f"http://127.0.0.1:{server.port}/healthz")
+        assert [signal.getsignal(number) for number in signals] == before
+    assert response.status_code == 200
+    assert "server" not in response.headers and "date" not in response.headers
 
 
 async def test_port_is_known_only_after_start() -> None:

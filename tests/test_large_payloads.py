@@ -28,6 +28,7 @@ from temporalio.converter import DataConverter
 
 from llmmixer.client.audit import audit_from_client
 from llmmixer.client.mixer import MixerClient
+from llmmixer.runtime.codec_server import serve_codec
 from llmmixer.runtime.settings import SettingsError
 from llmmixer.runtime.storage import (
     DEFAULT_THRESHOLD,
@@ -38,7 +39,6 @@ from llmmixer.runtime.storage import (
     ZlibCodec,
     build_data_converter,
     codec_for,
-    serve_codec,
 )
 from llmmixer.workers.worker import WorkerSettings, mixer_worker
 from llmmixer.workflows.records import RunStatus

@@ -28,8 +28,9 @@ import yaml
 from fastapi import FastAPI
 from temporalio.testing import WorkflowEnvironment
 
+from llmmixer.client.http import ServeSettings, create_app
+from llmmixer.client.http.events import event_response, event_stream
 from llmmixer.client.mixer import MixerClient
-from llmmixer.client.server import ServeSettings, create_app
 from llmmixer.runtime.address import free_port
 from llmmixer.workflows.records import InterventionRequest
 
@@ -600,6 +601,33 @@ async def test_two_runs_streams_never_mix(served: Served) -> None:
         assert steps == {f"{prefix}{n}" for n in range(1, count + 1)}
         completed = [e for e in events if e.type == "step_completed"]
         assert len(completed) == count
+
+
+async def test_a_failing_subscription_cuts_the_stream_instead_of_ending_it() -> None:
+    # A clean end tells the page the run has closed; a cut makes it resume with
+    # Last-Event-ID. A subscription that fails half-way must look like a cut.
+    class Failing:
+        calls = 0
+
+        async def next(self, timeout_s: float) -> None:
+            self.calls += 1
+            if self.calls == 1:
+                return None  # no event yet: a keepalive
+            raise RuntimeError("the subscription failed")
+
+    app = FastAPI()
+
+    @app.get("/events")
+    async def events() -> Any:
+        return event_response(event_stream(Failing(), keepalive_s=0.05))  # type: ignore[arg-type]
+
+    async with serve_in_process(app) as url, httpx.AsyncClient(base_url=url) as http:
+        seen = ""
+        with pytest.raises(httpx.RemoteProtocolError):
+            async with http.stream("GET", "/events") as response:
+                async for chunk in response.aiter_text():
+                    seen += chunk
+    assert seen.startswith("retry: 2000\n\n") and ": keepalive\n\n" in seen
 
 
 # ---- memory: a slow reader does not make the server buffer the run --------------------------

@@ -25,9 +25,9 @@ from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client, WorkflowExecutionStatus
 from test_serve import dry_chain, serve_in_process
 
-from llmmixer.client import server as server_module
+from llmmixer.client.http import CONTENT_SECURITY_POLICY, ServeSettings, create_app
+from llmmixer.client.http import routes as server_module
 from llmmixer.client.mixer import MixerClient
-from llmmixer.client.server import CONTENT_SECURITY_POLICY, ServeSettings, create_app
 from llmmixer.runtime.http_guard import TokenError
 from llmmixer.workflows.records import StepStatus
 

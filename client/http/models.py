@@ -1,0 +1,88 @@
+"""The request and response bodies of ``llmmixer serve``'s API (and so of its OpenAPI document).
+
+Errors are always ``{"errors": ["..."]}``, each message saying what to do.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = [
+    "ERROR_RESPONSES",
+    "Cancelling",
+    "Errors",
+    "InterventionBody",
+    "RunList",
+    "RunSummary",
+    "SpecOfRun",
+    "StartRequest",
+    "Started",
+]
+
+
+class StartRequest(BaseModel):
+    """``POST /workflows``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    spec: dict[str, Any] | str = Field(
+        description="The spec as a JSON object, or as YAML/JSON text (never a file path)."
+    )
+    inputs: dict[str, Any] = Field(
+        default_factory=dict, description="Values for {{inputs.*}}, merged over the spec's own."
+    )
+    workflow_id: str | None = Field(default=None, description="Default: NAME-<random>.")
+    dry_run: bool = Field(default=False, description="Answer every provider call offline.")
+
+
+class Started(BaseModel):
+    workflow_id: str
+    run_id: str | None
+    progress_url: str
+    events_url: str
+
+
+class RunSummary(BaseModel):
+    workflow_id: str
+    run_id: str
+    status: str
+    start_time: datetime | None
+    close_time: datetime | None
+
+
+class RunList(BaseModel):
+    runs: list[RunSummary]
+
+
+class SpecOfRun(BaseModel):
+    workflow_id: str
+    spec: dict[str, Any]
+
+
+class InterventionBody(BaseModel):
+    """The optional text of an intervention; which field applies depends on the action."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str | None = Field(default=None, description="retry: a new prompt for an LLM step")
+    reason: str | None = Field(default=None, description="skip, reject: why")
+    output: str | None = Field(default=None, description="override: the step's output (required)")
+    comment: str | None = Field(default=None, description="approve: a comment")
+
+
+class Cancelling(BaseModel):
+    workflow_id: str
+    message: str
+
+
+class Errors(BaseModel):
+    errors: list[str]
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    401: {"model": Errors, "description": "missing or wrong bearer token"},
+    404: {"model": Errors, "description": "no such run"},
+}

@@ -1,0 +1,400 @@
+"""The routes of ``llmmixer serve``'s API.
+
+    POST /workflows                                  start a run      -> 201, 422, 409
+    GET  /workflows                                  recent runs
+    GET  /workflows/{id}                             the progress JSON (docs/interventions.md)
+    GET  /workflows/{id}/spec                        the spec the run was started with
+    POST /workflows/{id}/steps/{step}/{action}       retry|skip|override|approve|reject -> 409
+    POST /workflows/{id}/budget                      raise a budget   -> 409
+    POST /workflows/{id}/cancel                      cancel a run     -> 202
+    GET  /workflows/{id}/events                      Server-Sent Events (``events.py``)
+
+Only llmmixer's runs. The namespace may hold other workflows; every route
+under ``/workflows/{id}`` first checks that ``id`` is a ``MixerWorkflow``
+execution and answers 404 otherwise, so the API never signals, updates,
+queries or cancels anything else.
+
+Every route needs the token (``auth.require_token``).
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+import anyio
+import anyio.to_thread
+from fastapi import APIRouter, Depends, HTTPException, Query
+from fastapi import Path as PathParam
+from starlette.requests import Request
+from starlette.responses import Response
+from temporalio.client import WorkflowExecutionDescription, WorkflowExecutionStatus
+from temporalio.exceptions import WorkflowAlreadyStartedError
+from temporalio.service import RPCError, RPCStatusCode
+
+from llmmixer.client.http.auth import require_token, settings_of
+from llmmixer.client.http.events import (
+    OpenStreams,
+    Subscription,
+    event_response,
+    event_stream,
+    resume_offset,
+)
+from llmmixer.client.http.models import (
+    ERROR_RESPONSES,
+    Cancelling,
+    Errors,
+    InterventionBody,
+    RunList,
+    RunSummary,
+    SpecOfRun,
+    Started,
+    StartRequest,
+)
+from llmmixer.client.mixer import (
+    INTERVENTIONS,
+    InterventionIncomplete,
+    InterventionRefused,
+    MixerClient,
+    MixerHandle,
+    RunFailed,
+)
+from llmmixer.client.specfile import prepare_spec
+from llmmixer.core.validation import SpecError
+from llmmixer.workflows.mixer import WORKFLOW_NAME
+from llmmixer.workflows.records import (
+    BudgetLimits,
+    BudgetRaise,
+    InterventionOutcome,
+    InterventionType,
+    RunProgress,
+    RunStatus,
+)
+
+__all__ = ["KnownRuns", "api"]
+
+_WORKFLOW_TYPE_QUERY = f'WorkflowType="{WORKFLOW_NAME}"'
+_CLOSED = {
+    WorkflowExecutionStatus.COMPLETED: RunStatus.COMPLETED,
+    WorkflowExecutionStatus.FAILED: RunStatus.FAILED,
+    WorkflowExecutionStatus.CANCELED: RunStatus.CANCELLED,
+    WorkflowExecutionStatus.TERMINATED: RunStatus.CANCELLED,
+    WorkflowExecutionStatus.TIMED_OUT: RunStatus.FAILED,
+}
+
+
+def _mixer(request: Request) -> MixerClient:
+    mixer: MixerClient = request.app.state.mixer
+    return mixer
+
+
+def _not_found(workflow_id: str) -> HTTPException:
+    return HTTPException(
+        status_code=404,
+        detail=f"no run with id {workflow_id!r}: list the runs with GET /workflows",
+    )
+
+
+async def _describe_or_404(handle: MixerHandle) -> WorkflowExecutionDescription:
+    try:
+        description = await handle.temporal.describe()
+    except RPCError as error:
+        if error.status == RPCStatusCode.NOT_FOUND:
+            raise _not_found(handle.id) from None
+        raise
+    if description.workflow_type != WORKFLOW_NAME:
+        raise _not_a_run(handle.id)
+    return description
+
+
+def _not_a_run(workflow_id: str) -> HTTPException:
+    return HTTPException(
+        status_code=404,
+        detail=(
+            f"{workflow_id!r} is not an llmmixer run (another kind of workflow in this "
+            "namespace): this API acts only on llmmixer's runs; list them with GET /workflows"
+        ),
+    )
+
+
+class KnownRuns:
+    """Workflow ids recently seen to be llmmixer runs, so most requests skip a describe.
+
+    Only a positive answer is kept, for ``ttl_s``: an id can be reused by another
+    workflow type once its run has closed, so the answer must not live forever.
+    """
+
+    def __init__(self, *, ttl_s: float = 30.0, size: int = 4096) -> None:
+        self.ttl_s = ttl_s
+        self.size = size
+        self._seen: OrderedDict[str, float] = OrderedDict()
+
+    def __contains__(self, workflow_id: str) -> bool:
+        seen = self._seen.get(workflow_id)
+        return seen is not None and time.monotonic() - seen < self.ttl_s
+
+    def add(self, workflow_id: str) -> None:
+        self._seen[workflow_id] = time.monotonic()
+        self._seen.move_to_end(workflow_id)
+        while len(self._seen) > self.size:
+            self._seen.popitem(last=False)
+
+
+async def _run_handle(workflow_id: str, request: Request) -> MixerHandle:
+    """The handle of ``workflow_id`` once it is known to be an llmmixer run; 404 otherwise."""
+    handle = _mixer(request).get_handle(workflow_id)
+    known: KnownRuns = request.app.state.known_runs
+    if workflow_id not in known:
+        await _describe_or_404(handle)
+        known.add(workflow_id)
+    return handle
+
+
+async def _progress(handle: MixerHandle) -> RunProgress:
+    """The progress query, or for a closed run that cannot answer it, its result."""
+    try:
+        return await handle.progress()
+    except RPCError as error:
+        if error.status == RPCStatusCode.NOT_FOUND:
+            raise _not_found(handle.id) from None
+        status = (await _describe_or_404(handle)).status
+        if status is None or status not in _CLOSED:
+            raise
+    # A closed run's query needs a worker to replay it; the result does not.
+    try:
+        return await handle.result()
+    except RunFailed as failure:
+        return RunProgress(status=_CLOSED[status], error=str(failure))
+
+
+def _spec_text(text: str) -> str:
+    # `read_spec` treats a one-line string ending in .yaml/.yml/.json as a file
+    # path. Over HTTP that would read files on the server, so the text always
+    # gets a trailing newline: YAML and JSON mean the same with it, and line
+    # numbers in error messages stay right.
+    return text if text.endswith("\n") else text + "\n"
+
+
+def _links(workflow_id: str) -> tuple[str, str]:
+    return f"/workflows/{workflow_id}", f"/workflows/{workflow_id}/events"
+
+
+api = APIRouter(dependencies=[Depends(require_token)], responses=ERROR_RESPONSES)
+
+
+@api.post(
+    "/workflows",
+    status_code=201,
+    response_model=Started,
+    responses={
+        409: {"model": Errors, "description": "a run with this workflow_id exists"},
+        422: {"model": Errors, "description": "the spec is invalid: one message per problem"},
+    },
+)
+async def start_run(body: StartRequest, request: Request) -> Started:
+    """Validate the spec (the same messages as ``llmmixer validate``) and start a run."""
+    spec = _spec_text(body.spec) if isinstance(body.spec, str) else body.spec
+    try:
+        # Parsing and validating a large or hostile document takes CPU time;
+        # in a thread it holds neither the event stream nor any other request.
+        prepared, parsed = await anyio.to_thread.run_sync(
+            functools.partial(prepare_spec, spec, inputs=body.inputs, dry_run=body.dry_run),
+            limiter=request.app.state.spec_limiter,
+        )
+        handle = await _mixer(request).start_prepared(
+            prepared, parsed, workflow_id=body.workflow_id
+        )
+    except SpecError as error:
+        raise HTTPException(
+            status_code=422, detail=[str(issue) for issue in error.issues]
+        ) from None
+    except WorkflowAlreadyStartedError:
+        raise HTTPException(
+            status_code=409,
+            detail=f"a run with id {body.workflow_id!r} already exists: choose another workflow_id",
+        ) from None
+    progress_url, events_url = _links(handle.id)
+    return Started(
+        workflow_id=handle.id,
+        run_id=handle.temporal.result_run_id,
+        progress_url=progress_url,
+        events_url=events_url,
+    )
+
+
+@api.get("/workflows", response_model=RunList)
+async def list_runs(request: Request, limit: Annotated[int, Query(ge=1, le=1000)] = 50) -> RunList:
+    """Recent runs, newest first."""
+    runs: list[RunSummary] = []
+    async for execution in _mixer(request).temporal.list_workflows(
+        _WORKFLOW_TYPE_QUERY, limit=limit
+    ):
+        runs.append(
+            RunSummary(
+                workflow_id=execution.id,
+                run_id=execution.run_id,
+                status=_status_name(execution.status),
+                start_time=execution.start_time,
+                close_time=execution.close_time,
+            )
+        )
+    return RunList(runs=runs)
+
+
+def _status_name(status: WorkflowExecutionStatus | None) -> str:
+    if status is None:
+        return "unknown"
+    if status in _CLOSED:
+        return _CLOSED[status].value
+    return status.name.lower()
+
+
+WorkflowId = Annotated[str, PathParam(description="the run's workflow id")]
+
+
+async def run_handle(workflow_id: WorkflowId, request: Request) -> MixerHandle:
+    return await _run_handle(workflow_id, request)
+
+
+Run = Annotated[MixerHandle, Depends(run_handle)]
+
+
+@api.get("/workflows/{workflow_id}", response_model=RunProgress)
+async def get_progress(handle: Run) -> RunProgress:
+    """The run's progress (the same object as `llmmixer status --json`)."""
+    return await _progress(handle)
+
+
+@api.get("/workflows/{workflow_id}/spec", response_model=SpecOfRun)
+async def get_spec(workflow_id: WorkflowId, handle: Run, request: Request) -> SpecOfRun:
+    """The spec the run was started with (its ``needs`` give the page its DAG order)."""
+    mixer = _mixer(request)
+    # Only the first history event is read: a long run's history can be large.
+    async for event in handle.temporal.fetch_history_events(page_size=1):
+        started = event.workflow_execution_started_event_attributes
+        if started.input.payloads:
+            (spec,) = await mixer.temporal.data_converter.decode(
+                list(started.input.payloads)[:1], [dict]
+            )
+            return SpecOfRun(workflow_id=workflow_id, spec=spec)
+        break
+    raise HTTPException(status_code=404, detail=f"run {workflow_id!r} has no spec in its history")
+
+
+@api.post(
+    "/workflows/{workflow_id}/steps/{step}/{action}",
+    response_model=InterventionOutcome,
+    responses={409: {"model": Errors, "description": "refused: the workflow's reason"}},
+)
+async def intervene(
+    workflow_id: WorkflowId,
+    step: str,
+    action: InterventionType,
+    handle: Run,
+    body: InterventionBody | None = None,
+) -> InterventionOutcome:
+    """Retry, skip, override, approve or reject a step, through the validated updates.
+
+    A refused intervention changes nothing and answers 409 with the workflow's reason.
+    """
+    body = body or InterventionBody()
+    try:
+        return await handle.intervene(action, step, getattr(body, INTERVENTIONS[action].field))
+    except InterventionIncomplete as missing:
+        raise HTTPException(
+            status_code=422,
+            detail=f'{action} needs the new {missing.field}: send {{"{missing.field}": "..."}}',
+        ) from None
+    except InterventionRefused as refusal:
+        raise HTTPException(status_code=409, detail=str(refusal)) from None
+    except RPCError as error:
+        raise await _update_error(handle, error) from None
+
+
+async def _update_error(handle: MixerHandle, error: RPCError) -> Exception:
+    """What to answer when an update did not reach the run: 404, 409 if it ended, else the error."""
+    status = (await _describe_or_404(handle)).status
+    if status in _CLOSED:
+        return HTTPException(
+            status_code=409,
+            detail=f"the run has ended ({_CLOSED[status].value}); start a new run instead",
+        )
+    return error
+
+
+@api.post(
+    "/workflows/{workflow_id}/budget",
+    response_model=BudgetLimits,
+    responses={409: {"model": Errors, "description": "refused: the workflow's reason"}},
+)
+async def raise_budget(workflow_id: WorkflowId, body: BudgetRaise, handle: Run) -> BudgetLimits:
+    """Raise the spec's budget, or a decompose step's (``step``); the steps it held then start.
+
+    Limits only go up. A refusal (no such budget, a limit not above the
+    current one) changes nothing and answers 409 with the workflow's reason.
+    """
+    try:
+        return await handle.raise_budget(
+            step=body.step, max_tokens=body.max_tokens, max_cost_usd=body.max_cost_usd
+        )
+    except InterventionRefused as refusal:
+        raise HTTPException(status_code=409, detail=str(refusal)) from None
+    except RPCError as error:
+        raise await _update_error(handle, error) from None
+
+
+@api.post("/workflows/{workflow_id}/cancel", status_code=202, response_model=Cancelling)
+async def cancel_run(workflow_id: WorkflowId, handle: Run) -> Cancelling:
+    """Ask the run to stop: running commands and LLM streams end, the run ends cancelled."""
+    status = (await _describe_or_404(handle)).status
+    if status in _CLOSED:
+        raise HTTPException(
+            status_code=409,
+            detail=f"the run has already ended ({_CLOSED[status].value}); nothing to cancel",
+        )
+    await handle.cancel()
+    return Cancelling(
+        workflow_id=workflow_id,
+        message="cancellation requested: running steps are being stopped",
+    )
+
+
+async def open_subscription(
+    request: Request, handle: Run, start: Annotated[int, Depends(resume_offset)]
+) -> AsyncIterator[Subscription]:
+    """Opened before the response starts; closed once it ends or the client has gone."""
+    streams: OpenStreams = request.app.state.streams
+    subscription = Subscription(handle.events(start))
+    streams.count += 1
+    try:
+        yield subscription
+    finally:
+        await subscription.close()
+        streams.count -= 1
+
+
+@api.get(
+    "/workflows/{workflow_id}/events",
+    # Returned as a response object (events.py says why); this only documents it.
+    response_class=Response,
+    responses={
+        200: {
+            "description": (
+                "Server-Sent Events: `id:` offset, `event:` type, `data:` the event JSON. "
+                "Ends once the run has closed and every event was sent."
+            ),
+            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        },
+        400: {"model": Errors, "description": "Last-Event-ID is not an offset"},
+    },
+)
+async def stream_events(
+    workflow_id: WorkflowId,
+    subscription: Annotated[Subscription, Depends(open_subscription)],
+    request: Request,
+) -> Response:
+    """The run's events, live, from an offset; resumable with ``Last-Event-ID``."""
+    return event_response(event_stream(subscription, keepalive_s=settings_of(request).keepalive_s))
