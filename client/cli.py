@@ -29,6 +29,7 @@ from llmmixer.client.mixer import (
     MixerHandle,
     RunFailed,
 )
+from llmmixer.client.schedules import add_schedule_parser, cmd_schedule
 from llmmixer.client.specfile import parse_inputs, prepare_spec, read_spec, spec_warnings
 from llmmixer.client.watch import EventPump, retrying
 from llmmixer.core.contracts import EventType
@@ -424,6 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
     listing = sub.add_parser("list", help="recent runs")
     listing.add_argument("--limit", type=int, default=50)
     add_audit_parser(sub)
+    add_schedule_parser(sub)
 
     for name, kind in INTERVENTIONS.items():
         command = sub.add_parser(name, help=f"{name} a step of a run")
@@ -463,6 +465,7 @@ _ASYNC: dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, int]]] = {
     "list": cmd_list,
     "cancel": cmd_cancel,
     "audit": cmd_audit,
+    "schedule": cmd_schedule,
     **dict.fromkeys(INTERVENTIONS, cmd_intervene),
     "raise-budget": cmd_raise_budget,
     "dev": cmd_dev,

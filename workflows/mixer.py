@@ -65,6 +65,7 @@ from llmmixer.workflows.carry import (
     Carried,
 )
 from llmmixer.workflows.dag import RunState, StepNode
+from llmmixer.workflows.search import with_scheduled_time
 
 # Types that cross the data converter: one class for the worker and every run
 # (see sandbox_runner in workers/plugin.py). The run's logic above loads
@@ -174,6 +175,8 @@ class MixerWorkflow:
         # object exactly as the version that recorded it did, before any
         # handler of the first workflow task reads it.
         self._checks_recorded = workflow.patched(CHECKS_RECORDED_PATCH)
+        # A scheduled run's time, read from its start event (workflows/search.py).
+        spec = with_scheduled_time(spec, workflow.info().typed_search_attributes)
         try:
             # Replay reads only the shape: the rules ran once, when the run
             # started (run() asks the check activity), and history has the verdict.
