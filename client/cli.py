@@ -21,6 +21,12 @@ from temporalio.service import RPCError
 
 from llmmixer.client.audit import add_audit_parser, cmd_audit
 from llmmixer.client.display import ProgressView, progress_table, terminal_safe, unblock_hints
+from llmmixer.client.estimate import (
+    add_estimate_parser,
+    cmd_estimate,
+    estimate_spec,
+    format_estimate,
+)
 from llmmixer.client.local import EmbeddedServerError, TemporalUnreachable, temporal_for_run
 from llmmixer.client.mixer import (
     INTERVENTIONS,
@@ -101,6 +107,8 @@ async def cmd_run(args: argparse.Namespace) -> int:
             print(handle.id)
             return EXIT_OK
         code = await _follow(handle, stop_when_waiting=True)
+        if args.dry_run:
+            _err(format_estimate(estimate_spec(spec)))
         if code == EXIT_WAITING and stack.embedded is not None:
             _err(
                 "The run is saved; it continues once a person acts and a worker runs: "
@@ -426,6 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--limit", type=int, default=50)
     add_audit_parser(sub)
     add_schedule_parser(sub)
+    add_estimate_parser(sub)
 
     for name, kind in INTERVENTIONS.items():
         command = sub.add_parser(name, help=f"{name} a step of a run")
@@ -485,6 +494,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if args.command == "validate":
         return cmd_validate(args)
+    if args.command == "estimate":
+        return cmd_estimate(args)
     if args.command == "schema":
         from llmmixer.core.schema import spec_json_schema
 
