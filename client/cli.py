@@ -36,6 +36,7 @@ from llmmixer.client.mixer import (
     RunFailed,
 )
 from llmmixer.client.schedules import add_schedule_parser, cmd_schedule
+from llmmixer.client.setup import add_setup_parser, cmd_setup, list_query, shown_status
 from llmmixer.client.specfile import parse_inputs, prepare_spec, read_spec, spec_warnings
 from llmmixer.client.watch import EventPump, retrying
 from llmmixer.core.contracts import EventType
@@ -235,10 +236,10 @@ async def cmd_status(args: argparse.Namespace) -> int:
 
 async def cmd_list(args: argparse.Namespace) -> int:
     mixer = await MixerClient.connect()
-    query = 'WorkflowType="MixerWorkflow"'
+    query = list_query(args.state, args.spec)
     count = 0
     async for execution in mixer.temporal.list_workflows(query, limit=args.limit):
-        status = execution.status.name.lower() if execution.status else "unknown"
+        status = shown_status(execution)
         started = execution.start_time.strftime("%Y-%m-%d %H:%M:%S")
         print(f"{execution.id}\t{status}\t{started}")
         count += 1
@@ -432,9 +433,16 @@ def build_parser() -> argparse.ArgumentParser:
             command.add_argument("--json", action="store_true", help="print the progress JSON")
     listing = sub.add_parser("list", help="recent runs")
     listing.add_argument("--limit", type=int, default=50)
+    listing.add_argument(
+        "--state",
+        choices=[s.value for s in RunStatus],
+        help="only runs in this state (search attribute LlmmixerState; see `setup`)",
+    )
+    listing.add_argument("--spec", help="only runs of this spec name (LlmmixerSpec)")
     add_audit_parser(sub)
     add_schedule_parser(sub)
     add_estimate_parser(sub)
+    add_setup_parser(sub)
 
     for name, kind in INTERVENTIONS.items():
         command = sub.add_parser(name, help=f"{name} a step of a run")
@@ -475,6 +483,7 @@ _ASYNC: dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, int]]] = {
     "cancel": cmd_cancel,
     "audit": cmd_audit,
     "schedule": cmd_schedule,
+    "setup": cmd_setup,
     **dict.fromkeys(INTERVENTIONS, cmd_intervene),
     "raise-budget": cmd_raise_budget,
     "dev": cmd_dev,

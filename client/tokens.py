@@ -105,6 +105,7 @@ def encoding(name: str) -> tiktoken.Encoding:
     """A tiktoken encoding from the files llmmixer ships; no network."""
     # Imported here: only `estimate` and `run --dry-run` pay for it.
     import tiktoken
+
     expected = _ENCODINGS.get(name)
     if expected is None:
         raise ValueError(f"encoding {name!r}: llmmixer ships {', '.join(_ENCODINGS)}")
