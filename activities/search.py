@@ -39,9 +39,10 @@ class SearchAttributeCheck:
     @activity.defn(name=SEARCH_ATTRIBUTES_ACTIVITY)
     async def registered(self) -> list[str]:
         """The names of llmmixer's attributes that the namespace has, with their types."""
-        namespace = activity.info().workflow_namespace
+        client = activity.client()
+        namespace = activity.info().workflow_namespace or client.namespace
         try:
-            response = await activity.client().operator_service.list_search_attributes(
+            response = await client.operator_service.list_search_attributes(
                 ListSearchAttributesRequest(namespace=namespace)
             )
         except RPCError as error:

@@ -292,7 +292,11 @@ async def _from_description(description: ScheduleDescription) -> MixerSchedule:
         recent_runs=_runs(info.recent_actions),
         overlap=_OVERLAP_NAMES.get(overlap),  # type: ignore[arg-type]
         runs_started=info.num_actions,
-        running=[run.workflow_id for run in info.running_actions],
+        running=[
+            run.workflow_id
+            for run in info.running_actions
+            if isinstance(run, ScheduleActionExecutionStartWorkflow)
+        ],
     )
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import dataclass
+from typing import Any
 
 from temporalio.api.operatorservice.v1 import (
     AddSearchAttributesRequest,
@@ -74,7 +75,7 @@ def list_query(state: str | None = None, spec: str | None = None) -> str:
     return " AND ".join(clauses)
 
 
-def add_setup_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_setup_parser(sub: Any) -> None:
     sub.add_parser(
         "setup",
         help="register llmmixer's search attributes on TEMPORAL_NAMESPACE (operator API)",
