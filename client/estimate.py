@@ -620,6 +620,6 @@ def cmd_estimate(args: Any) -> int:
         if len(args.spec) > 1:
             print(f"== {source}")
         print(format_estimate(estimate))
-    if args.json:
+    if args.json and documents:
         print(json.dumps(documents if len(args.spec) > 1 else documents[0], indent=2))
     return code

@@ -140,6 +140,8 @@ class MixerClient:
             id=workflow_id,
             task_queue=self.task_queue,
             static_summary=f"llmmixer: {parsed.name} ({len(parsed.steps)} steps)",
+            # Shown by the Temporal CLI and Web UI without decoding the spec.
+            memo={"spec": parsed.name, "description": parsed.description or ""},
         )
         # No run id: a long run continues as new under the same workflow id,
         # and queries, updates and results must reach whichever run is current.
@@ -195,6 +197,7 @@ class MixerClient:
             cron=[cron] if isinstance(cron, str) else list(cron),
             overlap=overlap,
             paused=paused,
+            description=parsed.description or "",
         )
 
     async def list_schedules(self) -> list[MixerSchedule]:

@@ -238,6 +238,8 @@ def test_estimate_takes_inputs_and_refuses_an_invalid_spec(
     bad.write_text("name: b\nsteps:\n  - {id: a, prompt: '{{inputs.nope}}'}\n")
     assert main(["estimate", str(bad)]) == 2
     assert "nope" in capsys.readouterr().err
+    assert main(["estimate", str(bad), "--json"]) == 2
+    assert "nope" in capsys.readouterr().err
 
 
 async def test_run_dry_run_ends_with_the_estimate(

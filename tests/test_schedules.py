@@ -88,6 +88,8 @@ async def test_a_schedule_is_created_triggered_listed_paused_and_deleted(
         attributes = started.typed_search_attributes
         scheduled_by = attributes.get(SearchAttributeKey.for_keyword("TemporalScheduledById"))
         assert scheduled_by == name
+        assert await started.memo_value("spec") == "nightly-report"
+        assert await started.memo_value("description") == "what changed since the last slot"
 
         listed = await _eventually(
             mixer.list_schedules,
