@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import TypeVar
 
 import pytest
 from temporalio.client import ScheduleOverlapPolicy
 from temporalio.common import SearchAttributeKey
+from temporalio.testing import WorkflowEnvironment
 
-from llmmixer.client.cli import build_parser
+from llmmixer.client.cli import build_parser, main
 from llmmixer.client.mixer import MixerClient
 from llmmixer.client.schedules import MixerSchedule, ScheduleNotFound
 from llmmixer.core.validation import SpecError
@@ -166,3 +169,41 @@ def test_the_cli_parses_every_schedule_action() -> None:
         parser.parse_args(
             ["schedule", "create", "w", "d.yaml", "--cron", "* * * * *", "--overlap", "x"]
         )
+
+
+async def test_the_schedule_commands_round_trip(
+    env: WorkflowEnvironment,
+    mixer: MixerClient,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+) -> None:
+    monkeypatch.setenv("TEMPORAL_ADDRESS", env.client.service_client.config.target_host)
+    monkeypatch.setenv("LLMMIXER_TASK_QUEUE", mixer.task_queue)
+    spec = tmp_path / "nightly.json"
+    spec.write_text(json.dumps(NIGHTLY))
+    name = f"cli-{uuid.uuid4().hex[:8]}"
+
+    def cli(*arguments: str) -> Awaitable[int]:
+        return asyncio.to_thread(main, ["schedule", *arguments])
+
+    create = ["create", name, str(spec), "--cron", "0 9 * * 1", "--input", "team=data"]
+    assert await cli(*create) == 0
+    assert f"created schedule {name}" in capsys.readouterr().out
+    assert await cli("trigger", name) == 0
+    assert "triggered" in capsys.readouterr().out
+    found = await _eventually(
+        lambda: mixer.describe_schedule(name), lambda s: bool(s.recent_runs), "the run"
+    )
+    result = await mixer.get_handle(found.recent_runs[0].workflow_id).result()
+    assert result.output is not None and "Report for data" in result.output
+    assert await cli("describe", name, "--json") == 0
+    described = json.loads(capsys.readouterr().out)
+    assert (described["spec"], described["cron"]) == ("nightly-report", ["0 9 * * 1"])
+    assert described["recent_runs"][0]["scheduled_at"].endswith("Z")
+    assert await cli("pause", name, "--note", "holiday") == 0
+    assert (await mixer.describe_schedule(name)).paused
+    assert await cli("delete", name) == 0
+    capsys.readouterr()
+    assert await cli("describe", name) == 1
+    assert "no schedule named" in capsys.readouterr().err

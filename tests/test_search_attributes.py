@@ -19,7 +19,7 @@ from temporalio.api.workflowservice.v1 import RegisterNamespaceRequest
 from temporalio.client import Client
 from temporalio.testing import WorkflowEnvironment
 
-from llmmixer.client.cli import build_parser
+from llmmixer.client.cli import build_parser, main
 from llmmixer.client.mixer import MixerClient, RunFailed
 from llmmixer.client.setup import list_query, register_search_attributes
 from llmmixer.core.search import SEARCH_ATTRIBUTES
@@ -219,3 +219,23 @@ def test_list_filters_by_state_and_spec_and_quotes_values() -> None:
     )
     with pytest.raises(SystemExit):
         build_parser().parse_args(["list", "--state", "sleeping"])
+
+
+async def test_the_cli_sets_up_and_lists_waiting_runs_as_waiting(
+    env: WorkflowEnvironment,
+    mixer: MixerClient,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("TEMPORAL_ADDRESS", env.client.service_client.config.target_host)
+    monkeypatch.setenv("TEMPORAL_NAMESPACE", env.client.namespace)
+    assert await asyncio.to_thread(main, ["setup"]) == 0
+    assert "LlmmixerState" in capsys.readouterr().out
+    spec_name = f"cli-{uuid.uuid4().hex[:8]}"
+    gate = {"id": "gate", "kind": "approval", "prompt": "ok?"}
+    handle = await mixer.start(_spec(spec_name, gate))
+    await _found(mixer.temporal, list_query("waiting", spec_name), {handle.id})
+    arguments = ["list", "--state", "waiting", "--spec", spec_name]
+    assert await asyncio.to_thread(main, arguments) == 0
+    assert capsys.readouterr().out.startswith(f"{handle.id}\twaiting\t")
+    await handle.cancel()
