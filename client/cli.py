@@ -238,13 +238,23 @@ async def cmd_list(args: argparse.Namespace) -> int:
     mixer = await MixerClient.connect()
     query = list_query(args.state, args.spec)
     count = 0
-    async for execution in mixer.temporal.list_workflows(query, limit=args.limit):
-        status = shown_status(execution)
-        started = execution.start_time.strftime("%Y-%m-%d %H:%M:%S")
-        print(f"{execution.id}\t{status}\t{started}")
-        count += 1
+    try:
+        async for execution in mixer.temporal.list_workflows(query, limit=args.limit):
+            status = shown_status(execution)
+            started = execution.start_time.strftime("%Y-%m-%d %H:%M:%S")
+            print(f"{execution.id}\t{status}\t{started}")
+            count += 1
+    except RPCError as error:
+        if args.state is None and args.spec is None:
+            raise
+        _err(
+            f"Temporal refused the query ({error.message}): `llmmixer setup` registers "
+            "the search attributes --state and --spec filter on"
+        )
+        return EXIT_FAILED
     if count == 0:
-        _err("no runs yet: start one with `llmmixer run SPEC`")
+        filtered = args.state is not None or args.spec is not None
+        _err("no such runs" if filtered else "no runs yet: start one with `llmmixer run SPEC`")
     return EXIT_OK
 
 

@@ -153,7 +153,10 @@ async def bare_namespace(env: WorkflowEnvironment) -> AsyncIterator[Client]:
 
 
 async def test_a_worker_on_a_namespace_without_them_warns_once_and_runs(
-    bare_namespace: Client, caplog: pytest.LogCaptureFixture
+    bare_namespace: Client,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     queue = f"tq-{uuid.uuid4().hex[:8]}"
     settings = dataclasses.replace(
@@ -178,6 +181,11 @@ async def test_a_worker_on_a_namespace_without_them_warns_once_and_runs(
     warnings = [r for r in caplog.records if "llmmixer setup" in r.getMessage()]
     assert len(warnings) == 1
     assert "LlmmixerState" in warnings[0].getMessage()
+    # Filtering by them there says what to do.
+    monkeypatch.setenv("TEMPORAL_ADDRESS", bare_namespace.service_client.config.target_host)
+    monkeypatch.setenv("TEMPORAL_NAMESPACE", bare_namespace.namespace)
+    assert await asyncio.to_thread(main, ["list", "--state", "waiting"]) == 1
+    assert "llmmixer setup" in capsys.readouterr().err
 
 
 def test_only_changes_are_upserted() -> None:
