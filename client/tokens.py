@@ -65,8 +65,9 @@ _SPECIAL: dict[str, dict[str, int]] = {
     },
 }
 # Chat framing OpenAI adds around messages (its cookbook's count for current
-# chat models): per message, and once for the reply's start.
-_PER_MESSAGE = 3
+# chat models): per message 3 tokens plus its role's name (one token for
+# system, user and assistant alike), and 3 once for the reply's start.
+_PER_MESSAGE = 3 + 1
 _REPLY_PRIMING = 3
 
 # Provider -> tokens per o200k_base token, for providers without an offline

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import tiktoken_ext.openai_public as openai_public
+from fakes.provider_server import FakeProviderServer, Reply
 from temporalio.testing import WorkflowEnvironment
 
 from llmmixer.activities.pricing import PriceTable
@@ -72,10 +73,8 @@ def test_an_openai_steps_input_is_its_rendered_prompts_exact_token_count() -> No
     tokens = _step(estimate, "a").input_tokens
     o200k = encoding("o200k_base")
     # What OpenAI counts for the chat request: each message plus its framing.
-    counted = len(o200k.encode("Be terse.")) + len(o200k.encode(text)) + 3 + 3 + 3
+    counted = len(o200k.encode("Be terse.")) + len(o200k.encode(text)) + 2 * (3 + 1) + 3
     assert tokens.low == tokens.expected == counted
-    # The same within 2% as the model's own count of the raw text.
-    assert abs(tokens.expected - len(o200k.encode(text))) / len(o200k.encode(text)) < 0.02
     assert "o200k_base" in format_estimate(estimate)
 
 
@@ -255,3 +254,49 @@ async def test_run_dry_run_ends_with_the_estimate(
     err = capsys.readouterr().err
     assert "estimate for hello run for real (a dry run costs nothing)" in err
     assert "\ntotal " in err
+
+
+@pytest.fixture
+def worker_env(provider_server: FakeProviderServer) -> dict[str, str]:
+    return provider_server.env()
+
+
+def _openai_count(body: dict[str, Any]) -> int:
+    """OpenAI's own count of a chat request's prompt (its cookbook's rule, o200k_base)."""
+    o200k = encoding("o200k_base")
+    total = 3  # the reply's start
+    for message in body["messages"]:
+        total += 3 + sum(len(o200k.encode(str(value))) for value in message.values())
+    return total
+
+
+async def test_an_openai_estimate_is_within_2_percent_of_what_the_provider_is_sent(
+    mixer: MixerClient, provider_server: FakeProviderServer
+) -> None:
+    provider_server.script("openai", Reply(text="fine"))
+    report = "Latency rose after the deploy; the cache hit rate fell from 92% to 61%. " * 25
+    spec = {
+        "name": "tok",
+        "inputs": {"report": report},
+        "steps": [
+            {
+                "id": "a",
+                "provider": "openai",
+                "model": "gpt-4.1-mini",
+                "max_tokens": 100,
+                "system": "You are an SRE. Answer in one paragraph.",
+                "messages": [
+                    {"role": "user", "content": "What changed?"},
+                    {"role": "assistant", "content": "Share the report."},
+                ],
+                "prompt": "Report:\n{{inputs.report}}",
+            }
+        ],
+    }
+    estimated = _step(_estimate(spec), "a").input_tokens.expected
+    await (await mixer.start(spec)).result()
+    [call] = [c for c in provider_server.calls if c.provider == "openai"]
+    sent = _openai_count(call.body)
+    # Within 2% as the issue asks; in fact equal, framing included.
+    assert abs(estimated - sent) <= 0.02 * sent, (estimated, sent)
+    assert estimated == sent
