@@ -76,6 +76,7 @@ from llmmixer.core.contracts import (
     PlanCheckResult,
     SpecCheckResult,
 )
+from llmmixer.core.search import SEARCH_ATTRIBUTES_ACTIVITY
 from llmmixer.workflows.records import BudgetLimits, RunProgress
 
 __all__ = [
@@ -583,6 +584,8 @@ async def _on_marker(rebuild: _Rebuild, event: HistoryEvent, when: datetime | No
         return
     data = await rebuild.decoder.value(attrs.details["data"].payloads[0], dict)
     name = str(data.get("activity_type", "")) if isinstance(data, dict) else ""
+    if name == SEARCH_ATTRIBUTES_ACTIVITY:
+        return  # which search attributes the namespace has; nothing a person did or was sent
     if name != CHECK_SPEC_ACTIVITY:
         rebuild.not_understood(event, when, name or attrs.marker_name)
         return

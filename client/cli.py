@@ -21,6 +21,12 @@ from temporalio.service import RPCError
 
 from llmmixer.client.audit import add_audit_parser, cmd_audit
 from llmmixer.client.display import ProgressView, progress_table, terminal_safe, unblock_hints
+from llmmixer.client.estimate import (
+    add_estimate_parser,
+    cmd_estimate,
+    estimate_spec,
+    format_estimate,
+)
 from llmmixer.client.local import EmbeddedServerError, TemporalUnreachable, temporal_for_run
 from llmmixer.client.mixer import (
     INTERVENTIONS,
@@ -29,6 +35,8 @@ from llmmixer.client.mixer import (
     MixerHandle,
     RunFailed,
 )
+from llmmixer.client.schedules import add_schedule_parser, cmd_schedule
+from llmmixer.client.setup import add_setup_parser, cmd_setup, list_query, shown_status
 from llmmixer.client.specfile import parse_inputs, prepare_spec, read_spec, spec_warnings
 from llmmixer.client.watch import EventPump, retrying
 from llmmixer.core.contracts import EventType
@@ -101,6 +109,8 @@ async def cmd_run(args: argparse.Namespace) -> int:
             print(handle.id)
             return EXIT_OK
         code = await _follow(handle, stop_when_waiting=True)
+        if args.dry_run:
+            _err(format_estimate(estimate_spec(spec)))
         if code == EXIT_WAITING and stack.embedded is not None:
             _err(
                 "The run is saved; it continues once a person acts and a worker runs: "
@@ -227,15 +237,25 @@ async def cmd_status(args: argparse.Namespace) -> int:
 
 async def cmd_list(args: argparse.Namespace) -> int:
     mixer = await MixerClient.connect()
-    query = 'WorkflowType="MixerWorkflow"'
+    query = list_query(args.state, args.spec)
     count = 0
-    async for execution in mixer.temporal.list_workflows(query, limit=args.limit):
-        status = execution.status.name.lower() if execution.status else "unknown"
-        started = execution.start_time.strftime("%Y-%m-%d %H:%M:%S")
-        print(f"{execution.id}\t{status}\t{started}")
-        count += 1
+    try:
+        async for execution in mixer.temporal.list_workflows(query, limit=args.limit):
+            status = shown_status(execution)
+            started = execution.start_time.strftime("%Y-%m-%d %H:%M:%S")
+            print(f"{execution.id}\t{status}\t{started}")
+            count += 1
+    except RPCError as error:
+        if args.state is None and args.spec is None:
+            raise
+        _err(
+            f"Temporal refused the query ({error.message}): `llmmixer setup` registers "
+            "the search attributes --state and --spec filter on"
+        )
+        return EXIT_FAILED
     if count == 0:
-        _err("no runs yet: start one with `llmmixer run SPEC`")
+        filtered = args.state is not None or args.spec is not None
+        _err("no such runs" if filtered else "no runs yet: start one with `llmmixer run SPEC`")
     return EXIT_OK
 
 
@@ -426,7 +446,16 @@ def build_parser() -> argparse.ArgumentParser:
             command.add_argument("--json", action="store_true", help="print the progress JSON")
     listing = sub.add_parser("list", help="recent runs")
     listing.add_argument("--limit", type=int, default=50)
+    listing.add_argument(
+        "--state",
+        choices=[s.value for s in RunStatus],
+        help="only runs in this state (search attribute LlmmixerState; see `setup`)",
+    )
+    listing.add_argument("--spec", help="only runs of this spec name (LlmmixerSpec)")
     add_audit_parser(sub)
+    add_schedule_parser(sub)
+    add_estimate_parser(sub)
+    add_setup_parser(sub)
 
     for name, kind in INTERVENTIONS.items():
         command = sub.add_parser(name, help=f"{name} a step of a run")
@@ -466,6 +495,8 @@ _ASYNC: dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, int]]] = {
     "list": cmd_list,
     "cancel": cmd_cancel,
     "audit": cmd_audit,
+    "schedule": cmd_schedule,
+    "setup": cmd_setup,
     **dict.fromkeys(INTERVENTIONS, cmd_intervene),
     "raise-budget": cmd_raise_budget,
     "dev": cmd_dev,
@@ -485,6 +516,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if args.command == "validate":
         return cmd_validate(args)
+    if args.command == "estimate":
+        return cmd_estimate(args)
     if args.command == "schema":
         from llmmixer.core.schema import spec_json_schema
 

@@ -107,7 +107,13 @@ def cli_markdown() -> str:
         "| --- | --- |",
     ]
     lines += [f"| [`{name}`](#llmmixer-{name}) | {helps.get(name, '')} |" for name in commands]
+    # A command with actions of its own (`schedule create`, ...) documents each.
+    sections = dict(commands)
     for name, command in commands.items():
+        for action_name, action in _subcommands(command).items():
+            sections[f"{name} {action_name}"] = action
+            helps[f"{name} {action_name}"] = _helps(command).get(action_name, "")
+    for name, command in sections.items():
         actions = [a for a in command._actions if not isinstance(a, argparse._HelpAction)]
         usage = " ".join(command.format_usage().split()[1:])
         lines += ["", f"## llmmixer {name}", "", helps.get(name, ""), "", f"    {usage}", ""]

@@ -14,7 +14,7 @@ Every intervention goes through the validated update, so a refused one raises
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -27,6 +27,8 @@ from temporalio.client import (
 )
 from temporalio.contrib.workflow_streams import WorkflowStreamClient
 
+from llmmixer.client import schedules
+from llmmixer.client.schedules import MixerSchedule, Overlap
 from llmmixer.client.specfile import prepare_spec
 from llmmixer.core.contracts import EVENTS_TOPIC, MixerEvent
 from llmmixer.core.spec import Spec
@@ -138,6 +140,8 @@ class MixerClient:
             id=workflow_id,
             task_queue=self.task_queue,
             static_summary=f"llmmixer: {parsed.name} ({len(parsed.steps)} steps)",
+            # Shown by the Temporal CLI and Web UI without decoding the spec.
+            memo={"spec": parsed.name, "description": parsed.description or ""},
         )
         # No run id: a long run continues as new under the same workflow id,
         # and queries, updates and results must reach whichever run is current.
@@ -145,6 +149,77 @@ class MixerClient:
 
     def get_handle(self, workflow_id: str) -> MixerHandle:
         return MixerHandle(self, workflow_id)
+
+    # ---- schedules (client/schedules.py) -----------------------------------------
+
+    async def create_schedule(
+        self,
+        name: str,
+        spec: Mapping[str, Any] | str | Path,
+        *,
+        cron: str | Sequence[str],
+        inputs: Mapping[str, Any] | None = None,
+        overlap: Overlap = "skip",
+        paused: bool = False,
+        dry_run: bool = False,
+    ) -> MixerSchedule:
+        """A Temporal Schedule ``name`` that starts a run of ``spec`` at each ``cron`` time.
+
+        The spec is validated now (``SpecError`` lists every problem, nothing
+        is created); each run reads its scheduled time as
+        ``{{inputs.scheduled_time}}``.
+        """
+        body, parsed = schedules.scheduled_spec(spec, inputs, dry_run=dry_run)
+        await self.create_schedule_prepared(
+            name, body, parsed, cron=cron, overlap=overlap, paused=paused
+        )
+        return await self.describe_schedule(name)
+
+    async def create_schedule_prepared(
+        self,
+        name: str,
+        body: dict[str, Any],
+        parsed: Spec,
+        *,
+        cron: str | Sequence[str],
+        overlap: Overlap = "skip",
+        paused: bool = False,
+    ) -> None:
+        """``create_schedule`` from what ``schedules.scheduled_spec`` returned."""
+        if self.pty_task_queue and not parsed.pty_task_queue:
+            body["pty_task_queue"] = self.pty_task_queue
+        await schedules.create(
+            self,
+            name,
+            body,
+            parsed.name,
+            len(parsed.steps),
+            cron=[cron] if isinstance(cron, str) else list(cron),
+            overlap=overlap,
+            paused=paused,
+            description=parsed.description or "",
+        )
+
+    async def list_schedules(self) -> list[MixerSchedule]:
+        return await schedules.list_all(self.temporal)
+
+    async def describe_schedule(self, name: str) -> MixerSchedule:
+        """Raises ``ScheduleNotFound`` when there is none of that name."""
+        return await schedules.describe(self.temporal, name)
+
+    async def pause_schedule(self, name: str, note: str | None = None) -> None:
+        await schedules.act(self.temporal, name, "pause", note)
+
+    async def unpause_schedule(self, name: str, note: str | None = None) -> None:
+        await schedules.act(self.temporal, name, "unpause", note)
+
+    async def trigger_schedule(self, name: str) -> None:
+        """Start a run now, as if it were due (the overlap policy applies)."""
+        await schedules.act(self.temporal, name, "trigger")
+
+    async def delete_schedule(self, name: str) -> None:
+        """Delete the schedule; runs it started go on."""
+        await schedules.act(self.temporal, name, "delete")
 
 
 class MixerHandle:

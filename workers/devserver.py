@@ -43,6 +43,7 @@ from typing import BinaryIO, Self
 from temporalio.api.workflowservice.v1 import DescribeNamespaceRequest
 from temporalio.client import Client
 
+from llmmixer.core.search import SEARCH_ATTRIBUTES
 from llmmixer.core.secrets import child_environment
 from llmmixer.runtime.address import format_address, free_port, is_listening
 from llmmixer.runtime.home import llmmixer_home
@@ -197,7 +198,12 @@ class EmbeddedServer:
             **DEFAULT_DYNAMIC_CONFIG,
             **(dynamic_config or {}),
         }
-        self.search_attributes: Mapping[str, str] = dict(search_attributes or {})
+        # llmmixer's own (core/search.py), so `temporal workflow list --query
+        # 'LlmmixerState="waiting"'` works on the embedded server out of the box.
+        self.search_attributes: Mapping[str, str] = {
+            **SEARCH_ATTRIBUTES,
+            **(search_attributes or {}),
+        }
         self.extra_args = tuple(extra_args)
         self._environ = environ
         self._process: asyncio.subprocess.Process | None = None

@@ -25,6 +25,7 @@ from llmmixer.activities.commands import CommandActivities
 from llmmixer.activities.llm import LlmActivities, LlmSettings
 from llmmixer.activities.providers.breaker import BreakerBoard, BreakerPolicy
 from llmmixer.activities.providers.settings import ProviderSettings
+from llmmixer.activities.search import SearchAttributeCheck
 from llmmixer.activities.telemetry import breaker_state_changed
 from llmmixer.activities.terminal.policy import CommandPolicy
 from llmmixer.runtime.connection import PTY_TASK_QUEUE_ENV
@@ -224,7 +225,7 @@ def _registrations(
     if settings.task_queue in found:
         # The spec check runs where the workflow runs (a local activity); plan
         # checks are scheduled on the run's queue, to whichever worker polls it.
-        add(settings.task_queue, None, *CHECK_ACTIVITIES)
+        add(settings.task_queue, None, *CHECK_ACTIVITIES, SearchAttributeCheck().registered)
     return found
 
 

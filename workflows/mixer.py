@@ -65,6 +65,7 @@ from llmmixer.workflows.carry import (
     Carried,
 )
 from llmmixer.workflows.dag import RunState, StepNode
+from llmmixer.workflows.search import SEARCH_ATTRIBUTES_PATCH, RunSearch, with_scheduled_time
 
 # Types that cross the data converter: one class for the worker and every run
 # (see sandbox_runner in workers/plugin.py). The run's logic above loads
@@ -174,6 +175,10 @@ class MixerWorkflow:
         # object exactly as the version that recorded it did, before any
         # handler of the first workflow task reads it.
         self._checks_recorded = workflow.patched(CHECKS_RECORDED_PATCH)
+        # Search attributes (LlmmixerState, ...) for runs started from here on.
+        self._search = RunSearch(workflow.patched(SEARCH_ATTRIBUTES_PATCH))
+        # A scheduled run's time, read from its start event (workflows/search.py).
+        spec = with_scheduled_time(spec, workflow.info().typed_search_attributes)
         try:
             # Replay reads only the shape: the rules ran once, when the run
             # started (run() asks the check activity), and history has the verdict.
@@ -237,6 +242,7 @@ class MixerWorkflow:
                 type="InvalidSpec",
                 non_retryable=True,
             )
+        await self._search.check()
         if self._continuations == 0:
             self._publish(EventType.WORKFLOW_STARTED, data={"name": self._spec.name})
         else:
@@ -305,6 +311,7 @@ class MixerWorkflow:
             if self._state.all_done() and not self._running_ids():
                 return
             workflow.set_current_details(self._state.summary())
+            self._search.update(self._state)
             await self._until_changed()
 
     def _raise_from_steps(self) -> None:
@@ -417,6 +424,7 @@ class MixerWorkflow:
     def _finish(self) -> None:
         self._publish(EventType.WORKFLOW_ENDED, data={"status": self._state.status.value})
         workflow.set_current_details(f"{self._state.status.value}: {self._state.summary()}")
+        self._search.update(self._state)
 
     # ---- one step ---------------------------------------------------------
 
