@@ -62,9 +62,9 @@ class _ToolBase(_Strict):
 
 
 class CommandTool(_ToolBase):
-    """A program run with an argv whose ``{{args.x}}`` elements the model fills.
+    """A program run with an argv whose `{{args.x}}` elements the model fills.
 
-    It runs like a ``pty`` step: the worker's LLMMIXER_PTY_ALLOW, scrubbed
+    It runs like a `pty` step: the worker's LLMMIXER_PTY_ALLOW, scrubbed
     environment, redaction, timeout and output cap all apply.
     """
 
@@ -84,7 +84,7 @@ class CommandTool(_ToolBase):
 
 
 class McpTool(_ToolBase):
-    """An MCP server whose tools the model may call: stdio ``command`` or HTTP ``url``."""
+    """An MCP server whose tools the model may call: stdio `command` or HTTP `url`."""
 
     kind: Literal["mcp"] = "mcp"
     # A stdio server: started under the worker's command policy.
