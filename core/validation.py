@@ -483,7 +483,7 @@ def _tool_issues(where: str, prefix: str, tools: list[Tool]) -> Iterator[SpecIss
             yield from _spec_tool_issues(where, field, tool)
 
 
-def _parameters_issue(parameters: Mapping[str, Any]) -> str | None:
+def _parameters_issue(parameters: dict[str, Any]) -> str | None:
     if parameters.get("type") != "object":
         return "must be a JSON Schema object: set `type: object` and list `properties`"
     if not isinstance(parameters.get("properties", {}), Mapping):
