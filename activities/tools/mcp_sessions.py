@@ -196,7 +196,8 @@ class McpSessionPool:
         self.max_sessions = max_sessions
         self.start_timeout_s = start_timeout_s
         self._sessions: OrderedDict[str, _Session] = OrderedDict()
-        self._lock = asyncio.Lock()
+        # One lock per server: starting a slow server does not hold up calls to others.
+        self._locks: dict[str, asyncio.Lock] = {}
         self._closed = False
 
     @classmethod
@@ -267,7 +268,7 @@ class McpSessionPool:
         if self._closed:
             raise McpUnavailableError("the worker is shutting down; the call is retried")
         key = _server_key(server)
-        async with self._lock:
+        async with self._locks.setdefault(key, asyncio.Lock()):
             session = self._sessions.get(key)
             if session is not None and session.client is not None:
                 if await _alive(session.client):
@@ -291,24 +292,24 @@ class McpSessionPool:
                     f"({type(error).__name__}: {error}); check its command or url"
                 ) from None
             self._sessions[key] = session
+            evicted: list[_Session] = []
             while len(self._sessions) > self.max_sessions:
-                _, oldest = self._sessions.popitem(last=False)
-                await oldest.close()
-            return client
+                evicted.append(self._sessions.popitem(last=False)[1])
+        for oldest in evicted:
+            await oldest.close()
+        return client
 
     async def discard(self, server: McpTool) -> None:
         """Close ``server``'s session (it failed mid-call); the next call starts a new one."""
-        async with self._lock:
-            session = self._sessions.pop(_server_key(server), None)
+        session = self._sessions.pop(_server_key(server), None)
         if session is not None:
             await session.close()
 
     async def aclose(self) -> None:
         """Close every session (stops every stdio server); the worker calls it at shutdown."""
         self._closed = True
-        async with self._lock:
-            sessions = list(self._sessions.values())
-            self._sessions.clear()
+        sessions = list(self._sessions.values())
+        self._sessions.clear()
         await asyncio.gather(*(session.close() for session in sessions))
 
 

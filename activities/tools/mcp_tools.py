@@ -140,7 +140,8 @@ class McpToolActivities:
     async def _client(self, server: McpTool, workflow_id: str, step_id: str) -> Any:
         try:
             self.pool.check_allowed(server, workflow_id=workflow_id, step_id=step_id)
-            return await self.pool.client(server)
+            # Starting a server may take longer than the heartbeat timeout.
+            return await _heartbeating(self.pool.client(server))
         except McpRefusedError as error:
             raise self._error(str(error), ErrorType.MCP_REFUSED, non_retryable=True) from None
         except McpUnavailableError as error:
