@@ -26,9 +26,10 @@ KINDS: tuple[str, ...] = ("llm", "pty", "approval", "decompose", "agent")
 OnFailure = Literal["pause", "fail", "skip"]
 # Fields of a step that move a request or a command: where a provider call goes
 # (`base_url`, `provider_options`) and what runs and how (`env`, `cwd`,
-# `command`, `args`). A plan is written by a model that may have read hostile
-# text, so it sets them only where its decompose step's `allow_fields` lists them.
-PlanField = Literal["base_url", "provider_options", "env", "cwd", "command", "args"]
+# `command`, `args`), and what a model may call (`tools`: commands, MCP servers,
+# other specs). A plan is written by a model that may have read hostile text,
+# so it sets them only where its decompose step's `allow_fields` lists them.
+PlanField = Literal["base_url", "provider_options", "env", "cwd", "command", "args", "tools"]
 PLAN_FIELDS: tuple[str, ...] = get_args(PlanField)
 
 
