@@ -370,3 +370,38 @@ async def test_an_http_mcp_url_the_operator_did_not_allow_is_never_contacted() -
 def test_a_bad_allowed_mcp_urls_setting_names_itself() -> None:
     with pytest.raises(ValueError, match="LLMMIXER_ALLOWED_MCP_URLS"):
         McpSessionPool.from_env(policy(), {"LLMMIXER_ALLOWED_MCP_URLS": "ftp://x"})
+
+
+async def test_a_server_that_exits_or_never_answers_fails_the_call_retryably(
+    tmp_path: Path,
+) -> None:
+    pool = McpSessionPool(policy(), start_timeout_s=3.0)
+    activities = McpToolActivities(pool)
+    pid_file = tmp_path / "pid"
+    hung = (
+        f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(60)"
+    )
+    try:
+        for script in ("raise SystemExit(1)", hung):
+            server = McpTool(name="broken", command=[sys.executable, "-c", script])
+            request = McpCallRequest(
+                workflow_id="wf", step_id="ask", server=server, call=ToolCall(id="1", name="x")
+            )
+            started = asyncio.get_running_loop().time()
+            with pytest.raises(ApplicationError) as failed:
+                await ActivityEnvironment().run(activities.call_mcp_tool, request)
+            assert failed.value.type == ErrorType.MCP_UNAVAILABLE
+            assert not failed.value.non_retryable
+            assert "`broken`" in failed.value.message
+            assert asyncio.get_running_loop().time() - started < 20
+        pid = int(pid_file.read_text())
+        for _ in range(50):
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            await asyncio.sleep(0.1)
+        else:
+            pytest.fail("a server that never answered was left running")
+    finally:
+        await pool.aclose()

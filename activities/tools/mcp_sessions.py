@@ -144,17 +144,22 @@ class _Session:
 
     async def start(self, timeout_s: float) -> Client:
         ready: asyncio.Future[Client] = asyncio.get_running_loop().create_future()
-        self._task = asyncio.create_task(self._run(ready), name="mcp-session")
+        self._task = asyncio.create_task(self._run(ready, timeout_s), name="mcp-session")
         try:
-            self.client = await asyncio.wait_for(asyncio.shield(ready), timeout_s)
+            # The SDK times the handshake out itself (read_timeout_seconds) and
+            # unwinds its transport, which stops the server; this outer limit
+            # only guards against a transport that hangs anyway.
+            self.client = await asyncio.wait_for(ready, timeout_s + 10)
         except BaseException:
             await self.close()
             raise
         return self.client
 
-    async def _run(self, ready: asyncio.Future[Client]) -> None:
+    async def _run(self, ready: asyncio.Future[Client], timeout_s: float) -> None:
         try:
-            async with Client(self._transport, cache=None) as client:
+            async with Client(
+                self._transport, cache=None, read_timeout_seconds=timeout_s
+            ) as client:
                 if not ready.done():
                     ready.set_result(client)
                 await self._stop.wait()
@@ -287,9 +292,10 @@ class McpSessionPool:
                     f"{self.start_timeout_s:g} s of starting; check that it speaks MCP"
                 ) from None
             except Exception as error:  # any start failure is the same to the step
+                cause = _leaf(error)
                 raise McpUnavailableError(
                     f"MCP server `{server.name}` could not be started or reached "
-                    f"({type(error).__name__}: {error}); check its command or url"
+                    f"({type(cause).__name__}: {cause}); check its command or url"
                 ) from None
             self._sessions[key] = session
             evicted: list[_Session] = []
@@ -311,6 +317,13 @@ class McpSessionPool:
         sessions = list(self._sessions.values())
         self._sessions.clear()
         await asyncio.gather(*(session.close() for session in sessions))
+
+
+def _leaf(error: BaseException) -> BaseException:
+    """The first real error inside the SDK's (nested) task-group exception groups."""
+    while isinstance(error, BaseExceptionGroup) and error.exceptions:
+        error = error.exceptions[0]
+    return error
 
 
 async def _alive(client: Client) -> bool:
