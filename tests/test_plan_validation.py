@@ -505,4 +505,6 @@ def test_the_planner_is_told_which_fields_it_may_not_set() -> None:
     assert request.fields == ["command"]
     prompt = planner_prompt("Split", context(spec, allow_kinds=["pty"], allow_fields=["command"]))
     assert '"kind": "pty", "command": [' in prompt
-    assert "Do not set base_url, provider_options, env, cwd, args, tools: this plan may not" in prompt
+    assert (
+        "Do not set base_url, provider_options, env, cwd, args, tools: this plan may not" in prompt
+    )

@@ -378,9 +378,7 @@ async def test_a_server_that_exits_or_never_answers_fails_the_call_retryably(
     pool = McpSessionPool(policy(), start_timeout_s=3.0)
     activities = McpToolActivities(pool)
     pid_file = tmp_path / "pid"
-    hung = (
-        f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(60)"
-    )
+    hung = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(60)"
     try:
         for script in ("raise SystemExit(1)", hung):
             server = McpTool(name="broken", command=[sys.executable, "-c", script])
