@@ -19,6 +19,10 @@ Error types (``ApplicationError.type``) raised by activities::
     CommandRefused                 PTY policy refused the executable or cwd
     CommandFailed                  exit code outside ``success_codes``
     CommandTimeout                 the command ran past ``timeout_s``
+    McpRefused                     the worker does not allow this MCP server
+                                   (its command or LLMMIXER_ALLOWED_MCP_URLS)
+    McpUnavailable                 the MCP server could not be reached or died;
+                                   retryable (the worker starts it again)
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from llmmixer.core.providers import provider_names
+from llmmixer.core.tools import CommandTool, McpTool
 
 LLM_ACTIVITY = "llmmixer.call_llm"
 PTY_ACTIVITY = "llmmixer.run_command"
@@ -39,6 +44,12 @@ AGENT_ACTIVITY = "llmmixer.run_agent"
 # plan's (an activity on the run's task queue).
 CHECK_SPEC_ACTIVITY = "llmmixer.check_spec"
 CHECK_PLAN_ACTIVITY = "llmmixer.check_plan"
+# Tool calls of an llm step's loop, each its own activity (activities/tools).
+# They start programs and servers, so they run where commands run: the PTY
+# task queue when the run has one.
+TOOL_COMMAND_ACTIVITY = "llmmixer.run_tool_command"
+MCP_LIST_ACTIVITY = "llmmixer.list_mcp_tools"
+MCP_CALL_ACTIVITY = "llmmixer.call_mcp_tool"
 
 Provider = Literal["anthropic", "openai", "gemini"]
 # Declared in the provider registry (pure: no SDK, no I/O, so the workflow
@@ -58,6 +69,8 @@ class ErrorType:
     COMMAND_REFUSED = "CommandRefused"
     COMMAND_FAILED = "CommandFailed"
     COMMAND_TIMEOUT = "CommandTimeout"
+    MCP_REFUSED = "McpRefused"
+    MCP_UNAVAILABLE = "McpUnavailable"
 
 
 class Usage(BaseModel):
@@ -202,6 +215,86 @@ class CommandResult(BaseModel):
     attempt: int = 1
     # Agent steps in a worktree: the changes they made, as a git diff.
     diff: str | None = None
+
+
+class ToolCall(BaseModel):
+    """One call the model asked for: the provider's call id, the tool's name, its arguments."""
+
+    id: str
+    name: str
+    arguments: dict[str, Any] = Field(default_factory=dict)
+
+
+class ToolResult(BaseModel):
+    """What goes back to the model for one ``ToolCall``."""
+
+    call_id: str
+    name: str
+    content: str
+    # The tool failed (exit code, refused arguments, server error, a person's
+    # rejection); the model sees ``content`` as the reason.
+    is_error: bool = False
+
+
+class ToolRunRequest(BaseModel):
+    """A command tool to run for one call (``TOOL_COMMAND_ACTIVITY``)."""
+
+    workflow_id: str
+    step_id: str
+    tool: CommandTool
+    call: ToolCall
+
+
+class ToolRunResult(BaseModel):
+    """A tool call's outcome (``TOOL_COMMAND_ACTIVITY`` and ``MCP_CALL_ACTIVITY``).
+
+    ``content`` is redacted and bounded; ``is_error`` results are still
+    results (the model reads them), only refusals of the worker raise.
+    """
+
+    call_id: str
+    name: str
+    content: str
+    is_error: bool = False
+    exit_code: int | None = None
+    truncated: bool = False
+    duration_ms: float = 0.0
+    attempt: int = 1
+
+    def as_result(self) -> ToolResult:
+        return ToolResult(
+            call_id=self.call_id, name=self.name, content=self.content, is_error=self.is_error
+        )
+
+
+class McpListRequest(BaseModel):
+    """Which tools an MCP server offers, after its include/exclude (``MCP_LIST_ACTIVITY``)."""
+
+    workflow_id: str
+    step_id: str
+    server: McpTool
+
+
+class McpToolInfo(BaseModel):
+    """One tool of an MCP server, as the model is told about it."""
+
+    name: str
+    description: str = ""
+    # The tool's input JSON Schema.
+    parameters: dict[str, Any] = Field(default_factory=dict)
+
+
+class McpListResult(BaseModel):
+    tools: list[McpToolInfo] = Field(default_factory=list)
+
+
+class McpCallRequest(BaseModel):
+    """One call of an MCP server's tool (``MCP_CALL_ACTIVITY``)."""
+
+    workflow_id: str
+    step_id: str
+    server: McpTool
+    call: ToolCall
 
 
 class FailureDetails(BaseModel):

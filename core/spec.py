@@ -18,6 +18,7 @@ from typing import Annotated, Any, Literal, get_args
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
 from llmmixer.core.contracts import RespondRule
+from llmmixer.core.tools import DEFAULT_MAX_TURNS, Tool
 
 STEP_ID_PATTERN = r"^[a-z0-9_-]+$"
 KINDS: tuple[str, ...] = ("llm", "pty", "approval", "decompose", "agent")
@@ -25,9 +26,10 @@ KINDS: tuple[str, ...] = ("llm", "pty", "approval", "decompose", "agent")
 OnFailure = Literal["pause", "fail", "skip"]
 # Fields of a step that move a request or a command: where a provider call goes
 # (`base_url`, `provider_options`) and what runs and how (`env`, `cwd`,
-# `command`, `args`). A plan is written by a model that may have read hostile
-# text, so it sets them only where its decompose step's `allow_fields` lists them.
-PlanField = Literal["base_url", "provider_options", "env", "cwd", "command", "args"]
+# `command`, `args`), and what a model may call (`tools`: commands, MCP servers,
+# other specs). A plan is written by a model that may have read hostile text,
+# so it sets them only where its decompose step's `allow_fields` lists them.
+PlanField = Literal["base_url", "provider_options", "env", "cwd", "command", "args", "tools"]
 PLAN_FIELDS: tuple[str, ...] = get_args(PlanField)
 
 
@@ -108,6 +110,8 @@ class Defaults(_Strict):
     # worker's step runs again within 60 s, so this stays well under that.
     heartbeat_timeout_s: float = Field(default=20.0, gt=0, le=60)
     pause_timeout_s: float | None = Field(default=None, gt=0)
+    # Tools every llm step offers its model unless it sets its own `tools`.
+    tools: list[Tool] = Field(default_factory=list)
 
 
 class _StepBase(_Strict):
@@ -143,6 +147,10 @@ class LlmStep(_StepBase):
     # its fallback chain. Excludes `provider`/`model` on the same step.
     role: str | None = None
     best_of: BestOf | None = None
+    # What the model may call (core/tools.py); None: the defaults' tools, []: none.
+    tools: list[Tool] | None = None
+    # Most model turns of a tool loop; the step fails (on_failure applies) beyond it.
+    max_turns: int | None = Field(default=None, ge=1, le=100)
 
 
 class PtyStep(_StepBase):
@@ -287,6 +295,12 @@ class Spec(_Strict):
                     if step.best_of.judge is not None:
                         named.add((step.best_of.judge.provider, step.best_of.judge.model))
         return {(p, m) for p, m in named if p and m}
+
+    def tools(self, step: LlmStep) -> list[Tool]:
+        return self.defaults.tools if step.tools is None else step.tools
+
+    def max_turns(self, step: LlmStep) -> int:
+        return step.max_turns or DEFAULT_MAX_TURNS
 
     def on_failure(self, step: _StepBase) -> OnFailure:
         return step.on_failure or self.defaults.on_failure

@@ -31,11 +31,21 @@ from llmmixer.core.spec import (
     AgentStep,
     ApprovalStep,
     DecomposeStep,
+    Defaults,
     LlmStep,
     PtyStep,
     Spec,
 )
 from llmmixer.core.templates import references
+from llmmixer.core.tools import (
+    TOOL_KINDS,
+    TOOL_NAME_PATTERN,
+    CommandTool,
+    McpTool,
+    SpecTool,
+    Tool,
+    argv_placeholder,
+)
 
 SPEC_LOCATION = "spec"
 
@@ -150,6 +160,7 @@ def find_issues(raw: object) -> Iterator[SpecIssue]:
     yield from _model_issues(_SpecWithoutSteps, top, SPEC_LOCATION, "")
     defaults = raw.get("defaults") if isinstance(raw.get("defaults"), Mapping) else {}
     assert isinstance(defaults, Mapping)
+    yield from _default_tool_issues(defaults)
     routes = raw.get("routes") if isinstance(raw.get("routes"), Mapping) else {}
     assert isinstance(routes, Mapping)
     yield from _route_issues(raw)
@@ -246,6 +257,7 @@ def _check_step(
     issues.extend(_provider_issues(step_id, model, defaults, routes))
     if isinstance(model, LlmStep):
         issues.extend(_provider_option_issues(step_id, model, defaults, routes))
+        issues.extend(_step_tool_issues(step_id, model, defaults))
     return step_id, issues, model
 
 
@@ -256,8 +268,26 @@ def _model_issues(
         model_type.model_validate(body)
     except ValidationError as error:
         for detail in error.errors():
-            location = ".".join(str(part) for part in detail["loc"]) or "(document)"
+            location = _field_path(detail["loc"]) or "(document)"
             yield SpecIssue(where, prefix + location, _explain(detail))
+
+
+def _field_path(loc: tuple[int | str, ...]) -> str:
+    """A pydantic location as a field path: `tools[2].argv`, not `tools.2.command.argv`."""
+    parts: list[str] = []
+    index = 0
+    while index < len(loc):
+        part = loc[index]
+        if part == "tools" and index + 1 < len(loc) and isinstance(loc[index + 1], int):
+            parts.append(f"tools[{loc[index + 1]}]")
+            index += 2
+            # The discriminated union puts the tool's kind before its field.
+            if index < len(loc) and loc[index] in TOOL_KINDS:
+                index += 1
+            continue
+        parts.append(str(part))
+        index += 1
+    return ".".join(parts)
 
 
 def _explain(detail: Mapping[str, Any]) -> str:
@@ -269,6 +299,8 @@ def _explain(detail: Mapping[str, Any]) -> str:
     if kind == "string_pattern_mismatch":
         return "use lowercase letters, digits, `_` and `-` only"
     message = str(detail["msg"])
+    if kind in ("union_tag_not_found", "union_tag_invalid"):
+        return f"each tool needs `kind`: one of {', '.join(TOOL_KINDS)}"
     if kind == "literal_error":
         return message.replace("Input should be", "use")
     if kind == "value_error":
@@ -389,6 +421,187 @@ def _provider_option_issues(
 
 def _list(value: object) -> list[Mapping[str, Any]]:
     return [item for item in value if isinstance(item, Mapping)] if isinstance(value, list) else []
+
+
+def _default_tool_issues(defaults: Mapping[str, Any]) -> Iterator[SpecIssue]:
+    raw = defaults.get("tools")
+    if not isinstance(raw, list) or not raw:
+        return
+    try:
+        parsed = Defaults.model_validate(defaults)
+    except ValidationError:
+        return  # the shape issues are reported with the other top-level fields
+    yield from _tool_issues(SPEC_LOCATION, "defaults.", parsed.tools)
+
+
+def _step_tool_issues(
+    step_id: str, step: LlmStep, defaults: Mapping[str, Any]
+) -> Iterator[SpecIssue]:
+    if step.tools is not None:
+        yield from _tool_issues(step_id, "", step.tools)
+    has_tools = bool(step.tools) or (step.tools is None and bool(defaults.get("tools")))
+    if step.max_turns is not None and not has_tools:
+        yield SpecIssue(
+            step_id,
+            "max_turns",
+            "limits a tool loop, but the step has no tools: add `tools` or remove `max_turns`",
+        )
+    if has_tools and step.best_of is not None:
+        yield SpecIssue(
+            step_id,
+            "best_of",
+            "a step with tools runs one model loop, so it cannot use "
+            "`best_of`: remove one of them (or set `tools: []`)",
+        )
+
+
+def _tool_issues(where: str, prefix: str, tools: list[Tool]) -> Iterator[SpecIssue]:
+    """Names every provider accepts, once each; argvs without spliced arguments; schemas."""
+    seen: set[str] = set()
+    for number, tool in enumerate(tools):
+        field = f"{prefix}tools[{number}]"
+        if not re.match(TOOL_NAME_PATTERN, tool.name):
+            yield SpecIssue(
+                where,
+                f"{field}.name",
+                f"{tool.name!r} is not a valid tool name: use 1 to 64 "
+                "letters, digits, `_` and `-` (the rule every provider applies)",
+            )
+        elif tool.name in seen:
+            yield SpecIssue(
+                where,
+                f"{field}.name",
+                f"`{tool.name}` names more than one tool of this step: "
+                "give each tool a unique name",
+            )
+        seen.add(tool.name)
+        if isinstance(tool, CommandTool):
+            yield from _command_tool_issues(where, field, tool)
+        elif isinstance(tool, McpTool):
+            yield from _mcp_tool_issues(where, field, tool)
+        else:
+            yield from _spec_tool_issues(where, field, tool)
+
+
+def _parameters_issue(parameters: dict[str, Any]) -> str | None:
+    if parameters.get("type") != "object":
+        return "must be a JSON Schema object: set `type: object` and list `properties`"
+    if not isinstance(parameters.get("properties", {}), Mapping):
+        return "`properties` must map each argument name to its JSON Schema"
+    # Imported here: only specs with tools need it, and older runs re-run
+    # these rules inside the workflow sandbox on replay.
+    import jsonschema.exceptions
+    import jsonschema.validators
+
+    try:
+        jsonschema.validators.validator_for(parameters).check_schema(parameters)
+    except jsonschema.exceptions.SchemaError as error:
+        return f"is not a valid JSON Schema ({error.message}); fix the schema"
+    return None
+
+
+def _command_tool_issues(where: str, field: str, tool: CommandTool) -> Iterator[SpecIssue]:
+    problem = _parameters_issue(tool.parameters)
+    if problem is not None:
+        yield SpecIssue(where, f"{field}.parameters", problem)
+    properties = tool.parameters.get("properties")
+    declared = set(properties) if isinstance(properties, Mapping) else set()
+    for position, element in enumerate(tool.argv):
+        name = argv_placeholder(element)
+        at = f"{field}.argv[{position}]"
+        if name is None:
+            if "{{" in element or "}}" in element:
+                yield SpecIssue(
+                    where,
+                    at,
+                    f"{element!r} puts a placeholder inside a longer string: an "
+                    "argument fills a whole argv element, never part of one; write "
+                    '`{{args.<name>}}` as an element of its own (e.g. `["--file", '
+                    '"{{args.path}}"]`)',
+                )
+        elif position == 0:
+            yield SpecIssue(
+                where,
+                at,
+                "the program cannot come from the model's arguments: name the "
+                "executable itself as argv[0]",
+            )
+        elif name not in declared:
+            yield SpecIssue(
+                where,
+                at,
+                f"`{{{{args.{name}}}}}` names no argument of the tool: add "
+                f"`{name}` under `parameters.properties`, or fix the name",
+            )
+    for key in ("cwd",):
+        value = getattr(tool, key)
+        if value and "{{" in value:
+            yield SpecIssue(where, f"{field}.{key}", "a tool's cwd takes no placeholders")
+    for key, value in tool.env.items():
+        if "{{" in value:
+            yield SpecIssue(
+                where,
+                f"{field}.env.{key}",
+                "a tool's env takes no placeholders: pass the argument as an argv element",
+            )
+
+
+def _mcp_tool_issues(where: str, field: str, tool: McpTool) -> Iterator[SpecIssue]:
+    if (tool.command is None) == (tool.url is None):
+        yield SpecIssue(
+            where,
+            field,
+            "an mcp tool needs exactly one of `command` (a stdio server) and "
+            "`url` (a streamable HTTP server)",
+        )
+    for position, element in enumerate(tool.command or []):
+        if "{{" in element:
+            yield SpecIssue(
+                where,
+                f"{field}.command[{position}]",
+                "an MCP server's command takes no placeholders: write the argv as it runs",
+            )
+    if tool.url is not None and not re.match(r"^https?://[^\s/]+", tool.url):
+        yield SpecIssue(
+            where,
+            f"{field}.url",
+            f"{tool.url!r} is not an http(s) URL: use e.g. http://127.0.0.1:8000/mcp",
+        )
+    if tool.url is not None and (tool.env or tool.cwd):
+        yield SpecIssue(
+            where,
+            f"{field}.env",
+            "`env` and `cwd` apply to a stdio server only: remove them or use `command`",
+        )
+    for key, names in (("include", tool.include or []), ("exclude", tool.exclude)):
+        for position, name in enumerate(names):
+            if not re.match(TOOL_NAME_PATTERN, name):
+                yield SpecIssue(
+                    where,
+                    f"{field}.{key}[{position}]",
+                    f"{name!r} is not a valid tool name: use 1 to 64 letters, digits, `_` and `-`",
+                )
+    both = sorted(set(tool.include or []) & set(tool.exclude))
+    if both:
+        yield SpecIssue(
+            where,
+            f"{field}.exclude",
+            f"{', '.join(both)} is in both `include` and `exclude`: keep it in one of them",
+        )
+
+
+def _spec_tool_issues(where: str, field: str, tool: SpecTool) -> Iterator[SpecIssue]:
+    problem = _parameters_issue(tool.parameters)
+    if problem is not None:
+        yield SpecIssue(where, f"{field}.parameters", problem)
+    if isinstance(tool.spec, str):
+        if not tool.spec.strip():
+            yield SpecIssue(
+                where, f"{field}.spec", "give the child spec's file path or the spec itself"
+            )
+        return
+    for issue in find_issues(tool.spec):
+        yield SpecIssue(where, f"{field}.spec", f"the child spec: {issue}")
 
 
 def _templated_fields(step: BaseModel) -> Iterator[tuple[str, str]]:

@@ -696,6 +696,17 @@ class CommandEnv(_Group):
         "(see [security.md](security.md))."
     )
 
+    allowed_mcp_urls: Annotated[
+        tuple[str, ...],
+        Env(
+            "LLMMIXER_ALLOWED_MCP_URLS",
+            Items("a comma list of http(s) origins or URL prefixes", UrlPrefix()),
+            "origins or URL prefixes an `mcp` tool's `url` may name (comma list); a stdio "
+            "MCP server's `command` obeys `LLMMIXER_PTY_ALLOW` like any command",
+            "http://127.0.0.1:8000/mcp,https://tools.internal.example",
+            default_text="none: an MCP `url` is refused",
+        ),
+    ] = ()
     allow: Annotated[
         tuple[str, ...] | None,
         Env(

@@ -500,9 +500,11 @@ def test_allow_fields_outside_the_list_are_refused_in_the_spec() -> None:
 def test_the_planner_is_told_which_fields_it_may_not_set() -> None:
     spec = validate_spec(base_spec())
     prompt = planner_prompt("Split", context(spec))
-    assert "Do not set base_url, provider_options, env, cwd, command, args" in prompt
+    assert "Do not set base_url, provider_options, env, cwd, command, args, tools" in prompt
     request = plan_request(context(spec, allow_kinds=["pty"], allow_fields=["command"]))
     assert request.fields == ["command"]
     prompt = planner_prompt("Split", context(spec, allow_kinds=["pty"], allow_fields=["command"]))
     assert '"kind": "pty", "command": [' in prompt
-    assert "Do not set base_url, provider_options, env, cwd, args: this plan may not" in prompt
+    assert (
+        "Do not set base_url, provider_options, env, cwd, args, tools: this plan may not" in prompt
+    )

@@ -59,6 +59,7 @@ SANDBOX_PASSTHROUGH_MODULES: tuple[str, ...] = (
     "llmmixer.core.providers",  # the provider registry (contracts reads it)
     "llmmixer.core.provider_options",  # provider_options schemas
     "llmmixer.core.spec",  # the run's input
+    "llmmixer.core.tools",  # tool models of the spec and of tool activities
     "llmmixer.core.documents",  # the safe document loader (yaml subclasses)
     "llmmixer.workflows.records",  # signal, update and query types
 )

@@ -28,6 +28,7 @@ from llmmixer.activities.providers.settings import ProviderSettings
 from llmmixer.activities.search import SearchAttributeCheck
 from llmmixer.activities.telemetry import breaker_state_changed
 from llmmixer.activities.terminal.policy import CommandPolicy
+from llmmixer.activities.tools import CommandToolActivities, McpSessionPool, McpToolActivities
 from llmmixer.runtime.connection import PTY_TASK_QUEUE_ENV
 from llmmixer.runtime.settings import ROLES, Settings, WorkerEnv
 from llmmixer.runtime.telemetry import prometheus_address, setup_telemetry
@@ -143,13 +144,18 @@ async def mixer_worker(
         # Off the event loop: SDK imports take seconds, and a client in this
         # process (`llmmixer run`) may be keeping a server connection alive.
         await asyncio.to_thread(llm.warm_up)
+    policy = command_policy or CommandPolicy.from_env(env, user_is_operator=user_is_operator)
     commands = CommandActivities(
-        command_policy or CommandPolicy.from_env(env, user_is_operator=user_is_operator),
+        policy,
         # A running command's output reaches watchers like a model's text.
         stream_deltas=settings.stream_deltas,
     )
+    # MCP servers are started under the same policy; their sessions live as
+    # long as this worker and are reused by every run it serves.
+    mcp_pool = McpSessionPool.from_env(policy, env)
+    tools = _ToolActivities(CommandToolActivities(commands), McpToolActivities(mcp_pool))
     (queue, (workflows, activities)), *other_queues = _registrations(
-        settings, llm, commands
+        settings, llm, commands, tools
     ).items()
     # Joins workflow and activity spans to the client's trace when tracing is
     # on and the client does not already carry the interceptor.
@@ -187,11 +193,21 @@ async def mixer_worker(
     try:
         yield MixerWorker(workers)
     finally:
+        await mcp_pool.aclose()
         await llm.aclose()
 
 
+@dataclass(frozen=True)
+class _ToolActivities:
+    commands: CommandToolActivities
+    mcp: McpToolActivities
+
+
 def _registrations(
-    settings: WorkerSettings, llm: LlmActivities, commands: CommandActivities
+    settings: WorkerSettings,
+    llm: LlmActivities,
+    commands: CommandActivities,
+    tools: _ToolActivities,
 ) -> dict[str, tuple[list[type], list[Callable[..., Any]]]]:
     """What to register on which task queue, for this worker's roles.
 
@@ -213,7 +229,16 @@ def _registrations(
     if ROLE_LLM in settings.roles:
         add(settings.task_queue, None, llm.call_llm)
     if ROLE_PTY in settings.roles:
-        add(settings.pty_queue, None, commands.run_command, commands.run_agent)
+        # Tool calls start programs and MCP servers: they run where commands run.
+        add(
+            settings.pty_queue,
+            None,
+            commands.run_command,
+            commands.run_agent,
+            tools.commands.run_tool_command,
+            tools.mcp.list_mcp_tools,
+            tools.mcp.call_mcp_tool,
+        )
     elif settings.pty_queue == settings.task_queue and ROLE_LLM in settings.roles:
         log.warning(
             "roles %s without pty and no %s: PTY and agent steps scheduled on %r fail "
