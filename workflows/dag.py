@@ -28,7 +28,7 @@ waits on, so no change can be made without the loop seeing it.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
 from datetime import datetime
 
@@ -140,12 +140,20 @@ class RunState:
             budgets={k: v.model_copy() for k, v in self.budgets.items()},
         )
 
-    def restore(self, snapshot: RunSnapshot) -> None:
+    def restore(
+        self,
+        snapshot: RunSnapshot,
+        prompt_overrides: Mapping[str, str] | None = None,
+        decisions: Mapping[str, Intervention] | None = None,
+    ) -> None:
+        """Take over a run's state (continue-as-new), with what its people decided."""
         self.nodes = {node.id: node for node in snapshot.nodes}
         self.records = {
             i: snapshot.records.get(i) or self._new_record(n) for i, n in self.nodes.items()
         }
         self.budgets = dict(snapshot.budgets)
+        self.prompt_overrides = dict(prompt_overrides or {})
+        self.decisions = dict(decisions or {})
 
     # ---- plans (decompose steps) -------------------------------------------
 

@@ -105,9 +105,7 @@ class MixerWorkflow:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._continuations = 0
         if carried is not None and self._spec is not None:
-            self._state.restore(carried.state)
-            self._state.prompt_overrides = dict(carried.prompt_overrides)
-            self._state.decisions = dict(carried.decisions)
+            self._state.restore(carried.state, carried.prompt_overrides, carried.decisions)
             self._continuations = carried.continuations
 
     def _reset_state(self, raw: dict[str, Any]) -> None:
