@@ -1,13 +1,14 @@
 """What a step's activities are called with, built by pure functions.
 
-``MixerWorkflow`` decides *when* to call; this module decides *what*: the
-``LlmCall`` a step sends to a target, and how each kind of activity is
-scheduled (timeouts, retries, cancellation). No Temporal workflow context is
+The step handlers (``workflows/steps``) decide *when* to call; this module
+decides *what*: the ``LlmCall``, ``CommandCall`` or ``AgentCall`` a step
+sends, and how each kind of activity is scheduled (timeouts, retries,
+cancellation). No Temporal workflow context is
 needed, so each rule is unit-tested directly.
 
 Compatibility with runs in flight: the calls and options built here are the
 content of commands in recorded histories. Change what they hold for a given
-spec only behind ``workflow.patched`` in ``mixer.py``.
+spec only behind a ``workflow.patched`` id (``patches.py``).
 """
 
 from __future__ import annotations

@@ -21,9 +21,11 @@ and a step whose budget is spent is held ``waiting`` until it is raised.
 
 Every change of a step's state is a method of ``RunState`` that checks the
 state it leaves and sets or clears exactly the fields that change implies;
-the workflow interprets the spec and calls them, it never assigns a status.
-Each such change increases ``RunState.version``, which the workflow's loop
-waits on, so no change can be made without the loop seeing it.
+the workflow and its step handlers interpret the spec and call them; they
+never assign a field of a record (tests/test_run_state.py checks). Each
+change increases ``RunState.version``, which the workflow's loop waits on
+(and publishes progress from), so no change can be made without the loop
+seeing it.
 """
 
 from __future__ import annotations
