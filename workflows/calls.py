@@ -27,8 +27,11 @@ from llmmixer.core.contracts import (
     CommandCall,
     ErrorType,
     LlmCall,
+    PlanCheck,
+    PlanCheckLimits,
     PlanRequest,
 )
+from llmmixer.core.plans import PlanContext
 from llmmixer.core.spec import (
     STEP_MODELS,
     AgentStep,
@@ -188,6 +191,24 @@ def agent_call(
         env={key: render(value) for key, value in step.env.items()},
         worktree=step.worktree,
         timeout_s=spec.timeout_s(step),
+    )
+
+
+def plan_check(spec_body: dict[str, Any], text: str, context: PlanContext) -> PlanCheck:
+    """What the plan check activity decides on: a planner's ``text`` in its ``context``."""
+    limits = context.limits
+    return PlanCheck(
+        text=text,
+        spec=spec_body,
+        step_id=context.step_id,
+        limits=PlanCheckLimits(
+            max_steps=limits.max_steps,
+            max_depth=limits.max_depth,
+            kinds=list(limits.kinds),
+            fields=list(limits.fields),
+        ),
+        taken_ids=sorted(context.taken_ids),
+        context_ids=list(context.context_ids),
     )
 
 

@@ -11,8 +11,6 @@ from temporalio.exceptions import ActivityError
 from llmmixer.core.contracts import (
     CHECK_PLAN_ACTIVITY,
     ChatMessage,
-    PlanCheck,
-    PlanCheckLimits,
     PlanCheckResult,
 )
 from llmmixer.core.plans import (
@@ -25,7 +23,7 @@ from llmmixer.core.plans import (
 )
 from llmmixer.core.spec import DecomposeStep
 from llmmixer.core.validation import SpecIssue
-from llmmixer.workflows.calls import budget_limits, target_chain
+from llmmixer.workflows.calls import budget_limits, plan_check, target_chain
 from llmmixer.workflows.patches import PLAN_FIELDS_PATCH
 from llmmixer.workflows.records import StepNode
 from llmmixer.workflows.steps.base import Completed, Failed, Outcome, StepContext
@@ -100,20 +98,7 @@ async def _check_plan(
         # A run recorded by an older version checks its plans here, as it
         # did, so its replays decide the same.
         return check_plan(text, context, field_rule=workflow.patched(PLAN_FIELDS_PATCH))
-    limits = context.limits
-    request = PlanCheck(
-        text=text,
-        spec=ctx.spec_body,
-        step_id=context.step_id,
-        limits=PlanCheckLimits(
-            max_steps=limits.max_steps,
-            max_depth=limits.max_depth,
-            kinds=list(limits.kinds),
-            fields=list(limits.fields),
-        ),
-        taken_ids=sorted(context.taken_ids),
-        context_ids=list(context.context_ids),
-    )
+    request = plan_check(ctx.spec_body, text, context)
     try:
         # An activity, not a local one: planners of parallel decompose steps
         # answer together, and local activities that run side by side may
