@@ -8,9 +8,11 @@ tests record runs, tighten (or loosen) the rules, and replay.
 
 from __future__ import annotations
 
+import base64
 import json
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,7 +23,7 @@ from llmmixer.activities import checks
 from llmmixer.client.mixer import MixerClient
 from llmmixer.core import plans as decompose
 from llmmixer.core import validation
-from llmmixer.core.contracts import PlanCheck, PlanCheckLimits, SpecCheck
+from llmmixer.core.contracts import PlanCheck, PlanCheckLimits, PlanCheckResult, SpecCheck
 from llmmixer.core.validation import SpecIssue
 from llmmixer.workers import plugin
 from llmmixer.workflows.mixer import CHECKS_RECORDED_PATCH
@@ -204,3 +206,106 @@ async def test_the_plan_check_activity_applies_the_limits_it_is_given() -> None:
     assert accepted.steps == [
         {"id": "split-1", "kind": "llm", "prompt": "x", "base_url": "http://e"}
     ]
+
+
+# ---- a tightened rule against histories recorded by an earlier version --------------
+
+HISTORIES = Path(__file__).parent / "histories"
+Rule = Callable[[Mapping[str, Any]], Iterator[SpecIssue]]
+
+
+def _steps(raw: Mapping[str, Any]) -> Iterator[Mapping[str, Any]]:
+    steps = raw.get("steps")
+    for step in steps if isinstance(steps, list) else []:
+        if isinstance(step, Mapping):
+            yield step
+
+
+def _approval_needs_default(raw: Mapping[str, Any]) -> Iterator[SpecIssue]:
+    for step in _steps(raw):
+        if step.get("kind") == "approval" and "default" not in step:
+            yield SpecIssue(
+                str(step.get("id")), "default", "say what happens when nobody decides: set it"
+            )
+
+
+def _prompt_says_enough(raw: Mapping[str, Any]) -> Iterator[SpecIssue]:
+    for step in _steps(raw):
+        prompt = step.get("prompt")
+        if isinstance(prompt, str) and len(prompt) < 10:
+            yield SpecIssue(str(step.get("id")), "prompt", "under 10 characters: say what to do")
+
+
+def tightened(rule: Rule) -> Callable[[object], Iterator[SpecIssue]]:
+    """Today's rules and one more, as a release that tightens validation ships them."""
+    today = validation.find_issues
+
+    def rules(raw: object) -> Iterator[SpecIssue]:
+        yield from today(raw)
+        if isinstance(raw, Mapping):
+            yield from rule(raw)
+
+    return rules
+
+
+def _decoded(payload: dict[str, Any]) -> Any:
+    return json.loads(base64.b64decode(payload["data"]))
+
+
+async def _spec_verdict(events: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """What the spec check says today about the spec the recorded run started with."""
+    started = events[0]["workflowExecutionStartedEventAttributes"]
+    spec = _decoded(started["input"]["payloads"][0])
+    result = await checks.check_spec_activity(SpecCheck(spec=spec))
+    return [(issue.step, issue.field) for issue in result.issues]
+
+
+async def _plan_verdict(events: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """What the plan check says today about the plan the recorded run accepted."""
+    by_id = {event["eventId"]: event for event in events}
+    accepted = [
+        (event["activityTaskScheduledEventAttributes"], by_id[str(int(event["eventId"]) + 2)])
+        for event in events
+        if event.get("activityTaskScheduledEventAttributes", {}).get("activityType", {}).get("name")
+        == "llmmixer.check_plan"
+    ][-1]
+    scheduled, completed = accepted
+    recorded = PlanCheckResult.model_validate(
+        _decoded(completed["activityTaskCompletedEventAttributes"]["result"]["payloads"][0])
+    )
+    assert recorded.issues == [] and recorded.steps, "the recorded run accepted this plan"
+    request = PlanCheck.model_validate(_decoded(scheduled["input"]["payloads"][0]))
+    result = await checks.check_plan_activity(request)
+    return [(issue.step, issue.field) for issue in result.issues]
+
+
+@pytest.mark.parametrize(
+    ("name", "rule", "verdict", "refused"),
+    [
+        # A spec the recorded run was started with, refused by a rule added later.
+        ("0.1.0-approval-timers", _approval_needs_default, _spec_verdict, [("gate", "default")]),
+        # A plan the recorded run accepted (after one it was refused), refused
+        # by a rule added later.
+        (
+            "0.1.0-plan-reasked",
+            _prompt_says_enough,
+            _plan_verdict,
+            [("split-1", "prompt"), ("split-2", "prompt")],
+        ),
+    ],
+)
+async def test_a_recorded_run_replays_under_a_rule_that_would_refuse_it_today(
+    name: str,
+    rule: Rule,
+    verdict: Callable[[list[dict[str, Any]]], Any],
+    refused: list[tuple[str, str]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    text = (HISTORIES / f"{name}.json").read_text()
+    events = json.loads(text)["events"]
+    assert await verdict(events) == []  # the rules it ran under accept it
+    set_rules(monkeypatch, tightened(rule))
+    # The stricter rule is in force where a new run's checks read it...
+    assert await verdict(events) == refused
+    # ...and the run recorded before it replays as it ran: its verdicts are in history.
+    await replay(WorkflowHistory.from_json(name, text))
