@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from temporalio.api.common.v1 import Payload
 
 from llmmixer.core.contracts import (
     AGENT_ACTIVITY,
@@ -46,8 +47,19 @@ from llmmixer.workflows.calls import (
 HISTORIES = sorted((Path(__file__).parent / "histories").glob("*.json"))
 
 
+# Where histories recorded with LLMMIXER_PAYLOAD_STORE=fs keep their large payloads.
+STORE = Path(__file__).parent / "histories" / "payloads" / "sha256"
+
+
 def _payload(payloads: dict[str, Any]) -> Any:
-    return json.loads(base64.b64decode(payloads["payloads"][0]["data"]))
+    payload = payloads["payloads"][0]
+    data = base64.b64decode(payload["data"])
+    kind = base64.b64decode(payload["metadata"].get("messageType", "")).decode()
+    if kind == "temporal.api.sdk.v1.ExternalStorageReference":
+        # Stored outside history: the file holds the payload itself.
+        digest = json.loads(data)["claimData"]["sha256"]
+        data = Payload.FromString((STORE / digest[:2] / digest).read_bytes()).data
+    return json.loads(data)
 
 
 def _seconds(duration: str) -> timedelta:

@@ -7,8 +7,10 @@ version the workflow's loop waits on (a change it did not see would hang a run).
 
 from __future__ import annotations
 
+import ast
 from collections.abc import Callable
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 
@@ -19,6 +21,7 @@ from llmmixer.workflows.records import (
     Candidate,
     FallbackNote,
     Intervention,
+    InterventionRequest,
     RunStatus,
     StepStatus,
 )
@@ -296,6 +299,7 @@ def test_every_change_the_loop_must_see_increases_the_version() -> None:
         lambda: state.intervene("s", Intervention(type="retry")),
         lambda: state.complete("s", "o", NOW),
         lambda: state.skip("t", "no", NOW),
+        lambda: state.doom("step s failed: 500"),
         lambda: state.end(RunStatus.COMPLETED),
     ]
     for change in changes:
@@ -310,3 +314,92 @@ def test_a_refused_signal_is_recorded_without_waking_the_loop() -> None:
     state.note_refused("s", Intervention(type="skip", accepted=False, reason="running"))
     assert state.records["s"].interventions[-1].accepted is False
     assert state.version == version
+
+
+def test_accounting_an_attempt_does_not_wake_the_loop() -> None:
+    # Runs recorded before these methods existed set these fields without
+    # waking their loop; a new wake-up could reorder their commands.
+    state = at(StepStatus.RUNNING)
+    version = state.version
+    state.note_prompt("s", "the prompt")
+    state.note_target("s", "openai", "gpt-4.1")
+    state.count_attempts("s", 2)
+    state.begin_cancel()
+    assert state.version == version
+    record = state.records["s"]
+    assert (record.prompt, record.provider, record.attempts) == ("the prompt", "openai", 2)
+
+
+# ---- a person's decisions are transitions ------------------------------------
+
+
+def test_a_skip_settles_a_waiting_step_at_once_and_its_task_reads_the_decision() -> None:
+    state = at(StepStatus.WAITING)
+    outcome = state.decide("skip", InterventionRequest(step="s", reason="not needed"), LATER)
+    assert outcome.status == StepStatus.SKIPPED
+    assert state.records["s"].skipped_reason == "not needed"
+    assert state.records["s"].interventions[-1].type == "skip"
+    decision = state.take_decision("s")
+    assert decision is not None and decision.type == "skip"
+    assert state.take_decision("s") is None
+
+
+def test_a_retry_of_a_failed_step_gives_it_back_to_the_scheduler_with_its_new_prompt() -> None:
+    state = at(StepStatus.FAILED)
+    outcome = state.decide("retry", InterventionRequest(step="s", prompt="again"), LATER)
+    assert outcome.status == StepStatus.PENDING
+    assert state.ready([], None) == ["s"]
+    assert state.prompt_overrides == {"s": "again"}
+    # Its task has ended: nothing waits for a decision.
+    assert state.take_decision("s") is None
+
+
+def test_a_rejection_leaves_the_approval_waiting_for_its_task_to_apply_on_failure() -> None:
+    state = RunState("r", [StepNode("gate", "approval", ())], dry_run=False)
+    state.launch("gate")
+    state.start("gate", NOW)
+    state.wait("gate", "approval: Ship?")
+    outcome = state.decide("reject", InterventionRequest(step="gate", reason="no"), LATER)
+    assert outcome.status == StepStatus.WAITING
+    decision = state.take_decision("gate")
+    assert decision is not None and decision.argument == {"step": "gate", "reason": "no"}
+
+
+def test_a_continuation_takes_over_the_decisions_and_prompts_of_the_run_before() -> None:
+    before = at(StepStatus.WAITING)
+    before.decide("retry", InterventionRequest(step="s", prompt="again"), LATER)
+    after = one_step()
+    after.restore(before.snapshot(), before.prompt_overrides, before.decisions)
+    assert after.records["s"].status == StepStatus.WAITING
+    assert after.prompt_overrides == {"s": "again"}
+    decision = after.take_decision("s")
+    assert decision is not None and decision.type == "retry"
+
+
+def test_only_the_state_machine_assigns_what_a_run_holds() -> None:
+    """The workflow and the step handlers assign only their own attributes.
+
+    A step's record, the run's state and anything else they are handed change
+    through ``RunState``'s methods, so every change is checked and seen.
+    """
+    workflows = Path(__file__).resolve().parent.parent / "workflows"
+    offenders: list[str] = []
+    for path in sorted([*workflows.glob("*.py"), *workflows.glob("steps/*.py")]):
+        if path.name == "dag.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            targets: list[ast.expr] = []
+            if isinstance(node, ast.Assign):
+                targets = node.targets
+            elif isinstance(node, ast.AugAssign | ast.AnnAssign):
+                targets = [node.target]
+            for target in targets:
+                for element in target.elts if isinstance(target, ast.Tuple) else [target]:
+                    if not isinstance(element, ast.Attribute | ast.Subscript):
+                        continue
+                    owner = element.value
+                    if isinstance(element, ast.Subscript) and isinstance(owner, ast.Attribute):
+                        owner = owner.value  # self.tasks[step] = ...: the object's own dict
+                    if not (isinstance(owner, ast.Name) and owner.id == "self"):
+                        offenders.append(f"{path.name}:{node.lineno}: {ast.unparse(element)}")
+    assert not offenders, "assigned outside RunState:\n" + "\n".join(offenders)

@@ -19,15 +19,16 @@ from temporalio.workflow import NondeterminismError
 
 from llmmixer.client.mixer import MixerClient, RunFailed
 from llmmixer.workers import plugin
-from llmmixer.workflows import mixer as mixer_module
 from llmmixer.workflows.records import RunStatus, StepStatus
+from llmmixer.workflows.steps import base as steps_base
+from llmmixer.workflows.steps.runner import belongs_to_temporal
 
 TRIGGER = "BOOM"
 
 
 @pytest.fixture(autouse=True)
 def broken_renderer(monkeypatch: pytest.MonkeyPatch) -> None:
-    real = mixer_module.render
+    real = steps_base.render
 
     def render(text: str, *args: Any) -> str:
         if TRIGGER in text:
@@ -38,13 +39,14 @@ def broken_renderer(monkeypatch: pytest.MonkeyPatch) -> None:
             raise TypeError("unsupported operand")
         return real(text, *args)
 
-    monkeypatch.setattr(mixer_module, "render", render)
+    monkeypatch.setattr(steps_base, "render", render)
     # The workflow sandbox loads its own copy of the workflow from source; pass
-    # the patched module through so the runs use the broken renderer.
+    # the patched module (every step renders through it) through so the runs
+    # use the broken renderer.
     monkeypatch.setattr(
         plugin,
         "SANDBOX_PASSTHROUGH_MODULES",
-        (*plugin.SANDBOX_PASSTHROUGH_MODULES, mixer_module.__name__),
+        (*plugin.SANDBOX_PASSTHROUGH_MODULES, steps_base.__name__),
     )
 
 
@@ -121,7 +123,7 @@ async def test_a_planned_step_that_breaks_the_workflow_fails_alone(mixer: MixerC
 
 
 def test_temporal_and_cancellation_errors_are_never_taken_for_a_step_failure() -> None:
-    escapes = mixer_module._belongs_to_temporal
+    escapes = belongs_to_temporal
     assert escapes(NondeterminismError("replay diverged"))
     assert escapes(RestrictedWorkflowAccessError("os.environ"))
     assert escapes(asyncio.CancelledError())

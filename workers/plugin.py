@@ -39,12 +39,11 @@ WORKER_PLUGIN_NAME = "llmmixer.workers"
 # validation against the other. They read no clock, environment or file.
 #
 # Everything else of llmmixer, the workflow module and its logic (mixer, dag,
-# calls, carry, and core's rules: plans, templates, validation, secrets), loads inside the
-# sandbox, where a datetime.now(), open() or os.environ in it fails the
-# workflow task instead of silently breaking replay (at import, only a clock
-# read is refused: the SDK restricts os only while a run executes). carry.py
-# stays inside although it is a model module: its Carried embeds dag.py's
-# RunSnapshot, which must be the class the sandboxed RunState builds.
+# calls, patches, the step handlers in workflows/steps, and core's rules:
+# plans, templates, validation, secrets), loads inside the sandbox, where a
+# datetime.now(), open() or os.environ in it fails the workflow task instead
+# of silently breaking replay (at import, only a clock read is refused: the
+# SDK restricts os only while a run executes).
 #
 # The price: each run (and each replay after an eviction) loads those modules
 # afresh, about 30 ms of CPU with bytecode caches and 0.5 MB per cached run.
@@ -61,7 +60,8 @@ SANDBOX_PASSTHROUGH_MODULES: tuple[str, ...] = (
     "llmmixer.core.spec",  # the run's input
     "llmmixer.core.tools",  # tool models of the spec and of tool activities
     "llmmixer.core.documents",  # the safe document loader (yaml subclasses)
-    "llmmixer.workflows.records",  # signal, update and query types
+    "llmmixer.workflows.records",  # signal, update and query types, the run's snapshot
+    "llmmixer.workflows.carry",  # the continue-as-new input
 )
 
 

@@ -1,17 +1,19 @@
 """What a step's activities are called with, built by pure functions.
 
-``MixerWorkflow`` decides *when* to call; this module decides *what*: the
-``LlmCall`` a step sends to a target, and how each kind of activity is
-scheduled (timeouts, retries, cancellation). No Temporal workflow context is
+The step handlers (``workflows/steps``) decide *when* to call; this module
+decides *what*: the ``LlmCall``, ``CommandCall`` or ``AgentCall`` a step
+sends, and how each kind of activity is scheduled (timeouts, retries,
+cancellation). No Temporal workflow context is
 needed, so each rule is unit-tested directly.
 
 Compatibility with runs in flight: the calls and options built here are the
 content of commands in recorded histories. Change what they hold for a given
-spec only behind ``workflow.patched`` in ``mixer.py``.
+spec only behind a ``workflow.patched`` id (``patches.py``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, TypedDict
@@ -19,11 +21,22 @@ from typing import Any, TypedDict
 from temporalio.common import RetryPolicy
 from temporalio.workflow import ActivityCancellationType
 
-from llmmixer.core.contracts import ChatMessage, ErrorType, LlmCall, PlanRequest
+from llmmixer.core.contracts import (
+    AgentCall,
+    ChatMessage,
+    CommandCall,
+    ErrorType,
+    LlmCall,
+    PlanCheck,
+    PlanCheckLimits,
+    PlanRequest,
+)
+from llmmixer.core.plans import PlanContext
 from llmmixer.core.spec import (
     STEP_MODELS,
     AgentStep,
     ApprovalStep,
+    Budget,
     DecomposeStep,
     FallbackTarget,
     LlmStep,
@@ -31,7 +44,7 @@ from llmmixer.core.spec import (
     RetrySpec,
     Spec,
 )
-from llmmixer.workflows.records import InterventionType
+from llmmixer.workflows.records import BudgetLimits
 
 # Any step of a spec or a plan, as its model.
 StepModel = LlmStep | PtyStep | ApprovalStep | DecomposeStep | AgentStep
@@ -47,18 +60,6 @@ NON_RETRYABLE = [
     ErrorType.COMMAND_REFUSED,
     ErrorType.COMMAND_TIMEOUT,
 ]
-
-
-@dataclass(frozen=True)
-class Settled:
-    """A person skipped or overrode the step while it waited.
-
-    What a step's coroutine returns instead of an output: the intervention
-    has already moved the step's record (``RunState.skip``/``override``), so
-    there is nothing left to run and nothing to record.
-    """
-
-    action: InterventionType
 
 
 def planned_step(kind: str, definition: dict[str, Any]) -> StepModel:
@@ -154,6 +155,68 @@ def llm_call(
             return LlmCall(**shared, response_format="json")
 
 
+def command_call(
+    spec: Spec, step: PtyStep, render: Callable[[str], str], *, workflow_id: str
+) -> CommandCall:
+    """The command ``step`` runs, its templates filled by ``render``.
+
+    Each argv element is rendered on its own: a template value can never
+    split into several arguments or reach a shell.
+    """
+    return CommandCall(
+        workflow_id=workflow_id,
+        step_id=step.id,
+        argv=[render(part) for part in step.command],
+        cwd=render(step.cwd) if step.cwd else None,
+        env={key: render(value) for key, value in step.env.items()},
+        timeout_s=spec.timeout_s(step),
+        respond=step.respond,
+        stdin=render(step.stdin) if step.stdin else None,
+        success_codes=step.success_codes,
+        max_output_bytes=step.max_output_bytes,
+    )
+
+
+def agent_call(
+    spec: Spec, step: AgentStep, prompt: str, render: Callable[[str], str], *, workflow_id: str
+) -> AgentCall:
+    """The agent ``step`` starts with ``prompt`` (its own, or a person's retry)."""
+    return AgentCall(
+        workflow_id=workflow_id,
+        step_id=step.id,
+        agent=step.agent,
+        prompt=render(prompt),
+        args=[render(part) for part in step.args],
+        cwd=render(step.cwd) if step.cwd else None,
+        env={key: render(value) for key, value in step.env.items()},
+        worktree=step.worktree,
+        timeout_s=spec.timeout_s(step),
+    )
+
+
+def plan_check(spec_body: dict[str, Any], text: str, context: PlanContext) -> PlanCheck:
+    """What the plan check activity decides on: a planner's ``text`` in its ``context``."""
+    limits = context.limits
+    return PlanCheck(
+        text=text,
+        spec=spec_body,
+        step_id=context.step_id,
+        limits=PlanCheckLimits(
+            max_steps=limits.max_steps,
+            max_depth=limits.max_depth,
+            kinds=list(limits.kinds),
+            fields=list(limits.fields),
+        ),
+        taken_ids=sorted(context.taken_ids),
+        context_ids=list(context.context_ids),
+    )
+
+
+def budget_limits(budget: Budget) -> BudgetLimits:
+    """A spec's (or decompose step's) ``budget`` as the run keeps it."""
+    return BudgetLimits(max_tokens=budget.max_tokens, max_cost_usd=budget.max_cost_usd)
+
+
 def retry_policy(retry: RetrySpec) -> RetryPolicy:
     """A step's ``retry`` as Temporal's policy; errors no retry can fix are never retried."""
     return RetryPolicy(
@@ -189,7 +252,8 @@ class StepActivityOptions:
 
 
 def llm_options(spec: Spec, step: ModelStep) -> StepActivityOptions:
-    """A provider call: the step's timeout bounds each attempt."""
+    """A provider call (an llm step, a best_of candidate or judge, a planner):
+    the step's timeout bounds each attempt, on the run's own queue."""
     return StepActivityOptions(
         start_to_close_timeout=timedelta(seconds=spec.timeout_s(step)),
         heartbeat_timeout=timedelta(seconds=spec.defaults.heartbeat_timeout_s),

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
-from llmmixer.workflows.dag import RunSnapshot
-from llmmixer.workflows.records import Intervention
+from llmmixer.workflows.records import Intervention, RunSnapshot
 
 # Temporal suggests continuing as new well before its hard limits; this
 # bound also keeps replay of one run quick after a worker restart.

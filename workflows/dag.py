@@ -21,35 +21,44 @@ and a step whose budget is spent is held ``waiting`` until it is raised.
 
 Every change of a step's state is a method of ``RunState`` that checks the
 state it leaves and sets or clears exactly the fields that change implies;
-the workflow interprets the spec and calls them, it never assigns a status.
-Each such change increases ``RunState.version``, which the workflow's loop
-waits on, so no change can be made without the loop seeing it.
+the workflow and its step handlers interpret the spec and call them; they
+never assign a field of a record (tests/test_run_state.py checks). Each
+change increases ``RunState.version``, which the workflow's loop waits on
+(and publishes progress from), so no change can be made without the loop
+seeing it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import replace
 from datetime import datetime
-from typing import Any
 
-from pydantic import BaseModel, Field
-
-from llmmixer.core.contracts import Usage
+from llmmixer.core.contracts import CommandResult, LlmReply, Usage
 from llmmixer.workflows.records import (
     DONE_STATES,
     BudgetHold,
     BudgetLimits,
+    BudgetRaise,
     Candidate,
     FallbackNote,
     Intervention,
+    InterventionOutcome,
+    InterventionRequest,
     InterventionType,
     RunProgress,
+    RunSnapshot,
     RunStatus,
+    StepNode,
     StepRecord,
     StepStatus,
     TotalUsage,
 )
+
+# StepNode and RunSnapshot live in records.py (models pass through the
+# workflow sandbox); importers of dag.py, where they were defined before,
+# still find them here.
+__all__ = ["RunSnapshot", "RunState", "StepNode", "TransitionRefused", "cut_text"]
 
 _PENDING, _RUNNING, _WAITING = StepStatus.PENDING, StepStatus.RUNNING, StepStatus.WAITING
 _FAILED = StepStatus.FAILED
@@ -92,30 +101,6 @@ class TransitionRefused(ValueError):
     """
 
 
-@dataclass(frozen=True)
-class StepNode:
-    id: str
-    kind: str
-    needs: tuple[str, ...]
-    # Steps created by a decompose step's plan: that step, and the plan's JSON
-    # of this step (steps from the spec are defined by the spec). Kept in the
-    # node so a continue-as-new that carries ``nodes`` carries them too.
-    parent: str | None = None
-    definition: dict[str, Any] | None = None
-
-
-class RunSnapshot(BaseModel):
-    """Everything a run's state holds that is not in its spec, as plain JSON.
-
-    For continue-as-new: ``RunState.restore(snapshot)`` rebuilds the state,
-    steps added by plans and raised budgets included.
-    """
-
-    nodes: list[StepNode] = Field(default_factory=list)
-    records: dict[str, StepRecord] = Field(default_factory=dict)
-    budgets: dict[str, BudgetLimits] = Field(default_factory=dict)
-
-
 class RunState:
     """Records of every step plus the DAG edges; a step changes state only through its methods."""
 
@@ -134,6 +119,16 @@ class RunState:
         self.error: str | None = None
         # Increased by every change the workflow's loop must react to.
         self.version = 0
+        # A person's accepted decisions that the step's task has yet to act
+        # on, and prompts given with a retry: carried by continue-as-new.
+        self.decisions: dict[str, Intervention] = {}
+        self.prompt_overrides: dict[str, str] = {}
+        # Why the run must fail (a step failed under on_failure: fail, or
+        # waited past its pause_timeout_s); the workflow's loop ends the run.
+        self.fatal: str | None = None
+        # The run is being cancelled: a step whose activity now fails was
+        # cancelled with it, whatever its on_failure says.
+        self.cancelling = False
 
     def _new_record(self, node: StepNode) -> StepRecord:
         return StepRecord(
@@ -147,12 +142,20 @@ class RunState:
             budgets={k: v.model_copy() for k, v in self.budgets.items()},
         )
 
-    def restore(self, snapshot: RunSnapshot) -> None:
+    def restore(
+        self,
+        snapshot: RunSnapshot,
+        prompt_overrides: Mapping[str, str] | None = None,
+        decisions: Mapping[str, Intervention] | None = None,
+    ) -> None:
+        """Take over a run's state (continue-as-new), with what its people decided."""
         self.nodes = {node.id: node for node in snapshot.nodes}
         self.records = {
             i: snapshot.records.get(i) or self._new_record(n) for i, n in self.nodes.items()
         }
         self.budgets = dict(snapshot.budgets)
+        self.prompt_overrides = dict(prompt_overrides or {})
+        self.decisions = dict(decisions or {})
 
     # ---- plans (decompose steps) -------------------------------------------
 
@@ -445,6 +448,46 @@ class RunState:
         """A refused signal is recorded; nothing changes, so the version stays."""
         self.records[step_id].interventions.append(intervention)
 
+    # Accounting: what an attempt cost and who answered. None of it decides
+    # what may start (budgets are read by the steps they hold), so the
+    # version stays, as it did when the workflow set these fields itself.
+
+    def note_prompt(self, step_id: str, prompt: str | None) -> None:
+        """The prompt (or command line) as rendered and sent."""
+        self.records[step_id].prompt = prompt
+
+    def count_attempts(self, step_id: str, attempts: int) -> None:
+        """``attempts`` more attempts were used (a failed activity, an approval asked)."""
+        self.records[step_id].attempts += attempts
+
+    def note_target(self, step_id: str, provider: str, model: str) -> None:
+        """The step asks ``provider``/``model`` now."""
+        record = self.records[step_id]
+        record.provider, record.model = provider, model
+
+    def account_reply(self, step_id: str, reply: LlmReply, *, track: bool = True) -> None:
+        """A provider answered; ``track=False`` (best_of candidates) leaves who answered."""
+        record = self.records[step_id]
+        record.attempts += reply.attempt
+        record.usage = record.usage + reply.usage
+        record.cost_usd = (
+            None
+            if reply.cost_usd is None or record.cost_usd is None
+            else round(record.cost_usd + reply.cost_usd, 8)
+        )
+        record.dry_run = reply.dry_run
+        if track:
+            record.provider, record.model = reply.provider, reply.model
+            record.latency_ms = reply.latency_ms
+
+    def account_command(self, step_id: str, result: CommandResult) -> None:
+        """A command or agent ran to its end."""
+        record = self.records[step_id]
+        record.attempts += result.attempt
+        record.mode = result.mode
+        record.exit_code = result.exit_code
+        record.latency_ms = result.duration_ms
+
     def note_fallback(self, step_id: str, note: FallbackNote) -> None:
         """A target of the step's chain failed; the next one is asked."""
         self.records[step_id].fallbacks.append(note)
@@ -466,6 +509,98 @@ class RunState:
         self.version += 1
 
     # ---- interventions ----------------------------------------------------
+
+    def decide(
+        self, action: InterventionType, request: InterventionRequest, now: datetime
+    ) -> InterventionOutcome:
+        """Apply a person's accepted ``action`` (``refusal`` said None).
+
+        Skip and override settle the step at once; a step that waits (or runs)
+        acts on the decision next, in its own task (``take_decision``).
+        """
+        step_id = request.step
+        record = self.records[step_id]
+        intervention = Intervention(
+            type=action, argument=request.model_dump(exclude_none=True), time=now
+        )
+        self.intervene(step_id, intervention)
+        was = record.status
+        if action == "retry":
+            if request.prompt is not None:
+                self.prompt_overrides[step_id] = request.prompt
+            if was == _FAILED:
+                # The step's task has ended; the scheduler starts it again.
+                self.reopen(step_id)
+            message = "will run again"
+        elif action == "skip":
+            self.skip(step_id, request.reason or "skipped by a person", now)
+            message = "skipped; its dependants go on with an empty output"
+        elif action == "override":
+            self.override(step_id, request.output or "", now)
+            message = "completed with the given output"
+        elif action == "approve":
+            message = "approved"
+        else:
+            message = "rejected; its on_failure policy applies"
+        if was in (_WAITING, _RUNNING):
+            self.decisions[step_id] = intervention
+        return InterventionOutcome(
+            step=step_id, action=action, status=record.status, message=message
+        )
+
+    def take_decision(self, step_id: str) -> Intervention | None:
+        """The decision ``step_id``'s task acts on now, if one arrived."""
+        return self.decisions.pop(step_id, None)
+
+    def doom(self, reason: str) -> None:
+        """The run must fail for ``reason``; its loop ends it."""
+        self.fatal = reason
+        self.version += 1
+
+    def begin_cancel(self) -> None:
+        """The run is cancelled: steps whose activity fails now end as cancelled."""
+        self.cancelling = True
+
+    def budget_refusal(self, request: BudgetRaise) -> str | None:
+        """Why ``raise_budget`` cannot apply, or None."""
+        where = f"decompose step {request.step!r}" if request.step else "the spec"
+        current = self.budgets.get(request.step)
+        if current is None:
+            scopes = ", ".join(repr(s) if s else '"" (the spec)' for s in self.budgets) or "none"
+            return f"{where} has no budget to raise (budgets in this run: {scopes})"
+        if request.max_tokens is None and request.max_cost_usd is None:
+            return 'give max_tokens and/or max_cost_usd: {"max_tokens": 200000}'
+        if request.max_tokens is not None and (
+            request.max_tokens < 1
+            or (current.max_tokens is not None and request.max_tokens <= current.max_tokens)
+            or current.max_tokens is None
+        ):
+            return (
+                f"max_tokens must be above the current limit of {where} "
+                f"({current.max_tokens}); raise_budget only raises"
+            )
+        if request.max_cost_usd is not None and (
+            request.max_cost_usd <= 0
+            or current.max_cost_usd is None
+            or request.max_cost_usd <= current.max_cost_usd
+        ):
+            return (
+                f"max_cost_usd must be above the current limit of {where} "
+                f"({current.max_cost_usd}); raise_budget only raises"
+            )
+        return None
+
+    def raise_budget(self, request: BudgetRaise) -> BudgetLimits:
+        """``budget_refusal`` said None: the higher limits apply, held steps may start."""
+        limits = self.budgets[request.step]
+        raised = BudgetLimits(
+            max_tokens=request.max_tokens or limits.max_tokens,
+            max_cost_usd=request.max_cost_usd
+            if request.max_cost_usd is not None
+            else limits.max_cost_usd,
+        )
+        self.set_budget(request.step, raised)
+        return raised
 
     def refusal(
         self, action: InterventionType, step_id: str, *, check_state: bool = True

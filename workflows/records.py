@@ -8,6 +8,7 @@ added (with defaults), so clients and runs in flight stay compatible.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 from typing import Any, Literal
@@ -198,3 +199,30 @@ class InterventionOutcome(BaseModel):
     action: InterventionType
     status: StepStatus
     message: str
+
+
+@dataclass(frozen=True)
+class StepNode:
+    """A step's place in the run's DAG."""
+
+    id: str
+    kind: str
+    needs: tuple[str, ...]
+    # Steps created by a decompose step's plan: that step, and the plan's JSON
+    # of this step (steps from the spec are defined by the spec). Kept in the
+    # node so a continue-as-new that carries ``nodes`` carries them too.
+    parent: str | None = None
+    definition: dict[str, Any] | None = None
+
+
+class RunSnapshot(BaseModel):
+    """Everything a run's state holds that is not in its spec, as plain JSON.
+
+    For continue-as-new: ``RunState.restore(snapshot)`` rebuilds the state,
+    steps added by plans and raised budgets included. A model like the
+    others here, so it passes through the workflow sandbox with ``Carried``.
+    """
+
+    nodes: list[StepNode] = Field(default_factory=list)
+    records: dict[str, StepRecord] = Field(default_factory=dict)
+    budgets: dict[str, BudgetLimits] = Field(default_factory=dict)

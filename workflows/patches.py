@@ -1,0 +1,32 @@
+"""The ``workflow.patched()`` ids of ``MixerWorkflow``.
+
+Each marks a change in which commands a run issues, so histories recorded
+before it still replay. Never rename or reuse one, and never move the point
+where one is decided.
+
+A run recorded with CHECKS_RECORDED_PATCH (every run started since) calls no
+other patch: every change below is on for it, and any later change must be
+decided in ``MixerWorkflow.__init__`` too. A patch called later could follow
+a local activity, and replay may resolve a local activity one workflow task
+earlier than the run did (when a query arrived meanwhile), before the marker
+that task wrote is known: the patch would then read as absent and the replay
+fail.
+"""
+
+from __future__ import annotations
+
+# Agent steps wait while their budget is spent (steps/agent.py).
+AGENT_BUDGET_GATE_PATCH = "agent-steps-budget-gated"
+# A run checks its spec once, in a local activity at its start, and each plan
+# in an activity: history records every verdict, so a replay never re-runs
+# rules that a release tightened; __init__ then reads only the spec's shape.
+# Histories recorded before keep validating in the workflow.
+CHECKS_RECORDED_PATCH = "checks-recorded"
+# Histories recorded before CHECKS_RECORDED_PATCH check plans in the workflow;
+# from their first plan check after this marker on, plans there may not set
+# the fields `allow_fields` guards either (steps/decompose.py).
+PLAN_FIELDS_PATCH = "plans-refuse-unlisted-fields"
+# An unexpected error while running a step fails that step (its on_failure
+# applies) instead of ending its task and leaving it `running` for ever
+# (steps/runner.py).
+STEP_ERRORS_PATCH = "step-errors-fail-the-step"

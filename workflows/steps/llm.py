@@ -1,0 +1,168 @@
+"""``kind: llm``: ask a model through its chain of targets, or ``best_of`` several."""
+
+from __future__ import annotations
+
+import asyncio
+
+from temporalio.exceptions import ActivityError
+
+from llmmixer.core.contracts import (
+    LLM_ACTIVITY,
+    ChatMessage,
+    EventType,
+    LlmReply,
+    PlanRequest,
+)
+from llmmixer.core.spec import DecomposeStep, FallbackTarget, LlmStep
+from llmmixer.workflows.calls import llm_call, llm_options, target_chain
+from llmmixer.workflows.records import Candidate, FallbackNote
+from llmmixer.workflows.steps.base import (
+    Completed,
+    Outcome,
+    StepContext,
+    StepFailed,
+    describe_failure,
+    execute_activity,
+)
+from llmmixer.workflows.steps.budget import budget_gate
+
+
+async def run_llm(ctx: StepContext, step: LlmStep) -> Outcome:
+    settled = await budget_gate(ctx, step)
+    if settled is not None:
+        return settled
+    prompt = ctx.prompt(step.id, step.prompt)
+    messages = [
+        ChatMessage.model_validate(
+            {"role": message["role"], "content": ctx.render(message["content"], step.id)}
+        )
+        for message in step.messages or []
+    ]
+    if prompt is not None:
+        messages.append(ChatMessage(role="user", content=ctx.render(prompt, step.id)))
+    ctx.state.note_prompt(step.id, messages[-1].content if messages else None)
+    system = ctx.render(step.system, step.id) if step.system else None
+    if step.best_of is not None:
+        return Completed(await _best_of(ctx, step, messages, system))
+    reply = await ask(ctx, step, target_chain(ctx.spec, step), messages, system)
+    return Completed(reply.text)
+
+
+async def ask(
+    ctx: StepContext,
+    step: LlmStep | DecomposeStep,
+    chain: list[FallbackTarget],
+    messages: list[ChatMessage],
+    system: str | None,
+    *,
+    plan: PlanRequest | None = None,
+    label: str = "",
+    track: bool = True,
+) -> LlmReply:
+    """One answer through ``chain`` (primary, then fallbacks), accounted on the step.
+
+    With ``track=False`` (best_of candidates, which run side by side) the
+    record's provider/model/latency are left for the caller to set.
+    Raises ``StepFailed`` when the last target failed.
+    """
+    spec, state = ctx.spec, ctx.state
+    for index, target in enumerate(chain):
+        has_next = index < len(chain) - 1
+        call = llm_call(
+            spec,
+            step,
+            target,
+            messages,
+            system,
+            workflow_id=state.workflow_id,
+            has_fallback=has_next,
+            plan=plan,
+        )
+        if track:
+            state.note_target(step.id, target.provider, target.model)
+        try:
+            reply = await execute_activity(
+                LLM_ACTIVITY,
+                call,
+                LlmReply,
+                llm_options(spec, step),
+                f"{step.id}{label}: {target.provider}/{target.model}",
+            )
+        except ActivityError as error:
+            attempts, message, error_type = describe_failure(error, spec.retry(step))
+            state.count_attempts(step.id, attempts)
+            if not has_next:
+                raise StepFailed(message) from None
+            state.note_fallback(
+                step.id,
+                FallbackNote(
+                    provider=target.provider,
+                    model=target.model,
+                    error=message,
+                    error_type=error_type,
+                ),
+            )
+            continue
+        state.account_reply(step.id, reply, track=track)
+        if reply.unsent_text:
+            ctx.events.publish(
+                EventType.STEP_DELTA, step.id, reply.attempt, {"text": reply.unsent_text}
+            )
+        return reply
+    raise StepFailed("no provider in the chain answered")  # unreachable: chain is non-empty
+
+
+async def _best_of(
+    ctx: StepContext, step: LlmStep, messages: list[ChatMessage], system: str | None
+) -> str:
+    """N candidates side by side (one activity each), then a judge picks or merges."""
+    assert step.best_of is not None
+    best = step.best_of
+    own = target_chain(ctx.spec, step)
+    targets = [
+        FallbackTarget.model_validate(best.targets[i % len(best.targets)].model_dump())
+        if best.targets
+        else own[0]
+        for i in range(best.n)
+    ]
+
+    async def candidate(number: int, target: FallbackTarget) -> Candidate:
+        try:
+            reply = await ask(
+                ctx, step, [target], messages, system, label=f" #{number}", track=False
+            )
+        except StepFailed as failure:
+            return Candidate(provider=target.provider, model=target.model, error=str(failure))
+        return Candidate(
+            provider=reply.provider,
+            model=reply.model,
+            output=reply.text,
+            usage=reply.usage,
+            cost_usd=reply.cost_usd,
+        )
+
+    # gather keeps the candidates in their numbered order whatever order
+    # they finish in, so the judge's prompt is the same on every replay.
+    candidates = await asyncio.gather(*(candidate(i + 1, t) for i, t in enumerate(targets)))
+    ctx.state.set_candidates(step.id, candidates)
+    answered = [(i + 1, c) for i, c in enumerate(candidates) if c.output is not None]
+    if not answered:
+        errors = "; ".join(f"#{i + 1}: {c.error}" for i, c in enumerate(candidates))
+        raise StepFailed(f"every best_of candidate failed: {errors}")
+    judge = best.judge
+    instruction = (
+        ctx.render(judge.prompt, step.id)
+        if judge is not None and judge.prompt
+        else "Several answers to the same task follow. Pick the best one, or merge the best "
+        "parts of them into one answer. Reply with the final answer only."
+    )
+    task = messages[-1].content if messages else ""
+    numbered = "\n\n".join(
+        f"### Candidate {number} ({c.provider}/{c.model})\n{c.output}" for number, c in answered
+    )
+    judge_messages = [
+        ChatMessage(role="user", content=f"{instruction}\n\n## Task\n{task}\n\n{numbered}")
+    ]
+    judge_chain = [FallbackTarget(provider=judge.provider, model=judge.model)] if judge else own[:1]
+    reply = await ask(ctx, step, judge_chain, judge_messages, None, label=" judge")
+    return reply.text
