@@ -53,6 +53,7 @@ from llmmixer.workflows.calls import (
     StepActivityOptions,
     StepModel,
     command_options,
+    falls_back,
     llm_call,
     llm_options,
     planned_step,
@@ -674,7 +675,7 @@ class MixerWorkflow:
             except ActivityError as error:
                 attempts, message, error_type = _describe_failure(error, spec.retry(step))
                 record.attempts += attempts
-                if not has_next:
+                if not has_next or not falls_back(step, error_type):
                     raise StepFailed(message) from None
                 self._state.note_fallback(
                     step.id,
@@ -697,6 +698,7 @@ class MixerWorkflow:
             if track:
                 record.provider, record.model = reply.provider, reply.model
                 record.latency_ms = reply.latency_ms
+                record.finish_reason, record.truncated = reply.finish_reason, reply.truncated
             if reply.unsent_text:
                 self._publish(
                     EventType.STEP_DELTA, step.id, reply.attempt, {"text": reply.unsent_text}
