@@ -226,13 +226,13 @@ def _map_stainless_error(
         # the 200 response, which is no rejection of the request.
         return stream_reported_error(provider, _body_message(exc.body, exc.message), secrets)
     if isinstance(exc, sdk.APIStatusError):
-        return status_error(
-            provider,
-            exc.status_code,
-            _body_message(exc.body, exc.message),
-            exc.response.headers,
-            secrets,
-        )
+        detail = _body_message(exc.body, exc.message)
+        if exc.response.headers.get("content-type", "").startswith("text/html"):
+            # A proxy's or load balancer's page, not the provider's JSON; the
+            # SDK may not have read its body (a stream), so the status says it.
+            page = _plain(exc.body) if isinstance(exc.body, str) else ""
+            detail = page or f"HTML error page: {exc.status_code} {exc.response.reason_phrase}"
+        return status_error(provider, exc.status_code, detail, exc.response.headers, secrets)
     if isinstance(exc, sdk.APITimeoutError):
         return _timeout(provider, timeout_s)
     if isinstance(exc, sdk.APIConnectionError):
@@ -267,6 +267,8 @@ def map_gemini_error(
     """Map a ``google-genai`` SDK (or transport) exception."""
     if isinstance(exc, ProviderError):
         return exc
+    if isinstance(exc, genai_errors.UnknownApiResponseError):
+        return malformed_stream_error("gemini", redact(str(exc), secrets))
     if isinstance(exc, genai_errors.APIError):
         headers = getattr(exc.response, "headers", None)
         detail = " ".join(str(p) for p in (exc.status, exc.message) if p)
