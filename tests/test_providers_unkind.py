@@ -277,7 +277,8 @@ async def test_the_sdks_reuse_kept_alive_connections_and_survive_the_server_clos
         await complete(provider_pool, provider_settings, call(provider, api))
     assert [c.connection for c in provider_server.calls] == [1, 1, 1]
     # An error reply and a rate-limit header keep the connection too.
-    provider_server.fail(provider, 503, headers=rate_limit_headers(provider, requests_left=1, tokens_left=1))
+    busy = rate_limit_headers(provider, requests_left=1, tokens_left=1)
+    provider_server.fail(provider, 503, headers=busy)
     await failure(provider_pool, provider_settings, call(provider, api))
     assert provider_server.calls[-1].connection == 1
     # The server drops an idle connection (as real ones do after a while):
