@@ -46,9 +46,11 @@ NO_KEY_PLACEHOLDER = "not-needed"
 
 # Failures that another attempt may fix. CIRCUIT_OPEN is included because the
 # breaker closes again after its cool-down (``retry_after_s`` says when), and
-# INVALID_OUTPUT because a model often gets the format right the next time.
+# INVALID_OUTPUT because a model often gets the format right the next time,
+# TRUNCATED because a sampled reply is often shorter the next time (the
+# activity makes it final once continuing has not helped).
 RETRYABLE_ERROR_TYPES: frozenset[str] = frozenset(
-    {ErrorType.RETRYABLE, ErrorType.CIRCUIT_OPEN, ErrorType.INVALID_OUTPUT}
+    {ErrorType.RETRYABLE, ErrorType.CIRCUIT_OPEN, ErrorType.INVALID_OUTPUT, ErrorType.TRUNCATED}
 )
 
 
