@@ -36,8 +36,9 @@ prefix already cached (reported as ``cache_read_input_tokens``, billed at 0.1x
 input) and writes the rest up to its last breakpoint (``cache_creation_input_tokens``,
 1.25x). A prefix is cached only from ``ANTHROPIC_MIN_CACHED_TOKENS`` tokens on,
 and only once the writing reply has started (its ``message_start`` was sent),
-so siblings sent at the same moment all miss, as they do for real. Tokens are
-counted as one per four characters of text (``fake_tokens``).
+so siblings sent at the same moment all miss, as they do for real. Anthropic
+prompt tokens are counted as one per four characters of text (``fake_tokens``),
+cached or not, unless a reply scripts its own ``usage``.
 """
 
 from __future__ import annotations
@@ -533,7 +534,7 @@ class FakeProviderServer:
         chunks = reply.chunks if reply.chunks is not None else _WORDS.findall(text)
         text = "".join(chunks)
         cache_writes: list[tuple[str, int]] = []
-        if reply.usage is None and api == "messages" and _has_breakpoints(body):
+        if reply.usage is None and api == "messages":
             reply, usage, cache_writes = self._anthropic_cache_usage(reply, body, chunks)
         else:
             usage = reply.usage or (_count_words(body), max(1, len(chunks)))
@@ -1070,10 +1071,6 @@ def _default_text(provider: str, api: str, model: str, body: dict[str, Any]) -> 
     if _wants_json(api, body):
         return json.dumps({"provider": provider, "model": model, "echo": prompt})
     return f"[{provider}/{model}] you said: {prompt}"
-
-
-def _has_breakpoints(body: dict[str, Any]) -> bool:
-    return any(marked for _, marked in _anthropic_blocks(body))
 
 
 def _anthropic_blocks(body: dict[str, Any]) -> Iterator[tuple[str, bool]]:
