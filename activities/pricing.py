@@ -65,8 +65,8 @@ class ModelPrice:
             self.long_context_threshold is not None
             and usage.input_tokens > self.long_context_threshold
         )
-        input_price = _pick(long, self.input, self.input_long)
-        output_price = _pick(long, self.output, self.output_long)
+        input_price = _pick(long, self.input, self.input_long) or 0.0
+        output_price = _pick(long, self.output, self.output_long) or 0.0
         read_price = _pick(long, self.cached_input, self.cached_input_long)
         write_price = _pick(long, self.cache_write, self.cache_write_long)
         # Cached and reasoning tokens are parts of input_tokens / output_tokens;

@@ -438,7 +438,7 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--max-cost-usd", type=float, default=None)
 
     sub.add_parser("schema", help="print the spec format as a JSON Schema (docs/spec.schema.json)")
-    sub.add_parser("prices", help="the token price table that costs are computed with, and its date")
+    sub.add_parser("prices", help="the token price table costs are computed with, and its date")
 
     doctor = sub.add_parser("doctor", help="what is installed, reachable and configured")
     doctor.add_argument("--json", action="store_true")
