@@ -1,5 +1,13 @@
 """The LLM activity: one provider call per execution, streamed and heartbeated.
 
+A reply cut off by its token limit never passes as complete: the call's
+``on_truncation`` decides, here in the activity, so a workflow's history
+holds one activity per step whichever way it goes. ``continue`` asks the
+model to go on (the parts so far as its own turn, then a request to carry
+on) and joins the parts, up to ``max_continuations`` times; ``fail`` fails
+the attempt as ``ProviderTruncated`` (retryable); ``accept`` keeps it and
+the reply says ``truncated``.
+
 Held by a ``LlmActivities`` instance that the worker builds once, so SDK
 clients, circuit breakers, price table and concurrency limits are per worker
 process and shared by every call on it (never module globals). Credentials
@@ -9,6 +17,8 @@ are read by the worker only; the workflow sends provider and model names.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import hashlib
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -25,9 +35,11 @@ from llmmixer.activities.providers.breaker import BreakerBoard
 from llmmixer.activities.providers.options import check_provider_options
 from llmmixer.activities.providers.pool import ProviderPool
 from llmmixer.activities.providers.settings import ProviderSettings
+from llmmixer.activities.providers.structured import enforce_response_format, stable_prefix
 from llmmixer.activities.telemetry import observe_llm_call
 from llmmixer.core.contracts import (
     LLM_ACTIVITY,
+    ChatMessage,
     ErrorType,
     FailureDetails,
     LlmCall,
@@ -37,6 +49,14 @@ from llmmixer.core.redaction import redact
 
 _HEARTBEAT_EVERY_S = 1.0
 _TAIL_CHARS = 400
+# The turn that asks a cut-off model to go on; the parts are joined as they are.
+CONTINUE_PROMPT = (
+    "Your reply was cut off by the output token limit. Continue exactly where it "
+    "stopped: do not repeat anything, do not add a preface."
+)
+# How long a call waits for a sibling that is writing the same prompt prefix
+# to the provider's cache before it gives up waiting and sends anyway.
+_CACHE_WARM_WAIT_S = 30.0
 
 
 @dataclass
@@ -70,6 +90,7 @@ class LlmActivities:
         self._limits: dict[str, asyncio.Semaphore] = {
             name: asyncio.Semaphore(limit) for name, limit in self._settings.max_concurrent.items()
         }
+        self._cache_gate = _CacheGate()
 
     def warm_up(self) -> None:
         """Build each provider's default client now, before the worker polls.
@@ -126,7 +147,7 @@ class LlmActivities:
             try:
                 result = await observe_llm_call(
                     call,
-                    lambda: self._call_provider(call, forward),
+                    lambda: self._complete(call, forward),
                     cost=lambda usage: self._prices.cost(call.provider, call.model, usage),
                     secrets=self._providers.secrets(),
                     attempt=attempt,
@@ -145,8 +166,39 @@ class LlmActivities:
             latency_ms=(time.monotonic() - started) * 1000,
             attempt=attempt,
             finish_reason=result.finish_reason,
+            truncated=result.truncated,
+            continuations=result.continuations,
             unsent_text=unsent,
         )
+
+    async def _complete(self, call: LlmCall, forward: Callable[[str], None]) -> ProviderResult:
+        """The whole reply: one provider call, and more while it is cut off and may go on."""
+        policy = call.truncation_policy()
+        result = await self._call_provider(call, forward)
+        parts, usage, continuations = [result.text], result.usage, 0
+        while result.truncated and policy == "continue" and continuations < call.max_continuations:
+            continuations += 1
+            so_far = "".join(parts)
+            follow_up = call.model_copy(
+                update={
+                    "messages": [
+                        *call.messages,
+                        ChatMessage(role="assistant", content=so_far),
+                        ChatMessage(role="user", content=CONTINUE_PROMPT),
+                    ]
+                }
+            )
+            result = await self._call_provider(follow_up, forward)
+            parts.append(result.text)
+            usage = usage + result.usage
+        joined = dataclasses.replace(
+            result, text="".join(parts), usage=usage, continuations=continuations
+        )
+        if joined.truncated and policy != "accept":
+            raise _truncated_error(call, joined, continuations)
+        if not joined.truncated or call.response_format != "json":
+            joined = enforce_response_format(call, joined)
+        return joined
 
     async def _call_provider(self, call: LlmCall, forward: Callable[[str], None]) -> ProviderResult:
         # The trust boundary for calls from any spec or plan, however started:
@@ -157,6 +209,9 @@ class LlmActivities:
         progress = _Progress()
 
         def on_text(delta: str) -> None:
+            if not progress.chars:
+                # The provider has written the prompt to its cache by now.
+                warming.warmed()
             progress.add(delta)
             forward(delta)
             if progress.due():
@@ -172,9 +227,12 @@ class LlmActivities:
                 return await adapter.complete(call, on_text)
 
         keep_alive = asyncio.create_task(_keep_alive_until_first_token(progress))
+        warming = self._cache_gate.enter(_cache_prefix_key(call))
         try:
+            await warming.wait_turn()
             return await self._breakers.call(call.provider, call.model, attempt)
         finally:
+            warming.leave()
             keep_alive.cancel()
             await asyncio.gather(keep_alive, return_exceptions=True)
 
@@ -185,6 +243,10 @@ class LlmActivities:
             f"{call.provider}/{call.model}: {error.message}", self._providers.secrets()
         )
         non_retryable = not error.retryable
+        if error.error_type == ErrorType.TRUNCATED and call.truncation_policy() == "continue":
+            # Continued max_continuations times and still cut off: the same
+            # call again would end the same way.
+            non_retryable = True
         if error.error_type == ErrorType.CIRCUIT_OPEN and call.has_fallback:
             # The workflow moves on to the next provider at once instead of
             # waiting out the cool-down on this one.
@@ -196,6 +258,7 @@ class LlmActivities:
                 provider=call.provider,
                 model=call.model,
                 status_code=error.status_code,
+                reason=error.reason,
             ).model_dump(),
             type=error.error_type,
             non_retryable=non_retryable,
@@ -203,6 +266,96 @@ class LlmActivities:
                 timedelta(seconds=error.retry_after_s) if error.retry_after_s else None
             ),
         )
+
+
+def _truncated_error(call: LlmCall, result: ProviderResult, continuations: int) -> ProviderError:
+    limit = f"max_tokens {call.max_tokens}" if call.max_tokens else "the default output limit"
+    if call.truncation_policy() == "continue":
+        what = (
+            f"the reply was still cut off after {continuations} continuation(s) "
+            f"(finish reason {result.finish_reason}, {limit}): raise max_tokens or "
+            "max_continuations, or set on_truncation: accept to keep a cut-off reply"
+        )
+    else:
+        what = (
+            f"the reply was cut off at {limit} (finish reason {result.finish_reason}) and "
+            "on_truncation is fail (the default for JSON, where a cut reply is no JSON): "
+            "the call will be retried; raise max_tokens if it keeps happening"
+        )
+    return ProviderError(ErrorType.TRUNCATED, what, reason=result.finish_reason)
+
+
+def _cache_prefix_key(call: LlmCall) -> str | None:
+    """What identifies the prompt prefix a call would write to the provider's cache.
+
+    None when the call does not use caching or has no prefix long enough to
+    be cached; two calls with the same key share their cacheable prefix.
+    """
+    if call.cache != "auto" or call.dry_run or not call.messages:
+        return None
+    shared = stable_prefix(call.messages[-1].content)
+    history = [m.content for m in call.messages[:-1]]
+    if not shared and not history and len(call.system or "") < 4096:
+        return None
+    digest = hashlib.sha256()
+    for part in (call.provider, call.model, call.base_url or "", call.system or "", *history):
+        digest.update(part.encode())
+        digest.update(b"\x00")
+    digest.update(shared.encode())
+    return digest.hexdigest()
+
+
+class _CacheGate:
+    """Lets the first of several calls sharing a prompt prefix warm the provider's cache.
+
+    A provider caches a prefix only once a request with it has been
+    processed; siblings sent at the same moment all miss and all pay the
+    full (on Anthropic, a 1.25x write) price. So on this worker the first
+    call with a given prefix goes at once and the others wait until it
+    streams its first token (or ends), then read the prefix from the cache.
+    The wait is bounded: a call never waits more than ``_CACHE_WARM_WAIT_S``.
+    """
+
+    def __init__(self) -> None:
+        self._warming: dict[str, asyncio.Event] = {}
+
+    def enter(self, key: str | None) -> _Warming:
+        if key is None:
+            return _Warming(None, None, owner=False, gate=self)
+        event = self._warming.get(key)
+        if event is None:
+            event = asyncio.Event()
+            self._warming[key] = event
+            return _Warming(key, event, owner=True, gate=self)
+        return _Warming(key, event, owner=False, gate=self)
+
+    def release(self, key: str, event: asyncio.Event) -> None:
+        event.set()
+        if self._warming.get(key) is event:
+            del self._warming[key]
+
+
+@dataclasses.dataclass
+class _Warming:
+    key: str | None
+    event: asyncio.Event | None
+    owner: bool
+    gate: _CacheGate
+
+    async def wait_turn(self) -> None:
+        if self.owner or self.event is None:
+            return
+        try:
+            await asyncio.wait_for(self.event.wait(), _CACHE_WARM_WAIT_S)
+        except TimeoutError:
+            pass
+
+    def warmed(self) -> None:
+        if self.owner and self.key is not None and self.event is not None:
+            self.gate.release(self.key, self.event)
+
+    def leave(self) -> None:
+        self.warmed()
 
 
 async def _keep_alive_until_first_token(progress: _Progress) -> None:

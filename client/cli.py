@@ -470,6 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--max-cost-usd", type=float, default=None)
 
     sub.add_parser("schema", help="print the spec format as a JSON Schema (docs/spec.schema.json)")
+    sub.add_parser("prices", help="the token price table costs are computed with, and its date")
 
     doctor = sub.add_parser("doctor", help="what is installed, reachable and configured")
     doctor.add_argument("--json", action="store_true")
@@ -522,6 +523,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         from llmmixer.core.schema import spec_json_schema
 
         print(json.dumps(spec_json_schema(), indent=2))
+        return EXIT_OK
+    if args.command == "prices":
+        from llmmixer.activities.pricing import PriceTable, price_listing
+
+        print(price_listing(PriceTable.load()))
         return EXIT_OK
     try:
         return asyncio.run(_ASYNC[args.command](args))

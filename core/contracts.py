@@ -12,7 +12,9 @@ Error types (``ApplicationError.type``) raised by activities::
 
     ProviderError                  any provider failure (subtypes below)
     ├── ProviderRetryable          408/409/429/5xx, connection, timeout, cut stream
-    ├── ProviderRejected           other 4xx: bad request, unknown model, refusal
+    ├── ProviderRejected           other 4xx: bad request, unknown model
+    ├── ProviderRefused            the model or its filters declined (safety, content policy)
+    ├── ProviderTruncated          the reply hit the token limit (on_truncation decides)
     ├── ProviderAuth               401/403 or a missing key: set the named variable
     ├── CircuitOpen                the worker's breaker for provider/model is open
     └── InvalidOutput              reply failed JSON / JSON-schema validation
@@ -66,6 +68,12 @@ class ErrorType:
     AUTH = "ProviderAuth"
     CIRCUIT_OPEN = "CircuitOpen"
     INVALID_OUTPUT = "InvalidOutput"
+    # Anthropic `stop_reason: refusal`, OpenAI `content_filter`, Gemini safety
+    # blocks: one type, never retried (the same prompt is refused again); a
+    # step's `fallback_on: [refused]` is what moves it to another target.
+    REFUSED = "ProviderRefused"
+    # The reply hit the token limit and `on_truncation` says it may not pass.
+    TRUNCATED = "ProviderTruncated"
     COMMAND_REFUSED = "CommandRefused"
     COMMAND_FAILED = "CommandFailed"
     COMMAND_TIMEOUT = "CommandTimeout"
@@ -74,13 +82,28 @@ class ErrorType:
 
 
 class Usage(BaseModel):
+    """Tokens of one call or a sum of calls.
+
+    ``input_tokens`` counts every prompt token, cached or not;
+    ``cache_read_tokens`` and ``cache_write_tokens`` are the parts of it that
+    were read from or written to the provider's prompt cache (priced at their
+    own rates). ``output_tokens`` counts every generated token;
+    ``reasoning_tokens`` is the part spent thinking rather than answering.
+    """
+
     input_tokens: int = 0
     output_tokens: int = 0
+    cache_read_tokens: int = 0
+    cache_write_tokens: int = 0
+    reasoning_tokens: int = 0
 
     def __add__(self, other: Usage) -> Usage:
         return Usage(
             input_tokens=self.input_tokens + other.input_tokens,
             output_tokens=self.output_tokens + other.output_tokens,
+            cache_read_tokens=self.cache_read_tokens + other.cache_read_tokens,
+            cache_write_tokens=self.cache_write_tokens + other.cache_write_tokens,
+            reasoning_tokens=self.reasoning_tokens + other.reasoning_tokens,
         )
 
 
@@ -146,6 +169,21 @@ class LlmCall(BaseModel):
     # Set on a decompose step's planner call. Defaults to None so calls
     # recorded in the history of runs in flight still decode.
     plan: PlanRequest | None = None
+    # What a reply cut off by the token limit becomes: "continue" asks the
+    # model to go on and joins the parts (up to max_continuations times),
+    # "fail" fails the attempt (retryable), "accept" keeps it, marked
+    # truncated. None: "fail" for JSON replies, "continue" for text.
+    on_truncation: Literal["continue", "fail", "accept"] | None = None
+    max_continuations: int = 3
+    # "auto": mark the stable prefix (system prompt, shared context) for the
+    # provider's prompt cache; "off": send nothing cache-related.
+    cache: Literal["auto", "off"] = "auto"
+
+    def truncation_policy(self) -> Literal["continue", "fail", "accept"]:
+        """``on_truncation`` with its default applied."""
+        if self.on_truncation is not None:
+            return self.on_truncation
+        return "fail" if self.response_format == "json" else "continue"
 
 
 class LlmReply(BaseModel):
@@ -161,6 +199,10 @@ class LlmReply(BaseModel):
     attempt: int = 1
     dry_run: bool = False
     finish_reason: str | None = None
+    # The reply stopped at the token limit and on_truncation accepted it as it is.
+    truncated: bool = False
+    # How many times the model was asked to go on after a cut-off reply.
+    continuations: int = 0
     # Streamed text that watchers have not been sent yet; the workflow
     # publishes it as the step's last step_delta.
     unsent_text: str = ""
@@ -306,6 +348,8 @@ class FailureDetails(BaseModel):
     status_code: int | None = None
     # Output produced before the failure (a PTY timeout keeps what it printed).
     partial_output: str | None = None
+    # A refusal: the provider's own reason (finish reason, block reason).
+    reason: str | None = None
 
 
 # ---- the run's event stream (public types: docs/interventions.md) -------

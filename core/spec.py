@@ -24,6 +24,12 @@ STEP_ID_PATTERN = r"^[a-z0-9_-]+$"
 KINDS: tuple[str, ...] = ("llm", "pty", "approval", "decompose", "agent")
 
 OnFailure = Literal["pause", "fail", "skip"]
+# What a reply cut off by its token limit becomes (docs/spec.md, "Truncation").
+OnTruncation = Literal["continue", "fail", "accept"]
+CacheMode = Literal["auto", "off"]
+# Failures that move a step to its next target only when `fallback_on` lists
+# them; every other failure always does.
+FallbackReason = Literal["refused"]
 # Fields of a step that move a request or a command: where a provider call goes
 # (`base_url`, `provider_options`) and what runs and how (`env`, `cwd`,
 # `command`, `args`), and what a model may call (`tools`: commands, MCP servers,
@@ -112,6 +118,10 @@ class Defaults(_Strict):
     pause_timeout_s: float | None = Field(default=None, gt=0)
     # Tools every llm step offers its model unless it sets its own `tools`.
     tools: list[Tool] = Field(default_factory=list)
+    # None: "fail" for `response_format: json` (a cut reply is not JSON), else "continue".
+    on_truncation: OnTruncation | None = None
+    max_continuations: int = Field(default=3, ge=0, le=20)
+    cache: CacheMode = "auto"
 
 
 class _StepBase(_Strict):
@@ -143,6 +153,11 @@ class LlmStep(_StepBase):
     base_url: str | None = None
     provider_options: dict[str, Any] = Field(default_factory=dict)
     fallback: list[FallbackTarget] = Field(default_factory=list)
+    # A refusal moves to the next target only when listed here.
+    fallback_on: list[FallbackReason] = Field(default_factory=list)
+    on_truncation: OnTruncation | None = None
+    max_continuations: int | None = Field(default=None, ge=0, le=20)
+    cache: CacheMode | None = None
     # A name under the spec's `routes`: its first target answers, the rest are
     # its fallback chain. Excludes `provider`/`model` on the same step.
     role: str | None = None
@@ -313,3 +328,15 @@ class Spec(_Strict):
 
     def pause_timeout_s(self, step: _StepBase) -> float | None:
         return step.pause_timeout_s or self.defaults.pause_timeout_s
+
+    def on_truncation(self, step: _StepBase) -> OnTruncation | None:
+        own: OnTruncation | None = getattr(step, "on_truncation", None)
+        return own or self.defaults.on_truncation
+
+    def max_continuations(self, step: _StepBase) -> int:
+        own: int | None = getattr(step, "max_continuations", None)
+        return self.defaults.max_continuations if own is None else own
+
+    def cache(self, step: _StepBase) -> CacheMode:
+        own: CacheMode | None = getattr(step, "cache", None)
+        return own or self.defaults.cache

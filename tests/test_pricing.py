@@ -78,3 +78,75 @@ def test_every_entry_has_input_and_output_prices(table: PriceTable) -> None:
 def test_from_toml_reports_bad_entries() -> None:
     with pytest.raises(ValueError, match=r'\[openai\."x"\] needs numeric input and output'):
         PriceTable.from_toml('[openai."x"]\ninput = 1.0\n')
+
+
+def test_cache_reads_and_writes_are_priced_as_anthropic_bills_them(table: PriceTable) -> None:
+    # claude-sonnet-4-5: input 3, a cache write 1.25x (3.75), a cache read 0.1x (0.3)
+    usage = Usage(
+        input_tokens=100_000, cache_write_tokens=60_000, cache_read_tokens=30_000, output_tokens=0
+    )
+    expected = (10_000 * 3.0 + 60_000 * 3.75 + 30_000 * 0.3) / 1e6
+    assert table.cost("anthropic", "claude-sonnet-4-5", usage) == pytest.approx(expected)
+    uncached = table.cost("anthropic", "claude-sonnet-4-5", Usage(input_tokens=100_000))
+    read_all = Usage(input_tokens=100_000, cache_read_tokens=100_000)
+    assert table.cost("anthropic", "claude-sonnet-4-5", read_all) == pytest.approx(
+        0.1 * (uncached or 0)
+    )
+
+
+def test_openai_and_gemini_cached_input_rates(table: PriceTable) -> None:
+    usage = Usage(input_tokens=10_000, cache_read_tokens=8_000)
+    assert table.cost("openai", "gpt-4.1", usage) == pytest.approx(
+        (2_000 * 2.0 + 8_000 * 0.5) / 1e6
+    )
+    assert table.cost("gemini", "gemini-2.5-flash", usage) == pytest.approx(
+        (2_000 * 0.3 + 8_000 * 0.03) / 1e6
+    )
+
+
+def test_cached_tokens_without_a_cached_rate_cost_the_input_rate(table: PriceTable) -> None:
+    usage = Usage(input_tokens=10_000, cache_read_tokens=8_000)
+    assert table.cost("openai", "o3-pro", usage) == table.cost(
+        "openai", "o3-pro", Usage(input_tokens=10_000)
+    )
+
+
+def test_reasoning_tokens_are_priced_and_never_more_than_the_output() -> None:
+    table = PriceTable.from_toml(
+        '[openai."m"]\ninput = 1.0\noutput = 10.0\nreasoning = 20.0\ncached_input = 0.5\n'
+    )
+    usage = Usage(output_tokens=1_000, reasoning_tokens=400)
+    assert table.cost("openai", "m", usage) == pytest.approx((600 * 10 + 400 * 20) / 1e6)
+    # a provider reporting more cached or reasoning tokens than the whole is capped
+    odd = Usage(input_tokens=10, cache_read_tokens=50, output_tokens=10, reasoning_tokens=90)
+    assert table.cost("openai", "m", odd) == pytest.approx((10 * 0.5 + 10 * 20) / 1e6)
+
+
+def test_the_long_context_tier_has_its_own_cached_rate(table: PriceTable) -> None:
+    usage = Usage(input_tokens=300_000, cache_read_tokens=300_000)
+    assert table.cost("gemini", "gemini-2.5-pro", usage) == pytest.approx(300_000 * 0.25 / 1e6)
+
+
+def test_the_table_says_when_it_was_written_and_lists_every_rate(table: PriceTable) -> None:
+    from llmmixer.activities.pricing import price_listing
+
+    assert table.written is not None and table.written.year >= 2025
+    listing = price_listing(table)
+    assert f"written {table.written.isoformat()}" in listing.splitlines()[0]
+    sonnet = next(line for line in listing.splitlines() if " claude-sonnet-4-5 " in line)
+    assert sonnet.split()[2:7] == ["3", "15", "0.3", "3.75", "15"]
+    for current in ("claude-opus-4-5", "gpt-5.1", "gemini-3-pro-preview"):
+        assert table.price(_provider(current), current) is not None
+
+
+def _provider(model: str) -> str:
+    return (
+        "anthropic"
+        if model.startswith("claude")
+        else ("gemini" if model.startswith("gemini") else "openai")
+    )
+
+
+def test_a_written_date_that_is_no_date_is_refused() -> None:
+    with pytest.raises(ValueError, match="written"):
+        PriceTable.from_toml('written = "last week"\n')

@@ -99,7 +99,7 @@ async def test_stream_without_message_stop_is_retryable(
         assert "message_stop" in info.value.message
 
 
-async def test_refusal_stop_reason_is_rejected(
+async def test_refusal_stop_reason_is_a_refusal_carrying_the_reason(
     provider_server: FakeProviderServer,
     provider_pool: ProviderPool,
     provider_settings: ProviderSettings,
@@ -109,7 +109,8 @@ async def test_refusal_stop_reason_is_rejected(
         await adapter(provider_pool, provider_settings).complete(
             llm_call("anthropic", MODEL), lambda _: None
         )
-    assert info.value.error_type == ErrorType.REJECTED
+    assert info.value.error_type == ErrorType.REFUSED and not info.value.retryable
+    assert info.value.reason == "refusal" and "I can't help" in info.value.message
 
 
 async def test_json_mode_states_schema_and_validates(

@@ -74,7 +74,6 @@ async def test_server_side_statuses_are_retryable(
     [
         (400, "max_tokens is too large", "bad request"),
         (404, "model xyz does not exist", "model not found"),
-        (400, "blocked by our safety system", "content refused"),
         (422, "unprocessable", "unprocessable request"),
     ],
 )
@@ -92,6 +91,19 @@ async def test_other_4xx_are_rejected_naming_which(
     assert error.error_type == ErrorType.REJECTED and not error.retryable
     assert error.status_code == status
     assert kind in error.message and message in error.message
+
+
+@PROVIDERS
+async def test_a_4xx_content_policy_rejection_is_a_refusal(
+    provider_server: FakeProviderServer,
+    provider_pool: ProviderPool,
+    provider_settings: ProviderSettings,
+    provider: str,
+) -> None:
+    provider_server.fail(provider, 400, message="blocked by our safety system")
+    error = await failing_call(provider_pool, provider_settings, provider)
+    assert error.error_type == ErrorType.REFUSED and not error.retryable
+    assert error.status_code == 400 and "blocked by our safety system" in error.message
 
 
 @PROVIDERS

@@ -131,7 +131,8 @@ async def test_safety_finish_is_rejected(
         await adapter(provider_pool, provider_settings).complete(
             llm_call("gemini", MODEL), lambda _: None
         )
-    assert info.value.error_type == ErrorType.REJECTED and "SAFETY" in info.value.message
+    assert info.value.error_type == ErrorType.REFUSED and info.value.reason == "SAFETY"
+    assert not info.value.retryable
 
 
 async def test_json_reply_that_is_not_json_is_invalid_output(

@@ -164,7 +164,7 @@ async def test_hang_times_out_as_retryable(
     assert time.monotonic() - started < 5
 
 
-async def test_content_filter_is_a_rejection(
+async def test_content_filter_is_a_refusal(
     provider_server: FakeProviderServer,
     provider_pool: ProviderPool,
     provider_settings: ProviderSettings,
@@ -174,8 +174,8 @@ async def test_content_filter_is_a_rejection(
         await adapter(provider_pool, provider_settings).complete(
             llm_call("openai", MODEL), lambda _: None
         )
-    assert info.value.error_type == ErrorType.REJECTED
-    assert "content refused" in info.value.message
+    assert info.value.error_type == ErrorType.REFUSED and not info.value.retryable
+    assert info.value.reason == "content_filter" and "refused" in info.value.message
 
 
 @pytest.mark.parametrize("api", ["chat", "responses"])

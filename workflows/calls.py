@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, TypedDict
+from typing import Any, Literal, TypedDict
 
 from temporalio.common import RetryPolicy
 from temporalio.workflow import ActivityCancellationType
@@ -106,6 +106,20 @@ class _Shared(TypedDict):
     dry_run: bool
     has_fallback: bool
     plan: PlanRequest | None
+    on_truncation: Literal["continue", "fail", "accept"] | None
+    max_continuations: int
+    cache: Literal["auto", "off"]
+
+
+def falls_back(step: ModelStep, error_type: str | None) -> bool:
+    """Whether a failure of type ``error_type`` moves ``step`` to its next target.
+
+    Every failure does, except a refusal: another model may answer what one
+    refused, but whether that is wanted is the step's call (`fallback_on`).
+    """
+    if error_type != ErrorType.REFUSED:
+        return True
+    return isinstance(step, LlmStep) and "refused" in step.fallback_on
 
 
 def llm_call(
@@ -139,6 +153,9 @@ def llm_call(
         dry_run=spec.dry_run,
         has_fallback=has_fallback,
         plan=plan,
+        on_truncation=spec.on_truncation(step),
+        max_continuations=spec.max_continuations(step),
+        cache=spec.cache(step),
     )
     match step:
         case LlmStep():

@@ -479,6 +479,7 @@ class RunState:
         if track:
             record.provider, record.model = reply.provider, reply.model
             record.latency_ms = reply.latency_ms
+            record.finish_reason, record.truncated = reply.finish_reason, reply.truncated
 
     def account_command(self, step_id: str, result: CommandResult) -> None:
         """A command or agent ran to its end."""

@@ -127,6 +127,10 @@ class StepRecord(BaseModel):
     # None: the price of the model that answered is unknown (not free).
     cost_usd: float | None = 0.0
     latency_ms: float | None = None
+    # LLM steps: why the (last) reply ended, as the provider says it, and
+    # whether it stopped at the token limit and was accepted as it is.
+    finish_reason: str | None = None
+    truncated: bool = False
     started_at: datetime | None = None
     ended_at: datetime | None = None
     dry_run: bool = False

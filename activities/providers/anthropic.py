@@ -11,14 +11,24 @@ The Messages API has no generic JSON mode that works on every model, so for
 prompt and the reply is validated afterwards. A step that wants Anthropic's
 structured outputs can pass ``output_config`` through ``provider_options``
 (``options.AnthropicOptions`` lists what they may set).
+
+Prompt caching (``cache: auto``): ``cache_control`` breakpoints go on the
+system prompt, on the earlier turns of a conversation, and on the long
+shared part of the last message, which is everything before its last
+paragraph break (``stable_prefix``). Sibling steps that share a context put
+it first and their own question after it, so each reads the context from
+the cache at a tenth of the input price. Anthropic ignores a breakpoint on a
+prefix shorter than the model's minimum, so marking is free when it does
+not pay.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 from anthropic import AsyncAnthropic, omit
-from anthropic.types import MessageParam
+from anthropic.types import MessageParam, TextBlockParam
 
 from llmmixer.activities.providers.base import (
     NO_KEY_PLACEHOLDER,
@@ -35,7 +45,12 @@ from llmmixer.activities.providers.errors import (
     refusal_error,
 )
 from llmmixer.activities.providers.options import checked_provider_options
-from llmmixer.activities.providers.structured import enforce_response_format, json_instruction
+from llmmixer.activities.providers.structured import (
+    MIN_CACHED_PREFIX_CHARS,
+    enforce_response_format,
+    json_instruction,
+    stable_prefix,
+)
 from llmmixer.core.contracts import LlmCall, Usage
 from llmmixer.core.provider_options import AnthropicOptions
 from llmmixer.core.providers import provider_spec
@@ -43,6 +58,9 @@ from llmmixer.core.providers import provider_spec
 __all__ = ["DEFAULT_MAX_TOKENS", "AnthropicAdapter"]
 
 DEFAULT_MAX_TOKENS = 4096
+# Stop reasons that mean the reply was cut off, not finished.
+_TRUNCATED = frozenset({"max_tokens", "model_context_window_exceeded"})
+_BREAKPOINT: Any = {"type": "ephemeral"}
 
 
 class AnthropicAdapter:
@@ -83,17 +101,32 @@ class AnthropicAdapter:
             raise
         except Exception as exc:
             raise map_anthropic_error(exc, self._secrets, timeout_s=self._config.timeout_s) from exc
-        return enforce_response_format(call, result)
+        return result if result.truncated else enforce_response_format(call, result)
 
     async def _stream(
         self, call: LlmCall, options: AnthropicOptions, on_text: TextCallback
     ) -> ProviderResult:
+        cached = call.cache == "auto"
+        system = call.system or ""
+        if call.response_format == "json":
+            system = f"{system}\n\n{json_instruction(call.json_schema)}".strip()
+        system_param: Any = system or omit
+        if cached and len(system) >= MIN_CACHED_PREFIX_CHARS:
+            system_param = [{"type": "text", "text": system, "cache_control": _BREAKPOINT}]
+        # Characters before each message: a breakpoint pays only past the minimum.
+        before = len(system)
         messages: list[MessageParam] = []
-        for m in call.messages:
-            if m.role == "assistant":
-                messages.append({"role": "assistant", "content": m.content})
-            else:
-                messages.append({"role": "user", "content": m.content})
+        last = len(call.messages) - 1
+        for index, m in enumerate(call.messages):
+            role: Any = "assistant" if m.role == "assistant" else "user"
+            content: Any = m.content
+            if cached and index == last - 1 and before + len(m.content) >= MIN_CACHED_PREFIX_CHARS:
+                # The end of the earlier turns: a conversation's history is cached.
+                content = [{"type": "text", "text": m.content, "cache_control": _BREAKPOINT}]
+            elif cached and index == last:
+                content = _last_blocks(m.content)
+            before += len(m.content)
+            messages.append({"role": role, "content": content})
         # This SDK version no longer types temperature/top_p (newer models
         # reject them); older models still take them, so they go in the body
         # only when the step sets them.
@@ -103,16 +136,13 @@ class AnthropicAdapter:
         if call.top_p is not None:
             extra["top_p"] = call.top_p
         extra.update(options.body())
-        system = call.system or ""
-        if call.response_format == "json":
-            system = f"{system}\n\n{json_instruction(call.json_schema)}".strip()
         parts: list[str] = []
         stopped = False
         async with self._client.messages.stream(
             model=call.model,
             max_tokens=call.max_tokens if call.max_tokens is not None else DEFAULT_MAX_TOKENS,
             messages=messages,
-            system=system if system else omit,
+            system=system_param,
             stop_sequences=list(call.stop) if call.stop else omit,
             extra_body=extra or None,
         ) as stream:
@@ -128,16 +158,32 @@ class AnthropicAdapter:
             message = stream.current_message_snapshot
         stop_reason = message.stop_reason
         if stop_reason == "refusal":
-            raise refusal_error("anthropic", call.model, stop_reason)
+            raise refusal_error("anthropic", call.model, stop_reason, "".join(parts))
         u = message.usage
         # Cached prompt tokens are reported apart from input_tokens; they are
-        # still prompt tokens the step consumed.
-        input_tokens = (
-            u.input_tokens + (u.cache_creation_input_tokens or 0) + (u.cache_read_input_tokens or 0)
-        )
+        # still prompt tokens the step consumed, priced at their own rates.
+        written = u.cache_creation_input_tokens or 0
+        read = u.cache_read_input_tokens or 0
         return ProviderResult(
             text="".join(parts),
             response_model=message.model or None,
-            usage=Usage(input_tokens=input_tokens, output_tokens=u.output_tokens),
+            usage=Usage(
+                input_tokens=u.input_tokens + written + read,
+                output_tokens=u.output_tokens,
+                cache_read_tokens=read,
+                cache_write_tokens=written,
+            ),
             finish_reason=stop_reason,
+            truncated=stop_reason in _TRUNCATED,
         )
+
+
+def _last_blocks(text: str) -> str | list[TextBlockParam]:
+    """The last message, with a cache breakpoint after its shared prefix if it has one."""
+    prefix = stable_prefix(text)
+    if not prefix:
+        return text
+    return [
+        {"type": "text", "text": prefix, "cache_control": _BREAKPOINT},
+        {"type": "text", "text": text[len(prefix) :]},
+    ]

@@ -10,7 +10,9 @@ Error model (every failure an adapter raises is a ``ProviderError``)::
 
     ProviderError.error_type
     ├── ErrorType.RETRYABLE       408/409/429/5xx, connection, timeout, cut stream
-    ├── ErrorType.REJECTED        other 4xx: bad request, unknown model, refusal
+    ├── ErrorType.REJECTED        other 4xx: bad request, unknown model
+    ├── ErrorType.REFUSED         the model or its filters declined (``reason`` says why)
+    ├── ErrorType.TRUNCATED       the reply hit the token limit and may not pass
     ├── ErrorType.AUTH            401/403 or no key: set the named variable on the worker
     ├── ErrorType.CIRCUIT_OPEN    this worker's breaker for provider/model is open
     └── ErrorType.INVALID_OUTPUT  the reply failed JSON / JSON-schema validation
@@ -44,9 +46,11 @@ NO_KEY_PLACEHOLDER = "not-needed"
 
 # Failures that another attempt may fix. CIRCUIT_OPEN is included because the
 # breaker closes again after its cool-down (``retry_after_s`` says when), and
-# INVALID_OUTPUT because a model often gets the format right the next time.
+# INVALID_OUTPUT because a model often gets the format right the next time,
+# TRUNCATED because a sampled reply is often shorter the next time (the
+# activity makes it final once continuing has not helped).
 RETRYABLE_ERROR_TYPES: frozenset[str] = frozenset(
-    {ErrorType.RETRYABLE, ErrorType.CIRCUIT_OPEN, ErrorType.INVALID_OUTPUT}
+    {ErrorType.RETRYABLE, ErrorType.CIRCUIT_OPEN, ErrorType.INVALID_OUTPUT, ErrorType.TRUNCATED}
 )
 
 
@@ -98,12 +102,21 @@ class ProviderConfig:
 
 @dataclass
 class ProviderResult:
-    """A complete, terminated reply (never a truncated stream)."""
+    """A complete, terminated reply (never a cut stream).
+
+    ``truncated``: the model stopped at the token limit (``finish_reason``
+    is the provider's own word for it); the activity decides what that
+    becomes (``LlmCall.on_truncation``). A truncated result has not been
+    checked against ``response_format`` yet: only the joined reply is.
+    """
 
     text: str
     response_model: str | None
     usage: Usage
     finish_reason: str | None
+    truncated: bool = False
+    #: How many times the activity asked the model to go on (0 from an adapter).
+    continuations: int = 0
 
 
 class ProviderError(Exception):
@@ -121,12 +134,15 @@ class ProviderError(Exception):
         *,
         status_code: int | None = None,
         retry_after_s: float | None = None,
+        reason: str | None = None,
     ) -> None:
         super().__init__(message)
         self.error_type = error_type
         self.message = message
         self.status_code = status_code
         self.retry_after_s = retry_after_s
+        #: For a refusal, the provider's own reason (finish or block reason).
+        self.reason = reason
 
     @property
     def retryable(self) -> bool:

@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import html
+import json
+import re
 import time
 from collections.abc import Iterable, Mapping
 from types import MappingProxyType, ModuleType
@@ -36,6 +39,7 @@ from llmmixer.core.redaction import redact
 __all__ = [
     "KEY_VARIABLES",
     "cut_stream_error",
+    "malformed_stream_error",
     "map_anthropic_error",
     "map_gemini_error",
     "map_openai_error",
@@ -67,6 +71,20 @@ _TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (
     httpx2.TransportError,
     ConnectionError,
 )
+try:
+    # google-genai streams over aiohttp whenever aiohttp is installed (the s3
+    # extra brings it in), and then its connection errors are aiohttp's.
+    import aiohttp
+except ImportError:  # pragma: no cover - the SDK then uses httpx2
+    pass
+else:
+    _TRANSPORT_TIMEOUTS = (*_TRANSPORT_TIMEOUTS, aiohttp.ServerTimeoutError)
+    _TRANSPORT_ERRORS = (
+        *_TRANSPORT_ERRORS,
+        aiohttp.ClientConnectionError,
+        aiohttp.ClientPayloadError,
+    )
+
 _REFUSAL_WORDS = ("content_policy", "content policy", "content_filter", "safety", "refus")
 
 
@@ -122,12 +140,28 @@ def cut_stream_error(provider: str, model: str, missing: str) -> ProviderError:
     )
 
 
-def refusal_error(provider: str, model: str, reason: str) -> ProviderError:
-    """The model answered but declined (safety stop, content filter, refusal)."""
+def refusal_error(provider: str, model: str, reason: str, detail: str = "") -> ProviderError:
+    """The model answered but declined (safety stop, content filter, refusal).
+
+    One error type whatever the provider calls it, never retried: the same
+    prompt is refused again. ``reason`` is the provider's own word for it.
+    """
+    said = f": {_clip(detail)}" if detail else ""
     return ProviderError(
-        ErrorType.REJECTED,
-        f"{provider}/{model} refused the request (content refused, finish reason {reason}): "
-        "change the prompt or choose another model; retrying the same prompt will not help",
+        ErrorType.REFUSED,
+        f"{provider}/{model} refused the request ({reason}){said}. Change the prompt or "
+        "choose another model (`fallback_on: [refused]` lets the step try its next target); "
+        "retrying the same prompt will not help",
+        reason=reason,
+    )
+
+
+def malformed_stream_error(provider: str, detail: str) -> ProviderError:
+    """A stream event that is not what the API defines (bad JSON, unknown shape)."""
+    return ProviderError(
+        ErrorType.RETRYABLE,
+        f"{provider} sent a malformed stream event ({_clip(detail)}); the reply was discarded "
+        "and the call will be retried",
     )
 
 
@@ -162,6 +196,13 @@ def status_error(
             retry_after_s=retry_after,
         )
     kind, advice = _rejection(status, detail)
+    if kind == "content refused":
+        return ProviderError(
+            ErrorType.REFUSED,
+            f"{provider} refused the request (HTTP {status}): {detail}. {advice}",
+            status_code=status,
+            reason=f"HTTP {status}",
+        )
     return ProviderError(
         ErrorType.REJECTED,
         f"{provider} rejected the request: {kind} (HTTP {status}): {detail}. {advice}",
@@ -179,14 +220,19 @@ def _map_stainless_error(
     """The ``openai`` and ``anthropic`` SDKs share one generated error hierarchy."""
     if isinstance(exc, ProviderError):
         return exc
+    if isinstance(exc, sdk.APIStatusError) and exc.status_code < 400:
+        # Anthropic's `event: error` inside a stream that began with 200
+        # (overloaded_error, api_error): the SDK builds a status error from
+        # the 200 response, which is no rejection of the request.
+        return stream_reported_error(provider, _body_message(exc.body, exc.message), secrets)
     if isinstance(exc, sdk.APIStatusError):
-        return status_error(
-            provider,
-            exc.status_code,
-            _body_message(exc.body, exc.message),
-            exc.response.headers,
-            secrets,
-        )
+        detail = _body_message(exc.body, exc.message)
+        if exc.response.headers.get("content-type", "").startswith("text/html"):
+            # A proxy's or load balancer's page, not the provider's JSON; the
+            # SDK may not have read its body (a stream), so the status says it.
+            page = _plain(exc.body) if isinstance(exc.body, str) else ""
+            detail = page or f"HTML error page: {exc.status_code} {exc.response.reason_phrase}"
+        return status_error(provider, exc.status_code, detail, exc.response.headers, secrets)
     if isinstance(exc, sdk.APITimeoutError):
         return _timeout(provider, timeout_s)
     if isinstance(exc, sdk.APIConnectionError):
@@ -221,6 +267,8 @@ def map_gemini_error(
     """Map a ``google-genai`` SDK (or transport) exception."""
     if isinstance(exc, ProviderError):
         return exc
+    if isinstance(exc, genai_errors.UnknownApiResponseError):
+        return malformed_stream_error("gemini", redact(str(exc), secrets))
     if isinstance(exc, genai_errors.APIError):
         headers = getattr(exc.response, "headers", None)
         detail = " ".join(str(p) for p in (exc.status, exc.message) if p)
@@ -231,8 +279,26 @@ def map_gemini_error(
 # --- helpers -------------------------------------------------------------------------
 
 
+_HTML_TITLE = re.compile(r"<title[^>]*>(.*?)</title>", re.IGNORECASE | re.DOTALL)
+_HTML_TAG = re.compile(r"<[^>]+>")
+
+
+def _plain(text: str) -> str:
+    """An HTML error page (a proxy's 502) as the words a person would read on it."""
+    head = text.lstrip()[:200].lower()
+    if not (head.startswith("<!doctype html") or head.startswith("<html") or "<body" in head):
+        return text
+    title = _HTML_TITLE.search(text)
+    body = re.sub(r"<(script|style)[^>]*>.*?</\1>", " ", text, flags=re.IGNORECASE | re.DOTALL)
+    words = html.unescape(_HTML_TAG.sub(" ", body))
+    if title:
+        heading = html.unescape(title.group(1)).strip()
+        return f"HTML error page: {heading}" if heading else f"HTML error page: {words}"
+    return f"HTML error page: {words}"
+
+
 def _clip(text: str) -> str:
-    text = " ".join(text.split())
+    text = " ".join(_plain(text).split())
     return text if len(text) <= _MAX_DETAIL else text[: _MAX_DETAIL - 1] + "…"
 
 
@@ -315,6 +381,8 @@ def _transport_or_reraise(
         return _timeout(provider, timeout_s)
     if isinstance(exc, _TRANSPORT_ERRORS):
         return _connection(provider, exc, secrets)
+    if isinstance(exc, json.JSONDecodeError):
+        return malformed_stream_error(provider, redact(str(exc), secrets))
     # Anything else is a bug in our code or the SDK's, not a provider outcome:
     # the caller re-raises the original so its traceback is kept.
     raise exc

@@ -12,7 +12,12 @@ sent once and every attempt is a Temporal attempt.
 ``thinking_config``; ``options.GeminiGenerationConfig`` lists them). Never
 ``http_options``: on a request it replaces the base URL and headers while the
 client still adds the worker's key. A stream counts as complete only once a
-candidate carried a ``finish_reason``.
+candidate carried a ``finish_reason``; ``MAX_TOKENS`` marks it truncated.
+
+Caching: Gemini caches a repeated prefix on its own (implicit caching) and
+reports the cached part as ``cachedContentTokenCount``; the system
+instruction and the messages are sent in order, so siblings that put their
+shared context first hit it.
 """
 
 from __future__ import annotations
@@ -101,7 +106,7 @@ class GeminiAdapter:
             raise
         except Exception as exc:
             raise map_gemini_error(exc, self._secrets, timeout_s=self._config.timeout_s) from exc
-        return enforce_response_format(call, result)
+        return result if result.truncated else enforce_response_format(call, result)
 
     def _generation_config(self, call: LlmCall) -> types.GenerateContentConfig:
         options = checked_provider_options("gemini", GeminiOptions, call.provider_options)
@@ -158,15 +163,20 @@ class GeminiAdapter:
             feedback = chunk.prompt_feedback
             if feedback is not None and feedback.block_reason is not None:
                 raise refusal_error(
-                    "gemini", call.model, _enum_text(feedback.block_reason) or "blocked"
+                    "gemini",
+                    call.model,
+                    _enum_text(feedback.block_reason) or "blocked",
+                    feedback.block_reason_message or "",
                 )
             if chunk.usage_metadata is not None:
                 meta = chunk.usage_metadata
+                thoughts = meta.thoughts_token_count or 0
                 usage = Usage(
                     input_tokens=meta.prompt_token_count or 0,
                     # Thinking tokens are billed as output tokens.
-                    output_tokens=(meta.candidates_token_count or 0)
-                    + (meta.thoughts_token_count or 0),
+                    output_tokens=(meta.candidates_token_count or 0) + thoughts,
+                    cache_read_tokens=meta.cached_content_token_count or 0,
+                    reasoning_tokens=thoughts,
                 )
             candidate = chunk.candidates[0] if chunk.candidates else None
             if candidate is None:
@@ -187,4 +197,5 @@ class GeminiAdapter:
             response_model=response_model,
             usage=usage,
             finish_reason=finish_reason,
+            truncated=finish_reason == "MAX_TOKENS",
         )

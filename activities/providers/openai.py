@@ -7,11 +7,20 @@ Both the Chat Completions API (default) and the Responses API
 A stream counts as complete only when its terminal event arrived: a
 ``finish_reason`` on Chat Completions, ``response.completed`` or
 ``response.incomplete`` on Responses. Anything else is a cut stream and is
-retryable, never a truncated success.
+retryable, never a truncated success. A reply that stopped at the token
+limit (``length``, ``max_output_tokens``) is marked truncated; a content
+filter stop or a structured-output ``refusal`` is a refusal.
+
+Prompt caching is automatic on OpenAI's side for a prefix of 1,024 tokens or
+more: the system prompt goes first and each message in order, so steps
+sharing a context hit the cache when they put it first. With ``cache: auto``
+the official endpoint is also sent a ``prompt_cache_key`` derived from that
+shared prefix, which routes the siblings' requests to the same cache.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable
 from typing import Any
 
@@ -35,12 +44,26 @@ from llmmixer.activities.providers.errors import (
     stream_reported_error,
 )
 from llmmixer.activities.providers.options import checked_provider_options
-from llmmixer.activities.providers.structured import enforce_response_format
+from llmmixer.activities.providers.structured import enforce_response_format, stable_prefix
 from llmmixer.core.contracts import ErrorType, LlmCall, Usage
 from llmmixer.core.provider_options import OpenAIOptions
 from llmmixer.core.providers import provider_spec
 
 __all__ = ["OpenAIAdapter"]
+
+# Why a reply ended at the token limit, per API.
+_TRUNCATED = frozenset({"length", "max_output_tokens"})
+
+
+def _usage(
+    prompt: int | None, completion: int | None, cached: int | None, reasoning: int | None
+) -> Usage:
+    return Usage(
+        input_tokens=prompt or 0,
+        output_tokens=completion or 0,
+        cache_read_tokens=cached or 0,
+        reasoning_tokens=reasoning or 0,
+    )
 
 
 class OpenAIAdapter:
@@ -97,7 +120,23 @@ class OpenAIAdapter:
             raise map_openai_error(
                 exc, self._secrets, timeout_s=self._config.timeout_s, provider=self.provider
             ) from exc
-        return enforce_response_format(call, result)
+        return result if result.truncated else enforce_response_format(call, result)
+
+    def _cache_key(self, call: LlmCall) -> str | Any:
+        """A ``prompt_cache_key`` for siblings sharing a prefix (official endpoint only).
+
+        Compatible servers may refuse a field they do not know, so they get none.
+        """
+        if call.cache != "auto" or not self._official or not call.messages:
+            return omit
+        shared = stable_prefix(call.messages[-1].content)
+        history = "\x00".join(m.content for m in call.messages[:-1])
+        if not (call.system or history or shared):
+            return omit
+        digest = hashlib.sha256(
+            "\x00".join((call.model, call.system or "", history, shared)).encode()
+        ).hexdigest()
+        return f"llmmixer-{digest[:32]}"
 
     # --- Chat Completions --------------------------------------------------------------
 
@@ -133,9 +172,11 @@ class OpenAIAdapter:
             top_p=call.top_p if call.top_p is not None else omit,
             stop=list(call.stop) if call.stop else omit,
             response_format=response_format,
+            prompt_cache_key=self._cache_key(call),
             extra_body=options.body() or None,
         )
         parts: list[str] = []
+        refusal: list[str] = []
         finish_reason: str | None = None
         usage = Usage()
         response_model: str | None = None
@@ -143,9 +184,14 @@ class OpenAIAdapter:
             async for chunk in stream:
                 response_model = chunk.model or response_model
                 if chunk.usage is not None:
-                    usage = Usage(
-                        input_tokens=chunk.usage.prompt_tokens or 0,
-                        output_tokens=chunk.usage.completion_tokens or 0,
+                    u = chunk.usage
+                    usage = _usage(
+                        u.prompt_tokens,
+                        u.completion_tokens,
+                        u.prompt_tokens_details.cached_tokens if u.prompt_tokens_details else 0,
+                        u.completion_tokens_details.reasoning_tokens
+                        if u.completion_tokens_details
+                        else 0,
                     )
                 for choice in chunk.choices:
                     if choice.index != 0:
@@ -154,17 +200,22 @@ class OpenAIAdapter:
                     if delta:
                         parts.append(delta)
                         on_text(delta)
+                    if choice.delta is not None and choice.delta.refusal:
+                        refusal.append(choice.delta.refusal)
                     if choice.finish_reason:
                         finish_reason = choice.finish_reason
         if finish_reason is None:
             raise cut_stream_error(self.provider, call.model, "a finish_reason")
         if finish_reason == "content_filter":
             raise refusal_error(self.provider, call.model, finish_reason)
+        if refusal and not parts:
+            raise refusal_error(self.provider, call.model, "refusal", "".join(refusal))
         return ProviderResult(
             text="".join(parts),
             response_model=response_model,
             usage=usage,
             finish_reason=finish_reason,
+            truncated=finish_reason in _TRUNCATED,
         )
 
     # --- Responses ---------------------------------------------------------------------
@@ -201,9 +252,11 @@ class OpenAIAdapter:
             temperature=call.temperature if call.temperature is not None else omit,
             top_p=call.top_p if call.top_p is not None else omit,
             text=text_config,
+            prompt_cache_key=self._cache_key(call),
             extra_body=options.body() or None,
         )
         parts: list[str] = []
+        refusal: list[str] = []
         finish_reason: str | None = None
         usage = Usage()
         response_model: str | None = None
@@ -213,13 +266,20 @@ class OpenAIAdapter:
                     if event.delta:
                         parts.append(event.delta)
                         on_text(event.delta)
+                elif event.type == "response.refusal.delta":
+                    refusal.append(event.delta)
                 elif event.type in ("response.completed", "response.incomplete"):
                     response = event.response
                     response_model = response.model or response_model
                     if response.usage is not None:
-                        usage = Usage(
-                            input_tokens=response.usage.input_tokens or 0,
-                            output_tokens=response.usage.output_tokens or 0,
+                        u = response.usage
+                        usage = _usage(
+                            u.input_tokens,
+                            u.output_tokens,
+                            u.input_tokens_details.cached_tokens if u.input_tokens_details else 0,
+                            u.output_tokens_details.reasoning_tokens
+                            if u.output_tokens_details
+                            else 0,
                         )
                     if event.type == "response.completed":
                         finish_reason = "stop"
@@ -238,9 +298,12 @@ class OpenAIAdapter:
             raise cut_stream_error(self.provider, call.model, "response.completed")
         if finish_reason == "content_filter":
             raise refusal_error(self.provider, call.model, finish_reason)
+        if refusal and not parts:
+            raise refusal_error(self.provider, call.model, "refusal", "".join(refusal))
         return ProviderResult(
             text="".join(parts),
             response_model=response_model,
             usage=usage,
             finish_reason=finish_reason,
+            truncated=finish_reason in _TRUNCATED,
         )

@@ -21,7 +21,17 @@ from llmmixer.activities.providers.base import ProviderError, ProviderResult
 from llmmixer.core.contracts import ErrorType, LlmCall
 from llmmixer.core.documents import DocumentError, load_json_document, strip_code_fence
 
-__all__ = ["enforce_response_format", "json_instruction", "validate_json_reply"]
+__all__ = [
+    "MIN_CACHED_PREFIX_CHARS",
+    "enforce_response_format",
+    "json_instruction",
+    "stable_prefix",
+    "validate_json_reply",
+]
+
+# About 1,024 tokens, the smallest prefix any provider caches: marking less
+# pays nothing, and a split message must not change what short prompts send.
+MIN_CACHED_PREFIX_CHARS = 4096
 
 # Models (Claude especially) like to wrap JSON in a Markdown fence.
 _MAX_SHOWN = 300
@@ -83,3 +93,17 @@ def enforce_response_format(call: LlmCall, result: ProviderResult) -> ProviderRe
         return result
     text = validate_json_reply(result.text, call.json_schema)
     return dataclasses.replace(result, text=text)
+
+
+def stable_prefix(text: str) -> str:
+    """The part of a prompt that sibling steps are likely to share, or "".
+
+    Prompts laid out for caching put the long shared context first and each
+    step's own question after its last paragraph break; that question is
+    what differs between siblings. The prefix ends with the break, so the
+    prefix and the rest joined are the text as it was.
+    """
+    cut = text.rfind("\n\n")
+    if cut < MIN_CACHED_PREFIX_CHARS:
+        return ""
+    return text[: cut + 2]

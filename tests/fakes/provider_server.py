@@ -2,10 +2,11 @@
 
 The real SDKs are pointed at it through their base URL (never patched), so
 tests exercise the SDKs' own request building, SSE parsing and error classes.
-It is written on the standard library only (asyncio streams, HTTP/1.1, one
-request per connection) and runs its own event loop in a daemon thread, so it
-works from sync and async tests alike and a hung reply never blocks a test's
-loop.
+It is written on the standard library only (asyncio streams, HTTP/1.1 with
+keep-alive: a connection serves request after request until the client
+closes it or it idles for ``keep_alive_s``, as the SDKs' pools expect) and
+runs its own event loop in a daemon thread, so it works from sync and async
+tests alike and a hung reply never blocks a test's loop.
 
 Routes (``/v1`` is part of the OpenAI base URL, as with the real service)::
 
@@ -20,12 +21,31 @@ connection cut mid-way are different things to the client, as in real life.
 
 Scripting: queue :class:`Reply` objects per provider (and optionally model);
 an unscripted call gets a deterministic reply derived from its prompt.
+
+Unkind on request, as the real services are: an error event in the middle of
+a stream, in each API's own shape (``stream_error``); an HTML error page from
+a proxy (``html``); a malformed SSE line (``malformed_after``); safety blocks
+(``block_reason``, ``refusal``, a ``finish_reason``); thinking parts
+(``thinking``); cache and reasoning usage (``cached_tokens``,
+``cache_write_tokens``, ``reasoning_tokens``); rate-limit headers
+(:func:`rate_limit_headers`).
+
+Anthropic prompt caching is accounted as Anthropic does it: a request whose
+system or messages carry ``cache_control`` breakpoints reads the longest
+prefix already cached (reported as ``cache_read_input_tokens``, billed at 0.1x
+input) and writes the rest up to its last breakpoint (``cache_creation_input_tokens``,
+1.25x). A prefix is cached only from ``ANTHROPIC_MIN_CACHED_TOKENS`` tokens on,
+and only once the writing reply has started (its ``message_start`` was sent),
+so siblings sent at the same moment all miss, as they do for real. Anthropic
+prompt tokens are counted as one per four characters of text (``fake_tokens``),
+cached or not, unless a reply scripts its own ``usage``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import http
 import json
@@ -37,7 +57,19 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-__all__ = ["FAKE_KEYS", "FakeProviderServer", "RawRequest", "RecordedCall", "Reply"]
+__all__ = [
+    "ANTHROPIC_MIN_CACHED_TOKENS",
+    "FAKE_KEYS",
+    "FakeProviderServer",
+    "RawRequest",
+    "RecordedCall",
+    "Reply",
+    "fake_tokens",
+    "rate_limit_headers",
+]
+
+# The smallest prefix Anthropic caches (Sonnet and Opus; Haiku wants more).
+ANTHROPIC_MIN_CACHED_TOKENS = 1024
 
 # Keys the fixtures put in the environment; shaped like real ones so the
 # generic redaction patterns are exercised too.
@@ -105,6 +137,58 @@ class Reply:
     cut_after: int | None = None
     truncate_after: int | None = None
     stall_after: int | None = None
+    # --- unkind replies -----------------------------------------------------------
+    #: After ``error_after`` text chunks, an error event in the API's own shape
+    #: (Anthropic ``event: error``, Responses ``response.failed``, a Chat
+    #: Completions ``{"error": ...}`` chunk, a Gemini ``{"error": ...}`` chunk);
+    #: the value is the error's type or code, e.g. ``"overloaded_error"``.
+    stream_error: str | None = None
+    error_after: int = 0
+    #: With ``status``: the error comes as a proxy's HTML page (text/html).
+    html: bool = False
+    #: After that many text chunks, a ``data:`` line that is not JSON.
+    malformed_after: int | None = None
+    #: Gemini: the prompt is blocked (``promptFeedback.blockReason``, no candidates).
+    block_reason: str | None = None
+    #: OpenAI: a structured-output refusal streamed instead of content.
+    refusal: str | None = None
+    #: Thinking before the answer (Anthropic thinking blocks, Gemini thought
+    #: parts, a Responses reasoning summary); never part of the answer.
+    thinking: list[str] | None = None
+    #: Usage details in each API's fields (cached prompt tokens are part of
+    #: the input count, reasoning tokens part of the output count).
+    cached_tokens: int = 0
+    cache_write_tokens: int = 0
+    reasoning_tokens: int = 0
+
+
+def fake_tokens(text: str) -> int:
+    """How many tokens the fake counts for ``text``: one per four characters."""
+    return (len(text) + 3) // 4
+
+
+def rate_limit_headers(
+    provider: str, *, requests_left: int, tokens_left: int, reset_s: float = 60.0
+) -> dict[str, str]:
+    """The rate-limit headers ``provider`` sends with every reply, in its own names."""
+    if provider == "anthropic":
+        reset = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + reset_s))
+        return {
+            "anthropic-ratelimit-requests-limit": "1000",
+            "anthropic-ratelimit-requests-remaining": str(requests_left),
+            "anthropic-ratelimit-requests-reset": reset,
+            "anthropic-ratelimit-tokens-limit": "100000",
+            "anthropic-ratelimit-tokens-remaining": str(tokens_left),
+            "anthropic-ratelimit-tokens-reset": reset,
+        }
+    return {
+        "x-ratelimit-limit-requests": "1000",
+        "x-ratelimit-remaining-requests": str(requests_left),
+        "x-ratelimit-reset-requests": f"{reset_s:g}s",
+        "x-ratelimit-limit-tokens": "100000",
+        "x-ratelimit-remaining-tokens": str(tokens_left),
+        "x-ratelimit-reset-tokens": f"{reset_s:g}s",
+    }
 
 
 @dataclass(frozen=True)
@@ -122,6 +206,8 @@ class RecordedCall:
     credential_fingerprint: str | None
     # time.monotonic() when the request arrived, to measure retry spacing.
     received_at: float = 0.0
+    # Which TCP connection carried it (1, 2, ...): equal numbers mean reuse.
+    connection: int = 0
 
     def sent_key(self, key: str) -> bool:
         """Whether this request carried exactly ``key``."""
@@ -174,7 +260,12 @@ class FakeProviderServer:
         self.port = 0
         self.chunk_delay_s = 0.0
         """Delay before each streamed text chunk when a reply does not set its own."""
+        self.keep_alive_s = 5.0
+        """How long an idle kept-alive connection stays open before the server closes it."""
         self._lock = threading.Lock()
+        self._connections = 0
+        # Anthropic prompt cache: prefix digest -> its tokens.
+        self._anthropic_cache: dict[str, int] = {}
         self._queues: dict[str, list[tuple[str | None, Reply]]] = {}
         self._calls: list[RecordedCall] = []
         self._requests: list[RawRequest] = []
@@ -279,7 +370,15 @@ class FakeProviderServer:
             self._queues.clear()
             self._calls.clear()
             self._requests.clear()
+            self._anthropic_cache.clear()
         self.chunk_delay_s = 0.0
+        self.keep_alive_s = 5.0
+
+    @property
+    def connections(self) -> int:
+        """TCP connections accepted so far (kept-alive ones count once)."""
+        with self._lock:
+            return self._connections
 
     # --- inspection --------------------------------------------------------------------
 
@@ -364,14 +463,24 @@ class FakeProviderServer:
         task = asyncio.current_task()
         assert task is not None
         self._tasks.add(task)
+        with self._lock:
+            self._connections += 1
+            connection = self._connections
         try:
-            request = await _read_request(reader)
-            if request is not None:
+            while True:
+                try:
+                    request = await asyncio.wait_for(_read_request(reader), self.keep_alive_s)
+                except TimeoutError:
+                    return  # idle too long: close, as servers do; the SDK must cope
+                if request is None:
+                    return
                 with self._lock:
                     self._requests.append(
                         RawRequest(request.method, request.target, request.headers, request.body)
                     )
-                await self._dispatch(request, reader, writer)
+                reusable = await self._dispatch(request, reader, writer, connection)
+                if not reusable or request.headers.get("connection", "").lower() == "close":
+                    return
         except (ConnectionError, asyncio.IncompleteReadError):
             pass  # the client went away; nothing to answer
         except asyncio.CancelledError:
@@ -383,17 +492,22 @@ class FakeProviderServer:
                 await writer.wait_closed()
 
     async def _dispatch(
-        self, req: _Request, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
+        self,
+        req: _Request,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        connection: int = 0,
+    ) -> bool:
+        """Answer one request; True when the connection may carry another."""
         try:
             body = json.loads(req.body or b"{}")
         except json.JSONDecodeError:
             await _send_json(writer, 400, {"error": {"message": "body is not JSON"}})
-            return
+            return True
         route = self._route(req, body)
         if route is None:
             await _send_json(writer, 404, {"error": {"message": f"no route for {req.path}"}})
-            return
+            return True
         provider, api, model, stream = route
         credential = _credential(req)
         call = RecordedCall(
@@ -407,51 +521,102 @@ class FakeProviderServer:
             api_key_header_present="x-api-key" in req.headers or "x-goog-api-key" in req.headers,
             credential_fingerprint=_fingerprint(credential) if credential else None,
             received_at=time.monotonic(),
+            connection=connection,
         )
         reply = self._take(provider, model, call)
         if reply.hang:
             await _wait_for_hang_up(reader)
-            return
+            return False
         if reply.status != 200:
             await self._send_error(writer, provider, reply, credential)
-            return
+            return True
         text = reply.text if reply.text is not None else _default_text(provider, api, model, body)
         chunks = reply.chunks if reply.chunks is not None else _WORDS.findall(text)
         text = "".join(chunks)
-        usage = reply.usage or (_count_words(body), max(1, len(chunks)))
+        cache_writes: list[tuple[str, int]] = []
+        if reply.usage is None and api == "messages":
+            reply, usage, cache_writes = self._anthropic_cache_usage(reply, body, chunks)
+        else:
+            usage = reply.usage or (_count_words(body), max(1, len(chunks)))
         response_model = reply.model or model
         builder = _Builder(provider, api, response_model, text, chunks, usage, reply, body)
         if not stream:
+            self._cache_written(cache_writes)
             await _send_json(writer, 200, builder.whole(), reply.headers)
-            return
+            return True
         head, content, tail = builder.events()
         delay = reply.chunk_delay_s if reply.chunk_delay_s is not None else self.chunk_delay_s
         await _start_stream(writer, reply.headers)
         for event in head:
             await _write_chunk(writer, event)
+        # The reply has started: from now on the prefix is read from the cache.
+        self._cache_written(cache_writes)
         if reply.think_s:
             await asyncio.sleep(reply.think_s)
         for index, event in enumerate(content):
             if reply.cut_after is not None and index >= reply.cut_after:
                 writer.transport.abort()  # drop the connection: no terminal chunk
-                return
+                return False
             if reply.truncate_after is not None and index >= reply.truncate_after:
                 break
             if reply.stall_after is not None and index >= reply.stall_after:
                 await _wait_for_hang_up(reader)
-                return
+                return False
+            if reply.stream_error is not None and index >= reply.error_after:
+                await _write_chunk(writer, builder.error_event(reply.stream_error))
+                break
+            if reply.malformed_after is not None and index >= reply.malformed_after:
+                await _write_chunk(writer, b'data: {"broken": \n\n')
+                break
             if delay:
                 await asyncio.sleep(delay)
             await _write_chunk(writer, event)
         else:
             if reply.cut_after is not None:
                 writer.transport.abort()
-                return
-            if reply.truncate_after is None:
+                return False
+            if reply.stream_error is not None:
+                await _write_chunk(writer, builder.error_event(reply.stream_error))
+            elif reply.malformed_after is not None:
+                await _write_chunk(writer, b'data: {"broken": \n\n')
+            elif reply.truncate_after is None:
                 for event in tail:
                     await _write_chunk(writer, event)
         writer.write(b"0\r\n\r\n")
         await writer.drain()
+        return True
+
+    def _anthropic_cache_usage(
+        self, reply: Reply, body: dict[str, Any], chunks: list[str]
+    ) -> tuple[Reply, tuple[int, int], list[tuple[str, int]]]:
+        """Usage of a request with cache breakpoints, as Anthropic accounts it.
+
+        Returns the reply with its cache fields set, (uncached input, output),
+        and the prefixes this request writes (visible once its reply starts).
+        """
+        model = str(body.get("model", ""))
+        digest = hashlib.sha256(model.encode())
+        seen = 0
+        breakpoints: list[tuple[str, int]] = []
+        for text, marked in _anthropic_blocks(body):
+            digest.update(text.encode())
+            seen += fake_tokens(text)
+            if marked and seen >= ANTHROPIC_MIN_CACHED_TOKENS:
+                breakpoints.append((digest.copy().hexdigest(), seen))
+        total = seen
+        with self._lock:
+            read = max(
+                (tokens for key, tokens in breakpoints if key in self._anthropic_cache), default=0
+            )
+        last = breakpoints[-1][1] if breakpoints else 0
+        written = max(0, last - read)
+        writes = [(key, tokens) for key, tokens in breakpoints if tokens > read]
+        reply = dataclasses.replace(reply, cached_tokens=read, cache_write_tokens=written)
+        return reply, (total - read - written, max(1, len(chunks))), writes
+
+    def _cache_written(self, writes: list[tuple[str, int]]) -> None:
+        with self._lock:
+            self._anthropic_cache.update(writes)
 
     def _route(self, req: _Request, body: dict[str, Any]) -> tuple[str, str, str, bool] | None:
         if req.method != "POST":
@@ -488,6 +653,15 @@ class FakeProviderServer:
         message = reply.message or f"fake {provider} error {reply.status}"
         if reply.echo_credential:
             message = f"{message} (Incorrect API key provided: {credential})"
+        if reply.html:
+            phrase = _status_line(reply.status).decode().split(" ", 2)[2].strip()
+            page = (
+                f"<html>\r\n<head><title>{reply.status} {phrase}</title></head>\r\n<body>\r\n"
+                f"<center><h1>{reply.status} {phrase}</h1></center>\r\n"
+                f"<hr><center>{message}</center>\r\n</body>\r\n</html>\r\n"
+            )
+            await _send_bytes(writer, reply.status, page.encode(), "text/html", reply.headers)
+            return
         body = reply.body
         if body is None:
             if provider == "anthropic":
@@ -523,6 +697,25 @@ class _Builder:
         self.reply, self.body = reply, body
         self.created = int(time.time())
 
+    def error_event(self, kind: str) -> bytes:
+        """An error inside a stream that began with 200, in this API's own shape."""
+        message = f"fake {kind} in the middle of the stream"
+        if self.api == "messages":
+            return _sse(
+                {"type": "error", "error": {"type": kind, "message": message}}, event="error"
+            )
+        if self.api == "responses":
+            failed = self._response_object("failed")
+            failed["error"] = {"code": kind, "message": message}
+            return _sse(
+                {"type": "response.failed", "sequence_number": 999_999, "response": failed},
+                event="response.failed",
+            )
+        if self.api == "chat":
+            return _sse({"error": {"message": message, "type": kind, "code": kind}})
+        code = next((c for c, name in _GEMINI_STATUS.items() if name == kind), 500)
+        return _sse({"error": {"code": code, "message": message, "status": kind}}, crlf=True)
+
     def events(self) -> tuple[list[bytes], list[bytes], list[bytes]]:
         if self.api == "chat":
             return self._chat_events()
@@ -547,11 +740,7 @@ class _Builder:
                         "finish_reason": self.reply.finish_reason or "stop",
                     }
                 ],
-                "usage": {
-                    "prompt_tokens": inp,
-                    "completion_tokens": out,
-                    "total_tokens": inp + out,
-                },
+                "usage": self._chat_usage(),
             }
         if self.api == "responses":
             return self._response_object("completed")
@@ -567,6 +756,16 @@ class _Builder:
                 "usage": {"input_tokens": inp, "output_tokens": out},
             }
         return self._gemini_chunk(self.text, finish=True)
+
+    def _chat_usage(self) -> dict[str, Any]:
+        inp, out = self.usage
+        return {
+            "prompt_tokens": inp,
+            "completion_tokens": out,
+            "total_tokens": inp + out,
+            "prompt_tokens_details": {"cached_tokens": self.reply.cached_tokens},
+            "completion_tokens_details": {"reasoning_tokens": self.reply.reasoning_tokens},
+        }
 
     # OpenAI Chat Completions: data-only SSE, finish chunk, usage chunk, [DONE].
     def _chat_events(self) -> tuple[list[bytes], list[bytes], list[bytes]]:
@@ -587,13 +786,13 @@ class _Builder:
             chunk([{"index": 0, "delta": {"content": c}, "finish_reason": None}])
             for c in self.chunks
         ]
+        if self.reply.refusal is not None:
+            content = [chunk([{"index": 0, "delta": {"refusal": self.reply.refusal}}])]
         finish = self.reply.finish_reason or "stop"
         tail = [chunk([{"index": 0, "delta": {}, "finish_reason": finish}])]
         options = self.body.get("stream_options") or {}
         if options.get("include_usage"):
-            inp, out = self.usage
-            usage = {"prompt_tokens": inp, "completion_tokens": out, "total_tokens": inp + out}
-            tail.append(chunk([], usage))
+            tail.append(chunk([], self._chat_usage()))
         tail.append(b"data: [DONE]\n\n")
         return head, content, tail
 
@@ -610,7 +809,7 @@ class _Builder:
             "tool_choice": "auto",
             "tools": [],
         }
-        if status != "in_progress":
+        if status not in ("in_progress", "failed"):
             obj["output"] = [
                 {
                     "type": "message",
@@ -624,8 +823,8 @@ class _Builder:
                 "input_tokens": inp,
                 "output_tokens": out,
                 "total_tokens": inp + out,
-                "input_tokens_details": {"cached_tokens": 0},
-                "output_tokens_details": {"reasoning_tokens": 0},
+                "input_tokens_details": {"cached_tokens": self.reply.cached_tokens},
+                "output_tokens_details": {"reasoning_tokens": self.reply.reasoning_tokens},
             }
         if status == "incomplete":
             obj["incomplete_details"] = {"reason": self.reply.finish_reason}
@@ -660,6 +859,16 @@ class _Builder:
                 part={"type": "output_text", "text": "", "annotations": []},
             ),
         ]
+        for thought in self.reply.thinking or []:
+            head.append(
+                ev(
+                    "response.reasoning_summary_text.delta",
+                    item_id="rs_fake",
+                    output_index=0,
+                    summary_index=0,
+                    delta=thought,
+                )
+            )
         content = [
             ev(
                 "response.output_text.delta",
@@ -671,6 +880,16 @@ class _Builder:
             )
             for c in self.chunks
         ]
+        if self.reply.refusal is not None:
+            content = [
+                ev(
+                    "response.refusal.delta",
+                    item_id="msg_fake",
+                    output_index=0,
+                    content_index=0,
+                    delta=self.reply.refusal,
+                )
+            ]
         finish = self.reply.finish_reason
         terminal = "response.incomplete" if finish else "response.completed"
         tail = [
@@ -704,18 +923,36 @@ class _Builder:
                     "content": [],
                     "stop_reason": None,
                     "stop_sequence": None,
-                    "usage": {"input_tokens": inp, "output_tokens": 1},
+                    "usage": {
+                        "input_tokens": inp,
+                        "output_tokens": 1,
+                        "cache_creation_input_tokens": self.reply.cache_write_tokens,
+                        "cache_read_input_tokens": self.reply.cached_tokens,
+                    },
                 },
             ),
-            ev("content_block_start", index=0, content_block={"type": "text", "text": ""}),
+        ]
+        text_index = 0
+        if self.reply.thinking:
+            block = {"type": "thinking", "thinking": "", "signature": ""}
+            head.append(ev("content_block_start", index=0, content_block=block))
+            for thought in self.reply.thinking:
+                delta = {"type": "thinking_delta", "thinking": thought}
+                head.append(ev("content_block_delta", index=0, delta=delta))
+            delta = {"type": "signature_delta", "signature": "fake-signature"}
+            head.append(ev("content_block_delta", index=0, delta=delta))
+            head.append(ev("content_block_stop", index=0))
+            text_index = 1
+        head += [
+            ev("content_block_start", index=text_index, content_block={"type": "text", "text": ""}),
             ev("ping"),
         ]
         content = [
-            ev("content_block_delta", index=0, delta={"type": "text_delta", "text": c})
+            ev("content_block_delta", index=text_index, delta={"type": "text_delta", "text": c})
             for c in self.chunks
         ]
         tail = [
-            ev("content_block_stop", index=0),
+            ev("content_block_stop", index=text_index),
             ev(
                 "message_delta",
                 delta={
@@ -738,6 +975,10 @@ class _Builder:
         if finish:
             candidate["finishReason"] = self.reply.finish_reason or "STOP"
             usage.update({"candidatesTokenCount": out, "totalTokenCount": inp + out})
+            if self.reply.cached_tokens:
+                usage["cachedContentTokenCount"] = self.reply.cached_tokens
+            if self.reply.reasoning_tokens:
+                usage["thoughtsTokenCount"] = self.reply.reasoning_tokens
         return {
             "candidates": [candidate],
             "usageMetadata": usage,
@@ -747,9 +988,24 @@ class _Builder:
 
     # Gemini: data-only SSE; the last chunk carries finishReason and the full usage.
     def _gemini_events(self) -> tuple[list[bytes], list[bytes], list[bytes]]:
+        if self.reply.block_reason is not None:
+            blocked = {
+                "promptFeedback": {
+                    "blockReason": self.reply.block_reason,
+                    "blockReasonMessage": "the prompt was blocked by the fake's safety filter",
+                },
+                "usageMetadata": {"promptTokenCount": self.usage[0]},
+                "modelVersion": self.model,
+            }
+            return [], [], [_sse(blocked, crlf=True)]
+        head = []
+        for thought in self.reply.thinking or []:
+            chunk = self._gemini_chunk(thought, finish=False)
+            chunk["candidates"][0]["content"]["parts"][0]["thought"] = True
+            head.append(_sse(chunk, crlf=True))
         content = [_sse(self._gemini_chunk(c, finish=False), crlf=True) for c in self.chunks]
         tail = [_sse(self._gemini_chunk("", finish=True), crlf=True)]
-        return [], content, tail
+        return head, content, tail
 
 
 async def _wait_for_hang_up(reader: asyncio.StreamReader) -> None:
@@ -817,6 +1073,22 @@ def _default_text(provider: str, api: str, model: str, body: dict[str, Any]) -> 
     return f"[{provider}/{model}] you said: {prompt}"
 
 
+def _anthropic_blocks(body: dict[str, Any]) -> Iterator[tuple[str, bool]]:
+    """The text blocks of a Messages request in prompt order, with their breakpoints."""
+
+    def blocks(content: Any) -> Iterator[tuple[str, bool]]:
+        if isinstance(content, str):
+            yield content, False
+            return
+        for block in content or []:
+            if isinstance(block, dict):
+                yield str(block.get("text", "")), bool(block.get("cache_control"))
+
+    yield from blocks(body.get("system"))
+    for message in body.get("messages") or []:
+        yield from blocks(message.get("content"))
+
+
 def _count_words(body: dict[str, Any]) -> int:
     """A stable stand-in for prompt token counting."""
     return max(1, len(re.findall(r"\w+", json.dumps(body))) // 4)
@@ -878,11 +1150,20 @@ async def _send_json(
     payload: Any,
     extra: Mapping[str, str] | None = None,
 ) -> None:
-    data = json.dumps(payload).encode()
+    await _send_bytes(writer, status, json.dumps(payload).encode(), "application/json", extra)
+
+
+async def _send_bytes(
+    writer: asyncio.StreamWriter,
+    status: int,
+    data: bytes,
+    content_type: str,
+    extra: Mapping[str, str] | None = None,
+) -> None:
     headers = {
-        "content-type": "application/json",
+        "content-type": content_type,
         "content-length": str(len(data)),
-        "connection": "close",
+        "connection": "keep-alive",
         **(extra or {}),
     }
     writer.write(_status_line(status) + _header_lines(iter(headers.items())) + b"\r\n" + data)
@@ -894,7 +1175,7 @@ async def _start_stream(writer: asyncio.StreamWriter, extra: Mapping[str, str]) 
         "content-type": "text/event-stream",
         "transfer-encoding": "chunked",
         "cache-control": "no-cache",
-        "connection": "close",
+        "connection": "keep-alive",
         **extra,
     }
     writer.write(_status_line(200) + _header_lines(iter(headers.items())) + b"\r\n")

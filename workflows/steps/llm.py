@@ -14,7 +14,7 @@ from llmmixer.core.contracts import (
     PlanRequest,
 )
 from llmmixer.core.spec import DecomposeStep, FallbackTarget, LlmStep
-from llmmixer.workflows.calls import llm_call, llm_options, target_chain
+from llmmixer.workflows.calls import falls_back, llm_call, llm_options, target_chain
 from llmmixer.workflows.records import Candidate, FallbackNote
 from llmmixer.workflows.steps.base import (
     Completed,
@@ -91,7 +91,7 @@ async def ask(
         except ActivityError as error:
             attempts, message, error_type = describe_failure(error, spec.retry(step))
             state.count_attempts(step.id, attempts)
-            if not has_next:
+            if not has_next or not falls_back(step, error_type):
                 raise StepFailed(message) from None
             state.note_fallback(
                 step.id,
