@@ -471,6 +471,7 @@ async def list_schedules(request: Request) -> ScheduleList:
     "/schedules/{schedule_id}/trigger",
     status_code=202,
     response_model=ScheduleTriggered,
+    responses={404: {"model": Errors, "description": "no llmmixer schedule with this id"}},
 )
 async def trigger_schedule(
     schedule_id: Annotated[str, PathParam(description="the schedule's id")], request: Request
