@@ -21,6 +21,8 @@ listed in order under ``runs``. Where each part comes from::
                                       each plan check (ActivityTaskScheduled / -Completed)
     step status, accepted signals     the result in WorkflowExecutionCompleted, when the
                                       run completed (it records which signals applied)
+    forecast                          ``estimate_spec`` on the spec of the start event,
+                                      with today's price table, next to the actual usage
 
 Each event type has its handler in ``_HANDLERS``; an event, signal, update,
 activity or marker the audit does not know is listed under ``unhandled``
@@ -77,6 +79,7 @@ from llmmixer.core.contracts import (
     SpecCheckResult,
 )
 from llmmixer.core.search import SEARCH_ATTRIBUTES_ACTIVITY
+from llmmixer.core.validation import SpecError, validate_spec
 from llmmixer.workflows.records import BudgetLimits, RunProgress
 
 __all__ = [
@@ -427,6 +430,91 @@ def _document(rebuild: _Rebuild, chain: list[WorkflowHistory]) -> dict[str, Any]
             # False when some model's price is unknown: the total is a lower bound.
             "cost_complete": all(c is not None for c in costs),
         },
+        "forecast": _forecast(rebuild, documents),
+    }
+
+
+def _forecast(rebuild: _Rebuild, documents: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """What ``llmmixer estimate`` forecasts for the run's spec, next to what it spent.
+
+    Per step of the spec: a decompose step's sub-steps are counted in their
+    planner's row, as the estimate counts them. The forecast uses the price
+    table of today, not of the day the run ran.
+    """
+    from llmmixer.client.estimate import estimate_spec
+
+    try:
+        spec = validate_spec(rebuild.spec)
+    except SpecError as error:
+        return {"error": f"the run's spec cannot be estimated: {error}", "steps": {}}
+    try:
+        estimate = estimate_spec(spec)
+    except Exception as error:  # a forecast must never cost the audit its record
+        return {"error": f"no forecast ({type(error).__name__}: {error})", "steps": {}}
+    parents = {
+        planned: check.step_id
+        for check in rebuild.checks
+        if check.step_id is not None
+        for planned in check.planned
+    }
+
+    def owner(step_id: str) -> str:
+        seen = {step_id}
+        while step_id in parents and parents[step_id] not in seen:
+            step_id = parents[step_id]
+            seen.add(step_id)
+        return step_id
+
+    actual_cost: dict[str, float | None] = {}
+    actual_tokens: dict[str, int] = {}
+    for step_id, doc in documents.items():
+        row = owner(step_id)
+        before = actual_cost.get(row, 0.0)
+        cost = doc["cost_usd"]
+        actual_cost[row] = None if before is None or cost is None else round(before + cost, 8)
+        usage = doc["usage"]
+        actual_tokens[row] = (
+            actual_tokens.get(row, 0) + usage["input_tokens"] + usage["output_tokens"]
+        )
+    steps: dict[str, dict[str, Any]] = {}
+    for item in estimate.steps:
+        tokens = item.input_tokens + item.output_tokens
+        steps[item.step] = {
+            "cost_usd": _span(item.cost_usd, 8),
+            "tokens": _span(tokens, 0),
+            "actual_cost_usd": actual_cost.get(item.step, 0.0),
+            "actual_tokens": actual_tokens.get(item.step, 0),
+        }
+    spec_steps = {item.step for item in estimate.steps}
+    unplanned = sorted(row for row in actual_tokens if row not in spec_steps)
+    total_cost = [actual_cost[row] for row in actual_cost]
+    return {
+        "steps": steps,
+        "total": {
+            "cost_usd": _span(estimate.cost_usd, 8),
+            "tokens": _span(estimate.tokens, 0),
+            "actual_cost_usd": None
+            if any(cost is None for cost in total_cost)
+            else round(sum(cost for cost in total_cost if cost is not None), 8),
+            "actual_tokens": sum(actual_tokens.values()),
+        },
+        # Steps that ran but are no step of the spec (nor a decompose step's).
+        "unforecast_steps": unplanned,
+        "warnings": list(estimate.warnings),
+        # A dry run spends nothing: its forecast is of running the spec for real.
+        "dry_run": estimate.dry_run,
+        "prices": "today's price table (`llmmixer prices`), not the run's day's",
+    }
+
+
+def _span(span: Any, digits: int) -> dict[str, float]:
+    def rounded(value: float) -> float:
+        return round(value, digits) if digits else int(value)
+
+    return {
+        "min": rounded(span.low),
+        "expected": rounded(span.expected),
+        "max": rounded(span.high),
     }
 
 
@@ -1083,6 +1171,7 @@ def render_markdown(document: dict[str, Any]) -> str:
             f"| {step_id} | {step['kind']} | {step['status']} | {model} "
             f"| {len(step['attempts'])} | {step_cost} |"
         )
+    lines += _forecast_lines(document.get("forecast"))
     for step_id, step in document["steps"].items():
         lines += ["", f"## {step_id}", ""]
         if step.get("prompt") is not None:
@@ -1109,6 +1198,40 @@ def render_markdown(document: dict[str, Any]) -> str:
         if step["output"] is not None:
             lines += ["", "Output:", "", *_fenced(step["output"])]
     return "\n".join(lines) + "\n"
+
+
+def _forecast_lines(forecast: dict[str, Any] | None) -> list[str]:
+    """The forecast (``llmmixer estimate``) next to the actual cost and tokens."""
+    if not forecast:
+        return []
+    lines = ["", "## Forecast against actual", ""]
+    if forecast.get("error"):
+        return [*lines, forecast["error"]]
+    lines += [
+        "| step | forecast min | expected | max | actual | forecast tokens | actual tokens |",
+        "|---" * 7 + "|",
+    ]
+    rows = [*forecast["steps"].items(), ("**total**", forecast["total"])]
+    for step_id, row in rows:
+        cost, tokens = row["cost_usd"], row["tokens"]
+        actual = row["actual_cost_usd"]
+        shown = "unknown" if actual is None else f"${actual:.6f}"
+        outside = actual is not None and not cost["min"] <= actual <= cost["max"]
+        if outside and not forecast["dry_run"]:
+            shown += " (outside)"
+        lines.append(
+            f"| {step_id} | ${cost['min']:.6f} | ${cost['expected']:.6f} | ${cost['max']:.6f} "
+            f"| {shown} | {tokens['min']}-{tokens['max']} | {row['actual_tokens']} |"
+        )
+    lines.append("")
+    lines.append(f"Prices: {forecast['prices']}.")
+    if forecast["dry_run"]:
+        lines.append("A dry run: the forecast is of running the spec for real; nothing was spent.")
+    if forecast["unforecast_steps"]:
+        lines.append(
+            "Not forecast (no step of the spec): " + ", ".join(forecast["unforecast_steps"])
+        )
+    return lines
 
 
 def _intervention_line(entry: dict[str, Any]) -> str:

@@ -51,6 +51,7 @@ from temporalio.client import WorkflowExecutionStatus
 from temporalio.testing import WorkflowEnvironment
 
 from llmmixer.client.mixer import MixerClient, MixerHandle
+from llmmixer.client.setup import register_search_attributes
 from llmmixer.runtime.address import free_port
 from llmmixer.workflows.records import RunStatus, StepStatus
 
@@ -515,6 +516,70 @@ async def test_page_cancels_a_run(browser: Browser, serve_url: str, mixer: Mixer
     assert tab.asked == [f"Cancel run {handle.id}?"] * 2
     assert (await handle.temporal.describe()).status == WorkflowExecutionStatus.CANCELED
     assert tab.errors == []
+
+
+# ---- the lists: filters and schedules -------------------------------------------------
+
+
+async def test_page_filters_runs_by_state_and_spec_and_lists_schedules(
+    browser: Browser, serve_url: str, mixer: MixerClient
+) -> None:
+    # The search attributes the filters use, as `llmmixer setup` registers them.
+    await register_search_attributes(mixer.temporal, mixer.temporal.namespace)
+    name = f"filtered-{uuid.uuid4().hex[:8]}"
+    gated = await mixer.start({**dry_chain_with_gate(), "name": name}, dry_run=True)
+    done = await mixer.start(
+        {**dry_chain_with_gate(), "name": name, "steps": dry_chain_with_gate()["steps"][:1]},
+        dry_run=True,
+    )
+    other = await mixer.start({**dry_chain_with_gate(), "name": f"{name}-x"}, dry_run=True)
+    await done.result()
+    await wait_for_step(gated, "gate", StepStatus.WAITING)
+    await wait_for_step(other, "gate", StepStatus.WAITING)
+    schedule = f"weekly-{uuid.uuid4().hex[:8]}"
+    await mixer.create_schedule(
+        schedule, {**dry_chain_with_gate(), "name": name}, cron="0 9 * * 1", dry_run=True
+    )
+    try:
+        async with opened_tab(browser, serve_url) as tab:
+            page = tab.page
+            runs = page.locator("#runs a")
+            await page.fill("#runs-spec", name)
+            await page.select_option("#runs-state", "waiting")
+            # Visibility is eventually consistent: the refresh button asks again.
+            for _ in range(60):
+                if await runs.count() == 1:
+                    break
+                await page.click("#runs-refresh")
+                await page.wait_for_timeout(500)
+            await expect(runs).to_have_count(1)
+            await expect(page.locator(f'#runs a[data-run="{gated.id}"]')).to_contain_text("waiting")
+
+            await page.select_option("#runs-state", "completed")
+            await expect(page.locator(f'#runs a[data-run="{done.id}"]')).to_contain_text(
+                "completed", timeout=SLOW
+            )
+            await expect(runs).to_have_count(1)
+
+            await page.select_option("#runs-state", "")
+            await expect(runs).to_have_count(2, timeout=SLOW)
+            await expect(page.locator(f'#runs a[data-run="{other.id}"]')).to_have_count(0)
+            await page.fill("#runs-spec", f"{name}-nothing")
+            await expect(page.locator("#runs li")).to_have_text(["no such runs"], timeout=SLOW)
+
+            listed = page.locator(f'#schedules li[data-schedule="{schedule}"]')
+            for _ in range(60):
+                if await listed.count() == 1:
+                    break
+                await page.click("#runs-refresh")
+                await page.wait_for_timeout(500)
+            await expect(listed).to_contain_text(f"{schedule} ({name})")
+            await expect(listed).to_contain_text("0 9 * * 1 · next ")
+        assert tab.errors == []
+    finally:
+        await mixer.delete_schedule(schedule)
+        await gated.cancel()
+        await other.cancel()
 
 
 def test_every_button_of_the_page_has_a_test_here() -> None:

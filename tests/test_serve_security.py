@@ -128,6 +128,61 @@ async def test_a_cross_site_post_cannot_start_a_run(
     assert started.status_code == 201, started.text
 
 
+# Every route that changes something, with a concrete path and a body it would
+# accept. A new POST (PUT, PATCH, DELETE) route fails the test below until it is
+# added here, so no state-changing route escapes these attacks.
+STATE_CHANGING: dict[str, tuple[str, dict[str, Any]]] = {
+    "/workflows": ("/workflows", {"spec": dry_chain("x", 1), "dry_run": True}),
+    "/workflows/{workflow_id}/steps/{step}/{action}": (
+        "/workflows/{run}/steps/ggate/approve",
+        {"comment": "forged"},
+    ),
+    "/workflows/{workflow_id}/budget": ("/workflows/{run}/budget", {"max_tokens": 10**9}),
+    "/workflows/{workflow_id}/cancel": ("/workflows/{run}/cancel", {}),
+    "/schedules/{schedule_id}/trigger": ("/schedules/{schedule}/trigger", {}),
+}
+
+
+async def test_every_state_changing_route_refuses_other_origins_and_host_names(
+    open_server: tuple[str, httpx.AsyncClient], mixer: MixerClient
+) -> None:
+    url, http = open_server
+    port = url.rsplit(":", 1)[1]
+    routes = {
+        path
+        for path, methods in (await http.get("/openapi.json")).json()["paths"].items()
+        if set(methods) - {"get", "head", "options"}
+    }
+    assert routes == set(STATE_CHANGING), "add the new route to STATE_CHANGING"
+    workflow_id = await _gate_waiting(mixer)
+    schedule = f"csrf-{uuid.uuid4().hex[:8]}"
+    await mixer.create_schedule(schedule, dry_chain("s", 1), cron="0 3 * * *", dry_run=True)
+    try:
+        attacks: list[dict[str, str]] = [
+            {**JSON, "Origin": EVIL},
+            {**JSON, "Sec-Fetch-Site": "cross-site"},
+            {**JSON, "Origin": "null"},
+            {"Content-Type": "text/plain"},
+            {**JSON, "Host": f"evil.example:{port}"},
+        ]
+        for template, body in STATE_CHANGING.values():
+            path = template.format(run=workflow_id, schedule=schedule)
+            for headers in attacks:
+                response = await http.post(
+                    path, content=httpx.Request("POST", "/", json=body).content, headers=headers
+                )
+                assert response.status_code in (403, 415), (path, headers, response.text)
+        progress = (await http.get(f"/workflows/{workflow_id}")).json()
+        assert progress["steps"]["ggate"]["status"] == "waiting", "a refused request acted"
+        described = await mixer.describe_schedule(schedule)
+        assert described.runs_started == 0, "a refused request triggered the schedule"
+        # The same requests from a local script (JSON, no Origin) are answered.
+        triggered = await http.post(f"/schedules/{schedule}/trigger", json={})
+        assert triggered.status_code == 202, triggered.text
+    finally:
+        await mixer.delete_schedule(schedule)
+
+
 # ---- DNS rebinding ------------------------------------------------------------------------------
 
 

@@ -17,6 +17,9 @@ __all__ = [
     "InterventionBody",
     "RunList",
     "RunSummary",
+    "ScheduleList",
+    "ScheduleSummary",
+    "ScheduleTriggered",
     "SpecOfRun",
     "StartRequest",
     "Started",
@@ -48,13 +51,34 @@ class Started(BaseModel):
 class RunSummary(BaseModel):
     workflow_id: str
     run_id: str
-    status: str
+    status: str = Field(
+        description="running, waiting (for a person), completed, failed or cancelled"
+    )
+    spec: str | None = Field(default=None, description="the spec's name (LlmmixerSpec)")
     start_time: datetime | None
     close_time: datetime | None
 
 
 class RunList(BaseModel):
     runs: list[RunSummary]
+
+
+class ScheduleSummary(BaseModel):
+    schedule_id: str
+    spec: str = Field(description="the name of the spec it runs")
+    cron: list[str]
+    next_run: datetime | None = Field(description="when it next starts a run (UTC)")
+    paused: bool
+    note: str = Field(default="", description="why it was paused, if it was")
+
+
+class ScheduleList(BaseModel):
+    schedules: list[ScheduleSummary]
+
+
+class ScheduleTriggered(BaseModel):
+    schedule_id: str
+    message: str
 
 
 class SpecOfRun(BaseModel):

@@ -1,18 +1,21 @@
 """The routes of ``llmmixer serve``'s API.
 
     POST /workflows                                  start a run      -> 201, 422, 409
-    GET  /workflows                                  recent runs
+    GET  /workflows                                  recent runs; ?state=waiting&spec=NAME
     GET  /workflows/{id}                             the progress JSON (docs/interventions.md)
     GET  /workflows/{id}/spec                        the spec the run was started with
     POST /workflows/{id}/steps/{step}/{action}       retry|skip|override|approve|reject -> 409
     POST /workflows/{id}/budget                      raise a budget   -> 409
     POST /workflows/{id}/cancel                      cancel a run     -> 202
     GET  /workflows/{id}/events                      Server-Sent Events (``events.py``)
+    GET  /schedules                                  llmmixer's schedules
+    POST /schedules/{id}/trigger                     start a run now  -> 202
 
 Only llmmixer's runs. The namespace may hold other workflows; every route
 under ``/workflows/{id}`` first checks that ``id`` is a ``MixerWorkflow``
 execution and answers 404 otherwise, so the API never signals, updates,
-queries or cancels anything else.
+queries or cancels anything else. Likewise ``/schedules`` lists, and
+triggers, only schedules whose action starts a ``MixerWorkflow``.
 
 Every route needs the token (``auth.require_token``).
 """
@@ -31,7 +34,11 @@ from fastapi import APIRouter, Depends, HTTPException, Query
 from fastapi import Path as PathParam
 from starlette.requests import Request
 from starlette.responses import Response
-from temporalio.client import WorkflowExecutionDescription, WorkflowExecutionStatus
+from temporalio.client import (
+    ScheduleActionStartWorkflow,
+    WorkflowExecutionDescription,
+    WorkflowExecutionStatus,
+)
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
@@ -50,6 +57,9 @@ from llmmixer.client.http.models import (
     InterventionBody,
     RunList,
     RunSummary,
+    ScheduleList,
+    ScheduleSummary,
+    ScheduleTriggered,
     SpecOfRun,
     Started,
     StartRequest,
@@ -62,6 +72,8 @@ from llmmixer.client.mixer import (
     MixerHandle,
     RunFailed,
 )
+from llmmixer.client.schedules import ScheduleNotFound
+from llmmixer.client.setup import list_query, shown_status
 from llmmixer.client.specfile import prepare_spec
 from llmmixer.core.validation import SpecError
 from llmmixer.workflows.mixer import WORKFLOW_NAME
@@ -73,10 +85,10 @@ from llmmixer.workflows.records import (
     RunProgress,
     RunStatus,
 )
+from llmmixer.workflows.search import SPEC as SPEC_KEY
 
 __all__ = ["KnownRuns", "api"]
 
-_WORKFLOW_TYPE_QUERY = f'WorkflowType="{WORKFLOW_NAME}"'
 _CLOSED = {
     WorkflowExecutionStatus.COMPLETED: RunStatus.COMPLETED,
     WorkflowExecutionStatus.FAILED: RunStatus.FAILED,
@@ -225,22 +237,55 @@ async def start_run(body: StartRequest, request: Request) -> Started:
     )
 
 
-@api.get("/workflows", response_model=RunList)
-async def list_runs(request: Request, limit: Annotated[int, Query(ge=1, le=1000)] = 50) -> RunList:
-    """Recent runs, newest first."""
+@api.get(
+    "/workflows",
+    response_model=RunList,
+    responses={
+        422: {
+            "model": Errors,
+            "description": "Temporal refused the filter: its search attributes are not registered",
+        }
+    },
+)
+async def list_runs(
+    request: Request,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 50,
+    state: Annotated[
+        RunStatus | None, Query(description="only runs in this state (LlmmixerState)")
+    ] = None,
+    spec: Annotated[
+        str | None,
+        Query(max_length=400, description="only runs of this spec name (LlmmixerSpec)"),
+    ] = None,
+) -> RunList:
+    """Recent runs, newest first; filtered like ``llmmixer list --state STATE --spec NAME``."""
+    # The query `llmmixer list` sends: one function, so both filter alike and
+    # both quote a spec name the same way (it can never widen the query).
+    query = list_query(state.value if state else None, spec)
     runs: list[RunSummary] = []
-    async for execution in _mixer(request).temporal.list_workflows(
-        _WORKFLOW_TYPE_QUERY, limit=limit
-    ):
-        runs.append(
-            RunSummary(
-                workflow_id=execution.id,
-                run_id=execution.run_id,
-                status=_status_name(execution.status),
-                start_time=execution.start_time,
-                close_time=execution.close_time,
+    try:
+        async for execution in _mixer(request).temporal.list_workflows(query, limit=limit):
+            running = execution.status == WorkflowExecutionStatus.RUNNING
+            runs.append(
+                RunSummary(
+                    workflow_id=execution.id,
+                    run_id=execution.run_id,
+                    status=shown_status(execution) if running else _status_name(execution.status),
+                    spec=execution.typed_search_attributes.get(SPEC_KEY),
+                    start_time=execution.start_time,
+                    close_time=execution.close_time,
+                )
             )
-        )
+    except RPCError as error:
+        if state is None and spec is None:
+            raise
+        raise HTTPException(
+            status_code=422,
+            detail=(
+                f"Temporal refused the filter ({error.message}): its search attributes are "
+                "not registered on this namespace; run `llmmixer setup` once"
+            ),
+        ) from None
     return RunList(runs=runs)
 
 
@@ -398,3 +443,66 @@ async def stream_events(
 ) -> Response:
     """The run's events, live, from an offset; resumable with ``Last-Event-ID``."""
     return event_response(event_stream(subscription, keepalive_s=settings_of(request).keepalive_s))
+
+
+# ---- schedules ------------------------------------------------------------------------------
+
+
+@api.get("/schedules", response_model=ScheduleList)
+async def list_schedules(request: Request) -> ScheduleList:
+    """llmmixer's schedules (``llmmixer schedule list``); a new one may show a moment later."""
+    found = await _mixer(request).list_schedules()
+    return ScheduleList(
+        schedules=[
+            ScheduleSummary(
+                schedule_id=schedule.name,
+                spec=schedule.spec,
+                cron=schedule.cron,
+                next_run=schedule.next_runs[0] if schedule.next_runs else None,
+                paused=schedule.paused,
+                note=schedule.note,
+            )
+            for schedule in found
+        ]
+    )
+
+
+@api.post(
+    "/schedules/{schedule_id}/trigger",
+    status_code=202,
+    response_model=ScheduleTriggered,
+    responses={404: {"model": Errors, "description": "no llmmixer schedule with this id"}},
+)
+async def trigger_schedule(
+    schedule_id: Annotated[str, PathParam(description="the schedule's id")], request: Request
+) -> ScheduleTriggered:
+    """Start the schedule's run now, as if it were due (its overlap policy applies)."""
+    mixer = _mixer(request)
+    try:
+        description = await mixer.temporal.get_schedule_handle(schedule_id).describe()
+    except RPCError as error:
+        if error.status == RPCStatusCode.NOT_FOUND:
+            raise HTTPException(status_code=404, detail=_no_schedule(schedule_id)) from None
+        raise
+    action = description.schedule.action
+    # Another application's schedule in the namespace is never started from here.
+    if not (isinstance(action, ScheduleActionStartWorkflow) and action.workflow == WORKFLOW_NAME):
+        raise HTTPException(
+            status_code=404,
+            detail=(
+                f"{schedule_id!r} is not an llmmixer schedule (it starts another kind of "
+                "workflow): this API triggers only llmmixer's; list them with GET /schedules"
+            ),
+        )
+    try:
+        await mixer.trigger_schedule(schedule_id)
+    except ScheduleNotFound:
+        raise HTTPException(status_code=404, detail=_no_schedule(schedule_id)) from None
+    return ScheduleTriggered(
+        schedule_id=schedule_id,
+        message="triggered: the run starts now unless its overlap policy skips it",
+    )
+
+
+def _no_schedule(schedule_id: str) -> str:
+    return f"no schedule with id {schedule_id!r}: list the schedules with GET /schedules"

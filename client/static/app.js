@@ -99,14 +99,29 @@ function sentToken(headers) {
 
 let currentRun = null;
 
+function runsPath() {
+  // The filters are the runs' search attributes, as `llmmixer list --state --spec`.
+  const params = new URLSearchParams({ limit: "100" });
+  const state = $("#runs-state").value;
+  const spec = $("#runs-spec").value.trim();
+  if (state) params.set("state", state);
+  if (spec) params.set("spec", spec);
+  return `/workflows?${params}`;
+}
+
+let runsAsked = 0;  // answers to an older filter must not replace a newer one's
+
 async function loadRuns() {
+  const mine = ++runsAsked;
+  const filtered = Boolean($("#runs-state").value || $("#runs-spec").value.trim());
   let data;
   try {
-    data = await api("/workflows?limit=100");
+    data = await api(runsPath());
   } catch (error) {
-    if (error.status !== 401) notify(`Could not list runs: ${error.message}`, true);
+    if (error.status !== 401 && mine === runsAsked) notify(`Could not list runs: ${error.message}`, true);
     return;
   }
+  if (mine !== runsAsked) return;
   const list = $("#runs");
   list.replaceChildren();
   for (const run of data.runs) {
@@ -119,7 +134,35 @@ async function loadRuns() {
     if (run.workflow_id === currentRun) link.classList.add("current");
     list.append(el("li", {}, link));
   }
-  if (!data.runs.length) list.append(el("li", { className: "muted", textContent: "no runs yet" }));
+  if (!data.runs.length) {
+    list.append(el("li", { className: "muted", textContent: filtered ? "no such runs" : "no runs yet" }));
+  }
+}
+
+// ---- schedules ----------------------------------------------------------------------
+
+async function loadSchedules() {
+  let data;
+  try {
+    data = await api("/schedules");
+  } catch (error) {
+    if (error.status !== 401) notify(`Could not list schedules: ${error.message}`, true);
+    return;
+  }
+  const list = $("#schedules");
+  list.replaceChildren();
+  for (const schedule of data.schedules) {
+    const next = schedule.paused
+      ? `paused${schedule.note ? `: ${schedule.note}` : ""}`
+      : `next ${schedule.next_run ? new Date(schedule.next_run).toISOString().replace(".000Z", "Z") : "—"}`;
+    list.append(el(
+      "li",
+      { dataset: { schedule: schedule.schedule_id } },
+      el("span", { className: "schedule-name", textContent: `${schedule.schedule_id} (${schedule.spec})` }),
+      el("span", { className: "schedule-when muted", textContent: `${schedule.cron.join(", ")} · ${next}` }),
+    ));
+  }
+  if (!data.schedules.length) list.append(el("li", { className: "muted", textContent: "no schedules" }));
 }
 
 // ---- one run ------------------------------------------------------------------------
@@ -435,10 +478,14 @@ function setup() {
     $("#token-form").hidden = true;
     notify("");
     loadRuns();
+    loadSchedules();
     route();
   };
   $("#token-clear").onclick = () => { sessionStorage.removeItem(TOKEN_KEY); notify("Token forgotten."); };
-  $("#runs-refresh").onclick = loadRuns;
+  $("#runs-refresh").onclick = () => { loadRuns(); loadSchedules(); };
+  $("#runs-state").onchange = loadRuns;
+  $("#runs-spec").oninput = loadRuns;
+  $("#runs-filter").onsubmit = (event) => { event.preventDefault(); loadRuns(); };
   $("#run-cancel").onclick = async () => {
     if (!currentRun || !confirm(`Cancel run ${currentRun}?`)) return;
     try {
@@ -464,7 +511,9 @@ function setup() {
   };
   window.addEventListener("hashchange", route);
   loadRuns();
+  loadSchedules();
   setInterval(loadRuns, 10000);
+  setInterval(loadSchedules, 30000);
   route();
 }
 
