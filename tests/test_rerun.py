@@ -1,0 +1,156 @@
+"""``rerun``: a closed run started again, paying only for what changed.
+
+Real workflows on the dev server; providers are the fake server, which counts
+every request, so "reused" means the provider was never asked.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+from fakes.progress import until
+from fakes.provider_server import FakeProviderServer
+
+from llmmixer.client.mixer import MixerClient, RunFailed
+from llmmixer.client.rerun import RerunError
+from llmmixer.core.contracts import EventType
+from llmmixer.workflows.records import RunStatus, StepStatus
+
+
+@pytest.fixture
+def worker_env(provider_server: FakeProviderServer) -> dict[str, str]:
+    return provider_server.env()
+
+
+RETRY = {"max_attempts": 1, "initial_interval_s": 0.1, "backoff": 1.0, "max_interval_s": 1}
+
+
+def pipeline(last_command: list[str]) -> dict[str, Any]:
+    """Two LLM steps, a command on their output, and an LLM step after the command."""
+    return {
+        "name": "pipeline",
+        "inputs": {"topic": "ducks"},
+        "defaults": {
+            "provider": "openai",
+            "model": "gpt-4.1-mini",
+            "retry": RETRY,
+            "on_failure": "fail",
+        },
+        "steps": [
+            {"id": "draft", "prompt": "write about {{inputs.topic}}"},
+            {"id": "review", "needs": ["draft"], "prompt": "review: {{steps.draft.output}}"},
+            {"id": "check", "kind": "pty", "needs": ["review"], "command": last_command},
+            {"id": "summary", "needs": ["check"], "prompt": "sum up: {{steps.check.output}}"},
+        ],
+    }
+
+
+async def _failed_source(mixer: MixerClient) -> str:
+    handle = await mixer.start(pipeline(["false"]))
+    with pytest.raises(RunFailed):
+        await handle.result()
+    return handle.id
+
+
+async def test_failed_run_rerun_with_edited_step_reuses_upstream(
+    mixer: MixerClient, provider_server: FakeProviderServer
+) -> None:
+    source = await _failed_source(mixer)
+    assert provider_server.count() == 2  # draft and review; summary never ran
+    source_progress = await mixer.get_handle(source).temporal.query("progress")
+    edited = pipeline(["echo", "checked {{steps.review.output}}"])
+
+    rerun = await mixer.rerun(source, spec=edited)
+    result = await rerun.result()
+
+    assert result.status == RunStatus.COMPLETED
+    # Only the step after the edited one asked the provider.
+    assert provider_server.count() == 3
+    assert "sum up: checked" in str(provider_server.calls[-1].body)
+    steps = result.steps
+    assert steps["draft"].reused_from == f"{source}/draft"
+    assert steps["review"].reused_from == f"{source}/review"
+    assert steps["draft"].output == source_progress["steps"]["draft"]["output"]
+    assert steps["draft"].cost_usd == 0 and steps["draft"].usage.input_tokens == 0
+    assert steps["draft"].call_hash == source_progress["steps"]["draft"]["call_hash"]
+    assert steps["check"].reused_from is None and steps["check"].exit_code == 0
+    assert steps["summary"].reused_from is None and steps["summary"].status == "completed"
+    completed = {
+        event.step: event.data
+        async for event in rerun.events()
+        if event.type == EventType.STEP_COMPLETED
+    }
+    assert completed["draft"]["reused_from"] == f"{source}/draft"
+    assert "reused_from" not in completed["summary"]
+
+
+async def test_from_step_forces_it_and_everything_downstream(
+    mixer: MixerClient, provider_server: FakeProviderServer
+) -> None:
+    handle = await mixer.start(pipeline(["echo", "ok {{steps.review.output}}"]))
+    await handle.result()
+    assert provider_server.count() == 3
+
+    result = await (await handle.rerun(from_steps=["review"])).result()
+
+    assert result.status == RunStatus.COMPLETED
+    # review and summary asked again, though their calls did not change.
+    assert provider_server.count() == 5
+    assert result.steps["draft"].reused_from == f"{handle.id}/draft"
+    for step in ("review", "check", "summary"):
+        assert result.steps[step].reused_from is None, step
+    with pytest.raises(RerunError, match="from_steps: no step 'nope'"):
+        await handle.rerun(from_steps=["nope"])
+
+
+async def test_changed_input_runs_everything_that_reads_it(
+    mixer: MixerClient, provider_server: FakeProviderServer
+) -> None:
+    handle = await mixer.start(pipeline(["echo", "ok"]))
+    await handle.result()
+    assert provider_server.count() == 3
+
+    result = await (await handle.rerun(inputs={"topic": "geese"})).result()
+
+    # draft reads the input, review reads draft: both run; check's command
+    # is unchanged, so it and summary (same rendered prompt) are reused.
+    assert provider_server.count() == 5
+    assert result.steps["draft"].reused_from is None
+    assert result.steps["review"].reused_from is None
+    assert result.steps["check"].reused_from == f"{handle.id}/check"
+    assert result.steps["summary"].reused_from == f"{handle.id}/summary"
+
+
+async def test_cancelled_run_can_be_rerun(
+    mixer: MixerClient, provider_server: FakeProviderServer
+) -> None:
+    provider_server.hang("openai", model="gpt-4.1")
+    spec = pipeline(["echo", "ok"])
+    spec["steps"][1]["model"] = "gpt-4.1"
+    handle = await mixer.start(spec)
+    await until(
+        handle,
+        lambda p: p.steps["review"].status == StepStatus.RUNNING and provider_server.count() == 2,
+        "review asked the provider",
+    )
+    await handle.cancel()
+    with pytest.raises(RunFailed):
+        await handle.result()
+
+    result = await (await handle.rerun()).result()
+
+    assert result.status == RunStatus.COMPLETED
+    assert result.steps["draft"].reused_from == f"{handle.id}/draft"
+    assert result.steps["review"].reused_from is None
+    assert provider_server.count() == 4  # review again, and summary
+
+
+async def test_open_run_is_refused(mixer: MixerClient, provider_server: FakeProviderServer) -> None:
+    provider_server.hang("openai")
+    handle = await mixer.start(copy.deepcopy(pipeline(["echo", "ok"])))
+    await until(handle, lambda p: p.steps["draft"].status == StepStatus.RUNNING, "draft runs")
+    with pytest.raises(RerunError, match="still open"):
+        await handle.rerun()
+    await handle.cancel()
