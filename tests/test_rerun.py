@@ -7,12 +7,15 @@ every request, so "reused" means the provider was never asked.
 from __future__ import annotations
 
 import copy
+import json
+from pathlib import Path
 from typing import Any
 
 import pytest
 from fakes.progress import until
 from fakes.provider_server import FakeProviderServer
 
+from llmmixer.client.cli import build_parser, cmd_rerun, cmd_run
 from llmmixer.client.mixer import MixerClient, RunFailed
 from llmmixer.client.rerun import RerunError
 from llmmixer.core.contracts import EventType
@@ -154,3 +157,58 @@ async def test_open_run_is_refused(mixer: MixerClient, provider_server: FakeProv
     with pytest.raises(RerunError, match="still open"):
         await handle.rerun()
     await handle.cancel()
+
+
+async def test_cli_rerun_prints_the_new_run(
+    mixer: MixerClient,
+    provider_server: FakeProviderServer,
+    task_queue: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+) -> None:
+    source = await _failed_source(mixer)
+    edited = tmp_path / "edited.yaml"
+    edited.write_text(json.dumps(pipeline(["echo", "fixed"])), encoding="utf-8")
+    monkeypatch.setenv("TEMPORAL_ADDRESS", mixer.temporal.service_client.config.target_host)
+    monkeypatch.setenv("LLMMIXER_TASK_QUEUE", task_queue)
+    args = build_parser().parse_args(
+        ["rerun", source, "--spec", str(edited), "--from", "review", "--input", "topic=ducks"]
+    )
+
+    assert await cmd_rerun(args) == 0
+
+    new_id = capsys.readouterr().out.strip()
+    assert new_id and new_id != source
+    result = await mixer.get_handle(new_id).result()
+    assert result.steps["draft"].reused_from == f"{source}/draft"
+    assert result.steps["review"].reused_from is None
+    assert provider_server.count() == 2 + 2  # review and summary
+    missing = build_parser().parse_args(["rerun", source, "--from", "nope"])
+    assert await cmd_rerun(missing) == 1
+    assert "from_steps: no step 'nope'" in capsys.readouterr().err
+
+
+async def test_run_reuse_from_takes_unchanged_steps_of_another_run(
+    mixer: MixerClient,
+    provider_server: FakeProviderServer,
+    task_queue: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+) -> None:
+    source = await _failed_source(mixer)
+    edited = tmp_path / "pipeline.yaml"
+    edited.write_text(json.dumps(pipeline(["echo", "fixed in place"])), encoding="utf-8")
+    monkeypatch.setenv("TEMPORAL_ADDRESS", mixer.temporal.service_client.config.target_host)
+    monkeypatch.setenv("LLMMIXER_TASK_QUEUE", task_queue)
+    args = build_parser().parse_args(["run", str(edited), "--detach", "--reuse-from", source])
+
+    assert await cmd_run(args) == 0
+
+    result = await mixer.get_handle(capsys.readouterr().out.strip()).result()
+    assert result.steps["draft"].reused_from == f"{source}/draft"
+    assert result.steps["review"].reused_from == f"{source}/review"
+    assert result.steps["check"].output is not None
+    assert "fixed in place" in result.steps["check"].output
+    assert provider_server.count() == 2 + 1  # summary only
