@@ -15,6 +15,7 @@ import pytest
 from fakes.progress import until
 from fakes.provider_server import FakeProviderServer
 
+from llmmixer.client.audit import audit_from_client, render_markdown
 from llmmixer.client.cli import build_parser, cmd_rerun, cmd_run
 from llmmixer.client.mixer import MixerClient, RunFailed
 from llmmixer.client.rerun import RerunError
@@ -87,6 +88,11 @@ async def test_failed_run_rerun_with_edited_step_reuses_upstream(
     }
     assert completed["draft"]["reused_from"] == f"{source}/draft"
     assert "reused_from" not in completed["summary"]
+    audit = await audit_from_client(mixer.temporal, rerun.id)
+    assert audit["steps"]["review"]["reused_from"] == f"{source}/review"
+    assert audit["steps"]["review"]["attempts"] == [] and audit["steps"]["review"]["cost_usd"] == 0
+    assert f"Reused from `{source}/review`" in render_markdown(audit)
+    assert "reused_from" not in audit["steps"]["summary"]
 
 
 async def test_from_step_forces_it_and_everything_downstream(
