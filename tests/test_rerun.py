@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fakes.progress import until
+from fakes.progress import runs_of, until
 from fakes.provider_server import FakeProviderServer
 
 from llmmixer.client.audit import audit_from_client, render_markdown
@@ -20,7 +20,7 @@ from llmmixer.client.cli import build_parser, cmd_rerun, cmd_run
 from llmmixer.client.mixer import MixerClient, RunFailed
 from llmmixer.client.rerun import RerunError
 from llmmixer.core.contracts import EventType
-from llmmixer.workflows.records import RunStatus, StepStatus
+from llmmixer.workflows.records import InterventionRequest, RunStatus, StepStatus
 
 
 @pytest.fixture
@@ -218,3 +218,44 @@ async def test_run_reuse_from_takes_unchanged_steps_of_another_run(
     assert result.steps["check"].output is not None
     assert "fixed in place" in result.steps["check"].output
     assert provider_server.count() == 2 + 1  # summary only
+
+
+async def test_a_chain_that_continued_as_new_is_rerun_from_all_its_runs(
+    mixer: MixerClient, provider_server: FakeProviderServer
+) -> None:
+    chain = [
+        {
+            "id": f"c{i}",
+            "needs": [f"c{i - 1}"] if i else [],
+            "prompt": f"step {i} " + ("{{steps.c" + str(i - 1) + ".output}}" if i else ""),
+        }
+        for i in range(6)
+    ]
+    spec = pipeline(["false"])
+    spec["continue_as_new_after_events"] = 40
+    spec["steps"] = [
+        *chain,
+        {"id": "gate", "kind": "approval", "needs": ["c5"]},
+        {"id": "last", "kind": "pty", "needs": ["gate"], "command": ["false"]},
+    ]
+    handle = await mixer.start(spec)
+    await until(handle, lambda p: p.steps["gate"].status == StepStatus.WAITING, "gate waits")
+    assert await runs_of(mixer, handle.id) >= 2, "the run did not continue as new"
+    # A signal, not the update: this file's worker keeps no cache, so every
+    # task replays (see conftest.workflow_cache).
+    await handle.temporal.signal("approve", InterventionRequest(step="gate"))
+    with pytest.raises(RunFailed):
+        await handle.result()
+    assert provider_server.count() == 6
+
+    edited = copy.deepcopy(spec)
+    edited["steps"][-1]["command"] = ["echo", "done"]
+    rerun = await handle.rerun(spec=edited)
+    await until(rerun, lambda p: p.steps["gate"].status == StepStatus.WAITING, "gate again")
+    await rerun.temporal.signal("approve", InterventionRequest(step="gate"))
+    result = await rerun.result()
+
+    assert result.status == RunStatus.COMPLETED
+    assert provider_server.count() == 6  # every LLM step came from the first run's history
+    assert all(result.steps[f"c{i}"].reused_from == f"{handle.id}/c{i}" for i in range(6))
+    assert result.steps["last"].output is not None and "done" in result.steps["last"].output
