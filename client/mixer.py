@@ -28,9 +28,9 @@ from temporalio.client import (
 from temporalio.contrib.workflow_streams import WorkflowStreamClient
 
 from llmmixer.client import schedules
-from llmmixer.client.rerun import read_source, rerun_inputs, reuse_table
+from llmmixer.client.rerun import prepare_rerun, read_source
 from llmmixer.client.schedules import MixerSchedule, Overlap
-from llmmixer.client.specfile import prepare_spec, read_spec
+from llmmixer.client.specfile import prepare_spec
 from llmmixer.core.contracts import EVENTS_TOPIC, MixerEvent
 from llmmixer.core.spec import Spec
 from llmmixer.runtime.connection import Connection
@@ -178,12 +178,7 @@ class MixerClient:
         ``SpecError`` before anything starts.
         """
         source = await read_source(self.temporal, workflow_id)
-        edited = read_spec(spec) if spec is not None else None
-        body, parsed = prepare_spec(
-            edited if edited is not None else source.spec,
-            inputs=rerun_inputs(source, edited, inputs),
-        )
-        table = reuse_table(source, parsed, from_steps)
+        body, parsed, table = prepare_rerun(source, spec=spec, inputs=inputs, from_steps=from_steps)
         return await self.start_prepared(body, parsed, workflow_id=new_workflow_id, reuse=table)
 
     def get_handle(self, workflow_id: str) -> MixerHandle:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from temporalio.api.common.v1 import Payload
@@ -21,6 +22,7 @@ from temporalio.client import Client
 from temporalio.converter import DataConverter
 
 from llmmixer.client.audit import fetch_chain
+from llmmixer.client.specfile import prepare_spec, read_spec
 from llmmixer.core.contracts import (
     AGENT_ACTIVITY,
     LLM_ACTIVITY,
@@ -57,6 +59,10 @@ class RerunError(ValueError):
     """The re-run cannot start (an open source run, an unknown ``--from`` step); nothing started."""
 
 
+class SourceOpen(RerunError):
+    """The source run has not ended: a re-run starts only from a closed run."""
+
+
 @dataclass(frozen=True)
 class SourceRun:
     """What a closed run leaves for a re-run: its spec as started, and its reusable outputs."""
@@ -71,7 +77,7 @@ async def read_source(client: Client, workflow_id: str) -> SourceRun:
     chain = await fetch_chain(client, workflow_id)
     last = chain[-1].events[-1] if chain[-1].events else None
     if last is None or last.event_type not in _CLOSED:
-        raise RerunError(
+        raise SourceOpen(
             f"run {workflow_id} is still open: a re-run starts from a closed run; "
             f"cancel it (`llmmixer cancel {workflow_id}`) or wait for it to end"
         )
@@ -140,6 +146,26 @@ async def _decode(converter: DataConverter, payload: Payload, type_hint: type) -
             "key) as the workers that ran it"
         ) from error
     return value
+
+
+def prepare_rerun(
+    source: SourceRun,
+    *,
+    spec: Mapping[str, Any] | str | Path | None,
+    inputs: Mapping[str, Any] | None,
+    from_steps: Sequence[str],
+) -> tuple[dict[str, Any], Spec, ReuseTable]:
+    """The body, model and reuse table of a re-run of ``source`` (``spec``: an edited one).
+
+    CPU work on a possibly hostile document, so ``llmmixer serve`` calls it in
+    a thread. Raises ``SpecError`` or ``RerunError``.
+    """
+    edited = read_spec(spec) if spec is not None else None
+    body, parsed = prepare_spec(
+        edited if edited is not None else source.spec,
+        inputs=rerun_inputs(source, edited, inputs),
+    )
+    return body, parsed, reuse_table(source, parsed, from_steps)
 
 
 def rerun_inputs(

@@ -11,12 +11,14 @@ import json
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from fakes.progress import runs_of, until
 from fakes.provider_server import FakeProviderServer
 
 from llmmixer.client.audit import audit_from_client, render_markdown
 from llmmixer.client.cli import build_parser, cmd_rerun, cmd_run
+from llmmixer.client.http import ServeSettings, create_app
 from llmmixer.client.mixer import MixerClient, RunFailed
 from llmmixer.client.rerun import RerunError
 from llmmixer.core.contracts import EventType
@@ -259,3 +261,32 @@ async def test_a_chain_that_continued_as_new_is_rerun_from_all_its_runs(
     assert provider_server.count() == 6  # every LLM step came from the first run's history
     assert all(result.steps[f"c{i}"].reused_from == f"{handle.id}/c{i}" for i in range(6))
     assert result.steps["last"].output is not None and "done" in result.steps["last"].output
+
+
+async def test_http_rerun_starts_a_new_run_and_refuses_bad_requests(
+    mixer: MixerClient, provider_server: FakeProviderServer
+) -> None:
+    source = await _failed_source(mixer)
+    app = create_app(mixer, ServeSettings(token="rerun-test-token-0123456789"))
+    auth = {"Authorization": "Bearer rerun-test-token-0123456789"}
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as http:
+        edited = pipeline(["echo", "over http"])
+        response = await http.post(
+            f"/workflows/{source}/rerun", json={"spec": edited}, headers=auth
+        )
+        assert response.status_code == 201, response.text
+        started = response.json()
+        result = await mixer.get_handle(started["workflow_id"]).result()
+        assert result.steps["review"].reused_from == f"{source}/review"
+        assert provider_server.count() == 3
+
+        unknown = await http.post(
+            f"/workflows/{source}/rerun", json={"from_steps": ["nope"]}, headers=auth
+        )
+        assert unknown.status_code == 422
+        assert "from_steps: no step 'nope'" in unknown.json()["errors"][0]
+        missing = await http.post("/workflows/no-such-run/rerun", json={}, headers=auth)
+        assert missing.status_code == 404
+        anonymous = await http.post(f"/workflows/{source}/rerun", json={})
+        assert anonymous.status_code == 401
