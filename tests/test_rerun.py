@@ -6,6 +6,7 @@ every request, so "reused" means the provider was never asked.
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import json
 from pathlib import Path
@@ -21,6 +22,7 @@ from llmmixer.client.cli import build_parser, cmd_rerun, cmd_run
 from llmmixer.client.http import ServeSettings, create_app
 from llmmixer.client.mixer import MixerClient, RunFailed
 from llmmixer.client.rerun import RerunError
+from llmmixer.client.setup import register_search_attributes
 from llmmixer.core.contracts import EventType
 from llmmixer.workflows.records import InterventionRequest, RunStatus, StepStatus
 
@@ -290,3 +292,22 @@ async def test_http_rerun_starts_a_new_run_and_refuses_bad_requests(
         assert missing.status_code == 404
         anonymous = await http.post(f"/workflows/{source}/rerun", json={})
         assert anonymous.status_code == 401
+
+
+async def test_the_new_run_names_its_source_in_llmmixer_fork_of(
+    mixer: MixerClient, provider_server: FakeProviderServer
+) -> None:
+    # Registered before the runs start: a run asks once which attributes exist.
+    await register_search_attributes(mixer.temporal, mixer.temporal.namespace)
+    source = await _failed_source(mixer)
+    rerun = await mixer.rerun(source, spec=pipeline(["echo", "ok"]))
+    await rerun.result()
+
+    query = f'LlmmixerForkOf="{source}"'
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 30
+    found: set[str] = set()
+    while rerun.id not in found and loop.time() < deadline:
+        found = {execution.id async for execution in mixer.temporal.list_workflows(query)}
+        await asyncio.sleep(0.3)
+    assert found == {rerun.id}
