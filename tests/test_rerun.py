@@ -21,10 +21,16 @@ from llmmixer.client.audit import audit_from_client, render_markdown
 from llmmixer.client.cli import build_parser, cmd_rerun, cmd_run
 from llmmixer.client.http import ServeSettings, create_app
 from llmmixer.client.mixer import MixerClient, RunFailed
-from llmmixer.client.rerun import RerunError
+from llmmixer.client.rerun import RerunError, SourceRun, reuse_table
 from llmmixer.client.setup import register_search_attributes
 from llmmixer.core.contracts import EventType
-from llmmixer.workflows.records import InterventionRequest, RunStatus, StepStatus
+from llmmixer.core.validation import validate_spec
+from llmmixer.workflows.records import (
+    InterventionRequest,
+    ReusedStep,
+    RunStatus,
+    StepStatus,
+)
 
 
 @pytest.fixture
@@ -311,3 +317,25 @@ async def test_the_new_run_names_its_source_in_llmmixer_fork_of(
         found = {execution.id async for execution in mixer.temporal.list_workflows(query)}
         await asyncio.sleep(0.3)
     assert found == {rerun.id}
+
+
+def test_forcing_a_decompose_step_drops_every_planned_step_of_the_source() -> None:
+    spec = validate_spec(
+        {
+            "name": "plans",
+            "defaults": {"provider": "openai", "model": "gpt-4.1-mini"},
+            "steps": [
+                {"id": "first", "prompt": "a"},
+                {"id": "plan", "kind": "decompose", "needs": ["first"], "prompt": "split"},
+                {"id": "after", "needs": ["plan"], "prompt": "b"},
+            ],
+        }
+    )
+    entry = ReusedStep(call_hash="sha256:0", output="x", source="src/first")
+    source = SourceRun(
+        "src", {}, {"first": entry, "plan.part1": entry.model_copy(), "after": entry.model_copy()}
+    )
+    assert set(reuse_table(source, spec, []).steps) == {"first", "plan.part1", "after"}
+    # The plan may differ this time: a planned step of the old plan is not reused.
+    forced = reuse_table(source, spec, ["plan"])
+    assert set(forced.steps) == {"first"} and forced.source == "src"
