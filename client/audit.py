@@ -272,6 +272,8 @@ class _Step:
     status: str = "pending"
     output: str | None = None
     overridden: bool = False
+    # A re-run's step that took its source run's output ("<run>/<step>").
+    reused_from: str | None = None
 
 
 @dataclass
@@ -995,6 +997,7 @@ def _confirm_states(steps: dict[str, _Step], result: RunProgress) -> None:
         target.status = record.status.value
         if target.output is None and record.output is not None:
             target.output = record.output
+        target.reused_from = record.reused_from
 
 
 def _step_document(item: _Step) -> dict[str, Any]:
@@ -1025,6 +1028,8 @@ def _step_document(item: _Step) -> dict[str, Any]:
         "attempts": [entry for activity in activities for entry in _attempts(activity)],
         "interventions": item.interventions,
     }
+    if item.reused_from is not None:
+        doc["reused_from"] = item.reused_from
     if item.checks:
         doc["checks"] = [check.document() for check in item.checks]
     if final is not None and isinstance(final.call, LlmCall):
@@ -1174,6 +1179,8 @@ def render_markdown(document: dict[str, Any]) -> str:
     lines += _forecast_lines(document.get("forecast"))
     for step_id, step in document["steps"].items():
         lines += ["", f"## {step_id}", ""]
+        if step.get("reused_from"):
+            lines += [f"Reused from `{step['reused_from']}`: nothing ran, nothing was paid.", ""]
         if step.get("prompt") is not None:
             lines += ["Prompt (as sent):", "", *_fenced(step["prompt"]), ""]
         if step["attempts"]:

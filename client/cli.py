@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 from temporalio.client import WorkflowExecutionStatus
 from temporalio.service import RPCError
 
-from llmmixer.client.audit import add_audit_parser, cmd_audit
+from llmmixer.client.audit import AuditError, add_audit_parser, cmd_audit
 from llmmixer.client.display import ProgressView, progress_table, terminal_safe, unblock_hints
 from llmmixer.client.estimate import (
     add_estimate_parser,
@@ -35,6 +35,7 @@ from llmmixer.client.mixer import (
     MixerHandle,
     RunFailed,
 )
+from llmmixer.client.rerun import RerunError, read_source, reuse_table
 from llmmixer.client.schedules import add_schedule_parser, cmd_schedule
 from llmmixer.client.setup import add_setup_parser, cmd_setup, list_query, shown_status
 from llmmixer.client.specfile import parse_inputs, prepare_spec, read_spec, spec_warnings
@@ -103,7 +104,18 @@ async def cmd_run(args: argparse.Namespace) -> int:
         connection, allow_embedded=not args.detach, want_worker=not args.detach
     ) as stack:
         mixer = MixerClient(stack.client, connection.task_queue)
-        handle = await mixer.start(body, workflow_id=args.id)
+        if args.reuse_from:
+            # The spec edited in place: steps whose call is unchanged take
+            # the source run's output (like `rerun ID --spec SPEC`).
+            try:
+                source = await read_source(stack.client, args.reuse_from)
+                reuse = reuse_table(source, spec, [])
+            except (RerunError, AuditError) as error:
+                _err(str(error))
+                return EXIT_FAILED
+            handle = await mixer.start_prepared(body, spec, workflow_id=args.id, reuse=reuse)
+        else:
+            handle = await mixer.start(body, workflow_id=args.id)
         _err(f"started {handle.id} ({spec.name}, {len(spec.steps)} steps)")
         if args.detach:
             print(handle.id)
@@ -117,6 +129,29 @@ async def cmd_run(args: argparse.Namespace) -> int:
                 "start `llmmixer dev` (same LLMMIXER_HOME), then use the commands above."
             )
         return code
+
+
+async def cmd_rerun(args: argparse.Namespace) -> int:
+    """Start a closed run again, reusing unchanged steps; print the new run's id."""
+    mixer = await MixerClient.connect()
+    try:
+        handle = await mixer.rerun(
+            args.id,
+            from_steps=args.from_steps,
+            spec=args.spec,
+            inputs=parse_inputs(args.input),
+            new_workflow_id=args.new_id,
+        )
+    except SpecError as error:
+        for issue in error.issues:
+            _err(str(issue))
+        return EXIT_USAGE
+    except (RerunError, AuditError) as error:
+        _err(str(error))
+        return EXIT_FAILED
+    _err(f"started {handle.id}, a re-run of {args.id}; follow it with `llmmixer watch {handle.id}`")
+    print(handle.id)
+    return EXIT_OK
 
 
 async def cmd_watch(args: argparse.Namespace) -> int:
@@ -432,7 +467,37 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--id", default=None, help="workflow id (default: NAME-random)")
     run.add_argument("--detach", action="store_true", help="start and return (needs a server)")
     run.add_argument(
+        "--reuse-from",
+        default=None,
+        metavar="ID",
+        help="reuse the output of every step whose call is unchanged since run ID",
+    )
+    run.add_argument(
         "--dry-run", action="store_true", help="answer every provider call offline; no key needed"
+    )
+
+    rerun = sub.add_parser(
+        "rerun", help="start a closed run again, reusing the output of every unchanged step"
+    )
+    rerun.add_argument("id", help="the source run (completed, failed, cancelled, ...)")
+    rerun.add_argument(
+        "--from",
+        dest="from_steps",
+        action="append",
+        default=[],
+        metavar="STEP",
+        help="run this step and everything after it again (repeatable)",
+    )
+    rerun.add_argument("--spec", default=None, help="an edited spec to run instead of the source's")
+    rerun.add_argument(
+        "--input",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="change an input (the source run's inputs are kept otherwise)",
+    )
+    rerun.add_argument(
+        "--id", dest="new_id", default=None, metavar="ID", help="the new run's workflow id"
     )
 
     for name, help_text in (
@@ -491,6 +556,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 _ASYNC: dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, int]]] = {
     "run": cmd_run,
+    "rerun": cmd_rerun,
     "watch": cmd_watch,
     "status": cmd_status,
     "list": cmd_list,

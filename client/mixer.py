@@ -28,12 +28,14 @@ from temporalio.client import (
 from temporalio.contrib.workflow_streams import WorkflowStreamClient
 
 from llmmixer.client import schedules
+from llmmixer.client.rerun import prepare_rerun, read_source
 from llmmixer.client.schedules import MixerSchedule, Overlap
 from llmmixer.client.specfile import prepare_spec
 from llmmixer.core.contracts import EVENTS_TOPIC, MixerEvent
 from llmmixer.core.spec import Spec
 from llmmixer.runtime.connection import Connection
 from llmmixer.runtime.settings import ConnectionEnv
+from llmmixer.workflows.carry import Carried
 from llmmixer.workflows.mixer import WORKFLOW_NAME, MixerWorkflow
 from llmmixer.workflows.records import (
     BudgetLimits,
@@ -41,6 +43,7 @@ from llmmixer.workflows.records import (
     InterventionOutcome,
     InterventionRequest,
     InterventionType,
+    ReuseTable,
     RunProgress,
 )
 
@@ -123,20 +126,29 @@ class MixerClient:
         return await self.start_prepared(body, parsed, workflow_id=workflow_id)
 
     async def start_prepared(
-        self, body: dict[str, Any], parsed: Spec, *, workflow_id: str | None = None
+        self,
+        body: dict[str, Any],
+        parsed: Spec,
+        *,
+        workflow_id: str | None = None,
+        reuse: ReuseTable | None = None,
     ) -> MixerHandle:
         """Start a run from what ``prepare_spec`` returned.
 
         For callers that validate elsewhere: ``llmmixer serve`` parses and
         validates in a thread, so a slow document never holds its event loop.
+        ``reuse``: a re-run's source outputs (``rerun`` builds it).
         """
         if self.pty_task_queue and not parsed.pty_task_queue:
             # Into the spec, so the workflow reads it deterministically.
             body["pty_task_queue"] = self.pty_task_queue
         workflow_id = workflow_id or f"{parsed.name}-{uuid.uuid4().hex[:8]}"
+        # A re-run's table rides in the input's optional third part, so runs
+        # started without one have the input they always had.
+        args: list[Any] = [body] if reuse is None else [body, None, Carried(reuse=reuse)]
         handle = await self.temporal.start_workflow(
             WORKFLOW_NAME,
-            body,
+            args=args,
             id=workflow_id,
             task_queue=self.task_queue,
             static_summary=f"llmmixer: {parsed.name} ({len(parsed.steps)} steps)",
@@ -146,6 +158,28 @@ class MixerClient:
         # No run id: a long run continues as new under the same workflow id,
         # and queries, updates and results must reach whichever run is current.
         return MixerHandle(self, handle.id)
+
+    async def rerun(
+        self,
+        workflow_id: str,
+        *,
+        from_steps: Sequence[str] = (),
+        spec: Mapping[str, Any] | str | Path | None = None,
+        inputs: Mapping[str, Any] | None = None,
+        new_workflow_id: str | None = None,
+    ) -> MixerHandle:
+        """Start a new run of a closed run's spec (or ``spec``, edited), reusing what is unchanged.
+
+        Every step whose call is the one the source run made takes its output
+        from the source's history and costs nothing; ``from_steps`` and the
+        steps downstream of them run again whatever their calls are. The
+        source may have completed, failed, been cancelled, terminated or timed
+        out. Raises ``RerunError`` (an open source, an unknown step) or
+        ``SpecError`` before anything starts.
+        """
+        source = await read_source(self.temporal, workflow_id)
+        body, parsed, table = prepare_rerun(source, spec=spec, inputs=inputs, from_steps=from_steps)
+        return await self.start_prepared(body, parsed, workflow_id=new_workflow_id, reuse=table)
 
     def get_handle(self, workflow_id: str) -> MixerHandle:
         return MixerHandle(self, workflow_id)
@@ -245,6 +279,15 @@ class MixerHandle:
             cause = error.cause
             message = getattr(cause, "message", None) or str(cause or error)
             raise RunFailed(message) from error
+
+    async def rerun(
+        self,
+        from_steps: Sequence[str] = (),
+        spec: Mapping[str, Any] | str | Path | None = None,
+        inputs: Mapping[str, Any] | None = None,
+    ) -> MixerHandle:
+        """A new run of this closed run, reusing unchanged steps (``MixerClient.rerun``)."""
+        return await self.mixer.rerun(self.id, from_steps=from_steps, spec=spec, inputs=inputs)
 
     async def cancel(self) -> None:
         await self._handle.cancel()

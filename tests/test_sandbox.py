@@ -56,6 +56,7 @@ LOGIC = (
     "workflows.steps.approval",
     "workflows.steps.decompose",
     "workflows.steps.runner",
+    "workflows.reuse",
     "core.plans",
     "core.templates",
     "core.validation",

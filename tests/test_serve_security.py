@@ -139,6 +139,7 @@ STATE_CHANGING: dict[str, tuple[str, dict[str, Any]]] = {
     ),
     "/workflows/{workflow_id}/budget": ("/workflows/{run}/budget", {"max_tokens": 10**9}),
     "/workflows/{workflow_id}/cancel": ("/workflows/{run}/cancel", {}),
+    "/workflows/{workflow_id}/rerun": ("/workflows/{run}/rerun", {}),
     "/schedules/{schedule_id}/trigger": ("/schedules/{schedule}/trigger", {}),
 }
 

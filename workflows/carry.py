@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
-from llmmixer.workflows.records import Intervention, RunSnapshot
+from llmmixer.workflows.records import Intervention, ReuseTable, RunSnapshot
 
 # Temporal suggests continuing as new well before its hard limits; this
 # bound also keeps replay of one run quick after a worker restart.
@@ -28,3 +28,5 @@ class Carried(BaseModel):
     # Decisions that arrived but were not yet acted on when the run handed over.
     decisions: dict[str, Intervention] = Field(default_factory=dict)
     continuations: int = 0
+    # A re-run's source outputs (llmmixer rerun), carried to every continuation.
+    reuse: ReuseTable | None = None

@@ -344,6 +344,14 @@ class RunState:
         record.output = output
         record.ended_at = now
 
+    def reuse(self, step_id: str, output: str, source: str, now: datetime) -> None:
+        """The step takes ``source``'s output (a re-run whose call is unchanged): nothing ran."""
+        record = self._move(step_id, "reuse", frozenset({_RUNNING}))
+        record.status = StepStatus.COMPLETED
+        record.output = output
+        record.reused_from = source
+        record.ended_at = now
+
     def fail(self, step_id: str, now: datetime, error: str | None = None) -> None:
         """The step failed for good; ``None`` keeps the error it already has.
 
@@ -455,6 +463,10 @@ class RunState:
     def note_prompt(self, step_id: str, prompt: str | None) -> None:
         """The prompt (or command line) as rendered and sent."""
         self.records[step_id].prompt = prompt
+
+    def note_call(self, step_id: str, digest: str) -> None:
+        """The digest of the call the step makes (``workflows/reuse.py``)."""
+        self.records[step_id].call_hash = digest
 
     def count_attempts(self, step_id: str, attempts: int) -> None:
         """``attempts`` more attempts were used (a failed activity, an approval asked)."""

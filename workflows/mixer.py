@@ -109,7 +109,13 @@ class MixerWorkflow:
         self._spec_body = spec
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._continuations = 0
-        if carried is not None and self._spec is not None:
+        # A re-run's source outputs (llmmixer rerun) ride in ``carried``, the
+        # input's optional part: runs started otherwise have none, so every
+        # step runs as it always did. A re-run starts with a ``Carried`` that
+        # has no continuation count and nothing to restore.
+        self._reuse = carried.reuse if carried is not None else None
+        self._fork_of = self._reuse.source if self._reuse is not None else ""
+        if carried is not None and carried.continuations > 0 and self._spec is not None:
             self._state.restore(carried.state, carried.prompt_overrides, carried.decisions)
             self._continuations = carried.continuations
 
@@ -162,6 +168,7 @@ class MixerWorkflow:
             spec_body=self._spec_body,
             events=self._events,
             checks_recorded=self._checks_recorded,
+            reuse=self._reuse,
         )
         if self._continuations == 0:
             self._events.publish(EventType.WORKFLOW_STARTED, data={"name": self._spec.name})
@@ -233,7 +240,7 @@ class MixerWorkflow:
                 return
             # Progress for the Web UI, published on every change of the state.
             workflow.set_current_details(self._state.summary())
-            self._search.update(self._state)
+            self._search.update(self._state, self._fork_of)
             await self._until_changed()
 
     def _raise_from_steps(self) -> None:
@@ -289,7 +296,7 @@ class MixerWorkflow:
     def _finish(self) -> None:
         self._events.publish(EventType.WORKFLOW_ENDED, data={"status": self._state.status.value})
         workflow.set_current_details(f"{self._state.status.value}: {self._state.summary()}")
-        self._search.update(self._state)
+        self._search.update(self._state, self._fork_of)
 
     # ---- long histories: continue as new ------------------------------------
 
@@ -322,6 +329,7 @@ class MixerWorkflow:
             prompt_overrides=self._state.prompt_overrides,
             decisions=self._state.decisions,
             continuations=self._continuations + 1,
+            reuse=self._reuse,
         )
         workflow.logger.info("history is long: continuing as new (run %d)", carried.continuations)
         self._stream.truncate(self._events_to_keep_from())

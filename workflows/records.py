@@ -151,6 +151,10 @@ class StepRecord(BaseModel):
     # Set when `output` above was cut to keep the answer small: the whole
     # output's length (the whole text is in the run's history).
     output_chars: int | None = None
+    # The digest of the call the step made (workflows/reuse.py), and, when it
+    # took a source run's output instead of running: "<run>/<step>".
+    call_hash: str | None = None
+    reused_from: str | None = None
 
 
 class TotalUsage(BaseModel):
@@ -179,6 +183,24 @@ class RunProgress(BaseModel):
     @property
     def needs_person(self) -> bool:
         return self.status == RunStatus.WAITING and not self.running
+
+
+class ReusedStep(BaseModel):
+    """A source run's output for one step, taken when the step's call is unchanged."""
+
+    call_hash: str
+    output: str
+    source: str  # "<workflow id>/<step id>"
+
+
+class ReuseTable(BaseModel):
+    """What ``llmmixer rerun`` hands a new run: the source run and its reusable outputs.
+
+    Steps at or after a ``--from`` step are left out by the client, so they run again.
+    """
+
+    source: str = ""  # the source run's workflow id (LlmmixerForkOf)
+    steps: dict[str, ReusedStep] = Field(default_factory=dict)
 
 
 class InterventionRequest(BaseModel):

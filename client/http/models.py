@@ -15,6 +15,7 @@ __all__ = [
     "Cancelling",
     "Errors",
     "InterventionBody",
+    "RerunRequest",
     "RunList",
     "RunSummary",
     "ScheduleList",
@@ -39,6 +40,25 @@ class StartRequest(BaseModel):
     )
     workflow_id: str | None = Field(default=None, description="Default: NAME-<random>.")
     dry_run: bool = Field(default=False, description="Answer every provider call offline.")
+
+
+class RerunRequest(BaseModel):
+    """``POST /workflows/{id}/rerun``: a closed run again, reusing unchanged steps."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    from_steps: list[str] = Field(
+        default_factory=list,
+        description="These steps and everything after them run again whatever their calls are.",
+    )
+    spec: dict[str, Any] | str | None = Field(
+        default=None,
+        description="An edited spec (JSON object or YAML/JSON text); default: the run's own.",
+    )
+    inputs: dict[str, Any] = Field(
+        default_factory=dict, description="Inputs to change; the source run's are kept otherwise."
+    )
+    workflow_id: str | None = Field(default=None, description="Default: NAME-<random>.")
 
 
 class Started(BaseModel):

@@ -7,6 +7,7 @@
     POST /workflows/{id}/steps/{step}/{action}       retry|skip|override|approve|reject -> 409
     POST /workflows/{id}/budget                      raise a budget   -> 409
     POST /workflows/{id}/cancel                      cancel a run     -> 202
+    POST /workflows/{id}/rerun                       re-run a closed run -> 201, 422, 409
     GET  /workflows/{id}/events                      Server-Sent Events (``events.py``)
     GET  /schedules                                  llmmixer's schedules
     POST /schedules/{id}/trigger                     start a run now  -> 202
@@ -55,6 +56,7 @@ from llmmixer.client.http.models import (
     Cancelling,
     Errors,
     InterventionBody,
+    RerunRequest,
     RunList,
     RunSummary,
     ScheduleList,
@@ -72,6 +74,7 @@ from llmmixer.client.mixer import (
     MixerHandle,
     RunFailed,
 )
+from llmmixer.client.rerun import RerunError, SourceOpen, prepare_rerun, read_source
 from llmmixer.client.schedules import ScheduleNotFound
 from llmmixer.client.setup import list_query, shown_status
 from llmmixer.client.specfile import prepare_spec
@@ -305,6 +308,60 @@ async def run_handle(workflow_id: WorkflowId, request: Request) -> MixerHandle:
 
 
 Run = Annotated[MixerHandle, Depends(run_handle)]
+
+
+@api.post(
+    "/workflows/{workflow_id}/rerun",
+    status_code=201,
+    response_model=Started,
+    responses={
+        409: {"model": Errors, "description": "the run is still open, or the new id exists"},
+        422: {"model": Errors, "description": "the spec or a from_steps entry is invalid"},
+    },
+)
+async def rerun(
+    workflow_id: WorkflowId, handle: Run, body: RerunRequest, request: Request
+) -> Started:
+    """Start a closed run again (its spec, or an edited one), reusing every unchanged step.
+
+    A step whose call is the one the source run made takes its output from
+    the source's history and costs nothing; ``from_steps`` and everything
+    after them run again.
+    """
+    spec = _spec_text(body.spec) if isinstance(body.spec, str) else body.spec
+    mixer = _mixer(request)
+    try:
+        source = await read_source(mixer.temporal, handle.id)
+        # As for POST /workflows: a large or hostile document is parsed in a thread.
+        prepared, parsed, table = await anyio.to_thread.run_sync(
+            functools.partial(
+                prepare_rerun, source, spec=spec, inputs=body.inputs, from_steps=body.from_steps
+            ),
+            limiter=request.app.state.spec_limiter,
+        )
+        started = await mixer.start_prepared(
+            prepared, parsed, workflow_id=body.workflow_id, reuse=table
+        )
+    except SpecError as error:
+        raise HTTPException(
+            status_code=422, detail=[str(issue) for issue in error.issues]
+        ) from None
+    except SourceOpen as error:
+        raise HTTPException(status_code=409, detail=str(error)) from None
+    except RerunError as error:
+        raise HTTPException(status_code=422, detail=str(error)) from None
+    except WorkflowAlreadyStartedError:
+        raise HTTPException(
+            status_code=409,
+            detail=f"a run with id {body.workflow_id!r} already exists: choose another workflow_id",
+        ) from None
+    progress_url, events_url = _links(started.id)
+    return Started(
+        workflow_id=started.id,
+        run_id=started.temporal.result_run_id,
+        progress_url=progress_url,
+        events_url=events_url,
+    )
 
 
 @api.get("/workflows/{workflow_id}", response_model=RunProgress)

@@ -29,4 +29,7 @@ async def run_agent(ctx: StepContext, step: AgentStep) -> Outcome:
         workflow_id=ctx.state.workflow_id,
     )
     ctx.state.note_prompt(step.id, call.prompt)
+    reused = ctx.reuse_or_note(step.id, call)
+    if reused is not None:
+        return reused
     return await command_activity(ctx, step, AGENT_ACTIVITY, call, f"{step.id}: {step.agent}")

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, TypeVar
 
+from pydantic import BaseModel
 from temporalio import workflow
 from temporalio.contrib.workflow_streams import WorkflowTopicHandle
 from temporalio.exceptions import (
@@ -41,7 +42,8 @@ from llmmixer.workflows.calls import (
     planned_step,
 )
 from llmmixer.workflows.dag import RunState
-from llmmixer.workflows.records import Intervention, InterventionType
+from llmmixer.workflows.records import Intervention, InterventionType, ReuseTable
+from llmmixer.workflows.reuse import call_hash, reused_output
 
 ActivityResult = TypeVar("ActivityResult", LlmReply, CommandResult)
 OwnPrompt = TypeVar("OwnPrompt", str, str | None)
@@ -62,6 +64,14 @@ class Failed:
 
 
 @dataclass(frozen=True)
+class Reused:
+    """The step's call is the one a source run made: its output is taken, nothing runs."""
+
+    output: str
+    source: str
+
+
+@dataclass(frozen=True)
 class Settled:
     """A person skipped or overrode the step while it waited.
 
@@ -72,7 +82,7 @@ class Settled:
     action: InterventionType
 
 
-Outcome = Completed | Failed | Settled
+Outcome = Completed | Failed | Settled | Reused
 
 
 class StepFailed(Exception):
@@ -131,6 +141,9 @@ class StepContext:
     """How plan checks are scheduled; step activities take theirs from
     ``calls.llm_options`` and ``calls.command_options``."""
 
+    reuse: ReuseTable | None = None
+    """A re-run's outputs of its source run (``llmmixer rerun``); None for other runs."""
+
     planned: dict[str, StepModel] = field(default_factory=dict)
     """Steps created by plans, parsed once from their nodes' definitions."""
 
@@ -156,6 +169,13 @@ class StepContext:
     def prompt(self, step_id: str, own: OwnPrompt) -> OwnPrompt:
         """The step's prompt: the one given with a person's retry, else its own."""
         return self.state.prompt_overrides.get(step_id, own)
+
+    def reuse_or_note(self, step_id: str, call: BaseModel) -> Reused | None:
+        """Record the digest of ``call``; the source run's output when it made the same call."""
+        digest = call_hash(call)
+        self.state.note_call(step_id, digest)
+        entry = reused_output(self.reuse, step_id, digest)
+        return None if entry is None else Reused(entry.output, entry.source)
 
     async def decision(self, step_id: str, timeout_s: float | None) -> Intervention | None:
         """A person's decision on ``step_id``; None when ``timeout_s`` passed first."""

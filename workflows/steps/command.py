@@ -25,6 +25,9 @@ async def run_command(ctx: StepContext, step: PtyStep) -> Outcome:
         workflow_id=ctx.state.workflow_id,
     )
     ctx.state.note_prompt(step.id, " ".join(call.argv))
+    reused = ctx.reuse_or_note(step.id, call)
+    if reused is not None:
+        return reused
     return await command_activity(
         ctx, step, PTY_ACTIVITY, call, f"{step.id}: {' '.join(call.argv)}"
     )

@@ -44,7 +44,20 @@ async def run_llm(ctx: StepContext, step: LlmStep) -> Outcome:
     system = ctx.render(step.system, step.id) if step.system else None
     if step.best_of is not None:
         return Completed(await _best_of(ctx, step, messages, system))
-    reply = await ask(ctx, step, target_chain(ctx.spec, step), messages, system)
+    chain = target_chain(ctx.spec, step)
+    first = llm_call(
+        ctx.spec,
+        step,
+        chain[0],
+        messages,
+        system,
+        workflow_id=ctx.state.workflow_id,
+        has_fallback=len(chain) > 1,
+    )
+    reused = ctx.reuse_or_note(step.id, first)
+    if reused is not None:
+        return reused
+    reply = await ask(ctx, step, chain, messages, system)
     return Completed(reply.text)
 
 

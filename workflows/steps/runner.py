@@ -19,6 +19,7 @@ from llmmixer.workflows.steps.base import (
     Completed,
     Failed,
     Outcome,
+    Reused,
     StepContext,
     StepFailed,
 )
@@ -109,6 +110,8 @@ class _StepTask:
                 continue  # a person asked for a retry
             if isinstance(outcome, Completed):
                 self._complete(outcome.output)
+            elif isinstance(outcome, Reused):
+                self._reuse(outcome)
             return
 
     async def _execute(self, step: StepModel) -> Outcome:
@@ -141,6 +144,15 @@ class _StepTask:
             self.step_id,
             record.attempts,
             {"output_chars": len(output), "provider": record.provider, "model": record.model},
+        )
+
+    def _reuse(self, reused: Reused) -> None:
+        self.state.reuse(self.step_id, reused.output, reused.source, workflow.now())
+        self.ctx.events.publish(
+            EventType.STEP_COMPLETED,
+            self.step_id,
+            self.state.records[self.step_id].attempts,
+            {"output_chars": len(reused.output), "reused_from": reused.source},
         )
 
     async def _apply_on_failure(self, step: StepModel, error: str) -> bool:
