@@ -27,6 +27,7 @@ import re
 import shlex
 import shutil
 import sys
+import tempfile
 import tomllib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -92,6 +93,15 @@ INTERPRETERS = frozenset(
         "uv",
     }
 )
+
+
+def as_worker_here(env: dict[str, str]) -> dict[str, str]:
+    """``env`` read as a worker here would: the image's LLMMIXER_PTY_ROOT is a
+    directory inside the container, so an existing one stands in for it (the
+    worker refuses a root that does not exist)."""
+    if "LLMMIXER_PTY_ROOT" not in env:
+        return env
+    return {**env, "LLMMIXER_PTY_ROOT": tempfile.gettempdir()}
 
 
 def allow_list(value: str) -> set[str]:
@@ -383,7 +393,9 @@ def llmmixer_services(compose: Mapping[str, Any]) -> dict[str, dict[str, str]]:
 def test_compose_never_runs_commands_beside_the_keys(compose_resolved: dict[str, Any]) -> None:
     raw = {name: service_environment(s) for name, s in compose_resolved["services"].items()}
     services = llmmixer_services(compose_resolved)
-    settings = {name: WorkerSettings.from_env(env) for name, env in services.items()}
+    settings = {
+        name: WorkerSettings.from_env(as_worker_here(env)) for name, env in services.items()
+    }
     runners = [name for name, s in settings.items() if "pty" in s.roles]
     holders = [name for name in services if set(PROVIDER_KEYS) & set(raw[name])]
     assert runners and holders, "one worker for commands, one for LLM calls"

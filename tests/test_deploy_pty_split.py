@@ -14,6 +14,7 @@ connections, as a CNI would).
 from __future__ import annotations
 
 import ipaddress
+import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +35,15 @@ from test_deploy_files import (
 from llmmixer.workers.worker import WorkerSettings
 
 SPLIT = K8S / "pty-workers"
+
+
+def as_worker_here(env: dict[str, str]) -> dict[str, str]:
+    """``env`` read as a worker here would: the image's LLMMIXER_PTY_ROOT is a
+    directory inside the container, so an existing one stands in for it (the
+    worker refuses a root that does not exist)."""
+    if "LLMMIXER_PTY_ROOT" not in env:
+        return env
+    return {**env, "LLMMIXER_PTY_ROOT": tempfile.gettempdir()}
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +68,8 @@ def test_split_matches_kubernetes_schemas(objects: list[dict[str, Any]], version
 
 
 def test_each_deployment_takes_its_share(objects: list[dict[str, Any]]) -> None:
-    base = WorkerSettings.from_env(effective_env(objects, "llmmixer-worker"))
-    pty = WorkerSettings.from_env(effective_env(objects, "llmmixer-pty-worker"))
+    base = WorkerSettings.from_env(as_worker_here(effective_env(objects, "llmmixer-worker")))
+    pty = WorkerSettings.from_env(as_worker_here(effective_env(objects, "llmmixer-pty-worker")))
     assert base.roles == {"workflows", "llm"}
     assert pty.roles == {"pty"}
     assert base.pty_queue == pty.pty_queue != base.task_queue
@@ -113,7 +123,7 @@ def test_only_pty_pods_run_commands_and_only_listed_ones(objects: list[dict[str,
     [container] = pod_spec(find(objects, "Deployment", "llmmixer-pty-worker"))["containers"]
     assert "LLMMIXER_PTY_ALLOW" in {item["name"] for item in container["env"]}
     assert "LLMMIXER_PTY_ALLOW" not in base_env
-    assert "pty" not in WorkerSettings.from_env(base_env).roles
+    assert "pty" not in WorkerSettings.from_env(as_worker_here(base_env)).roles
     assert pty_env["LLMMIXER_PTY_ROOT"] == "/workspace"
 
 

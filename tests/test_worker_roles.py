@@ -28,8 +28,12 @@ from llmmixer.core.contracts import (
     CHECK_PLAN_ACTIVITY,
     CHECK_SPEC_ACTIVITY,
     LLM_ACTIVITY,
+    MCP_CALL_ACTIVITY,
+    MCP_LIST_ACTIVITY,
     PTY_ACTIVITY,
+    TOOL_COMMAND_ACTIVITY,
 )
+from llmmixer.core.search import SEARCH_ATTRIBUTES_ACTIVITY
 from llmmixer.workers.worker import (
     ALL_ROLES,
     WorkerSettings,
@@ -71,7 +75,15 @@ def test_roles_default_to_all_and_refuse_unknown_names() -> None:
 
 
 # Local activities of the workflow: registered wherever MixerWorkflow is.
-CHECKS = {CHECK_SPEC_ACTIVITY, CHECK_PLAN_ACTIVITY}
+CHECKS = {CHECK_SPEC_ACTIVITY, CHECK_PLAN_ACTIVITY, SEARCH_ATTRIBUTES_ACTIVITY}
+# Everything that starts a program: commands, agents, and tools of llm steps.
+COMMANDS = {
+    PTY_ACTIVITY,
+    AGENT_ACTIVITY,
+    TOOL_COMMAND_ACTIVITY,
+    MCP_LIST_ACTIVITY,
+    MCP_CALL_ACTIVITY,
+}
 
 
 def _registered(worker: Any) -> tuple[str, set[str], set[str]]:
@@ -86,13 +98,13 @@ def _registered(worker: Any) -> tuple[str, set[str], set[str]]:
     ("environ", "expected"),
     [
         # Default: everything on the one queue.
-        ({}, [("q", {"MixerWorkflow"}, {*CHECKS, LLM_ACTIVITY, PTY_ACTIVITY, AGENT_ACTIVITY})]),
+        ({}, [("q", {"MixerWorkflow"}, {*CHECKS, LLM_ACTIVITY, *COMMANDS})]),
         # All roles and a PTY queue: one process polls both queues.
         (
             {"LLMMIXER_PTY_TASK_QUEUE": "q-pty"},
             [
                 ("q", {"MixerWorkflow"}, {*CHECKS, LLM_ACTIVITY}),
-                ("q-pty", set(), {PTY_ACTIVITY, AGENT_ACTIVITY}),
+                ("q-pty", set(), COMMANDS),
             ],
         ),
         (
@@ -101,7 +113,7 @@ def _registered(worker: Any) -> tuple[str, set[str], set[str]]:
         ),
         (
             {"LLMMIXER_WORKER_ROLES": "pty", "LLMMIXER_PTY_TASK_QUEUE": "q-pty"},
-            [("q-pty", set(), {PTY_ACTIVITY, AGENT_ACTIVITY})],
+            [("q-pty", set(), COMMANDS)],
         ),
     ],
 )
