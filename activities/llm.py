@@ -169,6 +169,7 @@ class LlmActivities:
             truncated=result.truncated,
             continuations=result.continuations,
             unsent_text=unsent,
+            tool_calls=result.tool_calls,
         )
 
     async def _complete(self, call: LlmCall, forward: Callable[[str], None]) -> ProviderResult:

@@ -33,10 +33,10 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from llmmixer.core.providers import provider_names
-from llmmixer.core.tools import CommandTool, McpTool
+from llmmixer.core.tools import TOOL_NAME_PATTERN, CommandTool, McpTool, empty_parameters
 
 LLM_ACTIVITY = "llmmixer.call_llm"
 PTY_ACTIVITY = "llmmixer.run_command"
@@ -107,9 +107,76 @@ class Usage(BaseModel):
         )
 
 
+class ToolCall(BaseModel):
+    """One call the model asked for: the provider's call id, the tool's name, its arguments."""
+
+    id: str
+    name: str
+    arguments: dict[str, Any] = Field(default_factory=dict)
+    # The model's arguments were not a JSON object (``arguments`` is then
+    # empty): the call must not run; send this back as an error result so
+    # the model can try again.
+    error: str | None = None
+    # An opaque token the provider wants back with this call on the next
+    # turn (Gemini's thought signature, base64).
+    signature: str | None = None
+
+
+class ToolDeclaration(BaseModel):
+    """A tool as the model is told about it: name, description, JSON-Schema parameters."""
+
+    name: str = Field(pattern=TOOL_NAME_PATTERN)
+    description: str = ""
+    parameters: dict[str, Any] = Field(default_factory=empty_parameters)
+
+    @field_validator("parameters")
+    @classmethod
+    def _object_schema(cls, value: dict[str, Any]) -> dict[str, Any]:
+        # Every provider takes a tool's arguments as one JSON object.
+        if value.get("type") != "object":
+            raise ValueError(
+                'parameters must be a JSON Schema with "type": "object" '
+                '(e.g. {"type": "object", "properties": {...}})'
+            )
+        properties = value.get("properties", {})
+        if not isinstance(properties, dict):
+            raise ValueError("parameters.properties must be a mapping of argument names to schemas")
+        return value
+
+
 class ChatMessage(BaseModel):
-    role: Literal["user", "assistant"]
+    """One turn of a conversation.
+
+    Plain turns have ``role`` user or assistant and ``content``. A tool loop
+    adds two kinds (defaults keep recorded plain turns as they were): an
+    assistant turn whose ``tool_calls`` the model asked for (``content`` is
+    the text it wrote before them, often empty), and a ``tool`` turn carrying
+    one call's result (``tool_call_id``, ``tool_name``, ``is_error``).
+    Consecutive tool turns answer one assistant turn together.
+    """
+
+    role: Literal["user", "assistant", "tool"]
     content: str
+    tool_calls: list[ToolCall] = Field(default_factory=list)
+    tool_call_id: str | None = None
+    tool_name: str | None = None
+    is_error: bool = False
+
+    @classmethod
+    def tool_request(cls, text: str, calls: list[ToolCall]) -> ChatMessage:
+        """The assistant turn that asked for ``calls`` (an ``LlmReply``'s text and tool_calls)."""
+        return cls(role="assistant", content=text, tool_calls=list(calls))
+
+    @classmethod
+    def tool_result(cls, result: ToolResult) -> ChatMessage:
+        """The turn that answers one ``ToolCall`` with its result."""
+        return cls(
+            role="tool",
+            content=result.content,
+            tool_call_id=result.call_id,
+            tool_name=result.name,
+            is_error=result.is_error,
+        )
 
 
 class PlanTarget(BaseModel):
@@ -178,6 +245,9 @@ class LlmCall(BaseModel):
     # "auto": mark the stable prefix (system prompt, shared context) for the
     # provider's prompt cache; "off": send nothing cache-related.
     cache: Literal["auto", "off"] = "auto"
+    # Tools the model may call this turn; its calls come back in
+    # ``LlmReply.tool_calls`` (the workflow runs them, never the activity).
+    tools: list[ToolDeclaration] = Field(default_factory=list)
 
     def truncation_policy(self) -> Literal["continue", "fail", "accept"]:
         """``on_truncation`` with its default applied."""
@@ -206,6 +276,8 @@ class LlmReply(BaseModel):
     # Streamed text that watchers have not been sent yet; the workflow
     # publishes it as the step's last step_delta.
     unsent_text: str = ""
+    # The tools the model asked to call, in its order; empty for a final answer.
+    tool_calls: list[ToolCall] = Field(default_factory=list)
 
 
 class RespondRule(BaseModel):
@@ -257,14 +329,6 @@ class CommandResult(BaseModel):
     attempt: int = 1
     # Agent steps in a worktree: the changes they made, as a git diff.
     diff: str | None = None
-
-
-class ToolCall(BaseModel):
-    """One call the model asked for: the provider's call id, the tool's name, its arguments."""
-
-    id: str
-    name: str
-    arguments: dict[str, Any] = Field(default_factory=dict)
 
 
 class ToolResult(BaseModel):

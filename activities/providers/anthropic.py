@@ -51,7 +51,7 @@ from llmmixer.activities.providers.structured import (
     json_instruction,
     stable_prefix,
 )
-from llmmixer.core.contracts import LlmCall, Usage
+from llmmixer.core.contracts import ChatMessage, LlmCall, ToolCall, Usage
 from llmmixer.core.provider_options import AnthropicOptions
 from llmmixer.core.providers import provider_spec
 
@@ -118,6 +118,10 @@ class AnthropicAdapter:
         messages: list[MessageParam] = []
         last = len(call.messages) - 1
         for index, m in enumerate(call.messages):
+            if m.tool_calls or m.role == "tool":
+                _append_tool_turn(messages, m)
+                before += len(m.content)
+                continue
             role: Any = "assistant" if m.role == "assistant" else "user"
             content: Any = m.content
             if cached and index == last - 1 and before + len(m.content) >= MIN_CACHED_PREFIX_CHARS:
@@ -144,6 +148,11 @@ class AnthropicAdapter:
             messages=messages,
             system=system_param,
             stop_sequences=list(call.stop) if call.stop else omit,
+            tools=[
+                {"name": t.name, "description": t.description, "input_schema": t.parameters}
+                for t in call.tools
+            ]
+            or omit,
             extra_body=extra or None,
         ) as stream:
             async for event in stream:
@@ -164,7 +173,13 @@ class AnthropicAdapter:
         # still prompt tokens the step consumed, priced at their own rates.
         written = u.cache_creation_input_tokens or 0
         read = u.cache_read_input_tokens or 0
+        tool_calls = [
+            ToolCall(id=block.id, name=block.name, arguments=_arguments(block.input))
+            for block in message.content
+            if block.type == "tool_use"
+        ]
         return ProviderResult(
+            tool_calls=tool_calls,
             text="".join(parts),
             response_model=message.model or None,
             usage=Usage(
@@ -187,3 +202,42 @@ def _last_blocks(text: str) -> str | list[TextBlockParam]:
         {"type": "text", "text": prefix, "cache_control": _BREAKPOINT},
         {"type": "text", "text": text[len(prefix) :]},
     ]
+
+
+def _arguments(value: object) -> dict[str, Any]:
+    # The SDK parses the streamed input JSON; an object is what the API promises.
+    return dict(value) if isinstance(value, dict) else {"input": value}
+
+
+def _append_tool_turn(messages: list[MessageParam], m: ChatMessage) -> None:
+    """A tool loop's turn as content blocks: ``tool_use`` from the model, ``tool_result`` back.
+
+    The results of parallel calls must all be in the one user message that
+    follows the model's turn, so consecutive tool turns share a message.
+    """
+    if m.role == "tool":
+        block: Any = {
+            "type": "tool_result",
+            "tool_use_id": m.tool_call_id or "",
+            "content": m.content,
+        }
+        if m.is_error:
+            block["is_error"] = True
+        previous = messages[-1] if messages else None
+        if (
+            previous is not None
+            and previous["role"] == "user"
+            and isinstance(previous["content"], list)
+            and all(
+                isinstance(b, dict) and b.get("type") == "tool_result" for b in previous["content"]
+            )
+        ):
+            previous["content"].append(block)
+        else:
+            messages.append({"role": "user", "content": [block]})
+        return
+    blocks: list[Any] = [{"type": "text", "text": m.content}] if m.content else []
+    blocks += [
+        {"type": "tool_use", "id": c.id, "name": c.name, "input": c.arguments} for c in m.tool_calls
+    ]
+    messages.append({"role": "assistant", "content": blocks})

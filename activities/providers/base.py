@@ -20,12 +20,13 @@ Error model (every failure an adapter raises is a ``ProviderError``)::
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-from llmmixer.core.contracts import ErrorType, LlmCall, Usage
+from llmmixer.core.contracts import ErrorType, LlmCall, ToolCall, Usage
 
 __all__ = [
     "NO_KEY_PLACEHOLDER",
@@ -36,6 +37,7 @@ __all__ = [
     "ProviderResult",
     "TextCallback",
     "keyless_headers",
+    "parsed_tool_call",
 ]
 
 TextCallback = Callable[[str], None]
@@ -72,6 +74,32 @@ def keyless_headers(variable: str, omit: object) -> dict[str, Any]:
                 f"Bearer {NO_KEY_PLACEHOLDER}" if name.lower() == "authorization" else omit
             )
     return headers
+
+
+def parsed_tool_call(call_id: str, name: str, arguments: str) -> ToolCall:
+    """A tool call whose arguments came as a JSON string (OpenAI's APIs).
+
+    Models do write broken JSON at times; that is the model's mistake, not a
+    failed call, so it becomes the call's ``error`` (sent back to the model
+    as the tool's result) instead of failing the whole turn.
+    """
+    try:
+        value = json.loads(arguments) if arguments.strip() else {}
+    except json.JSONDecodeError as exc:
+        return ToolCall(
+            id=call_id,
+            name=name,
+            error=f"the arguments of tool {name!r} are not valid JSON ({exc.msg} at "
+            f"character {exc.pos}): send them again as one JSON object",
+        )
+    if not isinstance(value, dict):
+        return ToolCall(
+            id=call_id,
+            name=name,
+            error=f"the arguments of tool {name!r} are a JSON {type(value).__name__}, "
+            "not an object: send them again as one JSON object",
+        )
+    return ToolCall(id=call_id, name=name, arguments=value)
 
 
 @dataclass(frozen=True)
@@ -117,6 +145,8 @@ class ProviderResult:
     truncated: bool = False
     #: How many times the activity asked the model to go on (0 from an adapter).
     continuations: int = 0
+    #: The tools the model asked to call, in its order (empty: a final answer).
+    tool_calls: list[ToolCall] = field(default_factory=list)
 
 
 class ProviderError(Exception):

@@ -22,6 +22,7 @@ shared context first hit it.
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Iterable
 from typing import Any
 
@@ -45,7 +46,7 @@ from llmmixer.activities.providers.errors import (
 )
 from llmmixer.activities.providers.options import checked_provider_options
 from llmmixer.activities.providers.structured import enforce_response_format
-from llmmixer.core.contracts import ErrorType, LlmCall, Usage
+from llmmixer.core.contracts import ErrorType, LlmCall, ToolCall, Usage
 from llmmixer.core.provider_options import GeminiOptions, model_name_issue
 from llmmixer.core.providers import provider_spec
 
@@ -130,6 +131,24 @@ class GeminiAdapter:
                 # Plain JSON Schema, as the step gives it (``response_schema``
                 # wants Google's OpenAPI subset instead).
                 fields["response_json_schema"] = call.json_schema
+        if call.tools:
+            fields["tools"] = [
+                types.Tool(
+                    function_declarations=[
+                        types.FunctionDeclaration(
+                            name=t.name,
+                            description=t.description,
+                            # Plain JSON Schema, as for response_json_schema.
+                            parameters_json_schema=t.parameters,
+                        )
+                        for t in call.tools
+                    ]
+                )
+            ]
+            # Calls come back to the workflow; the SDK must never run one itself.
+            fields["automatic_function_calling"] = types.AutomaticFunctionCallingConfig(
+                disable=True
+            )
         if options.safety_settings is not None:
             fields["safety_settings"] = [setting.body() for setting in options.safety_settings]
         try:
@@ -144,17 +163,13 @@ class GeminiAdapter:
     async def _stream(
         self, call: LlmCall, config: types.GenerateContentConfig, on_text: TextCallback
     ) -> ProviderResult:
-        contents = [
-            types.Content(
-                role="model" if m.role == "assistant" else "user",
-                parts=[types.Part(text=m.content)],
-            )
-            for m in call.messages
-        ]
+        contents = _contents(call)
         parts: list[str] = []
         finish_reason: str | None = None
         response_model: str | None = None
         usage = Usage()
+        tool_calls: list[ToolCall] = []
+        turn = sum(1 for m in call.messages if m.role == "assistant")
         stream = await self._client.aio.models.generate_content_stream(
             model=call.model, contents=contents, config=config
         )
@@ -186,6 +201,8 @@ class GeminiAdapter:
                     if part.text and not part.thought:
                         parts.append(part.text)
                         on_text(part.text)
+                    if part.function_call is not None:
+                        tool_calls.append(_tool_call(part, turn, len(tool_calls)))
             if candidate.finish_reason is not None:
                 finish_reason = _enum_text(candidate.finish_reason)
         if finish_reason is None:
@@ -198,4 +215,71 @@ class GeminiAdapter:
             usage=usage,
             finish_reason=finish_reason,
             truncated=finish_reason == "MAX_TOKENS",
+            tool_calls=tool_calls,
         )
+
+
+# Ids for calls the API sent without one (the Gemini API matches a function
+# response to its call by name and order); unique within a conversation.
+_LOCAL_ID_PREFIX = "gemini-call-"
+
+
+def _tool_call(part: types.Part, turn: int, index: int) -> ToolCall:
+    fc = part.function_call
+    assert fc is not None
+    call = ToolCall(
+        id=fc.id or f"{_LOCAL_ID_PREFIX}{turn}-{index}",
+        name=fc.name or "",
+        arguments=dict(fc.args or {}),
+    )
+    if part.thought_signature:
+        # Thinking models want their signature back with the call next turn.
+        call.signature = base64.b64encode(part.thought_signature).decode("ascii")
+    return call
+
+
+def _contents(call: LlmCall) -> list[types.Content]:
+    """The conversation as Gemini contents; a tool loop's turns as function call/response parts.
+
+    The responses to parallel calls go together in the one user content
+    that follows the model's turn.
+    """
+    contents: list[types.Content] = []
+    for m in call.messages:
+        if m.role == "tool":
+            response = types.Part(
+                function_response=types.FunctionResponse(
+                    id=None
+                    if (m.tool_call_id or "").startswith(_LOCAL_ID_PREFIX)
+                    else m.tool_call_id,
+                    name=m.tool_name or "",
+                    response={"error": m.content} if m.is_error else {"output": m.content},
+                )
+            )
+            last = contents[-1] if contents else None
+            if (
+                last is not None
+                and last.role == "user"
+                and last.parts
+                and all(p.function_response is not None for p in last.parts)
+            ):
+                last.parts.append(response)
+            else:
+                contents.append(types.Content(role="user", parts=[response]))
+            continue
+        parts = [types.Part(text=m.content)] if m.content or not m.tool_calls else []
+        for c in m.tool_calls:
+            parts.append(
+                types.Part(
+                    function_call=types.FunctionCall(
+                        id=None if c.id.startswith(_LOCAL_ID_PREFIX) else c.id,
+                        name=c.name,
+                        args=c.arguments,
+                    ),
+                    thought_signature=base64.b64decode(c.signature) if c.signature else None,
+                )
+            )
+        contents.append(
+            types.Content(role="model" if m.role == "assistant" else "user", parts=parts)
+        )
+    return contents

@@ -21,6 +21,7 @@ shared prefix, which routes the siblings' requests to the same cache.
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Iterable
 from typing import Any
 
@@ -35,6 +36,7 @@ from llmmixer.activities.providers.base import (
     ProviderResult,
     TextCallback,
     keyless_headers,
+    parsed_tool_call,
 )
 from llmmixer.activities.providers.errors import (
     cut_stream_error,
@@ -45,7 +47,7 @@ from llmmixer.activities.providers.errors import (
 )
 from llmmixer.activities.providers.options import checked_provider_options
 from llmmixer.activities.providers.structured import enforce_response_format, stable_prefix
-from llmmixer.core.contracts import ErrorType, LlmCall, Usage
+from llmmixer.core.contracts import ErrorType, LlmCall, ToolCall, Usage
 from llmmixer.core.provider_options import OpenAIOptions
 from llmmixer.core.providers import provider_spec
 
@@ -147,7 +149,26 @@ class OpenAIAdapter:
         if call.system:
             messages.append({"role": "system", "content": call.system})
         for m in call.messages:
-            if m.role == "assistant":
+            if m.role == "tool":
+                messages.append(
+                    {"role": "tool", "tool_call_id": m.tool_call_id or "", "content": m.content}
+                )
+            elif m.tool_calls:
+                messages.append(
+                    {
+                        "role": "assistant",
+                        "content": m.content or None,
+                        "tool_calls": [
+                            {
+                                "id": c.id,
+                                "type": "function",
+                                "function": {"name": c.name, "arguments": json.dumps(c.arguments)},
+                            }
+                            for c in m.tool_calls
+                        ],
+                    }
+                )
+            elif m.role == "assistant":
                 messages.append({"role": "assistant", "content": m.content})
             else:
                 messages.append({"role": "user", "content": m.content})
@@ -172,6 +193,18 @@ class OpenAIAdapter:
             top_p=call.top_p if call.top_p is not None else omit,
             stop=list(call.stop) if call.stop else omit,
             response_format=response_format,
+            tools=[
+                {
+                    "type": "function",
+                    "function": {
+                        "name": t.name,
+                        "description": t.description,
+                        "parameters": t.parameters,
+                    },
+                }
+                for t in call.tools
+            ]
+            or omit,
             prompt_cache_key=self._cache_key(call),
             extra_body=options.body() or None,
         )
@@ -180,6 +213,9 @@ class OpenAIAdapter:
         finish_reason: str | None = None
         usage = Usage()
         response_model: str | None = None
+        # Streamed tool calls: the first delta of each (by index) has its id
+        # and name, the following ones pieces of its arguments.
+        calls: dict[int, list[str]] = {}
         async with stream:
             async for chunk in stream:
                 response_model = chunk.model or response_model
@@ -202,6 +238,12 @@ class OpenAIAdapter:
                         on_text(delta)
                     if choice.delta is not None and choice.delta.refusal:
                         refusal.append(choice.delta.refusal)
+                    for piece in (choice.delta.tool_calls if choice.delta else None) or []:
+                        entry = calls.setdefault(piece.index, ["", "", ""])
+                        entry[0] = piece.id or entry[0]
+                        if piece.function is not None:
+                            entry[1] += piece.function.name or ""
+                            entry[2] += piece.function.arguments or ""
                     if choice.finish_reason:
                         finish_reason = choice.finish_reason
         if finish_reason is None:
@@ -216,6 +258,7 @@ class OpenAIAdapter:
             usage=usage,
             finish_reason=finish_reason,
             truncated=finish_reason in _TRUNCATED,
+            tool_calls=[parsed_tool_call(*calls[index]) for index in sorted(calls)],
         )
 
     # --- Responses ---------------------------------------------------------------------
@@ -229,10 +272,30 @@ class OpenAIAdapter:
                 "the OpenAI Responses API has no stop sequences: remove `stop` from the step "
                 "or use `api: chat`",
             )
-        items: ResponseInputParam = [
-            {"role": "assistant" if m.role == "assistant" else "user", "content": m.content}
-            for m in call.messages
-        ]
+        items: ResponseInputParam = []
+        for m in call.messages:
+            if m.role == "tool":
+                items.append(
+                    {
+                        "type": "function_call_output",
+                        "call_id": m.tool_call_id or "",
+                        "output": m.content,
+                    }
+                )
+                continue
+            if m.content or not m.tool_calls:
+                items.append(
+                    {"role": "assistant" if m.role == "assistant" else "user", "content": m.content}
+                )
+            items.extend(
+                {
+                    "type": "function_call",
+                    "call_id": c.id,
+                    "name": c.name,
+                    "arguments": json.dumps(c.arguments),
+                }
+                for c in m.tool_calls
+            )
         text_config: Any = omit
         if call.response_format == "json":
             if call.json_schema is not None:
@@ -252,6 +315,18 @@ class OpenAIAdapter:
             temperature=call.temperature if call.temperature is not None else omit,
             top_p=call.top_p if call.top_p is not None else omit,
             text=text_config,
+            tools=[
+                {
+                    "type": "function",
+                    "name": t.name,
+                    "description": t.description,
+                    "parameters": t.parameters,
+                    # Strict mode would demand every property be required.
+                    "strict": False,
+                }
+                for t in call.tools
+            ]
+            or omit,
             prompt_cache_key=self._cache_key(call),
             extra_body=options.body() or None,
         )
@@ -260,6 +335,7 @@ class OpenAIAdapter:
         finish_reason: str | None = None
         usage = Usage()
         response_model: str | None = None
+        tool_calls: list[ToolCall] = []
         async with stream:
             async for event in stream:
                 if event.type == "response.output_text.delta":
@@ -268,6 +344,10 @@ class OpenAIAdapter:
                         on_text(event.delta)
                 elif event.type == "response.refusal.delta":
                     refusal.append(event.delta)
+                elif event.type == "response.output_item.done":
+                    if event.item.type == "function_call":
+                        item = event.item
+                        tool_calls.append(parsed_tool_call(item.call_id, item.name, item.arguments))
                 elif event.type in ("response.completed", "response.incomplete"):
                     response = event.response
                     response_model = response.model or response_model
@@ -306,4 +386,5 @@ class OpenAIAdapter:
             usage=usage,
             finish_reason=finish_reason,
             truncated=finish_reason in _TRUNCATED,
+            tool_calls=tool_calls,
         )

@@ -89,7 +89,9 @@ def validate_json_reply(text: str, schema: dict[str, Any] | None = None) -> str:
 
 def enforce_response_format(call: LlmCall, result: ProviderResult) -> ProviderResult:
     """Validate ``result`` against ``call.response_format``; every adapter ends with this."""
-    if call.response_format != "json":
+    if call.response_format != "json" or result.tool_calls:
+        # A turn that calls tools is not the answer yet: the format applies
+        # to the final one.
         return result
     text = validate_json_reply(result.text, call.json_schema)
     return dataclasses.replace(result, text=text)

@@ -64,6 +64,7 @@ __all__ = [
     "RawRequest",
     "RecordedCall",
     "Reply",
+    "ToolUse",
     "fake_tokens",
     "rate_limit_headers",
 ]
@@ -101,6 +102,32 @@ _ANTHROPIC_ERROR = {
     429: "rate_limit_error",
     529: "overloaded_error",
 }
+
+
+@dataclass(frozen=True)
+class ToolUse:
+    """One tool call a scripted reply makes, sent in the API's own shape.
+
+    ``arguments`` as a mapping is sent as JSON; as a string it is sent as it
+    is (Anthropic and Gemini need an object; OpenAI's APIs carry a string, so
+    a broken one can be scripted). ``id``: the call id (by default one in the
+    provider's style; Gemini sends none unless given).
+    """
+
+    name: str
+    arguments: Mapping[str, Any] | str = field(default_factory=dict)
+    id: str | None = None
+
+    def json_arguments(self) -> str:
+        if isinstance(self.arguments, str):
+            return self.arguments
+        return json.dumps(dict(self.arguments))
+
+    def object_arguments(self) -> dict[str, Any]:
+        if isinstance(self.arguments, str):
+            value = json.loads(self.arguments)
+            return value if isinstance(value, dict) else {}
+        return dict(self.arguments)
 
 
 @dataclass
@@ -160,6 +187,9 @@ class Reply:
     cached_tokens: int = 0
     cache_write_tokens: int = 0
     reasoning_tokens: int = 0
+    #: Tool calls after the text (parallel when several), each streamed in
+    #: its API's shape; the finish reason is then the API's tool-call one.
+    tool_calls: list[ToolUse] | None = None
 
 
 def fake_tokens(text: str) -> int:
@@ -697,6 +727,12 @@ class _Builder:
         self.reply, self.body = reply, body
         self.created = int(time.time())
 
+    def tool_uses(self, prefix: str) -> list[tuple[str, ToolUse]]:
+        """The scripted tool calls with their ids (``prefix`` + index unless scripted)."""
+        return [
+            (use.id or f"{prefix}{i}", use) for i, use in enumerate(self.reply.tool_calls or [])
+        ]
+
     def error_event(self, kind: str) -> bytes:
         """An error inside a stream that began with 200, in this API's own shape."""
         message = f"fake {kind} in the middle of the stream"
@@ -788,8 +824,23 @@ class _Builder:
         ]
         if self.reply.refusal is not None:
             content = [chunk([{"index": 0, "delta": {"refusal": self.reply.refusal}}])]
-        finish = self.reply.finish_reason or "stop"
-        tail = [chunk([{"index": 0, "delta": {}, "finish_reason": finish}])]
+        tail = []
+        for i, (call_id, use) in enumerate(self.tool_uses("call_fake_")):
+            start = {
+                "index": i,
+                "id": call_id,
+                "type": "function",
+                "function": {"name": use.name, "arguments": ""},
+            }
+            tail.append(chunk([{"index": 0, "delta": {"tool_calls": [start]}}]))
+            arguments = use.json_arguments()
+            half = len(arguments) // 2
+            for piece in (arguments[:half], arguments[half:]):
+                more = {"index": i, "function": {"arguments": piece}}
+                tail.append(chunk([{"index": 0, "delta": {"tool_calls": [more]}}]))
+        default = "tool_calls" if self.reply.tool_calls else "stop"
+        finish = self.reply.finish_reason or default
+        tail.append(chunk([{"index": 0, "delta": {}, "finish_reason": finish}]))
         options = self.body.get("stream_options") or {}
         if options.get("include_usage"):
             tail.append(chunk([], self._chat_usage()))
@@ -817,7 +868,11 @@ class _Builder:
                     "status": "completed",
                     "role": "assistant",
                     "content": [{"type": "output_text", "text": self.text, "annotations": []}],
-                }
+                },
+                *(
+                    self._function_call_item(call_id, use)
+                    for call_id, use in self.tool_uses("call_fake_")
+                ),
             ]
             obj["usage"] = {
                 "input_tokens": inp,
@@ -829,6 +884,16 @@ class _Builder:
         if status == "incomplete":
             obj["incomplete_details"] = {"reason": self.reply.finish_reason}
         return obj
+
+    def _function_call_item(self, call_id: str, use: ToolUse) -> dict[str, Any]:
+        return {
+            "type": "function_call",
+            "id": f"fc_{call_id}",
+            "call_id": call_id,
+            "name": use.name,
+            "arguments": use.json_arguments(),
+            "status": "completed",
+        }
 
     # OpenAI Responses: typed events with a sequence number.
     def _responses_events(self) -> tuple[list[bytes], list[bytes], list[bytes]]:
@@ -900,9 +965,32 @@ class _Builder:
                 content_index=0,
                 text=self.text,
                 logprobs=[],
-            ),
-            ev(terminal, response=self._response_object("incomplete" if finish else "completed")),
+            )
         ]
+        for index, (call_id, use) in enumerate(self.tool_uses("call_fake_"), start=1):
+            done = self._function_call_item(call_id, use)
+            started = {**done, "arguments": "", "status": "in_progress"}
+            arguments = use.json_arguments()
+            tail += [
+                ev("response.output_item.added", output_index=index, item=started),
+                ev(
+                    "response.function_call_arguments.delta",
+                    item_id=done["id"],
+                    output_index=index,
+                    delta=arguments,
+                ),
+                ev(
+                    "response.function_call_arguments.done",
+                    item_id=done["id"],
+                    output_index=index,
+                    name=use.name,
+                    arguments=arguments,
+                ),
+                ev("response.output_item.done", output_index=index, item=done),
+            ]
+        tail.append(
+            ev(terminal, response=self._response_object("incomplete" if finish else "completed"))
+        )
         return head, content, tail
 
     # Anthropic Messages: named events from message_start to message_stop.
@@ -951,12 +1039,22 @@ class _Builder:
             ev("content_block_delta", index=text_index, delta={"type": "text_delta", "text": c})
             for c in self.chunks
         ]
-        tail = [
-            ev("content_block_stop", index=text_index),
+        tail = [ev("content_block_stop", index=text_index)]
+        for index, (call_id, use) in enumerate(self.tool_uses("toolu_fake_"), start=text_index + 1):
+            block = {"type": "tool_use", "id": call_id, "name": use.name, "input": {}}
+            tail.append(ev("content_block_start", index=index, content_block=block))
+            arguments = use.json_arguments()
+            half = len(arguments) // 2
+            for piece in (arguments[:half], arguments[half:]):
+                delta = {"type": "input_json_delta", "partial_json": piece}
+                tail.append(ev("content_block_delta", index=index, delta=delta))
+            tail.append(ev("content_block_stop", index=index))
+        default = "tool_use" if self.reply.tool_calls else "end_turn"
+        tail += [
             ev(
                 "message_delta",
                 delta={
-                    "stop_reason": self.reply.finish_reason or "end_turn",
+                    "stop_reason": self.reply.finish_reason or default,
                     "stop_sequence": None,
                 },
                 usage={"output_tokens": out},
@@ -1004,7 +1102,22 @@ class _Builder:
             chunk["candidates"][0]["content"]["parts"][0]["thought"] = True
             head.append(_sse(chunk, crlf=True))
         content = [_sse(self._gemini_chunk(c, finish=False), crlf=True) for c in self.chunks]
-        tail = [_sse(self._gemini_chunk("", finish=True), crlf=True)]
+        tail = []
+        if self.reply.tool_calls:
+            # Parallel calls arrive together, as parts of one chunk.
+            chunk = self._gemini_chunk("", finish=False)
+            chunk["candidates"][0]["content"]["parts"] = [
+                {
+                    "functionCall": {
+                        "name": use.name,
+                        "args": use.object_arguments(),
+                        **({"id": use.id} if use.id else {}),
+                    }
+                }
+                for use in self.reply.tool_calls
+            ]
+            tail.append(_sse(chunk, crlf=True))
+        tail.append(_sse(self._gemini_chunk("", finish=True), crlf=True))
         return head, content, tail
 
 
