@@ -8,6 +8,7 @@ tool results exactly as the provider would see them.
 
 from __future__ import annotations
 
+import base64
 import json
 from typing import Any
 
@@ -228,6 +229,40 @@ async def test_json_format_applies_to_the_final_answer_not_the_tool_turn(
     call = first_turn(provider, api, model).model_copy(update={"response_format": "json"})
     reply = await run(provider_settings, call)
     assert [c.name for c in reply.tool_calls] == ["weather"]
+
+
+async def test_gemini_gets_its_thought_signature_and_call_id_back(
+    provider_server: FakeProviderServer, provider_settings: ProviderSettings
+) -> None:
+    signature = base64.b64encode(b"opaque-thinking-state").decode()
+    provider_server.script(
+        "gemini",
+        Reply(
+            text="",
+            chunks=[],
+            tool_calls=[ToolUse("weather", {"city": "Oslo"}, id="fc-7", signature=signature)],
+        ),
+        Reply(text="sunny"),
+    )
+    call = first_turn("gemini", "chat", "gemini-2.5-flash")
+    turn1 = await run(provider_settings, call)
+    [weather] = turn1.tool_calls
+    assert (weather.id, weather.signature) == ("fc-7", signature)
+    follow = call.model_copy(
+        update={
+            "messages": [
+                *call.messages,
+                ChatMessage.tool_request(turn1.text, turn1.tool_calls),
+                ChatMessage.tool_result(ToolResult(call_id="fc-7", name="weather", content="ok")),
+            ]
+        }
+    )
+    assert (await run(provider_settings, follow)).text == "sunny"
+    model_turn, answer = provider_server.calls[1].body["contents"][-2:]
+    [part] = model_turn["parts"]  # no empty text part before the call
+    assert part["functionCall"]["id"] == "fc-7"
+    assert part.get("thoughtSignature", part.get("thought_signature")) == signature
+    assert answer["parts"][0]["functionResponse"]["id"] == "fc-7"
 
 
 @pytest.mark.parametrize("api", ["chat", "responses"])

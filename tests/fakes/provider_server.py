@@ -111,12 +111,15 @@ class ToolUse:
     ``arguments`` as a mapping is sent as JSON; as a string it is sent as it
     is (Anthropic and Gemini need an object; OpenAI's APIs carry a string, so
     a broken one can be scripted). ``id``: the call id (by default one in the
-    provider's style; Gemini sends none unless given).
+    provider's style; Gemini sends none unless given). ``signature``: Gemini's
+    ``thoughtSignature`` (base64) on the call's part, which a thinking model
+    wants back with the call on the next turn.
     """
 
     name: str
     arguments: Mapping[str, Any] | str = field(default_factory=dict)
     id: str | None = None
+    signature: str | None = None
 
     def json_arguments(self) -> str:
         if isinstance(self.arguments, str):
@@ -1112,7 +1115,8 @@ class _Builder:
                         "name": use.name,
                         "args": use.object_arguments(),
                         **({"id": use.id} if use.id else {}),
-                    }
+                    },
+                    **({"thoughtSignature": use.signature} if use.signature else {}),
                 }
                 for use in self.reply.tool_calls
             ]
