@@ -193,8 +193,21 @@ def _spec_text(text: str) -> str:
     return text if text.endswith("\n") else text + "\n"
 
 
-def _links(workflow_id: str) -> tuple[str, str]:
-    return f"/workflows/{workflow_id}", f"/workflows/{workflow_id}/events"
+def _started(handle: MixerHandle) -> Started:
+    """What POST /workflows and a rerun answer: the new run and where to follow it."""
+    return Started(
+        workflow_id=handle.id,
+        run_id=handle.temporal.result_run_id,
+        progress_url=f"/workflows/{handle.id}",
+        events_url=f"/workflows/{handle.id}/events",
+    )
+
+
+def _refuse_taken_id(workflow_id: str | None) -> HTTPException:
+    return HTTPException(
+        status_code=409,
+        detail=f"a run with id {workflow_id!r} already exists: choose another workflow_id",
+    )
 
 
 api = APIRouter(dependencies=[Depends(require_token)], responses=ERROR_RESPONSES)
@@ -227,17 +240,8 @@ async def start_run(body: StartRequest, request: Request) -> Started:
             status_code=422, detail=[str(issue) for issue in error.issues]
         ) from None
     except WorkflowAlreadyStartedError:
-        raise HTTPException(
-            status_code=409,
-            detail=f"a run with id {body.workflow_id!r} already exists: choose another workflow_id",
-        ) from None
-    progress_url, events_url = _links(handle.id)
-    return Started(
-        workflow_id=handle.id,
-        run_id=handle.temporal.result_run_id,
-        progress_url=progress_url,
-        events_url=events_url,
-    )
+        raise _refuse_taken_id(body.workflow_id) from None
+    return _started(handle)
 
 
 @api.get(
@@ -351,17 +355,8 @@ async def rerun(
     except RerunError as error:
         raise HTTPException(status_code=422, detail=str(error)) from None
     except WorkflowAlreadyStartedError:
-        raise HTTPException(
-            status_code=409,
-            detail=f"a run with id {body.workflow_id!r} already exists: choose another workflow_id",
-        ) from None
-    progress_url, events_url = _links(started.id)
-    return Started(
-        workflow_id=started.id,
-        run_id=started.temporal.result_run_id,
-        progress_url=progress_url,
-        events_url=events_url,
-    )
+        raise _refuse_taken_id(body.workflow_id) from None
+    return _started(started)
 
 
 @api.get("/workflows/{workflow_id}", response_model=RunProgress)
