@@ -77,6 +77,7 @@ from llmmixer.core.contracts import (
     PlanCheck,
     PlanCheckResult,
     SpecCheckResult,
+    Usage,
 )
 from llmmixer.core.search import SEARCH_ATTRIBUTES_ACTIVITY
 from llmmixer.core.validation import SpecError, validate_spec
@@ -1005,8 +1006,8 @@ def _step_document(item: _Step) -> dict[str, Any]:
     answered = [a for a in activities if a.reply is not None]
     last = activities[-1] if activities else None
     final = answered[-1] if answered else last
-    usage_in = sum(a.reply.usage.input_tokens for a in answered if a.reply)
-    usage_out = sum(a.reply.usage.output_tokens for a in answered if a.reply)
+    # Every field of Usage (cache and reasoning tokens included), as the step record has it.
+    usage = sum((a.reply.usage for a in answered if a.reply), Usage())
     cost: float | None = 0.0
     for activity in answered:
         assert activity.reply is not None
@@ -1023,7 +1024,7 @@ def _step_document(item: _Step) -> dict[str, Any]:
         "prompt": None,
         "output": item.output,
         "overridden": item.overridden,
-        "usage": {"input_tokens": usage_in, "output_tokens": usage_out},
+        "usage": usage.model_dump(),
         "cost_usd": cost,
         "attempts": [entry for activity in activities for entry in _attempts(activity)],
         "interventions": item.interventions,

@@ -25,6 +25,7 @@ from temporalio.client import Client
 
 from llmmixer.client.audit import audit_from_client, audit_history, load_history, render_markdown
 from llmmixer.client.mixer import InterventionRefused, MixerClient, MixerHandle
+from llmmixer.core.contracts import Usage
 from llmmixer.runtime.connection import data_converter
 from llmmixer.workflows.records import RunProgress, RunStatus, StepStatus
 
@@ -124,7 +125,7 @@ async def test_audit_matches_what_happened(
     assert plan["parameters"]["max_tokens"] == 256
     assert plan["parameters"]["temperature"] == 0.5
     assert plan["output"] == "the plan"
-    assert plan["usage"] == {"input_tokens": 12, "output_tokens": 4}
+    assert plan["usage"] == Usage(input_tokens=12, output_tokens=4).model_dump()
     assert plan["cost_usd"] == pytest.approx(result.steps["plan"].cost_usd)
     attempts = plan["attempts"]
     assert [a["attempt"] for a in attempts] == [1, 2, 3]
