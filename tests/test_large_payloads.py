@@ -28,6 +28,7 @@ from temporalio.converter import DataConverter
 
 from llmmixer.client.audit import audit_from_client
 from llmmixer.client.mixer import MixerClient
+from llmmixer.core.contracts import Usage
 from llmmixer.runtime.codec_server import serve_codec
 from llmmixer.runtime.settings import SettingsError
 from llmmixer.runtime.storage import (
@@ -151,7 +152,10 @@ async def test_five_megabyte_output_round_trips_through_the_payload_store(
     audit = await audit_from_client(mixer.temporal, workflow_id)
     assert audit["steps"]["big"]["output"] == big
     assert audit["steps"]["echo"]["prompt"] == "Summarise:\n" + big
-    assert audit["steps"]["big"]["usage"] == {"input_tokens": 3, "output_tokens": 1_300_000}
+    assert (
+        audit["steps"]["big"]["usage"]
+        == Usage(input_tokens=3, output_tokens=1_300_000).model_dump()
+    )
 
     # History itself holds references only: no payload reaches the threshold.
     history = await mixer.temporal.get_workflow_handle(workflow_id).fetch_history()
