@@ -19,10 +19,11 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
+import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
@@ -34,6 +35,13 @@ from llmmixer.activities.providers.base import ProviderError, ProviderResult
 from llmmixer.activities.providers.breaker import BreakerBoard
 from llmmixer.activities.providers.options import check_provider_options
 from llmmixer.activities.providers.pool import ProviderPool
+from llmmixer.activities.providers.ratelimit import (
+    DEFAULT_OUTPUT_RESERVE,
+    RateKey,
+    RateLimiter,
+    RateLimitWait,
+    estimate_input_tokens,
+)
 from llmmixer.activities.providers.settings import ProviderSettings
 from llmmixer.activities.providers.structured import enforce_response_format, stable_prefix
 from llmmixer.activities.telemetry import observe_llm_call
@@ -80,6 +88,7 @@ class LlmActivities:
         breakers: BreakerBoard | None = None,
         prices: PriceTable | None = None,
         settings: LlmSettings | None = None,
+        rate_limiter: RateLimiter | None = None,
     ) -> None:
         self._providers = providers
         # `is None`, not `or`: an empty pool is falsy (it has a length).
@@ -91,6 +100,9 @@ class LlmActivities:
             name: asyncio.Semaphore(limit) for name, limit in self._settings.max_concurrent.items()
         }
         self._cache_gate = _CacheGate()
+        self._rate_limiter = (
+            RateLimiter(providers.rate_limits) if rate_limiter is None else rate_limiter
+        )
 
     def warm_up(self) -> None:
         """Build each provider's default client now, before the worker polls.
@@ -231,11 +243,48 @@ class LlmActivities:
         warming = self._cache_gate.enter(_cache_prefix_key(call))
         try:
             await warming.wait_turn()
-            return await self._breakers.call(call.provider, call.model, attempt)
+            if config.keyless:
+                # A step's own server is not the worker's account with the provider.
+                return await self._breakers.call(call.provider, call.model, attempt)
+            return await self._limited(call, progress, attempt)
         finally:
             warming.leave()
             keep_alive.cancel()
             await asyncio.gather(keep_alive, return_exceptions=True)
+
+    async def _limited(
+        self,
+        call: LlmCall,
+        progress: _Progress,
+        attempt: Callable[[], Awaitable[ProviderResult]],
+    ) -> ProviderResult:
+        """The call once this worker's rate limits let it go (waiting is heartbeated)."""
+        key = RateKey(call.provider, call.model)
+
+        def waiting(wait_s: float, source: str) -> None:
+            progress.waiting_for = f"rate limit ({source}), {wait_s:.1f}s"
+
+        try:
+            reservation = await self._rate_limiter.acquire(
+                key,
+                input_tokens=estimate_input_tokens(call),
+                output_tokens=call.max_tokens or DEFAULT_OUTPUT_RESERVE,
+                max_wait_s=_rate_limit_wait_budget_s(),
+                on_wait=waiting,
+            )
+        except RateLimitWait as wait:
+            raise ProviderError(
+                ErrorType.RETRYABLE, str(wait), retry_after_s=math.ceil(wait.wait_s)
+            ) from None
+        progress.waiting_for = "first token"
+        used: int | None = None
+        try:
+            with self._rate_limiter.reporting(key):
+                result = await self._breakers.call(call.provider, call.model, attempt)
+            used = result.usage.input_tokens + result.usage.output_tokens
+            return result
+        finally:
+            self._rate_limiter.settle(reservation, used)
 
     def _application_error(
         self, call: LlmCall, error: ProviderError, attempt: int
@@ -267,6 +316,20 @@ class LlmActivities:
                 timedelta(seconds=error.retry_after_s) if error.retry_after_s else None
             ),
         )
+
+
+def _rate_limit_wait_budget_s() -> float:
+    """How long a call may wait for its rate limit: half of its attempt's time left.
+
+    A longer wait would leave the call itself too little of its start-to-close
+    timeout; the attempt fails retryable instead, to be retried after the wait.
+    """
+    info = activity.info()
+    if info.start_to_close_timeout is None:
+        return math.inf
+    deadline = info.started_time + info.start_to_close_timeout
+    left = (deadline - datetime.now(UTC)).total_seconds()
+    return max(0.0, left / 2)
 
 
 def _truncated_error(call: LlmCall, result: ProviderResult, continuations: int) -> ProviderError:
@@ -380,12 +443,14 @@ async def _keep_alive_until_first_token(progress: _Progress) -> None:
         await asyncio.sleep(every_s)
         if progress.chars:
             return
-        activity.heartbeat({"chars": 0, "waiting_for": "first token"})
+        activity.heartbeat({"chars": 0, "waiting_for": progress.waiting_for})
 
 
 class _Progress:
     def __init__(self) -> None:
         self.chars = 0
+        #: What a heartbeat before the first token says the call waits for.
+        self.waiting_for = "first token"
         self._tail = ""
         # The first heartbeat is due a second into the stream, not at once.
         self._last = time.monotonic()

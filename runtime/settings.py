@@ -53,6 +53,8 @@ __all__ = [
     "PayloadEnv",
     "PerProvider",
     "ProviderEnv",
+    "RateLimitRule",
+    "RateLimits",
     "ServeEnv",
     "SettingProblem",
     "Settings",
@@ -381,6 +383,65 @@ class Token(Kind[str]):
         return text
 
 
+@dataclass(frozen=True)
+class RateLimitRule:
+    """One entry of ``LLMMIXER_RATE_LIMITS``: a per-minute budget for one provider's model.
+
+    ``model`` ``*`` gives each model of the provider a budget of that size
+    (providers count per model); an entry naming the model wins over it.
+    """
+
+    provider: str
+    model: str = "*"
+    requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None
+
+    def __str__(self) -> str:
+        limits = [f"{self.requests_per_minute}rpm"] if self.requests_per_minute else []
+        limits += [f"{self.tokens_per_minute}tpm"] if self.tokens_per_minute else []
+        return f"{self.provider}:{self.model}={'/'.join(limits)}"
+
+
+_RATE_ENTRY = re.compile(r"(?P<provider>[a-z0-9_-]+)(?::(?P<model>[^=\s]+))?=(?P<limits>\S+)")
+_RATE_LIMIT = re.compile(r"(?P<count>[0-9]+)(?P<unit>rpm|tpm)")
+
+
+class RateLimits(Kind[tuple[RateLimitRule, ...]]):
+    what = "a comma list of provider:model=<n>rpm/<n>tpm entries"
+
+    def parse(self, text: str) -> tuple[RateLimitRule, ...]:
+        known = [spec.name for spec in PROVIDER_SPECS]
+        rules: dict[tuple[str, str], RateLimitRule] = {}
+        for part in (part.strip() for part in text.split(",")):
+            if not part:
+                continue
+            entry = _RATE_ENTRY.fullmatch(part)
+            if entry is None:
+                raise ValueError(f"{part!r} is not provider:model=<limits>")
+            provider, model = entry["provider"], entry["model"] or "*"
+            if provider not in known:
+                raise ValueError(
+                    f"{part!r} names provider {provider!r}; use one of {', '.join(known)}"
+                )
+            per_minute: dict[str, int] = {}
+            for limit in entry["limits"].lower().split("/"):
+                found = _RATE_LIMIT.fullmatch(limit)
+                if found is None or int(found["count"]) < 1:
+                    raise ValueError(
+                        f"{part!r} has limit {limit!r}; write a whole number above 0 followed by "
+                        "rpm (requests per minute) or tpm (tokens per minute)"
+                    )
+                if found["unit"] in per_minute:
+                    raise ValueError(f"{part!r} gives {found['unit']} twice")
+                per_minute[found["unit"]] = int(found["count"])
+            if (provider, model) in rules:
+                raise ValueError(f"{provider}:{model} is listed twice")
+            rules[(provider, model)] = RateLimitRule(
+                provider, model, per_minute.get("rpm"), per_minute.get("tpm")
+            )
+        return tuple(rules.values())
+
+
 # ---- declarations ------------------------------------------------------------------
 
 _TOKEN_EXAMPLE = '$(python3 -c "import secrets; print(secrets.token_urlsafe(32))")'
@@ -651,6 +712,18 @@ class ProviderEnv(_Group):
             "unlimited",
         ),
     ] = {}
+    rate_limits: Annotated[
+        tuple[RateLimitRule, ...],
+        Env(
+            "LLMMIXER_RATE_LIMITS",
+            RateLimits(),
+            "requests and tokens per minute this worker sends each provider's model, waited "
+            "for before the call (`provider:model=<n>rpm/<n>tpm`, comma list; `model` `*` "
+            "gives each model of the provider its own budget); see the README's Rate limits",
+            "anthropic:claude-sonnet-4-5=50rpm/40000tpm,openai:*=500rpm",
+            default_text="none: only the providers' rate-limit headers slow calls down",
+        ),
+    ] = ()
     breaker_failure_ratio: Annotated[
         float,
         Env(

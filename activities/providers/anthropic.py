@@ -27,7 +27,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from anthropic import AsyncAnthropic, omit
+from anthropic import AsyncAnthropic, DefaultAsyncHttpxClient, omit
 from anthropic.types import MessageParam, TextBlockParam
 
 from llmmixer.activities.providers.base import (
@@ -45,6 +45,7 @@ from llmmixer.activities.providers.errors import (
     refusal_error,
 )
 from llmmixer.activities.providers.options import checked_provider_options
+from llmmixer.activities.providers.ratelimit import http_event_hooks
 from llmmixer.activities.providers.structured import (
     MIN_CACHED_PREFIX_CHARS,
     enforce_response_format,
@@ -85,6 +86,8 @@ class AnthropicAdapter:
             base_url=config.base_url or provider_spec(self.provider).default_base_url,
             timeout=config.timeout_s,
             max_retries=0,
+            # The responses' rate-limit headers pace this worker's next calls.
+            http_client=DefaultAsyncHttpxClient(event_hooks=http_event_hooks()),
             default_headers=keyless_headers("ANTHROPIC_CUSTOM_HEADERS", omit)
             if config.keyless
             else None,

@@ -25,7 +25,7 @@ import json
 from collections.abc import Iterable
 from typing import Any
 
-from openai import AsyncOpenAI, omit
+from openai import AsyncOpenAI, DefaultAsyncHttpxClient, omit
 from openai.types.chat import ChatCompletionMessageParam
 from openai.types.responses import ResponseInputParam
 
@@ -46,6 +46,7 @@ from llmmixer.activities.providers.errors import (
     stream_reported_error,
 )
 from llmmixer.activities.providers.options import checked_provider_options
+from llmmixer.activities.providers.ratelimit import http_event_hooks
 from llmmixer.activities.providers.structured import enforce_response_format, stable_prefix
 from llmmixer.core.contracts import ErrorType, LlmCall, ToolCall, Usage
 from llmmixer.core.provider_options import OpenAIOptions
@@ -101,6 +102,8 @@ class OpenAIAdapter:
             base_url=config.base_url or default_url,
             timeout=config.timeout_s,
             max_retries=0,
+            # The responses' rate-limit headers pace this worker's next calls.
+            http_client=DefaultAsyncHttpxClient(event_hooks=http_event_hooks()),
             default_headers=keyless_headers("OPENAI_CUSTOM_HEADERS", omit)
             if config.keyless
             else None,

@@ -4,7 +4,8 @@ Only these variables are read: each provider's key and endpoint variables as
 the provider registry declares them (``ANTHROPIC_API_KEY``,
 ``ANTHROPIC_BASE_URL``, ``OPENAI_API_KEY``, ``OPENAI_BASE_URL``,
 ``GEMINI_API_KEY`` (or ``GOOGLE_API_KEY`` when it is unset),
-``GOOGLE_GEMINI_BASE_URL``), and ``LLMMIXER_ALLOWED_BASE_URLS``. The mapping
+``GOOGLE_GEMINI_BASE_URL``), ``LLMMIXER_ALLOWED_BASE_URLS`` and
+``LLMMIXER_RATE_LIMITS``. The mapping
 is passed in rather than read from ``os.environ`` here so tests and
 ``llmmixer doctor`` can inspect any environment without touching the
 process's own.
@@ -32,7 +33,7 @@ from llmmixer.core.endpoints import Endpoint as _Endpoint
 from llmmixer.core.endpoints import display_url as _display_url
 from llmmixer.core.endpoints import parse_endpoint as _endpoint
 from llmmixer.core.providers import PROVIDER_SPECS, provider_spec
-from llmmixer.runtime.settings import ProviderEnv
+from llmmixer.runtime.settings import ProviderEnv, RateLimitRule
 
 __all__ = [
     "ALLOWED_BASE_URLS_VARIABLE",
@@ -103,6 +104,8 @@ class ProviderSettings:
     #: Other servers a step's ``base_url`` may name (``LLMMIXER_ALLOWED_BASE_URLS``),
     #: normalised; they are called without any key. ``llmmixer doctor`` shows them.
     allowed_base_urls: tuple[str, ...] = ()
+    #: Requests and tokens per minute per provider/model (``LLMMIXER_RATE_LIMITS``).
+    rate_limits: tuple[RateLimitRule, ...] = ()
 
     def __post_init__(self) -> None:
         # Constructed directly (tests, embedders) the list is held to the same rules.
@@ -133,7 +136,10 @@ class ProviderSettings:
                 base_url=_value(environ, spec.base_url_variable),
                 key_variable=variable,
             )
-        return cls(access=access, allowed_base_urls=ProviderEnv.from_env(environ).allowed_base_urls)
+        env = ProviderEnv.from_env(environ)
+        return cls(
+            access=access, allowed_base_urls=env.allowed_base_urls, rate_limits=env.rate_limits
+        )
 
     def access_for(self, provider: str) -> ProviderAccess:
         """``provider``'s key and endpoint; ``ValueError`` for a name the registry lacks."""

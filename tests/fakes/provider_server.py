@@ -54,6 +54,7 @@ import threading
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -205,7 +206,9 @@ def rate_limit_headers(
 ) -> dict[str, str]:
     """The rate-limit headers ``provider`` sends with every reply, in its own names."""
     if provider == "anthropic":
-        reset = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + reset_s))
+        # RFC 3339 with milliseconds, so a reset a second away is one second away.
+        at = datetime.fromtimestamp(time.time() + reset_s, UTC)
+        reset = at.isoformat(timespec="milliseconds").replace("+00:00", "Z")
         return {
             "anthropic-ratelimit-requests-limit": "1000",
             "anthropic-ratelimit-requests-remaining": str(requests_left),
