@@ -9,15 +9,20 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
+import shlex
+import subprocess
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import temporal_binary
 from fakes.provider_fixtures import FakeProviderServer, Reply, llm_call
 from fakes.provider_server import rate_limit_headers
 from temporalio.exceptions import ApplicationError
-from temporalio.testing import ActivityEnvironment
+from temporalio.testing import ActivityEnvironment, WorkflowEnvironment
 
 from llmmixer.activities.llm import LlmActivities, LlmSettings
 from llmmixer.activities.pricing import PriceTable
@@ -269,3 +274,47 @@ def test_rate_limits_parse_per_model_with_a_star_fallback() -> None:
     assert ProviderSettings.from_env({"LLMMIXER_RATE_LIMITS": "openai:*=500rpm"}).rate_limits == (
         RateLimitRule("openai", "*", 500, None),
     )
+
+
+def _readme_queue_command() -> list[str]:
+    """The README's `temporal task-queue config set` command, as its words."""
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = text.split("### Rate limits", 1)[1].split("\n## ", 1)[0]
+    start = section.index("temporal task-queue config set")
+    lines: list[str] = []
+    for line in section[start:].splitlines():
+        lines.append(line.strip().removesuffix("\\").strip())
+        if not line.rstrip().endswith("\\"):
+            break
+    return shlex.split(" ".join(lines))
+
+
+async def test_the_readmes_server_side_queue_limit_is_accepted_by_temporal(
+    env: WorkflowEnvironment,
+) -> None:
+    words = _readme_queue_command()
+    address = env.client.service_client.config.target_host
+    binary = temporal_binary()
+
+    def temporal(*args: str) -> str:
+        done = subprocess.run(
+            [binary, *args, "--address", address], check=True, capture_output=True, text=True
+        )
+        return done.stdout
+
+    await asyncio.to_thread(temporal, *words[1:])
+    queue = words[words.index("--task-queue") + 1]
+    shown = await asyncio.to_thread(
+        temporal,
+        "task-queue",
+        "config",
+        "get",
+        "--task-queue",
+        queue,
+        "--task-queue-type",
+        "activity",
+        "--output",
+        "json",
+    )
+    limit = json.loads(shown)["queueRateLimit"]["rateLimit"]["requestsPerSecond"]
+    assert limit == float(words[words.index("--queue-rps-limit") + 1])
