@@ -62,6 +62,8 @@ CONTINUE_PROMPT = (
     "Your reply was cut off by the output token limit. Continue exactly where it "
     "stopped: do not repeat anything, do not add a preface."
 )
+# How far a retry after a cut-off JSON reply may raise the step's max_tokens.
+_MAX_TOKENS_GROWTH = 4
 # How long a call waits for a sibling that is writing the same prompt prefix
 # to the provider's cache before it gives up waiting and sends anyway.
 _CACHE_WARM_WAIT_S = 30.0
@@ -187,6 +189,7 @@ class LlmActivities:
     async def _complete(self, call: LlmCall, forward: Callable[[str], None]) -> ProviderResult:
         """The whole reply: one provider call, and more while it is cut off and may go on."""
         policy = call.truncation_policy()
+        call = _raised_after_truncation(call)
         result = await self._call_provider(call, forward)
         parts, usage, continuations = [result.text], result.usage, 0
         while result.truncated and policy == "continue" and continuations < call.max_continuations:
@@ -208,6 +211,10 @@ class LlmActivities:
             result, text="".join(parts), usage=usage, continuations=continuations
         )
         if joined.truncated and policy != "accept":
+            if policy == "fail" and call.max_tokens:
+                # The last heartbeat of a failed attempt is what the next attempt
+                # starts with (activity.info().heartbeat_details): it asks for more.
+                activity.heartbeat({"truncated_at_max_tokens": call.max_tokens})
             raise _truncated_error(call, joined, continuations)
         if not joined.truncated or call.response_format != "json":
             joined = enforce_response_format(call, joined)
@@ -318,6 +325,26 @@ class LlmActivities:
         )
 
 
+def _raised_after_truncation(call: LlmCall) -> LlmCall:
+    """The call with a doubled ``max_tokens`` when the last attempt was cut off at its limit.
+
+    Only for ``on_truncation: fail`` (JSON's default), where another attempt
+    at the same limit would most likely be cut again. At most
+    ``_MAX_TOKENS_GROWTH`` times the step's own ``max_tokens``, so a run's
+    cost stays within sight of what its spec says. The model's own output
+    maximum is not known here: a limit above it is the provider's 400.
+    """
+    if call.truncation_policy() != "fail" or not call.max_tokens:
+        return call
+    details = activity.info().heartbeat_details
+    last = details[0] if details else None
+    cut_at = last.get("truncated_at_max_tokens") if isinstance(last, dict) else None
+    if not isinstance(cut_at, int) or cut_at < call.max_tokens:
+        return call
+    raised = min(cut_at * 2, call.max_tokens * _MAX_TOKENS_GROWTH)
+    return call.model_copy(update={"max_tokens": raised})
+
+
 def _rate_limit_wait_budget_s() -> float:
     """How long a call may wait for its rate limit: half of its attempt's time left.
 
@@ -344,7 +371,8 @@ def _truncated_error(call: LlmCall, result: ProviderResult, continuations: int) 
         what = (
             f"the reply was cut off at {limit} (finish reason {result.finish_reason}) and "
             "on_truncation is fail (the default for JSON, where a cut reply is no JSON): "
-            "the call will be retried; raise max_tokens if it keeps happening"
+            f"the call will be retried with max_tokens up to {_MAX_TOKENS_GROWTH} times the "
+            "step's; raise max_tokens if it keeps happening"
         )
     return ProviderError(ErrorType.TRUNCATED, what, reason=result.finish_reason)
 

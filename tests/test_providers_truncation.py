@@ -92,6 +92,48 @@ async def test_a_cut_json_reply_fails_the_attempt_and_is_retried(
     record = result.steps["a"]
     assert json.loads(record.output or "") == {"findings": ["a"]}
     assert record.attempts == 2 and provider_server.count("openai") == 2
+    # The retry asks for room: the same limit would most likely cut it again.
+    first, second = provider_server.calls
+    assert (first.body["max_tokens"], second.body["max_tokens"]) == (50, 100)
+
+
+@pytest.mark.parametrize(
+    ("provider", "model", "cut", "limit_field"),
+    [
+        ("anthropic", "claude-haiku-4-5", "max_tokens", "max_tokens"),
+        ("gemini", "gemini-2.5-flash", "MAX_TOKENS", "maxOutputTokens"),
+    ],
+)
+async def test_each_provider_retries_a_cut_json_reply_with_a_raised_limit(
+    mixer: MixerClient,
+    provider_server: FakeProviderServer,
+    provider: str,
+    model: str,
+    cut: str,
+    limit_field: str,
+) -> None:
+    provider_server.script(
+        provider,
+        Reply(text='{"findings": ["a", "b', finish_reason=cut),
+        Reply(text='{"findings": ["a"]}'),
+    )
+    run = spec(step(provider=provider, model=model, response_format="json"))
+    record = (await (await mixer.start(run)).result()).steps["a"]
+    assert json.loads(record.output or "") == {"findings": ["a"]}
+
+    def limit(body: dict[str, Any]) -> Any:
+        return body.get(limit_field, body.get("generationConfig", {}).get(limit_field))
+
+    assert [limit(call.body) for call in provider_server.calls] == [50, 100]
+
+
+async def test_a_text_reply_that_is_retried_for_another_reason_keeps_its_limit(
+    mixer: MixerClient, provider_server: FakeProviderServer
+) -> None:
+    provider_server.script("openai", Reply(status=503), Reply(text='{"ok": true}'))
+    record = (await (await mixer.start(spec(step(response_format="json")))).result()).steps["a"]
+    assert record.attempts == 2
+    assert [call.body["max_tokens"] for call in provider_server.calls] == [50, 50]
 
 
 async def test_a_json_reply_that_is_always_cut_fails_naming_max_tokens(
@@ -100,7 +142,9 @@ async def test_a_json_reply_that_is_always_cut_fails_naming_max_tokens(
     provider_server.script("openai", *[Reply(text='{"a": [1', finish_reason="length")] * 5)
     record = await failed_step(mixer, spec(step(response_format="json")))
     assert record.attempts == 3
-    assert "cut off at max_tokens 50" in (record.error or "")
+    # Doubled on each retry, up to four times the step's own limit.
+    assert [call.body["max_tokens"] for call in provider_server.calls] == [50, 100, 200]
+    assert "cut off at max_tokens 200" in (record.error or "")
     assert "not valid JSON" not in (record.error or "")  # the cause, not its symptom
 
 
