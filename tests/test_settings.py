@@ -43,6 +43,7 @@ BAD: dict[str, str] = {
     "LLMMIXER_STREAM_DELTAS": "maybe",
     "LLMMIXER_HEALTH_PORT": "70000",
     "LLMMIXER_ALLOWED_BASE_URLS": "ftp://files.example",
+    "LLMMIXER_RATE_LIMITS": "openai:gpt-4.1=5rps",
     "LLMMIXER_ALLOWED_MCP_URLS": "http://tools.example/../admin",
     "LLMMIXER_BREAKER_FAILURE_RATIO": "1.5",
     "LLMMIXER_BREAKER_MIN_CALLS": "-3",
