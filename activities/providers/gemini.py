@@ -17,17 +17,31 @@ candidate carried a ``finish_reason``; ``MAX_TOKENS`` marks it truncated.
 Caching: Gemini caches a repeated prefix on its own (implicit caching) and
 reports the cached part as ``cachedContentTokenCount``; the system
 instruction and the messages are sent in order, so siblings that put their
-shared context first hit it.
+shared context first hit it. Implicit hits are not guaranteed, so with
+``cache: auto`` a context that several calls on this worker share (the
+system instruction, earlier turns and the shared prefix of the last message,
+``stable_prefix``) is also cached explicitly: the second call that sends it
+creates a cache (``caches.create``, kept ``EXPLICIT_CACHE_TTL_S``) and it and
+the later ones send only their own question with ``cached_content``. A
+context under the minimum size, a model without explicit caching or any
+failure to create one leaves those calls on implicit caching. Calls with
+tools are not cached explicitly (the cache would have to hold the tools).
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
-from collections.abc import Iterable
+import hashlib
+import logging
+import time
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import pydantic
 from google import genai
+from google.genai import errors as genai_errors
 from google.genai import types
 
 from llmmixer.activities.providers.base import (
@@ -45,12 +59,42 @@ from llmmixer.activities.providers.errors import (
     refusal_error,
 )
 from llmmixer.activities.providers.options import checked_provider_options
-from llmmixer.activities.providers.structured import enforce_response_format
-from llmmixer.core.contracts import ErrorType, LlmCall, ToolCall, Usage
+from llmmixer.activities.providers.structured import (
+    MIN_CACHED_PREFIX_CHARS,
+    enforce_response_format,
+    stable_prefix,
+)
+from llmmixer.core.contracts import ChatMessage, ErrorType, LlmCall, ToolCall, Usage
 from llmmixer.core.provider_options import GeminiOptions, model_name_issue
 from llmmixer.core.providers import provider_spec
 
-__all__ = ["GeminiAdapter"]
+__all__ = ["EXPLICIT_CACHE_TTL_S", "GeminiAdapter"]
+
+log = logging.getLogger(__name__)
+
+#: How long an explicit cache lives; siblings of one fan-out come within it.
+EXPLICIT_CACHE_TTL_S = 300
+# A cache this close to expiring is not handed to a call any more.
+_CACHE_MARGIN_S = 30.0
+
+
+@dataclass
+class _Explicit:
+    """One shared context's explicit cache on this worker (``name`` None: refused)."""
+
+    name: str | None
+    expires: float  # time.monotonic()
+
+
+@dataclass(frozen=True)
+class _Shared:
+    """A call split into the context siblings share and what is its own."""
+
+    key: str
+    system: str | None
+    context: list[types.Content]
+    own: list[types.Content]
+
 
 # Finish reasons meaning the model (or its filters) declined: a retry of the
 # same prompt will not help, so they are rejections, not truncated successes.
@@ -92,8 +136,81 @@ class GeminiAdapter:
             ),
         )
 
+        # Explicit caches by shared context; per adapter, so per worker and key.
+        self._explicit: dict[str, _Explicit] = {}
+        self._seen: dict[str, float] = {}
+        self._creating: dict[str, asyncio.Lock] = {}
+
     async def aclose(self) -> None:
         await self._client.aio.aclose()
+
+    async def _cached(
+        self, call: LlmCall, config: types.GenerateContentConfig
+    ) -> tuple[list[types.Content], types.GenerateContentConfig]:
+        """The contents and config to send: the call's own part against a cache, if any."""
+        contents = _contents(call)
+        shared = _shared_context(call)
+        if shared is None:
+            return contents, config
+        name = await self._explicit_cache(call.model, shared)
+        if name is None:
+            return contents, config
+        # The system instruction is part of the cache; the request may not repeat it.
+        update = {"cached_content": name, "system_instruction": None}
+        return shared.own, config.model_copy(update=update)
+
+    async def _open(
+        self, model: str, contents: list[types.Content], config: types.GenerateContentConfig
+    ) -> AsyncIterator[types.GenerateContentResponse]:
+        """The stream, its first chunk already read: the SDK sends the request on that read."""
+        stream = await self._client.aio.models.generate_content_stream(
+            model=model, contents=contents, config=config
+        )
+        iterator = aiter(stream)
+        try:
+            first = await anext(iterator)
+        except StopAsyncIteration:
+            return _chunks(None, iterator)
+        return _chunks(first, iterator)
+
+    def _forget(self, name: str) -> None:
+        for key in [k for k, e in self._explicit.items() if e.name == name]:
+            del self._explicit[key]
+
+    async def _explicit_cache(self, model: str, shared: _Shared) -> str | None:
+        now = time.monotonic()
+        for key in [k for k, e in self._explicit.items() if e.expires <= now]:
+            del self._explicit[key]
+        for key in [k for k, at in self._seen.items() if at + EXPLICIT_CACHE_TTL_S <= now]:
+            del self._seen[key]
+        if shared.key not in self._seen and shared.key not in self._explicit:
+            # The first call with this context: one call alone does not pay
+            # for a cache; implicit caching may still serve its siblings.
+            self._seen[shared.key] = now
+            return None
+        lock = self._creating.setdefault(shared.key, asyncio.Lock())
+        async with lock:  # siblings wait for one creation instead of making their own
+            found = self._explicit.get(shared.key)
+            if found is not None and found.expires - _CACHE_MARGIN_S > time.monotonic():
+                return found.name
+            try:
+                cache = await self._client.aio.caches.create(
+                    model=model,
+                    config=types.CreateCachedContentConfig(
+                        contents=shared.context,
+                        system_instruction=shared.system,
+                        ttl=f"{EXPLICIT_CACHE_TTL_S}s",
+                    ),
+                )
+                name = cache.name
+            except Exception as exc:
+                # Too small for this model, a model without explicit caching,
+                # or a passing failure: the call goes on with implicit caching.
+                log.info("gemini: no explicit cache for %s (%s)", model, type(exc).__name__)
+                name = None
+            self._explicit[shared.key] = _Explicit(name, time.monotonic() + EXPLICIT_CACHE_TTL_S)
+        self._creating.pop(shared.key, None)
+        return name
 
     async def complete(self, call: LlmCall, on_text: TextCallback) -> ProviderResult:
         problem = model_name_issue("gemini", call.model)
@@ -163,16 +280,22 @@ class GeminiAdapter:
     async def _stream(
         self, call: LlmCall, config: types.GenerateContentConfig, on_text: TextCallback
     ) -> ProviderResult:
-        contents = _contents(call)
+        contents, sent = await self._cached(call, config)
         parts: list[str] = []
         finish_reason: str | None = None
         response_model: str | None = None
         usage = Usage()
         tool_calls: list[ToolCall] = []
         turn = sum(1 for m in call.messages if m.role == "assistant")
-        stream = await self._client.aio.models.generate_content_stream(
-            model=call.model, contents=contents, config=config
-        )
+        try:
+            stream = await self._open(call.model, contents, sent)
+        except genai_errors.ClientError as exc:
+            if sent.cached_content is None or exc.code not in (400, 403, 404):
+                raise
+            # The cache went before its time (deleted, or the clocks differ):
+            # the call is sent whole, as it would have been without one.
+            self._forget(sent.cached_content)
+            stream = await self._open(call.model, _contents(call), config)
         async for chunk in stream:
             response_model = chunk.model_version or response_model
             feedback = chunk.prompt_feedback
@@ -236,6 +359,41 @@ def _tool_call(part: types.Part, turn: int, index: int) -> ToolCall:
         # Thinking models want their signature back with the call next turn.
         call.signature = base64.b64encode(part.thought_signature).decode("ascii")
     return call
+
+
+async def _chunks(
+    first: types.GenerateContentResponse | None,
+    rest: AsyncIterator[types.GenerateContentResponse],
+) -> AsyncIterator[types.GenerateContentResponse]:
+    if first is None:
+        return
+    yield first
+    async for chunk in rest:
+        yield chunk
+
+
+def _shared_context(call: LlmCall) -> _Shared | None:
+    """What a call shares with its siblings, when it is worth an explicit cache."""
+    if call.cache != "auto" or call.tools or not call.messages:
+        return None
+    *history, last = call.messages
+    if last.role != "user" or any(m.role == "tool" or m.tool_calls for m in call.messages):
+        return None
+    prefix = stable_prefix(last.content)
+    size = len(call.system or "") + sum(len(m.content) for m in history) + len(prefix)
+    if size < MIN_CACHED_PREFIX_CHARS:
+        return None
+    context_messages = [*history, ChatMessage(role="user", content=prefix)] if prefix else history
+    own = last.content[len(prefix) :]
+    digest = hashlib.sha256(call.model.encode())
+    for text in (call.system or "", *(f"{m.role}:{m.content}" for m in context_messages)):
+        digest.update(b"\x00" + text.encode())
+    return _Shared(
+        key=digest.hexdigest(),
+        system=call.system or None,
+        context=_contents(call.model_copy(update={"messages": context_messages})),
+        own=[types.Content(role="user", parts=[types.Part(text=own)])],
+    )
 
 
 def _contents(call: LlmCall) -> list[types.Content]:

@@ -30,6 +30,14 @@ a proxy (``html``); a malformed SSE line (``malformed_after``); safety blocks
 ``cache_write_tokens``, ``reasoning_tokens``); rate-limit headers
 (:func:`rate_limit_headers`).
 
+Gemini explicit caching: ``POST /{version}/cachedContents`` stores the
+contents and system instruction it is given (from
+``GEMINI_MIN_CACHED_TOKENS`` tokens on, else a 400 as the real API answers;
+``refuse_gemini_caches`` refuses every one); a generate request naming it in
+``cachedContent`` reports its tokens as ``cachedContentTokenCount``.
+Creations are listed in :attr:`FakeProviderServer.gemini_caches`, not in
+``calls``.
+
 Anthropic prompt caching is accounted as Anthropic does it: a request whose
 system or messages carry ``cache_control`` breakpoints reads the longest
 prefix already cached (reported as ``cache_read_input_tokens``, billed at 0.1x
@@ -61,6 +69,7 @@ from urllib.parse import parse_qs, urlsplit
 __all__ = [
     "ANTHROPIC_MIN_CACHED_TOKENS",
     "FAKE_KEYS",
+    "GEMINI_MIN_CACHED_TOKENS",
     "FakeProviderServer",
     "RawRequest",
     "RecordedCall",
@@ -73,6 +82,9 @@ __all__ = [
 # The smallest prefix Anthropic caches (Sonnet and Opus; Haiku wants more).
 ANTHROPIC_MIN_CACHED_TOKENS = 1024
 
+# The smallest context Gemini 2.5 Flash caches explicitly.
+GEMINI_MIN_CACHED_TOKENS = 1024
+
 # Keys the fixtures put in the environment; shaped like real ones so the
 # generic redaction patterns are exercised too.
 FAKE_KEYS: Mapping[str, str] = {
@@ -81,6 +93,7 @@ FAKE_KEYS: Mapping[str, str] = {
     "GEMINI_API_KEY": "AIzaFAKE-gemini-0123456789abcdefghij",
 }
 
+_GEMINI_CACHES = re.compile(r"^/(?P<version>[^/]+)/cachedContents$")
 _GEMINI_PATH = re.compile(r"^/(?P<version>[^/]+)/models/(?P<model>[^/:]+):(?P<method>\w+)$")
 _WORDS = re.compile(r"\s*\S+")
 _GEMINI_STATUS = {
@@ -302,6 +315,11 @@ class FakeProviderServer:
         self._connections = 0
         # Anthropic prompt cache: prefix digest -> its tokens.
         self._anthropic_cache: dict[str, int] = {}
+        # Gemini explicit caches: name -> tokens; and every creation request's body.
+        self._gemini_caches: dict[str, int] = {}
+        self._gemini_cache_bodies: list[dict[str, Any]] = []
+        self.refuse_gemini_caches = False
+        """Answer every Gemini cache creation with a 400, as a model without caching does."""
         self._queues: dict[str, list[tuple[str | None, Reply]]] = {}
         self._calls: list[RecordedCall] = []
         self._requests: list[RawRequest] = []
@@ -407,6 +425,9 @@ class FakeProviderServer:
             self._calls.clear()
             self._requests.clear()
             self._anthropic_cache.clear()
+            self._gemini_caches.clear()
+            self._gemini_cache_bodies.clear()
+        self.refuse_gemini_caches = False
         self.chunk_delay_s = 0.0
         self.keep_alive_s = 5.0
 
@@ -428,6 +449,12 @@ class FakeProviderServer:
         """Every request read so far, including ones no route answered."""
         with self._lock:
             return list(self._requests)
+
+    @property
+    def gemini_caches(self) -> list[dict[str, Any]]:
+        """The bodies of every Gemini ``cachedContents`` creation request, in order."""
+        with self._lock:
+            return list(self._gemini_cache_bodies)
 
     def count(self, provider: str | None = None, model: str | None = None) -> int:
         return sum(
@@ -540,6 +567,9 @@ class FakeProviderServer:
         except json.JSONDecodeError:
             await _send_json(writer, 400, {"error": {"message": "body is not JSON"}})
             return True
+        if req.method == "POST" and _GEMINI_CACHES.match(req.path):
+            await self._create_gemini_cache(writer, body)
+            return True
         route = self._route(req, body)
         if route is None:
             await _send_json(writer, 404, {"error": {"message": f"no route for {req.path}"}})
@@ -572,6 +602,15 @@ class FakeProviderServer:
         cache_writes: list[tuple[str, int]] = []
         if reply.usage is None and api == "messages":
             reply, usage, cache_writes = self._anthropic_cache_usage(reply, body, chunks)
+        elif reply.usage is None and body.get("cachedContent"):
+            with self._lock:
+                cached = self._gemini_caches.get(str(body["cachedContent"]))
+            if cached is None:
+                message = f"CachedContent not found (or expired): {body['cachedContent']}"
+                await self._send_error(writer, "gemini", Reply(status=400, message=message), None)
+                return True
+            reply = dataclasses.replace(reply, cached_tokens=cached)
+            usage = (cached + _count_words(body), max(1, len(chunks)))
         else:
             usage = reply.usage or (_count_words(body), max(1, len(chunks)))
         response_model = reply.model or model
@@ -621,6 +660,44 @@ class FakeProviderServer:
         writer.write(b"0\r\n\r\n")
         await writer.drain()
         return True
+
+    async def _create_gemini_cache(
+        self, writer: asyncio.StreamWriter, body: dict[str, Any]
+    ) -> None:
+        """``cachedContents.create``: keep the context's token count under a new name."""
+        texts = [
+            str(part.get("text", ""))
+            for content in [body.get("systemInstruction") or {}, *(body.get("contents") or [])]
+            for part in content.get("parts") or []
+        ]
+        tokens = sum(fake_tokens(text) for text in texts)
+        with self._lock:
+            self._gemini_cache_bodies.append(body)
+            refused = self.refuse_gemini_caches
+            name = f"cachedContents/fake-{len(self._gemini_cache_bodies)}"
+        if refused or tokens < GEMINI_MIN_CACHED_TOKENS:
+            message = (
+                f"Cached content is too small. total_token_count={tokens}, "
+                f"min_total_token_count={GEMINI_MIN_CACHED_TOKENS}"
+                if not refused
+                else f"Model {body.get('model')} does not support explicit caching"
+            )
+            await self._send_error(writer, "gemini", Reply(status=400, message=message), None)
+            return
+        with self._lock:
+            self._gemini_caches[name] = tokens
+        ttl_s = float(str(body.get("ttl", "3600s")).rstrip("s") or 3600)
+        expires = datetime.fromtimestamp(time.time() + ttl_s, UTC)
+        await _send_json(
+            writer,
+            200,
+            {
+                "name": name,
+                "model": body.get("model"),
+                "expireTime": expires.isoformat().replace("+00:00", "Z"),
+                "usageMetadata": {"totalTokenCount": tokens},
+            },
+        )
 
     def _anthropic_cache_usage(
         self, reply: Reply, body: dict[str, Any], chunks: list[str]
