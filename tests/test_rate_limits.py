@@ -12,6 +12,7 @@ import dataclasses
 import json
 import shlex
 import subprocess
+import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -94,23 +95,26 @@ async def test_calls_beyond_the_requests_budget_are_spaced_out(
     model = MODELS[provider]
     # 2 requests per 2 s window: two at once, then one a second.
     acts = activities(RateLimiter(rules(f"{provider}:{model}=2rpm"), window_s=2.0))
+    started = time.monotonic()
     replies = await asyncio.gather(*(run(acts, llm_call(provider, model)) for _ in range(4)))
     assert all(reply.text for reply in replies)
     first, second, third, fourth = arrivals(provider_server)
-    assert second - first < 0.5
-    assert third - first >= 0.6 and fourth - third >= 0.6
-    assert fourth - first >= 1.7
+    # Lower bounds from the start only: a busy machine can delay any request
+    # further, but no request may arrive before the budget allows it.
+    assert second - first < 0.9
+    assert third - started >= 0.9
+    assert fourth - started >= 1.9
 
 
 async def test_a_star_entry_gives_each_model_its_own_budget(
     activities: Any, provider_server: FakeProviderServer
 ) -> None:
-    acts = activities(RateLimiter(rules("openai:*=1rpm"), window_s=1.0))
+    acts = activities(RateLimiter(rules("openai:*=1rpm"), window_s=5.0))
     await asyncio.gather(
         run(acts, llm_call("openai", "gpt-4.1-mini")), run(acts, llm_call("openai", "gpt-4.1"))
     )
     first, second = arrivals(provider_server)
-    assert second - first < 0.3  # two models, one request each: nobody waits
+    assert second - first < 2.5  # two models, one request each: nobody waits 5 s
 
 
 async def test_tokens_are_reserved_before_the_call_and_settled_with_its_usage(
@@ -131,7 +135,7 @@ async def test_tokens_are_reserved_before_the_call_and_settled_with_its_usage(
     first = await first_task
     assert (first.text, second.text) == ("slow", "next")
     a, b = arrivals(provider_server)
-    assert 0.5 <= b - a < 3.0
+    assert 0.5 <= b - a < 5.0  # refill alone would take ~8 s
 
 
 @pytest.mark.parametrize("provider", ["openai", "anthropic"])
@@ -151,7 +155,7 @@ async def test_headers_reporting_no_requests_left_hold_the_next_call_until_the_r
     second = await run(acts, llm_call(provider, model))
     waited = asyncio.get_running_loop().time() - started
     assert (first.text, second.text) == ("one", "two")
-    assert 0.7 <= waited < 2.5
+    assert 0.7 <= waited < 4.0  # the 429 would have asked for 5 s
     assert provider_server.count(provider) == 1  # the second call, once: no 429 seen
 
 
@@ -164,7 +168,7 @@ async def test_plenty_left_in_the_headers_does_not_slow_anything(
     await run(acts, llm_call("openai", "gpt-4.1-mini"))
     await run(acts, llm_call("openai", "gpt-4.1-mini"))
     first, second = arrivals(provider_server)
-    assert second - first < 0.5
+    assert second - first < 3.0  # a slowdown would spread calls over the 30 s reset
 
 
 async def test_a_wait_longer_than_half_the_time_left_fails_retryable_with_that_delay(
