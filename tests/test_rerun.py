@@ -339,3 +339,25 @@ def test_forcing_a_decompose_step_drops_every_planned_step_of_the_source() -> No
     # The plan may differ this time: a planned step of the old plan is not reused.
     forced = reuse_table(source, spec, ["plan"])
     assert set(forced.steps) == {"first"} and forced.source == "src"
+
+
+async def test_the_audit_of_a_failed_rerun_shows_its_reused_steps(
+    mixer: MixerClient, provider_server: FakeProviderServer
+) -> None:
+    source = await _failed_source(mixer)
+    source_progress = await mixer.get_handle(source).temporal.query("progress")
+
+    # The same spec again: the command fails again, so the re-run has no result.
+    rerun = await mixer.rerun(source)
+    with pytest.raises(RunFailed):
+        await rerun.result()
+    assert provider_server.count() == 2
+
+    audit = await audit_from_client(mixer.temporal, rerun.id)
+    for step in ("draft", "review"):
+        assert audit["steps"][step]["reused_from"] == f"{source}/{step}", step
+        assert audit["steps"][step]["status"] == "completed"
+        assert audit["steps"][step]["output"] == source_progress["steps"][step]["output"]
+    assert audit["steps"]["check"]["status"] == "failed"
+    assert "reused_from" not in audit["steps"]["check"]
+    assert f"Reused from `{source}/draft`" in render_markdown(audit)
