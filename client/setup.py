@@ -201,7 +201,10 @@ def list_query(state: str | None = None, spec: str | None = None) -> str:
 def add_setup_parser(sub: Any) -> None:
     sub.add_parser(
         "setup",
-        help="register llmmixer's search attributes on TEMPORAL_NAMESPACE (operator API; Cloud API on Temporal Cloud)",
+        help=(
+            "register llmmixer's search attributes on TEMPORAL_NAMESPACE "
+            "(operator API; Cloud API on Temporal Cloud)"
+        ),
     )
 
 
