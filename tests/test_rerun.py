@@ -341,7 +341,7 @@ def test_forcing_a_decompose_step_drops_every_planned_step_of_the_source() -> No
     assert set(forced.steps) == {"first"} and forced.source == "src"
 
 
-async def test_the_audit_of_a_failed_rerun_shows_its_reused_steps(
+async def test_a_failed_reruns_audit_shows_its_reused_steps_and_its_rerun_reuses_them(
     mixer: MixerClient, provider_server: FakeProviderServer
 ) -> None:
     source = await _failed_source(mixer)
@@ -361,3 +361,12 @@ async def test_the_audit_of_a_failed_rerun_shows_its_reused_steps(
     assert audit["steps"]["check"]["status"] == "failed"
     assert "reused_from" not in audit["steps"]["check"]
     assert f"Reused from `{source}/draft`" in render_markdown(audit)
+
+    # A re-run of that re-run: the steps it reused are reused again, from the
+    # run that made them (the reuse table its start carries, and its memo).
+    again = await mixer.rerun(rerun.id, spec=pipeline(["echo", "fixed"]))
+    result = await again.result()
+    assert result.status == RunStatus.COMPLETED
+    assert provider_server.count() == 3  # only summary asked
+    assert result.steps["draft"].reused_from == f"{source}/draft"
+    assert result.steps["review"].reused_from == f"{source}/review"
