@@ -58,6 +58,7 @@ from llmmixer.core.spec import (
 from llmmixer.core.templates import references, render
 from llmmixer.core.tools import CommandTool
 from llmmixer.workflows.calls import target_chain
+from llmmixer.workflows.reuse import DEFAULT_JUDGE_INSTRUCTION
 
 __all__ = [
     "ASSUMED_MAX_TOKENS",
@@ -81,11 +82,8 @@ EXPECTED_OUTPUT_SHARE = 0.5
 _COMMAND_OUTPUT_EXPECTED = 200
 _BYTES_PER_TOKEN = 4
 _AGENT_OUTPUT_BYTES = 1024 * 1024
-# The judge's default instruction and candidate headings, as mixer.py writes them.
-_JUDGE_INSTRUCTION = (
-    "Several answers to the same task follow. Pick the best one, or merge the best "
-    "parts of them into one answer. Reply with the final answer only."
-)
+# The judge's default instruction is DEFAULT_JUDGE_INSTRUCTION (steps/llm.py
+# sends it); each candidate's heading costs about this many tokens.
 _CANDIDATE_HEADING_TOKENS = 12
 
 
@@ -320,7 +318,7 @@ class _Estimator:
         instruction = (
             self.rendered(best.judge.prompt)
             if best.judge is not None and best.judge.prompt
-            else _JUDGE_INSTRUCTION
+            else DEFAULT_JUDGE_INSTRUCTION
         )
         task = messages[-1] if messages else ""
         # The judge reads every candidate's reply: n times one candidate's output.
