@@ -81,7 +81,9 @@ from llmmixer.core.contracts import (
 )
 from llmmixer.core.search import SEARCH_ATTRIBUTES_ACTIVITY
 from llmmixer.core.validation import SpecError, validate_spec
+from llmmixer.workflows.carry import Carried
 from llmmixer.workflows.records import BudgetLimits, RunProgress
+from llmmixer.workflows.reuse import REUSED_MEMO
 
 __all__ = [
     "AuditError",
@@ -309,6 +311,8 @@ class _Rebuild:
     pending_checks: dict[int, _Check] = field(default_factory=dict)
     updates: dict[str, dict[str, Any]] = field(default_factory=dict)
     spec: dict[str, Any] = field(default_factory=dict)
+    # A re-run's source outputs (its start's reuse table), by step.
+    reused_outputs: dict[str, str] = field(default_factory=dict)
     error: str | None = None
     result: RunProgress | None = None
     interventions: list[dict[str, Any]] = field(default_factory=list)
@@ -556,10 +560,32 @@ async def _on_started(rebuild: _Rebuild, event: HistoryEvent, when: datetime | N
         decoded = await rebuild.decoder.value(attrs.input.payloads[0], dict)
         spec = decoded if isinstance(decoded, dict) else {}
     rebuild.spec = rebuild.spec or spec
+    if len(attrs.input.payloads) > 2 and not rebuild.reused_outputs:
+        # A re-run's source outputs: what its reused steps' outputs were.
+        carried = await rebuild.decoder.value(attrs.input.payloads[2], Carried)
+        if isinstance(carried, Carried) and carried.reuse is not None:
+            rebuild.reused_outputs = {
+                step_id: entry.output for step_id, entry in carried.reuse.steps.items()
+            }
     for item in spec.get("steps") or []:
         if isinstance(item, dict) and isinstance(item.get("id"), str):
             target = rebuild.step(item["id"])
             target.kind = target.kind or str(item.get("kind", "llm"))
+
+
+async def _on_properties_modified(
+    rebuild: _Rebuild, event: HistoryEvent, when: datetime | None
+) -> None:
+    """The memo entries a run writes (workflows/reuse.py): a step that took a
+    source run's output says so here, the only trace a run without a result
+    (failed, cancelled, terminated) keeps of it."""
+    fields = event.workflow_properties_modified_event_attributes.upserted_memo.fields
+    for key, payload in fields.items():
+        if key.startswith(REUSED_MEMO):
+            source = await rebuild.decoder.value(payload, str)
+            step_id = key.removeprefix(REUSED_MEMO)
+            output = rebuild.reused_outputs.get(step_id)
+            rebuild.step(step_id).timeline.append(("reused", (str(source), output)))
 
 
 async def _on_activity_scheduled(
@@ -847,7 +873,7 @@ _HANDLERS: Mapping[EventType.ValueType, Handler] = {
     _E.EVENT_TYPE_TIMER_CANCELED: _ignore,
     _E.EVENT_TYPE_ACTIVITY_TASK_CANCEL_REQUESTED: _ignore,
     _E.EVENT_TYPE_UPSERT_WORKFLOW_SEARCH_ATTRIBUTES: _ignore,
-    _E.EVENT_TYPE_WORKFLOW_PROPERTIES_MODIFIED: _ignore,
+    _E.EVENT_TYPE_WORKFLOW_PROPERTIES_MODIFIED: _on_properties_modified,
     _E.EVENT_TYPE_WORKFLOW_EXECUTION_UPDATE_ADMITTED: _ignore,
 }
 
@@ -940,6 +966,10 @@ def _fold(target: _Step) -> None:
     if any(activity.outcome == "running" for activity in target.activities):
         target.status = "running"
     for what, item in target.timeline:
+        if what == "reused":
+            target.status, (target.reused_from, output) = "completed", item
+            target.output = output if output is not None else target.output
+            continue
         if what == "activity":
             activity: _Activity = item
             if activity.outcome != "completed":

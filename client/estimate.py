@@ -18,6 +18,15 @@ A pure function of the spec, its inputs and the price table. For each step:
   asked again) and up to ``max_steps`` sub-steps (``max_steps ** max_depth``
   when plans may nest) on the models its routes and ``allow`` name; a
   decompose step's own ``budget`` caps what its sub-steps may spend.
+- An llm step with ``tools`` is a loop of model turns (``max_turns``, 10
+  unless set). **min** assumes one turn (the model answers without a tool),
+  **expected** two (one tool call, then the answer). **max** assumes every
+  turn: each sends the tool declarations again and the whole conversation
+  so far, so turn *k* also re-sends *k - 1* replies of ``max_tokens`` and
+  *k - 1* tool results, each bounded by the tool's ``max_output_bytes`` / 4
+  (a command) or ``ASSUMED_TOOL_RESULT_TOKENS`` (an MCP server or a spec,
+  whose output has no bound in the spec). One tool call per turn is
+  assumed; a model that calls several at once adds their results too.
 - Commands (``pty``) and approvals cost nothing; an ``agent`` step's CLI
   spends on its own account, which is not estimated.
 
@@ -47,10 +56,13 @@ from llmmixer.core.spec import (
     Spec,
 )
 from llmmixer.core.templates import references, render
+from llmmixer.core.tools import CommandTool
 from llmmixer.workflows.calls import target_chain
+from llmmixer.workflows.reuse import DEFAULT_JUDGE_INSTRUCTION
 
 __all__ = [
     "ASSUMED_MAX_TOKENS",
+    "ASSUMED_TOOL_RESULT_TOKENS",
     "EXPECTED_OUTPUT_SHARE",
     "Estimate",
     "Span",
@@ -62,17 +74,16 @@ __all__ = [
 ]
 
 ASSUMED_MAX_TOKENS = 4096
+# A tool result the spec gives no bound for (an MCP server's, a spec's output).
+ASSUMED_TOOL_RESULT_TOKENS = 4096
 EXPECTED_OUTPUT_SHARE = 0.5
 # What a command's or an agent's output is expected to hold for a step that
 # reads it; its maximum is the step's max_output_bytes, at ~4 bytes a token.
 _COMMAND_OUTPUT_EXPECTED = 200
 _BYTES_PER_TOKEN = 4
 _AGENT_OUTPUT_BYTES = 1024 * 1024
-# The judge's default instruction and candidate headings, as mixer.py writes them.
-_JUDGE_INSTRUCTION = (
-    "Several answers to the same task follow. Pick the best one, or merge the best "
-    "parts of them into one answer. Reply with the final answer only."
-)
+# The judge's default instruction is DEFAULT_JUDGE_INSTRUCTION (steps/llm.py
+# sends it); each candidate's heading costs about this many tokens.
 _CANDIDATE_HEADING_TOKENS = 12
 
 
@@ -274,6 +285,9 @@ class _Estimator:
             notes.append(f"max: {attempts} attempts per target")
         if len(chain) > 1:
             notes.append(f"max: all {len(chain)} targets of the fallback chain")
+        tools = self.spec.tools(step)
+        if step.best_of is None and tools:
+            return self.tool_loop(step, chain, system, messages, upstream, cap, attempts, notes)
         if step.best_of is None:
             one, method = self.call(chain, system, messages, upstream, cap, attempts)
             self.outputs[step.id] = Span(1, one.output_tokens.expected, cap)
@@ -304,7 +318,7 @@ class _Estimator:
         instruction = (
             self.rendered(best.judge.prompt)
             if best.judge is not None and best.judge.prompt
-            else _JUDGE_INSTRUCTION
+            else DEFAULT_JUDGE_INSTRUCTION
         )
         task = messages[-1] if messages else ""
         # The judge reads every candidate's reply: n times one candidate's output.
@@ -336,6 +350,86 @@ class _Estimator:
             _sum(c.output_tokens for c in calls),
             _sum(c.cost_usd for c in calls),
             method,
+            notes,
+        )
+
+    def tool_loop(
+        self,
+        step: LlmStep,
+        chain: list[FallbackTarget],
+        system: str | None,
+        messages: list[str],
+        upstream: Span,
+        cap: int,
+        attempts: int,
+        notes: list[str],
+    ) -> StepEstimate:
+        """An llm step with tools: one to ``max_turns`` model turns per attempt."""
+        tools = self.spec.tools(step)
+        turns = self.spec.max_turns(step)
+        declarations = json.dumps(
+            [
+                {
+                    "name": tool.name,
+                    "description": tool.description,
+                    "parameters": getattr(tool, "parameters", None),
+                }
+                for tool in tools
+            ]
+        )
+        result = max(
+            tool.max_output_bytes // _BYTES_PER_TOKEN
+            if isinstance(tool, CommandTool)
+            else ASSUMED_TOOL_RESULT_TOKENS
+            for tool in tools
+        )
+        expected_out = max(1, math.ceil(cap * EXPECTED_OUTPUT_SHARE))
+        # Per target: one turn's input (prompt, upstream, declarations) ...
+        firsts = [
+            (
+                target,
+                count_tokens(target.provider, target.model, system, messages),
+                count_tokens(target.provider, target.model, None, [declarations]),
+            )
+            for target in chain
+        ]
+        # ... and all turns, the k-th re-sending k - 1 replies and tool results.
+        growth = (cap + result) * turns * (turns - 1) // 2
+        highs = [
+            (target, turns * (prompt.high + upstream.high + decl.high) + growth)
+            for target, prompt, decl in firsts
+        ]
+        first, prompt, decl = firsts[0]
+        one_turn_low = [(target, p.low + upstream.low + d.low) for target, p, d in firsts]
+        likely = min(2, turns)  # one tool call, then the answer
+        expected_in = likely * (prompt.expected + upstream.expected + decl.expected) + (
+            likely - 1
+        ) * (expected_out + _COMMAND_OUTPUT_EXPECTED)
+        cost = Span(
+            min(self.price(target, tokens, 1) for target, tokens in one_turn_low),
+            self.price(first, expected_in, likely * expected_out),
+            attempts * sum(self.price(target, tokens, turns * cap) for target, tokens in highs),
+        )
+        notes.append(
+            f"tools: min 1 model turn, expected 2, max {turns} (max_turns), each re-sending "
+            f"the conversation so far with one tool result of up to {result} tokens per turn"
+        )
+        if attempts > 1 or len(chain) > 1:
+            notes.append(f"max: {turns} turns for each attempt on each target")
+        self.outputs[step.id] = Span(1, expected_out, cap)
+        return StepEstimate(
+            step.id,
+            "llm",
+            _names(chain),
+            Span(1, likely, attempts * len(chain) * turns),
+            Span(
+                min(tokens for _, tokens in one_turn_low),
+                expected_in,
+                attempts * len(chain) * max(tokens for _, tokens in highs),
+            ),
+            Span(1, likely * expected_out, attempts * len(chain) * turns * cap),
+            cost,
+            prompt.method,
             notes,
         )
 

@@ -12,6 +12,17 @@ Anthropic and Gemini publish no offline tokenizer. Their counts are an
 approximation, labelled as one: the ``o200k_base`` count times a factor per
 provider (``APPROXIMATION_FACTORS``), with a spread around it that the
 estimate's bounds take in.
+
+Where the factors come from: they are set by hand, not measured. llmmixer
+has not calibrated them against the providers' own counters (Anthropic's
+``POST /v1/messages/count_tokens``, Gemini's ``models.countTokens``), which
+need a network and a key that ``estimate`` does not use. Claude's current
+tokenizer is known to split English prose and code into more tokens than
+``o200k_base`` does, hence 1.2; Gemini's comes out close to it, hence 1.0.
+The label says "uncalibrated" so nobody mistakes the middle value for a
+count, and ``APPROXIMATION_SPREAD`` (+-25%) is what the minimum and maximum
+allow for. For a forecast you bill against, compare a few of your own
+prompts with those endpoints.
 """
 
 from __future__ import annotations
@@ -71,8 +82,9 @@ _PER_MESSAGE = 3 + 1
 _REPLY_PRIMING = 3
 
 # Provider -> tokens per o200k_base token, for providers without an offline
-# tokenizer. Claude's tokenizer splits English prose and code into more
-# tokens than o200k_base does; Gemini's is close to it.
+# tokenizer: set by hand, not measured (see the module's docstring). Claude's
+# tokenizer splits English prose and code into more tokens than o200k_base
+# does; Gemini's is close to it.
 APPROXIMATION_FACTORS: dict[str, float] = {"anthropic": 1.2, "gemini": 1.0}
 # How far an approximate count may be off either way; the estimate's minimum
 # and maximum use count/(1+spread) and count*(1+spread).
@@ -86,7 +98,7 @@ class TokenCount:
     low: int
     expected: int
     high: int
-    method: str  # "o200k_base", "cl100k_base", or "≈ o200k_base x1.2 (approximation)"
+    method: str  # "o200k_base", "cl100k_base", or "≈ o200k_base x1.2 (uncalibrated approximation)"
 
     @property
     def exact(self) -> bool:
@@ -159,5 +171,5 @@ def count_tokens(provider: str, model: str, system: str | None, messages: list[s
         math.floor(expected / (1 + APPROXIMATION_SPREAD)),
         expected,
         math.ceil(expected * (1 + APPROXIMATION_SPREAD)),
-        f"≈ o200k_base x{factor:g} (approximation)",
+        f"≈ o200k_base x{factor:g} (uncalibrated approximation)",
     )

@@ -300,3 +300,59 @@ async def test_an_openai_estimate_is_within_2_percent_of_what_the_provider_is_se
     # Within 2% as the issue asks; in fact equal, framing included.
     assert abs(estimated - sent) <= 0.02 * sent, (estimated, sent)
     assert estimated == sent
+
+
+# ---- tool loops --------------------------------------------------------------------
+
+TOOL = {
+    "kind": "command",
+    "name": "grep_repo",
+    "description": "search the repository",
+    "parameters": {"type": "object", "properties": {"pattern": {"type": "string"}}},
+    "argv": ["grep", "-rn", "--", "{{args.pattern}}", "."],
+    "max_output_bytes": 4096,
+}
+
+
+def test_a_tool_loop_widens_the_maximum_to_every_turn_resending_the_conversation() -> None:
+    once = {"defaults": {"retry": {"max_attempts": 1}}}
+    plain = _step(_estimate(_one({**GPT, "prompt": "find the bug"}, **once)), "a")
+    looped = _step(
+        _estimate(_one({**GPT, "prompt": "find the bug", "tools": [TOOL], "max_turns": 3}, **once)),
+        "a",
+    )
+    declarations = count_tokens(
+        "openai",
+        "gpt-4.1-mini",
+        None,
+        [
+            '[{"name": "grep_repo", "description": "search the repository", "parameters": '
+            '{"type": "object", "properties": {"pattern": {"type": "string"}}}}]'
+        ],
+    ).high
+    prompt = plain.input_tokens.high
+    # Turn k re-sends the prompt, the declarations, and k - 1 replies (500
+    # tokens) and tool results (4096 bytes / 4) before it.
+    growth = (500 + 1024) * (0 + 1 + 2)
+    assert looped.input_tokens.high == 3 * (prompt + declarations) + growth
+    assert looped.output_tokens.high == 3 * 500
+    assert (looped.calls.low, looped.calls.expected, looped.calls.high) == (1, 2, 3)
+    # One turn at least: the minimum is the plain step's plus the declarations.
+    assert looped.input_tokens.low == prompt + declarations
+    assert looped.cost_usd.high > 3 * plain.cost_usd.high
+    assert looped.cost_usd.low <= looped.cost_usd.expected <= looped.cost_usd.high
+    assert any("max_turns" in note and "tool result" in note for note in looped.notes)
+
+    # The spec's default of 10 turns, when the step sets none.
+    default = _step(
+        _estimate(_one({**GPT, "prompt": "find the bug", "tools": [TOOL]}, **once)), "a"
+    )
+    assert default.calls.high == 10
+
+
+def test_a_single_turn_tool_loop_keeps_its_bounds_in_order() -> None:
+    one = _step(
+        _estimate(_one({**GPT, "prompt": "find the bug", "tools": [TOOL], "max_turns": 1})), "a"
+    )
+    for span in (one.calls, one.input_tokens, one.output_tokens, one.cost_usd):
+        assert span.low <= span.expected <= span.high

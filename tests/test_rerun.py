@@ -261,13 +261,13 @@ async def test_a_chain_that_continued_as_new_is_rerun_from_all_its_runs(
     edited = copy.deepcopy(spec)
     edited["steps"][-1]["command"] = ["echo", "done"]
     rerun = await handle.rerun(spec=edited)
-    await until(rerun, lambda p: p.steps["gate"].status == StepStatus.WAITING, "gate again")
-    await rerun.temporal.signal("approve", InterventionRequest(step="gate"))
     result = await rerun.result()
 
     assert result.status == RunStatus.COMPLETED
     assert provider_server.count() == 6  # every LLM step came from the first run's history
     assert all(result.steps[f"c{i}"].reused_from == f"{handle.id}/c{i}" for i in range(6))
+    # The gate was approved on the same question and inputs: not asked again.
+    assert result.steps["gate"].reused_from == f"{handle.id}/gate"
     assert result.steps["last"].output is not None and "done" in result.steps["last"].output
 
 
@@ -339,3 +339,34 @@ def test_forcing_a_decompose_step_drops_every_planned_step_of_the_source() -> No
     # The plan may differ this time: a planned step of the old plan is not reused.
     forced = reuse_table(source, spec, ["plan"])
     assert set(forced.steps) == {"first"} and forced.source == "src"
+
+
+async def test_a_failed_reruns_audit_shows_its_reused_steps_and_its_rerun_reuses_them(
+    mixer: MixerClient, provider_server: FakeProviderServer
+) -> None:
+    source = await _failed_source(mixer)
+    source_progress = await mixer.get_handle(source).temporal.query("progress")
+
+    # The same spec again: the command fails again, so the re-run has no result.
+    rerun = await mixer.rerun(source)
+    with pytest.raises(RunFailed):
+        await rerun.result()
+    assert provider_server.count() == 2
+
+    audit = await audit_from_client(mixer.temporal, rerun.id)
+    for step in ("draft", "review"):
+        assert audit["steps"][step]["reused_from"] == f"{source}/{step}", step
+        assert audit["steps"][step]["status"] == "completed"
+        assert audit["steps"][step]["output"] == source_progress["steps"][step]["output"]
+    assert audit["steps"]["check"]["status"] == "failed"
+    assert "reused_from" not in audit["steps"]["check"]
+    assert f"Reused from `{source}/draft`" in render_markdown(audit)
+
+    # A re-run of that re-run: the steps it reused are reused again, from the
+    # run that made them (the reuse table its start carries, and its memo).
+    again = await mixer.rerun(rerun.id, spec=pipeline(["echo", "fixed"]))
+    result = await again.result()
+    assert result.status == RunStatus.COMPLETED
+    assert provider_server.count() == 3  # only summary asked
+    assert result.steps["draft"].reused_from == f"{source}/draft"
+    assert result.steps["review"].reused_from == f"{source}/review"

@@ -575,11 +575,49 @@ async def test_page_filters_runs_by_state_and_spec_and_lists_schedules(
                 await page.wait_for_timeout(500)
             await expect(listed).to_contain_text(f"{schedule} ({name})")
             await expect(listed).to_contain_text("0 9 * * 1 · next ")
+
+            # "Trigger now" starts the schedule's run at once, and the list shows it.
+            await listed.get_by_role("button", name="Trigger now").click()
+            await expect(page.locator("#notice")).to_contain_text(f"{schedule}: triggered")
+            triggered = await _scheduled_run(mixer, schedule)
+            await page.select_option("#runs-state", "waiting")
+            await page.fill("#runs-spec", name)
+            started = page.locator(f'#runs a[data-run="{triggered}"]')
+            for _ in range(60):
+                if await started.count() == 1:
+                    break
+                await page.click("#runs-refresh")
+                await page.wait_for_timeout(500)
+            await expect(started).to_contain_text("waiting")
         assert tab.errors == []
     finally:
+        for run in await _scheduled_runs(mixer, schedule):
+            with contextlib.suppress(Exception):
+                await mixer.get_handle(run).cancel()
         await mixer.delete_schedule(schedule)
         await gated.cancel()
         await other.cancel()
+
+
+async def _scheduled_runs(mixer: MixerClient, schedule: str) -> list[str]:
+    with contextlib.suppress(Exception):
+        described = await mixer.temporal.get_schedule_handle(schedule).describe()
+        return [
+            action.action.workflow_id
+            for action in described.info.recent_actions
+            if hasattr(action.action, "workflow_id")
+        ]
+    return []
+
+
+async def _scheduled_run(mixer: MixerClient, schedule: str) -> str:
+    """The workflow id of the run the schedule started (it starts a moment after the trigger)."""
+    for _ in range(100):
+        runs = await _scheduled_runs(mixer, schedule)
+        if runs:
+            return runs[-1]
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"schedule {schedule} started no run after its trigger")
 
 
 def test_every_button_of_the_page_has_a_test_here() -> None:

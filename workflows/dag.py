@@ -344,13 +344,26 @@ class RunState:
         record.output = output
         record.ended_at = now
 
-    def reuse(self, step_id: str, output: str, source: str, now: datetime) -> None:
-        """The step takes ``source``'s output (a re-run whose call is unchanged): nothing ran."""
+    def reuse(
+        self,
+        step_id: str,
+        output: str,
+        source: str,
+        now: datetime,
+        approval: Intervention | None = None,
+    ) -> None:
+        """The step takes ``source``'s output (a re-run whose call is unchanged): nothing ran.
+
+        ``approval``: a reused approval gate keeps the source run's decision
+        (who approved, when) in its record.
+        """
         record = self._move(step_id, "reuse", frozenset({_RUNNING}))
         record.status = StepStatus.COMPLETED
         record.output = output
         record.reused_from = source
         record.ended_at = now
+        if approval is not None:
+            record.interventions.append(approval)
 
     def fail(self, step_id: str, now: datetime, error: str | None = None) -> None:
         """The step failed for good; ``None`` keeps the error it already has.

@@ -32,7 +32,7 @@ from llmmixer.core.templates import render
 from llmmixer.core.validation import SpecError, SpecIssue, parse_spec_shape, validate_spec
 from llmmixer.workflows.calls import CHECK_OPTIONS, budget_limits
 from llmmixer.workflows.dag import RunState
-from llmmixer.workflows.patches import CHECKS_RECORDED_PATCH
+from llmmixer.workflows.patches import CHECKS_RECORDED_PATCH, REUSE_MARKERS_PATCH
 from llmmixer.workflows.search import SEARCH_ATTRIBUTES_PATCH, RunSearch, with_scheduled_time
 from llmmixer.workflows.steps.base import EventPublisher, StepContext
 from llmmixer.workflows.steps.runner import run_step
@@ -97,6 +97,8 @@ class MixerWorkflow:
         self._checks_recorded = workflow.patched(CHECKS_RECORDED_PATCH)
         # Search attributes (LlmmixerState, ...) for runs started from here on.
         self._search = RunSearch(workflow.patched(SEARCH_ATTRIBUTES_PATCH))
+        # Memo entries for re-runs and audits (workflows/reuse.py).
+        self._reuse_markers = workflow.patched(REUSE_MARKERS_PATCH)
         # A scheduled run's time, read from its start event (workflows/search.py).
         spec = with_scheduled_time(spec, workflow.info().typed_search_attributes)
         try:
@@ -169,6 +171,7 @@ class MixerWorkflow:
             events=self._events,
             checks_recorded=self._checks_recorded,
             reuse=self._reuse,
+            markers=self._reuse_markers,
         )
         if self._continuations == 0:
             self._events.publish(EventType.WORKFLOW_STARTED, data={"name": self._spec.name})

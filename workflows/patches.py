@@ -30,3 +30,8 @@ PLAN_FIELDS_PATCH = "plans-refuse-unlisted-fields"
 # applies) instead of ending its task and leaving it `running` for ever
 # (steps/runner.py).
 STEP_ERRORS_PATCH = "step-errors-fail-the-step"
+# Runs write memo entries a later re-run and the audit read from history:
+# an approval a person gave, and a step that took a source run's output
+# (workflows/reuse.py). Decided in __init__ like every patch after
+# CHECKS_RECORDED_PATCH.
+REUSE_MARKERS_PATCH = "reuse-markers-in-memo"

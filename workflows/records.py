@@ -191,6 +191,10 @@ class ReusedStep(BaseModel):
     call_hash: str
     output: str
     source: str  # "<workflow id>/<step id>"
+    # An approval gate: who approved it in the source run (the client's
+    # identity on the signal or update), and when.
+    approved_by: str | None = None
+    approved_at: datetime | None = None
 
 
 class ReuseTable(BaseModel):

@@ -69,6 +69,8 @@ class Reused:
 
     output: str
     source: str
+    # An approval gate: the source run's approval, recorded on the re-run's step.
+    approval: Intervention | None = None
 
 
 @dataclass(frozen=True)
@@ -144,6 +146,10 @@ class StepContext:
     reuse: ReuseTable | None = None
     """A re-run's outputs of its source run (``llmmixer rerun``); None for other runs."""
 
+    markers: bool = False
+    """The run writes the memo entries re-runs and audits read
+    (``patches.REUSE_MARKERS_PATCH``), decided when the run started."""
+
     planned: dict[str, StepModel] = field(default_factory=dict)
     """Steps created by plans, parsed once from their nodes' definitions."""
 
@@ -172,10 +178,29 @@ class StepContext:
 
     def reuse_or_note(self, step_id: str, call: BaseModel) -> Reused | None:
         """Record the digest of ``call``; the source run's output when it made the same call."""
-        digest = call_hash(call)
+        return self.reuse_or_note_digest(step_id, call_hash(call))
+
+    def reuse_or_note_digest(self, step_id: str, digest: str) -> Reused | None:
+        """Record ``digest`` (a step's effective call, ``workflows/reuse.py``); the
+        source run's output when its call had the same digest."""
         self.state.note_call(step_id, digest)
         entry = reused_output(self.reuse, step_id, digest)
-        return None if entry is None else Reused(entry.output, entry.source)
+        if entry is None:
+            return None
+        approval = None
+        if entry.approved_by is not None or entry.approved_at is not None:
+            approval = Intervention(
+                type="approve",
+                argument={"comment": entry.output, "reused_from": entry.source}
+                | ({"by": entry.approved_by} if entry.approved_by else {}),
+                time=entry.approved_at,
+            )
+        return Reused(entry.output, entry.source, approval)
+
+    def mark(self, key: str, value: Any) -> None:
+        """A memo entry for later re-runs and audits (``workflows/reuse.py``)."""
+        if self.markers:
+            workflow.upsert_memo({key: value})
 
     async def decision(self, step_id: str, timeout_s: float | None) -> Intervention | None:
         """A person's decision on ``step_id``; None when ``timeout_s`` passed first."""

@@ -26,6 +26,7 @@ from llmmixer.core.validation import SpecIssue
 from llmmixer.workflows.calls import budget_limits, plan_check, target_chain
 from llmmixer.workflows.patches import PLAN_FIELDS_PATCH
 from llmmixer.workflows.records import StepNode
+from llmmixer.workflows.reuse import planner_call, planner_hash
 from llmmixer.workflows.steps.base import Completed, Failed, Outcome, StepContext
 from llmmixer.workflows.steps.budget import budget_gate
 from llmmixer.workflows.steps.llm import ask
@@ -46,6 +47,15 @@ async def run_decompose(ctx: StepContext, step: DecomposeStep) -> Outcome:
         taken_ids=frozenset(state.nodes),
         context_ids=tuple(i for i in state.nodes if i in state.ancestors(step.id)),
     )
+    first = planner_prompt(task, context, None)
+    digest = planner_hash(planner_call(ctx.spec, step, first, system, plan_request(context)))
+    reused = ctx.reuse_or_note_digest(step.id, digest)
+    if reused is not None:
+        planned = _reused_plan(reused.output, context)
+        if planned is not None:
+            state.note_prompt(step.id, first)
+            _adopt(ctx, step, planned)
+            return reused
     feedback: str | None = None
     tries = ctx.spec.retry(step).max_attempts
     for _ in range(tries):
@@ -71,6 +81,32 @@ async def run_decompose(ctx: StepContext, step: DecomposeStep) -> Outcome:
         state.refuse_plan(step.id, f"plan refused: {feedback}")
     else:
         return Failed(f"no valid plan in {tries} tries; the last one was refused:\n{feedback}")
+    _adopt(ctx, step, steps)
+    return Completed(json.dumps({"steps": steps}, indent=2))
+
+
+def _reused_plan(output: str, context: PlanContext) -> list[dict[str, Any]] | None:
+    """The plan a source run accepted, from its output; None: plan again.
+
+    The planner's call included the ids taken then; an id taken now too
+    (an edited spec added it) would clash, so such a plan is not taken.
+    """
+    try:
+        steps = json.loads(output)["steps"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    if not isinstance(steps, list) or not all(
+        isinstance(planned, dict) and isinstance(planned.get("id"), str) for planned in steps
+    ):
+        return None
+    if any(planned["id"] in context.taken_ids for planned in steps):
+        return None
+    return steps
+
+
+def _adopt(ctx: StepContext, step: DecomposeStep, steps: list[dict[str, Any]]) -> None:
+    """The plan's steps join the DAG (a plan accepted now, or reused from a source run)."""
+    state = ctx.state
     nodes = [
         StepNode(
             id=planned["id"],
@@ -87,7 +123,6 @@ async def run_decompose(ctx: StepContext, step: DecomposeStep) -> Outcome:
             budget = DecomposeStep.model_validate(planned).budget
             if budget is not None:
                 state.set_budget(planned["id"], budget_limits(budget))
-    return Completed(json.dumps({"steps": steps}, indent=2))
 
 
 async def _check_plan(

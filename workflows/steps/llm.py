@@ -16,6 +16,7 @@ from llmmixer.core.contracts import (
 from llmmixer.core.spec import DecomposeStep, FallbackTarget, LlmStep
 from llmmixer.workflows.calls import falls_back, llm_call, llm_options, target_chain
 from llmmixer.workflows.records import Candidate, FallbackNote
+from llmmixer.workflows.reuse import DEFAULT_JUDGE_INSTRUCTION, best_of_hash, chain_hash
 from llmmixer.workflows.steps.base import (
     Completed,
     Outcome,
@@ -43,18 +44,14 @@ async def run_llm(ctx: StepContext, step: LlmStep) -> Outcome:
     ctx.state.note_prompt(step.id, messages[-1].content if messages else None)
     system = ctx.render(step.system, step.id) if step.system else None
     if step.best_of is not None:
+        digest = best_of_hash(ctx.spec, step, messages, system, _judge_instruction(ctx, step))
+        reused = ctx.reuse_or_note_digest(step.id, digest)
+        if reused is not None:
+            return reused
         return Completed(await _best_of(ctx, step, messages, system))
     chain = target_chain(ctx.spec, step)
-    first = llm_call(
-        ctx.spec,
-        step,
-        chain[0],
-        messages,
-        system,
-        workflow_id=ctx.state.workflow_id,
-        has_fallback=len(chain) > 1,
-    )
-    reused = ctx.reuse_or_note(step.id, first)
+    # The whole chain, not the target that answered: reuse holds while it is unchanged.
+    reused = ctx.reuse_or_note_digest(step.id, chain_hash(ctx.spec, step, messages, system))
     if reused is not None:
         return reused
     reply = await ask(ctx, step, chain, messages, system)
@@ -163,12 +160,7 @@ async def _best_of(
         errors = "; ".join(f"#{i + 1}: {c.error}" for i, c in enumerate(candidates))
         raise StepFailed(f"every best_of candidate failed: {errors}")
     judge = best.judge
-    instruction = (
-        ctx.render(judge.prompt, step.id)
-        if judge is not None and judge.prompt
-        else "Several answers to the same task follow. Pick the best one, or merge the best "
-        "parts of them into one answer. Reply with the final answer only."
-    )
+    instruction = _judge_instruction(ctx, step)
     task = messages[-1].content if messages else ""
     numbered = "\n\n".join(
         f"### Candidate {number} ({c.provider}/{c.model})\n{c.output}" for number, c in answered
@@ -179,3 +171,10 @@ async def _best_of(
     judge_chain = [FallbackTarget(provider=judge.provider, model=judge.model)] if judge else own[:1]
     reply = await ask(ctx, step, judge_chain, judge_messages, None, label=" judge")
     return reply.text
+
+
+def _judge_instruction(ctx: StepContext, step: LlmStep) -> str:
+    judge = step.best_of.judge if step.best_of is not None else None
+    if judge is not None and judge.prompt:
+        return ctx.render(judge.prompt, step.id)
+    return DEFAULT_JUDGE_INSTRUCTION

@@ -13,6 +13,7 @@ from llmmixer.core.contracts import EventType
 from llmmixer.core.spec import AgentStep, ApprovalStep, DecomposeStep, LlmStep, PtyStep
 from llmmixer.workflows.calls import StepModel
 from llmmixer.workflows.patches import STEP_ERRORS_PATCH
+from llmmixer.workflows.reuse import REUSED_MEMO
 from llmmixer.workflows.steps.agent import run_agent
 from llmmixer.workflows.steps.approval import await_approval
 from llmmixer.workflows.steps.base import (
@@ -147,7 +148,10 @@ class _StepTask:
         )
 
     def _reuse(self, reused: Reused) -> None:
-        self.state.reuse(self.step_id, reused.output, reused.source, workflow.now())
+        self.state.reuse(
+            self.step_id, reused.output, reused.source, workflow.now(), reused.approval
+        )
+        self.ctx.mark(REUSED_MEMO + self.step_id, reused.source)
         self.ctx.events.publish(
             EventType.STEP_COMPLETED,
             self.step_id,
