@@ -30,3 +30,8 @@ PLAN_FIELDS_PATCH = "plans-refuse-unlisted-fields"
 # applies) instead of ending its task and leaving it `running` for ever
 # (steps/runner.py).
 STEP_ERRORS_PATCH = "step-errors-fail-the-step"
+# An llm step with `tools` runs its tool loop: model turns, tool calls
+# (activities and child workflows) and approvals. Decided in
+# MixerWorkflow.__init__; runs recorded before asked such a step once,
+# without tools, and their replays do the same.
+TOOL_LOOP_PATCH = "llm-tool-loop"

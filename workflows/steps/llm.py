@@ -12,9 +12,10 @@ from llmmixer.core.contracts import (
     EventType,
     LlmReply,
     PlanRequest,
+    ToolDeclaration,
 )
 from llmmixer.core.spec import DecomposeStep, FallbackTarget, LlmStep
-from llmmixer.workflows.calls import falls_back, llm_call, llm_options, target_chain
+from llmmixer.workflows.calls import falls_back, llm_call, llm_options, target_chain, tool_set
 from llmmixer.workflows.records import Candidate, FallbackNote
 from llmmixer.workflows.steps.base import (
     Completed,
@@ -25,12 +26,51 @@ from llmmixer.workflows.steps.base import (
     execute_activity,
 )
 from llmmixer.workflows.steps.budget import budget_gate
+from llmmixer.workflows.steps.tools import run_tool_loop
 
 
 async def run_llm(ctx: StepContext, step: LlmStep) -> Outcome:
     settled = await budget_gate(ctx, step)
     if settled is not None:
         return settled
+    messages, system = _compose(ctx, step)
+    if step.best_of is not None:
+        return Completed(await _best_of(ctx, step, messages, system))
+    chain = target_chain(ctx.spec, step)
+    # Runs recorded before tool loops existed asked once, without tools.
+    tools = ctx.spec.tools(step) if ctx.tool_loop else []
+    first = llm_call(
+        ctx.spec,
+        step,
+        chain[0],
+        messages,
+        system,
+        workflow_id=ctx.state.workflow_id,
+        has_fallback=len(chain) > 1,
+        tools=tool_set(tools, {}).declarations if tools else None,
+    )
+    reused = ctx.reuse_or_note(step.id, first)
+    if reused is not None:
+        return reused
+    if tools:
+
+        async def turn(
+            conversation: list[ChatMessage],
+            system: str | None,
+            declarations: list[ToolDeclaration],
+            label: str,
+        ) -> LlmReply:
+            return await ask(
+                ctx, step, chain, conversation, system, tools=declarations, label=label
+            )
+
+        return await run_tool_loop(ctx, step, tools, lambda: _compose(ctx, step), turn)
+    reply = await ask(ctx, step, chain, messages, system)
+    return Completed(reply.text)
+
+
+def _compose(ctx: StepContext, step: LlmStep) -> tuple[list[ChatMessage], str | None]:
+    """The step's messages and system prompt, rendered (a person's retry prompt included)."""
     prompt = ctx.prompt(step.id, step.prompt)
     messages = [
         ChatMessage.model_validate(
@@ -42,23 +82,7 @@ async def run_llm(ctx: StepContext, step: LlmStep) -> Outcome:
         messages.append(ChatMessage(role="user", content=ctx.render(prompt, step.id)))
     ctx.state.note_prompt(step.id, messages[-1].content if messages else None)
     system = ctx.render(step.system, step.id) if step.system else None
-    if step.best_of is not None:
-        return Completed(await _best_of(ctx, step, messages, system))
-    chain = target_chain(ctx.spec, step)
-    first = llm_call(
-        ctx.spec,
-        step,
-        chain[0],
-        messages,
-        system,
-        workflow_id=ctx.state.workflow_id,
-        has_fallback=len(chain) > 1,
-    )
-    reused = ctx.reuse_or_note(step.id, first)
-    if reused is not None:
-        return reused
-    reply = await ask(ctx, step, chain, messages, system)
-    return Completed(reply.text)
+    return messages, system
 
 
 async def ask(
@@ -71,6 +95,7 @@ async def ask(
     plan: PlanRequest | None = None,
     label: str = "",
     track: bool = True,
+    tools: list[ToolDeclaration] | None = None,
 ) -> LlmReply:
     """One answer through ``chain`` (primary, then fallbacks), accounted on the step.
 
@@ -90,6 +115,7 @@ async def ask(
             workflow_id=state.workflow_id,
             has_fallback=has_next,
             plan=plan,
+            tools=tools,
         )
         if track:
             state.note_target(step.id, target.provider, target.model)
