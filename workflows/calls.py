@@ -209,7 +209,7 @@ def tool_set(tools: list[Tool], listed: dict[str, list[McpToolInfo]]) -> ToolSet
     than guessed at, and so is a name or schema the providers refuse.
     """
     declarations: list[ToolDeclaration] = []
-    routes: dict[str, ToolRoute] = {}
+    routes: list[tuple[str, ToolRoute]] = []
     dropped: list[str] = []
     for tool in tools:
         if isinstance(tool, CommandTool | SpecTool):
@@ -218,15 +218,14 @@ def tool_set(tools: list[Tool], listed: dict[str, list[McpToolInfo]]) -> ToolSet
                     name=tool.name, description=tool.description or "", parameters=tool.parameters
                 )
             )
-            routes[tool.name] = tool
+            routes.append((tool.name, tool))
     for tool in tools:
         if not isinstance(tool, McpTool):
             continue
         for info in listed.get(tool.name, []):
-            parameters = dict(info.parameters) or {"type": "object", "properties": {}}
-            parameters.setdefault("type", "object")
+            parameters = {"type": "object", **info.parameters}
             if (
-                info.name in routes
+                any(name == info.name for name, _ in routes)
                 or not re.match(TOOL_NAME_PATTERN, info.name)
                 or parameters.get("type") != "object"
                 or not isinstance(parameters.get("properties", {}), dict)
@@ -241,8 +240,8 @@ def tool_set(tools: list[Tool], listed: dict[str, list[McpToolInfo]]) -> ToolSet
             declarations.append(
                 ToolDeclaration(name=info.name, description=description, parameters=parameters)
             )
-            routes[info.name] = (tool, info.name)
-    return ToolSet(declarations=declarations, routes=routes, dropped=dropped)
+            routes.append((info.name, (tool, info.name)))
+    return ToolSet(declarations=declarations, routes=dict(routes), dropped=dropped)
 
 
 def route_approval(route: ToolRoute) -> bool:
@@ -296,12 +295,16 @@ def child_spec(tool: SpecTool, arguments: dict[str, Any], parent: dict[str, Any]
     """
     if not isinstance(tool.spec, dict):
         raise TypeError(f"tool {tool.name}: the child spec was not read when the run started")
-    body = dict(tool.spec)
-    body["inputs"] = {**dict(body.get("inputs") or {}), **arguments}
-    for key in ("pty_task_queue", "dry_run"):
-        if key in parent and key not in body:
-            body[key] = parent[key]
-    return body
+    inherited = {
+        key: parent[key]
+        for key in ("pty_task_queue", "dry_run")
+        if key in parent and key not in tool.spec
+    }
+    return {
+        **tool.spec,
+        **inherited,
+        "inputs": {**dict(tool.spec.get("inputs") or {}), **arguments},
+    }
 
 
 def command_call(

@@ -209,8 +209,8 @@ async def _run_turn(
 ) -> list[ToolResult]:
     """Every call of one turn: approvals first, one by one, then all calls side by side."""
     state = ctx.state
-    ready: dict[int, ToolResult | None] = {}
-    for index, call in enumerate(calls):
+    ready: list[ToolResult | None] = []
+    for call in calls:
         state.tool_started(
             step.id,
             number,
@@ -224,13 +224,13 @@ async def _run_turn(
         route = offered.routes.get(call.name)
         problem = _call_problem(call, route, offered)
         if problem is not None:
-            ready[index] = ToolResult(
-                call_id=call.id, name=call.name, content=problem, is_error=True
+            ready.append(
+                ToolResult(call_id=call.id, name=call.name, content=problem, is_error=True)
             )
         elif route is not None and route_approval(route):
-            ready[index] = await _approval(ctx, step, number, call)
+            ready.append(await _approval(ctx, step, number, call))
         else:
-            ready[index] = None
+            ready.append(None)
 
     async def one(index: int, call: ToolCall) -> ToolResult:
         done = ready[index]
@@ -416,9 +416,8 @@ def _ended(
         "result_chars": chars,
         "is_error": is_error,
         "duration_ms": duration_ms,
+        **({"error": failed} if failed is not None else {}),
     }
-    if failed is not None:
-        data["error"] = failed
     ctx.events.publish(EventType.TOOL_ENDED, step.id, state.records[step.id].attempts, data)
 
 
