@@ -17,6 +17,7 @@ import pytest
 from fakes.progress import until
 from fakes.provider_server import FakeProviderServer, Reply, ToolUse
 
+from llmmixer.client.audit import audit_from_client, render_markdown
 from llmmixer.client.mixer import MixerClient, RunFailed
 from llmmixer.core.contracts import TOOL_COMMAND_ACTIVITY, EventType
 from llmmixer.workflows.records import RunStatus, StepStatus
@@ -330,6 +331,12 @@ async def test_an_mcp_server_is_listed_once_and_its_tools_called(
     assert "2" in last_body(provider_server)
 
 
+# A child's spec check is a local activity; without a workflow cache the SDK
+# cancels it at every eviction and the child may never get past it.
+CACHED = pytest.mark.parametrize("workflow_cache", [100])
+
+
+@CACHED
 async def test_a_spec_tool_runs_as_a_child_workflow(
     mixer: MixerClient, provider_server: FakeProviderServer
 ) -> None:
@@ -360,3 +367,61 @@ async def test_a_spec_tool_runs_as_a_child_workflow(
     assert "child" in last_body(provider_server)
     (call,) = result.steps["ask"].turns[0].calls
     assert call.status == "completed" and call.result_chars == len("child\n")
+
+
+@CACHED
+async def test_the_audit_shows_the_whole_conversation_and_every_tool_call(
+    mixer: MixerClient, provider_server: FakeProviderServer, tmp_path: Path
+) -> None:
+    target = tmp_path / "written"
+    child = {
+        "name": "child",
+        "inputs": {"word": "x"},
+        "steps": [
+            {
+                "id": "say",
+                "kind": "pty",
+                "command": [sys.executable, "-c", REVERSE, "{{inputs.word}}"],
+            }
+        ],
+    }
+    provider_server.script(
+        "anthropic",
+        Reply(
+            text="let me look",
+            tool_calls=[
+                ToolUse("reverse", {"text": "cba"}, id="r1"),
+                ToolUse("flip", {"word": "fed"}, id="f1"),
+            ],
+        ),
+        Reply(tool_calls=[ToolUse("write", {"path": str(target)}, id="w1")]),
+        Reply(text="abc def, and nothing written"),
+    )
+    tools = [
+        one_arg_tool("reverse", REVERSE),
+        one_arg_tool("write", APPEND, "path", approve=True),
+        {"kind": "spec", "name": "flip", "spec": child, "parameters": {"type": "object"}},
+    ]
+    handle = await mixer.start(spec(tools))
+    await until(handle, lambda p: p.steps["ask"].tool_approval is not None, "the write waits")
+    await handle.reject("ask", reason="no writes in an audit test")
+    await handle.result()
+    audit = await audit_from_client(mixer.temporal, handle.id)
+    assert audit["unhandled"] == [] and audit["warnings"] == []
+    step = audit["steps"]["ask"]
+    assert step["prompt"] == "use the tools"
+    assert step["output"] == "abc def, and nothing written"
+    roles = [message["role"] for message in step["conversation"]]
+    assert roles == ["user", "assistant", "tool", "tool", "assistant", "tool", "assistant"]
+    rejected = step["conversation"][5]
+    assert "no writes in an audit test" in rejected["content"] and rejected["is_error"]
+    calls = {(tool["kind"], tool["name"]): tool for tool in step["tool_calls"]}
+    assert calls["command", "reverse"]["result"] == "abc\n"
+    assert calls["command", "reverse"]["arguments"] == {"text": "cba"}
+    assert calls["spec", "flip"]["result"] == "def\n"
+    assert calls["spec", "flip"]["arguments"]["word"] == "fed"
+    # The rejected call never ran: no activity of it is in history.
+    assert ("command", "write") not in calls
+    markdown = render_markdown(audit)
+    assert "Conversation:" in markdown and "calls `reverse`" in markdown
+    assert "tool spec `flip`" in markdown
