@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from fakes.progress import until
 from fakes.provider_server import FakeProviderServer, Reply, ToolUse
 
@@ -24,6 +25,7 @@ from llmmixer.workflows.records import RunStatus, StepStatus
 
 pytestmark = pytest.mark.timeout(180)
 
+REPO = Path(__file__).resolve().parent.parent
 MCP_SERVER = str(Path(__file__).resolve().parent / "fakes" / "mcp_server.py")
 FAST_RETRY = {"max_attempts": 2, "initial_interval_s": 0.1, "backoff": 1.0, "max_interval_s": 1}
 # (provider, api, model)
@@ -425,3 +427,33 @@ async def test_the_audit_shows_the_whole_conversation_and_every_tool_call(
     markdown = render_markdown(audit)
     assert "Conversation:" in markdown and "calls `reverse`" in markdown
     assert "tool spec `flip`" in markdown
+
+
+async def test_the_mcp_example_studies_a_repository_and_its_write_waits_for_a_person(
+    mixer: MixerClient, provider_server: FakeProviderServer, tmp_path: Path
+) -> None:
+    example = yaml.safe_load((REPO / "examples" / "mcp.yaml").read_text())
+    step = example["steps"][0]
+    for server in step["tools"]:
+        server["command"] = [sys.executable, str(REPO / "examples" / "mcp_repo_server.py")]
+        server["command"] += ["--root", str(tmp_path)]
+    (tmp_path / "main.py").write_text("def main_loop():\n    pass\n")
+    provider_server.script(
+        "openai",
+        Reply(tool_calls=[ToolUse("search", {"pattern": "def main_loop"}, id="s1")]),
+        Reply(tool_calls=[ToolUse("save_notes", {"text": "main.py:1"}, id="n1")]),
+        Reply(text="main_loop is in main.py"),
+    )
+    example["defaults"]["retry"] = FAST_RETRY
+    handle = await mixer.start(example)
+    progress = await until(
+        handle, lambda p: p.steps["answer"].tool_approval is not None, "save_notes waits"
+    )
+    assert not (tmp_path / "NOTES.md").exists()
+    # The search ran at once, and found the function.
+    assert "main.py:1: def main_loop" in last_body(provider_server)
+    assert progress.steps["answer"].turns[0].calls[0].status == "completed"
+    await handle.approve("answer")
+    result = await handle.result()
+    assert result.output == "main_loop is in main.py"
+    assert (tmp_path / "NOTES.md").read_text() == "main.py:1"
