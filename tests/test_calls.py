@@ -21,11 +21,13 @@ from llmmixer.core.contracts import (
     CHECK_PLAN_ACTIVITY,
     LLM_ACTIVITY,
     PTY_ACTIVITY,
+    TOOL_COMMAND_ACTIVITY,
     ChatMessage,
     LlmCall,
     McpToolInfo,
     PlanRequest,
     ToolCall,
+    ToolRunRequest,
 )
 from llmmixer.core.spec import (
     AgentStep,
@@ -165,8 +167,13 @@ def test_every_recorded_call_and_its_options_are_rebuilt_identically(path: Path)
                 workflow_id=recorded.workflow_id,
                 has_fallback=recorded.has_fallback,
                 plan=recorded.plan,
+                tools=recorded.tools or None,
             )
             assert rebuilt == recorded
+            if recorded.tools:
+                # A tool loop's turn offers the step's tools (no MCP server in these).
+                assert isinstance(step, LlmStep)
+                assert recorded.tools == tool_set(spec.tools(step), {}).declarations
             if not (isinstance(step, LlmStep) and step.best_of is not None):
                 chain = target_chain(spec, step)
                 assert (recorded.provider, recorded.model, recorded.base_url) in [
@@ -176,6 +183,16 @@ def test_every_recorded_call_and_its_options_are_rebuilt_identically(path: Path)
             sent = json.loads(rebuilt.model_dump_json())
             assert _as_recorded(sent, call) == call
             _assert_options(activity, llm_options(spec, step))
+        elif name == TOOL_COMMAND_ACTIVITY:
+            assert isinstance(step, LlmStep)
+            request = ToolRunRequest.model_validate(call)
+            tool = next(t for t in spec.tools(step) if t.name == request.call.name)
+            assert isinstance(tool, CommandTool)
+            rebuilt_request = tool_run_request(
+                step, tool, request.call, workflow_id=request.workflow_id
+            )
+            assert rebuilt_request == request
+            _assert_options(activity, tool_options(spec, step, tool.timeout_s))
         else:
             assert name in (PTY_ACTIVITY, AGENT_ACTIVITY)
             assert isinstance(step, PtyStep | AgentStep)
