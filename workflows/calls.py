@@ -295,7 +295,7 @@ def child_spec(tool: SpecTool, arguments: dict[str, Any], parent: dict[str, Any]
     """
     if not isinstance(tool.spec, dict):
         raise TypeError(f"tool {tool.name}: the child spec was not read when the run started")
-    inherited = {
+    inherited: dict[str, Any] = {
         key: parent[key]
         for key in ("pty_task_queue", "dry_run")
         if key in parent and key not in tool.spec
