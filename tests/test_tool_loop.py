@@ -20,7 +20,9 @@ from fakes.provider_server import FakeProviderServer, Reply, ToolUse
 
 from llmmixer.client.audit import audit_from_client, render_markdown
 from llmmixer.client.mixer import MixerClient, RunFailed
+from llmmixer.client.specfile import prepare_spec
 from llmmixer.core.contracts import TOOL_COMMAND_ACTIVITY, EventType
+from llmmixer.core.validation import SpecError
 from llmmixer.workflows.records import RunStatus, StepStatus
 
 pytestmark = pytest.mark.timeout(180)
@@ -457,3 +459,41 @@ async def test_the_mcp_example_studies_a_repository_and_its_write_waits_for_a_pe
     result = await handle.result()
     assert result.output == "main_loop is in main.py"
     assert (tmp_path / "NOTES.md").read_text() == "main.py:1"
+
+
+def test_a_spec_tool_file_is_read_into_the_run_relative_to_the_spec_naming_it(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "leaf.yaml").write_text(
+        "name: leaf\nsteps:\n  - {id: s, kind: pty, command: [echo, hi]}\n"
+    )
+    (tmp_path / "sub" / "child.yaml").write_text(
+        "name: child\nsteps:\n  - id: c\n    provider: openai\n    model: m\n    prompt: p\n"
+        "    tools:\n      - {kind: spec, name: leaf, spec: leaf.yaml}\n"
+    )
+    (tmp_path / "main.yaml").write_text(
+        "name: main\nsteps:\n  - id: ask\n    provider: openai\n    model: m\n    prompt: p\n"
+        "    tools:\n      - {kind: spec, name: child, spec: sub/child.yaml}\n"
+    )
+    body, _ = prepare_spec(tmp_path / "main.yaml")
+    child = body["steps"][0]["tools"][0]["spec"]
+    assert child["name"] == "child"
+    # The child's own spec tool was read relative to the child's file.
+    assert child["steps"][0]["tools"][0]["spec"]["name"] == "leaf"
+    (tmp_path / "loop.yaml").write_text(
+        "name: loop\nsteps:\n  - id: ask\n    provider: openai\n    model: m\n    prompt: p\n"
+        "    tools:\n      - {kind: spec, name: again, spec: loop.yaml}\n"
+    )
+    with pytest.raises(SpecError, match="nest more than 5 files deep"):
+        prepare_spec(tmp_path / "loop.yaml")
+    (tmp_path / "bad.yaml").write_text(
+        "name: bad\nsteps:\n  - id: ask\n    provider: openai\n    model: m\n    prompt: p\n"
+        "    tools:\n      - {kind: spec, name: gone, spec: missing.yaml}\n"
+    )
+    with pytest.raises(SpecError, match=r"tools\[0\]\.spec: .*missing\.yaml: cannot read"):
+        prepare_spec(tmp_path / "bad.yaml")
+    # A spec given as a mapping (the HTTP API, a program) names no file: nothing is read.
+    mapping = yaml.safe_load((tmp_path / "bad.yaml").read_text())
+    body, _ = prepare_spec(mapping)
+    assert body["steps"][0]["tools"][0]["spec"] == "missing.yaml"
