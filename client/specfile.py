@@ -29,7 +29,7 @@ def read_spec(source: Mapping[str, Any] | str | Path) -> dict[str, Any]:
         if isinstance(source, Mapping):
             check_document(source, source="the spec")
             return json.loads(json.dumps(source))  # a copy the caller cannot change
-        if _is_file(source):
+        if isinstance(source, Path) or ("\n" not in source and Path(source).suffix in _SUFFIXES):
             path = Path(source)
             data = load_document(_read_file(path), source=str(path))
         else:
@@ -47,9 +47,7 @@ _SUFFIXES = {".yaml", ".yml", ".json"}
 MAX_SPEC_TOOL_DEPTH = 5
 
 
-def _is_file(source: Mapping[str, Any] | str | Path) -> bool:
-    if isinstance(source, Mapping):
-        return False
+def _is_file(source: str | Path) -> bool:
     return isinstance(source, Path) or ("\n" not in source and Path(source).suffix in _SUFFIXES)
 
 
@@ -156,7 +154,7 @@ def prepare_spec(
 ) -> tuple[dict[str, Any], Spec]:
     """The JSON body to start a run with, and its validated model."""
     body = read_spec(source)
-    if _is_file(source):
+    if not isinstance(source, Mapping) and _is_file(source):
         # Only a spec read from a file names files relative to it; a mapping
         # (the HTTP API, a program) must inline its child specs itself: a
         # request must never make the server read its own files.
