@@ -497,3 +497,22 @@ def test_a_spec_tool_file_is_read_into_the_run_relative_to_the_spec_naming_it(
     mapping = yaml.safe_load((tmp_path / "bad.yaml").read_text())
     body, _ = prepare_spec(mapping)
     assert body["steps"][0]["tools"][0]["spec"] == "missing.yaml"
+
+
+async def test_response_format_json_applies_to_the_final_answer_only(
+    mixer: MixerClient, provider_server: FakeProviderServer
+) -> None:
+    provider_server.script(
+        "anthropic",
+        # A turn that calls a tool is not the answer: its text need not be JSON.
+        Reply(text="let me check", tool_calls=[ToolUse("reverse", {"text": "2"}, id="c1")]),
+        Reply(text='{"count": 2}'),
+    )
+    schema = {"type": "object", "properties": {"count": {"type": "integer"}}}
+    result = await (
+        await mixer.start(
+            spec([one_arg_tool("reverse", REVERSE)], response_format="json", json_schema=schema)
+        )
+    ).result()
+    assert json.loads(result.output or "") == {"count": 2}
+    assert len(result.steps["ask"].turns) == 2
