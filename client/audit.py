@@ -67,16 +67,25 @@ from llmmixer.core.contracts import (
     CHECK_PLAN_ACTIVITY,
     CHECK_SPEC_ACTIVITY,
     LLM_ACTIVITY,
+    MCP_CALL_ACTIVITY,
+    MCP_LIST_ACTIVITY,
     PTY_ACTIVITY,
+    TOOL_COMMAND_ACTIVITY,
     AgentCall,
+    ChatMessage,
     CheckIssue,
     CommandCall,
     CommandResult,
     LlmCall,
     LlmReply,
+    McpCallRequest,
+    McpListRequest,
+    McpListResult,
     PlanCheck,
     PlanCheckResult,
     SpecCheckResult,
+    ToolRunRequest,
+    ToolRunResult,
     Usage,
 )
 from llmmixer.core.search import SEARCH_ATTRIBUTES_ACTIVITY
@@ -234,6 +243,45 @@ class _Activity:
 
 
 @dataclass
+class _ToolActivity:
+    """A tool call of an llm step's loop (a command, an MCP call or listing, a child spec)."""
+
+    step_id: str
+    kind: str  # "command", "mcp", "mcp_list" or "spec"
+    name: str
+    run_id: str
+    scheduled: datetime | None
+    call_id: str | None = None
+    arguments: dict[str, Any] = field(default_factory=dict)
+    started: datetime | None = None
+    attempt: int | None = None
+    ended: datetime | None = None
+    outcome: str = "running"
+    error: str | None = None
+    result: str | None = None
+    is_error: bool | None = None
+    workflow_id: str | None = None
+
+    def document(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "name": self.name,
+            "call_id": self.call_id,
+            "arguments": self.arguments,
+            "scheduled": _iso(self.scheduled),
+            "started": _iso(self.started),
+            "ended": _iso(self.ended),
+            "attempt": self.attempt,
+            "outcome": self.outcome,
+            "error": self.error,
+            "result": self.result,
+            "is_error": self.is_error,
+            "child_workflow_id": self.workflow_id,
+            "run_id": self.run_id,
+        }
+
+
+@dataclass
 class _Check:
     """A check whose verdict history records: the spec's, or a decompose step's plan."""
 
@@ -267,6 +315,7 @@ class _Step:
     kind: str | None = None
     activities: list[_Activity] = field(default_factory=list)
     checks: list[_Check] = field(default_factory=list)
+    tools: list[_ToolActivity] = field(default_factory=list)
     interventions: list[dict[str, Any]] = field(default_factory=list)
     # What changed the step, in history order: ("activity", _Activity) once it
     # closed, ("intervention", entry). Folded at the end, when it is known
@@ -309,6 +358,8 @@ class _Rebuild:
     # Event ids start again in each run: these are reset at every run's start.
     activities: dict[int, _Activity] = field(default_factory=dict)
     pending_checks: dict[int, _Check] = field(default_factory=dict)
+    tool_activities: dict[int, _ToolActivity] = field(default_factory=dict)
+    children: dict[int, _ToolActivity] = field(default_factory=dict)
     updates: dict[str, dict[str, Any]] = field(default_factory=dict)
     spec: dict[str, Any] = field(default_factory=dict)
     # A re-run's source outputs (its start's reuse table), by step.
@@ -604,6 +655,11 @@ async def _on_activity_scheduled(
         if step_id is not None:
             rebuild.step(step_id).checks.append(check)
         return
+    if name in _TOOL_ACTIVITIES and attrs.input.payloads:
+        tool = await _tool_activity(rebuild, name, attrs.input.payloads[0], when)
+        rebuild.tool_activities[event.event_id] = tool
+        rebuild.step(tool.step_id).tools.append(tool)
+        return
     kind_and_type = _STEP_ACTIVITIES.get(name)
     if kind_and_type is None or not attrs.input.payloads:
         rebuild.not_understood(event, when, name)
@@ -621,6 +677,10 @@ async def _on_activity_started(
     rebuild: _Rebuild, event: HistoryEvent, when: datetime | None
 ) -> None:
     started = event.activity_task_started_event_attributes
+    tool = rebuild.tool_activities.get(started.scheduled_event_id)
+    if tool is not None:
+        tool.started, tool.attempt = when, started.attempt or 1
+        return
     activity = rebuild.activities.get(started.scheduled_event_id)
     if activity is not None:
         activity.started = when
@@ -640,6 +700,16 @@ async def _on_activity_completed(
             verdict = await rebuild.decoder.value(completed.result.payloads[0], PlanCheckResult)
             check.issues = list(verdict.issues)
             check.planned = [str(step.get("id")) for step in verdict.steps]
+        return
+    tool = rebuild.tool_activities.get(completed.scheduled_event_id)
+    if tool is not None:
+        tool.outcome, tool.ended = "completed", when
+        if completed.result.payloads and tool.kind == "mcp_list":
+            listed = await rebuild.decoder.value(completed.result.payloads[0], McpListResult)
+            tool.result = ", ".join(info.name for info in listed.tools)
+        elif completed.result.payloads:
+            ran = await rebuild.decoder.value(completed.result.payloads[0], ToolRunResult)
+            tool.result, tool.is_error = ran.content, ran.is_error
         return
     activity = rebuild.activities.get(completed.scheduled_event_id)
     if activity is not None:
@@ -682,6 +752,11 @@ async def _activity_ended(
         check.outcome, check.ended = outcome, when
         check.error = (failure.message if failure is not None else None) or outcome
         return
+    tool = rebuild.tool_activities.get(scheduled_id)
+    if tool is not None:
+        tool.outcome, tool.ended = outcome, when
+        tool.error = (failure.message if failure is not None else None) or outcome
+        return
     activity = rebuild.activities.get(scheduled_id)
     if activity is None:
         return  # an activity the audit does not know: its scheduling is listed
@@ -690,6 +765,71 @@ async def _activity_ended(
     else:
         await _failed(rebuild.decoder, activity, failure, outcome, when)
     rebuild.step(activity.step_id).timeline.append(("activity", activity))
+
+
+async def _tool_activity(
+    rebuild: _Rebuild, name: str, payload: Payload, when: datetime | None
+) -> _ToolActivity:
+    kind, request_type = _TOOL_ACTIVITIES[name]
+    request = await rebuild.decoder.value(payload, request_type)
+    run_id = rebuild.run.run_id
+    if isinstance(request, McpListRequest):
+        return _ToolActivity(request.step_id, kind, request.server.name, run_id, when)
+    call = request.call
+    return _ToolActivity(
+        request.step_id, kind, call.name, run_id, when, call_id=call.id, arguments=call.arguments
+    )
+
+
+async def _on_child_initiated(
+    rebuild: _Rebuild, event: HistoryEvent, when: datetime | None
+) -> None:
+    attrs = event.start_child_workflow_execution_initiated_event_attributes
+    # A spec tool's child is "<run>/<step>/<tool>-<suffix>" (workflows/steps/tools.py).
+    parts = attrs.workflow_id.split("/")
+    if len(parts) < 3:
+        rebuild.not_understood(event, when, attrs.workflow_type.name)
+        return
+    step_id, tool_name = parts[-2], parts[-1].rsplit("-", 1)[0]
+    tool = _ToolActivity(step_id, "spec", tool_name, rebuild.run.run_id, when)
+    tool.workflow_id = attrs.workflow_id
+    if attrs.input.payloads:
+        body = await rebuild.decoder.value(attrs.input.payloads[0], dict)
+        if isinstance(body, dict) and isinstance(body.get("inputs"), dict):
+            tool.arguments = body["inputs"]
+    rebuild.children[event.event_id] = tool
+    rebuild.step(step_id).tools.append(tool)
+
+
+async def _on_child_started(rebuild: _Rebuild, event: HistoryEvent, when: datetime | None) -> None:
+    attrs = event.child_workflow_execution_started_event_attributes
+    tool = rebuild.children.get(attrs.initiated_event_id)
+    if tool is not None:
+        tool.started = when
+
+
+async def _on_child_completed(
+    rebuild: _Rebuild, event: HistoryEvent, when: datetime | None
+) -> None:
+    attrs = event.child_workflow_execution_completed_event_attributes
+    tool = rebuild.children.get(attrs.initiated_event_id)
+    if tool is None:
+        return
+    tool.outcome, tool.ended = "completed", when
+    if attrs.result.payloads:
+        progress = await rebuild.decoder.value(attrs.result.payloads[0], RunProgress)
+        tool.result, tool.is_error = progress.output or "", False
+
+
+async def _on_child_ended(rebuild: _Rebuild, event: HistoryEvent, when: datetime | None) -> None:
+    which = event.WhichOneof("attributes")
+    attrs = getattr(event, which) if which else None
+    tool = rebuild.children.get(getattr(attrs, "initiated_event_id", -1))
+    if tool is None:
+        return
+    tool.outcome, tool.ended, tool.is_error = "failed", when, True
+    failure = getattr(attrs, "failure", None)
+    tool.error = (failure.message if failure is not None else None) or which
 
 
 async def _on_marker(rebuild: _Rebuild, event: HistoryEvent, when: datetime | None) -> None:
@@ -850,6 +990,14 @@ _HANDLERS: Mapping[EventType.ValueType, Handler] = {
     _E.EVENT_TYPE_ACTIVITY_TASK_TIMED_OUT: _on_activity_timed_out,
     _E.EVENT_TYPE_ACTIVITY_TASK_CANCELED: _on_activity_canceled,
     _E.EVENT_TYPE_MARKER_RECORDED: _on_marker,
+    _E.EVENT_TYPE_START_CHILD_WORKFLOW_EXECUTION_INITIATED: _on_child_initiated,
+    _E.EVENT_TYPE_CHILD_WORKFLOW_EXECUTION_STARTED: _on_child_started,
+    _E.EVENT_TYPE_CHILD_WORKFLOW_EXECUTION_COMPLETED: _on_child_completed,
+    _E.EVENT_TYPE_CHILD_WORKFLOW_EXECUTION_FAILED: _on_child_ended,
+    _E.EVENT_TYPE_CHILD_WORKFLOW_EXECUTION_CANCELED: _on_child_ended,
+    _E.EVENT_TYPE_CHILD_WORKFLOW_EXECUTION_TIMED_OUT: _on_child_ended,
+    _E.EVENT_TYPE_CHILD_WORKFLOW_EXECUTION_TERMINATED: _on_child_ended,
+    _E.EVENT_TYPE_START_CHILD_WORKFLOW_EXECUTION_FAILED: _on_child_ended,
     _E.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED: _on_signaled,
     _E.EVENT_TYPE_WORKFLOW_EXECUTION_UPDATE_ACCEPTED: _on_update_accepted,
     _E.EVENT_TYPE_WORKFLOW_EXECUTION_UPDATE_COMPLETED: _on_update_completed,
@@ -882,6 +1030,14 @@ _STEP_ACTIVITIES: Mapping[str, tuple[str, type[LlmCall] | type[CommandCall] | ty
     LLM_ACTIVITY: ("llm", LlmCall),
     PTY_ACTIVITY: ("pty", CommandCall),
     AGENT_ACTIVITY: ("agent", AgentCall),
+}
+# Tool calls of an llm step's loop (workflows/steps/tools.py), with their input's type.
+_TOOL_ACTIVITIES: Mapping[
+    str, tuple[str, type[ToolRunRequest | McpCallRequest | McpListRequest]]
+] = {
+    TOOL_COMMAND_ACTIVITY: ("command", ToolRunRequest),
+    MCP_CALL_ACTIVITY: ("mcp", McpCallRequest),
+    MCP_LIST_ACTIVITY: ("mcp_list", McpListRequest),
 }
 _PATCH_MARKER = "core_patch"
 _LOCAL_ACTIVITY_MARKER = "core_local_activity"
@@ -1063,15 +1219,28 @@ def _step_document(item: _Step) -> dict[str, Any]:
         doc["reused_from"] = item.reused_from
     if item.checks:
         doc["checks"] = [check.document() for check in item.checks]
+    if item.tools:
+        doc["tool_calls"] = [tool.document() for tool in item.tools]
     if final is not None and isinstance(final.call, LlmCall):
         call = final.call
         reply = final.reply
         doc["provider"] = reply.provider if reply else call.provider
         doc["model"] = reply.model if reply else call.model
         doc["response_model"] = reply.response_model if reply else None
-        doc["prompt"] = call.messages[-1].content if call.messages else None
+        users = [message for message in call.messages if message.role == "user"]
+        doc["prompt"] = (users or call.messages)[-1].content if call.messages else None
         doc["system"] = call.system
         doc["messages"] = [message.model_dump() for message in call.messages]
+        if call.tools or item.tools:
+            # A tool loop: the last turn was sent every turn before it, and its
+            # reply ends the conversation.
+            conversation = list(call.messages)
+            if reply is not None:
+                conversation.append(ChatMessage.tool_request(reply.text, reply.tool_calls))
+            doc["conversation"] = [
+                message.model_dump(exclude_defaults=True) for message in conversation
+            ]
+            doc["tools_offered"] = [tool.name for tool in call.tools]
         doc["parameters"] = call.model_dump(
             include={
                 "max_tokens",
@@ -1214,6 +1383,12 @@ def render_markdown(document: dict[str, Any]) -> str:
             lines += [f"Reused from `{step['reused_from']}`: nothing ran, nothing was paid.", ""]
         if step.get("prompt") is not None:
             lines += ["Prompt (as sent):", "", *_fenced(step["prompt"]), ""]
+        if step.get("conversation"):
+            lines += ["Conversation:", "", *_conversation_lines(step["conversation"]), ""]
+        for tool in step.get("tool_calls", []):
+            lines.append(f"- {_tool_line(tool)}")
+        if step.get("tool_calls"):
+            lines.append("")
         if step["attempts"]:
             lines.append("Attempts:")
             lines.append("")
@@ -1236,6 +1411,31 @@ def render_markdown(document: dict[str, Any]) -> str:
         if step["output"] is not None:
             lines += ["", "Output:", "", *_fenced(step["output"])]
     return "\n".join(lines) + "\n"
+
+
+def _conversation_lines(conversation: list[dict[str, Any]]) -> list[str]:
+    lines: list[str] = []
+    for message in conversation:
+        role = message.get("role", "?")
+        if role == "tool":
+            error = " (error)" if message.get("is_error") else ""
+            lines.append(f"**tool `{message.get('tool_name')}`**{error}:")
+        else:
+            lines.append(f"**{role}**:")
+        if message.get("content"):
+            lines += ["", *_fenced(str(message["content"]))]
+        for call in message.get("tool_calls", []):
+            arguments = json.dumps(call.get("arguments", {}), ensure_ascii=False)
+            lines.append(f"- calls `{call.get('name')}` {arguments}")
+        lines.append("")
+    return lines
+
+
+def _tool_line(tool: dict[str, Any]) -> str:
+    arguments = json.dumps(tool["arguments"], ensure_ascii=False)
+    size = f", result {len(tool['result'])} chars" if tool["result"] is not None else ""
+    error = f" — {tool['error']}" if tool["error"] else ""
+    return f"tool {tool['kind']} `{tool['name']}` {arguments}: {tool['outcome']}{size}{error}"
 
 
 def _forecast_lines(forecast: dict[str, Any] | None) -> list[str]:

@@ -79,6 +79,9 @@ def unblock_hints(workflow_id: str, progress: RunProgress) -> list[str]:
             where = f" --step {hold.step}" if hold.step else ""
             lines.append(f"  llmmixer raise-budget {workflow_id}{where} {option} NEW_LIMIT")
             lines.append(f"  llmmixer skip {workflow_id} {step_id}")
+        elif record.tool_approval is not None:
+            lines.append(f"  llmmixer approve {workflow_id} {step_id}")
+            lines.append(f"  llmmixer reject {workflow_id} {step_id} --reason WHY")
         elif record.kind == "approval" and not (record.error or "").startswith("rejected"):
             lines.append(f"  llmmixer approve {workflow_id} {step_id}")
             lines.append(f"  llmmixer reject {workflow_id} {step_id}")

@@ -42,6 +42,59 @@ def read_spec(source: Mapping[str, Any] | str | Path) -> dict[str, Any]:
 
 
 _SUFFIXES = {".yaml", ".yml", ".json"}
+# How deep spec tools may nest files (a spec whose tool is a spec whose ...):
+# a file naming itself must end in an error, not a loop.
+MAX_SPEC_TOOL_DEPTH = 5
+
+
+def _is_file(source: str | Path) -> bool:
+    return isinstance(source, Path) or ("\n" not in source and Path(source).suffix in _SUFFIXES)
+
+
+def inline_spec_tools(body: dict[str, Any], base: Path, depth: int = 0) -> dict[str, Any]:
+    """``body`` with every ``kind: spec`` tool's file read into the tool (``spec: {...}``).
+
+    The workflow does no I/O, so a child spec given as a path is read here,
+    relative to ``base`` (the directory of the spec that names it), and its
+    own spec tools relative to its file, up to MAX_SPEC_TOOL_DEPTH deep.
+    """
+    where: list[tuple[str, list[Any]]] = []
+    defaults = body.get("defaults")
+    if isinstance(defaults, dict) and isinstance(defaults.get("tools"), list):
+        where.append((SPEC_LOCATION, defaults["tools"]))
+    for step in body.get("steps") or []:
+        if isinstance(step, dict) and isinstance(step.get("tools"), list):
+            where.append((str(step.get("id", "?")), step["tools"]))
+    issues: list[SpecIssue] = []
+    for step_id, tools in where:
+        for number, tool in enumerate(tools):
+            if not (isinstance(tool, dict) and tool.get("kind") == "spec"):
+                continue
+            path = tool.get("spec")
+            if not isinstance(path, str) or not path.strip():
+                continue
+            field = f"tools[{number}].spec"
+            if depth >= MAX_SPEC_TOOL_DEPTH:
+                issues.append(
+                    SpecIssue(
+                        step_id,
+                        field,
+                        f"spec tools nest more than {MAX_SPEC_TOOL_DEPTH} files deep "
+                        f"(at {path}): does a spec name itself?",
+                    )
+                )
+                continue
+            file = base / path
+            try:
+                child = read_spec(file)
+                tool["spec"] = inline_spec_tools(child, file.parent, depth + 1)
+            except SpecError as error:
+                issues.extend(
+                    SpecIssue(step_id, field, f"{file}: {issue.message}") for issue in error.issues
+                )
+    if issues:
+        raise SpecError(issues)
+    return body
 
 
 def _read_file(path: Path) -> str:
@@ -101,6 +154,11 @@ def prepare_spec(
 ) -> tuple[dict[str, Any], Spec]:
     """The JSON body to start a run with, and its validated model."""
     body = read_spec(source)
+    if not isinstance(source, Mapping) and _is_file(source):
+        # Only a spec read from a file names files relative to it; a mapping
+        # (the HTTP API, a program) must inline its child specs itself: a
+        # request must never make the server read its own files.
+        body = inline_spec_tools(body, Path(source).parent)
     if inputs:
         merged = dict(body.get("inputs") or {})
         merged.update(inputs)

@@ -437,6 +437,10 @@ class EventType(StrEnum):
     INTERVENTION_ACCEPTED = "intervention_accepted"
     INTERVENTION_REJECTED = "intervention_rejected"
     WORKFLOW_ENDED = "workflow_ended"
+    # A tool call of an llm step's loop starts and ends (data: turn, call id,
+    # tool name; at the end its result's size, whether it is an error, duration).
+    TOOL_STARTED = "tool_started"
+    TOOL_ENDED = "tool_ended"
 
 
 class MixerEvent(BaseModel):

@@ -21,9 +21,13 @@ from llmmixer.core.contracts import (
     CHECK_PLAN_ACTIVITY,
     LLM_ACTIVITY,
     PTY_ACTIVITY,
+    TOOL_COMMAND_ACTIVITY,
     ChatMessage,
     LlmCall,
+    McpToolInfo,
     PlanRequest,
+    ToolCall,
+    ToolRunRequest,
 )
 from llmmixer.core.spec import (
     AgentStep,
@@ -33,15 +37,23 @@ from llmmixer.core.spec import (
     PtyStep,
     Spec,
 )
+from llmmixer.core.tools import CommandTool, McpTool, SpecTool
 from llmmixer.workflows.calls import (
     CHECK_OPTIONS,
     StepActivityOptions,
     StepModel,
+    child_spec,
     command_options,
     llm_call,
     llm_options,
+    mcp_call_request,
+    mcp_list_request,
     planned_step,
+    route_approval,
     target_chain,
+    tool_options,
+    tool_run_request,
+    tool_set,
 )
 
 HISTORIES = sorted((Path(__file__).parent / "histories").glob("*.json"))
@@ -155,8 +167,13 @@ def test_every_recorded_call_and_its_options_are_rebuilt_identically(path: Path)
                 workflow_id=recorded.workflow_id,
                 has_fallback=recorded.has_fallback,
                 plan=recorded.plan,
+                tools=recorded.tools or None,
             )
             assert rebuilt == recorded
+            if recorded.tools:
+                # A tool loop's turn offers the step's tools (no MCP server in these).
+                assert isinstance(step, LlmStep)
+                assert recorded.tools == tool_set(spec.tools(step), {}).declarations
             if not (isinstance(step, LlmStep) and step.best_of is not None):
                 chain = target_chain(spec, step)
                 assert (recorded.provider, recorded.model, recorded.base_url) in [
@@ -166,6 +183,16 @@ def test_every_recorded_call_and_its_options_are_rebuilt_identically(path: Path)
             sent = json.loads(rebuilt.model_dump_json())
             assert _as_recorded(sent, call) == call
             _assert_options(activity, llm_options(spec, step))
+        elif name == TOOL_COMMAND_ACTIVITY:
+            assert isinstance(step, LlmStep)
+            request = ToolRunRequest.model_validate(call)
+            tool = next(t for t in spec.tools(step) if t.name == request.call.name)
+            assert isinstance(tool, CommandTool)
+            rebuilt_request = tool_run_request(
+                step, tool, request.call, workflow_id=request.workflow_id
+            )
+            assert rebuilt_request == request
+            _assert_options(activity, tool_options(spec, step, tool.timeout_s))
         else:
             assert name in (PTY_ACTIVITY, AGENT_ACTIVITY)
             assert isinstance(step, PtyStep | AgentStep)
@@ -260,3 +287,97 @@ def test_without_a_role_the_step_asks_its_own_endpoint_or_the_defaults() -> None
     assert target_chain(spec, step) == [
         FallbackTarget(provider="openai", model="llama", base_url="http://127.0.0.1:11434/v1")
     ]
+
+
+# ---- tool loops --------------------------------------------------------------
+
+
+def _tool_spec(tools: list[dict[str, Any]], **extra: Any) -> Spec:
+    return Spec.model_validate(
+        {
+            "defaults": {"provider": "openai", "model": "m"},
+            "steps": [{"id": "ask", "prompt": "p", "tools": tools}],
+            **extra,
+        }
+    )
+
+
+COMMAND_TOOL = {
+    "kind": "command",
+    "name": "grep",
+    "description": "search",
+    "parameters": {"type": "object", "properties": {"q": {"type": "string"}}},
+    "argv": ["grep", "--", "{{args.q}}"],
+    "timeout_s": 30,
+}
+MCP_TOOL = {"kind": "mcp", "name": "repo", "description": "the repo", "command": ["srv"]}
+
+
+def test_a_tool_loop_offers_its_own_tools_and_each_mcp_servers_listed_tools() -> None:
+    spec = _tool_spec([COMMAND_TOOL, MCP_TOOL])
+    step = spec.step("ask")
+    assert isinstance(step, LlmStep)
+    listed = {
+        "repo": [
+            McpToolInfo(name="read", description="read a file", parameters={"properties": {}}),
+            # Taken by the step's own tool, and a name no provider takes: dropped.
+            McpToolInfo(name="grep", parameters={"type": "object"}),
+            McpToolInfo(name="bad name!", parameters={"type": "object"}),
+        ]
+    }
+    offered = tool_set(spec.tools(step), listed)
+    assert [d.name for d in offered.declarations] == ["grep", "read"]
+    assert offered.declarations[1].description == "the repo: read a file"
+    assert offered.declarations[1].parameters == {"type": "object", "properties": {}}
+    assert offered.dropped == ["repo/grep", "repo/bad name!"]
+    route = offered.routes["read"]
+    assert isinstance(route, tuple) and route[1] == "read"
+    assert not route_approval(route)
+
+
+def test_a_step_without_tools_sends_no_tools_and_one_with_tools_declares_them() -> None:
+    spec = _tool_spec([COMMAND_TOOL])
+    step = spec.step("ask")
+    assert isinstance(step, LlmStep)
+    target = target_chain(spec, step)[0]
+    messages = [ChatMessage(role="user", content="p")]
+    plain = llm_call(spec, step, target, messages, None, workflow_id="w", has_fallback=False)
+    assert plain.tools == [] and "tools" not in plain.model_dump(exclude_defaults=True)
+    offered = tool_set(spec.tools(step), {}).declarations
+    call = llm_call(
+        spec, step, target, messages, None, workflow_id="w", has_fallback=False, tools=offered
+    )
+    assert [t.name for t in call.tools] == ["grep"]
+
+
+def test_tool_calls_run_on_the_terminal_queue_with_a_minute_beyond_their_timeout() -> None:
+    spec = _tool_spec([COMMAND_TOOL, MCP_TOOL], pty_task_queue="terminals")
+    step = spec.step("ask")
+    assert isinstance(step, LlmStep)
+    options = tool_options(spec, step, 30)
+    assert options.start_to_close_timeout == timedelta(seconds=90)
+    assert options.task_queue == "terminals"
+    call = ToolCall(id="c1", name="read", arguments={"path": "README"})
+    server = McpTool.model_validate(MCP_TOOL)
+    request = mcp_call_request(step, server, "read", call, workflow_id="w")
+    assert (request.call.name, request.call.id, request.step_id) == ("read", "c1", "ask")
+    command = CommandTool.model_validate(COMMAND_TOOL)
+    assert tool_run_request(step, command, call, workflow_id="w").tool == command
+    assert mcp_list_request(step, server, workflow_id="w").server == server
+
+
+def test_a_spec_tools_arguments_are_its_childs_inputs_and_the_parents_queue_carries() -> None:
+    tool = SpecTool.model_validate(
+        {
+            "name": "child",
+            "spec": {"inputs": {"a": "1", "b": "2"}, "steps": [], "dry_run": False},
+        }
+    )
+    body = child_spec(tool, {"b": "from the model"}, {"pty_task_queue": "t", "dry_run": True})
+    assert body["inputs"] == {"a": "1", "b": "from the model"}
+    assert body["pty_task_queue"] == "t"
+    # The child's own setting wins over its parent's.
+    assert body["dry_run"] is False
+    assert tool.spec == {"inputs": {"a": "1", "b": "2"}, "steps": [], "dry_run": False}
+    with pytest.raises(TypeError, match="not read when the run started"):
+        child_spec(SpecTool(name="f", spec="child.yaml"), {}, {})

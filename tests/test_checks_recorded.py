@@ -109,9 +109,9 @@ async def test_a_rule_tightened_after_a_run_started_does_not_break_its_replay(
     # The verdicts are in history: the spec check's as a local activity's
     # marker, the plan check's as an activity's result.
     # (The other local activity and patches: which search attributes the
-    # namespace has, the search-attributes patch, and the reuse-markers patch.)
+    # namespace has, and the search-attributes, reuse-markers and tool-loop patches.)
     assert markers(history).count("core_local_activity") == 2
-    assert markers(history).count("core_patch") == 3
+    assert markers(history).count("core_patch") == 4
     assert activities(history).count("llmmixer.check_plan") == 1
 
     set_rules(monkeypatch, _refuse_everything)

@@ -19,6 +19,7 @@ from llmmixer.workflows.records import (
     RunStatus,
     StepRecord,
     StepStatus,
+    ToolApproval,
 )
 
 
@@ -47,6 +48,19 @@ def test_an_approval_gets_approve_reject() -> None:
     assert unblock_hints("wf", waiting(record))[1:] == [
         "  llmmixer approve wf s",
         "  llmmixer reject wf s",
+    ]
+
+
+def test_an_llm_step_waiting_on_a_tool_call_gets_approve_and_reject_with_a_reason() -> None:
+    approval = ToolApproval(turn=1, call_id="c", name="write", arguments={"path": "a"})
+    record = StepRecord(
+        status=StepStatus.WAITING,
+        waiting_reason='tool approval: write {"path": "a"}',
+        tool_approval=approval,
+    )
+    assert unblock_hints("wf", waiting(record))[1:] == [
+        "  llmmixer approve wf s",
+        "  llmmixer reject wf s --reason WHY",
     ]
 
 

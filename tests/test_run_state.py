@@ -24,6 +24,9 @@ from llmmixer.workflows.records import (
     InterventionRequest,
     RunStatus,
     StepStatus,
+    ToolApproval,
+    ToolCallNote,
+    ToolTurn,
 )
 
 NOW = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
@@ -363,6 +366,55 @@ def test_a_rejection_leaves_the_approval_waiting_for_its_task_to_apply_on_failur
     assert outcome.status == StepStatus.WAITING
     decision = state.take_decision("gate")
     assert decision is not None and decision.argument == {"step": "gate", "reason": "no"}
+
+
+def waiting_on_a_tool() -> RunState:
+    state = at(StepStatus.RUNNING)
+    state.begin_loop("s")
+    state.note_turn("s", ToolTurn(number=1, provider="p", model="m"))
+    state.tool_started("s", 1, ToolCallNote(id="c1", name="write", arguments={"path": "a"}))
+    state.await_tool("s", ToolApproval(turn=1, call_id="c1", name="write", arguments={"path": "a"}))
+    return state
+
+
+def test_a_tool_call_that_needs_approval_makes_its_llm_step_wait_with_the_call() -> None:
+    state = waiting_on_a_tool()
+    record = state.records["s"]
+    assert record.status == StepStatus.WAITING and state.progress().waiting == ["s"]
+    assert record.waiting_reason is not None and 'write {"path": "a"}' in record.waiting_reason
+    assert record.turns[0].calls[0].status == "waiting"
+    # approve and reject, refused for an llm step otherwise, apply to it now.
+    assert state.refusal("approve", "s") is None and state.refusal("reject", "s") is None
+    outcome = state.decide("reject", InterventionRequest(step="s", reason="no"), LATER)
+    assert outcome.status == StepStatus.WAITING and "the model is told" in outcome.message
+    state.tool_decided("s", "rejected", "no")
+    assert record.status == StepStatus.RUNNING and record.tool_approval is None
+    assert record.waiting_reason is None
+    state.tool_ended("s", 1, "c1", result_chars=10, is_error=True, duration_ms=0.0, now=LATER)
+    call = record.turns[0].calls[0]
+    assert (call.status, call.decision, call.decision_note) == ("rejected", "rejected", "no")
+    assert state.refusal("approve", "s") is not None
+
+
+def test_an_llm_step_waiting_for_no_tool_refuses_approve_and_says_what_applies() -> None:
+    state = at(StepStatus.WAITING)
+    refusal = state.refusal("approve", "s")
+    assert refusal is not None and "waits for no tool call's approval" in refusal
+    assert "retry, skip or override" in refusal
+    # The validator's state-free check lets it through: the step may wait on a tool later.
+    assert state.refusal("approve", "s", check_state=False) is None
+    assert one_step("pty").refusal("approve", "s", check_state=False) is not None
+
+
+def test_skip_override_and_cancel_end_a_tools_wait() -> None:
+    for end in (
+        lambda s: s.skip("s", "no", LATER),
+        lambda s: s.override("s", "out", LATER),
+        lambda s: s.cancel("s", LATER),
+    ):
+        state = waiting_on_a_tool()
+        end(state)
+        assert state.records["s"].tool_approval is None
 
 
 def test_a_continuation_takes_over_the_decisions_and_prompts_of_the_run_before() -> None:

@@ -13,6 +13,7 @@ spec only behind a ``workflow.patched`` id (``patches.py``).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -27,9 +28,15 @@ from llmmixer.core.contracts import (
     CommandCall,
     ErrorType,
     LlmCall,
+    McpCallRequest,
+    McpListRequest,
+    McpToolInfo,
     PlanCheck,
     PlanCheckLimits,
     PlanRequest,
+    ToolCall,
+    ToolDeclaration,
+    ToolRunRequest,
 )
 from llmmixer.core.plans import PlanContext
 from llmmixer.core.spec import (
@@ -44,6 +51,7 @@ from llmmixer.core.spec import (
     RetrySpec,
     Spec,
 )
+from llmmixer.core.tools import TOOL_NAME_PATTERN, CommandTool, McpTool, SpecTool, Tool
 from llmmixer.workflows.records import BudgetLimits
 
 # Any step of a spec or a plan, as its model.
@@ -132,8 +140,11 @@ def llm_call(
     workflow_id: str,
     has_fallback: bool,
     plan: PlanRequest | None = None,
+    tools: list[ToolDeclaration] | None = None,
 ) -> LlmCall:
     """The call ``step`` sends to ``target``: its own settings over the spec's defaults.
+
+    ``tools``: what a tool loop's turn offers the model (``tool_declarations``).
 
     ``plan`` marks a decompose step's planner call, whose reply must be JSON;
     a decompose step sets nothing else an llm step can (sampling, API,
@@ -167,9 +178,133 @@ def llm_call(
                 json_schema=step.json_schema,
                 api=step.api,
                 provider_options=step.provider_options,
+                **({"tools": tools} if tools else {}),
             )
         case DecomposeStep():
             return LlmCall(**shared, response_format="json")
+
+
+# ---- tool loops -------------------------------------------------------------
+
+# What a tool name routes to: a command or spec tool, or an MCP server with
+# the name of its own tool.
+ToolRoute = CommandTool | SpecTool | tuple[McpTool, str]
+
+
+@dataclass(frozen=True)
+class ToolSet:
+    """What a tool loop offers its model, and what each declared name runs."""
+
+    declarations: list[ToolDeclaration]
+    routes: dict[str, ToolRoute]
+    # MCP tools that could not be offered (a name or schema no provider takes).
+    dropped: list[str] = field(default_factory=list)
+
+
+def tool_set(tools: list[Tool], listed: dict[str, list[McpToolInfo]]) -> ToolSet:
+    """The declarations of ``tools``, with each MCP server's tools as ``listed``.
+
+    An MCP server's tools are offered under their own names; a name already
+    taken (by the step's own tools, or an earlier server) is dropped rather
+    than guessed at, and so is a name or schema the providers refuse.
+    """
+    declarations: list[ToolDeclaration] = []
+    routes: list[tuple[str, ToolRoute]] = []
+    dropped: list[str] = []
+    for tool in tools:
+        if isinstance(tool, CommandTool | SpecTool):
+            declarations.append(
+                ToolDeclaration(
+                    name=tool.name, description=tool.description or "", parameters=tool.parameters
+                )
+            )
+            routes.append((tool.name, tool))
+    for tool in tools:
+        if not isinstance(tool, McpTool):
+            continue
+        for info in listed.get(tool.name, []):
+            parameters = {"type": "object", **info.parameters}
+            if (
+                any(name == info.name for name, _ in routes)
+                or not re.match(TOOL_NAME_PATTERN, info.name)
+                or parameters.get("type") != "object"
+                or not isinstance(parameters.get("properties", {}), dict)
+            ):
+                dropped.append(f"{tool.name}/{info.name}")
+                continue
+            description = info.description or ""
+            if tool.description:
+                description = (
+                    f"{tool.description}: {description}" if description else tool.description
+                )
+            declarations.append(
+                ToolDeclaration(name=info.name, description=description, parameters=parameters)
+            )
+            routes.append((info.name, (tool, info.name)))
+    return ToolSet(declarations=declarations, routes=dict(routes), dropped=dropped)
+
+
+def route_approval(route: ToolRoute) -> bool:
+    """Whether a call through ``route`` waits for a person first (its tool's ``approve``)."""
+    return route[0].approve if isinstance(route, tuple) else route.approve
+
+
+def tool_run_request(
+    step: LlmStep, tool: CommandTool, call: ToolCall, *, workflow_id: str
+) -> ToolRunRequest:
+    return ToolRunRequest(workflow_id=workflow_id, step_id=step.id, tool=tool, call=call)
+
+
+def mcp_list_request(step: LlmStep, server: McpTool, *, workflow_id: str) -> McpListRequest:
+    return McpListRequest(workflow_id=workflow_id, step_id=step.id, server=server)
+
+
+def mcp_call_request(
+    step: LlmStep, server: McpTool, tool_name: str, call: ToolCall, *, workflow_id: str
+) -> McpCallRequest:
+    """The call as the server knows it: under its own tool name."""
+    return McpCallRequest(
+        workflow_id=workflow_id,
+        step_id=step.id,
+        server=server,
+        call=call.model_copy(update={"name": tool_name}),
+    )
+
+
+def tool_options(spec: Spec, step: LlmStep, timeout_s: float) -> StepActivityOptions:
+    """A tool call (command or MCP), where commands run: the spec's terminal queue.
+
+    The tool's own ``timeout_s`` is enforced by the activity; the attempt's
+    timeout is a backstop a minute later. The step's ``retry`` applies; a
+    worker's refusal is never retried.
+    """
+    return StepActivityOptions(
+        start_to_close_timeout=timedelta(seconds=timeout_s + 60),
+        heartbeat_timeout=timedelta(seconds=spec.defaults.heartbeat_timeout_s),
+        retry_policy=retry_policy(spec.retry(step)),
+        task_queue=spec.pty_task_queue,
+    )
+
+
+def child_spec(tool: SpecTool, arguments: dict[str, Any], parent: dict[str, Any]) -> dict[str, Any]:
+    """The spec a ``spec`` tool's call runs as a child workflow.
+
+    The tool's arguments are the child's inputs (over its own defaults). The
+    child runs where its parent runs: the parent's terminal queue and dry
+    run carry over unless the child sets its own.
+    """
+    if not isinstance(tool.spec, dict):
+        raise TypeError(f"tool {tool.name}: the child spec was not read when the run started")
+    inherited: dict[str, Any] = {
+        key: parent[key]
+        for key in ("pty_task_queue", "dry_run")
+        if key in parent and key not in tool.spec
+    }
+    return {
+        **tool.spec,
+        **inherited,
+        "inputs": {**dict(tool.spec.get("inputs") or {}), **arguments},
+    }
 
 
 def command_call(

@@ -30,9 +30,11 @@ seeing it.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
 from datetime import datetime
+from typing import Literal
 
 from llmmixer.core.contracts import CommandResult, LlmReply, Usage
 from llmmixer.workflows.records import (
@@ -52,6 +54,9 @@ from llmmixer.workflows.records import (
     StepNode,
     StepRecord,
     StepStatus,
+    ToolApproval,
+    ToolCallNote,
+    ToolTurn,
     TotalUsage,
 )
 
@@ -80,6 +85,11 @@ _WORKING_KINDS = frozenset({"llm", "pty", "decompose", "agent"})
 # in the activities' results in history and in the run's memory for templates.
 _ANSWER_BUDGET_CHARS = 160 * 1024
 _MIN_OUTPUT_CHARS = 2 * 1024
+
+
+def _short_json(value: object, limit: int = 300) -> str:
+    text = json.dumps(value, ensure_ascii=False, sort_keys=True)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def cut_text(text: str, limit: int, where: str) -> str:
@@ -434,6 +444,7 @@ class RunState:
             record.error = error
         record.skipped_reason = reason
         record.budget_hold = None
+        record.tool_approval = None
         record.ended_at = now
 
     def override(self, step_id: str, output: str, now: datetime) -> None:
@@ -443,6 +454,7 @@ class RunState:
         record.output = output
         record.overridden = True
         record.budget_hold = None
+        record.tool_approval = None
         record.ended_at = now
 
     def reopen(self, step_id: str) -> None:
@@ -456,7 +468,84 @@ class RunState:
         record.error = f"cancelled with the run ({detail})" if detail else "cancelled with the run"
         record.waiting_reason = None
         record.budget_hold = None
+        record.tool_approval = None
         record.ended_at = now
+
+    # ---- tool loops (llm steps with tools) -------------------------------------
+
+    def await_tool(self, step_id: str, approval: ToolApproval) -> None:
+        """A tool call marked ``approve: true`` waits for a person before it runs."""
+        record = self._move(step_id, "await a tool's approval", frozenset({_RUNNING}))
+        record.status = _WAITING
+        record.tool_approval = approval
+        record.waiting_reason = (
+            f"tool approval: {approval.name} {_short_json(approval.arguments)} "
+            "(approve runs it; reject tells the model your reason)"
+        )
+        note = self._tool_call(step_id, approval.turn, approval.call_id)
+        if note is not None:
+            note.status = "waiting"
+
+    def tool_decided(
+        self, step_id: str, decision: Literal["approved", "rejected", "retried"], note: str | None
+    ) -> None:
+        """A person decided on the waiting tool call; the loop runs on."""
+        record = self._move(step_id, "go on after a tool's approval", frozenset({_WAITING}))
+        approval = record.tool_approval
+        record.status = _RUNNING
+        record.tool_approval = None
+        record.waiting_reason = None
+        if approval is None or decision == "retried":
+            return
+        call = self._tool_call(step_id, approval.turn, approval.call_id)
+        if call is not None:
+            call.decision, call.decision_note = decision, note
+            call.status = "running" if decision == "approved" else "rejected"
+
+    def begin_loop(self, step_id: str) -> None:
+        """A tool loop starts (again, after a retry): its turns are counted from one."""
+        self.records[step_id].turns = []
+
+    def note_turn(self, step_id: str, turn: ToolTurn) -> None:
+        """A model turn of the step's tool loop answered."""
+        self.records[step_id].turns.append(turn)
+
+    def tool_started(self, step_id: str, turn: int, call: ToolCallNote) -> None:
+        """A tool call of ``turn`` starts (or waits for approval first)."""
+        for recorded in self.records[step_id].turns:
+            if recorded.number == turn:
+                recorded.calls.append(call)
+
+    def tool_ended(
+        self,
+        step_id: str,
+        turn: int,
+        call_id: str,
+        *,
+        result_chars: int,
+        is_error: bool,
+        duration_ms: float | None,
+        now: datetime,
+        failed: bool = False,
+    ) -> None:
+        """A tool call's result is ready for the model (or its failure fails the step)."""
+        call = self._tool_call(step_id, turn, call_id)
+        if call is None:
+            return
+        if call.status != "rejected":
+            call.status = "failed" if failed or is_error else "completed"
+        call.result_chars = result_chars
+        call.is_error = is_error
+        call.duration_ms = duration_ms
+        call.ended_at = now
+
+    def _tool_call(self, step_id: str, turn: int, call_id: str) -> ToolCallNote | None:
+        for recorded in self.records[step_id].turns:
+            if recorded.number == turn:
+                for call in recorded.calls:
+                    if call.id == call_id:
+                        return call
+        return None
 
     # ---- what happens to a step without changing its state --------------------
 
@@ -565,7 +654,9 @@ class RunState:
             self.override(step_id, request.output or "", now)
             message = "completed with the given output"
         elif action == "approve":
-            message = "approved"
+            message = "approved" if record.tool_approval is None else "approved; the tool call runs"
+        elif record.tool_approval is not None:
+            message = "rejected; the model is told your reason as the tool's result"
         else:
             message = "rejected; its on_failure policy applies"
         if was in (_WAITING, _RUNNING):
@@ -640,10 +731,14 @@ class RunState:
             known = ", ".join(self.records) or "(none)"
             return f"there is no step {step_id!r} in this run: use one of {known}"
         record = self.records[step_id]
-        if action in ("approve", "reject") and record.kind != "approval":
+        # An llm step's tool call marked `approve: true` waits for the same
+        # approve and reject as an approval step.
+        tool_step = record.kind == "llm" and (not check_state or record.tool_approval is not None)
+        if action in ("approve", "reject") and record.kind != "approval" and not tool_step:
             return (
-                f"step {step_id!r} is a {record.kind} step, not an approval: "
-                "use retry, skip or override"
+                f"step {step_id!r} is a {record.kind} step, not an approval"
+                + (" and waits for no tool call's approval" if record.kind == "llm" else "")
+                + ": use retry, skip or override"
             )
         if not check_state:
             return None

@@ -32,7 +32,11 @@ from llmmixer.core.templates import render
 from llmmixer.core.validation import SpecError, SpecIssue, parse_spec_shape, validate_spec
 from llmmixer.workflows.calls import CHECK_OPTIONS, budget_limits
 from llmmixer.workflows.dag import RunState
-from llmmixer.workflows.patches import CHECKS_RECORDED_PATCH, REUSE_MARKERS_PATCH
+from llmmixer.workflows.patches import (
+    CHECKS_RECORDED_PATCH,
+    REUSE_MARKERS_PATCH,
+    TOOL_LOOP_PATCH,
+)
 from llmmixer.workflows.search import SEARCH_ATTRIBUTES_PATCH, RunSearch, with_scheduled_time
 from llmmixer.workflows.steps.base import EventPublisher, StepContext
 from llmmixer.workflows.steps.runner import run_step
@@ -95,6 +99,8 @@ class MixerWorkflow:
         # object exactly as the version that recorded it did, before any
         # handler of the first workflow task reads it.
         self._checks_recorded = workflow.patched(CHECKS_RECORDED_PATCH)
+        # Decided here for the same reason (patches.py): llm steps with tools loop.
+        self._tool_loop = workflow.patched(TOOL_LOOP_PATCH)
         # Search attributes (LlmmixerState, ...) for runs started from here on.
         self._search = RunSearch(workflow.patched(SEARCH_ATTRIBUTES_PATCH))
         # Memo entries for re-runs and audits (workflows/reuse.py).
@@ -172,6 +178,7 @@ class MixerWorkflow:
             checks_recorded=self._checks_recorded,
             reuse=self._reuse,
             markers=self._reuse_markers,
+            tool_loop=self._tool_loop,
         )
         if self._continuations == 0:
             self._events.publish(EventType.WORKFLOW_STARTED, data={"name": self._spec.name})
@@ -315,11 +322,16 @@ class MixerWorkflow:
         )
 
     def _busy_ids(self) -> list[str]:
-        """Steps whose activity is in flight (those waiting for a person can be carried)."""
+        """Steps whose activity is in flight (those waiting for a person can be carried).
+
+        A tool loop waiting for a call's approval cannot be carried: its
+        conversation lives in this run's history, so it is waited out here.
+        """
         return [
             step_id
             for step_id in self._running_ids()
             if self._state.records[step_id].status != StepStatus.WAITING
+            or self._state.records[step_id].tool_approval is not None
         ]
 
     async def _hand_over(self) -> None:

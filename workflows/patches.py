@@ -35,3 +35,8 @@ STEP_ERRORS_PATCH = "step-errors-fail-the-step"
 # (workflows/reuse.py). Decided in __init__ like every patch after
 # CHECKS_RECORDED_PATCH.
 REUSE_MARKERS_PATCH = "reuse-markers-in-memo"
+# An llm step with `tools` runs its tool loop: model turns, tool calls
+# (activities and child workflows) and approvals. Decided in
+# MixerWorkflow.__init__; runs recorded before asked such a step once,
+# without tools, and their replays do the same.
+TOOL_LOOP_PATCH = "llm-tool-loop"

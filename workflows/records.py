@@ -71,6 +71,48 @@ class Candidate(BaseModel):
     cost_usd: float | None = 0.0
 
 
+class ToolCallNote(BaseModel):
+    """One tool call of an llm step's loop, as its record shows it."""
+
+    id: str
+    name: str
+    # The model's arguments; cut (under "(cut)") when their JSON is long.
+    arguments: dict[str, Any] = Field(default_factory=dict)
+    # running, waiting (for a person's approval), completed, failed, rejected.
+    status: Literal["running", "waiting", "completed", "failed", "rejected"] = "running"
+    # How long the result sent back to the model is, in characters.
+    result_chars: int | None = None
+    is_error: bool = False
+    duration_ms: float | None = None
+    # `approve: true` tools: "approved" or "rejected", and the person's comment or reason.
+    decision: str | None = None
+    decision_note: str | None = None
+    started_at: datetime | None = None
+    ended_at: datetime | None = None
+
+
+class ToolTurn(BaseModel):
+    """One model turn of an llm step's tool loop and the calls it asked for."""
+
+    number: int
+    provider: str
+    model: str
+    usage: Usage = Field(default_factory=Usage)
+    finish_reason: str | None = None
+    # Length of the text the model wrote this turn (the final answer's on the last turn).
+    text_chars: int = 0
+    calls: list[ToolCallNote] = Field(default_factory=list)
+
+
+class ToolApproval(BaseModel):
+    """The tool call an llm step waits on: approve runs it, reject tells the model why."""
+
+    turn: int
+    call_id: str
+    name: str
+    arguments: dict[str, Any] = Field(default_factory=dict)
+
+
 class BudgetLimits(BaseModel):
     """A budget as it stands in a run (raised by the ``raise_budget`` update)."""
 
@@ -155,6 +197,10 @@ class StepRecord(BaseModel):
     # took a source run's output instead of running: "<run>/<step>".
     call_hash: str | None = None
     reused_from: str | None = None
+    # LLM steps with tools: every model turn of the loop and its tool calls,
+    # and the call that waits for a person's approval (the step is waiting).
+    turns: list[ToolTurn] = Field(default_factory=list)
+    tool_approval: ToolApproval | None = None
 
 
 class TotalUsage(BaseModel):

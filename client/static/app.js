@@ -229,7 +229,8 @@ function heldBudget(record) {
 
 function actionsFor(record) {
   const actions = [];
-  if (record.status === "waiting" && record.kind === "approval") {
+  // An approval step, or an llm step whose tool call waits to be approved.
+  if (record.status === "waiting" && (record.kind === "approval" || record.tool_approval)) {
     actions.push("approve", "reject");
   }
   if (heldBudget(record)) {

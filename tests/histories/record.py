@@ -454,6 +454,80 @@ async def plan_reasked(mixer: MixerClient) -> MixerHandle:
         server.stop()
 
 
+async def tool_loop(mixer: MixerClient) -> MixerHandle:
+    """An llm step's tool loop: two calls side by side (one approved), then one rejected."""
+    from fakes.provider_server import ToolUse
+
+    server = FakeProviderServer().start()
+    marker = Path(tempfile.mkdtemp()) / "written"
+    try:
+        server.script(
+            "anthropic",
+            Reply(
+                tool_calls=[
+                    ToolUse("shout", {"text": "hello"}, id="c1"),
+                    ToolUse("write", {"path": str(marker)}, id="w1"),
+                ]
+            ),
+            Reply(tool_calls=[ToolUse("write", {"path": str(marker)}, id="w2")]),
+            Reply(text="said hello, wrote once"),
+        )
+        arg = {"type": "object", "properties": {"text": {"type": "string"}}}
+        path = {"type": "object", "properties": {"path": {"type": "string"}}}
+        async with own_worker(mixer, server.env()) as own:
+            spec = {
+                "name": "tool-loop",
+                "steps": [
+                    {
+                        "id": "ask",
+                        "provider": "anthropic",
+                        "model": "claude-haiku-4-5",
+                        "prompt": "Use the tools",
+                        "max_turns": 4,
+                        "tools": [
+                            {
+                                "kind": "command",
+                                "name": "shout",
+                                "parameters": arg,
+                                "argv": [
+                                    PY,
+                                    "-c",
+                                    "import sys; print(sys.argv[1].upper())",
+                                    "{{args.text}}",
+                                ],
+                            },
+                            {
+                                "kind": "command",
+                                "name": "write",
+                                "approve": True,
+                                "parameters": path,
+                                "argv": [
+                                    PY,
+                                    "-c",
+                                    "import sys; open(sys.argv[1], 'a').write('x')",
+                                    "{{args.path}}",
+                                ],
+                            },
+                        ],
+                    }
+                ],
+            }
+            handle = await own.start(spec)
+            await until(handle, "ask", "waiting")
+            await handle.approve("ask", comment="once")
+            for _ in range(300):
+                record = (await handle.progress()).steps["ask"]
+                if record.tool_approval is not None and record.tool_approval.call_id == "w2":
+                    break
+                await asyncio.sleep(0.1)
+            await handle.reject("ask", reason="only once")
+            await handle.result()
+            assert marker.read_text() == "x", "the approved call did not run exactly once"
+            return handle
+    finally:
+        server.stop()
+
+
 SCENARIOS: dict[str, Callable[[MixerClient], Awaitable[MixerHandle]]] = {
     "fan": fan,
     "interventions": interventions,
@@ -468,6 +542,7 @@ SCENARIOS: dict[str, Callable[[MixerClient], Awaitable[MixerHandle]]] = {
     "continue-as-new": continue_as_new,
     "fallback-circuit": fallback_circuit,
     "payload-store": payload_store,
+    "tool-loop": tool_loop,
     "plan-reasked": plan_reasked,
 }
 

@@ -139,6 +139,10 @@ class StepContext:
     """The run records its checks' verdicts (``patches.CHECKS_RECORDED_PATCH``),
     decided when the run started; every later patch is on for such a run."""
 
+    tool_loop: bool = True
+    """An llm step with tools runs its tool loop (``patches.TOOL_LOOP_PATCH``);
+    runs recorded before it asked once, without tools."""
+
     check_options: CheckActivityOptions = CHECK_OPTIONS
     """How plan checks are scheduled; step activities take theirs from
     ``calls.llm_options`` and ``calls.command_options``."""

@@ -12,6 +12,7 @@ from llmmixer.core.contracts import (
     EventType,
     LlmReply,
     PlanRequest,
+    ToolDeclaration,
 )
 from llmmixer.core.spec import DecomposeStep, FallbackTarget, LlmStep
 from llmmixer.workflows.calls import falls_back, llm_call, llm_options, target_chain
@@ -26,23 +27,14 @@ from llmmixer.workflows.steps.base import (
     execute_activity,
 )
 from llmmixer.workflows.steps.budget import budget_gate
+from llmmixer.workflows.steps.tools import run_tool_loop
 
 
 async def run_llm(ctx: StepContext, step: LlmStep) -> Outcome:
     settled = await budget_gate(ctx, step)
     if settled is not None:
         return settled
-    prompt = ctx.prompt(step.id, step.prompt)
-    messages = [
-        ChatMessage.model_validate(
-            {"role": message["role"], "content": ctx.render(message["content"], step.id)}
-        )
-        for message in step.messages or []
-    ]
-    if prompt is not None:
-        messages.append(ChatMessage(role="user", content=ctx.render(prompt, step.id)))
-    ctx.state.note_prompt(step.id, messages[-1].content if messages else None)
-    system = ctx.render(step.system, step.id) if step.system else None
+    messages, system = _compose(ctx, step)
     if step.best_of is not None:
         digest = best_of_hash(ctx.spec, step, messages, system, _judge_instruction(ctx, step))
         reused = ctx.reuse_or_note_digest(step.id, digest)
@@ -54,8 +46,39 @@ async def run_llm(ctx: StepContext, step: LlmStep) -> Outcome:
     reused = ctx.reuse_or_note_digest(step.id, chain_hash(ctx.spec, step, messages, system))
     if reused is not None:
         return reused
+    # Runs recorded before tool loops existed asked once, without tools.
+    tools = ctx.spec.tools(step) if ctx.tool_loop else []
+    if tools:
+
+        async def turn(
+            conversation: list[ChatMessage],
+            system: str | None,
+            declarations: list[ToolDeclaration],
+            label: str,
+        ) -> LlmReply:
+            return await ask(
+                ctx, step, chain, conversation, system, tools=declarations, label=label
+            )
+
+        return await run_tool_loop(ctx, step, tools, lambda: _compose(ctx, step), turn)
     reply = await ask(ctx, step, chain, messages, system)
     return Completed(reply.text)
+
+
+def _compose(ctx: StepContext, step: LlmStep) -> tuple[list[ChatMessage], str | None]:
+    """The step's messages and system prompt, rendered (a person's retry prompt included)."""
+    prompt = ctx.prompt(step.id, step.prompt)
+    messages = [
+        ChatMessage.model_validate(
+            {"role": message["role"], "content": ctx.render(message["content"], step.id)}
+        )
+        for message in step.messages or []
+    ]
+    if prompt is not None:
+        messages.append(ChatMessage(role="user", content=ctx.render(prompt, step.id)))
+    ctx.state.note_prompt(step.id, messages[-1].content if messages else None)
+    system = ctx.render(step.system, step.id) if step.system else None
+    return messages, system
 
 
 async def ask(
@@ -68,6 +91,7 @@ async def ask(
     plan: PlanRequest | None = None,
     label: str = "",
     track: bool = True,
+    tools: list[ToolDeclaration] | None = None,
 ) -> LlmReply:
     """One answer through ``chain`` (primary, then fallbacks), accounted on the step.
 
@@ -87,6 +111,7 @@ async def ask(
             workflow_id=state.workflow_id,
             has_fallback=has_next,
             plan=plan,
+            tools=tools,
         )
         if track:
             state.note_target(step.id, target.provider, target.model)
