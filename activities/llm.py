@@ -27,6 +27,7 @@ from datetime import timedelta
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from llmmixer.activities.attachments import AttachmentError, load_attachments
 from llmmixer.activities.deltas import DeltaForwarder
 from llmmixer.activities.dry_run import dry_run_reply
 from llmmixer.activities.pricing import PriceTable
@@ -145,6 +146,7 @@ class LlmActivities:
                     unsent_text=forwarder.take_unsent(),
                 )
             try:
+                call = await _with_attachments(call)
                 result = await observe_llm_call(
                     call,
                     lambda: self._complete(call, forward),
@@ -267,6 +269,17 @@ class LlmActivities:
                 timedelta(seconds=error.retry_after_s) if error.retry_after_s else None
             ),
         )
+
+
+async def _with_attachments(call: LlmCall) -> LlmCall:
+    """``call`` with its files' bytes, read through the worker's converter (its store)."""
+    if not any(m.attachments for m in call.messages):
+        return call
+    try:
+        return await load_attachments(call, activity.client().data_converter)
+    except AttachmentError as error:
+        # Another attempt reads the same store: the run must be started again.
+        raise ProviderError(ErrorType.REJECTED, str(error)) from None
 
 
 def _truncated_error(call: LlmCall, result: ProviderResult, continuations: int) -> ProviderError:
