@@ -42,6 +42,11 @@ async def load_attachments(call: LlmCall, converter: DataConverter) -> LlmCall:
 
 async def load_attachment(attachment: Attachment, converter: DataConverter) -> Attachment:
     """``attachment`` with its bytes, read back through the store and checked."""
+    if not attachment.ref:
+        raise AttachmentError(
+            f"attachment {attachment.name!r} was described but never stored: start the run "
+            "with `llmmixer run` or MixerClient.start, which store the file"
+        )
     try:
         payload = Payload()
         payload.ParseFromString(base64.b64decode(attachment.ref, validate=True))

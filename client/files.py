@@ -28,7 +28,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from temporalio.api.common.v1 import Payload
 from temporalio.converter import DataConverter
 
 from llmmixer.core.attachments import UnsupportedFile, describe_file
@@ -41,6 +40,7 @@ __all__ = [
     "describe_inputs",
     "has_file_inputs",
     "max_attachment_bytes",
+    "spec_dir",
     "store_inputs",
 ]
 
@@ -63,12 +63,32 @@ def max_attachment_bytes(environ: Mapping[str, str] | None = None) -> int:
     return PayloadEnv.from_env(environ).max_attachment_bytes
 
 
-def has_file_inputs(inputs: Mapping[str, Any]) -> bool:
-    return any(_is_file(value) for value in inputs.values())
+def has_file_inputs(inputs: Mapping[str, Any], *, stored_too: bool = False) -> bool:
+    """Whether any input is a file not in the payload store yet (or any file at all)."""
+    return any(
+        _is_file(value) and (stored_too or not _is_stored(value)) for value in inputs.values()
+    )
+
+
+def spec_dir(source: object) -> Path | None:
+    """The directory a spec's relative file paths are read from: its file's, else none (cwd)."""
+    if isinstance(source, Path):
+        return source.parent
+    if isinstance(source, str) and "\n" not in source and Path(source).suffix in _SPEC_SUFFIXES:
+        return Path(source).parent
+    return None
+
+
+_SPEC_SUFFIXES = {".yaml", ".yml", ".json"}
 
 
 def _is_file(value: object) -> bool:
     return isinstance(value, File) or (isinstance(value, Mapping) and "file" in value)
+
+
+def _is_stored(value: object) -> bool:
+    file = value.get("file") if isinstance(value, Mapping) else None
+    return isinstance(file, Mapping) and bool(file.get("ref")) and "data" not in file
 
 
 async def store_inputs(
@@ -90,7 +110,7 @@ async def store_inputs(
         if not _is_file(value):
             out[key] = value
             continue
-        name, data, declared = _bytes_of(key, value, base_dir, read_paths, limit)
+        name, data, declared = _bytes_of(key, value, base_dir, read_paths, limit, storing=True)
         if data is None:
             out[key] = value  # already stored
             continue
@@ -104,17 +124,23 @@ def describe_inputs(
     inputs: Mapping[str, Any],
     *,
     base_dir: Path | None = None,
+    read_paths: bool = True,
     max_bytes: int | None = None,
 ) -> dict[str, Any]:
-    """``inputs`` with file inputs described but not stored (``validate``, ``estimate``)."""
+    """``inputs`` with file inputs described but not stored (``validate``, ``estimate``).
+
+    A described file has an empty ``ref``: a run cannot start with it.
+    """
     limit = max_attachment_bytes() if max_bytes is None else max_bytes
     out: dict[str, Any] = {}
     for key, value in inputs.items():
         if not _is_file(value):
             out[key] = value
             continue
-        name, data, declared = _bytes_of(key, value, base_dir, True, limit)
-        out[key] = value if data is None else {"file": _describe(key, name, data, declared)}
+        name, data, declared = _bytes_of(key, value, base_dir, read_paths, limit, storing=False)
+        out[key] = (
+            value if data is None else {"file": _describe(key, name, data, declared).model_dump()}
+        )
     return out
 
 
@@ -133,7 +159,13 @@ def _describe(key: str, name: str, data: bytes, declared: str | None) -> Attachm
 
 
 def _bytes_of(
-    key: str, value: object, base_dir: Path | None, read_paths: bool, limit: int
+    key: str,
+    value: object,
+    base_dir: Path | None,
+    read_paths: bool,
+    limit: int,
+    *,
+    storing: bool,
 ) -> tuple[str, bytes | None, str | None]:
     """(name, bytes or None when already stored, declared media type)."""
     if isinstance(value, File):
@@ -155,14 +187,28 @@ def _bytes_of(
         if not path.is_absolute() and base_dir is not None:
             path = base_dir / path
         return path.name, _read_path(path, f"inputs.{key}", limit, key=key), None
-    if isinstance(file, Mapping) and "ref" in file and "data" not in file:
-        # Stored already (a re-run's inputs, a spec from a run's history).
+    if isinstance(file, Mapping) and "sha256" in file and "data" not in file:
+        if not read_paths:
+            # A reference reads the payload store: only this process writes them.
+            raise _refused(
+                key,
+                "over HTTP a file input carries its bytes, not a stored reference: send "
+                '{"file": {"name": ..., "media_type": ..., "data": BASE64}}',
+            )
+        if not file.get("ref") and storing:
+            raise _refused(
+                key,
+                "this file was only described (llmmixer validate), never stored: give its "
+                "path or bytes to start a run",
+            )
         try:
             Attachment.model_validate(file)
         except ValueError:
             raise _refused(
                 key, "a stored file needs name, media_type, size, sha256 and ref"
             ) from None
+        # Stored already (a re-run's inputs, a spec from a run's history), or
+        # described (enough to validate).
         return str(file.get("name", "")), None, None
     if isinstance(file, Mapping) and isinstance(file.get("data"), str):
         unknown = set(file) - {"name", "media_type", "data"}
