@@ -148,14 +148,13 @@ class ToolDeclaration(BaseModel):
 
 
 class Attachment(BaseModel):
-    """A file sent with a turn: what it is, and where its bytes are kept.
+    """A stored file: what it is, and where its bytes are kept. Clients write it, not people.
 
-    The bytes never travel in a workflow's inputs or history: the client
-    puts them in the payload store (``runtime/storage.py``) and ``ref`` is
-    the store's reference to them (a serialized ``Payload``, base64). The
-    worker reads them back with ``ref`` before the call and checks them
-    against ``sha256``. ``ref`` is empty where only a description is needed
-    (``llmmixer validate``, the estimate).
+    The bytes never travel in a run's inputs or history: the client that
+    starts the run puts them in the payload store (``LLMMIXER_PAYLOAD_*``)
+    and ``ref`` is the store's reference to them. The worker reads them back
+    before the call and checks them against ``sha256``. ``ref`` is empty
+    where only a description is needed (``llmmixer validate``).
     """
 
     name: str
