@@ -83,9 +83,7 @@ def parse_inputs(pairs: list[str]) -> dict[str, Any]:
             raise SpecError(
                 [SpecIssue(SPEC_LOCATION, "inputs", f"--input {pair!r}: write it as key=value")]
             )
-        if value.startswith("@"):
-            value = _read_input(key, Path(value[1:]))
-        inputs[key] = value
+        inputs[key] = _read_input(key, Path(value[1:])) if value.startswith("@") else value
     return inputs
 
 

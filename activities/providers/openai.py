@@ -173,10 +173,10 @@ class OpenAIAdapter:
             elif m.role == "assistant":
                 messages.append({"role": "assistant", "content": m.content})
             elif m.attachments:
-                parts: list[Any] = [_chat_part(f) for f in m.attachments]
+                content: list[Any] = [_chat_part(f) for f in m.attachments]
                 if m.content:
-                    parts.append({"type": "text", "text": m.content})
-                messages.append({"role": "user", "content": parts})
+                    content.append({"type": "text", "text": m.content})
+                messages.append({"role": "user", "content": content})
             else:
                 messages.append({"role": "user", "content": m.content})
         response_format: Any = omit
