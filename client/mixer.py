@@ -234,6 +234,14 @@ class MixerClient:
         is created); each run reads its scheduled time as
         ``{{inputs.scheduled_time}}``.
         """
+        raw = read_spec(spec)
+        merged = {**(raw.get("inputs") or {}), **(inputs or {})}
+        if has_file_inputs(merged):
+            # Stored once, now: every run the schedule starts reads the same file.
+            raw["inputs"] = await store_inputs(
+                merged, self.temporal.data_converter, base_dir=spec_dir(spec)
+            )
+            spec, inputs = raw, None
         body, parsed = schedules.scheduled_spec(spec, inputs, dry_run=dry_run)
         await self.create_schedule_prepared(
             name, body, parsed, cron=cron, overlap=overlap, paused=paused

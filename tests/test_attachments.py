@@ -321,3 +321,12 @@ async def test_http_file_inputs_carry_bytes_and_never_make_the_server_read_a_pat
         headers=AUTH,
     )
     assert answer.status_code == 422 and "its content is application/pdf" in answer.text
+
+
+async def test_with_the_store_off_only_small_files_travel_in_history() -> None:
+    from temporalio.contrib.pydantic import pydantic_data_converter
+
+    small = await store_inputs({"a": File("a.png", png(2048))}, pydantic_data_converter)
+    assert small["a"]["file"]["size"] == 2048 and small["a"]["file"]["ref"]
+    with pytest.raises(SpecError, match="LLMMIXER_PAYLOAD_STORE is off"):
+        await store_inputs({"b": File("b.png", png(DEFAULT_THRESHOLD))}, pydantic_data_converter)
