@@ -871,6 +871,10 @@ def _secret_issues(node: object, where: str, path: str) -> Iterator[SpecIssue]:
                 yield from _secret_issues(step, step_where, "")
             return
         for key, value in node.items():
+            if path.endswith(".file") and key in ("ref", "sha256"):
+                # A stored file's digest and store reference: random-looking
+                # by nature, written by the client, never a credential.
+                continue
             yield from _secret_field(str(key), value, where, f"{path}.{key}" if path else key)
     elif isinstance(node, list):
         for index, item in enumerate(node):

@@ -330,3 +330,13 @@ async def test_with_the_store_off_only_small_files_travel_in_history() -> None:
     assert small["a"]["file"]["size"] == 2048 and small["a"]["file"]["ref"]
     with pytest.raises(SpecError, match="LLMMIXER_PAYLOAD_STORE is off"):
         await store_inputs({"b": File("b.png", png(DEFAULT_THRESHOLD))}, pydantic_data_converter)
+
+
+def test_a_stored_reference_that_looks_random_is_not_taken_for_a_credential() -> None:
+    stored = describe_file("a.png", png(1024)).model_dump() | {"ref": "AIza" + "Q" * 35}
+    spec = vision_spec() | {"inputs": {"diagram": {"file": stored}}}
+    prepare_spec(spec)
+    # Elsewhere in the spec, the same shape is still refused.
+    spec["steps"][0]["prompt"] = "AIza" + "Q" * 35
+    with pytest.raises(SpecError, match="looks like a credential"):
+        prepare_spec(spec)
