@@ -478,7 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="set an input (value @file reads a file)",
+        help="set an input (value @file reads a file: an image or PDF becomes a file input)",
     )
     run.add_argument("--id", default=None, help="workflow id (default: NAME-random)")
     run.add_argument("--detach", action="store_true", help="start and return (needs a server)")
