@@ -308,7 +308,10 @@ def _cache_prefix_key(call: LlmCall) -> str | None:
     if call.cache != "auto" or call.dry_run or not call.messages:
         return None
     shared = stable_prefix(call.messages[-1].content)
-    history = [m.content for m in call.messages[:-1]]
+    # Files go before a turn's text, so they are part of the prefix too.
+    history = [m.content for m in call.messages[:-1]] + [
+        f.sha256 for m in call.messages for f in m.attachments
+    ]
     if not shared and not history and len(call.system or "") < 4096:
         return None
     digest = hashlib.sha256()
