@@ -32,6 +32,10 @@ def dry_run_reply(call: LlmCall) -> tuple[str, Usage]:
             f"{DRY_RUN_LABEL} {call.provider}/{call.model} answered step {call.step_id} "
             f"(#{digest}); prompt was: {first_line}"
         )
+        files = [f.describe() for m in call.messages for f in m.attachments]
+        if files:
+            # What a real run would send; the bytes are not read for a dry run.
+            text += f"; would attach {', '.join(files)}"
     usage = Usage(
         input_tokens=_estimate_tokens(
             (call.system or "") + "".join(m.content for m in call.messages)

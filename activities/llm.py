@@ -28,6 +28,7 @@ from datetime import UTC, datetime, timedelta
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from llmmixer.activities.attachments import AttachmentError, load_attachments
 from llmmixer.activities.deltas import DeltaForwarder
 from llmmixer.activities.dry_run import dry_run_reply
 from llmmixer.activities.pricing import PriceTable
@@ -159,6 +160,7 @@ class LlmActivities:
                     unsent_text=forwarder.take_unsent(),
                 )
             try:
+                call = await _with_attachments(call)
                 result = await observe_llm_call(
                     call,
                     lambda: self._complete(call, forward),
@@ -359,6 +361,17 @@ def _rate_limit_wait_budget_s() -> float:
     return max(0.0, left / 2)
 
 
+async def _with_attachments(call: LlmCall) -> LlmCall:
+    """``call`` with its files' bytes, read through the worker's converter (its store)."""
+    if not any(m.attachments for m in call.messages):
+        return call
+    try:
+        return await load_attachments(call, activity.client().data_converter)
+    except AttachmentError as error:
+        # Another attempt reads the same store: the run must be started again.
+        raise ProviderError(ErrorType.REJECTED, str(error)) from None
+
+
 def _truncated_error(call: LlmCall, result: ProviderResult, continuations: int) -> ProviderError:
     limit = f"max_tokens {call.max_tokens}" if call.max_tokens else "the default output limit"
     if call.truncation_policy() == "continue":
@@ -386,7 +399,10 @@ def _cache_prefix_key(call: LlmCall) -> str | None:
     if call.cache != "auto" or call.dry_run or not call.messages:
         return None
     shared = stable_prefix(call.messages[-1].content)
-    history = [m.content for m in call.messages[:-1]]
+    # Files go before a turn's text, so they are part of the prefix too.
+    history = [m.content for m in call.messages[:-1]] + [
+        f.sha256 for m in call.messages for f in m.attachments
+    ]
     if not shared and not history and len(call.system or "") < 4096:
         return None
     digest = hashlib.sha256()

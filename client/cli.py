@@ -38,10 +38,10 @@ from llmmixer.client.mixer import (
 from llmmixer.client.rerun import RerunError, read_source, reuse_table
 from llmmixer.client.schedules import add_schedule_parser, cmd_schedule
 from llmmixer.client.setup import add_setup_parser, cmd_setup, list_query, shown_status
-from llmmixer.client.specfile import parse_inputs, prepare_spec, read_spec, spec_warnings
+from llmmixer.client.specfile import parse_inputs, prepare_spec, spec_warnings
 from llmmixer.client.watch import EventPump, retrying
 from llmmixer.core.contracts import EventType
-from llmmixer.core.validation import SpecError, validate_spec
+from llmmixer.core.validation import SpecError
 from llmmixer.runtime.codec_server import add_codec_server_arguments
 from llmmixer.runtime.connection import Connection
 from llmmixer.runtime.settings import Settings, SettingsError
@@ -73,10 +73,8 @@ def _err(message: str) -> None:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     try:
-        body = read_spec(args.spec)
-        if args.input:
-            body.setdefault("inputs", {}).update(parse_inputs(args.input))
-        spec = validate_spec(body)
+        # File inputs (the spec's and --input's) are read and typed, not stored.
+        _, spec = prepare_spec(args.spec, inputs=parse_inputs(args.input or []))
     except SpecError as error:
         for issue in error.issues:
             _err(str(issue))
@@ -90,9 +88,19 @@ def cmd_validate(args: argparse.Namespace) -> int:
 # ---- run / watch ----------------------------------------------------------------
 
 
+def _described_files(body: dict[str, object]) -> bool:
+    """Whether ``prepare_spec`` described file inputs that are not stored yet."""
+    inputs = body.get("inputs")
+    return isinstance(inputs, dict) and any(
+        isinstance(v, dict) and isinstance(v.get("file"), dict) and not v["file"].get("ref")
+        for v in inputs.values()
+    )
+
+
 async def cmd_run(args: argparse.Namespace) -> int:
     try:
-        body, spec = prepare_spec(args.spec, inputs=parse_inputs(args.input), dry_run=args.dry_run)
+        inputs = parse_inputs(args.input)
+        body, spec = prepare_spec(args.spec, inputs=inputs, dry_run=args.dry_run)
     except SpecError as error:
         for issue in error.issues:
             _err(str(issue))
@@ -104,6 +112,14 @@ async def cmd_run(args: argparse.Namespace) -> int:
         connection, allow_embedded=not args.detach, want_worker=not args.detach
     ) as stack:
         mixer = MixerClient(stack.client, connection.task_queue)
+        if _described_files(body):
+            # Files go into the payload store of the client that starts the run.
+            try:
+                body, spec = await mixer.prepare(args.spec, inputs=inputs, dry_run=args.dry_run)
+            except SpecError as error:
+                for issue in error.issues:
+                    _err(str(issue))
+                return EXIT_USAGE
         if args.reuse_from:
             # The spec edited in place: steps whose call is unchanged take
             # the source run's output (like `rerun ID --spec SPEC`).
@@ -115,7 +131,7 @@ async def cmd_run(args: argparse.Namespace) -> int:
                 return EXIT_FAILED
             handle = await mixer.start_prepared(body, spec, workflow_id=args.id, reuse=reuse)
         else:
-            handle = await mixer.start(body, workflow_id=args.id)
+            handle = await mixer.start_prepared(body, spec, workflow_id=args.id)
         _err(f"started {handle.id} ({spec.name}, {len(spec.steps)} steps)")
         if args.detach:
             print(handle.id)
@@ -462,7 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="set an input (value @file reads a file)",
+        help="set an input (value @file reads a file: an image or PDF becomes a file input)",
     )
     run.add_argument("--id", default=None, help="workflow id (default: NAME-random)")
     run.add_argument("--detach", action="store_true", help="start and return (needs a server)")

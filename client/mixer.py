@@ -28,9 +28,10 @@ from temporalio.client import (
 from temporalio.contrib.workflow_streams import WorkflowStreamClient
 
 from llmmixer.client import schedules
+from llmmixer.client.files import has_file_inputs, spec_dir, store_inputs
 from llmmixer.client.rerun import prepare_rerun, read_source
 from llmmixer.client.schedules import MixerSchedule, Overlap
-from llmmixer.client.specfile import prepare_spec
+from llmmixer.client.specfile import prepare_spec, read_spec
 from llmmixer.core.contracts import EVENTS_TOPIC, MixerEvent
 from llmmixer.core.spec import Spec
 from llmmixer.runtime.connection import Connection
@@ -119,11 +120,39 @@ class MixerClient:
     ) -> MixerHandle:
         """Validate ``spec`` (a mapping, YAML/JSON text or a file) and start a run.
 
+        A file input (``File.read("a.png")``, ``{"file": "a.png"}`` or
+        ``{"file": {"name", "media_type", "data": BASE64}}``) is read, typed by
+        its content and put in the payload store; the run gets a reference.
         Raises ``llmmixer.core.validation.SpecError`` listing every problem
         before anything is started.
         """
-        body, parsed = prepare_spec(spec, inputs=inputs, dry_run=dry_run)
+        body, parsed = await self.prepare(spec, inputs=inputs, dry_run=dry_run)
         return await self.start_prepared(body, parsed, workflow_id=workflow_id)
+
+    async def prepare(
+        self,
+        spec: Mapping[str, Any] | str | Path,
+        *,
+        inputs: Mapping[str, Any] | None = None,
+        dry_run: bool = False,
+        read_paths: bool = True,
+    ) -> tuple[dict[str, Any], Spec]:
+        """``prepare_spec``, with file inputs stored through this client's converter.
+
+        ``read_paths=False`` (``llmmixer serve``): a file input naming a path
+        is refused, never read.
+        """
+        body = read_spec(spec)
+        merged = {**(body.get("inputs") or {}), **(inputs or {})}
+        if not has_file_inputs(merged):
+            return prepare_spec(body, inputs=inputs, dry_run=dry_run, read_paths=read_paths)
+        body["inputs"] = await store_inputs(
+            merged,
+            self.temporal.data_converter,
+            base_dir=spec_dir(spec),
+            read_paths=read_paths,
+        )
+        return prepare_spec(body, dry_run=dry_run, read_paths=read_paths)
 
     async def start_prepared(
         self,
@@ -178,6 +207,8 @@ class MixerClient:
         ``SpecError`` before anything starts.
         """
         source = await read_source(self.temporal, workflow_id)
+        if inputs and has_file_inputs(inputs):
+            inputs = await store_inputs(inputs, self.temporal.data_converter)
         body, parsed, table = prepare_rerun(source, spec=spec, inputs=inputs, from_steps=from_steps)
         return await self.start_prepared(body, parsed, workflow_id=new_workflow_id, reuse=table)
 
@@ -203,6 +234,14 @@ class MixerClient:
         is created); each run reads its scheduled time as
         ``{{inputs.scheduled_time}}``.
         """
+        raw = read_spec(spec)
+        merged = {**(raw.get("inputs") or {}), **(inputs or {})}
+        if has_file_inputs(merged):
+            # Stored once, now: every run the schedule starts reads the same file.
+            raw["inputs"] = await store_inputs(
+                merged, self.temporal.data_converter, base_dir=spec_dir(spec)
+            )
+            spec, inputs = raw, None
         body, parsed = schedules.scheduled_spec(spec, inputs, dry_run=dry_run)
         await self.create_schedule_prepared(
             name, body, parsed, cron=cron, overlap=overlap, paused=paused

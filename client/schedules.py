@@ -374,7 +374,7 @@ async def cmd_schedule(args: argparse.Namespace) -> int:
     action = args.schedule_command
     if action == "create":
         try:
-            body, spec = scheduled_spec(args.spec, parse_inputs(args.input), dry_run=args.dry_run)
+            _, spec = scheduled_spec(args.spec, parse_inputs(args.input), dry_run=args.dry_run)
         except SpecError as error:
             for issue in error.issues:
                 _err(str(issue))
@@ -382,8 +382,15 @@ async def cmd_schedule(args: argparse.Namespace) -> int:
         for warning in spec_warnings(spec):
             _err(f"warning: {warning}")
         mixer = await MixerClient.connect()
-        await mixer.create_schedule_prepared(
-            args.name, body, spec, cron=args.cron, overlap=args.overlap, paused=args.paused
+        # Through create_schedule, which stores file inputs (--input NAME=@FILE).
+        await mixer.create_schedule(
+            args.name,
+            args.spec,
+            cron=args.cron,
+            inputs=parse_inputs(args.input),
+            overlap=args.overlap,
+            paused=args.paused,
+            dry_run=args.dry_run,
         )
         print(f"created schedule {args.name}: {spec.name} at {'; '.join(args.cron)} (UTC)")
         return 0

@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from llmmixer.activities.pricing import PriceTable
+from llmmixer.client.files import File, describe_inputs, has_file_inputs, spec_dir
+from llmmixer.core.attachments import TEXT_TYPE, sniff_media_type
 from llmmixer.core.documents import DEFAULT_LIMITS, DocumentError, check_document, load_document
 from llmmixer.core.spec import Spec
 from llmmixer.core.validation import SPEC_LOCATION, SpecError, SpecIssue, validate_spec
@@ -121,23 +123,29 @@ def _document_error(message: str, field: str = "(document)") -> SpecError:
     return SpecError([SpecIssue(SPEC_LOCATION, field, message)])
 
 
-def parse_inputs(pairs: list[str]) -> dict[str, str]:
-    """``["key=value", ...]`` from the command line."""
-    inputs: dict[str, str] = {}
+def parse_inputs(pairs: list[str]) -> dict[str, Any]:
+    """``["key=value", ...]`` from the command line.
+
+    ``key=@path`` reads the file: an image or a PDF (typed by its content)
+    becomes a file input, anything else its UTF-8 text.
+    """
+    inputs: dict[str, Any] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise SpecError(
                 [SpecIssue(SPEC_LOCATION, "inputs", f"--input {pair!r}: write it as key=value")]
             )
-        if value.startswith("@"):
-            value = _read_input(key, Path(value[1:]))
-        inputs[key] = value
+        inputs[key] = _read_input(key, Path(value[1:])) if value.startswith("@") else value
     return inputs
 
 
-def _read_input(key: str, path: Path) -> str:
+def _read_input(key: str, path: Path) -> str | File:
     try:
+        with path.open("rb") as stream:
+            head = stream.read(16)
+        if sniff_media_type(head) not in (None, TEXT_TYPE):
+            return File.read(path)
         return path.read_text(encoding="utf-8")
     except OSError as error:
         message = f"--input {key}=@{path}: cannot read it: {error.strerror}"
@@ -151,17 +159,27 @@ def prepare_spec(
     *,
     inputs: Mapping[str, Any] | None = None,
     dry_run: bool = False,
+    read_paths: bool = True,
 ) -> tuple[dict[str, Any], Spec]:
-    """The JSON body to start a run with, and its validated model."""
+    """The JSON body to start a run with, and its validated model.
+
+    ``read_paths=False`` (``llmmixer serve``): a file input naming a path is
+    refused, never read.
+    """
     body = read_spec(source)
     if not isinstance(source, Mapping) and _is_file(source):
         # Only a spec read from a file names files relative to it; a mapping
         # (the HTTP API, a program) must inline its child specs itself: a
         # request must never make the server read its own files.
         body = inline_spec_tools(body, Path(source).parent)
+    merged = dict(body.get("inputs") or {})
+    merged.update(inputs or {})
+    if has_file_inputs(merged):
+        # Described (typed, sized, hashed), not stored: enough to validate.
+        # MixerClient.start stores them; llmmixer serve never reads a path.
+        merged = describe_inputs(merged, base_dir=spec_dir(source), read_paths=read_paths)
+        inputs = merged
     if inputs:
-        merged = dict(body.get("inputs") or {})
-        merged.update(inputs)
         body["inputs"] = merged
         try:
             check_document(body, source="the spec with its inputs")

@@ -33,7 +33,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, PrivateAttr, field_validator
 
 from llmmixer.core.providers import provider_names
 from llmmixer.core.tools import TOOL_NAME_PATTERN, CommandTool, McpTool, empty_parameters
@@ -144,6 +144,57 @@ class ToolDeclaration(BaseModel):
         return value
 
 
+# ---- files a turn carries (core/attachments.py reads and types them) -----
+
+
+class Attachment(BaseModel):
+    """A stored file: what it is, and where its bytes are kept. Clients write it, not people.
+
+    The bytes never travel in a run's inputs or history: the client that
+    starts the run puts them in the payload store (``LLMMIXER_PAYLOAD_*``)
+    and ``ref`` is the store's reference to them. The worker reads them back
+    before the call and checks them against ``sha256``. ``ref`` is empty
+    where only a description is needed (``llmmixer validate``).
+    """
+
+    name: str
+    #: Typed by the file's content, never its name: image/png, image/jpeg,
+    #: image/gif, image/webp, application/pdf or text/plain.
+    media_type: str
+    size: int
+    sha256: str
+    ref: str = ""
+    # Filled in on the worker only (``loaded``), never serialized.
+    _data: bytes | None = PrivateAttr(default=None)
+
+    def loaded(self, data: bytes) -> Attachment:
+        """A copy that carries its bytes, for the provider adapter."""
+        copy = self.model_copy()
+        copy._data = data
+        return copy
+
+    @property
+    def data(self) -> bytes:
+        if self._data is None:
+            raise ValueError(
+                f"attachment {self.name!r} was not loaded from the payload store: "
+                "the LLM activity loads every attachment before the call"
+            )
+        return self._data
+
+    def describe(self) -> str:
+        """How a prompt, a dry run and the estimate name the file."""
+        return f"{self.name} ({self.media_type}, {_size_text(self.size)})"
+
+
+def _size_text(size: int) -> str:
+    if size >= 1024 * 1024:
+        return f"{size / (1024 * 1024):.1f} MB"
+    if size >= 1024:
+        return f"{size / 1024:.1f} KB"
+    return f"{size} bytes"
+
+
 class ChatMessage(BaseModel):
     """One turn of a conversation.
 
@@ -161,6 +212,8 @@ class ChatMessage(BaseModel):
     tool_call_id: str | None = None
     tool_name: str | None = None
     is_error: bool = False
+    # Files sent with this turn (a user turn), after its text.
+    attachments: list[Attachment] = Field(default_factory=list)
 
     @classmethod
     def tool_request(cls, text: str, calls: list[ToolCall]) -> ChatMessage:

@@ -31,6 +31,12 @@ __all__ = [
 ]
 
 
+# Kept in step with core/attachments.py's MEDIA_TYPES (this module imports
+# nothing of llmmixer).
+_IMAGES = ("image/png", "image/jpeg", "image/gif", "image/webp")
+_ALL_FILES = (*_IMAGES, "application/pdf", "text/plain")
+
+
 @dataclass(frozen=True)
 class ProviderSpec:
     """One provider: what the worker reads, builds, prices and reports for it."""
@@ -58,6 +64,19 @@ class ProviderSpec:
     example_model: str
     #: ``gen_ai.provider.name`` (OpenTelemetry GenAI conventions).
     otel_name: str
+    #: Media types of the files a step may attach (core/attachments.py) ...
+    attachment_types: tuple[str, ...] = _ALL_FILES
+    #: ... and at a step's own ``base_url`` (a compatible server, which may
+    #: take fewer kinds of parts than the provider itself).
+    own_endpoint_attachment_types: tuple[str, ...] = _ALL_FILES
+
+    def attachment_refusal(self, media_type: str, *, own_endpoint: bool) -> str | None:
+        """Why this provider cannot be sent a file of ``media_type``, or None."""
+        accepted = self.own_endpoint_attachment_types if own_endpoint else self.attachment_types
+        if media_type in accepted:
+            return None
+        where = f"{self.name} at a step's own base_url" if own_endpoint else self.name
+        return f"{where} takes {', '.join(accepted) or 'no files'}, not {media_type}"
 
 
 _OPTIONS = "llmmixer.core.provider_options"
@@ -84,6 +103,9 @@ PROVIDER_SPECS: tuple[ProviderSpec, ...] = (
         price_key="openai",
         example_model="gpt-4.1-mini",
         otel_name="openai",
+        # OpenAI-compatible servers (Ollama, vLLM) take image_url parts, but
+        # few take `file` parts: a PDF there would fail at every attempt.
+        own_endpoint_attachment_types=(*_IMAGES, "text/plain"),
     ),
     ProviderSpec(
         name="gemini",

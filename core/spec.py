@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
-from llmmixer.core.contracts import RespondRule
+from llmmixer.core.contracts import Attachment, RespondRule
 from llmmixer.core.tools import DEFAULT_MAX_TURNS, Tool
 
 STEP_ID_PATTERN = r"^[a-z0-9_-]+$"
@@ -102,6 +102,27 @@ class BestOf(_Strict):
     judge: Judge | None = None
 
 
+class FileInput(_Strict):
+    """An input that is a file: ``{file: PATH}`` in a spec, an ``Attachment`` once stored.
+
+    A path is read by the client that starts the run (``llmmixer run``,
+    ``MixerClient``), relative to the spec's file, and replaced by the stored
+    file's description before the run starts; ``llmmixer serve`` never reads
+    one. A step sends the file with ``attachments: [NAME]``.
+    """
+
+    file: str | Attachment
+
+    def __str__(self) -> str:
+        # What `{{inputs.NAME}}` of a file input renders to: a description, never bytes.
+        if isinstance(self.file, Attachment):
+            return f"[file {self.file.describe()}]"
+        return f"[file {self.file}]"
+
+
+InputValue = str | int | float | bool | FileInput
+
+
 class Defaults(_Strict):
     """Values every step uses unless it sets its own."""
 
@@ -166,6 +187,8 @@ class LlmStep(_StepBase):
     tools: list[Tool] | None = None
     # Most model turns of a tool loop; the step fails (on_failure applies) beyond it.
     max_turns: int | None = Field(default=None, ge=1, le=100)
+    # Names of file inputs sent with the prompt, in each provider's native shape.
+    attachments: list[str] = Field(default_factory=list)
 
 
 class PtyStep(_StepBase):
@@ -257,7 +280,7 @@ class Spec(_Strict):
 
     name: str = Field(default="workflow", min_length=1, max_length=200)
     description: str | None = None
-    inputs: dict[str, str | int | float | bool] = Field(default_factory=dict)
+    inputs: dict[str, InputValue] = Field(default_factory=dict)
     defaults: Defaults = Field(default_factory=Defaults)
     steps: list[Step] = Field(min_length=1)
     output: str | None = None
@@ -310,6 +333,15 @@ class Spec(_Strict):
                     if step.best_of.judge is not None:
                         named.add((step.best_of.judge.provider, step.best_of.judge.model))
         return {(p, m) for p, m in named if p and m}
+
+    def attachments(self, step: LlmStep) -> list[Attachment]:
+        """The stored files ``step`` sends; validation has refused any other name."""
+        found = []
+        for name in step.attachments:
+            value = self.inputs.get(name)
+            if isinstance(value, FileInput) and isinstance(value.file, Attachment):
+                found.append(value.file)
+        return found
 
     def tools(self, step: LlmStep) -> list[Tool]:
         return self.defaults.tools if step.tools is None else step.tools

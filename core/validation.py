@@ -20,9 +20,10 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError, create_model
 
-from llmmixer.core.contracts import PROVIDERS
+from llmmixer.core.attachments import MEDIA_TYPES
+from llmmixer.core.contracts import PROVIDERS, Attachment
 from llmmixer.core.provider_options import model_name_issue, provider_option_issues
-from llmmixer.core.providers import PROVIDER_SPECS
+from llmmixer.core.providers import PROVIDER_SPECS, provider_spec
 from llmmixer.core.secrets import is_secret_field, looks_like_secret
 from llmmixer.core.spec import (
     KINDS,
@@ -32,6 +33,7 @@ from llmmixer.core.spec import (
     ApprovalStep,
     DecomposeStep,
     Defaults,
+    FileInput,
     LlmStep,
     PtyStep,
     Spec,
@@ -182,6 +184,95 @@ def find_issues(raw: object) -> Iterator[SpecIssue]:
     inputs = raw.get("inputs") if isinstance(raw.get("inputs"), Mapping) else {}
     assert isinstance(inputs, Mapping)
     yield from _graph_issues(parsed, ids, inputs, raw.get("output"))
+    yield from _file_input_issues(inputs)
+    for step_id, model in parsed.items():
+        if isinstance(model, LlmStep) and model.attachments:
+            yield from _attachment_issues(step_id, model, inputs, defaults, routes)
+
+
+# ---- files ---------------------------------------------------------------------------
+
+
+def _file_input_issues(inputs: Mapping[str, Any]) -> Iterator[SpecIssue]:
+    for name, value in inputs.items():
+        if not isinstance(value, Mapping) or "file" not in value:
+            continue
+        try:
+            parsed = FileInput.model_validate(value)
+        except ValidationError:
+            continue  # the shape check reports it
+        if isinstance(parsed.file, Attachment) and parsed.file.media_type not in MEDIA_TYPES:
+            yield SpecIssue(
+                SPEC_LOCATION,
+                f"inputs.{name}",
+                f"{parsed.file.media_type} is not a file type llmmixer sends: use one of "
+                f"{', '.join(MEDIA_TYPES)}",
+            )
+
+
+def _attachment_issues(
+    step_id: str,
+    step: LlmStep,
+    inputs: Mapping[str, Any],
+    defaults: Mapping[str, Any],
+    routes: Mapping[str, Any],
+) -> Iterator[SpecIssue]:
+    """Each attachment names a file input, and every target of the step can take its type."""
+    files: list[tuple[str, str]] = []
+    for number, name in enumerate(step.attachments):
+        value = inputs.get(name)
+        field = f"attachments.{number}"
+        if value is None:
+            yield SpecIssue(
+                step_id,
+                field,
+                f"{name!r} is not an input of this spec: add it under `inputs` as "
+                f"{{file: PATH}} or pass --input {name}=@FILE",
+            )
+            continue
+        if not isinstance(value, Mapping) or "file" not in value:
+            yield SpecIssue(
+                step_id,
+                field,
+                f"input {name!r} is text, not a file: pass it as --input {name}=@FILE "
+                "(an image, a PDF) or {file: PATH} in `inputs`",
+            )
+            continue
+        try:
+            parsed = FileInput.model_validate(value).file
+        except ValidationError:
+            continue  # _file_input_issues reports it
+        if isinstance(parsed, Attachment):
+            files.append((name, parsed.media_type))
+    targets: list[tuple[str, bool]] = []
+    if step.role is not None:
+        route = routes.get(step.role)
+        for target in route if isinstance(route, list) else []:
+            if isinstance(target, Mapping):
+                targets.append((str(target.get("provider")), bool(target.get("base_url"))))
+    else:
+        provider = step.provider or defaults.get("provider")
+        targets.append((str(provider), step.base_url is not None))
+    targets += [(t.provider, t.base_url is not None) for t in step.fallback]
+    if step.best_of is not None:
+        targets += [(t.provider, t.base_url is not None) for t in step.best_of.targets]
+    refused: set[str] = set()
+    for provider, own in targets:
+        try:
+            spec = provider_spec(provider)
+        except ValueError:
+            continue  # reported as an unknown provider
+        for name, media_type in files:
+            reason = spec.attachment_refusal(media_type, own_endpoint=own)
+            if reason is not None and reason not in refused:
+                refused.add(reason)
+                yield SpecIssue(
+                    step_id,
+                    "attachments",
+                    f"input {name!r} is {media_type}, and {reason}: send it to another "
+                    "provider, drop the step's base_url, or convert the file "
+                    "(e.g. a PDF to images)",
+                )
 
 
 # The top-level fields, validated apart so step problems are reported per
@@ -780,6 +871,10 @@ def _secret_issues(node: object, where: str, path: str) -> Iterator[SpecIssue]:
                 yield from _secret_issues(step, step_where, "")
             return
         for key, value in node.items():
+            if path.endswith(".file") and key in ("ref", "sha256"):
+                # A stored file's digest and store reference: random-looking
+                # by nature, written by the client, never a credential.
+                continue
             yield from _secret_field(str(key), value, where, f"{path}.{key}" if path else key)
     elif isinstance(node, list):
         for index, item in enumerate(node):

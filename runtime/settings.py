@@ -950,6 +950,17 @@ class PayloadEnv(_Group):
         ),
     ] = ()
 
+    max_attachment_bytes: Annotated[
+        int,
+        Env(
+            "LLMMIXER_MAX_ATTACHMENT_BYTES",
+            Count(minimum=1024, unit="bytes"),
+            'the largest file input (`--input NAME=@FILE`, `{"file": ...}`) a client or '
+            "`llmmixer serve` accepts; larger ones are refused before they are read whole",
+            "33554432",
+        ),
+    ] = 32 * 1024 * 1024
+
     def check(self) -> list[SettingProblem]:
         if self.store == "s3" and not self.s3_bucket:
             return [

@@ -47,6 +47,10 @@ async def run_to_the_end(mixer: MixerClient, spec: dict[str, Any]) -> RunProgres
 @pytest.mark.parametrize("name", sorted(TEXTS))
 async def test_example_runs_dry(mixer: MixerClient, name: str) -> None:
     spec = yaml.safe_load(TEXTS[name])
+    for value in (spec.get("inputs") or {}).values():
+        if isinstance(value, dict) and isinstance(value.get("file"), str):
+            # Relative to the spec's file, as `llmmixer run examples/...` reads it.
+            value["file"] = str(REPO / "examples" / value["file"])
     for step in spec["steps"]:
         if step.get("kind") == "pty":
             step["cwd"] = str(REPO)
@@ -55,6 +59,12 @@ async def test_example_runs_dry(mixer: MixerClient, name: str) -> None:
     assert result.dry_run and result.output
     for step_id, record in result.steps.items():
         assert record.status == StepStatus.COMPLETED, (step_id, record.error)
+    if name == "vision.yaml":
+        # The dry run says what a real run would send, and sends nothing.
+        for step_id in ("claude", "gpt", "gemini"):
+            assert "would attach vision.png (image/png, 224 bytes)" in (
+                result.steps[step_id].output or ""
+            )
     planners = [i for i, r in result.steps.items() if r.kind == "decompose"]
     for planner in planners:
         subs = [r for r in result.steps.values() if r.parent == planner]

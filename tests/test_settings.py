@@ -62,6 +62,7 @@ BAD: dict[str, str] = {
     "LLMMIXER_PAYLOAD_DIR": "payloads",
     "LLMMIXER_PAYLOAD_S3_BUCKET": "My_Bucket",
     "LLMMIXER_PAYLOAD_THRESHOLD_BYTES": "1k",
+    "LLMMIXER_MAX_ATTACHMENT_BYTES": "32MB",
     "LLMMIXER_PAYLOAD_COMPRESS": "zlib",
     "LLMMIXER_PAYLOAD_KEY": "hunter2-not-a-key",
     "LLMMIXER_CODEC_TOKEN": "short-secret",

@@ -24,6 +24,7 @@ not pay.
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Iterable
 from typing import Any
 
@@ -52,7 +53,8 @@ from llmmixer.activities.providers.structured import (
     json_instruction,
     stable_prefix,
 )
-from llmmixer.core.contracts import ChatMessage, LlmCall, ToolCall, Usage
+from llmmixer.core.attachments import IMAGE_TYPES, TEXT_TYPE
+from llmmixer.core.contracts import Attachment, ChatMessage, LlmCall, ToolCall, Usage
 from llmmixer.core.provider_options import AnthropicOptions
 from llmmixer.core.providers import provider_spec
 
@@ -132,6 +134,8 @@ class AnthropicAdapter:
                 content = [{"type": "text", "text": m.content, "cache_control": _BREAKPOINT}]
             elif cached and index == last:
                 content = _last_blocks(m.content)
+            if m.attachments:
+                content = _file_blocks(m.attachments) + _text_blocks(content)
             before += len(m.content)
             messages.append({"role": role, "content": content})
         # This SDK version no longer types temperature/top_p (newer models
@@ -205,6 +209,29 @@ def _last_blocks(text: str) -> str | list[TextBlockParam]:
         {"type": "text", "text": prefix, "cache_control": _BREAKPOINT},
         {"type": "text", "text": text[len(prefix) :]},
     ]
+
+
+def _file_blocks(files: list[Attachment]) -> list[Any]:
+    """Image and document blocks, before the turn's text (Anthropic reads images best first)."""
+    blocks: list[Any] = []
+    for f in files:
+        if f.media_type == TEXT_TYPE:
+            source: Any = {"type": "text", "media_type": TEXT_TYPE, "data": f.data.decode()}
+            blocks.append({"type": "document", "source": source, "title": f.name})
+            continue
+        encoded = base64.b64encode(f.data).decode("ascii")
+        source = {"type": "base64", "media_type": f.media_type, "data": encoded}
+        if f.media_type in IMAGE_TYPES:
+            blocks.append({"type": "image", "source": source})
+        else:
+            blocks.append({"type": "document", "source": source, "title": f.name})
+    return blocks
+
+
+def _text_blocks(content: str | list[Any]) -> list[Any]:
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}] if content else []
+    return list(content)
 
 
 def _arguments(value: object) -> dict[str, Any]:

@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import io
 import logging
 import time
 from collections.abc import AsyncIterator, Iterable
@@ -109,12 +110,29 @@ def _enum_text(value: Any) -> str | None:
     return str(getattr(value, "value", value))
 
 
+# The Gemini API takes a request of up to 20 MB; files are inline (base64,
+# a third larger) while they fit well under it, and go through the Files API
+# beyond.
+INLINE_LIMIT_BYTES = 14 * 1024 * 1024
+
+
 class GeminiAdapter:
-    """Streams calls to the Gemini API (``generateContent`` with ``alt=sse``)."""
+    """Streams calls to the Gemini API (``generateContent`` with ``alt=sse``).
+
+    ``inline_limit``: the most bytes of files a request carries inline; the
+    files past it are uploaded through the Files API and sent by their URI.
+    """
 
     provider = "gemini"
 
-    def __init__(self, config: ProviderConfig, *, secrets: Iterable[str] = ()) -> None:
+    def __init__(
+        self,
+        config: ProviderConfig,
+        *,
+        secrets: Iterable[str] = (),
+        inline_limit: int = INLINE_LIMIT_BYTES,
+    ) -> None:
+        self._inline_limit = inline_limit
         if config.keyless:
             # A step's own endpoint: never the worker's key. The explicit
             # placeholder also stops the SDK from reading GEMINI_API_KEY or
@@ -148,7 +166,7 @@ class GeminiAdapter:
         self, call: LlmCall, config: types.GenerateContentConfig
     ) -> tuple[list[types.Content], types.GenerateContentConfig]:
         """The contents and config to send: the call's own part against a cache, if any."""
-        contents = _contents(call)
+        contents = _contents(call, await self._uploaded(call))
         shared = _shared_context(call)
         if shared is None:
             return contents, config
@@ -341,6 +359,28 @@ class GeminiAdapter:
             tool_calls=tool_calls,
         )
 
+    async def _uploaded(self, call: LlmCall) -> dict[str, str]:
+        """sha256 -> Files API URI of each file past the inline limit (each uploaded once)."""
+        uris: dict[str, str] = {}
+        inline = 0
+        for message in call.messages:
+            for f in message.attachments:
+                if f.sha256 in uris:
+                    continue
+                if inline + f.size <= self._inline_limit:
+                    inline += f.size
+                    continue
+                uploaded = await self._client.aio.files.upload(
+                    file=io.BytesIO(f.data),
+                    config=types.UploadFileConfig(mime_type=f.media_type, display_name=f.name),
+                )
+                if not uploaded.uri:
+                    raise ProviderError(
+                        ErrorType.RETRYABLE, f"gemini: the Files API returned no URI for {f.name}"
+                    )
+                uris[f.sha256] = uploaded.uri
+        return uris
+
 
 # Ids for calls the API sent without one (the Gemini API matches a function
 # response to its call by name and order); unique within a conversation.
@@ -374,7 +414,10 @@ async def _chunks(
 
 def _shared_context(call: LlmCall) -> _Shared | None:
     """What a call shares with its siblings, when it is worth an explicit cache."""
+    # Attached files are sent as they are: the explicit cache covers text only.
     if call.cache != "auto" or call.tools or not call.messages:
+        return None
+    if any(m.attachments for m in call.messages):
         return None
     *history, last = call.messages
     if last.role != "user" or any(m.role == "tool" or m.tool_calls for m in call.messages):
@@ -396,12 +439,14 @@ def _shared_context(call: LlmCall) -> _Shared | None:
     )
 
 
-def _contents(call: LlmCall) -> list[types.Content]:
+def _contents(call: LlmCall, uploaded: dict[str, str] | None = None) -> list[types.Content]:
     """The conversation as Gemini contents; a tool loop's turns as function call/response parts.
 
     The responses to parallel calls go together in the one user content
-    that follows the model's turn.
+    that follows the model's turn. Files come before a turn's text: inline
+    data, or the URI of their upload (``uploaded``, by sha256).
     """
+    uploaded = uploaded or {}
     contents: list[types.Content] = []
     for m in call.messages:
         if m.role == "tool":
@@ -425,7 +470,14 @@ def _contents(call: LlmCall) -> list[types.Content]:
             else:
                 contents.append(types.Content(role="user", parts=[response]))
             continue
-        parts = [types.Part(text=m.content)] if m.content or not m.tool_calls else []
+        parts = [
+            types.Part.from_uri(file_uri=uploaded[f.sha256], mime_type=f.media_type)
+            if f.sha256 in uploaded
+            else types.Part.from_bytes(data=f.data, mime_type=f.media_type)
+            for f in m.attachments
+        ]
+        if m.content or not (m.tool_calls or m.attachments):
+            parts.append(types.Part(text=m.content))
         for c in m.tool_calls:
             parts.append(
                 types.Part(

@@ -20,6 +20,7 @@ shared prefix, which routes the siblings' requests to the same cache.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 from collections.abc import Iterable
@@ -48,7 +49,8 @@ from llmmixer.activities.providers.errors import (
 from llmmixer.activities.providers.options import checked_provider_options
 from llmmixer.activities.providers.ratelimit import http_event_hooks
 from llmmixer.activities.providers.structured import enforce_response_format, stable_prefix
-from llmmixer.core.contracts import ErrorType, LlmCall, ToolCall, Usage
+from llmmixer.core.attachments import IMAGE_TYPES, TEXT_TYPE
+from llmmixer.core.contracts import Attachment, ErrorType, LlmCall, ToolCall, Usage
 from llmmixer.core.provider_options import OpenAIOptions
 from llmmixer.core.providers import provider_spec
 
@@ -173,6 +175,11 @@ class OpenAIAdapter:
                 )
             elif m.role == "assistant":
                 messages.append({"role": "assistant", "content": m.content})
+            elif m.attachments:
+                content: list[Any] = [_chat_part(f) for f in m.attachments]
+                if m.content:
+                    content.append({"type": "text", "text": m.content})
+                messages.append({"role": "user", "content": content})
             else:
                 messages.append({"role": "user", "content": m.content})
         response_format: Any = omit
@@ -286,7 +293,12 @@ class OpenAIAdapter:
                     }
                 )
                 continue
-            if m.content or not m.tool_calls:
+            if m.attachments and m.role == "user":
+                content: list[Any] = [_responses_part(f) for f in m.attachments]
+                if m.content:
+                    content.append({"type": "input_text", "text": m.content})
+                items.append({"role": "user", "content": content})
+            elif m.content or not m.tool_calls:
                 items.append(
                     {"role": "assistant" if m.role == "assistant" else "user", "content": m.content}
                 )
@@ -391,3 +403,33 @@ class OpenAIAdapter:
             truncated=finish_reason in _TRUNCATED,
             tool_calls=tool_calls,
         )
+
+
+# --- files --------------------------------------------------------------------------
+
+
+def _data_url(f: Attachment) -> str:
+    return f"data:{f.media_type};base64,{base64.b64encode(f.data).decode('ascii')}"
+
+
+def _as_text(f: Attachment) -> str:
+    # Neither API has a text-file part: the file's text goes in, named.
+    return f"File {f.name}:\n{f.data.decode()}"
+
+
+def _chat_part(f: Attachment) -> Any:
+    """A Chat Completions content part: ``image_url`` (a data URL) or ``file``."""
+    if f.media_type in IMAGE_TYPES:
+        return {"type": "image_url", "image_url": {"url": _data_url(f)}}
+    if f.media_type == TEXT_TYPE:
+        return {"type": "text", "text": _as_text(f)}
+    return {"type": "file", "file": {"filename": f.name, "file_data": _data_url(f)}}
+
+
+def _responses_part(f: Attachment) -> Any:
+    """A Responses input part: ``input_image`` or ``input_file``."""
+    if f.media_type in IMAGE_TYPES:
+        return {"type": "input_image", "image_url": _data_url(f), "detail": "auto"}
+    if f.media_type == TEXT_TYPE:
+        return {"type": "input_text", "text": _as_text(f)}
+    return {"type": "input_file", "filename": f.name, "file_data": _data_url(f)}

@@ -36,7 +36,10 @@ class StartRequest(BaseModel):
         description="The spec as a JSON object, or as YAML/JSON text (never a file path)."
     )
     inputs: dict[str, Any] = Field(
-        default_factory=dict, description="Values for {{inputs.*}}, merged over the spec's own."
+        default_factory=dict,
+        description="Values for {{inputs.*}}, merged over the spec's own. A file input "
+        'carries its bytes: {"file": {"name": "a.png", "media_type": "image/png", '
+        '"data": BASE64}} (typed by its content; a path is refused, never read).',
     )
     workflow_id: str | None = Field(default=None, description="Default: NAME-<random>.")
     dry_run: bool = Field(default=False, description="Answer every provider call offline.")

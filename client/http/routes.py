@@ -27,7 +27,7 @@ import functools
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
-from typing import Annotated
+from typing import Annotated, Any
 
 import anyio
 import anyio.to_thread
@@ -43,6 +43,7 @@ from temporalio.client import (
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
+from llmmixer.client.files import has_file_inputs, store_inputs
 from llmmixer.client.http.auth import require_token, settings_of
 from llmmixer.client.http.events import (
     OpenStreams,
@@ -77,7 +78,7 @@ from llmmixer.client.mixer import (
 from llmmixer.client.rerun import RerunError, SourceOpen, prepare_rerun, read_source
 from llmmixer.client.schedules import ScheduleNotFound
 from llmmixer.client.setup import list_query, shown_status
-from llmmixer.client.specfile import prepare_spec
+from llmmixer.client.specfile import prepare_spec, read_spec
 from llmmixer.core.validation import SpecError
 from llmmixer.workflows.mixer import WORKFLOW_NAME
 from llmmixer.workflows.records import (
@@ -225,12 +226,25 @@ api = APIRouter(dependencies=[Depends(require_token)], responses=ERROR_RESPONSES
 async def start_run(body: StartRequest, request: Request) -> Started:
     """Validate the spec (the same messages as ``llmmixer validate``) and start a run."""
     spec = _spec_text(body.spec) if isinstance(body.spec, str) else body.spec
+    limiter = request.app.state.spec_limiter
     try:
         # Parsing and validating a large or hostile document takes CPU time;
         # in a thread it holds neither the event stream nor any other request.
+        raw = await anyio.to_thread.run_sync(read_spec, spec, limiter=limiter)
+        inputs: dict[str, Any] | None = body.inputs
+        merged = {**(raw.get("inputs") or {}), **body.inputs}
+        if has_file_inputs(merged, stored_too=True):
+            # Files arrive as bytes and go to the payload store; a path is
+            # refused, never read: this process is not the caller's machine.
+            raw["inputs"] = await store_inputs(
+                merged, _mixer(request).temporal.data_converter, read_paths=False
+            )
+            inputs = None
         prepared, parsed = await anyio.to_thread.run_sync(
-            functools.partial(prepare_spec, spec, inputs=body.inputs, dry_run=body.dry_run),
-            limiter=request.app.state.spec_limiter,
+            functools.partial(
+                prepare_spec, raw, inputs=inputs, dry_run=body.dry_run, read_paths=False
+            ),
+            limiter=limiter,
         )
         handle = await _mixer(request).start_prepared(
             prepared, parsed, workflow_id=body.workflow_id
@@ -336,10 +350,13 @@ async def rerun(
     mixer = _mixer(request)
     try:
         source = await read_source(mixer.temporal, handle.id)
+        inputs = body.inputs
+        if has_file_inputs(inputs, stored_too=True):
+            inputs = await store_inputs(inputs, mixer.temporal.data_converter, read_paths=False)
         # As for POST /workflows: a large or hostile document is parsed in a thread.
         prepared, parsed, table = await anyio.to_thread.run_sync(
             functools.partial(
-                prepare_rerun, source, spec=spec, inputs=body.inputs, from_steps=body.from_steps
+                prepare_rerun, source, spec=spec, inputs=inputs, from_steps=body.from_steps
             ),
             limiter=request.app.state.spec_limiter,
         )

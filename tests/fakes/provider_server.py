@@ -15,6 +15,12 @@ Routes (``/v1`` is part of the OpenAI base URL, as with the real service)::
     POST /v1/messages                             Anthropic Messages (message_start..message_stop)
     POST /{version}/models/{model}:streamGenerateContent?alt=sse   Gemini
     POST /{version}/models/{model}:generateContent                 Gemini, not streamed
+    POST /upload/{version}/files                  Gemini Files API (resumable upload)
+
+Files in a request (images, PDFs, text documents) are read in each API's own
+wire shape, base64 data URLs and Gemini file URIs of earlier uploads included:
+``RecordedCall.files`` holds what arrived, and an unscripted reply names each
+file by type, size and sha256, so a test sees that the bytes came through whole.
 
 Streams use chunked transfer encoding, so a clean end (``0\\r\\n\\r\\n``) and a
 connection cut mid-way are different things to the client, as in real life.
@@ -52,6 +58,7 @@ cached or not, unless a reply scripts its own ``usage``.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import dataclasses
 import hashlib
@@ -72,6 +79,7 @@ __all__ = [
     "GEMINI_MIN_CACHED_TOKENS",
     "FakeProviderServer",
     "RawRequest",
+    "ReceivedFile",
     "RecordedCall",
     "Reply",
     "ToolUse",
@@ -241,6 +249,20 @@ def rate_limit_headers(
 
 
 @dataclass(frozen=True)
+class ReceivedFile:
+    """One file a request carried: how it came (``part``: the API's part type) and its bytes."""
+
+    part: str
+    media_type: str
+    data: bytes
+    name: str | None = None
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.data).hexdigest()
+
+
+@dataclass(frozen=True)
 class RecordedCall:
     """What the server received (the credential only as a fingerprint)."""
 
@@ -257,6 +279,8 @@ class RecordedCall:
     received_at: float = 0.0
     # Which TCP connection carried it (1, 2, ...): equal numbers mean reuse.
     connection: int = 0
+    # Files the request carried, in order (see ReceivedFile).
+    files: tuple[ReceivedFile, ...] = ()
 
     def sent_key(self, key: str) -> bool:
         """Whether this request carried exactly ``key``."""
@@ -327,6 +351,10 @@ class FakeProviderServer:
         self._thread: threading.Thread | None = None
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        # Gemini Files API: upload id -> (display name, media type, bytes so far),
+        # and the finished files by URI.
+        self._uploading: dict[str, tuple[str, str, bytearray]] = {}
+        self._uploaded: dict[str, ReceivedFile] = {}
 
     # --- addresses ---------------------------------------------------------------------
 
@@ -427,6 +455,8 @@ class FakeProviderServer:
             self._anthropic_cache.clear()
             self._gemini_caches.clear()
             self._gemini_cache_bodies.clear()
+            self._uploading.clear()
+            self._uploaded.clear()
         self.refuse_gemini_caches = False
         self.chunk_delay_s = 0.0
         self.keep_alive_s = 5.0
@@ -455,6 +485,12 @@ class FakeProviderServer:
         """The bodies of every Gemini ``cachedContents`` creation request, in order."""
         with self._lock:
             return list(self._gemini_cache_bodies)
+
+    @property
+    def uploads(self) -> list[ReceivedFile]:
+        """Files uploaded through the Gemini Files API, in order."""
+        with self._lock:
+            return list(self._uploaded.values())
 
     def count(self, provider: str | None = None, model: str | None = None) -> int:
         return sum(
@@ -562,6 +598,9 @@ class FakeProviderServer:
         connection: int = 0,
     ) -> bool:
         """Answer one request; True when the connection may carry another."""
+        if req.method == "POST" and req.path.startswith("/upload/"):
+            await self._upload(req, writer)
+            return True
         try:
             body = json.loads(req.body or b"{}")
         except json.JSONDecodeError:
@@ -588,6 +627,7 @@ class FakeProviderServer:
             credential_fingerprint=_fingerprint(credential) if credential else None,
             received_at=time.monotonic(),
             connection=connection,
+            files=tuple(self._received_files(api, body)),
         )
         reply = self._take(provider, model, call)
         if reply.hang:
@@ -597,6 +637,10 @@ class FakeProviderServer:
             await self._send_error(writer, provider, reply, credential)
             return True
         text = reply.text if reply.text is not None else _default_text(provider, api, model, body)
+        if reply.text is None and call.files:
+            text += "".join(
+                f" [saw {f.media_type} {len(f.data)} bytes sha256:{f.sha256}]" for f in call.files
+            )
         chunks = reply.chunks if reply.chunks is not None else _WORDS.findall(text)
         text = "".join(chunks)
         cache_writes: list[tuple[str, int]] = []
@@ -698,6 +742,112 @@ class FakeProviderServer:
                 "usageMetadata": {"totalTokenCount": tokens},
             },
         )
+
+    async def _upload(self, req: _Request, writer: asyncio.StreamWriter) -> None:
+        """The Gemini Files API's resumable upload: start, then chunks up to ``finalize``."""
+        command = req.headers.get("x-goog-upload-command", "")
+        if command == "start":
+            meta = json.loads(req.body or b"{}").get("file") or {}
+            upload_id = f"u{len(self._uploading) + len(self._uploaded) + 1}"
+            media_type = req.headers.get("x-goog-upload-header-content-type", "")
+            with self._lock:
+                self._uploading[upload_id] = (
+                    str(meta.get("displayName") or meta.get("display_name") or ""),
+                    media_type or str(meta.get("mimeType") or meta.get("mime_type") or ""),
+                    bytearray(),
+                )
+            headers = {
+                "x-goog-upload-url": f"{self.url}/upload/v1beta/files?upload_id={upload_id}",
+                "x-goog-upload-status": "active",
+            }
+            await _send_json(writer, 200, {}, headers)
+            return
+        upload_id = (req.query.get("upload_id") or [""])[0]
+        with self._lock:
+            pending = self._uploading.get(upload_id)
+        if pending is None or not command.startswith("upload"):
+            await _send_json(writer, 400, {"error": {"message": "unknown upload"}})
+            return
+        name, media_type, data = pending
+        offset = int(req.headers.get("x-goog-upload-offset", "0"))
+        if offset != len(data):
+            await _send_json(writer, 400, {"error": {"message": f"offset {offset} != {len(data)}"}})
+            return
+        data.extend(req.body)
+        if "finalize" not in command:
+            await _send_json(writer, 200, {}, {"x-goog-upload-status": "active"})
+            return
+        file_id = hashlib.sha256(bytes(data)).hexdigest()[:12]
+        uri = f"{self.url}/v1beta/files/{file_id}"
+        with self._lock:
+            del self._uploading[upload_id]
+            self._uploaded[uri] = ReceivedFile("upload", media_type, bytes(data), name or None)
+        answer = {
+            "file": {
+                "name": f"files/{file_id}",
+                "displayName": name,
+                "mimeType": media_type,
+                "sizeBytes": str(len(data)),
+                "uri": uri,
+                "state": "ACTIVE",
+            }
+        }
+        await _send_json(writer, 200, answer, {"x-goog-upload-status": "final"})
+
+    def _received_files(self, api: str, body: dict[str, Any]) -> Iterator[ReceivedFile]:
+        """The files of a request, read from each API's own part shapes."""
+        if api == "messages":
+            for message in body.get("messages") or []:
+                for block in _parts(message.get("content")):
+                    source = block.get("source") or {}
+                    if block.get("type") not in ("image", "document"):
+                        continue
+                    if source.get("type") == "base64":
+                        data = base64.b64decode(source.get("data", ""), validate=True)
+                    elif source.get("type") == "text":
+                        data = str(source.get("data", "")).encode()
+                    else:
+                        continue
+                    yield ReceivedFile(
+                        block["type"], str(source.get("media_type")), data, block.get("title")
+                    )
+        elif api == "chat":
+            for message in body.get("messages") or []:
+                for part in _parts(message.get("content")):
+                    if part.get("type") == "image_url":
+                        media_type, data = _data_url(str((part.get("image_url") or {}).get("url")))
+                        yield ReceivedFile("image_url", media_type, data)
+                    elif part.get("type") == "file":
+                        file = part.get("file") or {}
+                        media_type, data = _data_url(str(file.get("file_data")))
+                        yield ReceivedFile("file", media_type, data, file.get("filename"))
+        elif api == "responses":
+            items = body.get("input")
+            for item in items if isinstance(items, list) else []:
+                for part in _parts(item.get("content") if isinstance(item, dict) else None):
+                    if part.get("type") == "input_image":
+                        media_type, data = _data_url(str(part.get("image_url")))
+                        yield ReceivedFile("input_image", media_type, data)
+                    elif part.get("type") == "input_file":
+                        media_type, data = _data_url(str(part.get("file_data")))
+                        yield ReceivedFile("input_file", media_type, data, part.get("filename"))
+        elif api == "generate":
+            for content in body.get("contents") or []:
+                for part in _parts(content.get("parts")):
+                    inline = part.get("inlineData") or part.get("inline_data")
+                    if inline:
+                        # google-genai sends URL-safe base64 without padding; the API takes both.
+                        encoded = str(inline.get("data", ""))
+                        data = base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4))
+                        media_type = str(inline.get("mimeType") or inline.get("mime_type"))
+                        yield ReceivedFile("inline_data", media_type, data)
+                    file_data = part.get("fileData") or part.get("file_data") or {}
+                    uri = file_data.get("fileUri") or file_data.get("file_uri")
+                    if uri:
+                        with self._lock:
+                            stored = self._uploaded.get(uri)
+                        if stored is not None:
+                            yield dataclasses.replace(stored, part="file_data")
 
     def _anthropic_cache_usage(
         self, reply: Reply, body: dict[str, Any], chunks: list[str]
@@ -1210,6 +1360,20 @@ async def _wait_for_hang_up(reader: asyncio.StreamReader) -> None:
     with contextlib.suppress(Exception):
         while await reader.read(1024):
             pass
+
+
+def _parts(content: Any) -> Iterator[dict[str, Any]]:
+    for part in content if isinstance(content, list) else []:
+        if isinstance(part, dict):
+            yield part
+
+
+def _data_url(url: str) -> tuple[str, bytes]:
+    """(media type, bytes) of a ``data:TYPE;base64,...`` URL, as OpenAI's APIs take files."""
+    head, _, data = url.partition(",")
+    if not head.startswith("data:") or not head.endswith(";base64"):
+        raise ValueError(f"not a base64 data URL: {url[:40]!r}")
+    return head[5:-7], base64.b64decode(data, validate=True)
 
 
 def _sse(data: Any, *, event: str | None = None, crlf: bool = False) -> bytes:

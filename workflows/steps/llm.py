@@ -76,6 +76,10 @@ def _compose(ctx: StepContext, step: LlmStep) -> tuple[list[ChatMessage], str | 
     ]
     if prompt is not None:
         messages.append(ChatMessage(role="user", content=ctx.render(prompt, step.id)))
+    # Files go with the last turn: references only, the worker loads the bytes.
+    files = ctx.spec.attachments(step)
+    if files and messages:
+        messages[-1] = messages[-1].model_copy(update={"attachments": files})
     ctx.state.note_prompt(step.id, messages[-1].content if messages else None)
     system = ctx.render(step.system, step.id) if step.system else None
     return messages, system
