@@ -52,6 +52,12 @@ CHECK_PLAN_ACTIVITY = "llmmixer.check_plan"
 TOOL_COMMAND_ACTIVITY = "llmmixer.run_tool_command"
 MCP_LIST_ACTIVITY = "llmmixer.list_mcp_tools"
 MCP_CALL_ACTIVITY = "llmmixer.call_mcp_tool"
+# Hedged calls (docs/spec.md, "Hedged calls"): the delay a learned `after`
+# stands for now, and the price of a cancelled call's prompt. Both run on the
+# run's task queue, on a worker with the llm role: the one that keeps the
+# first-token latencies and the price table.
+HEDGE_DELAY_ACTIVITY = "llmmixer.hedge_delay"
+HEDGE_COST_ACTIVITY = "llmmixer.hedge_cost"
 
 Provider = Literal["anthropic", "openai", "gemini"]
 # Declared in the provider registry (pure: no SDK, no I/O, so the workflow
@@ -248,6 +254,10 @@ class LlmCall(BaseModel):
     # Tools the model may call this turn; its calls come back in
     # ``LlmReply.tool_calls`` (the workflow runs them, never the activity).
     tools: list[ToolDeclaration] = Field(default_factory=list)
+    # Hedged calls only: the workflow signal the activity sends (without an
+    # argument) when the first token arrives, so the workflow starts no
+    # second call for a reply that is already streaming. A name per call.
+    first_token_signal: str | None = None
 
     def truncation_policy(self) -> Literal["continue", "fail", "accept"]:
         """``on_truncation`` with its default applied."""
@@ -278,6 +288,41 @@ class LlmReply(BaseModel):
     unsent_text: str = ""
     # The tools the model asked to call, in its order; empty for a final answer.
     tool_calls: list[ToolCall] = Field(default_factory=list)
+
+
+class HedgeDelayRequest(BaseModel):
+    """What ``HEDGE_DELAY_ACTIVITY`` is asked: the delay a hedge's learned ``after`` means now."""
+
+    provider: str
+    model: str
+    # "p95" etc.: that percentile of the worker's recent first-token latencies.
+    percentile: Literal["p50", "p90", "p95", "p99"]
+    min_s: float
+    default_s: float
+    min_samples: int
+
+
+class HedgeDelay(BaseModel):
+    """The delay, and how it was found (the step's record says it in words)."""
+
+    delay_s: float
+    # First-token latencies of the model this worker has seen lately; with
+    # fewer than min_samples, delay_s is the hedge's default_s.
+    samples: int = 0
+    learned: bool = False
+
+
+class HedgeCostRequest(BaseModel):
+    """A cancelled call's estimated usage, to price for its model (``HEDGE_COST_ACTIVITY``)."""
+
+    provider: str
+    model: str
+    usage: Usage = Field(default_factory=Usage)
+
+
+class HedgeCost(BaseModel):
+    # None: the model's price is unknown (not free).
+    cost_usd: float | None = None
 
 
 class RespondRule(BaseModel):
