@@ -123,6 +123,38 @@ async def test_a_call_with_no_first_token_is_hedged_and_the_hedge_answers(
     assert [call.model for call in provider_server.hung_up] == ["gpt-4.1-mini"]
 
 
+async def test_when_the_hedge_fails_the_slow_first_call_still_answers(
+    mixer: MixerClient, provider_server: FakeProviderServer
+) -> None:
+    provider_server.script(
+        "openai", Reply(text="late but fine", think_s=2, usage=(9, 3)), model="gpt-4.1-mini"
+    )
+    provider_server.script("openai", Reply(status=401), model="gpt-4.1")
+    handle = await mixer.start(
+        spec(
+            {
+                "id": "ask",
+                "provider": "openai",
+                "model": "gpt-4.1-mini",
+                "prompt": "hello",
+                "fallback": [{"provider": "openai", "model": "gpt-4.1"}],
+                "hedge": {"after_s": 0.3},
+            }
+        )
+    )
+    result = await handle.result()
+    record = result.steps["ask"]
+    assert result.output == "late but fine"
+    [note] = record.hedges
+    assert note.winner == "primary"
+    # The failed hedge is charged nothing, and nothing is estimated.
+    assert (note.loser_usage, note.loser_estimated) == (Usage(), False)
+    assert record.usage == Usage(input_tokens=9, output_tokens=3)
+    assert record.fallbacks == []
+    history = await handle.temporal.fetch_history()
+    assert count(history, EventType.EVENT_TYPE_ACTIVITY_TASK_CANCEL_REQUESTED) == 0
+
+
 async def test_a_fast_call_never_starts_a_hedge(
     mixer: MixerClient, provider_server: FakeProviderServer
 ) -> None:

@@ -176,7 +176,9 @@ async def _race(
 ) -> LlmReply:
     """The first complete answer of the two; the loser is cancelled and charged."""
     while True:
-        await workflow.wait([primary, second], return_when=asyncio.FIRST_COMPLETED)
+        running = [handle for handle in (primary, second) if not handle.done()]
+        if running:
+            await workflow.wait(running, return_when=asyncio.FIRST_COMPLETED)
         # Primary first when both ended in the same workflow task: replays agree.
         for winner, handle, loser in (("primary", primary, second), ("hedge", second, primary)):
             if _answered(handle):
