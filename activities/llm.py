@@ -149,6 +149,7 @@ class LlmActivities:
                     unsent_text=forwarder.take_unsent(),
                 )
             watch = FirstTokenWatch(call, self._latencies)
+            watch.start()
             try:
                 result = await observe_llm_call(
                     call,

@@ -25,7 +25,8 @@ from llmmixer.core.contracts import (
     LLM_ACTIVITY,
     ChatMessage,
     HedgeCostRequest,
-    HedgeDelayRequest,
+    HedgeStart,
+    HedgeTrigger,
     LlmCall,
     Usage,
 )
@@ -60,6 +61,17 @@ def llm_activities(history: WorkflowHistory) -> list[str]:
             if attributes.activity_type.name == LLM_ACTIVITY:
                 found.append(json.loads(event.user_metadata.summary.data))
     return found
+
+
+def hedge_signals(history: WorkflowHistory) -> list[str]:
+    return [
+        event.workflow_execution_signaled_event_attributes.signal_name
+        for event in history.events
+        if event.event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED
+        and event.workflow_execution_signaled_event_attributes.signal_name.startswith(
+            "llmmixer.hedge."
+        )
+    ]
 
 
 def count(history: WorkflowHistory, event_type: EventType.ValueType) -> int:
@@ -116,9 +128,11 @@ async def test_a_call_with_no_first_token_is_hedged_and_the_hedge_answers(
         "ask: openai/gpt-4.1-mini hedge: openai/gpt-4.1",
     ]
     assert count(history, EventType.EVENT_TYPE_ACTIVITY_TASK_CANCEL_REQUESTED) == 1
+    assert len(hedge_signals(history)) == 1
     # The cancellation reached the provider: the slow call's connection closed.
-    deadline = time.monotonic() + 10
-    while not provider_server.hung_up and time.monotonic() < deadline:
+    for _ in range(100):
+        if provider_server.hung_up:
+            break
         await asyncio.sleep(0.1)
     assert [call.model for call in provider_server.hung_up] == ["gpt-4.1-mini"]
 
@@ -171,6 +185,9 @@ async def test_a_fast_call_never_starts_a_hedge(
     assert result.steps["ask"].usage == Usage(input_tokens=10, output_tokens=2)
     history = await handle.temporal.fetch_history()
     assert llm_activities(history) == ["ask: openai/gpt-4.1-mini"]
+    # A quick call costs the run no extra history: no signal, no timer.
+    assert count(history, EventType.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED) == 0
+    assert count(history, EventType.EVENT_TYPE_TIMER_STARTED) == 0
     assert provider_server.count() == 1
 
 
@@ -199,12 +216,8 @@ async def test_a_reply_that_is_already_streaming_is_not_hedged(
     assert result.steps["ask"].hedges == []
     history = await handle.temporal.fetch_history()
     assert llm_activities(history) == ["ask: openai/gpt-4.1-mini"]
-    signals = [
-        event.workflow_execution_signaled_event_attributes.signal_name
-        for event in history.events
-        if event.event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED
-    ]
-    assert any(name.startswith("llmmixer.first_token.") for name in signals), signals
+    # Its first token came in time: it never asked for a hedge.
+    assert hedge_signals(history) == []
     assert provider_server.count() == 1
 
 
@@ -294,16 +307,9 @@ def test_the_defaults_hedge_is_refused_naming_its_field() -> None:
 # --- the worker's side -----------------------------------------------------------
 
 
-def request(**overrides: Any) -> HedgeDelayRequest:
-    fields: dict[str, Any] = {
-        "provider": "openai",
-        "model": "m",
-        "percentile": "p95",
-        "min_s": 0.2,
-        "default_s": 5.0,
-        "min_samples": 20,
-    }
-    return HedgeDelayRequest(**(fields | overrides))
+def trigger(**overrides: Any) -> HedgeTrigger:
+    fields: dict[str, Any] = {"signal": "s", "after": "p95", "min_s": 0.2, "default_s": 5.0}
+    return HedgeTrigger(**(fields | overrides))
 
 
 def test_the_window_keeps_the_latest_latencies_per_model() -> None:
@@ -316,31 +322,29 @@ def test_the_window_keeps_the_latest_latencies_per_model() -> None:
     assert window.percentile("openai", "m", 0.95) == 1.0
     assert window.percentile("openai", "m", 0.99) == 3.0
     assert window.percentile("openai", "missing", 0.95) is None
-    assert window.delay(request()).model_dump() == {
-        "delay_s": 1.0,
-        "samples": 100,
-        "learned": True,
-    }
+    start = window.delay("openai", "m", trigger())
+    assert (start.delay_s, start.samples, start.learned) == (1.0, 100, True)
+    assert start.reason("openai", "m") == (
+        "no first token from openai/m after 1 s (p95 of the last 100 first tokens of that "
+        "model on the worker)"
+    )
 
 
 def test_too_few_latencies_give_the_default_and_a_quick_model_the_floor() -> None:
     window = FirstTokenLatencies()
     for _ in range(5):
         window.observe("openai", "m", 0.01)
-    assert window.delay(request()).model_dump() == {"delay_s": 5.0, "samples": 5, "learned": False}
-    assert window.delay(request(min_samples=5)).delay_s == 0.2
+    start = window.delay("openai", "m", trigger())
+    assert (start.delay_s, start.samples, start.learned) == (5.0, 5, False)
+    assert "default_s: the worker had seen 5 first tokens of that model" in start.reason("o", "m")
+    assert window.delay("openai", "m", trigger(min_samples=5)).delay_s == 0.2
+    fixed = window.delay("openai", "m", trigger(after=None, after_s=1.5))
+    assert fixed.reason("openai", "m") == "no first token from openai/m after 1.5 s (after_s)"
 
 
-async def test_the_delay_and_cost_activities_answer_from_the_workers_memory() -> None:
-    window = FirstTokenLatencies()
-    for seconds in (0.5, 0.6, 0.7, 4.0):
-        window.observe("openai", "gpt-4.1", seconds)
-    activities = HedgingActivities(window, PriceTable.load())
+async def test_the_cost_activity_prices_a_cancelled_prompt_for_its_model() -> None:
+    activities = HedgingActivities(PriceTable.load())
     environment = ActivityEnvironment()
-    delay = await environment.run(
-        activities.hedge_delay, request(model="gpt-4.1", percentile="p50", min_samples=4)
-    )
-    assert (delay.delay_s, delay.samples, delay.learned) == (0.6, 4, True)
     cost = await environment.run(
         activities.hedge_cost,
         HedgeCostRequest(provider="openai", model="gpt-4.1", usage=Usage(input_tokens=1000)),
@@ -353,21 +357,57 @@ async def test_the_delay_and_cost_activities_answer_from_the_workers_memory() ->
     assert unknown.cost_usd is None
 
 
-def test_a_call_notes_its_first_token_once() -> None:
-    window = FirstTokenLatencies()
-    call = LlmCall(
+def hedged_call(hedge: HedgeTrigger | None) -> LlmCall:
+    return LlmCall(
         workflow_id="w",
         step_id="s",
         provider="openai",
         model="m",
         messages=[ChatMessage(role="user", content="x")],
+        hedge=hedge,
     )
-    watch = FirstTokenWatch(call, window)
+
+
+async def test_a_call_without_a_first_token_asks_for_its_hedge_once_its_delay_is_up() -> None:
+    window = FirstTokenLatencies()
+    sent: list[tuple[str, HedgeStart, float]] = []
+    began = time.monotonic()
+
+    async def send(name: str, start: HedgeStart) -> None:
+        sent.append((name, start, time.monotonic() - began))
+
+    watch = FirstTokenWatch(
+        hedged_call(trigger(signal="hedge-1", after=None, after_s=0.2)), window, send
+    )
+    watch.start()
+    await asyncio.sleep(0.5)
+    [(name, start, at)] = sent
+    assert (name, start.delay_s) == ("hedge-1", 0.2)
+    assert 0.2 <= at < 0.45
+    await watch.aclose()
+    # Cancelled without a token: counted as at least as slow as it waited.
+    assert window.count("openai", "m") == 1
+    assert (window.percentile("openai", "m", 0.5) or 0) >= 0.5
+
+
+async def test_a_call_whose_first_token_comes_in_time_sends_nothing() -> None:
+    window = FirstTokenLatencies()
+    sent: list[HedgeStart] = []
+
+    async def send(name: str, start: HedgeStart) -> None:
+        sent.append(start)
+
+    watch = FirstTokenWatch(hedged_call(trigger(after=None, after_s=0.3)), window, send)
+    watch.start()
     seen: list[str] = []
     forward = watch.wrap(seen.append)
     forward("")
-    assert window.count("openai", "m") == 0
+    await asyncio.sleep(0.1)
     for text in ("a", "b", "c"):
         forward(text)
+    await asyncio.sleep(0.4)
+    await watch.aclose()
+    assert sent == []
     assert seen == ["", "a", "b", "c"]
     assert window.count("openai", "m") == 1
+    assert 0.1 <= (window.percentile("openai", "m", 0.5) or 0) < 0.3

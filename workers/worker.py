@@ -136,7 +136,7 @@ async def mixer_worker(
         client = await with_prometheus(client, metrics_address)
     # Hedges learn their delay from the first tokens this worker's calls saw.
     latencies, prices = FirstTokenLatencies(), PriceTable.load()
-    hedging = HedgingActivities(latencies, prices)
+    hedging = HedgingActivities(prices)
     llm = LlmActivities(
         ProviderSettings.from_env(env),
         prices=prices,
@@ -239,8 +239,7 @@ def _registrations(
             settings.task_queue,
             None,
             llm.call_llm,
-            # Hedges' delays and prices: where the latencies and prices are.
-            hedging.hedge_delay,
+            # A hedge's loser is priced where the price table is.
             hedging.hedge_cost,
         )
     if ROLE_PTY in settings.roles:

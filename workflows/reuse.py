@@ -24,8 +24,8 @@ from llmmixer.workflows.records import ReusedStep, ReuseTable
 __all__ = ["call_hash", "downstream", "reused_output"]
 
 # What differs between two runs making the same call: never part of the hash.
-# A hedged call's first-token signal is a name drawn per call.
-_PER_RUN_FIELDS = frozenset({"workflow_id", "first_token_signal"})
+# A hedged call carries a signal name drawn per call.
+_PER_RUN_FIELDS = frozenset({"workflow_id", "hedge"})
 
 
 def call_hash(call: BaseModel) -> str:

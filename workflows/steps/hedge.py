@@ -1,40 +1,42 @@
 """Hedged calls: a second call when the first has streamed nothing after a while.
 
 ``hedge: {after_s: 2}`` (or ``{after: p95}``, learned by the worker) on an
-llm step: the step's call starts as usual, carrying a signal name. The LLM
-activity sends that signal when its first token arrives. If neither the
-signal nor the reply has come when the delay is up, a second call starts on
-the hedge's target (the chain's next target, or the same one), and the
-first complete answer wins; the other is cancelled. A call that has started
-streaming is never hedged, however long its answer takes.
+llm step: the step's call starts as usual, carrying a ``HedgeTrigger``. The
+LLM activity watches for its first token; when the delay is up without one,
+it signals the workflow (``HedgeStart``: the delay and how it was found).
+Only then does a second call start, on the hedge's target (the chain's next
+target, or the same one); the first complete answer wins and the other is
+cancelled. A call that streams in time sends nothing and costs the run no
+extra history; a call that has started streaming is never hedged, however
+long its answer takes.
 
 Both calls count toward the step's usage and cost (``RunState.account_hedge``)
 and the step's record keeps a ``HedgeNote`` saying who won and why the second
 call started; the run's history shows both activities.
 
-Determinism: the delay is a constant of the spec or the result of
-``HEDGE_DELAY_ACTIVITY`` (in history), the signal name comes from
-``workflow.uuid4()``, and the race is decided by the order in which Temporal
+Determinism: whether and when a hedge starts is the signal, which is in
+history with the delay the worker found; the signal name comes from
+``workflow.uuid4()``; the race is decided by the order in which Temporal
 delivers the results, which replays the same. Specs without ``hedge`` never
-reach this module, so their runs issue exactly the commands they did before.
+reach this module, so their runs issue exactly the commands they did before
+(and no recorded run can have had a ``hedge``: older releases refused the
+field), which is why no ``workflow.patched`` id guards it.
 """
 
 from __future__ import annotations
 
 import asyncio
-from datetime import timedelta
 
 from temporalio import workflow
 from temporalio.exceptions import ActivityError
 
 from llmmixer.core.contracts import (
     HEDGE_COST_ACTIVITY,
-    HEDGE_DELAY_ACTIVITY,
     LLM_ACTIVITY,
     HedgeCost,
     HedgeCostRequest,
-    HedgeDelay,
-    HedgeDelayRequest,
+    HedgeStart,
+    HedgeTrigger,
     LlmCall,
     LlmReply,
     Usage,
@@ -52,8 +54,8 @@ from llmmixer.workflows.steps.base import StepContext
 
 __all__ = ["hedged_call"]
 
-# Signal names of first tokens; one per hedged call, never reused.
-FIRST_TOKEN_SIGNAL_PREFIX = "llmmixer.first_token."
+# The signal a slow call sends to ask for its hedge; a name per call, never reused.
+HEDGE_SIGNAL_PREFIX = "llmmixer.hedge."
 
 
 async def hedged_call(
@@ -71,25 +73,32 @@ async def hedged_call(
     when a hedge started), so the step's fallbacks apply as they always do.
     """
     state = ctx.state
-    delay_s, why = await _delay(hedge, call)
-    signal = FIRST_TOKEN_SIGNAL_PREFIX + str(workflow.uuid4())
-    seen: list[bool] = []
-    workflow.set_signal_handler(signal, lambda: seen.append(True))
+    signal = HEDGE_SIGNAL_PREFIX + str(workflow.uuid4())
+    asked: list[HedgeStart] = []
+
+    def hedge_now(start: HedgeStart) -> None:
+        if not asked:  # a retried attempt may ask again
+            asked.append(HedgeStart.model_validate(start))
+
+    workflow.set_signal_handler(signal, hedge_now)
+    trigger = HedgeTrigger(
+        signal=signal,
+        after_s=hedge.after_s,
+        after=hedge.after,
+        min_s=hedge.min_s,
+        default_s=hedge.default_s,
+        min_samples=hedge.min_samples,
+    )
     options = hedged_options(ctx.spec, step)
-    primary = _start(call.model_copy(update={"first_token_signal": signal}), options, summary)
+    primary = _start(call.model_copy(update={"hedge": trigger}), options, summary)
     second: asyncio.Task[LlmReply] | None = None
     try:
-        try:
-            await workflow.wait_condition(
-                lambda: primary.done() or bool(seen),
-                timeout=timedelta(seconds=delay_s),
-                timeout_summary=f"hedge of {summary} after {delay_s:g} s",
-            )
-        except TimeoutError:
-            pass
-        # Streaming already, or over budget: a second call would only cost.
-        if primary.done() or seen or state.over_budget(call.step_id) is not None:
+        await workflow.wait_condition(lambda: primary.done() or bool(asked))
+        # A second call would only cost when the first has ended meanwhile
+        # or the step's budget is spent.
+        if primary.done() or state.over_budget(call.step_id) is not None:
             return await primary
+        [start] = asked
         other = hedge_target(chain, index, hedge)
         second = _start(
             call.model_copy(
@@ -97,7 +106,6 @@ async def hedged_call(
                     "provider": other.provider,
                     "model": other.model,
                     "base_url": other.base_url,
-                    "first_token_signal": None,
                 }
             ),
             options,
@@ -108,8 +116,8 @@ async def hedged_call(
             model=call.model,
             hedge_provider=other.provider,
             hedge_model=other.model,
-            after_s=delay_s,
-            reason=f"no first token from {call.provider}/{call.model} after {why}",
+            after_s=start.delay_s,
+            reason=start.reason(call.provider, call.model),
         )
         return await _race(ctx, call.step_id, primary, second, note)
     finally:
@@ -117,37 +125,6 @@ async def hedged_call(
         for handle in (primary, second):
             if handle is not None and not handle.done():
                 handle.cancel()
-
-
-async def _delay(hedge: Hedge, call: LlmCall) -> tuple[float, str]:
-    """(seconds, the same in words for the record) before a second call starts."""
-    if hedge.after_s is not None:
-        return hedge.after_s, f"{hedge.after_s:g} s (after_s)"
-    assert hedge.after is not None
-    found = await workflow.execute_activity(
-        HEDGE_DELAY_ACTIVITY,
-        HedgeDelayRequest(
-            provider=call.provider,
-            model=call.model,
-            percentile=hedge.after,
-            min_s=hedge.min_s,
-            default_s=hedge.default_s,
-            min_samples=hedge.min_samples,
-        ),
-        result_type=HedgeDelay,
-        start_to_close_timeout=HEDGE_OPTIONS.start_to_close_timeout,
-        retry_policy=HEDGE_OPTIONS.retry_policy,
-        summary=f"hedge delay {hedge.after}: {call.provider}/{call.model}",
-    )
-    if found.learned:
-        return found.delay_s, (
-            f"{found.delay_s:.3g} s ({hedge.after} of the last {found.samples} first tokens "
-            "of that model on the worker)"
-        )
-    return found.delay_s, (
-        f"{found.delay_s:g} s (default_s: the worker has seen {found.samples} first tokens "
-        f"of that model, {hedge.after} needs {hedge.min_samples})"
-    )
 
 
 def _start(call: LlmCall, options: StepActivityOptions, summary: str) -> asyncio.Task[LlmReply]:
