@@ -152,6 +152,8 @@ class FirstTokenWatch:
 
 async def _send_signal(name: str, start: HedgeStart) -> None:
     info = activity.info()
+    if info.workflow_id is None:  # a standalone activity has no run to ask
+        return
     try:
         handle = activity.client().get_workflow_handle(
             info.workflow_id, run_id=info.workflow_run_id

@@ -155,9 +155,10 @@ def fanout_spec(width: int, hedge: dict[str, Any] | None) -> dict[str, Any]:
         "provider": "openai",
         "model": MODEL,
         "on_failure": "fail",
-        "retry": {"max_attempts": 1},
-        # The loser hears of its cancellation at its next keep-alive beat.
-        "heartbeat_timeout_s": 4,
+        # The loser hears of its cancellation at its next keep-alive beat
+        # (every quarter of this); shorter risks losing a healthy call to a
+        # busy event loop on a loaded machine.
+        "heartbeat_timeout_s": 8,
     }
     if hedge is not None:
         defaults["hedge"] = hedge
