@@ -300,10 +300,10 @@ def hedged_options(spec: Spec, step: ModelStep) -> StepActivityOptions:
 
 @dataclass(frozen=True)
 class HedgeActivityOptions:
-    """How the hedge's small activities (its learned delay, a loser's price) are scheduled."""
+    """How the price of a hedge's cancelled loser is asked for."""
 
     start_to_close_timeout: timedelta = timedelta(seconds=10)
-    """Both answer from memory: seconds are only for a busy worker."""
+    """It answers from memory: seconds are only for a busy worker."""
 
     retry_policy: RetryPolicy = field(
         default_factory=lambda: RetryPolicy(
