@@ -76,11 +76,11 @@ async def hedged_call(
     signal = HEDGE_SIGNAL_PREFIX + str(workflow.uuid4())
     asked: list[HedgeStart] = []
 
-    def hedge_now(start: HedgeStart) -> None:
-        if not asked:  # a retried attempt may ask again
-            asked.append(HedgeStart.model_validate(start))
-
-    workflow.set_signal_handler(signal, hedge_now)
+    # A lambda: the SDK reads a handler's type hints when it is set, and
+    # resolving string annotations in the sandbox, for every step of a wide
+    # stage in one workflow task, took long enough to trip the deadlock
+    # detector. The argument comes as JSON and is validated here.
+    workflow.set_signal_handler(signal, lambda start: _note_hedge(asked, start))
     trigger = HedgeTrigger(
         signal=signal,
         after_s=hedge.after_s,
@@ -125,6 +125,11 @@ async def hedged_call(
         for handle in (primary, second):
             if handle is not None and not handle.done():
                 handle.cancel()
+
+
+def _note_hedge(asked: list[HedgeStart], start: object) -> None:
+    if not asked:  # a retried attempt may ask again
+        asked.append(HedgeStart.model_validate(start))
 
 
 def _start(call: LlmCall, options: StepActivityOptions, summary: str) -> asyncio.Task[LlmReply]:
