@@ -28,10 +28,12 @@ from llmmixer.core.contracts import (
     HedgeStart,
     HedgeTrigger,
     LlmCall,
+    LlmReply,
     Usage,
 )
 from llmmixer.core.validation import SpecError, validate_spec
-from llmmixer.workflows.records import RunStatus
+from llmmixer.workflows.dag import RunState
+from llmmixer.workflows.records import BudgetLimits, HedgeNote, RunStatus, StepNode
 
 
 @pytest.fixture
@@ -411,3 +413,35 @@ async def test_a_call_whose_first_token_comes_in_time_sends_nothing() -> None:
     assert seen == ["", "a", "b", "c"]
     assert window.count("openai", "m") == 1
     assert 0.1 <= (window.percentile("openai", "m", 0.5) or 0) < 0.3
+
+
+def test_the_losers_cost_counts_toward_the_budget() -> None:
+    state = RunState("run", [StepNode(id="ask", kind="llm", needs=())], dry_run=False)
+    state.set_budget("", BudgetLimits(max_tokens=80))
+    state.account_reply(
+        "ask",
+        LlmReply(
+            text="x", provider="openai", model="a", usage=Usage(input_tokens=40, output_tokens=10)
+        ),
+    )
+    assert state.over_budget("ask") is None
+    note = HedgeNote(
+        provider="openai",
+        model="b",
+        hedge_provider="openai",
+        hedge_model="a",
+        after_s=1.0,
+        reason="slow",
+        winner="hedge",
+        loser_usage=Usage(input_tokens=40),
+        loser_cost_usd=None,
+        loser_estimated=True,
+    )
+    state.account_hedge("ask", note)
+    record = state.records["ask"]
+    assert record.hedges == [note]
+    assert record.usage == Usage(input_tokens=80, output_tokens=10)
+    # An unknown price for the loser makes the step's cost unknown, not smaller.
+    assert record.cost_usd is None
+    hold = state.over_budget("ask")
+    assert hold is not None and hold.spent == 90
