@@ -136,6 +136,9 @@ class HedgeFigures:
                 row(self.plain, "no hedge"),
                 row(self.hedged, f"`hedge: {{{hedge}}}`"),
                 "",
+                f"Hedging moves the p50 from {self.plain.p(0.5):.1f} s to "
+                f"{self.hedged.p(0.5):.1f} s and the p95 from {self.plain.p(0.95):.1f} s to "
+                f"{self.hedged.p(0.95):.1f} s. "
                 f"With hedging, p99 is **{ratio:.1f}× p50** ({verdict} the goal of at most "
                 f"{GOAL:g}×). A stage waits for its slowest call: without hedging, "
                 f"{per_run:.0%} of {w.width}-way stages hold a {w.slow_s:g} s call. With one "
