@@ -31,6 +31,7 @@ from temporalio.exceptions import ApplicationError
 from llmmixer.activities.attachments import AttachmentError, load_attachments
 from llmmixer.activities.deltas import DeltaForwarder
 from llmmixer.activities.dry_run import dry_run_reply
+from llmmixer.activities.hedging import FirstTokenLatencies, FirstTokenWatch
 from llmmixer.activities.pricing import PriceTable
 from llmmixer.activities.providers.base import ProviderError, ProviderResult
 from llmmixer.activities.providers.breaker import BreakerBoard
@@ -92,8 +93,11 @@ class LlmActivities:
         prices: PriceTable | None = None,
         settings: LlmSettings | None = None,
         rate_limiter: RateLimiter | None = None,
+        latencies: FirstTokenLatencies | None = None,
     ) -> None:
         self._providers = providers
+        # First-token latencies per model, which hedges learn their delay from.
+        self._latencies = latencies
         # `is None`, not `or`: an empty pool is falsy (it has a length).
         self._pool = ProviderPool(secrets=providers.secrets()) if pool is None else pool
         self._breakers = BreakerBoard() if breakers is None else breakers
@@ -159,17 +163,21 @@ class LlmActivities:
                     finish_reason="stop",
                     unsent_text=forwarder.take_unsent(),
                 )
+            watch = FirstTokenWatch(call, self._latencies)
+            watch.start()
             try:
                 call = await _with_attachments(call)
                 result = await observe_llm_call(
                     call,
-                    lambda: self._complete(call, forward),
+                    lambda: self._complete(call, watch.wrap(forward)),
                     cost=lambda usage: self._prices.cost(call.provider, call.model, usage),
                     secrets=self._providers.secrets(),
                     attempt=attempt,
                 )
             except ProviderError as error:
                 raise self._application_error(call, error, attempt) from None
+            finally:
+                await watch.aclose()
             unsent = forwarder.take_unsent()
         usage = result.usage
         return LlmReply(

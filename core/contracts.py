@@ -52,6 +52,10 @@ CHECK_PLAN_ACTIVITY = "llmmixer.check_plan"
 TOOL_COMMAND_ACTIVITY = "llmmixer.run_tool_command"
 MCP_LIST_ACTIVITY = "llmmixer.list_mcp_tools"
 MCP_CALL_ACTIVITY = "llmmixer.call_mcp_tool"
+# Hedged calls (docs/spec.md, "Hedged calls"): the price of a cancelled
+# call's prompt, on the run's task queue (a worker with the llm role keeps
+# the price table).
+HEDGE_COST_ACTIVITY = "llmmixer.hedge_cost"
 
 Provider = Literal["anthropic", "openai", "gemini"]
 # Declared in the provider registry (pure: no SDK, no I/O, so the workflow
@@ -259,6 +263,49 @@ class PlanRequest(BaseModel):
     fields: list[str] = Field(default_factory=list)
 
 
+class HedgeTrigger(BaseModel):
+    """When a hedged call asks for a second call: no first token after a delay.
+
+    The activity watches its own first token, so only a call that is
+    actually slow costs the run a signal; ``after`` is learned from the
+    first-token latencies of the worker that runs the call.
+    """
+
+    # The workflow signal to send, with a ``HedgeStart``; a name per call.
+    signal: str
+    after_s: float | None = None
+    after: Literal["p50", "p90", "p95", "p99"] | None = None
+    min_s: float = 0.2
+    default_s: float = 5.0
+    min_samples: int = 20
+
+
+class HedgeStart(BaseModel):
+    """The signal of a call with no first token yet: start the second call now."""
+
+    delay_s: float
+    # How the delay was found: a fixed after_s, or a learned percentile of
+    # ``samples`` recent first tokens (below min_samples: the default_s).
+    after: str | None = None
+    samples: int = 0
+    learned: bool = False
+
+    def reason(self, provider: str, model: str) -> str:
+        """Why the second call started, for the step's record."""
+        head = f"no first token from {provider}/{model} after {self.delay_s:.3g} s"
+        if self.after is None:
+            return f"{head} (after_s)"
+        if self.learned:
+            return (
+                f"{head} ({self.after} of the last {self.samples} first tokens of that model "
+                "on the worker)"
+            )
+        return (
+            f"{head} (default_s: the worker had seen {self.samples} first tokens of that "
+            f"model, too few for {self.after})"
+        )
+
+
 class LlmCall(BaseModel):
     """One provider call, fully rendered by the workflow (no templates left)."""
 
@@ -301,6 +348,8 @@ class LlmCall(BaseModel):
     # Tools the model may call this turn; its calls come back in
     # ``LlmReply.tool_calls`` (the workflow runs them, never the activity).
     tools: list[ToolDeclaration] = Field(default_factory=list)
+    # Hedged calls only: when to ask the workflow for a second call.
+    hedge: HedgeTrigger | None = None
 
     def truncation_policy(self) -> Literal["continue", "fail", "accept"]:
         """``on_truncation`` with its default applied."""
@@ -331,6 +380,19 @@ class LlmReply(BaseModel):
     unsent_text: str = ""
     # The tools the model asked to call, in its order; empty for a final answer.
     tool_calls: list[ToolCall] = Field(default_factory=list)
+
+
+class HedgeCostRequest(BaseModel):
+    """A cancelled call's estimated usage, to price for its model (``HEDGE_COST_ACTIVITY``)."""
+
+    provider: str
+    model: str
+    usage: Usage = Field(default_factory=Usage)
+
+
+class HedgeCost(BaseModel):
+    # None: the model's price is unknown (not free).
+    cost_usd: float | None = None
 
 
 class RespondRule(BaseModel):

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
 from llmmixer.core.contracts import Attachment, RespondRule
 from llmmixer.core.tools import DEFAULT_MAX_TURNS, Tool
@@ -123,6 +123,38 @@ class FileInput(_Strict):
 InputValue = str | int | float | bool | FileInput
 
 
+HedgePercentile = Literal["p50", "p90", "p95", "p99"]
+
+
+class Hedge(_Strict):
+    """Start a second call when the first has streamed no token after a while.
+
+    ``after_s`` is a fixed delay; ``after`` learns it: that percentile of the
+    worker's recent first-token latencies for the model. The first complete
+    answer wins; the other call is cancelled and both count toward budgets.
+    """
+
+    after_s: float | None = Field(default=None, gt=0, le=3600)
+    after: HedgePercentile | None = None
+    # "next": the next target of the step's chain (its fallback or route),
+    # or the same target when the chain has no other; "same": always the same.
+    target: Literal["next", "same"] = "next"
+    # With `after`: the delay never goes below this, and is `default_s` while
+    # the worker has seen fewer than `min_samples` first tokens of the model.
+    min_s: float = Field(default=0.2, gt=0, le=3600)
+    default_s: float = Field(default=5.0, gt=0, le=3600)
+    min_samples: int = Field(default=20, ge=1, le=1000)
+
+    @model_validator(mode="after")
+    def _one_delay(self) -> Hedge:
+        if (self.after_s is None) == (self.after is None):
+            raise ValueError(
+                "give exactly one of after_s (seconds, e.g. after_s: 2) or after "
+                "(a learned percentile: p50, p90, p95 or p99)"
+            )
+        return self
+
+
 class Defaults(_Strict):
     """Values every step uses unless it sets its own."""
 
@@ -143,6 +175,8 @@ class Defaults(_Strict):
     on_truncation: OnTruncation | None = None
     max_continuations: int = Field(default=3, ge=0, le=20)
     cache: CacheMode = "auto"
+    # Hedged calls for every llm step that sets no `hedge` of its own.
+    hedge: Hedge | None = None
 
 
 class _StepBase(_Strict):
@@ -189,6 +223,9 @@ class LlmStep(_StepBase):
     max_turns: int | None = Field(default=None, ge=1, le=100)
     # Names of file inputs sent with the prompt, in each provider's native shape.
     attachments: list[str] = Field(default_factory=list)
+    # A second call when the first is slow to start (docs/spec.md, "Hedged
+    # calls"); None: the defaults' hedge.
+    hedge: Hedge | None = None
 
 
 class PtyStep(_StepBase):
@@ -368,6 +405,16 @@ class Spec(_Strict):
     def max_continuations(self, step: _StepBase) -> int:
         own: int | None = getattr(step, "max_continuations", None)
         return self.defaults.max_continuations if own is None else own
+
+    def hedge(self, step: _StepBase) -> Hedge | None:
+        """The step's hedge: its own, else the defaults'.
+
+        Only an llm step's own answer is hedged: best_of candidates already
+        run side by side, and a decompose step's planner is one call a run.
+        """
+        if not isinstance(step, LlmStep) or step.best_of is not None:
+            return None
+        return step.hedge or self.defaults.hedge
 
     def cache(self, step: _StepBase) -> CacheMode:
         own: CacheMode | None = getattr(step, "cache", None)

@@ -27,6 +27,7 @@ from llmmixer.core.contracts import (
     AGENT_ACTIVITY,
     CHECK_PLAN_ACTIVITY,
     CHECK_SPEC_ACTIVITY,
+    HEDGE_COST_ACTIVITY,
     LLM_ACTIVITY,
     MCP_CALL_ACTIVITY,
     MCP_LIST_ACTIVITY,
@@ -76,6 +77,8 @@ def test_roles_default_to_all_and_refuse_unknown_names() -> None:
 
 # Local activities of the workflow: registered wherever MixerWorkflow is.
 CHECKS = {CHECK_SPEC_ACTIVITY, CHECK_PLAN_ACTIVITY, SEARCH_ATTRIBUTES_ACTIVITY}
+# A provider call, and the price of a hedged call's cancelled loser.
+LLM = {LLM_ACTIVITY, HEDGE_COST_ACTIVITY}
 # Everything that starts a program: commands, agents, and tools of llm steps.
 COMMANDS = {
     PTY_ACTIVITY,
@@ -98,18 +101,18 @@ def _registered(worker: Any) -> tuple[str, set[str], set[str]]:
     ("environ", "expected"),
     [
         # Default: everything on the one queue.
-        ({}, [("q", {"MixerWorkflow"}, {*CHECKS, LLM_ACTIVITY, *COMMANDS})]),
+        ({}, [("q", {"MixerWorkflow"}, {*CHECKS, *LLM, *COMMANDS})]),
         # All roles and a PTY queue: one process polls both queues.
         (
             {"LLMMIXER_PTY_TASK_QUEUE": "q-pty"},
             [
-                ("q", {"MixerWorkflow"}, {*CHECKS, LLM_ACTIVITY}),
+                ("q", {"MixerWorkflow"}, {*CHECKS, *LLM}),
                 ("q-pty", set(), COMMANDS),
             ],
         ),
         (
             {"LLMMIXER_WORKER_ROLES": "workflows,llm", "LLMMIXER_PTY_TASK_QUEUE": "q-pty"},
-            [("q", {"MixerWorkflow"}, {*CHECKS, LLM_ACTIVITY})],
+            [("q", {"MixerWorkflow"}, {*CHECKS, *LLM})],
         ),
         (
             {"LLMMIXER_WORKER_ROLES": "pty", "LLMMIXER_PTY_TASK_QUEUE": "q-pty"},

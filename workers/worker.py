@@ -22,7 +22,9 @@ from temporalio.worker import Worker
 
 from llmmixer.activities.checks import CHECK_ACTIVITIES
 from llmmixer.activities.commands import CommandActivities
+from llmmixer.activities.hedging import FirstTokenLatencies, HedgingActivities
 from llmmixer.activities.llm import LlmActivities, LlmSettings
+from llmmixer.activities.pricing import PriceTable
 from llmmixer.activities.providers.breaker import BreakerBoard, BreakerPolicy
 from llmmixer.activities.providers.settings import ProviderSettings
 from llmmixer.activities.search import SearchAttributeCheck
@@ -132,8 +134,13 @@ async def mixer_worker(
     metrics_address = prometheus_address(env)
     if metrics_address:
         client = await with_prometheus(client, metrics_address)
+    # Hedges learn their delay from the first tokens this worker's calls saw.
+    latencies, prices = FirstTokenLatencies(), PriceTable.load()
+    hedging = HedgingActivities(prices)
     llm = LlmActivities(
         ProviderSettings.from_env(env),
+        prices=prices,
+        latencies=latencies,
         # A no-op unless a meter provider is installed (runtime/telemetry.py).
         breakers=BreakerBoard(settings.breaker, on_change=breaker_state_changed),
         settings=LlmSettings(
@@ -155,7 +162,7 @@ async def mixer_worker(
     mcp_pool = McpSessionPool.from_env(policy, env)
     tools = _ToolActivities(CommandToolActivities(commands), McpToolActivities(mcp_pool))
     (queue, (workflows, activities)), *other_queues = _registrations(
-        settings, llm, commands, tools
+        settings, llm, commands, tools, hedging
     ).items()
     # Joins workflow and activity spans to the client's trace when tracing is
     # on and the client does not already carry the interceptor.
@@ -208,6 +215,7 @@ def _registrations(
     llm: LlmActivities,
     commands: CommandActivities,
     tools: _ToolActivities,
+    hedging: HedgingActivities,
 ) -> dict[str, tuple[list[type], list[Callable[..., Any]]]]:
     """What to register on which task queue, for this worker's roles.
 
@@ -227,7 +235,13 @@ def _registrations(
     if ROLE_WORKFLOWS in settings.roles:
         add(settings.task_queue, MixerWorkflow)
     if ROLE_LLM in settings.roles:
-        add(settings.task_queue, None, llm.call_llm)
+        add(
+            settings.task_queue,
+            None,
+            llm.call_llm,
+            # A hedge's loser is priced where the price table is.
+            hedging.hedge_cost,
+        )
     if ROLE_PTY in settings.roles:
         # Tool calls start programs and MCP servers: they run where commands run.
         add(

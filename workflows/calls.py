@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from typing import Any, Literal, TypedDict
 
@@ -46,6 +46,7 @@ from llmmixer.core.spec import (
     Budget,
     DecomposeStep,
     FallbackTarget,
+    Hedge,
     LlmStep,
     PtyStep,
     RetrySpec,
@@ -411,6 +412,43 @@ def llm_options(spec: Spec, step: ModelStep) -> StepActivityOptions:
         heartbeat_timeout=timedelta(seconds=spec.defaults.heartbeat_timeout_s),
         retry_policy=retry_policy(spec.retry(step)),
     )
+
+
+def hedge_target(chain: list[FallbackTarget], index: int, hedge: Hedge) -> FallbackTarget:
+    """Who a hedge of ``chain[index]`` asks: the next target, or the same one."""
+    if hedge.target == "next" and index + 1 < len(chain):
+        return chain[index + 1]
+    return chain[index]
+
+
+def hedged_options(spec: Spec, step: ModelStep) -> StepActivityOptions:
+    """The two calls of a hedge: as ``llm_options``, but the loser is let go at once.
+
+    Waiting for a cancellation to complete would hold the step until the
+    loser's next heartbeat (a quarter of the heartbeat timeout before its
+    first token), which is the very tail a hedge is there to cut. The
+    cancelled call stops at that heartbeat all the same; an LLM call holds
+    no process, only a stream.
+    """
+    return replace(llm_options(spec, step), cancellation_type=ActivityCancellationType.TRY_CANCEL)
+
+
+@dataclass(frozen=True)
+class HedgeActivityOptions:
+    """How the price of a hedge's cancelled loser is asked for."""
+
+    start_to_close_timeout: timedelta = timedelta(seconds=10)
+    """It answers from memory: seconds are only for a busy worker."""
+
+    retry_policy: RetryPolicy = field(
+        default_factory=lambda: RetryPolicy(
+            initial_interval=timedelta(milliseconds=200), maximum_attempts=3
+        )
+    )
+    """A retry is only for a worker that died meanwhile."""
+
+
+HEDGE_OPTIONS = HedgeActivityOptions()
 
 
 def command_options(spec: Spec, step: CommandStep) -> StepActivityOptions:

@@ -44,6 +44,7 @@ from llmmixer.workflows.records import (
     BudgetRaise,
     Candidate,
     FallbackNote,
+    HedgeNote,
     Intervention,
     InterventionOutcome,
     InterventionRequest,
@@ -594,6 +595,22 @@ class RunState:
             record.provider, record.model = reply.provider, reply.model
             record.latency_ms = reply.latency_ms
             record.finish_reason, record.truncated = reply.finish_reason, reply.truncated
+
+    def account_hedge(self, step_id: str, note: HedgeNote) -> None:
+        """A hedged call ended: the note says who won and why the second call started.
+
+        The winner's reply is accounted by ``account_reply``; the loser's
+        usage and cost (``note.loser_*``) count toward the step's here, so
+        budgets see both calls.
+        """
+        record = self.records[step_id]
+        record.hedges.append(note)
+        record.usage = record.usage + note.loser_usage
+        record.cost_usd = (
+            None
+            if note.loser_cost_usd is None or record.cost_usd is None
+            else round(record.cost_usd + note.loser_cost_usd, 8)
+        )
 
     def account_command(self, step_id: str, result: CommandResult) -> None:
         """A command or agent ran to its end."""

@@ -60,6 +60,29 @@ class FallbackNote(BaseModel):
     error_type: str | None = None
 
 
+class HedgeNote(BaseModel):
+    """A hedged call: the first target was slow to start, so a second call raced it.
+
+    ``winner`` is "primary" or "hedge" (None: both failed). The loser was
+    cancelled; ``loser_usage``/``loser_cost_usd`` are what it is charged:
+    its whole reply when it ended anyway, else its prompt (the winner's input
+    tokens, priced for the loser's model; ``loser_estimated``), since a
+    provider bills the prompt of a request it started. Output tokens a
+    cancelled call streamed before the cancellation reached it are not known.
+    """
+
+    provider: str
+    model: str
+    hedge_provider: str
+    hedge_model: str
+    after_s: float
+    reason: str
+    winner: Literal["primary", "hedge"] | None = None
+    loser_usage: Usage = Field(default_factory=Usage)
+    loser_cost_usd: float | None = 0.0
+    loser_estimated: bool = False
+
+
 class Candidate(BaseModel):
     """One ``best_of`` candidate: who answered what, or why it did not."""
 
@@ -201,6 +224,8 @@ class StepRecord(BaseModel):
     # and the call that waits for a person's approval (the step is waiting).
     turns: list[ToolTurn] = Field(default_factory=list)
     tool_approval: ToolApproval | None = None
+    # Steps with `hedge`: each second call started, who won and why it started.
+    hedges: list[HedgeNote] = Field(default_factory=list)
 
 
 class TotalUsage(BaseModel):

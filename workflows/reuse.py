@@ -57,7 +57,8 @@ __all__ = [
 ]
 
 # What differs between two runs making the same call: never part of the hash.
-_PER_RUN_FIELDS = frozenset({"workflow_id"})
+# A hedged call carries a signal name drawn per call.
+_PER_RUN_FIELDS = frozenset({"workflow_id", "hedge"})
 
 # Memo keys a run writes (behind ``patches.REUSE_MARKERS_PATCH``) so that a
 # later re-run, and the audit of a run that never returned a result, can read

@@ -64,6 +64,7 @@ import dataclasses
 import hashlib
 import http
 import json
+import random
 import re
 import threading
 import time
@@ -217,6 +218,25 @@ class Reply:
     tool_calls: list[ToolUse] | None = None
 
 
+@dataclass
+class LatencyMix:
+    """A drawn wait before each reply's first text: ``slow_s`` for ``slow_share``
+    of the calls, ``fast_s`` for the others, from a ``seed``ed generator (the
+    tail a hedge is there to cut)."""
+
+    fast_s: float = 1.0
+    slow_s: float = 10.0
+    slow_share: float = 0.05
+    seed: int = 0
+    _rng: random.Random = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._rng = random.Random(self.seed)
+
+    def draw(self) -> float:
+        return self.slow_s if self._rng.random() < self.slow_share else self.fast_s
+
+
 def fake_tokens(text: str) -> int:
     """How many tokens the fake counts for ``text``: one per four characters."""
     return (len(text) + 3) // 4
@@ -335,6 +355,9 @@ class FakeProviderServer:
         """Delay before each streamed text chunk when a reply does not set its own."""
         self.keep_alive_s = 5.0
         """How long an idle kept-alive connection stays open before the server closes it."""
+        self.latency: LatencyMix | None = None
+        """When set, a reply without its own ``think_s`` waits a drawn time before its text."""
+        self._hung_up: list[RecordedCall] = []
         self._lock = threading.Lock()
         self._connections = 0
         # Anthropic prompt cache: prefix digest -> its tokens.
@@ -457,9 +480,17 @@ class FakeProviderServer:
             self._gemini_cache_bodies.clear()
             self._uploading.clear()
             self._uploaded.clear()
+            self._hung_up.clear()
         self.refuse_gemini_caches = False
         self.chunk_delay_s = 0.0
         self.keep_alive_s = 5.0
+        self.latency = None
+
+    @property
+    def hung_up(self) -> list[RecordedCall]:
+        """Calls whose client closed the connection before their first text (a cancelled call)."""
+        with self._lock:
+            return list(self._hung_up)
 
     @property
     def connections(self) -> int:
@@ -670,8 +701,14 @@ class FakeProviderServer:
             await _write_chunk(writer, event)
         # The reply has started: from now on the prefix is read from the cache.
         self._cache_written(cache_writes)
-        if reply.think_s:
-            await asyncio.sleep(reply.think_s)
+        think_s = reply.think_s
+        if not think_s and self.latency is not None:
+            with self._lock:
+                think_s = self.latency.draw()
+        if think_s and not await _think(reader, think_s):
+            with self._lock:
+                self._hung_up.append(call)
+            return False
         for index, event in enumerate(content):
             if reply.cut_after is not None and index >= reply.cut_after:
                 writer.transport.abort()  # drop the connection: no terminal chunk
@@ -1353,6 +1390,21 @@ class _Builder:
             tail.append(_sse(chunk, crlf=True))
         tail.append(_sse(self._gemini_chunk("", finish=True), crlf=True))
         return head, content, tail
+
+
+async def _think(reader: asyncio.StreamReader, seconds: float) -> bool:
+    """Wait ``seconds``; False when the client hung up meanwhile."""
+    hang_up = asyncio.ensure_future(reader.read(1))
+    done, _ = await asyncio.wait({hang_up}, timeout=seconds)
+    if not done:
+        hang_up.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await hang_up
+        return True
+    try:
+        return bool(hang_up.result())  # b"": the client closed the connection
+    except (ConnectionError, OSError):
+        return False
 
 
 async def _wait_for_hang_up(reader: asyncio.StreamReader) -> None:

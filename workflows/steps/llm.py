@@ -27,6 +27,7 @@ from llmmixer.workflows.steps.base import (
     execute_activity,
 )
 from llmmixer.workflows.steps.budget import budget_gate
+from llmmixer.workflows.steps.hedge import hedged_call
 from llmmixer.workflows.steps.tools import run_tool_loop
 
 
@@ -104,6 +105,7 @@ async def ask(
     Raises ``StepFailed`` when the last target failed.
     """
     spec, state = ctx.spec, ctx.state
+    hedge = spec.hedge(step)
     for index, target in enumerate(chain):
         has_next = index < len(chain) - 1
         call = llm_call(
@@ -119,14 +121,14 @@ async def ask(
         )
         if track:
             state.note_target(step.id, target.provider, target.model)
+        summary = f"{step.id}{label}: {target.provider}/{target.model}"
         try:
-            reply = await execute_activity(
-                LLM_ACTIVITY,
-                call,
-                LlmReply,
-                llm_options(spec, step),
-                f"{step.id}{label}: {target.provider}/{target.model}",
-            )
+            if hedge is not None:
+                reply = await hedged_call(ctx, step, hedge, chain, index, call, summary)
+            else:
+                reply = await execute_activity(
+                    LLM_ACTIVITY, call, LlmReply, llm_options(spec, step), summary
+                )
         except ActivityError as error:
             attempts, message, error_type = describe_failure(error, spec.retry(step))
             state.count_attempts(step.id, attempts)
