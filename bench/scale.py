@@ -63,6 +63,9 @@ BUDGET = "llmmixer, held by a budget"
 STEPS = 3  # LLM steps per run of the throughput workload
 WAKE_STEPS = 50  # steps a woken run replays
 WORKER_COUNTS = (1, 2, 4)
+# A worker process imports every provider SDK before it polls: on a busy
+# machine that takes far longer than the crash tests' 30 s.
+START_TIMEOUT_S = 180.0
 
 
 @dataclass
@@ -301,7 +304,7 @@ async def throughput_llmmixer(
     workers: WorkerProcesses, client: Client, runs: int, count: int, server_pid: int | None
 ) -> tuple[Throughput, History]:
     queue = f"bench-tp-{uuid.uuid4().hex[:8]}"
-    started = [await workers.start(queue) for _ in range(count)]
+    started = [await workers.start(queue, ready_timeout_s=START_TIMEOUT_S) for _ in range(count)]
     mixer = MixerClient(client, queue)
     spec = three_step_spec()
 
@@ -423,7 +426,7 @@ async def memory_llmmixer(
 ) -> tuple[float, float]:
     """(RSS MB after, KB per waiting run) of a fresh worker holding ``runs`` waiting runs."""
     queue = f"bench-mem-{uuid.uuid4().hex[:8]}"
-    worker = await workers.start(queue)
+    worker = await workers.start(queue, ready_timeout_s=START_TIMEOUT_S)
     mixer = MixerClient(client, queue)
     # One run first, so the baseline includes a run's one-time costs (imports,
     # the SDK clients, the first sandbox) and the growth is per run.
@@ -524,7 +527,7 @@ async def wake_long_run(
     (the approve update's round trip, a replay of its history by a ``Replayer``)
     """
     queue = f"bench-wake-{uuid.uuid4().hex[:8]}"
-    worker = await workers.start(queue)
+    worker = await workers.start(queue, ready_timeout_s=START_TIMEOUT_S)
     mixer = MixerClient(client, queue)
     wakes: list[float] = []
     replays: list[float] = []
@@ -561,7 +564,7 @@ async def wake_long_run(
 async def resume_after_sigkill(workers: WorkerProcesses, client: Client) -> float:
     """Seconds from SIGKILLing the worker running a step to its next attempt starting elsewhere."""
     queue = f"bench-kill-{uuid.uuid4().hex[:8]}"
-    first = await workers.start(queue)
+    first = await workers.start(queue, ready_timeout_s=START_TIMEOUT_S)
     mixer = MixerClient(client, queue)
     handle = await mixer.start(command_spec(120), workflow_id=queue)
 
@@ -574,7 +577,7 @@ async def resume_after_sigkill(workers: WorkerProcesses, client: Client) -> floa
 
     await eventually(holder, lambda found: found == (first.identity, 1), "the step started")
     # The second worker joins only now, so the first attempt is surely the first's.
-    second = await workers.start(queue)
+    second = await workers.start(queue, ready_timeout_s=START_TIMEOUT_S)
     killed = time.perf_counter()
     await first.kill(signal.SIGKILL)
     await eventually(
