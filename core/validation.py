@@ -188,11 +188,11 @@ def find_issues(raw: object) -> Iterator[SpecIssue]:
 # The top-level fields, validated apart so step problems are reported per
 # step. Derived from Spec so a new top-level field can never be refused here.
 # Built on first use, not at import: this module loads afresh in the workflow
-# sandbox for every run, where building a pydantic model was the largest
-# part of a run's start-up (bench/README.md), and runs never call it there.
+# sandbox for every run, where building this model was about a quarter of a
+# run's start-up (bench/README.md), and runs never call it there.
 @functools.cache
 def _spec_without_steps() -> type[BaseModel]:
-    return create_model(  # type: ignore[call-overload, no-any-return]
+    return create_model(  # type: ignore[call-overload]
         "_SpecWithoutSteps",
         __config__=Spec.model_config,
         **{
