@@ -86,3 +86,20 @@ class RawFanOutWorkflow:
         root = await _call("root")
         branches = await asyncio.gather(*(_call(f"branch {i}: {root}") for i in range(width)))
         return await _call("join: " + " | ".join(branches))
+
+
+@workflow.defn(name="BenchRawWait")
+class RawWaitWorkflow:
+    """Waits for a person's ``approve`` signal: the raw baseline of a waiting run."""
+
+    def __init__(self) -> None:
+        self._approved = False
+
+    @workflow.signal(name="approve")
+    def approve(self) -> None:
+        self._approved = True
+
+    @workflow.run
+    async def run(self) -> str:
+        await workflow.wait_condition(lambda: self._approved)
+        return "approved"

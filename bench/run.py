@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import inspect
 import json
 import sys
 import tempfile
@@ -27,6 +28,12 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+# Bytecode caches, as an installed package has them (pip compiles them): the
+# workflow sandbox imports the workflow's modules afresh for every run, and
+# without caches each import compiles its source again. A machine that sets
+# PYTHONDONTWRITEBYTECODE would otherwise time the compiler, not llmmixer.
+sys.dont_write_bytecode = False
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -42,7 +49,14 @@ from report import (  # noqa: E402
     machine,
     write_between_markers,
 )
-from scale import ScaleFigures, run_scale, scale_table  # noqa: E402
+from scale import (  # noqa: E402
+    ScaleFigures,
+    model_inputs,
+    run_scale,
+    scale_table,
+    throughput_table,
+    workers_table,
+)
 from systems import (  # noqa: E402
     AsyncioSystem,
     Shape,
@@ -193,7 +207,9 @@ async def run_scale_main(
 ) -> ScaleFigures:
     """The scale workloads, on a server of their own (a fresh SQLite file)."""
     async with contextlib.AsyncExitStack() as stack:
-        address = await stack.enter_async_context(embedded_server(home / "scale", None))
+        server = EmbeddedServer(port=free_port(), ui=False, home=home / "scale")
+        await stack.enter_async_context(server)
+        address = server.address
         client = await Client.connect(address, data_converter=data_converter())
         openai_client = _openai(fake)
         stack.push_async_callback(openai_client.close)
@@ -206,7 +222,37 @@ async def run_scale_main(
             runs=args.runs,
             kill_reps=args.kill_reps,
             langgraph=args.langgraph,
+            server_pid=server.pid,
+            wake_reps=1 if args.quick else 3,
+            worker_counts=(1, 2) if args.quick else (1, 2, 4),
         )
+
+
+async def run_hedge_row(
+    fake: FakeProviderServer, home: Path, args: argparse.Namespace
+) -> str | None:
+    """bench/hedge.py's workload, when that file exists: its Markdown, or None.
+
+    ``run_hedge`` is called with the keyword arguments it declares among
+    ``fake``, ``home``, ``args``, ``quick`` and ``latency_s``.
+    """
+    try:
+        from hedge import run_hedge  # type: ignore[import-not-found, unused-ignore]
+    except ImportError:
+        return None
+    offered: dict[str, Any] = {
+        "fake": fake,
+        "home": home / "hedge",
+        "args": args,
+        "quick": args.quick,
+        "latency_s": args.latency_ms / 1000,
+    }
+    accepted = inspect.signature(run_hedge).parameters
+    found = await run_hedge(**{k: v for k, v in offered.items() if k in accepted})
+    if found is None:
+        return None
+    markdown = getattr(found, "markdown", None)
+    return str(markdown() if callable(markdown) else found)
 
 
 async def run_explore(
@@ -347,6 +393,8 @@ async def amain(args: argparse.Namespace) -> None:
             results = await run_main(fake, home, args, latency_s)
             found = await run_explore(fake, home, args, latency_s) if args.explore else []
             scale = await run_scale_main(fake, home, args) if args.scale else None
+            if scale is not None:
+                scale.hedge = await run_hedge_row(fake, home, args)
     finally:
         fake.stop()
     print()
@@ -356,7 +404,7 @@ async def amain(args: argparse.Namespace) -> None:
         print(explore_table(found))
     if scale:
         print()
-        print(scale_table(scale))
+        print(scale_sections(scale))
     if args.json:
         _dump(args.json, results, found, scale)
     if args.write:
@@ -366,8 +414,11 @@ async def amain(args: argparse.Namespace) -> None:
         )
         short = block(results, reps=args.reps, latency_ms=args.latency_ms, short=True)
         if scale:
-            short += "\n\n" + scale_table(scale)
+            short += "\n\n" + scale_table(scale) + "\n\n" + throughput_table(scale)
             write_between_markers(BENCH / "README.md", scale_about(scale), "bench-scale")
+            write_between_markers(BENCH / "README.md", model_inputs(scale), "bench-model")
+            if scale.hedge:
+                write_between_markers(BENCH / "README.md", scale.hedge, "bench-hedge")
         write_between_markers(REPO / "README.md", short)
         if found:
             line = about(
@@ -379,11 +430,20 @@ async def amain(args: argparse.Namespace) -> None:
         print("\nfigures written to bench/README.md and README.md", file=sys.stderr)
 
 
+def scale_sections(scale: ScaleFigures) -> str:
+    """The scale tables, one after another."""
+    parts = [scale_table(scale), throughput_table(scale), workers_table(scale)]
+    if scale.hedge:
+        parts.append(scale.hedge)
+    return "\n\n".join(parts)
+
+
 def scale_about(scale: ScaleFigures) -> str:
     line = about(reps=scale.kill_reps, latency_ms=0).split(": fixed provider latency")[0]
     return (
         f"{line}, on {machine()}: {scale.runs} runs per workload, the fake provider "
-        f"answering at once.\n\n{scale_table(scale)}"
+        f"answering at once.\n\n{scale_table(scale)}\n\n{throughput_table(scale)}"
+        f"\n\n{workers_table(scale)}"
     )
 
 

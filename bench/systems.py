@@ -31,6 +31,7 @@ from llmmixer.activities.checks import CHECK_ACTIVITIES
 from llmmixer.activities.commands import CommandActivities
 from llmmixer.activities.llm import LlmActivities, LlmSettings
 from llmmixer.activities.providers.settings import ProviderSettings
+from llmmixer.activities.search import SearchAttributeCheck
 from llmmixer.activities.terminal.policy import CommandPolicy
 from llmmixer.client.mixer import MixerClient
 from llmmixer.workers.plugin import sandbox_runner
@@ -156,7 +157,12 @@ async def llmmixer_worker(
             client,
             task_queue=task_queue,
             workflows=[MixerWorkflow],
-            activities=[*CHECK_ACTIVITIES, llm.call_llm, commands.run_command],
+            activities=[
+                *CHECK_ACTIVITIES,
+                SearchAttributeCheck().registered,
+                llm.call_llm,
+                commands.run_command,
+            ],
             **options,
         ):
             yield LlmmixerSystem(name, client, task_queue)

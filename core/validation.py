@@ -13,6 +13,7 @@ before that still run ``validate_spec`` in the workflow on replay.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -159,7 +160,7 @@ def find_issues(raw: object) -> Iterator[SpecIssue]:
         )
         steps_raw = []
     top = {key: value for key, value in raw.items() if key != "steps"}
-    yield from _model_issues(_SpecWithoutSteps, top, SPEC_LOCATION, "")
+    yield from _model_issues(_spec_without_steps(), top, SPEC_LOCATION, "")
     defaults = raw.get("defaults") if isinstance(raw.get("defaults"), Mapping) else {}
     assert isinstance(defaults, Mapping)
     yield from _default_tool_issues(defaults)
@@ -277,15 +278,20 @@ def _attachment_issues(
 
 # The top-level fields, validated apart so step problems are reported per
 # step. Derived from Spec so a new top-level field can never be refused here.
-_SpecWithoutSteps = create_model(
-    "_SpecWithoutSteps",
-    __config__=Spec.model_config,
-    **{  # type: ignore[call-overload]
-        name: (field.annotation, field)
-        for name, field in Spec.model_fields.items()
-        if name != "steps"
-    },
-)
+# Built on first use, not at import: this module loads afresh in the workflow
+# sandbox for every run, where building this model was about a quarter of a
+# run's start-up (bench/README.md), and runs never call it there.
+@functools.cache
+def _spec_without_steps() -> type[BaseModel]:
+    return create_model(  # type: ignore[call-overload]
+        "_SpecWithoutSteps",
+        __config__=Spec.model_config,
+        **{
+            name: (field.annotation, field)
+            for name, field in Spec.model_fields.items()
+            if name != "steps"
+        },
+    )
 
 
 def _route_issues(raw: Mapping[str, Any]) -> Iterator[SpecIssue]:

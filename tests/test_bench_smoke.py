@@ -20,7 +20,8 @@ def test_quick_benchmark_prints_the_table(tmp_path: Path) -> None:
         cwd=tmp_path,
         capture_output=True,
         text=True,
-        timeout=240,
+        # Many workloads, each with worker processes of its own: minutes on a busy CI box.
+        timeout=900,
         check=False,
     )
     assert done.returncode == 0, done.stdout + done.stderr
@@ -33,7 +34,20 @@ def test_quick_benchmark_prints_the_table(tmp_path: Path) -> None:
                 for line in done.stdout.splitlines()
             ), done.stdout
     # scale.py's workloads, side by side (their figures are not checked either).
-    assert "| scale workload | llmmixer | asyncio (floor) |" in done.stdout
-    for label in ("| throughput: ", "| memory: RSS ", "| SIGKILL → step resumed "):
+    assert "| scale workload | llmmixer | raw-temporal | asyncio (floor) |" in done.stdout
+    for label in (
+        "| throughput: ",
+        "| memory: RSS ",
+        "| memory: growth per run held by a budget",
+        "| waking a 50-step run",
+        "| SIGKILL → step resumed ",
+        "| llmmixer worker processes |",
+    ):
         assert label in done.stdout, done.stdout
+    # Raw Temporal beside llmmixer in the throughput table, with the CPU split.
+    assert "| worker CPU ms/step | server CPU ms/step |" in done.stdout
+    for row in ("| llmmixer |", "| raw-temporal |"):
+        assert any(
+            line.startswith(row) and line.count("|") == 8 for line in done.stdout.splitlines()
+        ), done.stdout
     assert raw.exists()

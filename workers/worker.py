@@ -18,7 +18,7 @@ from datetime import timedelta
 from typing import Any
 
 from temporalio.client import Client
-from temporalio.worker import Worker
+from temporalio.worker import Interceptor, Worker, WorkflowInterceptorClassInput
 
 from llmmixer.activities.checks import CHECK_ACTIVITIES
 from llmmixer.activities.commands import CommandActivities
@@ -36,7 +36,7 @@ from llmmixer.runtime.settings import ROLES, Settings, WorkerEnv
 from llmmixer.runtime.telemetry import prometheus_address, setup_telemetry
 from llmmixer.workers.plugin import MixerWorkerPlugin
 from llmmixer.workers.telemetry import with_prometheus, worker_interceptors
-from llmmixer.workflows.mixer import MixerWorkflow
+from llmmixer.workflows.mixer import WAITING_EXTERN, MixerWorkflow
 
 log = logging.getLogger("llmmixer.worker")
 
@@ -167,6 +167,8 @@ async def mixer_worker(
     # Joins workflow and activity spans to the client's trace when tracing is
     # on and the client does not already carry the interceptor.
     interceptors = worker_interceptors(client)
+    # With no cache (tests replay every task) there is nothing to evict.
+    eviction = WaitingRunEviction() if max_cached_workflows > 0 else None
     worker = Worker(
         client,
         task_queue=queue,
@@ -174,7 +176,11 @@ async def mixer_worker(
         # converter from the client (``MixerPlugin`` when it made the client).
         workflows=[],
         plugins=[
-            MixerWorkerPlugin(workflows=workflows, activities=activities, interceptors=interceptors)
+            MixerWorkerPlugin(
+                workflows=workflows,
+                activities=activities,
+                interceptors=[*interceptors, *([eviction] if eviction else [])],
+            )
         ],
         max_concurrent_activities=settings.max_concurrent_activities,
         max_concurrent_workflow_tasks=settings.max_concurrent_workflow_tasks,
@@ -188,6 +194,8 @@ async def mixer_worker(
         # 5 s only costs a replay.
         sticky_queue_schedule_to_start_timeout=timedelta(seconds=5),
     )
+    if eviction is not None and workflows:
+        eviction.attach(worker)
     workers = [worker]
     for queue, (workflows, activities) in other_queues:
         # The same options (grace, limits, interceptors) on the other queue.
@@ -202,6 +210,72 @@ async def mixer_worker(
     finally:
         await mcp_pool.aclose()
         await llm.aclose()
+
+
+class WaitingRunEviction(Interceptor):
+    """Runs that only wait for people leave this worker's workflow cache.
+
+    A cached run holds its whole workflow sandbox (the workflow's modules,
+    loaded for it alone: about 0.6 MB), and a run waiting for an approval
+    may wait for days: a worker holding thousands of them would hold
+    gigabytes. ``MixerWorkflow`` says through ``WAITING_EXTERN`` when it has
+    nothing running and only waits; shortly after that workflow task, this
+    asks the worker to evict the run. The next signal or update replays its
+    history on whichever worker takes it (bench/README.md measures that
+    wake-up), and the run goes on exactly as recorded.
+
+    The SDK has no public call to evict one run; its Core worker has
+    (``request_workflow_eviction``), reached through the worker's bridge.
+    Without it (another SDK version) runs simply stay cached, as before.
+    """
+
+    def __init__(self, grace_s: float = 0.2) -> None:
+        # The grace lets the workflow task's completion reach Core first, and
+        # a decision that arrives at once finds the run still in memory.
+        self.grace_s = grace_s
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._evict: Callable[[str], None] | None = None
+        self._pending: dict[str, asyncio.TimerHandle] = {}
+
+    def attach(self, worker: Worker) -> None:
+        """Evict through ``worker`` (its Core worker exists once it is built)."""
+        bridge = getattr(worker, "_bridge_worker", None)
+        request = getattr(bridge, "request_workflow_eviction", None)
+        if not callable(request):
+            log.warning(
+                "this temporalio version offers no workflow eviction: runs waiting for "
+                "people stay in the workflow cache (max_cached_workflows bounds them)"
+            )
+            return
+        self._loop = asyncio.get_running_loop()
+        self._evict = request
+
+    def workflow_interceptor_class(self, input: WorkflowInterceptorClassInput) -> None:
+        input.unsafe_extern_functions[WAITING_EXTERN] = self._note
+        return None
+
+    def _note(self, run_id: str, waiting: bool) -> None:
+        # Called from the workflow's thread, inside its activation.
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._mark, run_id, waiting)
+
+    def _mark(self, run_id: str, waiting: bool) -> None:
+        # The latest word of a run wins: a run that got busy again stays.
+        earlier = self._pending.pop(run_id, None)
+        if earlier is not None:
+            earlier.cancel()
+        if waiting and self._loop is not None:
+            self._pending[run_id] = self._loop.call_later(self.grace_s, self._evict_now, run_id)
+
+    def _evict_now(self, run_id: str) -> None:
+        self._pending.pop(run_id, None)
+        if self._evict is None:
+            return
+        try:
+            self._evict(run_id)
+        except Exception as error:  # a worker shutting down; the run stays cached
+            log.debug("could not evict waiting run %s: %s", run_id, error)
 
 
 @dataclass(frozen=True)

@@ -75,9 +75,16 @@ with workflow.unsafe.imports_passed_through():
         StepStatus,
     )
 
-__all__ = ["CHECKS_RECORDED_PATCH", "WORKFLOW_NAME", "MixerWorkflow"]
+__all__ = ["CHECKS_RECORDED_PATCH", "WAITING_EXTERN", "WORKFLOW_NAME", "MixerWorkflow"]
 
 WORKFLOW_NAME = "MixerWorkflow"
+# The worker function a run calls, with its run id and True or False, after
+# each change: True when nothing of it runs and it only waits for people (an
+# approval, a paused step, a spent budget). A worker that offers it
+# (workers.worker.WaitingRunEviction) evicts such runs from its workflow
+# cache, so a run that waits for days costs no memory; the decision that
+# wakes it replays its history. Calling it issues no command.
+WAITING_EXTERN = "llmmixer.waiting_only"
 
 
 @workflow.defn(name=WORKFLOW_NAME)
@@ -251,7 +258,23 @@ class MixerWorkflow:
             # Progress for the Web UI, published on every change of the state.
             workflow.set_current_details(self._state.summary())
             self._search.update(self._state, self._fork_of)
+            self._report_waiting()
             await self._until_changed()
+
+    def _report_waiting(self) -> None:
+        """Tell the worker whether this run now only waits for people (``WAITING_EXTERN``)."""
+        if workflow.unsafe.is_replaying():
+            return  # a replay catches up on the past; only the present state counts
+        note = workflow.extern_functions().get(WAITING_EXTERN)
+        if note is None:
+            return
+        running = self._running_ids()
+        # A handler still in flight (an update, a watcher's long poll of the
+        # event stream) keeps the run in memory: it is being talked to.
+        note(
+            workflow.info().run_id,
+            bool(running) and not self._busy_ids() and workflow.all_handlers_finished(),
+        )
 
     def _raise_from_steps(self) -> None:
         """Re-raise what a step's task let through: the SDK's own errors.
@@ -433,6 +456,9 @@ class MixerWorkflow:
 
     @workflow.query(name="progress")
     def progress(self) -> RunProgress:
+        # A query on an evicted waiting run replays it into the cache: it
+        # leaves again, as after any other workflow task.
+        self._report_waiting()
         return self._state.progress()
 
     @workflow.update(name="raise_budget")
