@@ -251,8 +251,8 @@ async def run_hedge_row(
     found = await run_hedge(**{k: v for k, v in offered.items() if k in accepted})
     if found is None:
         return None
-    markdown = getattr(found, "markdown", None)
-    return str(markdown() if callable(markdown) else found)
+    report = getattr(found, "report", None)
+    return str(report() if callable(report) else found)
 
 
 async def run_explore(
@@ -418,7 +418,7 @@ async def amain(args: argparse.Namespace) -> None:
             write_between_markers(BENCH / "README.md", scale_about(scale), "bench-scale")
             write_between_markers(BENCH / "README.md", model_inputs(scale), "bench-model")
             if scale.hedge:
-                write_between_markers(BENCH / "README.md", scale.hedge, "bench-hedge")
+                write_between_markers(BENCH / "README.md", scale.hedge, "hedge")
         write_between_markers(REPO / "README.md", short)
         if found:
             line = about(
