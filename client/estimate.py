@@ -54,6 +54,7 @@ from llmmixer.core.spec import (
     LlmStep,
     PtyStep,
     Spec,
+    text_parts,
 )
 from llmmixer.core.templates import references, render
 from llmmixer.core.tools import CommandTool
@@ -276,10 +277,11 @@ class _Estimator:
         attempts = self.spec.retry(step).max_attempts
         chain = target_chain(self.spec, step)
         system = self.rendered(step.system) if step.system else None
-        messages = [self.rendered(m.get("content")) for m in step.messages or []]
+        contents = [text_parts(m.get("content", "")) for m in step.messages or []]
+        messages = [self.rendered("\n\n".join(texts)) for texts in contents]
         if step.prompt is not None:
             messages.append(self.rendered(step.prompt))
-        texts = [step.system, step.prompt, *(m.get("content") for m in step.messages or [])]
+        texts = [step.system, step.prompt, *(t for texts in contents for t in texts)]
         upstream = self.referenced(*texts)
         if attempts > 1:
             notes.append(f"max: {attempts} attempts per target")
