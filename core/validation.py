@@ -803,9 +803,9 @@ def _templated_fields(step: BaseModel) -> Iterator[tuple[str, str]]:
             if isinstance(content, str):
                 yield f"messages.{number}.content", content
                 continue
-            for index, part in enumerate(content):
-                if isinstance(part, TextPart):
-                    yield f"messages[{number}].content[{index}].text", part.text
+            for index, piece in enumerate(content):
+                if isinstance(piece, TextPart):
+                    yield f"messages[{number}].content[{index}].text", piece.text
         if step.best_of is not None and step.best_of.judge and step.best_of.judge.prompt:
             yield "best_of.judge.prompt", step.best_of.judge.prompt
     elif isinstance(step, PtyStep):
