@@ -508,3 +508,24 @@ def test_estimate_reads_the_size_of_files_given_by_path_or_at_input(
     )
     [step] = json.loads(capsys.readouterr().out)["steps"]
     assert any("small.png: ≈ 16x16 image" in n and "255 tokens" in n for n in step["notes"])
+
+
+def test_files_placed_in_message_parts_count_like_attachments() -> None:
+    image = _png(1024, 1024)
+    step = {
+        "provider": "openai",
+        "model": "gpt-4.1-mini",
+        "max_tokens": 100,
+        "messages": [
+            {
+                "role": "user",
+                "content": [{"type": "text", "text": "describe"}, {"type": "image", "input": "d"}],
+            }
+        ],
+    }
+    bare = _step(
+        _estimate(_one({**step, "messages": [{"role": "user", "content": "describe"}]})), "a"
+    )
+    _, spec = prepare_spec(_one(step), inputs={"d": File("d.png", image)})
+    seen = _step(estimate_spec(spec, PRICES, {"d": image}), "a")
+    assert seen.input_tokens.expected - bare.input_tokens.expected == 765
