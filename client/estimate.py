@@ -27,6 +27,14 @@ A pure function of the spec, its inputs and the price table. For each step:
   (a command) or ``ASSUMED_TOOL_RESULT_TOKENS`` (an MCP server or a spec,
   whose output has no bound in the spec). One tool call per turn is
   assumed; a model that calls several at once adds their results too.
+- Files a step sends (``attachments`` and message parts) add, per target,
+  what its provider's published rule charges (``client/tokens.py``,
+  ``file_tokens``): an image by its width and height, read from its header
+  (Anthropic width*height/750 up to ~1600; OpenAI 85 + 170 per 512-px tile;
+  Gemini 258 per 768-px tile), a PDF by its pages (1500-3000 tokens a page,
+  Gemini 258), a text file as text. Each is an approximation and labelled
+  so; without the file's bytes, an image spans the provider's smallest to
+  largest charge and a PDF is assumed a page per 50 KB.
 - Commands (``pty``) and approvals cost nothing; an ``agent`` step's CLI
   spends on its own account, which is not estimated.
 
@@ -36,15 +44,16 @@ Prices are read through ``PriceTable`` only; a model without a price counts
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from llmmixer.activities.pricing import PriceTable
-from llmmixer.client.tokens import TokenCount, count_tokens
-from llmmixer.core.contracts import Usage
+from llmmixer.client.tokens import TokenCount, count_tokens, file_tokens
+from llmmixer.core.contracts import Attachment, Usage
 from llmmixer.core.plans import PlanContext, limits_for, planner_prompt
 from llmmixer.core.spec import (
     AgentStep,
@@ -54,6 +63,7 @@ from llmmixer.core.spec import (
     LlmStep,
     PtyStep,
     Spec,
+    text_parts,
 )
 from llmmixer.core.templates import references, render
 from llmmixer.core.tools import CommandTool
@@ -152,9 +162,11 @@ class _Call:
 
 
 class _Estimator:
-    def __init__(self, spec: Spec, prices: PriceTable) -> None:
+    def __init__(self, spec: Spec, prices: PriceTable, files: Mapping[str, bytes]) -> None:
         self.spec = spec
         self.prices = prices
+        # sha256 -> bytes of the file inputs this process could read.
+        self.files = {hashlib.sha256(data).hexdigest(): data for data in files.values()}
         self.outputs: dict[str, Span] = {}  # output tokens of each step, for its readers
         self.children: dict[str, Span] = {}
         self.unpriced: set[str] = set()
@@ -192,6 +204,32 @@ class _Estimator:
                     )
         return total
 
+    def with_files(
+        self, target: FallbackTarget, prompt: TokenCount, files: Sequence[Attachment]
+    ) -> TokenCount:
+        """``prompt`` plus what ``files`` cost ``target`` (client/tokens.py, ``file_tokens``)."""
+        if not files:
+            return prompt
+        counts = [self.file_count(target, f) for f in files]
+        return TokenCount(
+            prompt.low + sum(c.low for c in counts),
+            prompt.expected + sum(c.expected for c in counts),
+            prompt.high + sum(c.high for c in counts),
+            f"{prompt.method}; files ≈ each provider's published rule",
+        )
+
+    def file_count(self, target: FallbackTarget, file: Attachment) -> TokenCount:
+        data = self.files.get(file.sha256)
+        return file_tokens(target.provider, target.model, file.media_type, file.size, data)
+
+    def file_notes(self, target: FallbackTarget, files: Sequence[Attachment]) -> list[str]:
+        notes = []
+        for file in files:
+            count = self.file_count(target, file)
+            tokens = f"{count.expected}" if count.exact else f"{count.low}-{count.high}"
+            notes.append(f"{file.name}: {count.method}: {tokens} tokens on {target.provider}")
+        return notes
+
     def rendered(self, text: str | None) -> str:
         # Upstream outputs are not known yet: they count through referenced().
         return render(text or "", self.spec.inputs, {}, {})
@@ -212,10 +250,12 @@ class _Estimator:
         upstream: Span,
         cap: int,
         attempts: int,
+        files: Sequence[Attachment] = (),
     ) -> tuple[_Call, str]:
         """One call of a step across its chain: min on the cheapest, max on all of it."""
         counts: list[TokenCount] = [
-            count_tokens(t.provider, t.model, system, messages) for t in chain
+            self.with_files(t, count_tokens(t.provider, t.model, system, messages), files)
+            for t in chain
         ]
         first = counts[0]
         expected_out = max(1, math.ceil(cap * EXPECTED_OUTPUT_SHARE))
@@ -276,20 +316,28 @@ class _Estimator:
         attempts = self.spec.retry(step).max_attempts
         chain = target_chain(self.spec, step)
         system = self.rendered(step.system) if step.system else None
-        messages = [self.rendered(m.get("content")) for m in step.messages or []]
+        contents = [text_parts(m.get("content", "")) for m in step.messages or []]
+        messages = [self.rendered("\n\n".join(texts)) for texts in contents]
         if step.prompt is not None:
             messages.append(self.rendered(step.prompt))
-        texts = [step.system, step.prompt, *(m.get("content") for m in step.messages or [])]
+        texts = [step.system, step.prompt, *(t for texts in contents for t in texts)]
         upstream = self.referenced(*texts)
+        files = [
+            *(f for m in step.messages or [] for f in self.spec.part_files(m.get("content", ""))),
+            *self.spec.attachments(step),
+        ]
+        notes += self.file_notes(chain[0], files)
         if attempts > 1:
             notes.append(f"max: {attempts} attempts per target")
         if len(chain) > 1:
             notes.append(f"max: all {len(chain)} targets of the fallback chain")
         tools = self.spec.tools(step)
         if step.best_of is None and tools:
-            return self.tool_loop(step, chain, system, messages, upstream, cap, attempts, notes)
+            return self.tool_loop(
+                step, chain, system, messages, upstream, cap, attempts, notes, files
+            )
         if step.best_of is None:
-            one, method = self.call(chain, system, messages, upstream, cap, attempts)
+            one, method = self.call(chain, system, messages, upstream, cap, attempts, files)
             self.outputs[step.id] = Span(1, one.output_tokens.expected, cap)
             return StepEstimate(
                 step.id,
@@ -309,7 +357,9 @@ class _Estimator:
             else chain[0]
             for i in range(best.n)
         ]
-        candidates = [self.call([t], system, messages, upstream, cap, attempts) for t in targets]
+        candidates = [
+            self.call([t], system, messages, upstream, cap, attempts, files) for t in targets
+        ]
         judge_chain = (
             [FallbackTarget(provider=best.judge.provider, model=best.judge.model)]
             if best.judge
@@ -363,6 +413,7 @@ class _Estimator:
         cap: int,
         attempts: int,
         notes: list[str],
+        files: Sequence[Attachment] = (),
     ) -> StepEstimate:
         """An llm step with tools: one to ``max_turns`` model turns per attempt."""
         tools = self.spec.tools(step)
@@ -388,7 +439,9 @@ class _Estimator:
         firsts = [
             (
                 target,
-                count_tokens(target.provider, target.model, system, messages),
+                self.with_files(
+                    target, count_tokens(target.provider, target.model, system, messages), files
+                ),
                 count_tokens(target.provider, target.model, None, [declarations]),
             )
             for target in chain
@@ -565,9 +618,16 @@ def _order(spec: Spec) -> list[Any]:
     return ordered
 
 
-def estimate_spec(spec: Spec, prices: PriceTable | None = None) -> Estimate:
-    """The cost forecast of ``spec`` (validated, with its inputs merged)."""
-    estimator = _Estimator(spec, prices or PriceTable.load())
+def estimate_spec(
+    spec: Spec, prices: PriceTable | None = None, files: Mapping[str, bytes] | None = None
+) -> Estimate:
+    """The cost forecast of ``spec`` (validated, with its inputs merged).
+
+    ``files`` (input name -> bytes, ``client.files.read_file_inputs``) lets
+    images be counted by their width and height and PDFs by their pages;
+    a file without its bytes is counted by its type and size alone.
+    """
+    estimator = _Estimator(spec, prices or PriceTable.load(), files or {})
     by_order = {s.id: estimator.step(s) for s in _order(spec)}
     steps = [by_order[s.id] for s in spec.steps]
     tokens = _sum(s.input_tokens + s.output_tokens for s in steps)
@@ -691,21 +751,27 @@ def cmd_estimate(args: Any) -> int:
     """Exit 0, or 2 when a spec is invalid (the others are still estimated)."""
     import sys
 
-    from llmmixer.client.specfile import parse_inputs, prepare_spec
+    from llmmixer.client.files import read_file_inputs, spec_dir
+    from llmmixer.client.specfile import parse_inputs, prepare_spec, read_spec
     from llmmixer.core.validation import SpecError
 
     table = PriceTable.load()
     code = 0
     documents = []
     for number, source in enumerate(args.spec):
+        inputs = parse_inputs(args.input)
         try:
-            spec = prepare_spec(source, inputs=parse_inputs(args.input))[1]
+            spec = prepare_spec(source, inputs=inputs)[1]
         except SpecError as error:
             for issue in error.issues:
                 print(f"{source}: {issue}", file=sys.stderr)
             code = 2
             continue
-        estimate = estimate_spec(spec, table)
+        own = read_spec(source).get("inputs")
+        files = read_file_inputs(
+            {**(own if isinstance(own, dict) else {}), **inputs}, base_dir=spec_dir(source)
+        )
+        estimate = estimate_spec(spec, table, files)
         if args.json:
             documents.append({"file": source, **estimate.as_json()})
             continue

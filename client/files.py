@@ -40,6 +40,7 @@ __all__ = [
     "describe_inputs",
     "has_file_inputs",
     "max_attachment_bytes",
+    "read_file_inputs",
     "spec_dir",
     "store_inputs",
 ]
@@ -142,6 +143,28 @@ def describe_inputs(
             value if data is None else {"file": _describe(key, name, data, declared).model_dump()}
         )
     return out
+
+
+def read_file_inputs(
+    inputs: Mapping[str, Any], *, base_dir: Path | None = None, max_bytes: int | None = None
+) -> dict[str, bytes]:
+    """The bytes of each file input this process can read (a path, ``File``, inline data).
+
+    For ``estimate``, which reads an image's size and a PDF's pages from them;
+    a file it cannot read here (stored, described, too large) is left out.
+    """
+    limit = max_attachment_bytes() if max_bytes is None else max_bytes
+    found: dict[str, bytes] = {}
+    for key, value in inputs.items():
+        if not _is_file(value):
+            continue
+        try:
+            _, data, _ = _bytes_of(key, value, base_dir, True, limit, storing=False)
+        except SpecError:
+            continue  # validation already said what is wrong with it
+        if data is not None:
+            found[key] = data
+    return found
 
 
 # ---- internals ---------------------------------------------------------------------

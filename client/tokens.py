@@ -36,10 +36,19 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import TYPE_CHECKING
 
+from llmmixer.core.attachments import IMAGE_TYPES, TEXT_TYPE, image_dimensions, pdf_page_count
+
 if TYPE_CHECKING:
     import tiktoken
 
-__all__ = ["APPROXIMATION_FACTORS", "APPROXIMATION_SPREAD", "TokenCount", "count_tokens"]
+__all__ = [
+    "APPROXIMATION_FACTORS",
+    "APPROXIMATION_SPREAD",
+    "TokenCount",
+    "count_tokens",
+    "file_tokens",
+    "image_tokens",
+]
 
 # The SHA-256 of each uncompressed file, as tiktoken's own constructors check them.
 _ENCODINGS: dict[str, str] = {
@@ -172,4 +181,98 @@ def count_tokens(provider: str, model: str, system: str | None, messages: list[s
         expected,
         math.ceil(expected * (1 + APPROXIMATION_SPREAD)),
         f"≈ o200k_base x{factor:g} (uncalibrated approximation)",
+    )
+
+
+# ---- files ------------------------------------------------------------------------------
+
+# Each provider's published rule for an image (documentation, not measured):
+# Anthropic scales an image so its long edge is at most 1568 px and it
+# costs at most ~1600 tokens, then charges width*height/750; OpenAI (high
+# detail, what `auto` picks for a large image) fits it in 2048x2048, scales
+# its short side to 768, and charges 85 plus 170 per 512-px tile; Gemini
+# charges 258 for an image of at most 384 px a side, else 258 per 768-px tile.
+_ANTHROPIC_LONG_EDGE = 1568
+_ANTHROPIC_MAX_IMAGE = 1600
+_OPENAI_BASE, _OPENAI_TILE = 85, 170
+_GEMINI_TILE = 258
+# A PDF page: Anthropic and OpenAI send its text and an image of it (1500 to
+# 3000 tokens, Anthropic's documentation); Gemini 258 per page. Without a
+# page count, a page is assumed per this many bytes.
+_PDF_PAGE_TOKENS: dict[str, tuple[int, int, int]] = {
+    "anthropic": (1500, 2250, 3000),
+    "openai": (1500, 2250, 3000),
+    "gemini": (258, 258, 258),
+}
+_PDF_BYTES_PER_PAGE = 50_000
+
+
+def image_tokens(provider: str, width: int, height: int) -> int:
+    """What one image of ``width`` x ``height`` pixels costs ``provider``, by its published rule."""
+    if width <= 0 or height <= 0:
+        return 0
+    if provider == "anthropic":
+        scale = min(
+            1.0,
+            _ANTHROPIC_LONG_EDGE / max(width, height),
+            math.sqrt(_ANTHROPIC_MAX_IMAGE * 750 / (width * height)),
+        )
+        return min(_ANTHROPIC_MAX_IMAGE, math.ceil(width * scale * height * scale / 750))
+    if provider == "openai":
+        fit = min(1.0, 2048 / max(width, height))
+        w, h = width * fit, height * fit
+        short = min(1.0, 768 / min(w, h))
+        tiles = math.ceil(w * short / 512) * math.ceil(h * short / 512)
+        return _OPENAI_BASE + _OPENAI_TILE * tiles
+    if width <= 384 and height <= 384:
+        return _GEMINI_TILE
+    return _GEMINI_TILE * math.ceil(width / 768) * math.ceil(height / 768)
+
+
+# An image whose size cannot be read: from a 1x1 image to the most the
+# provider's rule allows (Gemini's has no bound: a 3072x3072 image is assumed).
+_UNKNOWN_IMAGE: dict[str, tuple[int, int]] = {
+    "anthropic": (1, _ANTHROPIC_MAX_IMAGE),
+    "openai": (_OPENAI_BASE + _OPENAI_TILE, _OPENAI_BASE + _OPENAI_TILE * 8),
+    "gemini": (_GEMINI_TILE, _GEMINI_TILE * 16),
+}
+
+
+def file_tokens(
+    provider: str,
+    model: str,
+    media_type: str,
+    size: int,
+    data: bytes | None,
+) -> TokenCount:
+    """The input tokens of one file sent to ``provider``, labelled as the approximation it is.
+
+    ``data`` (the file's bytes, when this process has them) gives an image's
+    width and height and a PDF's page count; without it, an image spans the
+    provider's smallest to largest charge and a PDF is assumed a page per 50 KB.
+    """
+    family = provider if provider in _UNKNOWN_IMAGE else "openai"
+    if media_type in IMAGE_TYPES:
+        dimensions = image_dimensions(data) if data is not None else None
+        if dimensions is None:
+            low, high = _UNKNOWN_IMAGE[family]
+            return TokenCount(low, high, high, f"≈ image of unknown size ({family}'s rule)")
+        tokens = image_tokens(family, *dimensions)
+        width, height = dimensions
+        return TokenCount(
+            tokens, tokens, tokens, f"≈ {width}x{height} image ({family}'s published rule)"
+        )
+    if media_type == TEXT_TYPE and data is not None:
+        text = data.decode("utf-8", errors="replace")
+        return count_tokens(provider, model, None, [text])
+    if media_type == TEXT_TYPE:
+        return TokenCount(
+            size // 6, size // 4, size // 2, "≈ text file of known size, ~4 bytes a token"
+        )
+    pages = pdf_page_count(data) if data is not None else None
+    method = f"≈ {pages} PDF page(s)" if pages else "≈ PDF pages guessed from its size"
+    count = pages or max(1, math.ceil(size / _PDF_BYTES_PER_PAGE))
+    low, expected, high = _PDF_PAGE_TOKENS[family]
+    return TokenCount(
+        count * low, count * expected, count * high, f"{method} ({family}'s per-page rule)"
     )

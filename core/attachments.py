@@ -12,6 +12,8 @@ loads them back; both type and describe them here.
 from __future__ import annotations
 
 import hashlib
+import re
+import struct
 
 from llmmixer.core.contracts import Attachment
 
@@ -22,6 +24,8 @@ __all__ = [
     "TEXT_TYPE",
     "UnsupportedFile",
     "describe_file",
+    "image_dimensions",
+    "pdf_page_count",
     "sniff_media_type",
 ]
 
@@ -94,3 +98,80 @@ def _safe_name(name: str) -> str:
     base = name.replace("\\", "/").rsplit("/", 1)[-1]
     cleaned = "".join(ch for ch in base if ch.isprintable()).strip()
     return cleaned[:200] or "file"
+
+
+# ---- sizes, for the cost estimate ------------------------------------------------------
+
+# JPEG start-of-frame markers (baseline, progressive, ...): not DHT (C4),
+# JPG (C8) or DAC (CC), which share the range.
+_JPEG_FRAMES = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+# A page object, not the `/Pages` tree that holds them.
+_PDF_PAGE = re.compile(rb"/Type\s*/Page(?![A-Za-z])")
+
+
+def image_dimensions(data: bytes) -> tuple[int, int] | None:
+    """(width, height) in pixels from a PNG, JPEG, GIF or WEBP header, or None.
+
+    Read from the header alone, without decoding the image: a file that is
+    not one of those types, or whose header is cut short, gives None.
+    """
+    try:
+        if data.startswith(b"\x89PNG\r\n\x1a\n") and data[12:16] == b"IHDR":
+            width, height = struct.unpack(">II", data[16:24])
+            return width, height
+        if data[:6] in (b"GIF87a", b"GIF89a"):
+            width, height = struct.unpack("<HH", data[6:10])
+            return width, height
+        if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+            return _webp_dimensions(data)
+        if data.startswith(b"\xff\xd8"):
+            return _jpeg_dimensions(data)
+    except struct.error:
+        return None
+    return None
+
+
+def _webp_dimensions(data: bytes) -> tuple[int, int] | None:
+    chunk = data[12:16]
+    if chunk == b"VP8X":
+        width = int.from_bytes(data[24:27], "little") + 1
+        height = int.from_bytes(data[27:30], "little") + 1
+        return width, height
+    if chunk == b"VP8 " and data[23:26] == b"\x9d\x01\x2a":
+        width, height = struct.unpack("<HH", data[26:30])
+        return width & 0x3FFF, height & 0x3FFF
+    if chunk == b"VP8L" and data[20:21] == b"\x2f":
+        bits = int.from_bytes(data[21:25], "little")
+        return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+    return None
+
+
+def _jpeg_dimensions(data: bytes) -> tuple[int, int] | None:
+    index = 2
+    while index + 4 <= len(data):
+        if data[index] != 0xFF:
+            return None
+        marker = data[index + 1]
+        if marker == 0xFF:  # fill byte
+            index += 1
+            continue
+        if marker in (0x01, *range(0xD0, 0xDA)):  # markers without a length
+            index += 2
+            continue
+        (length,) = struct.unpack(">H", data[index + 2 : index + 4])
+        if marker in _JPEG_FRAMES:
+            height, width = struct.unpack(">HH", data[index + 5 : index + 9])
+            return width, height
+        index += 2 + length
+    return None
+
+
+def pdf_page_count(data: bytes) -> int | None:
+    """How many page objects a PDF's bytes name, or None when none are readable.
+
+    An approximation: pages in compressed object streams are not seen.
+    """
+    if not data.startswith(b"%PDF-"):
+        return None
+    pages = len(_PDF_PAGE.findall(data))
+    return pages or None

@@ -123,6 +123,36 @@ class FileInput(_Strict):
 InputValue = str | int | float | bool | FileInput
 
 
+class TextPart(_Strict):
+    """Text in a message's list of parts; templates are rendered in it."""
+
+    type: Literal["text"]
+    text: str
+
+
+class FilePart(_Strict):
+    """A file input placed in one message: ``{type: image, input: NAME}``.
+
+    ``image`` takes an image input, ``document`` a PDF or a text file.
+    """
+
+    type: Literal["image", "document"]
+    input: str
+
+
+# A message's `content` is a string, or a list of these (docs/spec.md,
+# "Files in a message").
+MessagePart = Annotated[TextPart | FilePart, Field(discriminator="type")]
+MessageContent = str | list[MessagePart]
+
+
+def text_parts(content: MessageContent) -> list[str]:
+    """A message's texts in order, templates unrendered: the content itself when it is text."""
+    if isinstance(content, str):
+        return [content]
+    return [part.text for part in content if isinstance(part, TextPart)]
+
+
 HedgePercentile = Literal["p50", "p90", "p95", "p99"]
 
 
@@ -197,7 +227,8 @@ class LlmStep(_StepBase):
     model: str | None = None
     system: str | None = None
     prompt: str | None = None
-    messages: list[dict[str, str]] | None = None
+    # `content` is text, or a list of parts (TextPart, FilePart).
+    messages: list[dict[str, MessageContent]] | None = None
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
@@ -373,8 +404,17 @@ class Spec(_Strict):
 
     def attachments(self, step: LlmStep) -> list[Attachment]:
         """The stored files ``step`` sends; validation has refused any other name."""
+        return self._stored_files(step.attachments)
+
+    def part_files(self, content: MessageContent) -> list[Attachment]:
+        """The stored files a message's parts place in it, in their order."""
+        if isinstance(content, str):
+            return []
+        return self._stored_files([p.input for p in content if isinstance(p, FilePart)])
+
+    def _stored_files(self, names: list[str]) -> list[Attachment]:
         found = []
-        for name in step.attachments:
+        for name in names:
             value = self.inputs.get(name)
             if isinstance(value, FileInput) and isinstance(value.file, Attachment):
                 found.append(value.file)

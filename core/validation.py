@@ -21,7 +21,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError, create_model
 
-from llmmixer.core.attachments import MEDIA_TYPES
+from llmmixer.core.attachments import DOCUMENT_TYPES, IMAGE_TYPES, MEDIA_TYPES, TEXT_TYPE
 from llmmixer.core.contracts import PROVIDERS, Attachment
 from llmmixer.core.provider_options import model_name_issue, provider_option_issues
 from llmmixer.core.providers import PROVIDER_SPECS, provider_spec
@@ -35,9 +35,11 @@ from llmmixer.core.spec import (
     DecomposeStep,
     Defaults,
     FileInput,
+    FilePart,
     LlmStep,
     PtyStep,
     Spec,
+    TextPart,
 )
 from llmmixer.core.templates import references
 from llmmixer.core.tools import (
@@ -187,7 +189,7 @@ def find_issues(raw: object) -> Iterator[SpecIssue]:
     yield from _graph_issues(parsed, ids, inputs, raw.get("output"))
     yield from _file_input_issues(inputs)
     for step_id, model in parsed.items():
-        if isinstance(model, LlmStep) and model.attachments:
+        if isinstance(model, LlmStep):
             yield from _attachment_issues(step_id, model, inputs, defaults, routes)
 
 
@@ -218,11 +220,31 @@ def _attachment_issues(
     defaults: Mapping[str, Any],
     routes: Mapping[str, Any],
 ) -> Iterator[SpecIssue]:
-    """Each attachment names a file input, and every target of the step can take its type."""
-    files: list[tuple[str, str]] = []
-    for number, name in enumerate(step.attachments):
+    """Each attachment and file part names a file input of its kind, in a user
+    message, and every target of the step can take its type."""
+    # (field, input name, part type or None for `attachments`)
+    wanted: list[tuple[str, str, str | None]] = [
+        (f"attachments.{number}", name, None) for number, name in enumerate(step.attachments)
+    ]
+    for number, message in enumerate(step.messages or []):
+        content = message.get("content")
+        for index, part in enumerate(content if isinstance(content, list) else []):
+            if not isinstance(part, FilePart):
+                continue
+            field = f"messages[{number}].content[{index}]"
+            if message.get("role") != "user":
+                # No provider takes a file in the model's own turn.
+                yield SpecIssue(
+                    step_id,
+                    field,
+                    f"an {part.type} part can only be sent in a message with role: user: "
+                    "move it to a user message",
+                )
+                continue
+            wanted.append((field, part.input, part.type))
+    files: list[tuple[str, str, str]] = []
+    for field, name, part_type in wanted:
         value = inputs.get(name)
-        field = f"attachments.{number}"
         if value is None:
             yield SpecIssue(
                 step_id,
@@ -243,8 +265,13 @@ def _attachment_issues(
             parsed = FileInput.model_validate(value).file
         except ValidationError:
             continue  # _file_input_issues reports it
-        if isinstance(parsed, Attachment):
-            files.append((name, parsed.media_type))
+        if not isinstance(parsed, Attachment):
+            continue  # a path not read yet: its type is known once it is
+        mismatch = _part_mismatch(part_type, name, parsed.media_type)
+        if mismatch is not None:
+            yield SpecIssue(step_id, field, mismatch)
+            continue
+        files.append(("attachments" if part_type is None else field, name, parsed.media_type))
     targets: list[tuple[str, bool]] = []
     if step.role is not None:
         route = routes.get(step.role)
@@ -263,17 +290,32 @@ def _attachment_issues(
             spec = provider_spec(provider)
         except ValueError:
             continue  # reported as an unknown provider
-        for name, media_type in files:
+        for field, name, media_type in files:
             reason = spec.attachment_refusal(media_type, own_endpoint=own)
             if reason is not None and reason not in refused:
                 refused.add(reason)
                 yield SpecIssue(
                     step_id,
-                    "attachments",
+                    field,
                     f"input {name!r} is {media_type}, and {reason}: send it to another "
                     "provider, drop the step's base_url, or convert the file "
                     "(e.g. a PDF to images)",
                 )
+
+
+def _part_mismatch(part_type: str | None, name: str, media_type: str) -> str | None:
+    """Why a file part cannot carry ``media_type``, or None (``attachments`` take any)."""
+    if part_type == "image" and media_type not in IMAGE_TYPES:
+        return (
+            f"input {name!r} is {media_type}, not an image ({', '.join(IMAGE_TYPES)}): "
+            f"use {{type: document, input: {name}}} or pass an image"
+        )
+    if part_type == "document" and media_type not in (*DOCUMENT_TYPES, TEXT_TYPE):
+        return (
+            f"input {name!r} is {media_type}, not a document (a PDF or text): "
+            f"use {{type: image, input: {name}}} or pass a PDF"
+        )
+    return None
 
 
 # The top-level fields, validated apart so step problems are reported per
@@ -364,9 +406,42 @@ def _model_issues(
     try:
         model_type.model_validate(body)
     except ValidationError as error:
-        for detail in error.errors():
+        details = error.errors()
+        # A message's content is text or a list of parts, and pydantic reports
+        # both readings: a list keeps only its parts' errors, anything else
+        # one error saying what content may be.
+        listed = {
+            d["loc"][1]
+            for d in details
+            if _content_reading(d["loc"]) == "list" and d["type"] != "list_type"
+        }
+        for detail in details:
+            reading = _content_reading(detail["loc"])
+            if reading == "list" and detail["type"] == "list_type":
+                continue
             location = _field_path(detail["loc"]) or "(document)"
+            if reading == "str":
+                if detail["loc"][1] in listed:
+                    continue
+                yield SpecIssue(where, prefix + location, _CONTENT_SHAPE)
+                continue
             yield SpecIssue(where, prefix + location, _explain(detail))
+
+
+_PART_TYPES = ("text", "image", "document")
+_CONTENT_SHAPE = (
+    "use text, or a list of parts: {type: text, text: ...}, {type: image, input: NAME}, "
+    "{type: document, input: NAME}"
+)
+
+
+def _content_reading(loc: tuple[int | str, ...]) -> str | None:
+    """Which reading of a message's content an error is about: "str", "list" or neither."""
+    if len(loc) < 4 or loc[0] != "messages" or loc[2] != "content":
+        return None
+    if loc[3] == "str":
+        return "str"
+    return "list" if str(loc[3]).startswith("list[") else None
 
 
 def _field_path(loc: tuple[int | str, ...]) -> str:
@@ -381,6 +456,25 @@ def _field_path(loc: tuple[int | str, ...]) -> str:
             # The discriminated union puts the tool's kind before its field.
             if index < len(loc) and loc[index] in TOOL_KINDS:
                 index += 1
+            continue
+        if part == "messages" and index + 1 < len(loc) and isinstance(loc[index + 1], int):
+            field = f"messages[{loc[index + 1]}]"
+            index += 2
+            if index < len(loc) and loc[index] == "content":
+                field += ".content"
+                index += 1
+                reading = str(loc[index]) if index < len(loc) else ""
+                if reading == "str":
+                    index += 1
+                elif reading.startswith("list["):
+                    index += 1
+                    if index < len(loc) and isinstance(loc[index], int):
+                        field += f"[{loc[index]}]"
+                        index += 1
+                    # The tagged union puts the part's type before its field.
+                    if index < len(loc) and loc[index] in _PART_TYPES:
+                        index += 1
+            parts.append(field)
             continue
         parts.append(str(part))
         index += 1
@@ -397,6 +491,8 @@ def _explain(detail: Mapping[str, Any]) -> str:
         return "use lowercase letters, digits, `_` and `-` only"
     message = str(detail["msg"])
     if kind in ("union_tag_not_found", "union_tag_invalid"):
+        if detail["loc"][:1] == ("messages",):
+            return f"each part needs `type`: one of {', '.join(_PART_TYPES)}"
         return f"each tool needs `kind`: one of {', '.join(TOOL_KINDS)}"
     if kind == "literal_error":
         return message.replace("Input should be", "use")
@@ -709,7 +805,13 @@ def _templated_fields(step: BaseModel) -> Iterator[tuple[str, str]]:
             if value:
                 yield name, value
         for number, message in enumerate(step.messages or []):
-            yield f"messages.{number}.content", message.get("content", "")
+            content = message.get("content", "")
+            if isinstance(content, str):
+                yield f"messages.{number}.content", content
+                continue
+            for index, piece in enumerate(content):
+                if isinstance(piece, TextPart):
+                    yield f"messages[{number}].content[{index}].text", piece.text
         if step.best_of is not None and step.best_of.judge and step.best_of.judge.prompt:
             yield "best_of.judge.prompt", step.best_of.judge.prompt
     elif isinstance(step, PtyStep):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import struct
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +23,11 @@ from llmmixer.client.estimate import (
     estimate_spec,
     format_estimate,
 )
+from llmmixer.client.files import File
 from llmmixer.client.mixer import MixerClient
 from llmmixer.client.specfile import prepare_spec
-from llmmixer.client.tokens import _PATTERNS, _SPECIAL, count_tokens, encoding
+from llmmixer.client.tokens import _PATTERNS, _SPECIAL, count_tokens, encoding, image_tokens
+from llmmixer.core.attachments import image_dimensions, pdf_page_count
 
 EXAMPLES = sorted((Path(__file__).resolve().parent.parent / "examples").glob("*.yaml"))
 PRICES = PriceTable.load()
@@ -356,3 +360,172 @@ def test_a_single_turn_tool_loop_keeps_its_bounds_in_order() -> None:
     )
     for span in (one.calls, one.input_tokens, one.output_tokens, one.cost_usd):
         assert span.low <= span.expected <= span.high
+
+
+# ---- files ---------------------------------------------------------------------------
+
+IMAGES = Path(__file__).resolve().parent / "data" / "images"
+
+
+def _png(width: int, height: int) -> bytes:
+    """A real PNG of ``width`` x ``height`` grey pixels (stdlib only)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    rows = b"".join(b"\x00" + b"\x80" * width for _ in range(height))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(rows))
+        + chunk(b"IEND", b"")
+    )
+
+
+def _pdf(pages: int) -> bytes:
+    """A real PDF of ``pages`` empty pages, with its cross-reference table."""
+    kids = " ".join(f"{3 + i} 0 R" for i in range(pages))
+    objects = [
+        b"<< /Type /Catalog /Pages 2 0 R >>",
+        f"<< /Type /Pages /Kids [{kids}] /Count {pages} >>".encode(),
+        *(b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] >>" for _ in range(pages)),
+    ]
+    out = b"%PDF-1.4\n"
+    offsets = []
+    for number, body in enumerate(objects, start=1):
+        offsets.append(len(out))
+        out += f"{number} 0 obj\n".encode() + body + b"\nendobj\n"
+    xref = len(out)
+    out += f"xref\n0 {len(objects) + 1}\n0000000000 65535 f \n".encode()
+    out += b"".join(f"{o:010d} 00000 n \n".encode() for o in offsets)
+    out += (
+        f"trailer\n<< /Size {len(objects) + 1} /Root 1 0 R >>\nstartxref\n{xref}\n%%EOF\n".encode()
+    )
+    return out
+
+
+def test_image_sizes_and_pdf_pages_are_read_from_real_files() -> None:
+    for suffix in ("png", "jpg", "gif", "webp"):
+        data = (IMAGES / f"python16.{suffix}").read_bytes()
+        assert image_dimensions(data) == (16, 16), suffix
+    # Width and height are not swapped.
+    assert image_dimensions(_png(300, 200)) == (300, 200)
+    assert image_dimensions((IMAGES / "python16.jpg").read_bytes()[:20]) is None
+    assert image_dimensions(b"not an image") is None
+    assert pdf_page_count(_pdf(3)) == 3
+    assert pdf_page_count(b"%PDF-1.4\n%%EOF\n") is None
+
+
+def test_image_tokens_follow_each_providers_published_rule() -> None:
+    # Anthropic: width*height/750, scaled down to ~1600 tokens at most.
+    assert image_tokens("anthropic", 1000, 1000) == 1334
+    assert image_tokens("anthropic", 200, 200) == 54
+    assert image_tokens("anthropic", 4000, 3000) <= 1600
+    # OpenAI (high detail): 85 + 170 per 512-px tile after fitting 2048 and a 768 short side.
+    assert image_tokens("openai", 1024, 1024) == 765
+    assert image_tokens("openai", 2048, 4096) == 1105
+    assert image_tokens("openai", 16, 16) == 255
+    # Gemini: 258 up to 384 px a side, else 258 per 768-px tile.
+    assert image_tokens("gemini", 384, 384) == 258
+    assert image_tokens("gemini", 1000, 500) == 516
+
+
+def _vision(provider: str, model: str, **files: str) -> dict[str, Any]:
+    step = {"provider": provider, "model": model, "max_tokens": 100, "prompt": "describe"}
+    return _one({**step, "attachments": list(files)})
+
+
+@pytest.mark.parametrize(
+    ("provider", "model", "tokens"),
+    [
+        ("anthropic", "claude-sonnet-4-5", 1334),
+        ("openai", "gpt-4.1-mini", 765),
+        ("gemini", "gemini-2.5-flash", 258 * 4),
+    ],
+)
+def test_an_attached_image_adds_its_providers_image_tokens(
+    provider: str, model: str, tokens: int
+) -> None:
+    image = _png(1000, 1000)
+    bare = _step(_estimate(_vision(provider, model)), "a")
+    _, spec = prepare_spec(
+        _vision(provider, model, diagram=""), inputs={"diagram": File("d.png", image)}
+    )
+    seen = _step(estimate_spec(spec, PRICES, {"diagram": image}), "a")
+    assert seen.input_tokens.expected - bare.input_tokens.expected == tokens
+    assert seen.cost_usd.expected > bare.cost_usd.expected
+    assert any("d.png: ≈ 1000x1000 image" in note for note in seen.notes), seen.notes
+    assert "files ≈ each provider's published rule" in seen.tokenizer
+
+
+def test_a_file_without_its_bytes_is_counted_by_type_and_size_and_says_so() -> None:
+    document = _pdf(2)
+    _, spec = prepare_spec(
+        _vision("anthropic", "claude-sonnet-4-5", doc=""), inputs={"doc": File("s.pdf", document)}
+    )
+    known = _step(estimate_spec(spec, PRICES, {"doc": document}), "a")
+    guessed = _step(estimate_spec(spec, PRICES), "a")
+    bare = _step(_estimate(_vision("anthropic", "claude-sonnet-4-5")), "a")
+    assert known.input_tokens.expected - bare.input_tokens.expected == 2 * 2250
+    assert any("≈ 2 PDF page(s)" in note for note in known.notes), known.notes
+    assert any("PDF pages guessed from its size" in note for note in guessed.notes)
+    # An image of unknown size spans the provider's smallest to largest charge.
+    _, images = prepare_spec(
+        _vision("anthropic", "claude-sonnet-4-5", d=""), inputs={"d": File("x.png", _png(40, 30))}
+    )
+    unknown = _step(estimate_spec(images, PRICES), "a")
+    assert unknown.input_tokens.high - bare.input_tokens.high >= 1600
+    assert any("image of unknown size" in note for note in unknown.notes)
+
+
+def test_estimate_reads_the_size_of_files_given_by_path_or_at_input(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    (tmp_path / "wide.png").write_bytes(_png(2048, 4096))
+    (tmp_path / "s.yaml").write_text(
+        "name: s\ninputs: {diagram: {file: wide.png}}\nsteps:\n"
+        "  - {id: a, provider: openai, model: gpt-4.1-mini, max_tokens: 10, prompt: hi,"
+        " attachments: [diagram]}\n"
+    )
+    assert main(["estimate", str(tmp_path / "s.yaml"), "--json"]) == 0
+    [step] = json.loads(capsys.readouterr().out)["steps"]
+    assert any("wide.png: ≈ 2048x4096 image" in n and "1105 tokens" in n for n in step["notes"])
+    (tmp_path / "small.png").write_bytes(_png(16, 16))
+    assert (
+        main(
+            [
+                "estimate",
+                str(tmp_path / "s.yaml"),
+                "--input",
+                f"diagram=@{tmp_path / 'small.png'}",
+                "--json",
+            ]
+        )
+        == 0
+    )
+    [step] = json.loads(capsys.readouterr().out)["steps"]
+    assert any("small.png: ≈ 16x16 image" in n and "255 tokens" in n for n in step["notes"])
+
+
+def test_files_placed_in_message_parts_count_like_attachments() -> None:
+    image = _png(1024, 1024)
+    step = {
+        "provider": "openai",
+        "model": "gpt-4.1-mini",
+        "max_tokens": 100,
+        "messages": [
+            {
+                "role": "user",
+                "content": [{"type": "text", "text": "describe"}, {"type": "image", "input": "d"}],
+            }
+        ],
+    }
+    bare = _step(
+        _estimate(_one({**step, "messages": [{"role": "user", "content": "describe"}]})), "a"
+    )
+    _, spec = prepare_spec(_one(step), inputs={"d": File("d.png", image)})
+    seen = _step(estimate_spec(spec, PRICES, {"d": image}), "a")
+    assert seen.input_tokens.expected - bare.input_tokens.expected == 765

@@ -521,7 +521,7 @@ async def test_page_cancels_a_run(browser: Browser, serve_url: str, mixer: Mixer
 # ---- the lists: filters and schedules -------------------------------------------------
 
 
-async def test_page_filters_runs_by_state_and_spec_and_lists_schedules(
+async def test_page_filters_runs_lists_schedules_and_pauses_one(
     browser: Browser, serve_url: str, mixer: MixerClient
 ) -> None:
     # The search attributes the filters use, as `llmmixer setup` registers them.
@@ -575,6 +575,17 @@ async def test_page_filters_runs_by_state_and_spec_and_lists_schedules(
                 await page.wait_for_timeout(500)
             await expect(listed).to_contain_text(f"{schedule} ({name})")
             await expect(listed).to_contain_text("0 9 * * 1 · next ")
+
+            # "Pause" pauses the schedule itself, and the row says so at once.
+            await listed.get_by_role("button", name="Pause", exact=True).click()
+            await expect(page.locator("#notice")).to_contain_text(f"{schedule}: paused")
+            await expect(listed).to_contain_text("paused: paused through llmmixer serve")
+            assert (await mixer.describe_schedule(schedule)).paused
+            await listed.get_by_role("button", name="Unpause").click()
+            await expect(page.locator("#notice")).to_contain_text(f"{schedule}: unpaused")
+            await expect(listed).to_contain_text("0 9 * * 1 · next ")
+            await expect(listed.get_by_role("button", name="Pause", exact=True)).to_be_visible()
+            assert not (await mixer.describe_schedule(schedule)).paused
 
             # "Trigger now" starts the schedule's run at once, and the list shows it.
             await listed.get_by_role("button", name="Trigger now").click()

@@ -3,7 +3,7 @@
 Over real HTTP against a real uvicorn, a real Temporal dev server (with
 llmmixer's search attributes registered, as ``llmmixer setup`` leaves it) and
 a real worker. The page's filters and schedule list are in
-``test_serve_browser.py``; the guard on ``POST /schedules/{id}/trigger`` is in
+``test_serve_browser.py``; the guard on the schedules' POST routes is in
 ``test_serve_security.py``.
 """
 
@@ -118,7 +118,7 @@ async def test_runs_are_filtered_by_state_and_spec_name(
     assert (await gated.progress()).steps["fgate"].status == StepStatus.COMPLETED
 
 
-async def test_schedules_are_listed_and_triggered(
+async def test_schedules_are_listed_paused_unpaused_and_triggered(
     served: Served, mixer: MixerClient, client: Client
 ) -> None:
     http = served.http
@@ -153,12 +153,22 @@ async def test_schedules_are_listed_and_triggered(
         assert entry["next_run"] is not None and "T09:00:00" in entry["next_run"]
         assert foreign not in found
 
-        await mixer.pause_schedule(name, note="holidays")
+        pause = await http.post(f"/schedules/{name}/pause", json={"note": "holidays"}, headers=auth)
+        assert pause.status_code == 200, pause.text
+        assert pause.json()["paused"] is True and pause.json()["note"] == "holidays"
+        assert (await mixer.describe_schedule(name)).paused, "the API said paused; it is not"
         paused = await eventually(
             listed, lambda items: items.get(name, {}).get("paused") is True, "the pause shown"
         )
         assert paused[name]["note"] == "holidays"
-        await mixer.unpause_schedule(name)
+        # Without a note (an empty body, as the page sends) the change is still explained.
+        unpause = await http.post(f"/schedules/{name}/unpause", json={}, headers=auth)
+        assert unpause.status_code == 200, unpause.text
+        assert unpause.json()["paused"] is False and "llmmixer serve" in unpause.json()["note"]
+        assert not (await mixer.describe_schedule(name)).paused
+        typo = await http.post(f"/schedules/{name}/pause", json={"reason": "x"}, headers=auth)
+        assert typo.status_code == 422, "an unknown field must not pause silently without its note"
+        assert not (await mixer.describe_schedule(name)).paused
 
         triggered = await http.post(f"/schedules/{name}/trigger", json={}, headers=auth)
         assert triggered.status_code == 202, triggered.text
@@ -171,11 +181,13 @@ async def test_schedules_are_listed_and_triggered(
         assert (await mixer.get_handle(run).result()).status.value == "completed"
 
         for target in (foreign, f"missing-{uuid.uuid4().hex[:8]}"):
-            response = await http.post(f"/schedules/{target}/trigger", json={}, headers=auth)
-            assert response.status_code == 404, response.text
-            assert "GET /schedules" in response.json()["errors"][0]
+            for action in ("trigger", "pause", "unpause"):
+                response = await http.post(f"/schedules/{target}/{action}", json={}, headers=auth)
+                assert response.status_code == 404, (action, response.text)
+                assert "GET /schedules" in response.json()["errors"][0]
         foreign_info = await client.get_schedule_handle(foreign).describe()
         assert foreign_info.info.num_actions == 0, "serve triggered another application's schedule"
+        assert not foreign_info.schedule.state.paused, "serve paused another application's schedule"
     finally:
         await mixer.delete_schedule(name)
         await client.get_schedule_handle(foreign).delete()

@@ -141,6 +141,8 @@ STATE_CHANGING: dict[str, tuple[str, dict[str, Any]]] = {
     "/workflows/{workflow_id}/cancel": ("/workflows/{run}/cancel", {}),
     "/workflows/{workflow_id}/rerun": ("/workflows/{run}/rerun", {}),
     "/schedules/{schedule_id}/trigger": ("/schedules/{schedule}/trigger", {}),
+    "/schedules/{schedule_id}/pause": ("/schedules/{schedule}/pause", {"note": "forged"}),
+    "/schedules/{schedule_id}/unpause": ("/schedules/{schedule}/unpause", {}),
 }
 
 
@@ -177,6 +179,7 @@ async def test_every_state_changing_route_refuses_other_origins_and_host_names(
         assert progress["steps"]["ggate"]["status"] == "waiting", "a refused request acted"
         described = await mixer.describe_schedule(schedule)
         assert described.runs_started == 0, "a refused request triggered the schedule"
+        assert not described.paused, "a refused request paused the schedule"
         # The same requests from a local script (JSON, no Origin) are answered.
         triggered = await http.post(f"/schedules/{schedule}/trigger", json={})
         assert triggered.status_code == 202, triggered.text

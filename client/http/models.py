@@ -18,7 +18,9 @@ __all__ = [
     "RerunRequest",
     "RunList",
     "RunSummary",
+    "ScheduleChanged",
     "ScheduleList",
+    "SchedulePauseBody",
     "ScheduleSummary",
     "ScheduleTriggered",
     "SpecOfRun",
@@ -101,6 +103,25 @@ class ScheduleList(BaseModel):
 
 class ScheduleTriggered(BaseModel):
     schedule_id: str
+    message: str
+
+
+class SchedulePauseBody(BaseModel):
+    """``POST /schedules/{id}/pause`` and ``/unpause``: the body may be ``{}``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    note: str | None = Field(
+        default=None, max_length=1000, description="why (shown with the schedule)"
+    )
+
+
+class ScheduleChanged(BaseModel):
+    """The schedule as it is after a pause or unpause."""
+
+    schedule_id: str
+    paused: bool
+    note: str
     message: str
 
 

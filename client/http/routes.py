@@ -11,12 +11,13 @@
     GET  /workflows/{id}/events                      Server-Sent Events (``events.py``)
     GET  /schedules                                  llmmixer's schedules
     POST /schedules/{id}/trigger                     start a run now  -> 202
+    POST /schedules/{id}/pause|unpause               {"note"?}: stop or resume its runs
 
 Only llmmixer's runs. The namespace may hold other workflows; every route
 under ``/workflows/{id}`` first checks that ``id`` is a ``MixerWorkflow``
 execution and answers 404 otherwise, so the API never signals, updates,
-queries or cancels anything else. Likewise ``/schedules`` lists, and
-triggers, only schedules whose action starts a ``MixerWorkflow``.
+queries or cancels anything else. Likewise ``/schedules`` lists, triggers,
+pauses and unpauses only schedules whose action starts a ``MixerWorkflow``.
 
 Every route needs the token (``auth.require_token``).
 """
@@ -60,7 +61,9 @@ from llmmixer.client.http.models import (
     RerunRequest,
     RunList,
     RunSummary,
+    ScheduleChanged,
     ScheduleList,
+    SchedulePauseBody,
     ScheduleSummary,
     ScheduleTriggered,
     SpecOfRun,
@@ -547,22 +550,7 @@ async def trigger_schedule(
 ) -> ScheduleTriggered:
     """Start the schedule's run now, as if it were due (its overlap policy applies)."""
     mixer = _mixer(request)
-    try:
-        description = await mixer.temporal.get_schedule_handle(schedule_id).describe()
-    except RPCError as error:
-        if error.status == RPCStatusCode.NOT_FOUND:
-            raise HTTPException(status_code=404, detail=_no_schedule(schedule_id)) from None
-        raise
-    action = description.schedule.action
-    # Another application's schedule in the namespace is never started from here.
-    if not (isinstance(action, ScheduleActionStartWorkflow) and action.workflow == WORKFLOW_NAME):
-        raise HTTPException(
-            status_code=404,
-            detail=(
-                f"{schedule_id!r} is not an llmmixer schedule (it starts another kind of "
-                "workflow): this API triggers only llmmixer's; list them with GET /schedules"
-            ),
-        )
+    await _llmmixer_schedule(mixer, schedule_id, "triggers")
     try:
         await mixer.trigger_schedule(schedule_id)
     except ScheduleNotFound:
@@ -571,6 +559,81 @@ async def trigger_schedule(
         schedule_id=schedule_id,
         message="triggered: the run starts now unless its overlap policy skips it",
     )
+
+
+@api.post(
+    "/schedules/{schedule_id}/pause",
+    response_model=ScheduleChanged,
+    responses={404: {"model": Errors, "description": "no llmmixer schedule with this id"}},
+)
+async def pause_schedule(
+    schedule_id: Annotated[str, PathParam(description="the schedule's id")],
+    request: Request,
+    body: SchedulePauseBody | None = None,
+) -> ScheduleChanged:
+    """Start no runs until unpaused (``llmmixer schedule pause``); a run going on goes on."""
+    return await _pause(request, schedule_id, True, body)
+
+
+@api.post(
+    "/schedules/{schedule_id}/unpause",
+    response_model=ScheduleChanged,
+    responses={404: {"model": Errors, "description": "no llmmixer schedule with this id"}},
+)
+async def unpause_schedule(
+    schedule_id: Annotated[str, PathParam(description="the schedule's id")],
+    request: Request,
+    body: SchedulePauseBody | None = None,
+) -> ScheduleChanged:
+    """Start runs again when they are due (``llmmixer schedule unpause``)."""
+    return await _pause(request, schedule_id, False, body)
+
+
+async def _pause(
+    request: Request, schedule_id: str, paused: bool, body: SchedulePauseBody | None
+) -> ScheduleChanged:
+    mixer = _mixer(request)
+    verb = "pause" if paused else "unpause"
+    await _llmmixer_schedule(mixer, schedule_id, f"{verb}s")
+    note = body.note if body is not None and body.note else f"{verb}d through llmmixer serve"
+    try:
+        if paused:
+            await mixer.pause_schedule(schedule_id, note=note)
+        else:
+            await mixer.unpause_schedule(schedule_id, note=note)
+        found = await mixer.describe_schedule(schedule_id)
+    except ScheduleNotFound:
+        raise HTTPException(status_code=404, detail=_no_schedule(schedule_id)) from None
+    return ScheduleChanged(
+        schedule_id=schedule_id,
+        paused=found.paused,
+        note=found.note,
+        message=(
+            "paused: no run starts until it is unpaused"
+            if found.paused
+            else "unpaused: runs start again when they are due"
+        ),
+    )
+
+
+async def _llmmixer_schedule(mixer: MixerClient, schedule_id: str, verb: str) -> None:
+    """404 unless ``schedule_id`` is a schedule that starts llmmixer's workflow."""
+    try:
+        description = await mixer.temporal.get_schedule_handle(schedule_id).describe()
+    except RPCError as error:
+        if error.status == RPCStatusCode.NOT_FOUND:
+            raise HTTPException(status_code=404, detail=_no_schedule(schedule_id)) from None
+        raise
+    action = description.schedule.action
+    # Another application's schedule in the namespace is never changed from here.
+    if not (isinstance(action, ScheduleActionStartWorkflow) and action.workflow == WORKFLOW_NAME):
+        raise HTTPException(
+            status_code=404,
+            detail=(
+                f"{schedule_id!r} is not an llmmixer schedule (it starts another kind of "
+                f"workflow): this API {verb} only llmmixer's; list them with GET /schedules"
+            ),
+        )
 
 
 def _no_schedule(schedule_id: str) -> str:

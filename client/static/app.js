@@ -151,15 +151,22 @@ async function loadSchedules() {
   }
   const list = $("#schedules");
   list.replaceChildren();
-  for (const schedule of data.schedules) {
-    const next = schedule.paused
-      ? `paused${schedule.note ? `: ${schedule.note}` : ""}`
-      : `next ${schedule.next_run ? new Date(schedule.next_run).toISOString().replace(".000Z", "Z") : "—"}`;
-    list.append(el(
-      "li",
-      { dataset: { schedule: schedule.schedule_id } },
-      el("span", { className: "schedule-name", textContent: `${schedule.schedule_id} (${schedule.spec})` }),
-      el("span", { className: "schedule-when muted", textContent: `${schedule.cron.join(", ")} · ${next}` }),
+  for (const schedule of data.schedules) list.append(scheduleRow(schedule));
+  if (!data.schedules.length) list.append(el("li", { className: "muted", textContent: "no schedules" }));
+}
+
+function scheduleRow(schedule) {
+  const next = schedule.paused
+    ? `paused${schedule.note ? `: ${schedule.note}` : ""}`
+    : `next ${schedule.next_run ? new Date(schedule.next_run).toISOString().replace(".000Z", "Z") : "—"}`;
+  return el(
+    "li",
+    { dataset: { schedule: schedule.schedule_id } },
+    el("span", { className: "schedule-name", textContent: `${schedule.schedule_id} (${schedule.spec})` }),
+    el("span", { className: "schedule-when muted", textContent: `${schedule.cron.join(", ")} · ${next}` }),
+    el(
+      "span",
+      { className: "schedule-actions" },
       el("button", {
         type: "button",
         className: "schedule-trigger",
@@ -168,9 +175,33 @@ async function loadSchedules() {
         dataset: { trigger: schedule.schedule_id },
         onclick: (event) => triggerSchedule(schedule.schedule_id, event.currentTarget),
       }),
-    ));
+      el("button", {
+        type: "button",
+        className: "schedule-pause",
+        textContent: schedule.paused ? "Unpause" : "Pause",
+        title: schedule.paused
+          ? "Start runs again when they are due"
+          : "Start no runs until unpaused (a run going on goes on)",
+        onclick: (event) => pauseSchedule(schedule, event.currentTarget),
+      }),
+    ),
+  );
+}
+
+// POST /schedules/{id}/pause or /unpause. The list of schedules is eventually
+// consistent, so the row shows the state the answer reports, not a new listing.
+async function pauseSchedule(schedule, button) {
+  const action = schedule.paused ? "unpause" : "pause";
+  const id = schedule.schedule_id;
+  button.disabled = true;
+  try {
+    const answer = await api(`/schedules/${encodeURIComponent(id)}/${action}`, { method: "POST" });
+    notify(`${id}: ${answer.message}`);
+    button.closest("li").replaceWith(scheduleRow({ ...schedule, paused: answer.paused, note: answer.note }));
+  } catch (error) {
+    if (error.status !== 401) notify(`Could not ${action} ${id}: ${error.message}`, true);
+    button.disabled = false;
   }
-  if (!data.schedules.length) list.append(el("li", { className: "muted", textContent: "no schedules" }));
 }
 
 // POST /schedules/{id}/trigger; the run it starts shows in the list of runs

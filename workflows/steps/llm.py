@@ -14,7 +14,7 @@ from llmmixer.core.contracts import (
     PlanRequest,
     ToolDeclaration,
 )
-from llmmixer.core.spec import DecomposeStep, FallbackTarget, LlmStep
+from llmmixer.core.spec import DecomposeStep, FallbackTarget, LlmStep, text_parts
 from llmmixer.workflows.calls import falls_back, llm_call, llm_options, target_chain
 from llmmixer.workflows.records import Candidate, FallbackNote
 from llmmixer.workflows.reuse import DEFAULT_JUDGE_INSTRUCTION, best_of_hash, chain_hash
@@ -69,18 +69,29 @@ async def run_llm(ctx: StepContext, step: LlmStep) -> Outcome:
 def _compose(ctx: StepContext, step: LlmStep) -> tuple[list[ChatMessage], str | None]:
     """The step's messages and system prompt, rendered (a person's retry prompt included)."""
     prompt = ctx.prompt(step.id, step.prompt)
-    messages = [
-        ChatMessage.model_validate(
-            {"role": message["role"], "content": ctx.render(message["content"], step.id)}
+    messages = []
+    for message in step.messages or []:
+        content = message["content"]
+        # A message's text parts are one text; its file parts go with that
+        # turn, in their order (providers are sent a turn's files before its text).
+        text = "\n\n".join(ctx.render(part, step.id) for part in text_parts(content))
+        messages.append(
+            ChatMessage.model_validate(
+                {
+                    "role": message["role"],
+                    "content": text,
+                    "attachments": ctx.spec.part_files(content),
+                }
+            )
         )
-        for message in step.messages or []
-    ]
     if prompt is not None:
         messages.append(ChatMessage(role="user", content=ctx.render(prompt, step.id)))
-    # Files go with the last turn: references only, the worker loads the bytes.
+    # `attachments:` go with the last turn, after the files its parts place
+    # there: references only, the worker loads the bytes.
     files = ctx.spec.attachments(step)
     if files and messages:
-        messages[-1] = messages[-1].model_copy(update={"attachments": files})
+        placed = messages[-1].attachments
+        messages[-1] = messages[-1].model_copy(update={"attachments": [*placed, *files]})
     ctx.state.note_prompt(step.id, messages[-1].content if messages else None)
     system = ctx.render(step.system, step.id) if step.system else None
     return messages, system
