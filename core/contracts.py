@@ -216,7 +216,8 @@ class ChatMessage(BaseModel):
     tool_call_id: str | None = None
     tool_name: str | None = None
     is_error: bool = False
-    # Files sent with this turn (a user turn), after its text.
+    # Files sent with this turn (a user turn), before its text: each adapter
+    # places them first, as the providers advise for images.
     attachments: list[Attachment] = Field(default_factory=list)
 
     @classmethod
