@@ -303,12 +303,18 @@ async def test_retry_while_a_call_waits_starts_the_loop_again_and_override_ends_
     assert not target.exists()
 
 
+@pytest.mark.parametrize(("provider", "api", "model"), TARGETS, ids=IDS)
 async def test_an_mcp_server_is_listed_once_and_its_tools_called(
-    mixer: MixerClient, provider_server: FakeProviderServer, tmp_path: Path
+    mixer: MixerClient,
+    provider_server: FakeProviderServer,
+    tmp_path: Path,
+    provider: str,
+    api: str,
+    model: str,
 ) -> None:
     counter = tmp_path / "counter"
     provider_server.script(
-        "gemini",
+        provider,
         Reply(tool_calls=[ToolUse("bump", {"note": "one"}, id="b1")]),
         Reply(tool_calls=[ToolUse("bump", {"note": "two"}, id="b2")]),
         Reply(text="bumped twice"),
@@ -319,7 +325,14 @@ async def test_an_mcp_server_is_listed_once_and_its_tools_called(
         "command": [sys.executable, MCP_SERVER, "--counter", str(counter)],
         "include": ["bump", "echo"],
     }
-    handle = await mixer.start(spec([server], provider="gemini", model="gemini-2.5-flash"))
+    handle = await mixer.start(
+        spec(
+            [server],
+            provider=provider,
+            model=model,
+            **({"api": api} if provider == "openai" else {}),
+        )
+    )
     result = await handle.result()
     assert result.output == "bumped twice"
     assert counter.read_text().splitlines() == ["one", "two"]
