@@ -25,11 +25,12 @@ import asyncio
 import contextlib
 import socket
 from collections.abc import Iterator
-from types import TracebackType
 from typing import Any
 
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from llmmixer.runtime.service import Service
 
 __all__ = ["AsgiServer", "bind_socket"]
 
@@ -77,7 +78,7 @@ class _OwnerHandlesSignals(uvicorn.Server):
         yield
 
 
-class AsgiServer:
+class AsgiServer(Service):
     """Serves ``app`` on ``host:port`` from :meth:`start` to :meth:`stop` (also ``async with``)."""
 
     def __init__(
@@ -156,15 +157,3 @@ class AsgiServer:
         finally:
             if sock is not None:
                 sock.close()
-
-    async def __aenter__(self) -> AsgiServer:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()

@@ -13,13 +13,13 @@ import base64
 import json
 import os
 import subprocess
-import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from fakes.big_payloads import FIVE_MB, big_text, chunked, two_step_spec
 from fakes.provider_server import FakeProviderServer, Reply
 from temporalio.api.common.v1 import Payload
 from temporalio.client import Client
@@ -44,22 +44,7 @@ from llmmixer.runtime.storage import (
 from llmmixer.workers.worker import WorkerSettings, mixer_worker
 from llmmixer.workflows.records import RunStatus
 
-FIVE_MB = 5 * 1024 * 1024
 CODEC_TOKEN = "codec-test-token-0123456789"
-
-
-def big_text(size: int = FIVE_MB) -> str:
-    # Varied text (not one repeated byte) so compression is realistic, and
-    # a unique head/tail so a cut or a mix-up is visible.
-    line = "".join(
-        f"line {n:07d}: the quick brown fox jumps over the lazy dog\n" for n in range(64)
-    )
-    body = (line * (size // len(line) + 1))[: size - 20]
-    return f"<<HEAD {uuid.uuid4().hex[:6]}>>" + body[: size - 40] + "<<TAIL>>"
-
-
-def chunked(text: str, size: int = 256 * 1024) -> list[str]:
-    return [text[i : i + size] for i in range(0, len(text), size)]
 
 
 @pytest.fixture
@@ -87,24 +72,6 @@ async def _run_with(
         # What `llmmixer run`/`status` poll must answer too, however big the run.
         assert (await handle.progress()).status == result.status
         return mixer, handle.id, result
-
-
-def _two_step_spec() -> dict[str, Any]:
-    return {
-        "name": "big",
-        "defaults": {"retry": {"max_attempts": 1}},
-        "steps": [
-            {"id": "big", "provider": "openai", "model": "gpt-4.1-mini", "prompt": "write a lot"},
-            {
-                "id": "echo",
-                "provider": "openai",
-                "model": "gpt-4.1-mini",
-                "needs": ["big"],
-                "prompt": "Summarise:\n{{steps.big.output}}",
-            },
-        ],
-        "output": "{{steps.echo.output}}",
-    }
 
 
 def _history_payloads(history: Any) -> list[Payload]:
@@ -140,7 +107,7 @@ async def test_five_megabyte_output_round_trips_through_the_payload_store(
     payload_dir = tmp_path / "payloads"
 
     mixer, workflow_id, result = await _run_with(
-        client, _converter(payload_dir), task_queue, worker_env, _two_step_spec()
+        client, _converter(payload_dir), task_queue, worker_env, two_step_spec()
     )
 
     assert result.status == RunStatus.COMPLETED
@@ -177,7 +144,7 @@ async def test_result_of_a_large_run_stays_plain_json_for_the_temporal_cli(
     provider_server.script("openai", Reply(chunks=chunked(big), usage=(3, 9)))
     provider_server.script("openai", Reply(text="a summary", usage=(5, 2)))
     mixer, workflow_id, _ = await _run_with(
-        client, _converter(tmp_path / "payloads"), task_queue, worker_env, _two_step_spec()
+        client, _converter(tmp_path / "payloads"), task_queue, worker_env, two_step_spec()
     )
     history = await mixer.temporal.get_workflow_handle(workflow_id).fetch_history()
     completed = history.events[-1].workflow_execution_completed_event_attributes
@@ -206,7 +173,7 @@ async def test_compressed_and_encrypted_payloads_round_trip_and_need_the_key(
     provider_server.script("openai", Reply(chunks=chunked(big), usage=(3, 9)))
     provider_server.script("openai", Reply(text="short", usage=(5, 2)))
     mixer, workflow_id, result = await _run_with(
-        client, converter, task_queue, worker_env, _two_step_spec()
+        client, converter, task_queue, worker_env, two_step_spec()
     )
     assert result.status == RunStatus.COMPLETED
     audit = await audit_from_client(mixer.temporal, workflow_id)
@@ -340,7 +307,7 @@ async def test_temporal_cli_reads_an_encrypted_result_through_the_codec_server(
     provider_server.script("openai", Reply(text="secret draft", usage=(3, 2)))
     provider_server.script("openai", Reply(text="secret summary", usage=(4, 2)))
     _, workflow_id, result = await _run_with(
-        client, converter, task_queue, worker_env, _two_step_spec()
+        client, converter, task_queue, worker_env, two_step_spec()
     )
     assert result.output == "secret summary"
     address = client.service_client.config.target_host

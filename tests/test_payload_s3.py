@@ -14,12 +14,12 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import aioboto3  # type: ignore[import-not-found,unused-ignore]
 import boto3
 import httpx
 import pytest
+from fakes.big_payloads import FIVE_MB, big_text, chunked, two_step_spec
 from fakes.provider_server import FakeProviderServer, Reply
 from moto.server import ThreadedMotoServer
 from temporalio.client import Client
@@ -38,7 +38,6 @@ from llmmixer.runtime.storage import (
 from llmmixer.workers.worker import WorkerSettings, mixer_worker
 from llmmixer.workflows.records import RunStatus
 
-FIVE_MB = 5 * 1024 * 1024
 REGION = "eu-west-1"
 
 
@@ -99,35 +98,6 @@ def worker_env(provider_server: FakeProviderServer) -> dict[str, str]:
     return {"PATH": os.environ.get("PATH", ""), **provider_server.env()}
 
 
-def big_text(size: int = FIVE_MB) -> str:
-    line = "".join(
-        f"line {n:07d}: the quick brown fox jumps over the lazy dog\n" for n in range(64)
-    )
-    return "<<HEAD>>" + (line * (size // len(line) + 1))[: size - 16] + "<<TAIL>>"
-
-
-def chunked(text: str, size: int = 256 * 1024) -> list[str]:
-    return [text[i : i + size] for i in range(0, len(text), size)]
-
-
-def spec() -> dict[str, Any]:
-    return {
-        "name": "big-in-s3",
-        "defaults": {"retry": {"max_attempts": 1}},
-        "steps": [
-            {"id": "big", "provider": "openai", "model": "gpt-4.1-mini", "prompt": "write a lot"},
-            {
-                "id": "echo",
-                "provider": "openai",
-                "model": "gpt-4.1-mini",
-                "needs": ["big"],
-                "prompt": "Summarise:\n{{steps.big.output}}",
-            },
-        ],
-        "output": "{{steps.echo.output}}",
-    }
-
-
 def _client_with(client: Client, converter: DataConverter) -> Client:
     return Client(client.service_client, namespace=client.namespace, data_converter=converter)
 
@@ -151,7 +121,7 @@ async def test_a_runs_large_output_goes_to_the_bucket_and_the_client_reads_it_ba
     worker_client = _client_with(client, build_data_converter(settings))
     worker_settings = WorkerSettings(task_queue=task_queue, shutdown_grace_s=2.0)
     async with mixer_worker(worker_client, worker_settings, environ=worker_env) as worker, worker:
-        handle = await MixerClient(worker_client, task_queue).start(spec())
+        handle = await MixerClient(worker_client, task_queue).start(two_step_spec("big-in-s3"))
         result = await asyncio.wait_for(handle.result(), 120)
     assert result.status == RunStatus.COMPLETED
     assert provider_server.calls[-1].body["messages"][-1]["content"] == "Summarise:\n" + big

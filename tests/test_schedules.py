@@ -5,12 +5,12 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TypeVar
 
 import pytest
+from fakes.workers import eventually
 from temporalio.client import ScheduleOverlapPolicy
 from temporalio.common import SearchAttributeKey
 from temporalio.testing import WorkflowEnvironment
@@ -20,8 +20,6 @@ from llmmixer.client.mixer import MixerClient
 from llmmixer.client.schedules import MixerSchedule, ScheduleNotFound
 from llmmixer.core.validation import SpecError
 from llmmixer.workflows.records import RunStatus
-
-T = TypeVar("T")
 
 NIGHTLY = {
     "name": "nightly-report",
@@ -38,19 +36,6 @@ NIGHTLY = {
     ],
     "output": "slot {{inputs.scheduled_time}}: {{steps.report.output}}",
 }
-
-
-async def _eventually(
-    probe: Callable[[], Awaitable[T]], ok: Callable[[T], bool], what: str, timeout_s: float = 30
-) -> T:
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while True:
-        value = await probe()
-        if ok(value):
-            return value
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"{what} did not happen within {timeout_s}s: last {value!r}")
-        await asyncio.sleep(0.3)
 
 
 async def test_a_schedule_is_created_triggered_listed_paused_and_deleted(
@@ -71,7 +56,7 @@ async def test_a_schedule_is_created_triggered_listed_paused_and_deleted(
 
         before = datetime.now(UTC) - timedelta(seconds=5)
         await mixer.trigger_schedule(name)
-        described = await _eventually(
+        described = await eventually(
             lambda: mixer.describe_schedule(name),
             lambda found: bool(found.recent_runs),
             "the triggered run",
@@ -94,7 +79,7 @@ async def test_a_schedule_is_created_triggered_listed_paused_and_deleted(
         assert await started.memo_value("spec") == "nightly-report"
         assert await started.memo_value("description") == "what changed since the last slot"
 
-        listed = await _eventually(
+        listed = await eventually(
             mixer.list_schedules,
             lambda found: any(s.name == name for s in found),
             "the schedule in the list",
@@ -122,7 +107,7 @@ async def test_a_given_scheduled_time_is_not_replaced(mixer: MixerClient) -> Non
     )
     try:
         await mixer.trigger_schedule(name)
-        described: MixerSchedule = await _eventually(
+        described: MixerSchedule = await eventually(
             lambda: mixer.describe_schedule(name),
             lambda found: bool(found.recent_runs),
             "the triggered run",
@@ -192,7 +177,7 @@ async def test_the_schedule_commands_round_trip(
     assert f"created schedule {name}" in capsys.readouterr().out
     assert await cli("trigger", name) == 0
     assert "triggered" in capsys.readouterr().out
-    found = await _eventually(
+    found = await eventually(
         lambda: mixer.describe_schedule(name), lambda s: bool(s.recent_runs), "the run"
     )
     result = await mixer.get_handle(found.recent_runs[0].workflow_id).result()

@@ -9,14 +9,14 @@ a real worker. The page's filters and schedule list are in
 
 from __future__ import annotations
 
-import asyncio
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from datetime import timedelta
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 import pytest
+from fakes.workers import eventually
 from temporalio.client import (
     Client,
     Schedule,
@@ -30,8 +30,6 @@ from llmmixer.client.http import ServeSettings, create_app
 from llmmixer.client.mixer import MixerClient
 from llmmixer.client.setup import register_search_attributes
 from llmmixer.workflows.records import StepStatus
-
-T = TypeVar("T")
 
 
 @pytest.fixture
@@ -50,20 +48,6 @@ async def served(mixer: MixerClient) -> AsyncIterator[Served]:
 async def registered(client: Client) -> Client:
     await register_search_attributes(client, client.namespace)
     return client
-
-
-async def eventually(
-    probe: Callable[[], Awaitable[T]], ok: Callable[[T], bool], what: str, timeout_s: float = 30
-) -> T:
-    """Visibility (lists, search attributes) is eventually consistent: poll until ``ok``."""
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while True:
-        value = await probe()
-        if ok(value):
-            return value
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"{what} did not happen within {timeout_s}s: last {value!r}")
-        await asyncio.sleep(0.3)
 
 
 def named(spec: dict[str, Any], name: str) -> dict[str, Any]:

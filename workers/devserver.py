@@ -37,8 +37,7 @@ import weakref
 from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from pathlib import Path
-from types import TracebackType
-from typing import BinaryIO, Self
+from typing import BinaryIO
 
 from temporalio.api.workflowservice.v1 import DescribeNamespaceRequest
 from temporalio.client import Client
@@ -47,6 +46,7 @@ from llmmixer.core.search import SEARCH_ATTRIBUTES
 from llmmixer.core.secrets import child_environment
 from llmmixer.runtime.address import format_address, free_port, is_listening
 from llmmixer.runtime.home import llmmixer_home
+from llmmixer.runtime.service import Service
 
 __all__ = [
     "DB_FILENAME",
@@ -153,7 +153,7 @@ def find_temporal_binary(explicit: str | os.PathLike[str] | None = None) -> Path
     raise TemporalBinaryMissingError(f"the `temporal` CLI is missing: {_INSTALL_HINT}")
 
 
-class EmbeddedServer:
+class EmbeddedServer(Service):
     """A ``temporal server start-dev`` child process with SQLite persistence.
 
     Use ``async with EmbeddedServer(port=...) as server:`` or ``start()`` and
@@ -290,18 +290,6 @@ class EmbeddedServer:
         return argv
 
     # ------------------------------------------------------------ lifecycle
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
 
     async def start(self) -> None:
         """Start the server and return once its frontend answers gRPC calls."""

@@ -39,38 +39,9 @@ __all__ = [
     "ALLOWED_BASE_URLS_VARIABLE",
     "ProviderAccess",
     "ProviderSettings",
-    "parse_allowed_base_urls",
 ]
 
 ALLOWED_BASE_URLS_VARIABLE = "LLMMIXER_ALLOWED_BASE_URLS"
-_ALLOWED_EXAMPLE = (
-    f"{ALLOWED_BASE_URLS_VARIABLE}=http://127.0.0.1:11434,https://llm.internal.example/v1"
-)
-
-
-def parse_allowed_base_urls(raw: str) -> tuple[str, ...]:
-    """``LLMMIXER_ALLOWED_BASE_URLS`` as normalised URL prefixes.
-
-    A comma list of origins (``http://127.0.0.1:11434``) or URL prefixes
-    (``https://llm.internal.example/v1``). A bad entry raises ``ValueError``
-    naming the variable, with an example.
-    """
-    entries: list[str] = []
-    for item in raw.split(","):
-        item = item.strip()
-        if not item:
-            continue
-        try:
-            endpoint = _endpoint(item)
-        except ValueError as error:
-            raise ValueError(
-                f"{ALLOWED_BASE_URLS_VARIABLE}: {_display_url(item)!r} is not an origin or "
-                f"URL prefix ({error}); list http(s) origins or URL prefixes separated by commas, "
-                f"for example {_ALLOWED_EXAMPLE}"
-            ) from None
-        if endpoint.text() not in entries:
-            entries.append(endpoint.text())
-    return tuple(entries)
 
 
 def _value(environ: Mapping[str, str], name: str) -> str | None:
@@ -108,9 +79,11 @@ class ProviderSettings:
     rate_limits: tuple[RateLimitRule, ...] = ()
 
     def __post_init__(self) -> None:
-        # Constructed directly (tests, embedders) the list is held to the same rules.
+        # Constructed directly (tests, embedders) the list is held to the same rules,
+        # by the same parser as the variable: two parsers could disagree on a server.
+        allowed = {ALLOWED_BASE_URLS_VARIABLE: ",".join(self.allowed_base_urls)}
         object.__setattr__(
-            self, "allowed_base_urls", parse_allowed_base_urls(",".join(self.allowed_base_urls))
+            self, "allowed_base_urls", ProviderEnv.from_env(allowed).allowed_base_urls
         )
         for provider in self.access:
             provider_spec(provider)
