@@ -178,7 +178,3 @@ class HealthServer(AsgiServer):
             name="HealthServer",
             request_timeout_s=read_timeout_s,
         )
-
-    async def __aenter__(self) -> HealthServer:
-        await self.start()
-        return self
