@@ -399,6 +399,46 @@ async def test_with_one_hedge_a_slow_hedge_is_waited_for(
     assert provider_server.count() == 2
 
 
+async def test_no_further_hedge_starts_while_a_late_call_streams(
+    mixer: MixerClient, provider_server: FakeProviderServer
+) -> None:
+    # The first call is late (hedged at 0.6 s) but streams from 0.7 s; its
+    # hedge is silent too. With max 2 a third call would answer at once
+    # ("never asked"): the first call's word that it streams holds it back.
+    provider_server.script(
+        "openai",
+        Reply(chunks=[f"part{i} " for i in range(8)], chunk_delay_s=0.3, think_s=0.7),
+        Reply(text="never asked"),
+        model="gpt-4.1-mini",
+    )
+    provider_server.script("openai", Reply(text="slow hedge", think_s=10), model="gpt-4.1")
+    handle = await mixer.start(
+        spec(
+            {
+                "id": "ask",
+                "provider": "openai",
+                "model": "gpt-4.1-mini",
+                "prompt": "hello",
+                "fallback": [{"provider": "openai", "model": "gpt-4.1"}],
+                "hedge": {"after_s": 0.6, "max": 2},
+            }
+        )
+    )
+    result = await handle.result()
+    assert result.output == "".join(f"part{i} " for i in range(8))
+    [note] = result.steps["ask"].hedges
+    assert (note.number, note.winner, note.hedge_model) == (1, "primary", "gpt-4.1")
+    history = await handle.temporal.fetch_history()
+    assert llm_activities(history) == [
+        "ask: openai/gpt-4.1-mini",
+        "ask: openai/gpt-4.1-mini hedge: openai/gpt-4.1",
+    ]
+    # The first call asked, then said it streams; the hedge asked in vain.
+    first, *rest = hedge_signals(history)
+    assert sorted(rest) == sorted([first, f"{first}.1"])
+    assert provider_server.count() == 2
+
+
 def test_extra_hedges_walk_the_chain_and_wrap_to_the_steps_own_target() -> None:
     chain = [FallbackTarget(provider="openai", model=m) for m in ("a", "b", "c")]
     walk = Hedge(after_s=1, max=4)
@@ -523,6 +563,28 @@ async def test_a_call_without_a_first_token_asks_for_its_hedge_once_its_delay_is
     # Cancelled without a token: counted as at least as slow as it waited.
     assert window.count("openai", "m") == 1
     assert (window.percentile("openai", "m", 0.5) or 0) >= 0.5
+
+
+async def test_a_late_call_says_when_its_first_token_comes_if_more_hedges_may_follow() -> None:
+    sent: list[tuple[str, HedgeStart]] = []
+
+    async def send(name: str, start: HedgeStart) -> None:
+        sent.append((name, start))
+
+    for report in (True, False):
+        sent.clear()
+        call = hedged_call(trigger(signal="h", after=None, after_s=0.1, report_first_token=report))
+        watch = FirstTokenWatch(call, FirstTokenLatencies(), send)
+        watch.start()
+        await asyncio.sleep(0.3)
+        forward = watch.wrap(lambda text: None)
+        forward("late")
+        forward("more")
+        await asyncio.sleep(0.05)
+        await watch.aclose()
+        said = [(name, start.streaming, start.delay_s) for name, start in sent]
+        expected = [("h", False, 0.1)] + ([("h", True, 0.1)] if report else [])
+        assert said == expected
 
 
 async def test_a_call_whose_first_token_comes_in_time_sends_nothing() -> None:

@@ -85,6 +85,8 @@ async def hedged_call(
     state = ctx.state
     signal = HEDGE_SIGNAL_PREFIX + str(workflow.uuid4())
     asked: dict[int, HedgeStart] = {}
+    # Calls that asked for a hedge and then began to stream after all.
+    streaming: set[int] = set()
     options = hedged_options(ctx.spec, step)
     calls: list[_Call] = []
     notes: list[HedgeNote] = []
@@ -94,7 +96,7 @@ async def hedged_call(
         if number > hedge.max - 1:
             return None
         name = signal if number == 0 else f"{signal}.{number}"
-        workflow.set_signal_handler(name, _asker(asked, number))
+        workflow.set_signal_handler(name, _asker(asked, streaming, number))
         return HedgeTrigger(
             signal=name,
             after_s=hedge.after_s,
@@ -102,15 +104,17 @@ async def hedged_call(
             min_s=hedge.min_s,
             default_s=hedge.default_s,
             min_samples=hedge.min_samples,
+            report_first_token=hedge.max > 1,
         )
 
     try:
         primary = _start(call.model_copy(update={"hedge": trigger(0)}), options, summary)
         calls.append(_Call(primary, call.provider, call.model))
         await workflow.wait_condition(lambda: primary.done() or 0 in asked)
-        # A second call would only cost when the first has ended meanwhile
-        # or the step's budget is spent.
-        if primary.done() or state.over_budget(call.step_id) is not None:
+        # A second call would only cost when the first has ended meanwhile,
+        # has begun to stream (its word of that overtook its ask), or the
+        # step's budget is spent.
+        if primary.done() or 0 in streaming or state.over_budget(call.step_id) is not None:
             return await primary
         more = True
         while True:
@@ -126,7 +130,9 @@ async def hedged_call(
                 assert isinstance(error, ActivityError)
                 raise error
             number = len(calls)
-            if more and number - 1 in asked:
+            # A call streaming now answers soon: no further hedge beside it.
+            held = any(i in streaming and not entry.handle.done() for i, entry in enumerate(calls))
+            if more and not held and number - 1 in asked:
                 # A further hedge is one more prompt to pay: not on a spent budget.
                 if number > 1 and state.over_budget(call.step_id) is not None:
                     more = False
@@ -146,7 +152,8 @@ async def hedged_call(
                         )
                     )
                     more = number < hedge.max
-            await workflow.wait_condition(_woken(calls, asked if more else None))
+            # While a call streams, only a call ending can make a hedge due.
+            await workflow.wait_condition(_woken(calls, asked if more and not held else None))
     finally:
         for number in range(min(len(calls), hedge.max)):
             workflow.set_signal_handler(signal if number == 0 else f"{signal}.{number}", None)
@@ -215,17 +222,24 @@ def _woken(calls: list[_Call], asked: dict[int, HedgeStart] | None) -> Callable[
     )
 
 
-def _asker(asked: dict[int, HedgeStart], number: int) -> Callable[[object], None]:
+def _asker(
+    asked: dict[int, HedgeStart], streaming: set[int], number: int
+) -> Callable[[object], None]:
     # A lambda: the SDK reads a handler's type hints when it is set, and
     # resolving string annotations in the sandbox, for every step of a wide
     # stage in one workflow task, took long enough to trip the deadlock
     # detector. The argument comes as JSON and is validated here.
-    return lambda start: _note_hedge(asked, number, start)
+    return lambda start: _note_hedge(asked, streaming, number, start)
 
 
-def _note_hedge(asked: dict[int, HedgeStart], number: int, start: object) -> None:
-    if number not in asked:  # a retried attempt may ask again
-        asked[number] = HedgeStart.model_validate(start)
+def _note_hedge(
+    asked: dict[int, HedgeStart], streaming: set[int], number: int, start: object
+) -> None:
+    said = HedgeStart.model_validate(start)
+    if said.streaming:
+        streaming.add(number)
+    elif number not in asked:  # a retried attempt may ask again
+        asked[number] = said
 
 
 def _start(call: LlmCall, options: StepActivityOptions, summary: str) -> asyncio.Task[LlmReply]:
