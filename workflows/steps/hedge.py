@@ -11,7 +11,9 @@ asks for a third call (the chain's target after that), and so on up to
 ``max`` hedges. The first complete answer wins and the others are
 cancelled. A call that streams in time sends nothing and costs the run no
 extra history; a call that has started streaming is never hedged, however
-long its answer takes.
+long its answer takes. When further hedges may follow, a call that asked and
+then begins to stream says so (``HedgeStart.streaming``), and no further
+hedge starts while it streams.
 
 Every call counts toward the step's usage and cost (``RunState.account_hedge``)
 and the step's record keeps a ``HedgeNote`` per hedge saying who won and why
@@ -20,8 +22,8 @@ it started; the run's history shows every activity.
 Determinism: whether and when a hedge starts is the signal, which is in
 history with the delay the worker found; the signal name comes from
 ``workflow.uuid4()`` (the n-th hedge's own trigger adds ``.n`` to it, so
-no more random draws than before); the race is decided by the order in which Temporal
-delivers the results, which replays the same. Specs without ``hedge`` never
+no more random draws than before); the race is decided by the order in
+which Temporal delivers the results, which replays the same. Specs without ``hedge`` never
 reach this module, so their runs issue exactly the commands they did before
 (and no recorded run can have had a ``hedge``: older releases refused the
 field), which is why no ``workflow.patched`` id guards it. With ``max: 1``
