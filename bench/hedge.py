@@ -291,6 +291,9 @@ def main(argv: list[str] | None = None) -> None:
     if changes:
         workload = HedgeWorkload(**{**workload.__dict__, **changes})
     figures = asyncio.run(run_hedge(workload, quick=args.quick))
+    # The table says what produced it (--write only writes it).
+    shown = [arg for arg in (sys.argv[1:] if argv is None else argv) if arg != "--write"]
+    figures.command = " ".join(["python bench/hedge.py", *shown])
     print(figures.report())
     if args.write and not args.quick:
         figures.write()
