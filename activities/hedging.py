@@ -4,7 +4,9 @@ The LLM activity wraps its streamed text with a ``FirstTokenWatch``. Every
 call tells the worker's ``FirstTokenLatencies`` when its first token came.
 A hedged call (``LlmCall.hedge``) also keeps a timer: when its delay is up
 and no token has come, it signals the workflow (``HedgeStart``, saying how
-the delay was found), which then starts the second call. A call whose first
+the delay was found), which then starts the second call. When further
+hedges may follow, a call that asked signals again if its first token
+comes after all (``HedgeStart.streaming``): no more hedges beside it. A call whose first
 token comes in time sends nothing, so a fast call costs the run no extra
 history at all; and since the signal (with the delay) is in the run's
 history, a replay decides as the run did, whatever the worker saw since.
@@ -104,7 +106,8 @@ class FirstTokenWatch:
         self._started = time.monotonic()
         self._first = asyncio.Event()
         self._timer: asyncio.Task[None] | None = None
-        self._overdue = False
+        self._overdue: HedgeStart | None = None
+        self._told: asyncio.Future[None] | None = None
 
     def start(self) -> None:
         """The call starts now: a hedged one arms its timer."""
@@ -124,6 +127,12 @@ class FirstTokenWatch:
                     self._latencies.observe(
                         self._call.provider, self._call.model, time.monotonic() - self._started
                     )
+                trigger = self._call.hedge
+                if self._overdue is not None and trigger and trigger.report_first_token:
+                    # Late, but streaming now: the workflow should not start a
+                    # further hedge beside it. Best effort, like the ask.
+                    told = self._overdue.model_copy(update={"streaming": True})
+                    self._told = asyncio.ensure_future(self._send(trigger.signal, told))
             forward(text)
 
         return on_text
@@ -132,12 +141,12 @@ class FirstTokenWatch:
         try:
             await asyncio.wait_for(self._first.wait(), start.delay_s)
         except TimeoutError:
-            self._overdue = True
+            self._overdue = start
             await self._send(signal, start)
 
     async def aclose(self) -> None:
         """The call ended (answered, failed or cancelled): it needs no second call now."""
-        if self._overdue and not self._first.is_set() and self._latencies is not None:
+        if self._overdue is not None and not self._first.is_set() and self._latencies is not None:
             # A slow call that never streamed (cancelled when its hedge won)
             # counts with the time it waited: at least that slow. Without it
             # the tail would vanish from the window and the learned delay
@@ -145,9 +154,12 @@ class FirstTokenWatch:
             self._latencies.observe(
                 self._call.provider, self._call.model, time.monotonic() - self._started
             )
-        if self._timer is not None and not self._timer.done():
-            self._timer.cancel()
-            await asyncio.gather(self._timer, return_exceptions=True)
+        # The call has ended, which the workflow sees itself: a word still
+        # on its way about its first token is moot.
+        for task in (self._timer, self._told):
+            if task is not None and not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
 
 
 async def _send_signal(name: str, start: HedgeStart) -> None:

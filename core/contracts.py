@@ -279,10 +279,18 @@ class HedgeTrigger(BaseModel):
     min_s: float = 0.2
     default_s: float = 5.0
     min_samples: int = 20
+    # Set when further hedges may follow (``hedge.max`` above 1): a call that
+    # asked for a hedge says so again when its first token comes after all,
+    # so the workflow starts no further hedge while it streams.
+    report_first_token: bool = False
 
 
 class HedgeStart(BaseModel):
-    """The signal of a call with no first token yet: start the second call now."""
+    """The signal of a call with no first token yet: start the second call now.
+
+    With ``streaming``, the same call's later word that its first token came
+    (``HedgeTrigger.report_first_token``): start no further hedge for it.
+    """
 
     delay_s: float
     # How the delay was found: a fixed after_s, or a learned percentile of
@@ -290,6 +298,7 @@ class HedgeStart(BaseModel):
     after: str | None = None
     samples: int = 0
     learned: bool = False
+    streaming: bool = False
 
     def reason(self, provider: str, model: str) -> str:
         """Why the second call started, for the step's record."""

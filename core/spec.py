@@ -160,8 +160,10 @@ class Hedge(_Strict):
     """Start a second call when the first has streamed no token after a while.
 
     ``after_s`` is a fixed delay; ``after`` learns it: that percentile of the
-    worker's recent first-token latencies for the model. The first complete
-    answer wins; the other call is cancelled and both count toward budgets.
+    worker's recent first-token latencies for the model. ``max`` calls may
+    start beside the first, each when the latest has streamed nothing for
+    its own delay. The first complete answer wins; the others are cancelled
+    and all count toward budgets.
     """
 
     after_s: float | None = Field(default=None, gt=0, le=3600)
@@ -174,6 +176,9 @@ class Hedge(_Strict):
     min_s: float = Field(default=0.2, gt=0, le=3600)
     default_s: float = Field(default=5.0, gt=0, le=3600)
     min_samples: int = Field(default=20, ge=1, le=1000)
+    # How many hedges one call may get: a further one starts when the latest
+    # has streamed nothing for its delay. Bounded: each costs a prompt.
+    max: int = Field(default=1, ge=1, le=4)
 
     @model_validator(mode="after")
     def _one_delay(self) -> Hedge:

@@ -31,7 +31,9 @@ from llmmixer.core.contracts import (
     LlmReply,
     Usage,
 )
+from llmmixer.core.spec import FallbackTarget, Hedge
 from llmmixer.core.validation import SpecError, validate_spec
+from llmmixer.workflows.calls import hedge_target
 from llmmixer.workflows.dag import RunState
 from llmmixer.workflows.records import BudgetLimits, HedgeNote, RunStatus, StepNode
 
@@ -280,6 +282,172 @@ async def test_a_failed_first_call_still_falls_back(
     assert record.hedges == []
 
 
+async def test_when_the_hedge_is_slow_too_a_second_hedge_answers(
+    mixer: MixerClient, provider_server: FakeProviderServer
+) -> None:
+    # The first call and its hedge both stream nothing for 10 s; with max 2
+    # the hedge asks for a third call, which walks the chain past its end
+    # back to the step's own target.
+    provider_server.script(
+        "openai",
+        Reply(text="slow first", think_s=10, usage=(30, 5)),
+        Reply(text="third answer", usage=(30, 4)),
+        model="gpt-4.1-mini",
+    )
+    provider_server.script(
+        "openai", Reply(text="slow hedge", think_s=10, usage=(30, 5)), model="gpt-4.1"
+    )
+    started = time.monotonic()
+    handle = await mixer.start(
+        spec(
+            {
+                "id": "ask",
+                "provider": "openai",
+                "model": "gpt-4.1-mini",
+                "prompt": "hello",
+                "fallback": [{"provider": "openai", "model": "gpt-4.1"}],
+                "hedge": {"after_s": 0.5, "max": 2},
+            }
+        )
+    )
+    result = await handle.result()
+    took = time.monotonic() - started
+    assert result.status == RunStatus.COMPLETED
+    assert result.output == "third answer"
+    assert took < 6, f"the run waited for a slow call: {took:.1f} s"
+    record = result.steps["ask"]
+    assert (record.provider, record.model) == ("openai", "gpt-4.1-mini")
+    first, second = record.hedges
+    # Each start and why: the first call was slow, then its hedge.
+    assert (first.number, first.provider, first.model) == (1, "openai", "gpt-4.1-mini")
+    assert (first.hedge_provider, first.hedge_model) == ("openai", "gpt-4.1")
+    assert first.reason == "no first token from openai/gpt-4.1-mini after 0.5 s (after_s)"
+    assert (second.number, second.provider, second.model) == (2, "openai", "gpt-4.1")
+    assert (second.hedge_provider, second.hedge_model) == ("openai", "gpt-4.1-mini")
+    assert second.reason == "no first token from openai/gpt-4.1 after 0.5 s (after_s)"
+    assert (first.winner, second.winner) == ("other_hedge", "hedge")
+    # Every call counts: the winner's reply, and the prompt of each cancelled
+    # call (the first hedge on its own note, the first call on the winner's).
+    assert first.loser_estimated and second.loser_estimated
+    assert first.loser_usage == second.loser_usage == Usage(input_tokens=30)
+    assert (record.usage.input_tokens, record.usage.output_tokens) == (90, 4)
+    prices = PriceTable.load()
+    mini = prices.cost("openai", "gpt-4.1-mini", Usage(input_tokens=30, output_tokens=4))
+    mini_prompt = prices.cost("openai", "gpt-4.1-mini", Usage(input_tokens=30))
+    full_prompt = prices.cost("openai", "gpt-4.1", Usage(input_tokens=30))
+    assert mini and mini_prompt and full_prompt
+    assert first.loser_cost_usd == pytest.approx(full_prompt)
+    assert second.loser_cost_usd == pytest.approx(mini_prompt)
+    assert record.cost_usd == pytest.approx(mini + mini_prompt + full_prompt)
+    assert result.usage.input_tokens == 90
+    history = await handle.temporal.fetch_history()
+    assert llm_activities(history) == [
+        "ask: openai/gpt-4.1-mini",
+        "ask: openai/gpt-4.1-mini hedge: openai/gpt-4.1",
+        "ask: openai/gpt-4.1-mini hedge 2: openai/gpt-4.1-mini",
+    ]
+    # Both slow calls asked (each its own signal) and both were cancelled.
+    signals = hedge_signals(history)
+    assert len(signals) == 2 and signals[1] == f"{signals[0]}.1"
+    assert count(history, EventType.EVENT_TYPE_ACTIVITY_TASK_CANCEL_REQUESTED) == 2
+    for _ in range(100):
+        if len(provider_server.hung_up) == 2:
+            break
+        await asyncio.sleep(0.1)
+    assert sorted(call.model for call in provider_server.hung_up) == ["gpt-4.1", "gpt-4.1-mini"]
+
+
+async def test_with_one_hedge_a_slow_hedge_is_waited_for(
+    mixer: MixerClient, provider_server: FakeProviderServer
+) -> None:
+    # The default, max 1, as before `max` existed: the hedge asks for
+    # nothing, so the step waits for the first of its two slow calls.
+    provider_server.script(
+        "openai",
+        Reply(text="slow first", think_s=3, usage=(30, 5)),
+        Reply(text="never asked", usage=(30, 4)),
+        model="gpt-4.1-mini",
+    )
+    provider_server.script(
+        "openai", Reply(text="slow hedge", think_s=3, usage=(30, 5)), model="gpt-4.1"
+    )
+    started = time.monotonic()
+    handle = await mixer.start(
+        spec(
+            {
+                "id": "ask",
+                "provider": "openai",
+                "model": "gpt-4.1-mini",
+                "prompt": "hello",
+                "fallback": [{"provider": "openai", "model": "gpt-4.1"}],
+                "hedge": {"after_s": 0.5},
+            }
+        )
+    )
+    result = await handle.result()
+    assert time.monotonic() - started >= 3
+    assert result.output == "slow first"
+    [note] = result.steps["ask"].hedges
+    assert (note.number, note.winner, note.hedge_model) == (1, "primary", "gpt-4.1")
+    history = await handle.temporal.fetch_history()
+    assert llm_activities(history) == [
+        "ask: openai/gpt-4.1-mini",
+        "ask: openai/gpt-4.1-mini hedge: openai/gpt-4.1",
+    ]
+    # The hedge carried no trigger: only the first call asked.
+    assert len(hedge_signals(history)) == 1
+    assert provider_server.count() == 2
+
+
+async def test_no_further_hedge_starts_while_a_late_call_streams(
+    mixer: MixerClient, provider_server: FakeProviderServer
+) -> None:
+    # The first call is late (hedged at 0.6 s) but streams from 0.7 s; its
+    # hedge is silent too. With max 2 a third call would answer at once
+    # ("never asked"): the first call's word that it streams holds it back.
+    provider_server.script(
+        "openai",
+        Reply(chunks=[f"part{i} " for i in range(8)], chunk_delay_s=0.3, think_s=0.7),
+        Reply(text="never asked"),
+        model="gpt-4.1-mini",
+    )
+    provider_server.script("openai", Reply(text="slow hedge", think_s=10), model="gpt-4.1")
+    handle = await mixer.start(
+        spec(
+            {
+                "id": "ask",
+                "provider": "openai",
+                "model": "gpt-4.1-mini",
+                "prompt": "hello",
+                "fallback": [{"provider": "openai", "model": "gpt-4.1"}],
+                "hedge": {"after_s": 0.6, "max": 2},
+            }
+        )
+    )
+    result = await handle.result()
+    assert result.output == "".join(f"part{i} " for i in range(8))
+    [note] = result.steps["ask"].hedges
+    assert (note.number, note.winner, note.hedge_model) == (1, "primary", "gpt-4.1")
+    history = await handle.temporal.fetch_history()
+    assert llm_activities(history) == [
+        "ask: openai/gpt-4.1-mini",
+        "ask: openai/gpt-4.1-mini hedge: openai/gpt-4.1",
+    ]
+    # The first call asked, then said it streams; the hedge asked in vain.
+    first, *rest = hedge_signals(history)
+    assert sorted(rest) == sorted([first, f"{first}.1"])
+    assert provider_server.count() == 2
+
+
+def test_extra_hedges_walk_the_chain_and_wrap_to_the_steps_own_target() -> None:
+    chain = [FallbackTarget(provider="openai", model=m) for m in ("a", "b", "c")]
+    walk = Hedge(after_s=1, max=4)
+    assert [hedge_target(chain, 0, walk, n).model for n in (1, 2, 3, 4)] == ["b", "c", "a", "a"]
+    assert [hedge_target(chain, 1, walk, n).model for n in (1, 2, 3)] == ["c", "b", "b"]
+    same = Hedge(after_s=1, max=3, target="same")
+    assert [hedge_target(chain, 1, same, n).model for n in (1, 2, 3)] == ["b", "b", "b"]
+
+
 @pytest.mark.parametrize(
     ("hedge", "message"),
     [
@@ -288,6 +456,11 @@ async def test_a_failed_first_call_still_falls_back(
         ({"after": "p97"}, "step ask: hedge.after: use 'p50', 'p90', 'p95' or 'p99'"),
         ({"after_s": 0}, "step ask: hedge.after_s: input should be greater than 0"),
         ({"after_s": 1, "target": "other"}, "step ask: hedge.target:"),
+        (
+            {"after_s": 1, "max": 0},
+            "step ask: hedge.max: input should be greater than or equal to 1",
+        ),
+        ({"after_s": 1, "max": 5}, "step ask: hedge.max: input should be less than or equal to 4"),
     ],
 )
 def test_a_wrong_hedge_is_refused_naming_the_field(hedge: dict[str, Any], message: str) -> None:
@@ -390,6 +563,28 @@ async def test_a_call_without_a_first_token_asks_for_its_hedge_once_its_delay_is
     # Cancelled without a token: counted as at least as slow as it waited.
     assert window.count("openai", "m") == 1
     assert (window.percentile("openai", "m", 0.5) or 0) >= 0.5
+
+
+async def test_a_late_call_says_when_its_first_token_comes_if_more_hedges_may_follow() -> None:
+    sent: list[tuple[str, HedgeStart]] = []
+
+    async def send(name: str, start: HedgeStart) -> None:
+        sent.append((name, start))
+
+    for report in (True, False):
+        sent.clear()
+        call = hedged_call(trigger(signal="h", after=None, after_s=0.1, report_first_token=report))
+        watch = FirstTokenWatch(call, FirstTokenLatencies(), send)
+        watch.start()
+        await asyncio.sleep(0.3)
+        forward = watch.wrap(lambda text: None)
+        forward("late")
+        forward("more")
+        await asyncio.sleep(0.05)
+        await watch.aclose()
+        said = [(name, start.streaming, start.delay_s) for name, start in sent]
+        expected = [("h", False, 0.1)] + ([("h", True, 0.1)] if report else [])
+        assert said == expected
 
 
 async def test_a_call_whose_first_token_comes_in_time_sends_nothing() -> None:

@@ -414,15 +414,22 @@ def llm_options(spec: Spec, step: ModelStep) -> StepActivityOptions:
     )
 
 
-def hedge_target(chain: list[FallbackTarget], index: int, hedge: Hedge) -> FallbackTarget:
-    """Who a hedge of ``chain[index]`` asks: the next target, or the same one."""
-    if hedge.target == "next" and index + 1 < len(chain):
-        return chain[index + 1]
+def hedge_target(
+    chain: list[FallbackTarget], index: int, hedge: Hedge, number: int = 1
+) -> FallbackTarget:
+    """Who the ``number``-th hedge of ``chain[index]`` asks.
+
+    ``target: next`` walks the chain (the first hedge asks the next target,
+    the second the one after), back to ``chain[index]`` itself once the chain
+    has no more; ``target: same`` always asks ``chain[index]``.
+    """
+    if hedge.target == "next" and index + number < len(chain):
+        return chain[index + number]
     return chain[index]
 
 
 def hedged_options(spec: Spec, step: ModelStep) -> StepActivityOptions:
-    """The two calls of a hedge: as ``llm_options``, but the loser is let go at once.
+    """The calls of a hedge: as ``llm_options``, but the losers are let go at once.
 
     Waiting for a cancellation to complete would hold the step until the
     loser's next heartbeat (a quarter of the heartbeat timeout before its

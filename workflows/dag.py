@@ -597,11 +597,11 @@ class RunState:
             record.finish_reason, record.truncated = reply.finish_reason, reply.truncated
 
     def account_hedge(self, step_id: str, note: HedgeNote) -> None:
-        """A hedged call ended: the note says who won and why the second call started.
+        """A hedged call ended: one note per hedge, saying who won and why it started.
 
-        The winner's reply is accounted by ``account_reply``; the loser's
-        usage and cost (``note.loser_*``) count toward the step's here, so
-        budgets see both calls.
+        The winner's reply is accounted by ``account_reply``; each loser's
+        usage and cost (``note.loser_*``, one loser per note) count toward
+        the step's here, so budgets see every call.
         """
         record = self.records[step_id]
         record.hedges.append(note)

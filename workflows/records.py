@@ -61,14 +61,20 @@ class FallbackNote(BaseModel):
 
 
 class HedgeNote(BaseModel):
-    """A hedged call: the first target was slow to start, so a second call raced it.
+    """A hedged call: a call was slow to start, so another call raced it.
 
-    ``winner`` is "primary" or "hedge" (None: both failed). The loser was
-    cancelled; ``loser_usage``/``loser_cost_usd`` are what it is charged:
-    its whole reply when it ended anyway, else its prompt (the winner's input
-    tokens, priced for the loser's model; ``loser_estimated``), since a
-    provider bills the prompt of a request it started. Output tokens a
-    cancelled call streamed before the cancellation reached it are not known.
+    One note per hedge started: ``number`` 1 is the first hedge (it raced the
+    step's call, ``provider``/``model``), 2 the one started when the first
+    hedge was slow too (``provider``/``model`` are then the first hedge's),
+    and so on. ``winner`` is "primary" (the step's first call answered),
+    "hedge" (this note's call did), "other_hedge" (another note's call did)
+    or None (all failed). Each call that lost is charged on one note: this
+    note's call when it lost, else the step's first call. ``loser_usage``/
+    ``loser_cost_usd`` are that call's whole reply when it ended anyway,
+    else its prompt (the winner's input tokens, priced for the loser's
+    model; ``loser_estimated``), since a provider bills the prompt of a
+    request it started. Output tokens a cancelled call streamed before the
+    cancellation reached it are not known.
     """
 
     provider: str
@@ -77,10 +83,11 @@ class HedgeNote(BaseModel):
     hedge_model: str
     after_s: float
     reason: str
-    winner: Literal["primary", "hedge"] | None = None
+    winner: Literal["primary", "hedge", "other_hedge"] | None = None
     loser_usage: Usage = Field(default_factory=Usage)
     loser_cost_usd: float | None = 0.0
     loser_estimated: bool = False
+    number: int = 1
 
 
 class Candidate(BaseModel):
