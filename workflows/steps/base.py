@@ -23,13 +23,8 @@ from temporalio.exceptions import (
 )
 
 from llmmixer.core.contracts import (
-    AgentCall,
-    CommandCall,
-    CommandResult,
     EventType,
     FailureDetails,
-    LlmCall,
-    LlmReply,
     MixerEvent,
 )
 from llmmixer.core.spec import RetrySpec, Spec
@@ -45,7 +40,7 @@ from llmmixer.workflows.dag import RunState
 from llmmixer.workflows.records import Intervention, InterventionType, ReuseTable
 from llmmixer.workflows.reuse import call_hash, reused_output
 
-ActivityResult = TypeVar("ActivityResult", LlmReply, CommandResult)
+ActivityResult = TypeVar("ActivityResult", bound=BaseModel)
 OwnPrompt = TypeVar("OwnPrompt", str, str | None)
 
 
@@ -219,14 +214,15 @@ class StepContext:
         return self.state.take_decision(step_id)
 
 
-async def execute_activity(
+def start_activity(
     activity: str,
-    arg: LlmCall | CommandCall | AgentCall,
+    arg: BaseModel,
     result_type: type[ActivityResult],
     options: StepActivityOptions,
     summary: str,
-) -> ActivityResult:
-    return await workflow.execute_activity(
+) -> workflow.ActivityHandle[ActivityResult]:
+    """Schedule one of a step's activities with its kind's options; ``summary`` labels it."""
+    return workflow.start_activity(
         activity,
         arg,
         result_type=result_type,
@@ -237,6 +233,16 @@ async def execute_activity(
         cancellation_type=options.cancellation_type,
         summary=summary,
     )
+
+
+async def execute_activity(
+    activity: str,
+    arg: BaseModel,
+    result_type: type[ActivityResult],
+    options: StepActivityOptions,
+    summary: str,
+) -> ActivityResult:
+    return await start_activity(activity, arg, result_type, options, summary)
 
 
 def describe_failure(error: ActivityError, retry: RetrySpec) -> tuple[int, str, str | None]:

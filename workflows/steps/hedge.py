@@ -61,7 +61,7 @@ from llmmixer.workflows.calls import (
     hedged_options,
 )
 from llmmixer.workflows.records import HedgeNote
-from llmmixer.workflows.steps.base import StepContext
+from llmmixer.workflows.steps.base import StepContext, start_activity
 
 __all__ = ["hedged_call"]
 
@@ -245,17 +245,7 @@ def _note_hedge(
 
 
 def _start(call: LlmCall, options: StepActivityOptions, summary: str) -> asyncio.Task[LlmReply]:
-    handle = workflow.start_activity(
-        LLM_ACTIVITY,
-        call,
-        result_type=LlmReply,
-        task_queue=options.task_queue,
-        start_to_close_timeout=options.start_to_close_timeout,
-        heartbeat_timeout=options.heartbeat_timeout,
-        retry_policy=options.retry_policy,
-        cancellation_type=options.cancellation_type,
-        summary=summary,
-    )
+    handle = start_activity(LLM_ACTIVITY, call, LlmReply, options, summary)
     # A loser's outcome is read only when it ended first; never "unretrieved".
     handle.add_done_callback(lambda task: task.cancelled() or task.exception())
     return handle

@@ -31,9 +31,8 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any
 
-from pydantic import BaseModel
 from temporalio import workflow
 from temporalio.exceptions import ActivityError, ChildWorkflowError
 
@@ -55,7 +54,6 @@ from llmmixer.core.contracts import (
 from llmmixer.core.spec import LlmStep
 from llmmixer.core.tools import CommandTool, McpTool, SpecTool, Tool
 from llmmixer.workflows.calls import (
-    StepActivityOptions,
     ToolRoute,
     ToolSet,
     child_spec,
@@ -80,6 +78,7 @@ from llmmixer.workflows.steps.base import (
     StepContext,
     StepFailed,
     describe_failure,
+    execute_activity,
 )
 from llmmixer.workflows.steps.budget import budget_gate
 
@@ -95,7 +94,6 @@ _POLICY_REFUSALS = frozenset({ErrorType.COMMAND_REFUSED, ErrorType.MCP_REFUSED})
 # MixerWorkflow by name: this package cannot import the workflow class.
 _CHILD_WORKFLOW = "MixerWorkflow"
 
-_Result = TypeVar("_Result", bound=BaseModel)
 # One model turn: (conversation, system, tools offered, label for the Web UI).
 TurnAsker = Callable[
     [list[ChatMessage], str | None, list[ToolDeclaration], str], Awaitable[LlmReply]
@@ -185,7 +183,7 @@ async def _offer(ctx: StepContext, step: LlmStep, tools: list[Tool]) -> ToolSet:
     async def listed(server: McpTool) -> list[McpToolInfo]:
         options = tool_options(ctx.spec, step, server.timeout_s)
         try:
-            result = await _execute(
+            result = await execute_activity(
                 MCP_LIST_ACTIVITY,
                 mcp_list_request(step, server, workflow_id=ctx.state.workflow_id),
                 McpListResult,
@@ -315,7 +313,7 @@ async def _run_call(
     duration_ms: float | None = None
     try:
         if isinstance(route, CommandTool):
-            ran = await _execute(
+            ran = await execute_activity(
                 TOOL_COMMAND_ACTIVITY,
                 tool_run_request(step, route, call, workflow_id=state.workflow_id),
                 ToolRunResult,
@@ -327,7 +325,7 @@ async def _run_call(
             result = await _run_child(ctx, step, route, call, summary)
         else:
             server, name = route
-            ran = await _execute(
+            ran = await execute_activity(
                 MCP_CALL_ACTIVITY,
                 mcp_call_request(step, server, name, call, workflow_id=state.workflow_id),
                 ToolRunResult,
@@ -426,24 +424,3 @@ def _recorded_arguments(arguments: dict[str, Any]) -> dict[str, Any]:
     if len(text) <= _MAX_RECORDED_ARGUMENT_CHARS:
         return dict(arguments)
     return {"(cut)": text[:_MAX_RECORDED_ARGUMENT_CHARS]}
-
-
-async def _execute(
-    activity: str,
-    arg: BaseModel,
-    result_type: type[_Result],
-    options: StepActivityOptions,
-    summary: str,
-) -> _Result:
-    result: _Result = await workflow.execute_activity(
-        activity,
-        arg,
-        result_type=result_type,
-        task_queue=options.task_queue,
-        start_to_close_timeout=options.start_to_close_timeout,
-        heartbeat_timeout=options.heartbeat_timeout,
-        retry_policy=options.retry_policy,
-        cancellation_type=options.cancellation_type,
-        summary=summary,
-    )
-    return result
