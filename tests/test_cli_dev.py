@@ -69,6 +69,10 @@ def test_dev_serves_runs_and_ctrl_c_stops_server_and_worker(
     dev: tuple[dict[str, str], int, int], tmp_path: Path
 ) -> None:
     env, _, ui_port = dev
+    # The Web UI comes up a moment after the server's port on a busy machine.
+    deadline = time.monotonic() + 30
+    while not listening(ui_port) and time.monotonic() < deadline:
+        time.sleep(0.2)
     assert listening(ui_port), "the Web UI is not up"
     spec = tmp_path / "flaky.yaml"
     marker = tmp_path / "ready"

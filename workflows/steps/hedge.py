@@ -240,8 +240,8 @@ def _note_hedge(
     said = HedgeStart.model_validate(start)
     if said.streaming:
         streaming.add(number)
-    elif number not in asked:  # a retried attempt may ask again
-        asked[number] = said
+    else:  # a retried attempt may ask again: its first request stands
+        asked.setdefault(number, said)
 
 
 def _start(call: LlmCall, options: StepActivityOptions, summary: str) -> asyncio.Task[LlmReply]:

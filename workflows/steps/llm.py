@@ -90,8 +90,8 @@ def _compose(ctx: StepContext, step: LlmStep) -> tuple[list[ChatMessage], str | 
     # there: references only, the worker loads the bytes.
     files = ctx.spec.attachments(step)
     if files and messages:
-        placed = messages[-1].attachments
-        messages[-1] = messages[-1].model_copy(update={"attachments": [*placed, *files]})
+        *earlier, last = messages
+        messages = [*earlier, last.model_copy(update={"attachments": [*last.attachments, *files]})]
     ctx.state.note_prompt(step.id, messages[-1].content if messages else None)
     system = ctx.render(step.system, step.id) if step.system else None
     return messages, system
