@@ -38,7 +38,12 @@ from llmmixer.client.mixer import (
 from llmmixer.client.rerun import RerunError, read_source, reuse_table
 from llmmixer.client.schedules import add_schedule_parser, cmd_schedule
 from llmmixer.client.setup import add_setup_parser, cmd_setup, list_query, shown_status
-from llmmixer.client.specfile import parse_inputs, prepare_spec, spec_warnings
+from llmmixer.client.specfile import (
+    model_retirements,
+    parse_inputs,
+    prepare_spec,
+    spec_warnings,
+)
 from llmmixer.client.watch import EventPump, retrying
 from llmmixer.core.contracts import EventType
 from llmmixer.core.validation import SpecError
@@ -79,6 +84,14 @@ def cmd_validate(args: argparse.Namespace) -> int:
         for issue in error.issues:
             _err(str(issue))
         return EXIT_USAGE
+    # A model past its end of life: every call to it would fail. Only here,
+    # not in validate_spec (a run's recorded verdict must not change with
+    # the date); `run` warns instead, since a worker's endpoint may still serve it.
+    retired = model_retirements(spec, retired=True)
+    for issue in retired:
+        _err(str(issue))
+    if retired:
+        return EXIT_USAGE
     for warning in spec_warnings(spec):
         _err(f"warning: {warning}")
     print(f"{args.spec}: valid ({len(spec.steps)} steps)")
@@ -105,6 +118,8 @@ async def cmd_run(args: argparse.Namespace) -> int:
         for issue in error.issues:
             _err(str(issue))
         return EXIT_USAGE
+    for issue in model_retirements(spec, retired=True):
+        _err(f"warning: {issue}")
     for warning in spec_warnings(spec):
         _err(f"warning: {warning}")
     connection = Connection.from_env()

@@ -7,8 +7,9 @@ caller supplies is valid.
 
 from __future__ import annotations
 
+import datetime
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,8 @@ from llmmixer.activities.pricing import PriceTable
 from llmmixer.client.files import File, describe_inputs, has_file_inputs, spec_dir
 from llmmixer.core.attachments import TEXT_TYPE, sniff_media_type
 from llmmixer.core.documents import DEFAULT_LIMITS, DocumentError, check_document, load_document
-from llmmixer.core.spec import Spec
+from llmmixer.core.providers import retirement_notice
+from llmmixer.core.spec import DecomposeStep, LlmStep, Spec
 from llmmixer.core.validation import SPEC_LOCATION, SpecError, SpecIssue, validate_spec
 
 
@@ -190,19 +192,77 @@ def prepare_spec(
     return body, validate_spec(body)
 
 
-def spec_warnings(spec: Spec, prices: PriceTable | None = None) -> list[str]:
+def spec_warnings(
+    spec: Spec, prices: PriceTable | None = None, *, today: datetime.date | None = None
+) -> list[str]:
     """What may surprise the spec's owner at run time, though the spec is valid.
+
+    A model its provider has announced the end of life of works until that
+    day: the warning names the field and the model to change it to.
 
     A model missing from the price table costs "unknown", which a
     ``max_cost_usd`` budget cannot count: the run would spend on it unchecked.
     """
+    warnings = [str(issue) for issue in model_retirements(spec, retired=False, today=today)]
     if spec.dry_run or not spec.has_cost_limit():
-        return []
+        return warnings
     table = prices or PriceTable.load()
-    return [
+    return warnings + [
         f"{provider}/{model} has no price in llmmixer's price table "
         "(llmmixer/activities/prices.toml), so max_cost_usd does not limit what it spends: "
         "add its price there, or set a max_tokens budget as well"
         for provider, model in sorted(spec.models())
         if table.price(provider, model) is None
     ]
+
+
+def model_retirements(
+    spec: Spec, *, retired: bool, today: datetime.date | None = None
+) -> list[SpecIssue]:
+    """Each field naming a model its provider retires (core/providers.py), with the replacement.
+
+    ``retired`` picks the models already past their end of life (calls to
+    them fail: ``llmmixer validate`` refuses them) or those still working
+    until an announced date (a warning). Never part of ``validate_spec``: a
+    rule that depends on the date would turn a spec that ran into an invalid
+    one, and a run in flight must replay the verdict it was given.
+    """
+    day = today or datetime.datetime.now(datetime.UTC).date()
+    issues: list[SpecIssue] = []
+    for where, field, provider, model in _named_models(spec):
+        notice = retirement_notice(provider, model, day)
+        if notice is not None and notice.retired == retired:
+            issues.append(SpecIssue(where, field, notice.message))
+    return issues
+
+
+def _named_models(spec: Spec) -> Iterator[tuple[str, str, str, str]]:
+    """(step or "spec", field, provider, model) for every model the spec names."""
+    for role, targets in spec.routes.items():
+        for number, target in enumerate(targets):
+            yield SPEC_LOCATION, f"routes.{role}.{number}.model", target.provider, target.model
+    for number, rule in enumerate(spec.allow or []):
+        if rule.provider and rule.model:
+            yield SPEC_LOCATION, f"allow.{number}.model", rule.provider, rule.model
+    defaulted: set[str] = set()
+    for step in spec.steps:
+        if isinstance(step, LlmStep | DecomposeStep) and step.role is None:
+            provider = step.provider or spec.defaults.provider
+            if step.model is not None and provider:
+                yield step.id, "model", provider, step.model
+            elif spec.defaults.model is not None and provider:
+                defaulted.add(provider)
+        if isinstance(step, LlmStep):
+            for number, fallback in enumerate(step.fallback):
+                yield step.id, f"fallback.{number}.model", fallback.provider, fallback.model
+            if step.best_of is not None:
+                for number, target in enumerate(step.best_of.targets):
+                    field = f"best_of.targets.{number}.model"
+                    yield step.id, field, target.provider, target.model
+                judge = step.best_of.judge
+                if judge is not None:
+                    yield step.id, "best_of.judge.model", judge.provider, judge.model
+    # A model the steps take from `defaults` is changed there, once.
+    for provider in sorted(defaulted):
+        assert spec.defaults.model is not None
+        yield SPEC_LOCATION, "defaults.model", provider, spec.defaults.model

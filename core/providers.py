@@ -17,16 +17,23 @@ named as ``"module:attribute"`` and imported only when a call needs them.
 
 from __future__ import annotations
 
+import datetime
 import importlib
+import re
 from dataclasses import dataclass
 from typing import Any
 
 __all__ = [
+    "MODEL_RETIREMENTS",
     "PROVIDER_SPECS",
+    "ModelRetirement",
     "ProviderSpec",
+    "RetirementNotice",
+    "model_retirement",
     "provider_names",
     "provider_spec",
     "resolve",
+    "retirement_notice",
     "unknown_provider_message",
 ]
 
@@ -90,7 +97,7 @@ PROVIDER_SPECS: tuple[ProviderSpec, ...] = (
         adapter="llmmixer.activities.providers.anthropic:AnthropicAdapter",
         options=f"{_OPTIONS}:AnthropicOptions",
         price_key="anthropic",
-        example_model="claude-sonnet-4-5",
+        example_model="claude-sonnet-5-5",
         otel_name="anthropic",
     ),
     ProviderSpec(
@@ -143,3 +150,90 @@ def resolve(reference: str) -> Any:
     """The object a ``"module:attribute"`` reference names, importing the module."""
     module, _, attribute = reference.partition(":")
     return getattr(importlib.import_module(module), attribute)
+
+
+# ---- model retirements -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelRetirement:
+    """A model the provider stops serving on ``retires``, and what to use instead."""
+
+    provider: str
+    #: The base name; its dated snapshots (``claude-sonnet-4-5-20250929``) are included.
+    model: str
+    #: The first day requests to the model fail.
+    retires: datetime.date
+    replacement: str
+
+
+# From Anthropic's model deprecations page and the end-of-life dates the
+# anthropic SDK warns with (anthropic/_data/deprecated_models.py), checked
+# 2026-11-28; replacements are the current models of the same line. Partner
+# platforms (Bedrock, Vertex) keep their own schedules and names, so only the
+# Claude API's names are listed. Only read to tell a spec's owner what to
+# change: validation never depends on the date, so a spec that ran once still
+# replays and validates, and its model is still priced (prices.toml keeps it).
+MODEL_RETIREMENTS: tuple[ModelRetirement, ...] = (
+    ModelRetirement(
+        "anthropic", "claude-sonnet-4-5", datetime.date(2026, 11, 30), "claude-sonnet-5-5"
+    ),
+    ModelRetirement("anthropic", "claude-opus-4-5", datetime.date(2027, 1, 22), "claude-opus-5-5"),
+    ModelRetirement("anthropic", "claude-opus-4-1", datetime.date(2026, 8, 5), "claude-opus-5-5"),
+    ModelRetirement(
+        "anthropic", "claude-sonnet-4", datetime.date(2026, 6, 15), "claude-sonnet-5-5"
+    ),
+    ModelRetirement("anthropic", "claude-opus-4", datetime.date(2026, 6, 15), "claude-opus-5-5"),
+    ModelRetirement(
+        "anthropic", "claude-sonnet-4-0", datetime.date(2026, 6, 15), "claude-sonnet-5-5"
+    ),
+    ModelRetirement("anthropic", "claude-opus-4-0", datetime.date(2026, 6, 15), "claude-opus-5-5"),
+    ModelRetirement(
+        "anthropic", "claude-3-7-sonnet", datetime.date(2026, 2, 19), "claude-sonnet-5-5"
+    ),
+    ModelRetirement("anthropic", "claude-3-opus", datetime.date(2026, 1, 5), "claude-opus-5-5"),
+    ModelRetirement(
+        "anthropic", "claude-3-5-sonnet", datetime.date(2025, 10, 28), "claude-sonnet-5-5"
+    ),
+)
+
+# A dated snapshot (-20250929) or an alias (-latest) of a base name.
+_SNAPSHOT = re.compile(r"(-\d{8}|-latest)$")
+
+
+def model_retirement(provider: str, model: str) -> ModelRetirement | None:
+    """The retirement of ``model`` (or of its base name) at ``provider``, or None."""
+    name = model.strip().lower()
+    base = _SNAPSHOT.sub("", name)
+    for retirement in MODEL_RETIREMENTS:
+        if retirement.provider == provider and retirement.model in (name, base):
+            return retirement
+    return None
+
+
+@dataclass(frozen=True)
+class RetirementNotice:
+    """What to tell the owner of a spec naming a retiring or retired model."""
+
+    #: True once the model is past its end of life: calls to it fail.
+    retired: bool
+    message: str
+
+
+def retirement_notice(provider: str, model: str, today: datetime.date) -> RetirementNotice | None:
+    """The notice for ``provider``/``model`` on ``today``, or None for a current model."""
+    retirement = model_retirement(provider, model)
+    if retirement is None:
+        return None
+    when = retirement.retires.isoformat()
+    if today >= retirement.retires:
+        return RetirementNotice(
+            True,
+            f"{provider} retired {model} on {when}, so calls to it fail: "
+            f"change it to {retirement.replacement}",
+        )
+    return RetirementNotice(
+        False,
+        f"{provider} retires {model} on {when} (calls to it fail from then on): "
+        f"change it to {retirement.replacement}",
+    )
