@@ -19,6 +19,9 @@ def table() -> PriceTable:
 @pytest.mark.parametrize(
     ("provider", "model", "expected"),
     [
+        ("anthropic", "claude-sonnet-5-5", 2.0 + 10.0),
+        ("anthropic", "claude-opus-5-5", 4.0 + 20.0),
+        # Retiring: still priced, for runs started on it and the audits of old runs.
         ("anthropic", "claude-sonnet-4-5", 3.0 + 15.0),
         ("anthropic", "claude-sonnet-4-5-20250929", 3.0 + 15.0),
         ("anthropic", "claude-haiku-4-5-20251001", 1.0 + 5.0),
@@ -45,7 +48,7 @@ def test_cost_scales_with_tokens(table: PriceTable) -> None:
     ("provider", "model"),
     [
         ("openai", "gpt-unknown-9"),
-        ("openai", "claude-sonnet-4-5"),  # right model, wrong provider
+        ("openai", "claude-sonnet-5-5"),  # right model, wrong provider
         ("mistral", "mistral-large"),
         ("openai", "gpt-4o-ultra"),  # not a dated suffix of gpt-4o
     ],
@@ -81,17 +84,20 @@ def test_from_toml_reports_bad_entries() -> None:
 
 
 def test_cache_reads_and_writes_are_priced_as_anthropic_bills_them(table: PriceTable) -> None:
-    # claude-sonnet-4-5: input 3, a cache write 1.25x (3.75), a cache read 0.1x (0.3)
+    # claude-sonnet-5-5: input 2, a cache write 1.25x (2.5), a cache read 0.05x (0.1)
     usage = Usage(
         input_tokens=100_000, cache_write_tokens=60_000, cache_read_tokens=30_000, output_tokens=0
     )
-    expected = (10_000 * 3.0 + 60_000 * 3.75 + 30_000 * 0.3) / 1e6
-    assert table.cost("anthropic", "claude-sonnet-4-5", usage) == pytest.approx(expected)
-    uncached = table.cost("anthropic", "claude-sonnet-4-5", Usage(input_tokens=100_000))
+    expected = (10_000 * 2.0 + 60_000 * 2.5 + 30_000 * 0.1) / 1e6
+    assert table.cost("anthropic", "claude-sonnet-5-5", usage) == pytest.approx(expected)
+    uncached = table.cost("anthropic", "claude-sonnet-5-5", Usage(input_tokens=100_000))
     read_all = Usage(input_tokens=100_000, cache_read_tokens=100_000)
-    assert table.cost("anthropic", "claude-sonnet-4-5", read_all) == pytest.approx(
-        0.1 * (uncached or 0)
+    assert table.cost("anthropic", "claude-sonnet-5-5", read_all) == pytest.approx(
+        0.05 * (uncached or 0)
     )
+    # claude-sonnet-4-5 (retiring) keeps its own rates: 0.1x reads, the 200k long tier.
+    old = table.cost("anthropic", "claude-sonnet-4-5", usage)
+    assert old == pytest.approx((10_000 * 3.0 + 60_000 * 3.75 + 30_000 * 0.3) / 1e6)
 
 
 def test_openai_and_gemini_cached_input_rates(table: PriceTable) -> None:
@@ -133,9 +139,9 @@ def test_the_table_says_when_it_was_written_and_lists_every_rate(table: PriceTab
     assert table.written is not None and table.written.year >= 2025
     listing = price_listing(table)
     assert f"written {table.written.isoformat()}" in listing.splitlines()[0]
-    sonnet = next(line for line in listing.splitlines() if " claude-sonnet-4-5 " in line)
-    assert sonnet.split()[2:7] == ["3", "15", "0.3", "3.75", "15"]
-    for current in ("claude-opus-4-5", "gpt-5.1", "gemini-3-pro-preview"):
+    sonnet = next(line for line in listing.splitlines() if " claude-sonnet-5-5 " in line)
+    assert sonnet.split()[2:7] == ["2", "10", "0.1", "2.5", "10"]
+    for current in ("claude-opus-5-5", "gpt-5.1", "gemini-3-pro-preview"):
         assert table.price(_provider(current), current) is not None
 
 
