@@ -6,11 +6,11 @@
 Twenty sibling steps share one 10,000-token context (the diff, the document)
 and each asks its own question after it, run by ``MixerWorkflow`` on the
 embedded dev server against the fake provider of ``tests/fakes``, which
-accounts Anthropic's prompt cache as Anthropic does: a prefix is written at
-1.25x the input price once the writing reply has started, read at 0.1x
-after that, and siblings sent at the same moment all miss. The input cost
-of each run is priced from the step records with ``activities/prices.toml``
-(claude-sonnet-4-5). Not a timed test: the figure depends on the price
+accounts Anthropic's prompt cache as Anthropic does: a prefix is written
+once the writing reply has started, read after that, and siblings sent at
+the same moment all miss. The input cost of each run is priced from the
+step records with ``activities/prices.toml`` (claude-sonnet-5-5: a cache
+write at 1.25x the input price, a read at 0.05x). Not a timed test: the figure depends on the price
 table and the layout, not on this machine.
 """
 
@@ -42,7 +42,7 @@ from llmmixer.workers.worker import WorkerSettings, mixer_worker  # noqa: E402
 
 SIBLINGS = 20
 CONTEXT_TOKENS = 10_000
-MODEL = "claude-sonnet-4-5"
+MODEL = "claude-sonnet-5-5"
 GOAL = 0.30  # at most 30% of the uncached input cost
 MARKER = "caching"
 
@@ -120,11 +120,14 @@ def report(usages: dict[str, list[Usage]]) -> str:
         )
 
     verdict = "meets" if ratio <= GOAL else "misses"
+    price = prices.price("anthropic", MODEL)
+    assert price is not None and price.cache_write is not None and price.cached_input is not None
+    write, read = price.cache_write / price.input, price.cached_input / price.input
     return "\n".join(
         [
             f"{SIBLINGS} sibling steps sharing a {fake_tokens(context()):,}-token context, "
-            f"{MODEL} prices (cache write 1.25x input, read 0.1x), through the fake provider's "
-            "Anthropic cache accounting (`python bench/caching.py`):",
+            f"{MODEL} prices (cache write {write:g}x input, read {read:g}x), through the fake "
+            "provider's Anthropic cache accounting (`python bench/caching.py`):",
             "",
             "| `cache` | input tokens | read from cache | written to cache | input cost |",
             "| --- | ---: | ---: | ---: | ---: |",

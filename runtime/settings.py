@@ -720,7 +720,7 @@ class ProviderEnv(_Group):
             "requests and tokens per minute this worker sends each provider's model, waited "
             "for before the call (`provider:model=<n>rpm/<n>tpm`, comma list; `model` `*` "
             "gives each model of the provider its own budget); see the README's Rate limits",
-            "anthropic:claude-sonnet-4-5=50rpm/40000tpm,openai:*=500rpm",
+            "anthropic:claude-sonnet-5-5=50rpm/40000tpm,openai:*=500rpm",
             default_text="none: only the providers' rate-limit headers slow calls down",
         ),
     ] = ()

@@ -41,7 +41,7 @@ TOKEN = f"files-test-{uuid.uuid4().hex}"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 TARGETS = {
-    "anthropic": ("claude-sonnet-4-5", "chat"),
+    "anthropic": ("claude-sonnet-5-5", "chat"),
     "openai": ("gpt-4.1-mini", "chat"),
     "openai-responses": ("gpt-4.1-mini", "responses"),
     "gemini": ("gemini-2.5-flash", "chat"),

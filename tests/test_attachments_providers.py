@@ -24,7 +24,7 @@ from llmmixer.core.attachments import describe_file
 from llmmixer.core.contracts import Attachment, ChatMessage, LlmCall
 
 FIVE_MB = 5 * 1024 * 1024
-MODELS = {"anthropic": "claude-sonnet-4-5", "openai": "gpt-4.1-mini", "gemini": "gemini-2.5-flash"}
+MODELS = {"anthropic": "claude-sonnet-5-5", "openai": "gpt-4.1-mini", "gemini": "gemini-2.5-flash"}
 
 
 def png(size: int) -> bytes:

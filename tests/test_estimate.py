@@ -439,7 +439,7 @@ def _vision(provider: str, model: str, **files: str) -> dict[str, Any]:
 @pytest.mark.parametrize(
     ("provider", "model", "tokens"),
     [
-        ("anthropic", "claude-sonnet-4-5", 1334),
+        ("anthropic", "claude-sonnet-5-5", 1334),
         ("openai", "gpt-4.1-mini", 765),
         ("gemini", "gemini-2.5-flash", 258 * 4),
     ],
@@ -462,17 +462,17 @@ def test_an_attached_image_adds_its_providers_image_tokens(
 def test_a_file_without_its_bytes_is_counted_by_type_and_size_and_says_so() -> None:
     document = _pdf(2)
     _, spec = prepare_spec(
-        _vision("anthropic", "claude-sonnet-4-5", doc=""), inputs={"doc": File("s.pdf", document)}
+        _vision("anthropic", "claude-sonnet-5-5", doc=""), inputs={"doc": File("s.pdf", document)}
     )
     known = _step(estimate_spec(spec, PRICES, {"doc": document}), "a")
     guessed = _step(estimate_spec(spec, PRICES), "a")
-    bare = _step(_estimate(_vision("anthropic", "claude-sonnet-4-5")), "a")
+    bare = _step(_estimate(_vision("anthropic", "claude-sonnet-5-5")), "a")
     assert known.input_tokens.expected - bare.input_tokens.expected == 2 * 2250
     assert any("≈ 2 PDF page(s)" in note for note in known.notes), known.notes
     assert any("PDF pages guessed from its size" in note for note in guessed.notes)
     # An image of unknown size spans the provider's smallest to largest charge.
     _, images = prepare_spec(
-        _vision("anthropic", "claude-sonnet-4-5", d=""), inputs={"d": File("x.png", _png(40, 30))}
+        _vision("anthropic", "claude-sonnet-5-5", d=""), inputs={"d": File("x.png", _png(40, 30))}
     )
     unknown = _step(estimate_spec(images, PRICES), "a")
     assert unknown.input_tokens.high - bare.input_tokens.high >= 1600

@@ -26,7 +26,7 @@ from llmmixer.core.validation import SpecError
 from llmmixer.workflows.records import RunStatus
 
 
-def few_shot_spec(provider: str = "anthropic", model: str = "claude-sonnet-4-5") -> dict[str, Any]:
+def few_shot_spec(provider: str = "anthropic", model: str = "claude-sonnet-5-5") -> dict[str, Any]:
     return {
         "name": "few-shot",
         "defaults": {"retry": {"max_attempts": 1}},

@@ -29,7 +29,7 @@ def base_spec(**extra: Any) -> dict[str, Any]:
         "defaults": {"provider": "openai", "model": "gpt-4.1-mini"},
         "routes": {
             "reviewer": [
-                {"provider": "anthropic", "model": "claude-opus-4-5"},
+                {"provider": "anthropic", "model": "claude-opus-5-5"},
                 {"provider": "openai", "model": "gpt-4.1"},
             ],
             "checker": [{"provider": "gemini", "model": "gemini-2.5-flash"}],

@@ -20,7 +20,7 @@ from llmmixer.activities.providers.pool import ProviderPool
 from llmmixer.activities.providers.settings import ProviderSettings
 from llmmixer.core.contracts import ChatMessage, ErrorType, LlmCall
 
-MODELS = {"openai": "gpt-4.1", "anthropic": "claude-sonnet-4-5", "gemini": "gemini-2.5-flash"}
+MODELS = {"openai": "gpt-4.1", "anthropic": "claude-sonnet-5-5", "gemini": "gemini-2.5-flash"}
 # (provider, api): each wire protocol the adapters speak.
 APIS = pytest.mark.parametrize(
     ("provider", "api"),

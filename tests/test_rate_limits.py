@@ -267,9 +267,9 @@ def test_a_bad_rate_limit_names_the_variable_and_shows_an_example_that_parses(
 
 
 def test_rate_limits_parse_per_model_with_a_star_fallback() -> None:
-    parsed = rules("anthropic:claude-sonnet-4-5=50rpm/40000tpm, openai=500RPM")
+    parsed = rules("anthropic:claude-sonnet-5-5=50rpm/40000tpm, openai=500RPM")
     assert [str(rule) for rule in parsed] == [
-        "anthropic:claude-sonnet-4-5=50rpm/40000tpm",
+        "anthropic:claude-sonnet-5-5=50rpm/40000tpm",
         "openai:*=500rpm",
     ]
     limiter = RateLimiter(parsed)

@@ -45,7 +45,7 @@ async def test_roles_map_to_the_routes_primary_then_its_fallbacks(
     routes = {
         "reviewer": [
             {"provider": "gemini", "model": "gemini-2.5-pro"},
-            {"provider": "anthropic", "model": "claude-opus-4-5"},
+            {"provider": "anthropic", "model": "claude-opus-5-5"},
         ],
         "fast": [{"provider": "openai", "model": "gpt-4.1-mini"}],
     }
@@ -61,7 +61,7 @@ async def test_roles_map_to_the_routes_primary_then_its_fallbacks(
     review, quick = result.steps["review"], result.steps["quick"]
     assert (review.provider, review.model, review.output) == (
         "anthropic",
-        "claude-opus-4-5",
+        "claude-opus-5-5",
         "from the second target",
     )
     assert [(f.provider, f.model) for f in review.fallbacks] == [("gemini", "gemini-2.5-pro")]

@@ -13,7 +13,7 @@ from llmmixer.core.validation import SpecError, find_issues, parse_spec_shape, v
 GOOD: dict[str, Any] = {
     "name": "review",
     "inputs": {"diff": "x"},
-    "defaults": {"provider": "anthropic", "model": "claude-sonnet-4-5"},
+    "defaults": {"provider": "anthropic", "model": "claude-sonnet-5-5"},
     "steps": [
         {"id": "plan", "prompt": "Review {{inputs.diff}}"},
         {"id": "tests", "kind": "pty", "command": ["pytest", "-q"]},
@@ -266,7 +266,7 @@ def test_provider_options_that_move_a_request_are_refused_for_every_provider_of_
     spec["steps"][3]["provider_options"] = {
         "generation_config": {"http_options": {"base_url": "http://evil.example"}}
     }
-    spec["steps"][3]["fallback"] = [{"provider": "anthropic", "model": "claude-sonnet-4-5"}]
+    spec["steps"][3]["fallback"] = [{"provider": "anthropic", "model": "claude-sonnet-5-5"}]
     found = issues_of(spec)
     assert any(
         line.startswith(

@@ -41,7 +41,7 @@ CHILD: dict[str, Any] = {
 def spec_with(*tools: dict[str, Any], **step: Any) -> dict[str, Any]:
     return {
         "name": "tools",
-        "defaults": {"provider": "anthropic", "model": "claude-sonnet-4-5"},
+        "defaults": {"provider": "anthropic", "model": "claude-sonnet-5-5"},
         "steps": [{"id": "ask", "prompt": "Answer", "tools": list(tools), **step}],
     }
 

@@ -173,7 +173,7 @@ def plan_context() -> PlanContext:
             "name": "plans",
             "inputs": {"diff": "d"},
             "defaults": {"provider": "openai", "model": "gpt-4.1-mini"},
-            "routes": {"reviewer": [{"provider": "anthropic", "model": "claude-opus-4-5"}]},
+            "routes": {"reviewer": [{"provider": "anthropic", "model": "claude-opus-5-5"}]},
             "allow": [{"provider": "openai"}, {"provider": "anthropic"}],
             "steps": [
                 {"id": "fetch", "prompt": "get {{inputs.diff}}"},
