@@ -84,14 +84,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
         for issue in error.issues:
             _err(str(issue))
         return EXIT_USAGE
-    # A model past its end of life: every call to it would fail. Only here,
-    # not in validate_spec (a run's recorded verdict must not change with
-    # the date); `run` warns instead, since a worker's endpoint may still serve it.
-    retired = model_retirements(spec, retired=True)
-    for issue in retired:
-        _err(str(issue))
-    if retired:
-        return EXIT_USAGE
+    # A model past its end of life is a warning, not an invalid spec: an
+    # OpenAI-compatible gateway or a proxy may still serve the name, and a
+    # spec's validity must not change with the date (validate_spec, whose
+    # verdict a run records, does not look at it either).
+    for issue in model_retirements(spec, retired=True):
+        _err(f"warning: {issue}")
     for warning in spec_warnings(spec):
         _err(f"warning: {warning}")
     print(f"{args.spec}: valid ({len(spec.steps)} steps)")
