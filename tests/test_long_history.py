@@ -80,3 +80,48 @@ async def test_long_history_continues_as_new_and_keeps_everything(
     assert [e.type.value for e in events].count("workflow_started") == 1
     assert [e.type.value for e in events][-1] == "workflow_ended"
     assert all(b > a for a, b in itertools.pairwise(offsets))
+
+
+def _chain_then_gate(steps: int) -> dict[str, Any]:
+    chain = [
+        {"id": f"c{i}", "needs": [f"c{i - 1}"] if i else [], "prompt": f"step {i}"}
+        for i in range(steps)
+    ]
+    return {
+        "name": "wait-after-chain",
+        "dry_run": True,
+        "defaults": {"provider": "openai", "model": "gpt-4.1-mini", "retry": {"max_attempts": 1}},
+        "steps": [
+            *chain,
+            {"id": "gate", "kind": "approval", "needs": [f"c{steps - 1}"]},
+            {"id": "end", "needs": ["gate"], "prompt": "after {{steps.gate.output}}"},
+        ],
+    }
+
+
+async def test_a_run_waiting_for_a_person_on_a_long_history_wakes_from_a_short_one(
+    mixer: MixerClient,
+) -> None:
+    # 14 finished steps are over 100 history events: waking the run would
+    # replay them all, so it continues as new before it waits.
+    handle = await mixer.start(_chain_then_gate(14))
+    await until(handle, lambda p: p.steps["gate"].status == StepStatus.WAITING)
+    assert await runs_of(mixer, handle.id) == 2, "the waiting run did not continue as new"
+    waiting = await handle.temporal.fetch_history()
+    assert len(waiting.events) < 30, f"the waiting run's history has {len(waiting.events)} events"
+    progress = await handle.progress()
+    assert all(progress.steps[f"c{i}"].status == StepStatus.COMPLETED for i in range(14))
+    await handle.approve("gate", comment="go")
+    result = await handle.result()
+    assert result.steps["end"].prompt == "after go"
+    assert all(r.status == StepStatus.COMPLETED for r in result.steps.values())
+    started = [e.step async for e in handle.events() if e.type.value == "step_started"]
+    assert sorted(started) == sorted(result.steps), "a step ran twice or was lost"
+
+
+async def test_a_short_run_waits_in_its_own_history(mixer: MixerClient) -> None:
+    handle = await mixer.start(_chain_then_gate(2))
+    await until(handle, lambda p: p.steps["gate"].status == StepStatus.WAITING)
+    assert await runs_of(mixer, handle.id) == 1
+    await handle.approve("gate")
+    assert (await handle.result()).status.value == "completed"

@@ -17,6 +17,11 @@ from llmmixer.workflows.records import Intervention, ReuseTable, RunSnapshot
 # bound also keeps replay of one run quick after a worker restart.
 DEFAULT_HISTORY_EVENTS = 10_000
 DEFAULT_HISTORY_BYTES = 32 * 1024 * 1024
+# A run whose steps all wait for a person continues as new once its history
+# has this many events (WAIT_HANDOVER_PATCH): waking it then replays the
+# continuation's few events instead of every finished step (about 8 events a
+# step). Below it, a replay is already quick and the run keeps one id chain.
+WAITING_HANDOVER_EVENTS = 100
 # How much of the event stream's newest events a continuation carries; the
 # whole input must stay well below Temporal's 2 MB payload limit.
 CARRIED_EVENT_BYTES = 1024 * 1024

@@ -36,6 +36,7 @@ from llmmixer.workflows.patches import (
     CHECKS_RECORDED_PATCH,
     REUSE_MARKERS_PATCH,
     TOOL_LOOP_PATCH,
+    WAIT_HANDOVER_PATCH,
 )
 from llmmixer.workflows.search import SEARCH_ATTRIBUTES_PATCH, RunSearch, with_scheduled_time
 from llmmixer.workflows.steps.base import EventPublisher, StepContext
@@ -60,6 +61,7 @@ with workflow.unsafe.imports_passed_through():
         CARRIED_EVENT_BYTES,
         DEFAULT_HISTORY_BYTES,
         DEFAULT_HISTORY_EVENTS,
+        WAITING_HANDOVER_EVENTS,
         Carried,
     )
     from llmmixer.workflows.records import (
@@ -112,6 +114,8 @@ class MixerWorkflow:
         self._search = RunSearch(workflow.patched(SEARCH_ATTRIBUTES_PATCH))
         # Memo entries for re-runs and audits (workflows/reuse.py).
         self._reuse_markers = workflow.patched(REUSE_MARKERS_PATCH)
+        # Runs that wait for people on a long history continue as new first.
+        self._hand_over_waits = workflow.patched(WAIT_HANDOVER_PATCH)
         # A scheduled run's time, read from its start event (workflows/search.py).
         spec = with_scheduled_time(spec, workflow.info().typed_search_attributes)
         try:
@@ -248,13 +252,15 @@ class MixerWorkflow:
                 # No new step starts; once only steps that wait for a person
                 # are left, the run continues as new with its state.
                 if not self._busy_ids():
-                    await self._hand_over()
+                    await self._hand_over("history is long")
             else:
                 self._launch_ready(steps)
             if self._state.fatal is not None:
                 raise ApplicationError(self._state.fatal, type="StepFailed", non_retryable=True)
             if self._state.all_done() and not self._running_ids():
                 return
+            if self._waits_on_long_history():
+                await self._hand_over("only people are awaited")
             # Progress for the Web UI, published on every change of the state.
             workflow.set_current_details(self._state.summary())
             self._search.update(self._state, self._fork_of)
@@ -344,6 +350,19 @@ class MixerWorkflow:
             or info.get_current_history_size() >= DEFAULT_HISTORY_BYTES
         )
 
+    def _waits_on_long_history(self) -> bool:
+        """Only people are awaited, and waking the run would replay a long history.
+
+        Continuing as new now lets the wake-up replay the continuation's few
+        events instead, and leaves nothing of the run on the worker.
+        """
+        return (
+            self._hand_over_waits
+            and bool(self._running_ids())
+            and not self._busy_ids()
+            and workflow.info().get_current_history_length() >= WAITING_HANDOVER_EVENTS
+        )
+
     def _busy_ids(self) -> list[str]:
         """Steps whose activity is in flight (those waiting for a person can be carried).
 
@@ -357,7 +376,7 @@ class MixerWorkflow:
             or self._state.records[step_id].tool_approval is not None
         ]
 
-    async def _hand_over(self) -> None:
+    async def _hand_over(self, why: str) -> None:
         waiting = [task for task in self._tasks.values() if not task.done()]
         for task in waiting:
             task.cancel()  # they only wait for a decision; the next run waits again
@@ -369,7 +388,7 @@ class MixerWorkflow:
             continuations=self._continuations + 1,
             reuse=self._reuse,
         )
-        workflow.logger.info("history is long: continuing as new (run %d)", carried.continuations)
+        workflow.logger.info("%s: continuing as new (run %d)", why, carried.continuations)
         self._stream.truncate(self._events_to_keep_from())
         await self._stream.continue_as_new(
             lambda stream_state: [self._spec_body, stream_state, carried]

@@ -40,3 +40,8 @@ REUSE_MARKERS_PATCH = "reuse-markers-in-memo"
 # MixerWorkflow.__init__; runs recorded before asked such a step once,
 # without tools, and their replays do the same.
 TOOL_LOOP_PATCH = "llm-tool-loop"
+# A run that only waits for people, with a history long enough that waking it
+# would replay much of it, continues as new first (carrying its state, as a
+# long history does), so the wake-up replays a few events and the worker
+# holds nothing for it. Decided in MixerWorkflow.__init__.
+WAIT_HANDOVER_PATCH = "hand-over-before-waiting"
