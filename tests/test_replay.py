@@ -203,6 +203,24 @@ def _plan_reasked(name: str) -> None:
     assert _types(name)[-1] == "WORKFLOW_EXECUTION_COMPLETED"
 
 
+def _wait_handover(name: str) -> None:
+    types = _types(name)
+    # Fourteen steps ran, then the run handed over with only the approval left.
+    assert _scheduled(name).count("llmmixer.call_llm") == 14
+    assert types[-1] == "WORKFLOW_EXECUTION_CONTINUED_AS_NEW"
+    handed = _events(name)[-1]["workflowExecutionContinuedAsNewEventAttributes"]
+    carried = json.loads(base64.b64decode(handed["input"]["payloads"][2]["data"]))
+    assert carried["state"]["records"]["gate"]["status"] == "waiting"
+
+
+def _woken(name: str) -> None:
+    # The continuation woke for the approval and ran only the last step.
+    assert "WORKFLOW_EXECUTION_UPDATE_ACCEPTED" in _types(name)
+    assert _scheduled(name).count("llmmixer.call_llm") == 1
+    assert len(_events(name)) < 40
+    assert _types(name)[-1] == "WORKFLOW_EXECUTION_COMPLETED"
+
+
 HOLDS: dict[str, Callable[[str], None]] = {
     "0.1.0-approval-timers": _approval_timers,
     "0.1.0-pause-timer": _pause_timer,
@@ -212,6 +230,8 @@ HOLDS: dict[str, Callable[[str], None]] = {
     "0.1.0-fallback-circuit": _fallback_circuit,
     "0.1.0-payload-store": _payload_store,
     "0.1.0-plan-reasked": _plan_reasked,
+    "0.1.0-wait-handover": _wait_handover,
+    "0.1.0-wait-handover-run2": _woken,
 }
 
 

@@ -528,6 +528,37 @@ async def tool_loop(mixer: MixerClient) -> MixerHandle:
         server.stop()
 
 
+async def wait_handover(mixer: MixerClient) -> MixerHandle:
+    """Fourteen chained steps, then an approval: the run continues as new before it
+    waits (its history is long), and the approval is given in the continuation."""
+    chain = [
+        {"id": f"c{i}", "needs": [f"c{i - 1}"] if i else [], "prompt": f"step {i}"}
+        for i in range(14)
+    ]
+    spec = {
+        "name": "wait-handover",
+        "dry_run": True,
+        "defaults": {"provider": "openai", "model": "gpt-4.1-mini", "retry": {"max_attempts": 1}},
+        "steps": [
+            *chain,
+            {"id": "gate", "kind": "approval", "needs": ["c13"]},
+            {"id": "end", "needs": ["gate"], "prompt": "{{steps.gate.output}}"},
+        ],
+    }
+    handle = await mixer.start(spec)
+    for _ in range(300):
+        history = await handle.temporal.fetch_history()
+        if history.events[0].workflow_execution_started_event_attributes.continued_execution_run_id:
+            break
+        await asyncio.sleep(0.1)
+    else:
+        raise TimeoutError("the waiting run never continued as new")
+    await until(handle, "gate", "waiting")
+    await handle.approve("gate", comment="woken from a short history")
+    await handle.result()
+    return handle
+
+
 SCENARIOS: dict[str, Callable[[MixerClient], Awaitable[MixerHandle]]] = {
     "fan": fan,
     "interventions": interventions,
@@ -544,6 +575,7 @@ SCENARIOS: dict[str, Callable[[MixerClient], Awaitable[MixerHandle]]] = {
     "payload-store": payload_store,
     "tool-loop": tool_loop,
     "plan-reasked": plan_reasked,
+    "wait-handover": wait_handover,
 }
 
 # Stands in for Claude Code on the recording worker's PATH: the agent scenario
