@@ -35,6 +35,7 @@ from llmmixer.workflows.dag import RunState
 from llmmixer.workflows.patches import (
     CHECKS_RECORDED_PATCH,
     REUSE_MARKERS_PATCH,
+    SEARCH_ON_STATE_PATCH,
     TOOL_LOOP_PATCH,
 )
 from llmmixer.workflows.search import SEARCH_ATTRIBUTES_PATCH, RunSearch, with_scheduled_time
@@ -109,9 +110,11 @@ class MixerWorkflow:
         # Decided here for the same reason (patches.py): llm steps with tools loop.
         self._tool_loop = workflow.patched(TOOL_LOOP_PATCH)
         # Search attributes (LlmmixerState, ...) for runs started from here on.
-        self._search = RunSearch(workflow.patched(SEARCH_ATTRIBUTES_PATCH))
+        search = workflow.patched(SEARCH_ATTRIBUTES_PATCH)
         # Memo entries for re-runs and audits (workflows/reuse.py).
         self._reuse_markers = workflow.patched(REUSE_MARKERS_PATCH)
+        # ... upserted on changes of state, not after every step (patches.py).
+        self._search = RunSearch(search, workflow.patched(SEARCH_ON_STATE_PATCH))
         # A scheduled run's time, read from its start event (workflows/search.py).
         spec = with_scheduled_time(spec, workflow.info().typed_search_attributes)
         try:
@@ -371,9 +374,16 @@ class MixerWorkflow:
         )
         workflow.logger.info("history is long: continuing as new (run %d)", carried.continuations)
         self._stream.truncate(self._events_to_keep_from())
-        await self._stream.continue_as_new(
-            lambda stream_state: [self._spec_body, stream_state, carried]
-        )
+        await self._stream.continue_as_new(lambda stream_state: self._carry(stream_state, carried))
+
+    def _carry(self, stream_state: WorkflowStreamState, carried: Carried) -> list[Any]:
+        """The next run's input, built right before it starts.
+
+        Its search attributes are this run's: they are brought up to date
+        here, in the workflow task that continues, after every handler ended.
+        """
+        self._search.before_continue_as_new(self._state, self._fork_of)
+        return [self._spec_body, stream_state, carried]
 
     def _events_to_keep_from(self) -> int:
         """The oldest offset the next run keeps: the newest events within a byte budget.

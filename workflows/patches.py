@@ -40,3 +40,10 @@ REUSE_MARKERS_PATCH = "reuse-markers-in-memo"
 # MixerWorkflow.__init__; runs recorded before asked such a step once,
 # without tools, and their replays do the same.
 TOOL_LOOP_PATCH = "llm-tool-loop"
+# Search attributes are upserted when the run's state (running, waiting,
+# ended) or its set of waiting steps changes, and before it continues as new;
+# cost, tokens and providers ride along, and change alone only once the last
+# upsert is SEARCH_REFRESH old (workflows/search.py). Runs recorded before
+# upserted at every change of any attribute, one history event per step.
+# Decided in MixerWorkflow.__init__.
+SEARCH_ON_STATE_PATCH = "search-attributes-on-state-changes"
