@@ -113,7 +113,7 @@ class MixerWorkflow:
         search = workflow.patched(SEARCH_ATTRIBUTES_PATCH)
         # Memo entries for re-runs and audits (workflows/reuse.py).
         self._reuse_markers = workflow.patched(REUSE_MARKERS_PATCH)
-        # ... upserted on changes of state, not after every step (patches.py).
+        # ... written when the run's state changes, not after every step (patches.py).
         self._search = RunSearch(search, workflow.patched(SEARCH_ON_STATE_PATCH))
         # A scheduled run's time, read from its start event (workflows/search.py).
         spec = with_scheduled_time(spec, workflow.info().typed_search_attributes)
