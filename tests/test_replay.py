@@ -221,6 +221,43 @@ def _woken(name: str) -> None:
     assert _types(name)[-1] == "WORKFLOW_EXECUTION_COMPLETED"
 
 
+def _upserted(name: str) -> list[dict[str, Any]]:
+    """What each of llmmixer's own upserts set (not the SDK's ``TemporalChangeVersion``)."""
+    found = []
+    for event in _events(name):
+        attributes = event.get("upsertWorkflowSearchAttributesEventAttributes")
+        if attributes is None:
+            continue
+        fields = attributes["searchAttributes"]["indexedFields"]
+        if any(key.startswith("Llmmixer") for key in fields):
+            found.append(
+                {
+                    key: json.loads(base64.b64decode(value["data"])) if "data" in value else None
+                    for key, value in fields.items()
+                }
+            )
+    return found
+
+
+def _search_upserts(name: str) -> None:
+    upserts = _upserted(name)
+    # Written at the start; the first step's tokens wait until a step ends a
+    # minute later (the refresh); c1's are written before continuing as new.
+    assert [set(u) for u in upserts] == [
+        {"LlmmixerSpec", "LlmmixerState", "LlmmixerCostUsd", "LlmmixerTokens"},
+        {"LlmmixerProviders", "LlmmixerTokens"},
+        {"LlmmixerTokens"},
+    ]
+    assert _types(name)[-1] == "WORKFLOW_EXECUTION_CONTINUED_AS_NEW"
+
+
+def _search_upserts_continued(name: str) -> None:
+    # It started with its parent's values: only changes of state are written.
+    states = [u.get("LlmmixerState") for u in _upserted(name)]
+    assert states == ["waiting", "running", "completed"]
+    assert _types(name)[-1] == "WORKFLOW_EXECUTION_COMPLETED"
+
+
 HOLDS: dict[str, Callable[[str], None]] = {
     "0.1.0-approval-timers": _approval_timers,
     "0.1.0-pause-timer": _pause_timer,
@@ -232,6 +269,8 @@ HOLDS: dict[str, Callable[[str], None]] = {
     "0.1.0-plan-reasked": _plan_reasked,
     "0.1.0-wait-handover": _wait_handover,
     "0.1.0-wait-handover-run2": _woken,
+    "0.1.0-search-upserts": _search_upserts,
+    "0.1.0-search-upserts-run2": _search_upserts_continued,
 }
 
 

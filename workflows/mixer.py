@@ -34,9 +34,10 @@ from llmmixer.workflows.calls import CHECK_OPTIONS, budget_limits
 from llmmixer.workflows.dag import RunState
 from llmmixer.workflows.patches import (
     CHECKS_RECORDED_PATCH,
+    RELEASE_2026_11_PATCH,
     REUSE_MARKERS_PATCH,
+    SEARCH_ON_STATE_PATCH,
     TOOL_LOOP_PATCH,
-    WAIT_HANDOVER_PATCH,
 )
 from llmmixer.workflows.search import SEARCH_ATTRIBUTES_PATCH, RunSearch, with_scheduled_time
 from llmmixer.workflows.steps.base import EventPublisher, StepContext
@@ -106,16 +107,21 @@ class MixerWorkflow:
         self._invalid: str | None = None
         # Here, not in run(): a history without the marker must rebuild this
         # object exactly as the version that recorded it did, before any
-        # handler of the first workflow task reads it.
-        self._checks_recorded = workflow.patched(CHECKS_RECORDED_PATCH)
+        # handler of the first workflow task reads it. A run recorded with
+        # the release's patch has every earlier one on and asks none of them
+        # (patches.py): each would cost it two history events.
+        current = workflow.patched(RELEASE_2026_11_PATCH)
+        self._checks_recorded = current or workflow.patched(CHECKS_RECORDED_PATCH)
         # Decided here for the same reason (patches.py): llm steps with tools loop.
-        self._tool_loop = workflow.patched(TOOL_LOOP_PATCH)
+        self._tool_loop = current or workflow.patched(TOOL_LOOP_PATCH)
         # Search attributes (LlmmixerState, ...) for runs started from here on.
-        self._search = RunSearch(workflow.patched(SEARCH_ATTRIBUTES_PATCH))
+        search = current or workflow.patched(SEARCH_ATTRIBUTES_PATCH)
         # Memo entries for re-runs and audits (workflows/reuse.py).
-        self._reuse_markers = workflow.patched(REUSE_MARKERS_PATCH)
+        self._reuse_markers = current or workflow.patched(REUSE_MARKERS_PATCH)
+        # ... written when the run's state changes, not after every step (patches.py).
+        self._search = RunSearch(search, current or workflow.patched(SEARCH_ON_STATE_PATCH))
         # Runs that wait for people on a long history continue as new first.
-        self._hand_over_waits = workflow.patched(WAIT_HANDOVER_PATCH)
+        self._hand_over_waits = current
         # A scheduled run's time, read from its start event (workflows/search.py).
         spec = with_scheduled_time(spec, workflow.info().typed_search_attributes)
         try:
@@ -390,9 +396,16 @@ class MixerWorkflow:
         )
         workflow.logger.info("%s: continuing as new (run %d)", why, carried.continuations)
         self._stream.truncate(self._events_to_keep_from())
-        await self._stream.continue_as_new(
-            lambda stream_state: [self._spec_body, stream_state, carried]
-        )
+        await self._stream.continue_as_new(lambda stream_state: self._carry(stream_state, carried))
+
+    def _carry(self, stream_state: WorkflowStreamState, carried: Carried) -> list[Any]:
+        """The next run's input, built right before it starts.
+
+        Its search attributes are this run's: they are brought up to date
+        here, in the workflow task that continues, after every handler ended.
+        """
+        self._search.before_continue_as_new(self._state, self._fork_of)
+        return [self._spec_body, stream_state, carried]
 
     def _events_to_keep_from(self) -> int:
         """The oldest offset the next run keeps: the newest events within a byte budget.

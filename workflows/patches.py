@@ -40,8 +40,21 @@ REUSE_MARKERS_PATCH = "reuse-markers-in-memo"
 # MixerWorkflow.__init__; runs recorded before asked such a step once,
 # without tools, and their replays do the same.
 TOOL_LOOP_PATCH = "llm-tool-loop"
-# A run that only waits for people, with a history long enough that waking it
-# would replay much of it, continues as new first (carrying its state, as a
-# long history does), so the wake-up replays a few events and the worker
-# holds nothing for it. Decided in MixerWorkflow.__init__.
-WAIT_HANDOVER_PATCH = "hand-over-before-waiting"
+# Search attributes are upserted when the run's state (running, waiting,
+# ended) or its set of waiting steps changes, and before it continues as new;
+# cost, tokens and providers ride along, and change alone only once the last
+# upsert is SEARCH_REFRESH old (workflows/search.py). Runs recorded before
+# upserted at every change of any attribute, one history event per step.
+# Decided in MixerWorkflow.__init__.
+SEARCH_ON_STATE_PATCH = "search-attributes-on-state-changes"
+# Every change above, and the ones of this release, in one marker: a run
+# recorded with it has all of them on and asks for no other patch. Each
+# `workflow.patched()` a new run calls costs it two history events (the
+# marker and the SDK's TemporalChangeVersion search attribute), so a run
+# asked five of them at its start. Histories recorded before it ask the
+# older patches one by one, in their order, exactly as they did. From it on:
+# a run that only waits for people, on a history long enough that waking it
+# would replay much of it, continues as new first (carry.py,
+# WAITING_HANDOVER_EVENTS). The next change gets its own patch, decided in
+# MixerWorkflow.__init__ after this one, until the next release folds it in.
+RELEASE_2026_11_PATCH = "release-2026-11"

@@ -7,6 +7,13 @@ workflow's side of them: it asks once which attributes the namespace has (a
 local activity, so history holds the answer) and upserts them when the run's
 state changes, never on streamed text.
 
+Each upsert is a history event and a visibility write, so a run upserts when
+what ops teams filter on changes: its state (running, waiting, ended) or its
+waiting steps, and before it continues as new. Cost, tokens and providers ride
+along with those; their own changes (after every step) are written only once
+the last upsert is ``SEARCH_REFRESH`` old (``upsert_due``). Runs recorded
+before ``SEARCH_ON_STATE_PATCH`` upserted at every change of any attribute.
+
 Runs set ``LlmmixerSpec``, ``LlmmixerState``, ``LlmmixerWaitingSteps``,
 ``LlmmixerProviders``, ``LlmmixerCostUsd``, ``LlmmixerTokens`` and
 ``LlmmixerForkOf`` (``core/search.py``), so ops teams can ask the Temporal
@@ -42,6 +49,14 @@ from llmmixer.workflows.records import RunStatus, StepStatus
 # workflow.patched() id, decided in MixerWorkflow.__init__: runs recorded
 # before it neither ask for the attributes nor upsert them.
 SEARCH_ATTRIBUTES_PATCH = "search-attributes"
+
+# How stale a running run's cost, tokens and providers may get while steps
+# keep finishing: a run of many short steps then writes about one upsert a
+# minute instead of one per step, and a long, expensive run still turns up
+# in `LlmmixerCostUsd > 5` within a minute of a step that crossed it.
+# Replay depends on it (it decides which upserts a run issues): changing it
+# needs a new workflow.patched() id.
+SEARCH_REFRESH = timedelta(seconds=60)
 
 SPEC = SearchAttributeKey.for_keyword(names.SPEC)
 STATE = SearchAttributeKey.for_keyword(names.STATE)
@@ -106,6 +121,56 @@ def run_attributes(state: RunState, fork_of: str = "") -> RunAttributes:
     )
 
 
+def upsert_due(
+    last: RunAttributes | None,
+    last_at: datetime | None,
+    now: RunAttributes,
+    at: datetime,
+    *,
+    flush: bool = False,
+) -> bool:
+    """Whether a run whose search attributes say ``last`` (written at ``last_at``) upserts ``now``.
+
+    Yes at the first upsert, when the state, the waiting steps, the spec or
+    the fork changed, and (``flush``) before the run continues as new. Cost,
+    tokens and providers alone: only once ``last_at`` is ``SEARCH_REFRESH`` old.
+    """
+    if last is None:
+        return True
+    if now == last:
+        return False
+    if flush or (now.state, now.waiting, now.spec, now.fork_of) != (
+        last.state,
+        last.waiting,
+        last.spec,
+        last.fork_of,
+    ):
+        return True
+    return last_at is None or at - last_at >= SEARCH_REFRESH
+
+
+def attributes_at_start(
+    attributes: TypedSearchAttributes, registered: frozenset[str]
+) -> RunAttributes | None:
+    """What the run carries from its start event (a continuation inherits its parent's).
+
+    None unless it carries every registered one a first upsert sets: then
+    the run writes them all itself, as it always did.
+    """
+    values = {key.name: value for key, value in attributes}
+    if not {names.SPEC, names.STATE, names.COST_USD, names.TOKENS} & registered <= values.keys():
+        return None
+    return RunAttributes(
+        spec=str(values.get(names.SPEC, "")),
+        state=str(values.get(names.STATE, "")),
+        waiting=tuple(values.get(names.WAITING_STEPS, ())),
+        providers=tuple(values.get(names.PROVIDERS, ())),
+        cost_usd=float(values.get(names.COST_USD, 0.0)),
+        tokens=int(values.get(names.TOKENS, 0)),
+        fork_of=str(values.get(names.FORK_OF, "")),
+    )
+
+
 def attribute_updates(
     before: RunAttributes | None, after: RunAttributes, registered: frozenset[str]
 ) -> list[SearchAttributeUpdate[Any]]:
@@ -138,10 +203,14 @@ def attribute_updates(
 class RunSearch:
     """The workflow's search attributes: asked for once, upserted on changes of state."""
 
-    def __init__(self, enabled: bool) -> None:
+    def __init__(self, enabled: bool, on_state_changes: bool = False) -> None:
         self.enabled = enabled
+        # SEARCH_ON_STATE_PATCH: upsert by upsert_due, not at every change.
+        self.on_state_changes = on_state_changes
         self.registered: frozenset[str] = frozenset()
+        # What the run's search attributes say: the last values upserted.
         self.last: RunAttributes | None = None
+        self.last_at: datetime | None = None
 
     async def check(self) -> None:
         """Which of llmmixer's attributes the namespace has; none: the run goes on without."""
@@ -161,12 +230,35 @@ class RunSearch:
             )
             return
         self.registered = frozenset(found) & frozenset(names.SEARCH_ATTRIBUTES)
+        if self.on_state_changes:
+            # A continuation starts with what its parent upserted last: only
+            # what changed since is written again.
+            self.last = attributes_at_start(
+                workflow.info().typed_search_attributes, self.registered
+            )
+            self.last_at = workflow.now() if self.last is not None else None
 
     def update(self, state: RunState, fork_of: str = "") -> None:
-        """Upsert what changed since the last call; a no-op when nothing did."""
+        """Upsert what changed since the last upsert, if it is due; a no-op when nothing did."""
+        self._upsert(state, fork_of, flush=False)
+
+    def before_continue_as_new(self, state: RunState, fork_of: str = "") -> None:
+        """Write what changed, so the next run starts with current values.
+
+        Runs recorded before SEARCH_ON_STATE_PATCH issued no upsert here.
+        """
+        if self.on_state_changes:
+            self._upsert(state, fork_of, flush=True)
+
+    def _upsert(self, state: RunState, fork_of: str, *, flush: bool) -> None:
         if not self.registered:
             return
         after = run_attributes(state, fork_of)
+        if self.on_state_changes:
+            at = workflow.now()
+            if not upsert_due(self.last, self.last_at, after, at, flush=flush):
+                return
+            self.last_at = at
         updates = attribute_updates(self.last, after, self.registered)
         self.last = after
         if updates:

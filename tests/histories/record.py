@@ -37,6 +37,7 @@ from temporalio.testing import WorkflowEnvironment
 
 from llmmixer import __version__
 from llmmixer.client.mixer import MixerClient, MixerHandle
+from llmmixer.client.setup import register_search_attributes
 from llmmixer.runtime.plugin import MixerPlugin
 from llmmixer.runtime.storage import build_data_converter
 from llmmixer.workers.worker import WorkerSettings, mixer_worker
@@ -559,6 +560,54 @@ async def wait_handover(mixer: MixerClient) -> MixerHandle:
     return handle
 
 
+# Longer than workflows.search.SEARCH_REFRESH, so the run's cost and tokens
+# are refreshed while it runs.
+NAP_S = 61
+
+
+async def search_upserts(mixer: MixerClient) -> MixerHandle:
+    """Search attributes on a namespace that has them (the others were recorded without).
+
+    Written at the start, refreshed once a step ends a minute later, written
+    when the approval waits, brought up to date before continuing as new, and
+    at the end.
+    """
+    await register_search_attributes(mixer.temporal, mixer.temporal.namespace)
+    spec = {
+        "name": "search-upserts",
+        "dry_run": True,
+        # Reached when c1 ends: the run hands over before it starts the gate.
+        "continue_as_new_after_events": 32,
+        "defaults": {"provider": "openai", "model": "gpt-4.1-mini", "retry": {"max_attempts": 1}},
+        "steps": [
+            {"id": "c0", "prompt": "first"},
+            {
+                "id": "nap",
+                "kind": "pty",
+                "needs": ["c0"],
+                "command": [PY, "-c", f"import time; time.sleep({NAP_S})"],
+            },
+            {"id": "c1", "needs": ["nap"], "prompt": "a minute later"},
+            {"id": "gate", "kind": "approval", "needs": ["c1"]},
+            {"id": "c2", "needs": ["gate"], "prompt": "{{steps.gate.output}}"},
+        ],
+    }
+    handle = await mixer.start(spec)
+    await asyncio.sleep(NAP_S)
+    await until(handle, "gate", "waiting")
+    for _ in range(300):
+        history = await handle.temporal.fetch_history()
+        if history.events[0].workflow_execution_started_event_attributes.continued_execution_run_id:
+            break  # the current run is a continuation
+        await asyncio.sleep(0.1)
+    else:
+        raise TimeoutError("the run never continued as new")
+    await until(handle, "gate", "waiting")
+    await handle.approve("gate", comment="carried over")
+    await handle.result()
+    return handle
+
+
 SCENARIOS: dict[str, Callable[[MixerClient], Awaitable[MixerHandle]]] = {
     "fan": fan,
     "interventions": interventions,
@@ -576,6 +625,7 @@ SCENARIOS: dict[str, Callable[[MixerClient], Awaitable[MixerHandle]]] = {
     "tool-loop": tool_loop,
     "plan-reasked": plan_reasked,
     "wait-handover": wait_handover,
+    "search-upserts": search_upserts,
 }
 
 # Stands in for Claude Code on the recording worker's PATH: the agent scenario
