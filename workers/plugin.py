@@ -31,37 +31,49 @@ __all__ = [
 WORKER_PLUGIN_NAME = "llmmixer.workers"
 
 # What the workflow sandbox takes from the worker instead of loading afresh for
-# each run: third-party libraries and the pure model modules, i.e. the pydantic
-# types that cross the data converter (run input, signal/update/query types,
-# activity inputs and results). These must be passed through: a model class
-# defined inside the sandbox is rebuilt for every run (slow), and is a
-# different class from the worker's, so an instance made on one side fails
-# validation against the other. They read no clock, environment or file.
+# each run: all of llmmixer that the workflow imports, i.e. the whole of
+# ``llmmixer.core`` and ``llmmixer.workflows`` (a name here covers its
+# submodules: the SDK passes through a module when it or any parent package
+# is listed), and the third-party libraries they use beyond the SDK's
+# defaults.
 #
-# Everything else of llmmixer, the workflow module and its logic (mixer, dag,
-# calls, patches, the step handlers in workflows/steps, and core's rules:
-# plans, templates, validation, secrets), loads inside the sandbox, where a
-# datetime.now(), open() or os.environ in it fails the workflow task instead
-# of silently breaking replay (at import, only a clock read is refused: the
-# SDK restricts os only while a run executes).
+# Why all of it: a module loaded inside the sandbox is loaded again for every
+# run and every replay after an eviction. For llmmixer's 30-odd workflow
+# modules that was most of its overhead over raw Temporal: about 45 ms of CPU
+# and 830 KB per cached run (with bytecode caches; bench/README.md). Passed
+# through, they load once per worker and a run's sandbox costs less than raw
+# Temporal's (which reloads its one workflow module per run). The pydantic
+# models that cross the data converter must pass through in any case: a class
+# defined inside the sandbox is a different class from the worker's, so an
+# instance made on one side fails validation on the other.
 #
-# The price: each run (and each replay after an eviction) loads those modules
-# afresh, about 30 ms of CPU with bytecode caches and 0.5 MB per cached run.
-# A test that patches workflow logic must add its module here (monkeypatch):
-# the sandbox would otherwise load the unpatched source.
+# ``llmmixer.workflows.mixer``, the module of ``MixerWorkflow``, passes
+# through too. Kept inside, it alone cost about 9 ms and 90 KB per run, twice
+# raw Temporal's build (its 13 handlers' ``@workflow.defn`` processing), for a
+# guard on its own lines only, not on the logic it calls; and it holds no
+# module state a run could leak (tests/test_determinism.py checks that).
+#
+# The trade-off: the sandbox's module restrictions (a ``datetime.now()``,
+# ``os.environ``, ``random`` refused while a run executes) do not apply to
+# passed-through code, since it uses the worker's own modules; only the
+# restricted builtins (``open``, ``input``) still fail the workflow task, and
+# module-level state would be shared between runs. Determinism of this code is
+# instead checked statically, on every module the workflow loads, by
+# tests/test_determinism.py: no I/O or clock modules, no clock, file,
+# environment or print calls, no ``global``, no writes to module-level
+# names. A new module under core/ or workflows/ is covered by both at once.
+#
+# A test that patches workflow logic can now monkeypatch the worker's module:
+# every run uses it.
 SANDBOX_PASSTHROUGH_MODULES: tuple[str, ...] = (
     # Third-party libraries beyond the SDK's defaults (pydantic, temporalio,
-    # the standard library): the safe YAML loader's base classes.
+    # the standard library): the safe YAML loader's base classes, and the
+    # JSON Schema check of a tool's parameters (pure; core/validation.py).
     "yaml",
-    # Pure model modules.
-    "llmmixer.core.contracts",  # activity inputs/results, events
-    "llmmixer.core.providers",  # the provider registry (contracts reads it)
-    "llmmixer.core.provider_options",  # provider_options schemas
-    "llmmixer.core.spec",  # the run's input
-    "llmmixer.core.tools",  # tool models of the spec and of tool activities
-    "llmmixer.core.documents",  # the safe document loader (yaml subclasses)
-    "llmmixer.workflows.records",  # signal, update and query types, the run's snapshot
-    "llmmixer.workflows.carry",  # the continue-as-new input
+    "jsonschema",
+    # The workflow's models and logic, loaded once per worker.
+    "llmmixer.core",
+    "llmmixer.workflows",
 )
 
 

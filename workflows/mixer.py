@@ -43,9 +43,12 @@ from llmmixer.workflows.search import SEARCH_ATTRIBUTES_PATCH, RunSearch, with_s
 from llmmixer.workflows.steps.base import EventPublisher, StepContext
 from llmmixer.workflows.steps.runner import run_step
 
-# Types that cross the data converter: one class for the worker and every run
-# (see sandbox_runner in workers/plugin.py). The run's logic above loads
-# inside the sandbox, so the sandbox's restrictions apply to it.
+# Types that cross the data converter: one class for the worker and every run.
+# All of llmmixer.core and llmmixer.workflows, this module and the logic above
+# included, now passes through the sandbox (SANDBOX_PASSTHROUGH_MODULES in
+# workers/plugin.py), so this block only says which imports must pass through
+# under any sandbox. Passed-through code is not restricted by the sandbox at
+# runtime: tests/test_determinism.py checks it statically instead.
 with workflow.unsafe.imports_passed_through():
     from temporalio.contrib.workflow_streams import WorkflowStream, WorkflowStreamState
 
