@@ -1,21 +1,20 @@
-"""What Temporal's workflow sandbox still does for llmmixer, and what it no longer does.
+"""llmmixer and Temporal's workflow sandbox.
 
-All of ``llmmixer.core`` and ``llmmixer.workflows`` passes through the sandbox
-(``SANDBOX_PASSTHROUGH_MODULES`` in ``workers/plugin.py``): a run's sandbox
-takes the worker's modules instead of loading the workflow and its logic
-again, which was most of llmmixer's cost per run. So the sandbox no longer
-refuses a clock read or ``os.environ`` in that code while a run executes: the
-static check in ``tests/test_determinism.py`` refuses them before the code
-runs. What the sandbox still refuses at runtime, for passed-through code too,
-are its restricted builtins: an ``open()`` anywhere in a run fails its
-workflow task. These tests run real workers with ``max_cached_workflows=0``,
-so every workflow task builds a fresh sandbox and replays the run.
+``MixerWorkflow`` runs outside the sandbox (``sandboxed=False``), and all of
+``llmmixer.core`` and ``llmmixer.workflows`` passes through it
+(``SANDBOX_PASSTHROUGH_MODULES`` in ``workers/plugin.py``) for any sandboxed
+use, such as a replayer's: a sandbox takes the worker's modules instead of
+loading the workflow and its logic again for every run, which was most of
+llmmixer's cost per run. Nothing refuses a clock read, ``os.environ`` or
+``open()`` in that code while a run executes: the static check in
+``tests/test_determinism.py`` refuses them before the code runs. The run
+below uses a real worker with ``max_cached_workflows=0``, so every workflow
+task replays the run.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import sys
 import uuid
@@ -30,7 +29,6 @@ from temporalio.api.enums.v1 import EventType
 from temporalio.api.failure.v1.message_pb2 import Failure
 from temporalio.client import Client, WorkflowHandle
 from temporalio.converter import DataConverter
-from temporalio.service import RPCError
 from temporalio.worker._workflow_instance import WorkflowInstanceDetails
 from temporalio.worker.workflow_sandbox._runner import _fake_info
 
@@ -38,7 +36,6 @@ from llmmixer.client.mixer import MixerClient
 from llmmixer.core.spec import Spec
 from llmmixer.workers.plugin import SANDBOX_PASSTHROUGH_MODULES, sandbox_runner
 from llmmixer.workers.worker import MixerWorker, WorkerSettings, mixer_worker
-from llmmixer.workflows import mixer as mixer_module
 from llmmixer.workflows.mixer import MixerWorkflow
 from llmmixer.workflows.records import RunStatus
 
@@ -144,27 +141,3 @@ async def test_a_run_completes_with_every_task_in_a_fresh_sandbox(
         result = await asyncio.wait_for((await mixer.start(SPEC)).result(), timeout=60)
     assert result.status == RunStatus.COMPLETED
     assert (result.steps["b"].prompt or "").startswith("then [dry-run]")
-
-
-async def test_opening_a_file_in_passed_through_workflow_logic_fails_the_workflow_task(
-    client: Client, task_queue: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # The sandbox's restricted builtins hold for the worker's own modules too:
-    # a file read in the spec's parsing (which every run does when it starts
-    # and on every replay) never runs.
-    real = mixer_module.parse_spec_shape
-
-    def reads_a_file(raw: dict[str, Any]) -> Spec:
-        with open("/etc/hostname") as planted:
-            planted.read()
-        return real(raw)
-
-    monkeypatch.setattr(mixer_module, "parse_spec_shape", reads_a_file)
-    async with running(client, task_queue) as mixer:
-        handle = (await mixer.start(SPEC)).temporal
-        try:
-            message = await first_task_failure(handle)
-        finally:
-            with contextlib.suppress(RPCError):  # already over when the call was not refused
-                await handle.terminate("test over")
-    assert "Cannot access __builtins__.open" in message, message

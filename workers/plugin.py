@@ -63,7 +63,13 @@ WORKER_PLUGIN_NAME = "llmmixer.workers"
 # environment or print calls, no ``global``, no writes to module-level
 # names. A new module under core/ or workflows/ is covered by both at once.
 #
-# A test that patches workflow logic can now monkeypatch the worker's module:
+# ``MixerWorkflow`` itself now runs outside the sandbox (``sandboxed=False``
+# in workflows/mixer.py): with everything passed through, what was left of the
+# sandbox was its cost on every workflow task (entering it once per payload
+# converted), not a guard. The list stays right for any sandboxed workflow a
+# worker or a replayer also runs.
+#
+# A test that patches workflow logic can monkeypatch the worker's module:
 # every run uses it.
 SANDBOX_PASSTHROUGH_MODULES: tuple[str, ...] = (
     # Third-party libraries beyond the SDK's defaults (pydantic, temporalio,
