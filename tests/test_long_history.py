@@ -102,15 +102,15 @@ def _chain_then_gate(steps: int) -> dict[str, Any]:
 async def test_a_run_waiting_for_a_person_on_a_long_history_wakes_from_a_short_one(
     mixer: MixerClient,
 ) -> None:
-    # 14 finished steps are over 100 history events: waking the run would
+    # 20 finished steps are over 100 history events: waking the run would
     # replay them all, so it continues as new before it waits.
-    handle = await mixer.start(_chain_then_gate(14))
+    handle = await mixer.start(_chain_then_gate(20))
     await until(handle, lambda p: p.steps["gate"].status == StepStatus.WAITING)
     assert await runs_of(mixer, handle.id) == 2, "the waiting run did not continue as new"
     waiting = await handle.temporal.fetch_history()
     assert len(waiting.events) < 30, f"the waiting run's history has {len(waiting.events)} events"
     progress = await handle.progress()
-    assert all(progress.steps[f"c{i}"].status == StepStatus.COMPLETED for i in range(14))
+    assert all(progress.steps[f"c{i}"].status == StepStatus.COMPLETED for i in range(20))
     await handle.approve("gate", comment="go")
     result = await handle.result()
     assert result.steps["end"].prompt == "after go"

@@ -205,8 +205,8 @@ def _plan_reasked(name: str) -> None:
 
 def _wait_handover(name: str) -> None:
     types = _types(name)
-    # Fourteen steps ran, then the run handed over with only the approval left.
-    assert _scheduled(name).count("llmmixer.call_llm") == 14
+    # Twenty steps ran, then the run handed over with only the approval left.
+    assert _scheduled(name).count("llmmixer.call_llm") == 20
     assert types[-1] == "WORKFLOW_EXECUTION_CONTINUED_AS_NEW"
     handed = _events(name)[-1]["workflowExecutionContinuedAsNewEventAttributes"]
     carried = json.loads(base64.b64decode(handed["input"]["payloads"][2]["data"]))

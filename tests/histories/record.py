@@ -530,11 +530,11 @@ async def tool_loop(mixer: MixerClient) -> MixerHandle:
 
 
 async def wait_handover(mixer: MixerClient) -> MixerHandle:
-    """Fourteen chained steps, then an approval: the run continues as new before it
+    """Twenty chained steps, then an approval: the run continues as new before it
     waits (its history is long), and the approval is given in the continuation."""
     chain = [
         {"id": f"c{i}", "needs": [f"c{i - 1}"] if i else [], "prompt": f"step {i}"}
-        for i in range(14)
+        for i in range(20)
     ]
     spec = {
         "name": "wait-handover",
@@ -542,7 +542,7 @@ async def wait_handover(mixer: MixerClient) -> MixerHandle:
         "defaults": {"provider": "openai", "model": "gpt-4.1-mini", "retry": {"max_attempts": 1}},
         "steps": [
             *chain,
-            {"id": "gate", "kind": "approval", "needs": ["c13"]},
+            {"id": "gate", "kind": "approval", "needs": ["c19"]},
             {"id": "end", "needs": ["gate"], "prompt": "{{steps.gate.output}}"},
         ],
     }
