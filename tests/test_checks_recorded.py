@@ -57,13 +57,6 @@ def set_rules(monkeypatch: pytest.MonkeyPatch, rules: Any) -> None:
     """Every place the spec and plan rules are read from, as a release would change them."""
     for module in (validation, decompose, checks):
         monkeypatch.setattr(module, "find_issues", rules)
-    # The workflow sandbox loads its own copy of these modules from source; it
-    # must see the patched rules as a new release's workflow would.
-    monkeypatch.setattr(
-        plugin,
-        "SANDBOX_PASSTHROUGH_MODULES",
-        (*plugin.SANDBOX_PASSTHROUGH_MODULES, validation.__name__, decompose.__name__),
-    )
 
 
 async def replay(history: WorkflowHistory) -> None:

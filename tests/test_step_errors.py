@@ -18,7 +18,6 @@ from temporalio.worker.workflow_sandbox import RestrictedWorkflowAccessError
 from temporalio.workflow import NondeterminismError
 
 from llmmixer.client.mixer import MixerClient, RunFailed
-from llmmixer.workers import plugin
 from llmmixer.workflows.records import RunStatus, StepStatus
 from llmmixer.workflows.steps import base as steps_base
 from llmmixer.workflows.steps.runner import belongs_to_temporal
@@ -39,15 +38,9 @@ def broken_renderer(monkeypatch: pytest.MonkeyPatch) -> None:
             raise TypeError("unsupported operand")
         return real(text, *args)
 
+    # Every step renders through it; the worker runs this very module (the
+    # workflow runs outside the sandbox), so the runs use the broken renderer.
     monkeypatch.setattr(steps_base, "render", render)
-    # The workflow sandbox loads its own copy of the workflow from source; pass
-    # the patched module (every step renders through it) through so the runs
-    # use the broken renderer.
-    monkeypatch.setattr(
-        plugin,
-        "SANDBOX_PASSTHROUGH_MODULES",
-        (*plugin.SANDBOX_PASSTHROUGH_MODULES, steps_base.__name__),
-    )
 
 
 def spec(boom: dict[str, Any], **extra: Any) -> dict[str, Any]:
