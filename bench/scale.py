@@ -416,7 +416,8 @@ async def _count_waiting(client: Client, queue: str) -> int:
     # Visibility, not the progress query: a query on a run that left the
     # worker's cache would replay it into the cache again.
     found = await client.count_workflows(
-        f'{search_names.STATE} = "waiting" AND TaskQueue = "{queue}"'
+        f'{search_names.STATE} = "waiting" AND ExecutionStatus = "Running" '
+        f'AND TaskQueue = "{queue}"'
     )
     return found.count
 

@@ -182,6 +182,9 @@ async def register_on_cloud(cloud: CloudOperationsClient, namespace: str) -> Set
     return result
 
 
+OPEN = 'ExecutionStatus="Running"'
+
+
 def _quoted(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
@@ -195,6 +198,10 @@ def list_query(state: str | None = None, spec: str | None = None) -> str:
         clauses.append(f"{STATE}={_quoted(state)}")
     if spec is not None:
         clauses.append(f"{SPEC}={_quoted(spec)}")
+    if state in (RunStatus.RUNNING, RunStatus.WAITING):
+        # A run that continued as new keeps the attributes it had when it
+        # handed over (often `waiting`): only the open execution is the run.
+        clauses.append(OPEN)
     return " AND ".join(clauses)
 
 
@@ -263,7 +270,7 @@ def _report(result: SetupResult, namespace: str, *, cloud: bool) -> int:
             + " and run setup again",
             file=sys.stderr,
         )
-    query = f'{STATE}="waiting"'
+    query = f'{STATE}="waiting" AND {OPEN}'
     print(f"namespace {namespace}: try `temporal workflow list --query '{query}'`")
     return 1 if result.conflicting else 0
 

@@ -6,7 +6,7 @@ setup`` registers them on a namespace, a worker checks that its namespace has
 them, and ``MixerWorkflow`` upserts them (``workflows/search.py``). Ops teams
 find runs with them in the Temporal CLI and Web UI::
 
-    temporal workflow list --query 'LlmmixerState="waiting"'
+    temporal workflow list --query 'LlmmixerState="waiting" AND ExecutionStatus="Running"'
 """
 
 from __future__ import annotations

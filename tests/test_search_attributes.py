@@ -220,7 +220,8 @@ def test_only_changes_are_upserted() -> None:
 def test_list_filters_by_state_and_spec_and_quotes_values() -> None:
     args = build_parser().parse_args(["list", "--state", "waiting", "--spec", "review"])
     assert list_query(args.state, args.spec) == (
-        'WorkflowType="MixerWorkflow" AND LlmmixerState="waiting" AND LlmmixerSpec="review"'
+        'WorkflowType="MixerWorkflow" AND LlmmixerState="waiting" AND LlmmixerSpec="review" '
+        'AND ExecutionStatus="Running"'
     )
     assert list_query(None, 'a" OR "1"="1') == (
         'WorkflowType="MixerWorkflow" AND LlmmixerSpec="a\\" OR \\"1\\"=\\"1"'

@@ -17,7 +17,7 @@ from temporalio.client import Client, WorkflowHandle
 from temporalio.converter import decode_typed_search_attributes
 
 from llmmixer.client.mixer import MixerClient, MixerHandle
-from llmmixer.client.setup import register_search_attributes
+from llmmixer.client.setup import list_query, register_search_attributes
 from llmmixer.workflows.records import RunProgress, StepStatus
 from llmmixer.workflows.search import SEARCH_REFRESH, RunAttributes, upsert_due
 
@@ -220,3 +220,23 @@ def test_what_ops_teams_filter_on_is_written_at_once() -> None:
         assert upsert_due(
             RUNNING, T0, RunAttributes("review", end, (), ("openai",), 0.5, 100), soon
         )
+
+
+async def test_a_run_that_handed_over_before_waiting_is_listed_once_as_waiting(
+    registered: Client, mixer: MixerClient
+) -> None:
+    # Twenty steps make a long history: the run continues as new before its
+    # approval waits, and the closed first execution keeps `waiting` in its
+    # attributes. `llmmixer list --state waiting` must show the run once.
+    name = f"handover-{uuid.uuid4().hex[:8]}"
+    spec = {**_chain(name, 20)}
+    spec["steps"] = [*spec["steps"], {"id": "gate", "kind": "approval", "needs": ["s19"]}]
+    handle = await mixer.start(spec)
+    query = list_query("waiting", name)
+    assert await _found(registered, query, handle.id), query
+    executions = [e async for e in registered.list_workflows(f'LlmmixerSpec="{name}"')]
+    assert len(executions) == 2, "the run did not continue as new before waiting"
+    listed = [e.run_id async for e in registered.list_workflows(query)]
+    assert listed == [(await handle.temporal.describe()).run_id]
+    await handle.approve("gate")
+    assert (await handle.result()).status.value == "completed"
