@@ -67,7 +67,6 @@ from systems import (  # noqa: E402
     raw_temporal_worker,
 )
 from temporalio.client import Client  # noqa: E402
-from temporalio.worker import UnsandboxedWorkflowRunner  # noqa: E402
 
 from llmmixer.runtime.address import free_port  # noqa: E402
 from llmmixer.runtime.connection import data_converter  # noqa: E402
@@ -115,7 +114,6 @@ WORKER_VARIANTS = (
     WorkerVariant("activity polls 20", options={"max_concurrent_activity_task_polls": 20}),
     WorkerVariant("eager activities off", options={"disable_eager_activity_execution": True}),
     WorkerVariant("max_cached_workflows 0", options={"max_cached_workflows": 0}),
-    WorkerVariant("unsandboxed", options={"workflow_runner": UnsandboxedWorkflowRunner()}),
 )
 
 

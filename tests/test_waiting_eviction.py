@@ -1,7 +1,8 @@
 """Runs that only wait for people leave the worker's workflow cache, and wake intact.
 
-A cached run holds its whole workflow sandbox (about 0.6 MB); a worker with
-thousands of runs waiting for approvals would hold gigabytes. The worker
+A cached run holds its workflow object, its state and the SDK's bookkeeping;
+a worker with many thousands of runs waiting for approvals would hold them
+all for nothing. The worker
 evicts a run once it has nothing running and only waits (an approval, a
 spent budget); a decision then replays its history and the run goes on.
 Each test first sees the run leave the cache of a real worker (the old
