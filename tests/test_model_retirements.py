@@ -124,8 +124,8 @@ def test_validate_warns_about_a_retired_model_naming_field_and_replacement(
     assert main(["validate", _write(tmp_path, spec)]) == 0
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [
-        "warning: step a: model: anthropic retired claude-3-7-sonnet-20250219 on 2026-02-19, so calls "
-        "to it fail: change it to claude-sonnet-5-5"
+        "warning: step a: model: anthropic retired claude-3-7-sonnet-20250219 on 2026-02-19, "
+        "so calls to it fail: change it to claude-sonnet-5-5"
     ]
 
 
