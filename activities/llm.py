@@ -46,7 +46,7 @@ from llmmixer.activities.providers.ratelimit import (
 )
 from llmmixer.activities.providers.settings import ProviderSettings
 from llmmixer.activities.providers.structured import enforce_response_format, stable_prefix
-from llmmixer.activities.telemetry import observe_llm_call
+from llmmixer.activities.telemetry import capture_content, observe_llm_call
 from llmmixer.core.contracts import (
     LLM_ACTIVITY,
     ChatMessage,
@@ -107,6 +107,9 @@ class LlmActivities:
             name: asyncio.Semaphore(limit) for name, limit in self._settings.max_concurrent.items()
         }
         self._cache_gate = _CacheGate()
+        # Read once per worker, like every other setting (the worker checks the
+        # environment when it starts).
+        self._capture_content = capture_content()
         self._rate_limiter = (
             RateLimiter(providers.rate_limits) if rate_limiter is None else rate_limiter
         )
@@ -173,6 +176,7 @@ class LlmActivities:
                     cost=lambda usage: self._prices.cost(call.provider, call.model, usage),
                     secrets=self._providers.secrets(),
                     attempt=attempt,
+                    with_content=self._capture_content,
                 )
             except ProviderError as error:
                 raise self._application_error(call, error, attempt) from None
