@@ -35,7 +35,7 @@ from llmmixer.activities.hedging import FirstTokenLatencies, FirstTokenWatch
 from llmmixer.activities.pricing import PriceTable
 from llmmixer.activities.providers.base import ProviderError, ProviderResult
 from llmmixer.activities.providers.breaker import BreakerBoard
-from llmmixer.activities.providers.options import check_provider_options
+from llmmixer.activities.providers.options import OptionsCheck
 from llmmixer.activities.providers.pool import ProviderPool
 from llmmixer.activities.providers.ratelimit import (
     DEFAULT_OUTPUT_RESERVE,
@@ -107,6 +107,7 @@ class LlmActivities:
             name: asyncio.Semaphore(limit) for name, limit in self._settings.max_concurrent.items()
         }
         self._cache_gate = _CacheGate()
+        self._options = OptionsCheck()
         # Read once per worker, like every other setting (the worker checks the
         # environment when it starts).
         self._capture_content = capture_content()
@@ -238,7 +239,7 @@ class LlmActivities:
         # The trust boundary for calls from any spec or plan, however started:
         # options that could move the request and step endpoints the operator
         # did not list fail here, before a client is built or a breaker counts.
-        check_provider_options(call.provider, call.provider_options, call.model)
+        self._options.check(call.provider, call.provider_options, call.model)
         config = self._providers.config_for(call.provider, call.base_url, call.timeout_s)
         progress = _Progress()
 
