@@ -286,18 +286,20 @@ class LlmActivities:
         def waiting(wait_s: float, source: str) -> None:
             progress.waiting_for = f"rate limit ({source}), {wait_s:.1f}s"
 
-        try:
-            reservation = await self._rate_limiter.acquire(
-                key,
-                input_tokens=estimate_input_tokens(call),
-                output_tokens=call.max_tokens or DEFAULT_OUTPUT_RESERVE,
-                max_wait_s=_rate_limit_wait_budget_s(),
-                on_wait=waiting,
-            )
-        except RateLimitWait as wait:
-            raise ProviderError(
-                ErrorType.RETRYABLE, str(wait), retry_after_s=math.ceil(wait.wait_s)
-            ) from None
+        reservation = self._rate_limiter.acquire_now(key)
+        if reservation is None:
+            try:
+                reservation = await self._rate_limiter.acquire(
+                    key,
+                    input_tokens=estimate_input_tokens(call),
+                    output_tokens=call.max_tokens or DEFAULT_OUTPUT_RESERVE,
+                    max_wait_s=_rate_limit_wait_budget_s(),
+                    on_wait=waiting,
+                )
+            except RateLimitWait as wait:
+                raise ProviderError(
+                    ErrorType.RETRYABLE, str(wait), retry_after_s=math.ceil(wait.wait_s)
+                ) from None
         progress.waiting_for = "first token"
         used: int | None = None
         try:
