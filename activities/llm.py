@@ -222,8 +222,13 @@ class LlmActivities:
             result = await self._call_provider(follow_up, forward)
             parts.append(result.text)
             usage = usage + result.usage
-        joined = dataclasses.replace(
-            result, text="".join(parts), usage=usage, continuations=continuations
+        # An adapter's result is the whole reply unless the model was asked to go on.
+        joined = (
+            dataclasses.replace(
+                result, text="".join(parts), usage=usage, continuations=continuations
+            )
+            if continuations
+            else result
         )
         if joined.truncated and policy != "accept":
             if policy == "fail" and call.max_tokens:
