@@ -154,6 +154,7 @@ class LlmActivities:
             if call.dry_run:
                 text, usage = dry_run_reply(call)
                 forward(text)
+                unsent_text, unsent_from = _unsent(text, forwarder.take_unsent())
                 return LlmReply(
                     text=text,
                     provider=call.provider,
@@ -165,7 +166,8 @@ class LlmActivities:
                     attempt=attempt,
                     dry_run=True,
                     finish_reason="stop",
-                    unsent_text=forwarder.take_unsent(),
+                    unsent_text=unsent_text,
+                    unsent_from=unsent_from,
                 )
             watch = FirstTokenWatch(call, self._latencies)
             watch.start()
@@ -183,7 +185,7 @@ class LlmActivities:
                 raise self._application_error(call, error, attempt) from None
             finally:
                 await watch.aclose()
-            unsent = forwarder.take_unsent()
+            unsent_text, unsent_from = _unsent(result.text, forwarder.take_unsent())
         usage = result.usage
         return LlmReply(
             text=result.text,
@@ -197,8 +199,9 @@ class LlmActivities:
             finish_reason=result.finish_reason,
             truncated=result.truncated,
             continuations=result.continuations,
-            unsent_text=unsent,
             tool_calls=result.tool_calls,
+            unsent_text=unsent_text,
+            unsent_from=unsent_from,
         )
 
     async def _complete(self, call: LlmCall, forward: Callable[[str], None]) -> ProviderResult:
@@ -345,6 +348,21 @@ class LlmActivities:
                 timedelta(seconds=error.retry_after_s) if error.retry_after_s else None
             ),
         )
+
+
+def _unsent(text: str, unsent: str) -> tuple[str, int | None]:
+    """How a reply carries the streamed text its watchers were not sent yet.
+
+    ``(unsent_text, unsent_from)`` of :class:`LlmReply`.
+
+    Mostly that text is the end of the reply's own text (all of it, for a call
+    shorter than one delta interval), which the reply then points into
+    instead of holding it a second time in history. Text that is not (a
+    JSON reply taken out of its code fence) is carried as it is.
+    """
+    if unsent and text.endswith(unsent):
+        return "", len(text) - len(unsent)
+    return unsent, None
 
 
 def _raised_after_truncation(call: LlmCall) -> LlmCall:
