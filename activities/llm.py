@@ -269,7 +269,7 @@ class LlmActivities:
             async with limit:
                 return await adapter.complete(call, on_text)
 
-        keep_alive = asyncio.create_task(_keep_alive_until_first_token(progress))
+        keep_alive = _KeepAlive.start(progress)
         warming = self._cache_gate.enter(_cache_prefix_key(call))
         try:
             await warming.wait_turn()
@@ -280,7 +280,6 @@ class LlmActivities:
         finally:
             warming.leave()
             keep_alive.cancel()
-            await asyncio.gather(keep_alive, return_exceptions=True)
 
     async def _limited(
         self,
@@ -504,8 +503,8 @@ class _Warming:
         self.warmed()
 
 
-async def _keep_alive_until_first_token(progress: _Progress) -> None:
-    """Heartbeat while a call has not streamed anything yet.
+class _KeepAlive:
+    """Heartbeats while a call has not streamed anything yet.
 
     Silence before the first token is normal: a reasoning model thinks for a
     minute, a client is built on first use, a call waits for a concurrency
@@ -514,18 +513,42 @@ async def _keep_alive_until_first_token(progress: _Progress) -> None:
     flows, only text heartbeats, so a stream that stalls mid-way is noticed by
     the heartbeat timeout; a stall before the first token ends at the call's
     ``timeout_s``, which the SDK enforces.
+
+    A timer, not a task: a call answered before the first beat (most are)
+    then costs one cancelled timer instead of a task and its cancellation.
     """
-    timeout = activity.info().heartbeat_timeout
-    if not timeout:
-        return
-    # A quarter of the timeout: a call answered sooner costs no heartbeat at
-    # all, and a beat delayed by a busy event loop still lands in time.
-    every_s = timeout.total_seconds() / 4
-    while True:
-        await asyncio.sleep(every_s)
-        if progress.chars:
+
+    def __init__(self, progress: _Progress, every_s: float | None) -> None:
+        self._progress = progress
+        self._every_s = every_s
+        self._timer: asyncio.TimerHandle | None = None
+
+    @classmethod
+    def start(cls, progress: _Progress) -> _KeepAlive:
+        timeout = activity.info().heartbeat_timeout
+        # A quarter of the timeout: a call answered sooner costs no heartbeat at
+        # all, and a beat delayed by a busy event loop still lands in time.
+        keep_alive = cls(progress, timeout.total_seconds() / 4 if timeout else None)
+        keep_alive._arm()
+        return keep_alive
+
+    def _arm(self) -> None:
+        if self._every_s is not None:
+            self._timer = asyncio.get_running_loop().call_later(self._every_s, self._beat)
+
+    def _beat(self) -> None:
+        self._timer = None
+        if self._progress.chars:
             return
-        activity.heartbeat({"chars": 0, "waiting_for": progress.waiting_for})
+        # The timer runs in the activity's context (a handle keeps the context
+        # it was made in), so this is the activity's own heartbeat.
+        activity.heartbeat({"chars": 0, "waiting_for": self._progress.waiting_for})
+        self._arm()
+
+    def cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
 
 class _Progress:
