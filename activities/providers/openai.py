@@ -217,7 +217,8 @@ class OpenAIAdapter:
             ]
             or omit,
             prompt_cache_key=self._cache_key(call),
-            extra_body=options.body() or None,
+            # No options (most calls): no body to dump.
+            extra_body=(options.body() or None) if call.provider_options else None,
         )
         parts: list[str] = []
         refusal: list[str] = []
@@ -344,7 +345,7 @@ class OpenAIAdapter:
             ]
             or omit,
             prompt_cache_key=self._cache_key(call),
-            extra_body=options.body() or None,
+            extra_body=(options.body() or None) if call.provider_options else None,
         )
         parts: list[str] = []
         refusal: list[str] = []
