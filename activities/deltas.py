@@ -8,8 +8,11 @@ the batch on the run's event topic through the workflow stream client, whose
 sequence numbers make a resent batch count once. The workflow's history grows
 with these batches, not with tokens or reads.
 
-The stream client is driven by our own pump through ``flush()``; its context
-manager is not entered. Its background flusher waits with
+The stream client is built when there is a first batch to send, so a step
+that ends within one interval (most model calls) costs no client at all, and
+the pump task is started only once an interval has passed. The stream client
+is driven by our own pump through ``flush()``; its context manager is not
+entered. Its background flusher waits with
 ``asyncio.wait_for``, and on Python 3.11 cancelling that flusher just as a
 flush is requested loses the cancellation, so the activity would hang on
 exit until Temporal's heartbeat timeout ended the attempt.
@@ -18,6 +21,7 @@ exit until Temporal's heartbeat timeout ended the attempt.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 from temporalio import activity
@@ -38,8 +42,8 @@ class DeltaForwarder:
 
     Use as ``async with DeltaForwarder.open(...) as forward:`` and call
     ``forward(text)`` for every piece; it never blocks and never raises.
-    Without a stream client (streaming off, or no workflow) it publishes
-    nothing.
+    ``streams`` builds the stream client when a first batch is due; without
+    it (streaming off, or no workflow) nothing is published.
 
     ``max_batch_chars``: most text one batch carries. A batch over it keeps
     its latest lines after a marker saying how much was left out (a chatty
@@ -56,7 +60,7 @@ class DeltaForwarder:
 
     def __init__(
         self,
-        client: WorkflowStreamClient | None,
+        streams: Callable[[], WorkflowStreamClient] | None,
         step_id: str,
         attempt: int,
         interval_s: float,
@@ -64,7 +68,8 @@ class DeltaForwarder:
         max_batch_chars: int | None = None,
         silent_if_quick: bool = False,
     ) -> None:
-        self._client = client
+        self._streams = streams
+        self._client: WorkflowStreamClient | None = None
         self._step_id = step_id
         self._attempt = attempt
         self._interval_s = interval_s
@@ -74,6 +79,7 @@ class DeltaForwarder:
         self._pending_chars = 0
         self._left_out = 0
         self._ran_an_interval = False
+        self._timer: asyncio.TimerHandle | None = None
         self._task: asyncio.Task[None] | None = None
 
     @classmethod
@@ -88,11 +94,20 @@ class DeltaForwarder:
         silent_if_quick: bool = False,
     ) -> DeltaForwarder:
         """A forwarder for the current activity; inert unless ``enabled`` in a workflow."""
-        client = None
-        if enabled and activity.info().workflow_id:
-            client = WorkflowStreamClient.from_within_activity()
+        streams: Callable[[], WorkflowStreamClient] | None = None
+        workflow_id = activity.info().workflow_id if enabled else None
+        if workflow_id:
+            # The Temporal client is taken now: its absence fails the step at
+            # once, as building the stream client here used to.
+            temporal, parent = activity.client(), workflow_id
+
+            def build() -> WorkflowStreamClient:
+                return WorkflowStreamClient.create(temporal, parent)
+
+            streams = build
+
         return cls(
-            client,
+            streams,
             step_id,
             attempt,
             interval_s,
@@ -131,13 +146,24 @@ class DeltaForwarder:
         self._pending_chars = len(text)
 
     async def __aenter__(self) -> DeltaForwarder:
-        if self._client is not None:
-            self._task = asyncio.create_task(self._pump(), name=f"deltas-{self._step_id}")
+        if self._streams is not None:
+            # A timer, not a task sleeping out the first interval: most calls
+            # end before it and then cost one cancelled timer.
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_later(self._interval_s, self._start_pump)
         return self
 
+    def _start_pump(self) -> None:
+        self._timer = None
+        self._ran_an_interval = True
+        self._task = asyncio.create_task(self._pump(), name=f"deltas-{self._step_id}")
+
     async def __aexit__(self, *exc: object) -> None:
-        if self._client is None:
+        if self._streams is None:
             return
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
@@ -146,6 +172,8 @@ class DeltaForwarder:
         # A batch whose signal the cancelled pump left unconfirmed is resent
         # with its sequence number, so the workflow keeps it once.
         self._publish_pending()
+        if self._client is None:
+            return  # nothing was ever published
         try:
             async with asyncio.timeout(_LAST_FLUSH_S):
                 await self._client.flush()
@@ -153,19 +181,24 @@ class DeltaForwarder:
             activity.logger.warning("could not deliver a step's last streamed text to watchers")
 
     async def _pump(self) -> None:
-        assert self._client is not None
         while True:
-            await asyncio.sleep(self._interval_s)
-            self._ran_an_interval = True
             self._publish_pending()
-            try:
-                await self._client.flush()
-            except Exception:  # kept by the client and sent again on the next flush
-                activity.logger.warning("streamed text not yet delivered to watchers; will resend")
+            if self._client is not None:
+                try:
+                    await self._client.flush()
+                except Exception:  # kept by the client and sent again on the next flush
+                    activity.logger.warning(
+                        "streamed text not yet delivered to watchers; will resend"
+                    )
+            await asyncio.sleep(self._interval_s)
 
     def _publish_pending(self) -> None:
-        if self._client is None or not self._pending:
+        if self._streams is None or not self._pending:
             return
+        if self._client is None:
+            # One client for the whole attempt: its publisher id and sequence
+            # numbers are what make a resent batch count once.
+            self._client = self._streams()
         if self._max_batch_chars is not None:
             self._trim()
         text = "".join(self._pending)

@@ -35,7 +35,7 @@ from llmmixer.activities.hedging import FirstTokenLatencies, FirstTokenWatch
 from llmmixer.activities.pricing import PriceTable
 from llmmixer.activities.providers.base import ProviderError, ProviderResult
 from llmmixer.activities.providers.breaker import BreakerBoard
-from llmmixer.activities.providers.options import check_provider_options
+from llmmixer.activities.providers.options import OptionsCheck
 from llmmixer.activities.providers.pool import ProviderPool
 from llmmixer.activities.providers.ratelimit import (
     DEFAULT_OUTPUT_RESERVE,
@@ -46,7 +46,7 @@ from llmmixer.activities.providers.ratelimit import (
 )
 from llmmixer.activities.providers.settings import ProviderSettings
 from llmmixer.activities.providers.structured import enforce_response_format, stable_prefix
-from llmmixer.activities.telemetry import observe_llm_call
+from llmmixer.activities.telemetry import capture_content, observe_llm_call
 from llmmixer.core.contracts import (
     LLM_ACTIVITY,
     ChatMessage,
@@ -107,6 +107,10 @@ class LlmActivities:
             name: asyncio.Semaphore(limit) for name, limit in self._settings.max_concurrent.items()
         }
         self._cache_gate = _CacheGate()
+        self._options = OptionsCheck()
+        # Read once per worker, like every other setting (the worker checks the
+        # environment when it starts).
+        self._capture_content = capture_content()
         self._rate_limiter = (
             RateLimiter(providers.rate_limits) if rate_limiter is None else rate_limiter
         )
@@ -150,6 +154,7 @@ class LlmActivities:
             if call.dry_run:
                 text, usage = dry_run_reply(call)
                 forward(text)
+                unsent_text, unsent_from = _unsent(text, forwarder.take_unsent())
                 return LlmReply(
                     text=text,
                     provider=call.provider,
@@ -161,7 +166,8 @@ class LlmActivities:
                     attempt=attempt,
                     dry_run=True,
                     finish_reason="stop",
-                    unsent_text=forwarder.take_unsent(),
+                    unsent_text=unsent_text,
+                    unsent_from=unsent_from,
                 )
             watch = FirstTokenWatch(call, self._latencies)
             watch.start()
@@ -173,12 +179,13 @@ class LlmActivities:
                     cost=lambda usage: self._prices.cost(call.provider, call.model, usage),
                     secrets=self._providers.secrets(),
                     attempt=attempt,
+                    with_content=self._capture_content,
                 )
             except ProviderError as error:
                 raise self._application_error(call, error, attempt) from None
             finally:
                 await watch.aclose()
-            unsent = forwarder.take_unsent()
+            unsent_text, unsent_from = _unsent(result.text, forwarder.take_unsent())
         usage = result.usage
         return LlmReply(
             text=result.text,
@@ -192,8 +199,9 @@ class LlmActivities:
             finish_reason=result.finish_reason,
             truncated=result.truncated,
             continuations=result.continuations,
-            unsent_text=unsent,
             tool_calls=result.tool_calls,
+            unsent_text=unsent_text,
+            unsent_from=unsent_from,
         )
 
     async def _complete(self, call: LlmCall, forward: Callable[[str], None]) -> ProviderResult:
@@ -217,8 +225,13 @@ class LlmActivities:
             result = await self._call_provider(follow_up, forward)
             parts.append(result.text)
             usage = usage + result.usage
-        joined = dataclasses.replace(
-            result, text="".join(parts), usage=usage, continuations=continuations
+        # An adapter's result is the whole reply unless the model was asked to go on.
+        joined = (
+            dataclasses.replace(
+                result, text="".join(parts), usage=usage, continuations=continuations
+            )
+            if continuations
+            else result
         )
         if joined.truncated and policy != "accept":
             if policy == "fail" and call.max_tokens:
@@ -234,7 +247,7 @@ class LlmActivities:
         # The trust boundary for calls from any spec or plan, however started:
         # options that could move the request and step endpoints the operator
         # did not list fail here, before a client is built or a breaker counts.
-        check_provider_options(call.provider, call.provider_options, call.model)
+        self._options.check(call.provider, call.provider_options, call.model)
         config = self._providers.config_for(call.provider, call.base_url, call.timeout_s)
         progress = _Progress()
 
@@ -256,7 +269,7 @@ class LlmActivities:
             async with limit:
                 return await adapter.complete(call, on_text)
 
-        keep_alive = asyncio.create_task(_keep_alive_until_first_token(progress))
+        keep_alive = _KeepAlive.start(progress)
         warming = self._cache_gate.enter(_cache_prefix_key(call))
         try:
             await warming.wait_turn()
@@ -267,7 +280,6 @@ class LlmActivities:
         finally:
             warming.leave()
             keep_alive.cancel()
-            await asyncio.gather(keep_alive, return_exceptions=True)
 
     async def _limited(
         self,
@@ -281,18 +293,20 @@ class LlmActivities:
         def waiting(wait_s: float, source: str) -> None:
             progress.waiting_for = f"rate limit ({source}), {wait_s:.1f}s"
 
-        try:
-            reservation = await self._rate_limiter.acquire(
-                key,
-                input_tokens=estimate_input_tokens(call),
-                output_tokens=call.max_tokens or DEFAULT_OUTPUT_RESERVE,
-                max_wait_s=_rate_limit_wait_budget_s(),
-                on_wait=waiting,
-            )
-        except RateLimitWait as wait:
-            raise ProviderError(
-                ErrorType.RETRYABLE, str(wait), retry_after_s=math.ceil(wait.wait_s)
-            ) from None
+        reservation = self._rate_limiter.acquire_now(key)
+        if reservation is None:
+            try:
+                reservation = await self._rate_limiter.acquire(
+                    key,
+                    input_tokens=estimate_input_tokens(call),
+                    output_tokens=call.max_tokens or DEFAULT_OUTPUT_RESERVE,
+                    max_wait_s=_rate_limit_wait_budget_s(),
+                    on_wait=waiting,
+                )
+            except RateLimitWait as wait:
+                raise ProviderError(
+                    ErrorType.RETRYABLE, str(wait), retry_after_s=math.ceil(wait.wait_s)
+                ) from None
         progress.waiting_for = "first token"
         used: int | None = None
         try:
@@ -333,6 +347,21 @@ class LlmActivities:
                 timedelta(seconds=error.retry_after_s) if error.retry_after_s else None
             ),
         )
+
+
+def _unsent(text: str, unsent: str) -> tuple[str, int | None]:
+    """How a reply carries the streamed text its watchers were not sent yet.
+
+    ``(unsent_text, unsent_from)`` of :class:`LlmReply`.
+
+    Mostly that text is the end of the reply's own text (all of it, for a call
+    shorter than one delta interval), which the reply then points into
+    instead of holding it a second time in history. Text that is not (a
+    JSON reply taken out of its code fence) is carried as it is.
+    """
+    if unsent and text.endswith(unsent):
+        return "", len(text) - len(unsent)
+    return unsent, None
 
 
 def _raised_after_truncation(call: LlmCall) -> LlmCall:
@@ -474,8 +503,8 @@ class _Warming:
         self.warmed()
 
 
-async def _keep_alive_until_first_token(progress: _Progress) -> None:
-    """Heartbeat while a call has not streamed anything yet.
+class _KeepAlive:
+    """Heartbeats while a call has not streamed anything yet.
 
     Silence before the first token is normal: a reasoning model thinks for a
     minute, a client is built on first use, a call waits for a concurrency
@@ -484,18 +513,42 @@ async def _keep_alive_until_first_token(progress: _Progress) -> None:
     flows, only text heartbeats, so a stream that stalls mid-way is noticed by
     the heartbeat timeout; a stall before the first token ends at the call's
     ``timeout_s``, which the SDK enforces.
+
+    A timer, not a task: a call answered before the first beat (most are)
+    then costs one cancelled timer instead of a task and its cancellation.
     """
-    timeout = activity.info().heartbeat_timeout
-    if not timeout:
-        return
-    # A quarter of the timeout: a call answered sooner costs no heartbeat at
-    # all, and a beat delayed by a busy event loop still lands in time.
-    every_s = timeout.total_seconds() / 4
-    while True:
-        await asyncio.sleep(every_s)
-        if progress.chars:
+
+    def __init__(self, progress: _Progress, every_s: float | None) -> None:
+        self._progress = progress
+        self._every_s = every_s
+        self._timer: asyncio.TimerHandle | None = None
+
+    @classmethod
+    def start(cls, progress: _Progress) -> _KeepAlive:
+        timeout = activity.info().heartbeat_timeout
+        # A quarter of the timeout: a call answered sooner costs no heartbeat at
+        # all, and a beat delayed by a busy event loop still lands in time.
+        keep_alive = cls(progress, timeout.total_seconds() / 4 if timeout else None)
+        keep_alive._arm()
+        return keep_alive
+
+    def _arm(self) -> None:
+        if self._every_s is not None:
+            self._timer = asyncio.get_running_loop().call_later(self._every_s, self._beat)
+
+    def _beat(self) -> None:
+        self._timer = None
+        if self._progress.chars:
             return
-        activity.heartbeat({"chars": 0, "waiting_for": progress.waiting_for})
+        # The timer runs in the activity's context (a handle keeps the context
+        # it was made in), so this is the activity's own heartbeat.
+        activity.heartbeat({"chars": 0, "waiting_for": self._progress.waiting_for})
+        self._arm()
+
+    def cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
 
 class _Progress:

@@ -151,8 +151,15 @@ async def observe_llm_call(
     cost: Callable[[Usage], float | None],
     secrets: Iterable[str] = (),
     attempt: int = 1,
+    with_content: bool | None = None,
 ) -> ProviderResult:
-    """Run one provider call (``run``) inside a GenAI client span, and record its metrics."""
+    """Run one provider call (``run``) inside a GenAI client span, and record its metrics.
+
+    ``with_content``: whether prompts and completions go on the span; None
+    reads :func:`capture_content` now. A worker reads it once and passes it:
+    parsing the settings from the environment cost every call more than the
+    span itself.
+    """
     secrets = tuple(secrets)
     provider = _PROVIDER_NAMES.get(call.provider, call.provider)
     metric_attrs: dict[str, AttributeValue] = {
@@ -176,7 +183,8 @@ async def observe_llm_call(
             span_attrs[name] = value
     if call.stop:
         span_attrs["gen_ai.request.stop_sequences"] = list(call.stop)
-    with_content = capture_content()
+    if with_content is None:
+        with_content = capture_content()
     if with_content:
         span_attrs.update(_input_content(call, secrets))
 

@@ -386,8 +386,12 @@ class LlmReply(BaseModel):
     # How many times the model was asked to go on after a cut-off reply.
     continuations: int = 0
     # Streamed text that watchers have not been sent yet; the workflow
-    # publishes it as the step's last step_delta.
+    # publishes it as the step's last step_delta. Empty when that text is the
+    # end of ``text``: then ``unsent_from`` says where in ``text`` it starts,
+    # so a reply shorter than one delta interval is not in history twice.
+    # Replies recorded before ``unsent_from`` existed carry it here.
     unsent_text: str = ""
+    unsent_from: int | None = None
     # The tools the model asked to call, in its order; empty for a final answer.
     tool_calls: list[ToolCall] = Field(default_factory=list)
 

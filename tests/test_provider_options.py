@@ -182,3 +182,34 @@ def test_every_example_spec_keeps_validating() -> None:
             if options:
                 provider = step.get("provider") or default
                 assert provider_option_issues(provider, options) == [], (path.name, step["id"])
+
+
+def test_a_worker_that_remembered_the_empty_case_still_refuses_every_bad_call() -> None:
+    """The activity and each adapter keep the answer for calls without options;
+    a call with options, or a model name that would move the request, is
+    still checked every time."""
+    from llmmixer.activities.providers.base import ProviderError
+    from llmmixer.activities.providers.options import OptionsCheck
+    from llmmixer.core.contracts import ErrorType
+    from llmmixer.core.provider_options import GeminiOptions
+
+    check = OptionsCheck()
+    for _ in range(2):
+        check.check("gemini", {}, "gemini-2.5-flash")
+        assert check.parsed("gemini", GeminiOptions, {}) == GeminiOptions()
+    with pytest.raises(ProviderError) as bad_model:
+        check.check("gemini", {}, "..%2f..%2fv1beta/files")
+    assert bad_model.value.error_type == ErrorType.REJECTED
+    moved = {"generation_config": {"http_options": {"base_url": "http://attacker.test"}}}
+    for attempt in (
+        lambda: check.check("gemini", moved),
+        lambda: check.parsed("gemini", GeminiOptions, moved),
+    ):
+        with pytest.raises(ProviderError) as refused:
+            attempt()
+        assert refused.value.error_type == ErrorType.REJECTED
+        assert "generation_config.http_options" in refused.value.message
+    # Options for a provider without a schema are refused every time.
+    for _ in range(2):
+        with pytest.raises(ProviderError, match="no provider_options are known"):
+            check.check("nosuch", {"seed": 1})

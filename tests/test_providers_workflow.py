@@ -316,3 +316,45 @@ async def test_calls_beyond_a_providers_cap_wait_rather_than_fail(
     assert all(b - a >= 0.8 for a, b in itertools.pairwise(starts)), starts
     claude_start = next(c.received_at for c in provider_server.calls if c.provider == "anthropic")
     assert claude_start < starts[-1], "another provider's calls must not wait for openai's cap"
+
+
+async def test_a_quick_reply_is_in_history_once_and_watchers_still_get_all_of_it(
+    mixer: MixerClient, provider_server: FakeProviderServer
+) -> None:
+    # Shorter than one delta interval: none of it was streamed before the call
+    # ended, so the reply used to carry it twice (text and unsent_text).
+    answer = "zebra-quartz-7731 " * 20
+    provider_server.script("openai", Reply(chunks=[answer[:100], answer[100:]]))
+    step = {"id": "a", "provider": "openai", "model": "gpt-4.1-mini", "prompt": "talk"}
+    handle = await mixer.start(spec(step))
+    result = await handle.result()
+    assert result.steps["a"].output == answer
+    history = await handle.temporal.fetch_history()
+    [completed] = [
+        e for e in history.events if e.HasField("activity_task_completed_event_attributes")
+    ]
+    # The reply holds the text once; what watchers were not sent is a position in it.
+    assert completed.SerializeToString().count(answer.encode()) == 1
+    deltas = [e async for e in handle.events() if e.type.value == "step_delta"]
+    assert "".join(e.data["text"] for e in deltas) == answer
+
+
+async def test_watchers_get_the_streamed_text_even_where_the_reply_differs_from_it(
+    mixer: MixerClient, provider_server: FakeProviderServer
+) -> None:
+    # The model fenced its JSON; the step's output is the JSON alone, while
+    # watchers were streamed what the model wrote.
+    streamed = '```json\n{"score": 7}\n```'
+    provider_server.script("openai", Reply(text=streamed))
+    step = {
+        "id": "a",
+        "provider": "openai",
+        "model": "gpt-4.1-mini",
+        "prompt": "score it",
+        "response_format": "json",
+    }
+    handle = await mixer.start(spec(step))
+    result = await handle.result()
+    assert json.loads(result.steps["a"].output or "") == {"score": 7}
+    deltas = [e async for e in handle.events() if e.type.value == "step_delta"]
+    assert "".join(e.data["text"] for e in deltas) == streamed

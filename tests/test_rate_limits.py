@@ -215,6 +215,26 @@ async def test_a_cancelled_wait_takes_nothing_from_the_budget() -> None:
         await limiter.acquire(key, max_wait_s=0.05)
 
 
+async def test_an_unlimited_call_goes_at_once_but_never_past_a_paused_or_queued_one() -> None:
+    """``acquire_now`` is the shortcut for keys nothing holds back, and only for them."""
+    clock = [100.0]
+    limiter = RateLimiter(rules("openai:budgeted=5rpm"), clock=lambda: clock[0])
+    free, budgeted = RateKey("openai", "free"), RateKey("openai", "budgeted")
+    assert limiter.acquire_now(free) is not None
+    assert limiter.acquire_now(budgeted) is None  # the operator's budget is always counted
+    # The provider's headers said none left for 2 s: the next call must wait.
+    limiter.observe(
+        free, {"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "2s"}
+    )
+    assert limiter.acquire_now(free) is None
+    queued = asyncio.create_task(limiter.acquire(free))
+    await asyncio.sleep(0.05)
+    clock[0] += 10  # the pause is over, but a call is still queued in acquire
+    assert limiter.acquire_now(free) is None
+    await queued
+    assert limiter.acquire_now(free) is not None
+
+
 @pytest.fixture
 def worker_env(provider_server: FakeProviderServer) -> dict[str, str]:
     return {**provider_server.env(), "LLMMIXER_RATE_LIMITS": "openai:gpt-4.1-mini=1rpm"}

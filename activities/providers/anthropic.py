@@ -45,7 +45,7 @@ from llmmixer.activities.providers.errors import (
     missing_key_error,
     refusal_error,
 )
-from llmmixer.activities.providers.options import checked_provider_options
+from llmmixer.activities.providers.options import OptionsCheck
 from llmmixer.activities.providers.ratelimit import http_event_hooks
 from llmmixer.activities.providers.structured import (
     MIN_CACHED_PREFIX_CHARS,
@@ -82,6 +82,7 @@ class AnthropicAdapter:
         else:
             raise missing_key_error("anthropic")
         self._config = config
+        self._options = OptionsCheck()
         self._secrets: tuple[str, ...] = tuple(s for s in (config.api_key, *secrets) if s)
         self._client = AsyncAnthropic(
             api_key=api_key,
@@ -99,7 +100,7 @@ class AnthropicAdapter:
         await self._client.close()
 
     async def complete(self, call: LlmCall, on_text: TextCallback) -> ProviderResult:
-        options = checked_provider_options("anthropic", AnthropicOptions, call.provider_options)
+        options = self._options.parsed("anthropic", AnthropicOptions, call.provider_options)
         try:
             result = await self._stream(call, options, on_text)
         except ProviderError:

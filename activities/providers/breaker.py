@@ -72,9 +72,16 @@ class _Breaker:
     state: BreakerState = BreakerState.CLOSED
     # (time, failed) per finished call, oldest first.
     outcomes: deque[tuple[float, bool]] = field(default_factory=deque)
+    # How many of ``outcomes`` failed, kept as they come and go: counting the
+    # window on every call cost each success a scan of a minute's calls.
+    failures: int = 0
     opened_at: float = 0.0
     failures_when_opened: int = 0
     probe_started_at: float | None = None
+
+    def forget(self) -> None:
+        self.outcomes.clear()
+        self.failures = 0
 
 
 class BreakerBoard:
@@ -173,13 +180,14 @@ class BreakerBoard:
                 if failed:
                     changes.append(self._open(breaker, now, failures=1))
                 else:
-                    breaker.outcomes.clear()
+                    breaker.forget()
                     changes.append(self._move(breaker, BreakerState.CLOSED))
             elif breaker.state is BreakerState.CLOSED:
                 breaker.outcomes.append((now, failed))
+                breaker.failures += failed
                 self._prune(breaker, now)
                 total = len(breaker.outcomes)
-                failures = sum(1 for _, f in breaker.outcomes if f)
+                failures = breaker.failures
                 if (
                     failed
                     and total >= self.policy.min_calls
@@ -195,7 +203,7 @@ class BreakerBoard:
     ) -> tuple[BreakerState, BreakerState]:
         breaker.opened_at = now
         breaker.failures_when_opened = failures
-        breaker.outcomes.clear()
+        breaker.forget()
         return self._move(breaker, BreakerState.OPEN)
 
     @staticmethod
@@ -209,7 +217,8 @@ class BreakerBoard:
     def _prune(self, breaker: _Breaker, now: float) -> None:
         horizon = now - self.policy.window_s
         while breaker.outcomes and breaker.outcomes[0][0] < horizon:
-            breaker.outcomes.popleft()
+            _, failed = breaker.outcomes.popleft()
+            breaker.failures -= failed
 
     def _open_error(
         self, provider: str, model: str, breaker: _Breaker, now: float, *, probing: bool = False

@@ -59,7 +59,7 @@ from llmmixer.activities.providers.errors import (
     redact,
     refusal_error,
 )
-from llmmixer.activities.providers.options import checked_provider_options
+from llmmixer.activities.providers.options import OptionsCheck
 from llmmixer.activities.providers.structured import (
     MIN_CACHED_PREFIX_CHARS,
     enforce_response_format,
@@ -143,6 +143,7 @@ class GeminiAdapter:
         else:
             raise missing_key_error("gemini")
         self._config = config
+        self._options = OptionsCheck()
         self._secrets: tuple[str, ...] = tuple(s for s in (config.api_key, *secrets) if s)
         self._client = genai.Client(
             api_key=api_key,
@@ -245,7 +246,7 @@ class GeminiAdapter:
         return result if result.truncated else enforce_response_format(call, result)
 
     def _generation_config(self, call: LlmCall) -> types.GenerateContentConfig:
-        options = checked_provider_options("gemini", GeminiOptions, call.provider_options)
+        options = self._options.parsed("gemini", GeminiOptions, call.provider_options)
         # Built from the checked model only: no key of the raw mapping reaches the SDK.
         fields: dict[str, Any] = (
             options.generation_config.body() if options.generation_config is not None else {}

@@ -46,7 +46,7 @@ from llmmixer.activities.providers.errors import (
     refusal_error,
     stream_reported_error,
 )
-from llmmixer.activities.providers.options import checked_provider_options
+from llmmixer.activities.providers.options import OptionsCheck
 from llmmixer.activities.providers.ratelimit import http_event_hooks
 from llmmixer.activities.providers.structured import enforce_response_format, stable_prefix
 from llmmixer.core.attachments import IMAGE_TYPES, TEXT_TYPE
@@ -91,6 +91,7 @@ class OpenAIAdapter:
                 raise missing_key_error(self.provider)
             key = NO_KEY_PLACEHOLDER
         self._config = config
+        self._options = OptionsCheck()
         self._secrets: tuple[str, ...] = tuple(s for s in (config.api_key, *secrets) if s)
         # The official endpoint knows ``max_completion_tokens`` (and o-series
         # models refuse ``max_tokens``); compatible servers mostly know only
@@ -115,7 +116,7 @@ class OpenAIAdapter:
         await self._client.close()
 
     async def complete(self, call: LlmCall, on_text: TextCallback) -> ProviderResult:
-        options = checked_provider_options(self.provider, OpenAIOptions, call.provider_options)
+        options = self._options.parsed(self.provider, OpenAIOptions, call.provider_options)
         try:
             if call.api == "responses":
                 result = await self._responses(call, options, on_text)
@@ -216,7 +217,8 @@ class OpenAIAdapter:
             ]
             or omit,
             prompt_cache_key=self._cache_key(call),
-            extra_body=options.body() or None,
+            # No options (most calls): no body to dump.
+            extra_body=(options.body() or None) if call.provider_options else None,
         )
         parts: list[str] = []
         refusal: list[str] = []
@@ -343,7 +345,7 @@ class OpenAIAdapter:
             ]
             or omit,
             prompt_cache_key=self._cache_key(call),
-            extra_body=options.body() or None,
+            extra_body=(options.body() or None) if call.provider_options else None,
         )
         parts: list[str] = []
         refusal: list[str] = []

@@ -16,7 +16,7 @@ from llmmixer.activities.providers.base import ProviderError
 from llmmixer.core.contracts import ErrorType
 from llmmixer.core.provider_options import model_name_issue, provider_option_issues
 
-__all__ = ["check_provider_options", "checked_provider_options"]
+__all__ = ["OptionsCheck", "check_provider_options", "checked_provider_options"]
 
 _S = TypeVar("_S", bound=BaseModel)
 
@@ -48,3 +48,41 @@ def checked_provider_options(provider: str, model: type[_S], options: Mapping[st
     """
     check_provider_options(provider, options)
     return model.model_validate(dict(options))
+
+
+class OptionsCheck:
+    """``check_provider_options`` and ``checked_provider_options``, the usual case remembered.
+
+    Most calls carry no ``provider_options``. For them the registry look-up
+    (an import), the schema and its validation of ``{}`` give the same answer
+    every time, yet cost every call more than building its request did; so
+    the first success per provider is kept. Held by one worker or adapter
+    instance (never module state); a failure is not kept, so it is raised
+    again with its message, and options that were given are always checked.
+    """
+
+    def __init__(self) -> None:
+        self._checked: set[str] = set()
+        self._parsed: dict[tuple[str, type[BaseModel]], BaseModel] = {}
+
+    def check(self, provider: str, options: Mapping[str, Any], model: str | None = None) -> None:
+        """:func:`check_provider_options`."""
+        if options or provider not in self._checked:
+            check_provider_options(provider, options, model)
+            if not options:
+                self._checked.add(provider)
+            return
+        problem = model_name_issue(provider, model) if model is not None else None
+        if problem is not None:
+            raise ProviderError(ErrorType.REJECTED, problem)
+
+    def parsed(self, provider: str, model: type[_S], options: Mapping[str, Any]) -> _S:
+        """:func:`checked_provider_options`; the models are frozen, so one is shared."""
+        if options:
+            return checked_provider_options(provider, model, options)
+        kept = self._parsed.get((provider, model))
+        if isinstance(kept, model):
+            return kept
+        parsed = checked_provider_options(provider, model, options)
+        self._parsed[(provider, model)] = parsed
+        return parsed

@@ -141,6 +141,8 @@ class _Budget:
     turn: asyncio.Lock = field(default_factory=asyncio.Lock)
     # Set when a settled call gives tokens back: the waiting call looks again.
     refunded: asyncio.Event = field(default_factory=asyncio.Event)
+    #: Calls inside ``acquire`` (waiting for their turn or for the budget).
+    queued: int = 0
 
 
 @dataclass(frozen=True)
@@ -197,6 +199,24 @@ class RateLimiter:
             waits.append((budget.tokens.wait_for(tokens, now), "LLMMIXER_RATE_LIMITS (tokens)"))
         return max(waits)
 
+    def acquire_now(self, key: RateKey) -> Reservation | None:
+        """The reservation for ``key`` when nothing can hold it back, else None (use ``acquire``).
+
+        Nothing can when the operator set no budget for ``key``, its provider's
+        headers ask for no pause and no call is queued ahead: then ``acquire``
+        would take nothing and not wait, yet its timeout, lock and estimate
+        cost every call on a worker without rate limits.
+        """
+        budget = self._budget(key)
+        if (
+            budget.requests is None
+            and budget.tokens is None
+            and budget.queued == 0
+            and budget.not_before <= self._clock()
+        ):
+            return Reservation(key)
+        return None
+
     async def acquire(
         self,
         key: RateKey,
@@ -212,6 +232,23 @@ class RateLimiter:
         longer than ``max_wait_s``. Cancelling the waiting task takes nothing.
         """
         budget = self._budget(key)
+        budget.queued += 1
+        try:
+            return await self._acquire(
+                key, budget, input_tokens, output_tokens, max_wait_s, on_wait
+            )
+        finally:
+            budget.queued -= 1
+
+    async def _acquire(
+        self,
+        key: RateKey,
+        budget: _Budget,
+        input_tokens: int,
+        output_tokens: int,
+        max_wait_s: float,
+        on_wait: Callable[[float, str], None] | None,
+    ) -> Reservation:
         started = self._clock()
         deadline = started + max_wait_s
         tokens = input_tokens + output_tokens
@@ -313,9 +350,13 @@ def _pause_from_headers(headers: Mapping[str, str], headroom: float) -> float | 
     """How long to hold the next call: the reset spread over the calls still allowed."""
     pauses: list[float] = []
     for remaining_name, limit_name, reset_name in _DIMENSIONS:
+        # Most responses (any Gemini one, any of a compatible server) carry
+        # none of these: one look-up each, not three.
         remaining = _number(headers.get(remaining_name))
+        if remaining is None:
+            continue
         reset = _reset_s(headers.get(reset_name))
-        if remaining is None or reset is None:
+        if reset is None:
             continue
         limit = _number(headers.get(limit_name))
         if remaining > 0 and (limit is None or remaining >= headroom * limit):

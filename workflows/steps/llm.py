@@ -156,10 +156,15 @@ async def ask(
             )
             continue
         state.account_reply(step.id, reply, track=track)
-        if reply.unsent_text:
-            ctx.events.publish(
-                EventType.STEP_DELTA, step.id, reply.attempt, {"text": reply.unsent_text}
-            )
+        # Replies recorded before ``unsent_from`` existed carry the text in
+        # ``unsent_text``; newer ones point into ``text``. Either way the event
+        # stream is workflow state, not a command, so replays of both agree
+        # without a patch.
+        unsent = reply.unsent_text
+        if not unsent and reply.unsent_from is not None:
+            unsent = reply.text[reply.unsent_from :]
+        if unsent:
+            ctx.events.publish(EventType.STEP_DELTA, step.id, reply.attempt, {"text": unsent})
         return reply
     raise StepFailed("no provider in the chain answered")  # unreachable: chain is non-empty
 
