@@ -68,6 +68,16 @@ async def until(handle: MixerHandle, step: str, status: str) -> None:
     raise TimeoutError(f"{step} never became {status}")
 
 
+async def until_continued(handle: MixerHandle) -> None:
+    """Until the run's current execution is a continuation (it continued as new)."""
+    for _ in range(300):
+        history = await handle.temporal.fetch_history()
+        if history.events[0].workflow_execution_started_event_attributes.continued_execution_run_id:
+            return
+        await asyncio.sleep(0.1)
+    raise TimeoutError(f"{handle.id} never continued as new")
+
+
 async def fan(mixer: MixerClient) -> MixerHandle:
     handle = await mixer.start(Path(HERE.parent.parent / "examples" / "hello.yaml"), dry_run=True)
     await handle.result()
@@ -334,13 +344,7 @@ async def continue_as_new(mixer: MixerClient) -> MixerHandle:
         ],
     }
     handle = await mixer.start(spec)
-    for _ in range(300):
-        history = await handle.temporal.fetch_history()
-        if history.events[0].workflow_execution_started_event_attributes.continued_execution_run_id:
-            break  # the current run is a continuation
-        await asyncio.sleep(0.1)
-    else:
-        raise TimeoutError("the run never continued as new")
+    await until_continued(handle)
     await until(handle, "gate", "waiting")
     await handle.approve("gate", comment="carried over")
     await handle.result()
@@ -547,13 +551,7 @@ async def wait_handover(mixer: MixerClient) -> MixerHandle:
         ],
     }
     handle = await mixer.start(spec)
-    for _ in range(300):
-        history = await handle.temporal.fetch_history()
-        if history.events[0].workflow_execution_started_event_attributes.continued_execution_run_id:
-            break
-        await asyncio.sleep(0.1)
-    else:
-        raise TimeoutError("the waiting run never continued as new")
+    await until_continued(handle)
     await until(handle, "gate", "waiting")
     await handle.approve("gate", comment="woken from a short history")
     await handle.result()
@@ -595,13 +593,7 @@ async def search_upserts(mixer: MixerClient) -> MixerHandle:
     handle = await mixer.start(spec)
     await asyncio.sleep(NAP_S)
     await until(handle, "gate", "waiting")
-    for _ in range(300):
-        history = await handle.temporal.fetch_history()
-        if history.events[0].workflow_execution_started_event_attributes.continued_execution_run_id:
-            break  # the current run is a continuation
-        await asyncio.sleep(0.1)
-    else:
-        raise TimeoutError("the run never continued as new")
+    await until_continued(handle)
     await until(handle, "gate", "waiting")
     await handle.approve("gate", comment="carried over")
     await handle.result()
