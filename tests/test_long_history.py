@@ -82,7 +82,7 @@ async def test_long_history_continues_as_new_and_keeps_everything(
     assert all(b > a for a, b in itertools.pairwise(offsets))
 
 
-def _chain_then_gate(steps: int) -> dict[str, Any]:
+def _chain_then_gate(steps: int, **gate: Any) -> dict[str, Any]:
     chain = [
         {"id": f"c{i}", "needs": [f"c{i - 1}"] if i else [], "prompt": f"step {i}"}
         for i in range(steps)
@@ -93,7 +93,7 @@ def _chain_then_gate(steps: int) -> dict[str, Any]:
         "defaults": {"provider": "openai", "model": "gpt-4.1-mini", "retry": {"max_attempts": 1}},
         "steps": [
             *chain,
-            {"id": "gate", "kind": "approval", "needs": [f"c{steps - 1}"]},
+            {"id": "gate", "kind": "approval", "needs": [f"c{steps - 1}"], **gate},
             {"id": "end", "needs": ["gate"], "prompt": "after {{steps.gate.output}}"},
         ],
     }
@@ -121,6 +121,16 @@ async def test_a_run_waiting_for_a_person_on_a_long_history_wakes_from_a_short_o
 
 async def test_a_short_run_waits_in_its_own_history(mixer: MixerClient) -> None:
     handle = await mixer.start(_chain_then_gate(2))
+    await until(handle, lambda p: p.steps["gate"].status == StepStatus.WAITING)
+    assert await runs_of(mixer, handle.id) == 1
+    await handle.approve("gate")
+    assert (await handle.result()).status.value == "completed"
+
+
+async def test_a_wait_with_a_deadline_stays_in_its_run(mixer: MixerClient) -> None:
+    # Continuing as new would start the approval's clock again (the deadline
+    # would move by however long it had waited): the run keeps its history.
+    handle = await mixer.start(_chain_then_gate(20, timeout_s=3600, default="approve"))
     await until(handle, lambda p: p.steps["gate"].status == StepStatus.WAITING)
     assert await runs_of(mixer, handle.id) == 1
     await handle.approve("gate")

@@ -59,7 +59,7 @@ with workflow.unsafe.imports_passed_through():
         SpecCheck,
         SpecCheckResult,
     )
-    from llmmixer.core.spec import DecomposeStep, Spec
+    from llmmixer.core.spec import ApprovalStep, DecomposeStep, Spec
     from llmmixer.workflows.carry import (
         CARRIED_EVENT_BYTES,
         DEFAULT_HISTORY_BYTES,
@@ -276,7 +276,7 @@ class MixerWorkflow:
                 raise ApplicationError(self._state.fatal, type="StepFailed", non_retryable=True)
             if self._state.all_done() and not self._running_ids():
                 return
-            if self._waits_on_long_history():
+            if self._waits_on_long_history(steps):
                 await self._hand_over("only people are awaited")
             # Progress for the Web UI, published on every change of the state.
             workflow.set_current_details(self._state.summary())
@@ -367,18 +367,29 @@ class MixerWorkflow:
             or info.get_current_history_size() >= DEFAULT_HISTORY_BYTES
         )
 
-    def _waits_on_long_history(self) -> bool:
+    def _waits_on_long_history(self, steps: StepContext) -> bool:
         """Only people are awaited, and waking the run would replay a long history.
 
         Continuing as new now lets the wake-up replay the continuation's few
-        events instead, and leaves nothing of the run on the worker.
+        events instead, and leaves nothing of the run on the worker. Not while
+        a wait has a deadline: the continuation would start its clock again.
         """
+        waiting = self._running_ids()
         return (
             self._hand_over_waits
-            and bool(self._running_ids())
+            and bool(waiting)
             and not self._busy_ids()
+            and not any(self._has_deadline(steps, step_id) for step_id in waiting)
             and workflow.info().get_current_history_length() >= WAITING_HANDOVER_EVENTS
         )
+
+    @staticmethod
+    def _has_deadline(steps: StepContext, step_id: str) -> bool:
+        """Whether the step's wait ends on its own: an approval's or a pause's timeout."""
+        step = steps.step(step_id)
+        if isinstance(step, ApprovalStep):
+            return step.timeout_s is not None
+        return steps.spec.pause_timeout_s(step) is not None
 
     def _busy_ids(self) -> list[str]:
         """Steps whose activity is in flight (those waiting for a person can be carried).
